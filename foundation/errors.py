@@ -1,0 +1,10 @@
+"""The base of every error fedpa reports to a user.
+
+It lives in the lowest room (every other room depends on `foundation`), so
+that the CLI can tell a user's mistake (print it, exit non-zero, no traceback)
+from a bug (let it raise).
+"""
+
+
+class FedpaError(Exception):
+    """A problem with the user's input, files or configuration; the message says what and where."""
