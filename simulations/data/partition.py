@@ -1,0 +1,278 @@
+"""Users into clients, and each client's data into train / validation / test.
+
+*Open* users are pre-training material for the server (FedPA's rule: 80% of
+the highly active users plus 20% of the rest); every other user is a
+*private* user, i.e. one federated client. Private users are sorted by id and
+partition id ``i`` is ``private_users[i]``: a Flower node started with
+``partition-id=i`` loads exactly that user's rows, nothing else.
+
+Splits (per private user):
+
+- ``by-day`` (RecFlow): earlier days train, then ``val_days``, then ``test_days``.
+- ``chrono`` (FedPA): the user's exposures in time order, 60 / 20 / 20.
+- ``loo`` (PFedRec): last positive = test, second-last = validation, each
+  scored against ``negatives`` items the user never interacted with; the rest
+  of the positives train (negatives for training are sampled per epoch).
+- ``last`` (MRFF): the last interaction = test, second-last = validation,
+  labels as observed; everything earlier trains.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .examples import Examples, Lookups, Views
+from .schema import LABELS
+from .store import Dataset, DatasetError
+
+SPLITS = ("by-day", "chrono", "loo", "last")
+EPOCH = date(1970, 1, 1)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    mode: str = "by-day"
+    val_days: int = 1
+    test_days: int = 1
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    negatives: int = 99
+
+    def __post_init__(self):
+        if self.mode not in SPLITS:
+            raise DatasetError(f"unknown split '{self.mode}' (one of {', '.join(SPLITS)})")
+        if self.val_days < 1 or self.test_days < 1:
+            raise DatasetError("val_days and test_days must be at least 1")
+        if abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) <= 0:
+            raise DatasetError(f"split fractions {self.fractions} must be positive and sum to 1")
+        if self.negatives < 1:
+            raise DatasetError("negatives must be at least 1")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """Which users are open (pre-training) and which are federated clients."""
+
+    seed: int = 0
+    active_top_fraction: float = 0.2   # "highly active" = this top share by exposures ...
+    activity_attribute: str | None = None  # ... or by a profile attribute, e.g. reco_active_level
+    active_values: tuple[int, ...] = ()   # values of that attribute that count as highly active
+    open_active_fraction: float = 0.8     # FedPA: 80% of the highly active users are open
+    open_rest_fraction: float = 0.2       # ... plus 20% of the rest
+    max_clients: int | None = None        # keep a deterministic sample of private users
+
+    def __post_init__(self):
+        for name in ("active_top_fraction", "open_active_fraction", "open_rest_fraction"):
+            v = getattr(self, name)
+            if not 0 <= v <= 1:
+                raise DatasetError(f"{name} must be in [0, 1], got {v}")
+        if self.max_clients is not None and self.max_clients < 1:
+            raise DatasetError("max_clients must be at least 1")
+
+
+@dataclass
+class Partition:
+    open_users: np.ndarray
+    private_users: np.ndarray
+    config: PartitionConfig = field(default_factory=PartitionConfig)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.private_users)
+
+    def user_of(self, partition_id: int) -> int:
+        if not 0 <= partition_id < len(self.private_users):
+            raise DatasetError(f"partition id {partition_id} out of range (0..{len(self.private_users) - 1})")
+        return int(self.private_users[partition_id])
+
+    def to_json(self) -> dict:
+        return {"config": asdict(self.config), "open_users": self.open_users.tolist(),
+                "private_users": self.private_users.tolist()}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Partition":
+        d = json.loads(Path(path).read_text())
+        cfg = d["config"]
+        cfg["active_values"] = tuple(cfg.get("active_values", ()))
+        return cls(np.asarray(d["open_users"], np.int64), np.asarray(d["private_users"], np.int64),
+                   PartitionConfig(**cfg))
+
+
+def user_activity(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(user ids, exposure counts) over all days, read column-projected day by day."""
+    users = ds.users(["user_id"]).column("user_id").to_numpy()
+    counts = np.zeros(int(users.max()) + 1 if len(users) else 0, dtype=np.int64)
+    for _, t in ds.iter_days("exposures", ["user_id"]):
+        uid = t.column("user_id").to_numpy()
+        counts += np.bincount(uid, minlength=len(counts))[: len(counts)]
+    return users, counts[users]
+
+
+def make_partition(ds: Dataset, config: PartitionConfig = PartitionConfig()) -> Partition:
+    users, counts = user_activity(ds)
+    rng = np.random.default_rng(config.seed)
+    if config.activity_attribute:
+        if config.activity_attribute not in ds.user_features:
+            raise DatasetError(f"unknown activity attribute '{config.activity_attribute}' "
+                               f"(user features: {', '.join(ds.user_features)})")
+        attr = ds.users(["user_id", config.activity_attribute])
+        values = dict(zip(attr.column("user_id").to_pylist(), attr.column(config.activity_attribute).to_pylist()))
+        active = np.array([values[u] in config.active_values for u in users.tolist()], dtype=bool)
+    else:
+        n_active = int(round(config.active_top_fraction * len(users)))
+        order = np.lexsort((rng.random(len(users)), -counts))  # ties broken at random, deterministically
+        active = np.zeros(len(users), dtype=bool)
+        active[order[:n_active]] = True
+    has_data = counts > 0
+    is_open = np.zeros(len(users), dtype=bool)
+    for group, frac in ((active & has_data, config.open_active_fraction),
+                        (~active & has_data, config.open_rest_fraction)):
+        idx = np.nonzero(group)[0]
+        chosen = rng.choice(idx, size=int(round(frac * len(idx))), replace=False) if len(idx) else idx
+        is_open[chosen] = True
+    private = np.sort(users[~is_open & has_data])
+    if config.max_clients is not None and len(private) > config.max_clients:
+        private = np.sort(rng.choice(private, size=config.max_clients, replace=False))
+    return Partition(np.sort(users[is_open]), private, config)
+
+
+# ----------------------------------------------------------------------------- loading users' data
+
+
+EXPOSURE_COLS = ["request_id", "user_id", "request_timestamp", "video_id", *LABELS]
+
+
+def read_exposures(ds: Dataset, users: np.ndarray, days: list[str] | None = None) -> pa.Table:
+    """Exposures of ``users`` (sorted by user, then time), one slice per user and day when few
+    users are asked for, one filtered scan per day otherwise."""
+    users = np.unique(np.asarray(users, dtype=np.int64))
+    days = ds.days if days is None else days
+    if len(users) <= 32:
+        parts = [ds.user_rows("exposures", int(u), EXPOSURE_COLS, days) for u in users]
+    else:
+        parts = []
+        for _, t in ds.iter_days("exposures", EXPOSURE_COLS, days):
+            uid = t.column("user_id").to_numpy()
+            lo, hi = np.searchsorted(uid, [users[0], users[-1] + 1])
+            t, uid = t.slice(int(lo), int(hi - lo)), uid[lo:hi]
+            parts.append(t.filter(pa.array(np.isin(uid, users))))
+    table = pa.concat_tables(parts) if parts else ds.day("exposures", ds.days[0], EXPOSURE_COLS).slice(0, 0)
+    return table.sort_by([("user_id", "ascending"), ("request_timestamp", "ascending")])
+
+
+def read_views(ds: Dataset, users: np.ndarray, exposures: pa.Table) -> Views:
+    users = np.unique(np.asarray(users, dtype=np.int64))
+    hist = ds.history()
+    if hist.num_rows:
+        uid = hist.column("user_id").to_numpy()
+        hist = hist.filter(pa.array(np.isin(uid, users)))
+    return Views.from_tables(hist, exposures)
+
+
+@dataclass
+class UserSplits:
+    """Train / validation / test examples of a set of users (one user for a client)."""
+
+    train: Examples
+    val: Examples
+    test: Examples
+    group_size: int = 1  # loo: rows per ranking case (1 positive + negatives), else 1
+
+
+def day_number(day: str) -> int:
+    return (date.fromisoformat(day) - EPOCH).days
+
+
+def split_users(ds: Dataset, users: np.ndarray, split: SplitConfig, *,
+                lookups: Lookups | None = None, seed: int = 0) -> UserSplits:
+    """Load and split the data of ``users``. Deterministic for (users, split, seed)."""
+    lookups = lookups or Lookups.build(ds)
+    exposures = read_exposures(ds, users)
+    views = read_views(ds, users, exposures)
+    ex = Examples.from_exposures(exposures, views, lookups)
+    if split.mode == "by-day":
+        if len(ds.days) < split.val_days + split.test_days + 1:
+            raise DatasetError(f"{ds.path}: {len(ds.days)} day(s) cannot hold {split.val_days} validation "
+                               f"+ {split.test_days} test day(s) and a training day")
+        day = ex.request_timestamp // 86_400_000
+        first_val = day_number(ds.days[-(split.val_days + split.test_days)])
+        first_test = day_number(ds.days[-split.test_days])
+        return UserSplits(ex.subset(np.nonzero(day < first_val)[0]),
+                          ex.subset(np.nonzero((day >= first_val) & (day < first_test))[0]),
+                          ex.subset(np.nonzero(day >= first_test)[0]))
+    starts = np.r_[0, np.nonzero(np.diff(ex.user_id))[0] + 1] if len(ex) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(ex)] if len(ex) else starts
+    if split.mode == "chrono":
+        tr, va, te = [], [], []
+        for a, b in zip(starts, ends):
+            n = b - a
+            n_tr = int(round(split.fractions[0] * n))
+            n_va = int(round(split.fractions[1] * n))
+            tr.append(np.arange(a, a + n_tr))
+            va.append(np.arange(a + n_tr, min(b, a + n_tr + n_va)))
+            te.append(np.arange(min(b, a + n_tr + n_va), b))
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+        return UserSplits(ex.subset(cat(tr)), ex.subset(cat(va)), ex.subset(cat(te)))
+    if split.mode == "last":
+        keep = [(a, b) for a, b in zip(starts, ends) if b - a >= 3]
+        tr = np.concatenate([np.arange(a, b - 2) for a, b in keep]) if keep else np.zeros(0, np.int64)
+        va = np.array([b - 2 for _, b in keep], dtype=np.int64)
+        te = np.array([b - 1 for _, b in keep], dtype=np.int64)
+        return UserSplits(ex.subset(tr), ex.subset(va), ex.subset(te))
+    return _leave_one_out(ex, starts, ends, split, lookups, seed)
+
+
+def _leave_one_out(ex: Examples, starts, ends, split: SplitConfig, lookups: Lookups,
+                   seed: int) -> UserSplits:
+    primary = ex.labels[:, 0]
+    train_rows, cases = [], {"val": [], "test": []}
+    for a, b in zip(starts, ends):
+        pos = a + np.nonzero(primary[a:b] == 1)[0]
+        if len(pos) < 3:
+            continue
+        train_rows.append(pos[:-2])
+        cases["val"].append((pos[-2], a, b))
+        cases["test"].append((pos[-1], a, b))
+    train = ex.subset(np.concatenate(train_rows) if train_rows else np.zeros(0, np.int64))
+    n_items = len(lookups.item_table)
+    out = {}
+    for name, rows in cases.items():
+        uids, ts, vids, labels = [], [], [], []
+        for r, a, b in rows:
+            u = int(ex.user_id[r])
+            seen = np.unique(ex.video_id[a:b])
+            negs = sample_unseen(n_items, seen, split.negatives,
+                                 np.random.default_rng([seed, u, 0 if name == "val" else 1]))
+            vids.append(np.r_[ex.video_id[r], negs])
+            uids.append(np.full(1 + len(negs), u))
+            ts.append(np.full(1 + len(negs), ex.request_timestamp[r]))
+            lab = np.full((1 + len(negs), len(LABELS)), -1, np.int8)
+            lab[0, 0], lab[1:, 0] = 1, 0
+            labels.append(lab)
+        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+        out[name] = Examples.from_rows(cat(uids, np.int64), cat(ts, np.int64), cat(vids, np.int64),
+                                       np.concatenate(labels) if labels else np.zeros((0, len(LABELS)), np.int8),
+                                       ex.views, lookups)
+    return UserSplits(train, out["val"], out["test"], group_size=1 + split.negatives)
+
+
+def sample_unseen(n_items: int, seen: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k distinct item ids in [0, n_items) outside ``seen`` (rejection sampling: catalogues are
+    much larger than a user's history)."""
+    available = n_items - len(seen)
+    if available < k:
+        raise DatasetError(f"cannot sample {k} unseen items: only {available} items left")
+    out = np.empty(0, dtype=np.int64)
+    while len(out) < k:
+        cand = rng.integers(0, n_items, size=2 * (k - len(out)) + 8)
+        cand = cand[~np.isin(cand, seen) & ~np.isin(cand, out)]
+        out = np.r_[out, np.unique(cand)[: k - len(out)]]
+    return out[:k]

@@ -1,0 +1,385 @@
+"""Reading and writing canonical datasets (layout in `schema`).
+
+Writes are atomic: everything goes to a hidden temporary directory next to
+the target, which replaces the target only after every file is written and
+fsynced. A failed or interrupted write leaves the previous dataset untouched.
+
+Reads are lazy: tables are memory-mapped Arrow IPC files; one user's rows are
+found by binary search on the sorted ``user_id`` column, so a client reads its
+own slice and never the whole day.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from foundation.errors import FedpaError
+
+from .schema import DAY_TABLES, FORMAT_VERSION, ITEM_COLUMNS, SCHEMAS, USER_COLUMNS
+
+MANIFEST = "manifest.json"
+
+
+class DatasetError(FedpaError):
+    """A dataset file is missing, malformed or inconsistent."""
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def conform(name: str, table: pa.Table, where: str) -> pa.Table:
+    """Return ``table`` with the canonical columns of ``name`` (extra integer columns kept
+    for users/items), cast safely; raise DatasetError naming ``where`` and the field."""
+    schema = SCHEMAS[name]
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise DatasetError(f"{where}: missing column(s) {', '.join(missing)} for table '{name}'")
+    extra = [c for c in table.column_names if c not in schema.names]
+    if extra and name not in ("users", "items"):
+        table = table.select(schema.names)
+        extra = []
+    cols, fields = [], []
+    for f in list(schema) + [pa.field(c, pa.int64(), nullable=False) for c in extra]:
+        col = table.column(f.name)
+        if col.null_count:
+            raise DatasetError(f"{where}: column '{f.name}' has {col.null_count} missing value(s)")
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+            raise DatasetError(f"{where}: column '{f.name}' has type {col.type}, expected {f.type}")
+        if pa.types.is_floating(col.type):
+            arr = col.to_numpy()
+            if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+                raise DatasetError(f"{where}: column '{f.name}' must hold integers, found non-integer values")
+        try:
+            col = col.cast(f.type, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise DatasetError(f"{where}: column '{f.name}' does not fit {f.type}: {e}") from None
+        cols.append(col)
+        fields.append(f)
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def _check_day(day: str, where: str) -> str:
+    try:
+        date.fromisoformat(day)
+    except ValueError:
+        raise DatasetError(f"{where}: '{day}' is not an ISO date (YYYY-MM-DD)") from None
+    return day
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write_ipc(path: Path, table: pa.Table) -> None:
+    # One record batch per file: the reader then views user_id as one zero-copy array.
+    table = table.combine_chunks()
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        for batch in table.to_batches(max_chunksize=max(table.num_rows, 1)):
+            w.write_batch(batch)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Stats:
+    rows: dict[str, int] = field(default_factory=dict)
+    vocab: dict[str, int] = field(default_factory=dict)
+    stage_counts: dict[str, int] = field(default_factory=dict)
+
+    def add_rows(self, name: str, n: int) -> None:
+        self.rows[name] = self.rows.get(name, 0) + n
+
+    def see_max(self, table: pa.Table, columns: Iterable[str]) -> None:
+        for c in columns:
+            if c in table.column_names and table.num_rows:
+                m = pc.max(table.column(c)).as_py()
+                self.vocab[c] = max(self.vocab.get(c, 0), int(m) + 1)
+
+
+class DatasetWriter:
+    """Builds a dataset in a temporary directory and moves it into place on `commit`.
+
+    Use as a context manager: leaving the block with an exception removes the
+    temporary directory and leaves any existing dataset at ``out`` as it was.
+    """
+
+    def __init__(self, out: str | Path, *, source: str, overwrite: bool = False):
+        self.out = Path(out).resolve()
+        if self.out.exists() and not overwrite:
+            raise DatasetError(f"{self.out}: already exists (pass --overwrite to replace it)")
+        if self.out.exists() and not (self.out / MANIFEST).exists():
+            raise DatasetError(f"{self.out}: exists and is not a fedpa dataset; refusing to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        for t in DAY_TABLES:
+            (self.tmp / t).mkdir()
+        self.source = source
+        self.days: list[str] = []
+        self.stats = _Stats()
+        self.user_features: list[str] = []
+        self.item_features: list[str] = []
+        self.has_history = False
+        self._done = False
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+    def write_users(self, table: pa.Table) -> None:
+        table = conform("users", table, "users")
+        _unique(table, "user_id", "users")
+        table = table.sort_by("user_id")
+        self.user_features = [c for c in table.column_names if c != "user_id"]
+        self.stats.see_max(table, table.column_names)
+        self.stats.add_rows("users", table.num_rows)
+        _write_ipc(self.tmp / "users.arrow", table)
+
+    def write_items(self, table: pa.Table) -> None:
+        table = conform("items", table, "items")
+        _unique(table, "video_id", "items")
+        table = table.sort_by("video_id")
+        self.item_features = [c for c in table.column_names if c != "video_id"]
+        cats = [c for c in table.column_names if c not in ("upload_timestamp", "duration")]
+        self.stats.see_max(table, cats)
+        self.stats.add_rows("items", table.num_rows)
+        _write_ipc(self.tmp / "items.arrow", table)
+
+    def write_day(self, day: str, *, requests: pa.Table, exposures: pa.Table,
+                  stage_samples: pa.Table | None = None) -> None:
+        _check_day(day, "day")
+        if day in self.days:
+            raise DatasetError(f"day {day} written twice")
+        if stage_samples is None:
+            stage_samples = SCHEMAS["stage_samples"].empty_table()
+        parts = {"requests": requests, "exposures": exposures, "stage_samples": stage_samples}
+        for name, t in parts.items():
+            t = conform(name, t, f"{name}/{day}")
+            t = t.sort_by([("user_id", "ascending"), ("request_timestamp", "ascending")])
+            self.stats.add_rows(name, t.num_rows)
+            self.stats.see_max(t, ["user_id", "video_id", "request_id"])
+            if name == "stage_samples" and t.num_rows:
+                vc = pc.value_counts(t.column("stage")).to_pylist()
+                from .schema import STAGES
+                for entry in vc:
+                    s = STAGES[entry["values"]]
+                    self.stats.stage_counts[s] = self.stats.stage_counts.get(s, 0) + entry["counts"]
+            _write_ipc(self.tmp / name / f"{day}.arrow", t)
+        self.days.append(day)
+
+    def write_history(self, table: pa.Table) -> None:
+        table = conform("history", table, "history")
+        table = table.sort_by([("user_id", "ascending"), ("timestamp", "ascending")])
+        self.stats.add_rows("history", table.num_rows)
+        _write_ipc(self.tmp / "history.arrow", table)
+        self.has_history = True
+
+    def write_extra(self, relpath: str, table: pa.Table | None = None, obj: Any = None) -> None:
+        """Write an auxiliary file (e.g. the synthetic oracle) as Arrow or JSON."""
+        p = self.tmp / relpath
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if table is not None:
+            _write_ipc(p, table)
+        else:
+            p.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+    def commit(self, **meta: Any) -> Path:
+        if not (self.tmp / "users.arrow").exists() or not (self.tmp / "items.arrow").exists():
+            raise DatasetError("a dataset needs a users and an items table")
+        if not self.days:
+            raise DatasetError("a dataset needs at least one day")
+        vocab = dict(self.stats.vocab)
+        manifest = {
+            "format": "fedpa-dataset",
+            "format_version": FORMAT_VERSION,
+            "source": self.source,
+            "days": sorted(self.days),
+            "user_features": self.user_features,
+            "item_features": self.item_features,
+            "vocab": vocab,
+            "rows": self.stats.rows,
+            "stage_samples_per_stage": self.stats.stage_counts,
+            "has_history": self.has_history,
+            **meta,
+        }
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _fsync_dir(self.tmp)
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        _fsync_dir(self.out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._done = True
+        return self.out
+
+
+def _unique(table: pa.Table, col: str, where: str) -> None:
+    n = table.num_rows
+    u = pc.count_distinct(table.column(col)).as_py()
+    if u != n:
+        raise DatasetError(f"{where}: column '{col}' has {n - u} duplicate id(s)")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_ipc(path: Path) -> pa.Table:
+    if not path.exists():
+        raise DatasetError(f"{path}: file is missing")
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DatasetError(f"{path}: not a readable Arrow file ({e})") from None
+
+
+class Dataset:
+    """A canonical dataset opened for lazy, column-projected reading."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not self.path.is_dir() or not mpath.exists():
+            raise DatasetError(f"{self.path}: not a fedpa dataset (no {MANIFEST})")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{mpath}: malformed JSON ({e})") from None
+        if self.manifest.get("format") != "fedpa-dataset":
+            raise DatasetError(f"{mpath}: not a fedpa dataset manifest")
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise DatasetError(f"{mpath}: format version {self.manifest.get('format_version')} "
+                               f"is not supported (expected {FORMAT_VERSION})")
+        self.days: list[str] = list(self.manifest["days"])
+        self._tables: dict[tuple[str, str], pa.Table] = {}
+        self._uid: dict[tuple[str, str], np.ndarray] = {}
+
+    # -- whole small tables
+    @property
+    def source(self) -> str:
+        return self.manifest["source"]
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.manifest["vocab"]
+
+    @property
+    def user_features(self) -> list[str]:
+        return self.manifest["user_features"]
+
+    def users(self, columns: list[str] | None = None) -> pa.Table:
+        return self._table("users", "", columns)
+
+    def items(self, columns: list[str] | None = None) -> pa.Table:
+        return self._table("items", "", columns)
+
+    def history(self, columns: list[str] | None = None) -> pa.Table:
+        if not self.manifest.get("has_history"):
+            return SCHEMAS["history"].empty_table().select(columns or SCHEMAS["history"].names)
+        return self._table("history", "", columns)
+
+    # -- day tables
+    def check_day(self, day: str) -> str:
+        if day not in self.days:
+            raise DatasetError(f"{self.path}: no day '{day}' (days: {self.days[0]} .. {self.days[-1]})")
+        return day
+
+    def day(self, name: str, day: str, columns: list[str] | None = None) -> pa.Table:
+        if name not in DAY_TABLES:
+            raise DatasetError(f"unknown day table '{name}' (one of {', '.join(DAY_TABLES)})")
+        return self._table(name, self.check_day(day), columns)
+
+    def iter_days(self, name: str, columns: list[str] | None = None,
+                  days: Iterable[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+        for d in days if days is not None else self.days:
+            yield d, self.day(name, d, columns)
+
+    def user_rows(self, name: str, user_id: int, columns: list[str] | None = None,
+                  days: Iterable[str] | None = None) -> pa.Table:
+        """All rows of day table ``name`` for one user (zero-copy slices, then concatenated)."""
+        parts = []
+        for d in days if days is not None else self.days:
+            t = self._table(name, self.check_day(d), None)
+            uid = self._user_index(name, d, t)
+            lo, hi = np.searchsorted(uid, [user_id, user_id + 1])
+            if hi > lo:
+                s = t.slice(int(lo), int(hi - lo))
+                parts.append(s.select(columns) if columns else s)
+        if not parts:
+            schema = SCHEMAS[name]
+            return schema.empty_table().select(columns) if columns else schema.empty_table()
+        return pa.concat_tables(parts)
+
+    def history_rows(self, user_id: int) -> pa.Table:
+        if not self.manifest.get("has_history"):
+            return SCHEMAS["history"].empty_table()
+        t = self._table("history", "", None)
+        uid = self._user_index("history", "", t)
+        lo, hi = np.searchsorted(uid, [user_id, user_id + 1])
+        return t.slice(int(lo), int(hi - lo))
+
+    # -- internals
+    def _file(self, name: str, day: str) -> Path:
+        return self.path / name / f"{day}.arrow" if day else self.path / f"{name}.arrow"
+
+    def _table(self, name: str, day: str, columns: list[str] | None) -> pa.Table:
+        key = (name, day)
+        t = self._tables.get(key)
+        if t is None:
+            path = self._file(name, day)
+            t = _read_ipc(path)
+            if name in SCHEMAS:
+                missing = [c for c in SCHEMAS[name].names if c not in t.column_names]
+                if missing:
+                    raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
+            self._tables[key] = t
+        if columns:
+            bad = [c for c in columns if c not in t.column_names]
+            if bad:
+                raise DatasetError(f"{self._file(name, day)}: no column(s) {', '.join(bad)}")
+            return t.select(columns)
+        return t
+
+    def _user_index(self, name: str, day: str, t: pa.Table) -> np.ndarray:
+        key = (name, day)
+        uid = self._uid.get(key)
+        if uid is None:
+            col = t.column("user_id")
+            uid = col.chunk(0).to_numpy() if col.num_chunks == 1 else col.to_numpy()
+            self._uid[key] = uid
+        return uid
+
+
+def open_dataset(path: str | Path) -> Dataset:
+    return Dataset(path)
+
+
+REQUIRED_PROFILE = [c.name for c in USER_COLUMNS if c.name != "user_id"]
+REQUIRED_ITEM = [c.name for c in ITEM_COLUMNS if c.name != "video_id"]

@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+
+from foundation.batch import ITEM_FIELDS
+from simulations.data.examples import Lookups
+from simulations.data.partition import (Partition, PartitionConfig, SplitConfig, make_partition,
+                                        split_users)
+from simulations.data.schema import SEQ_LEN
+from simulations.data.store import Dataset, DatasetError
+from toy_data import write_toy_dataset
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return Dataset(write_toy_dataset(tmp_path_factory.mktemp("d") / "ds", n_users=20, n_days=5,
+                                     with_history=True))
+
+
+def test_fedpa_open_rule_and_determinism(ds):
+    cfg = PartitionConfig(seed=3)
+    p = make_partition(ds, cfg)
+    assert len(np.intersect1d(p.open_users, p.private_users)) == 0
+    assert len(p.open_users) + len(p.private_users) == 20
+    # 80% of the 4 most active + 20% of the other 16 = 3 + 3 open users
+    assert len(p.open_users) == round(0.8 * 4) + round(0.2 * 16)
+    q = make_partition(ds, cfg)
+    assert np.array_equal(p.private_users, q.private_users)
+    assert p.user_of(0) == p.private_users[0]
+    with pytest.raises(DatasetError, match="out of range"):
+        p.user_of(p.num_clients)
+
+
+def test_partition_save_load(ds, tmp_path):
+    p = make_partition(ds, PartitionConfig(seed=1, max_clients=5))
+    assert p.num_clients == 5
+    p.save(tmp_path / "p.json")
+    q = Partition.load(tmp_path / "p.json")
+    assert np.array_equal(q.private_users, p.private_users) and q.config == p.config
+
+
+def test_activity_attribute_rule(ds):
+    p = make_partition(ds, PartitionConfig(activity_attribute="age", active_values=(1,),
+                                           open_active_fraction=1.0, open_rest_fraction=0.0))
+    ages = dict(zip(ds.users().column("user_id").to_pylist(), ds.users().column("age").to_pylist()))
+    assert all(ages[u] == 1 for u in p.open_users)
+    with pytest.raises(DatasetError, match="unknown activity attribute"):
+        make_partition(ds, PartitionConfig(activity_attribute="shoe_size"))
+
+
+def test_by_day_split_and_sequences_never_see_the_future(ds):
+    s = split_users(ds, np.array([2, 5]), SplitConfig("by-day"))
+    day = lambda ex: ex.request_timestamp // 86_400_000  # noqa: E731
+    assert day(s.train).max() < day(s.val).min() <= day(s.val).max() < day(s.test).min()
+    for ex in (s.train, s.val, s.test):
+        b = ex.batch()
+        assert b["hist_items"].shape == (len(ex), SEQ_LEN, len(ITEM_FIELDS))
+        # every view in a row's sequence is strictly older than the row's request
+        pos = ex.view_hi[:, None] - SEQ_LEN + np.arange(SEQ_LEN)[None, :]
+        real = b["hist_mask"].numpy()
+        ts = ex.views.timestamp[np.clip(pos, 0, None)]
+        users = ex.views.user_id[np.clip(pos, 0, None)]
+        assert np.all(ts[real] < np.repeat(ex.request_timestamp, SEQ_LEN).reshape(-1, SEQ_LEN)[real])
+        assert np.all(users[real] == np.repeat(ex.user_id, SEQ_LEN).reshape(-1, SEQ_LEN)[real])
+    # the first request of user 2 sees exactly its 3 history views
+    first = s.train.batch(np.array([0]))
+    assert int(first["hist_mask"].sum()) == 3
+
+
+def test_chrono_split_fractions(ds):
+    s = split_users(ds, np.array([4]), SplitConfig("chrono"))
+    n = len(s.train) + len(s.val) + len(s.test)
+    assert n == 5 * 3 * 2
+    assert (len(s.train), len(s.val), len(s.test)) == (18, 6, 6)
+    assert s.train.request_timestamp.max() <= s.val.request_timestamp.min()
+
+
+def test_leave_one_out_with_negatives(ds):
+    s = split_users(ds, np.array([1, 7]), SplitConfig("loo", negatives=9), seed=0)
+    assert s.group_size == 10
+    assert len(s.test) == 2 * 10
+    lab = s.test.labels[:, 0].reshape(-1, 10)
+    assert (lab[:, 0] == 1).all() and (lab[:, 1:] == 0).all()
+    # negatives are items the user never interacted with
+    for case in range(2):
+        rows = slice(case * 10, case * 10 + 10)
+        u = s.test.user_id[rows][0]
+        seen = set(ds.user_rows("exposures", int(u)).column("video_id").to_pylist())
+        assert not seen & set(s.test.video_id[rows][1:].tolist())
+    again = split_users(ds, np.array([1, 7]), SplitConfig("loo", negatives=9), seed=0)
+    assert np.array_equal(again.test.video_id, s.test.video_id)
+
+
+def test_last_split(ds):
+    s = split_users(ds, np.array([3]), SplitConfig("last"))
+    assert len(s.val) == len(s.test) == 1
+    assert s.val.request_timestamp[0] <= s.test.request_timestamp[0]
+
+
+def test_bulk_and_single_user_loading_agree(ds):
+    lk = Lookups.build(ds)
+    many = split_users(ds, np.arange(20), SplitConfig("by-day"), lookups=lk)
+    one = split_users(ds, np.array([6]), SplitConfig("by-day"), lookups=lk)
+    rows = many.test.user_id == 6
+    a, b = many.test.subset(np.nonzero(rows)[0]).batch(), one.test.batch()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+
+
+def test_bad_split_config():
+    with pytest.raises(DatasetError, match="unknown split"):
+        SplitConfig("random")
+    with pytest.raises(DatasetError, match="sum to 1"):
+        SplitConfig("chrono", fractions=(0.5, 0.2, 0.2))
