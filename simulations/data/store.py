@@ -27,7 +27,10 @@ import pyarrow.compute as pc
 
 from foundation.errors import FedpaError
 
-from .schema import DAY_TABLES, FORMAT_VERSION, ITEM_COLUMNS, SCHEMAS, USER_COLUMNS
+from .schema import DAY_TABLES, FORMAT_VERSION, ITEM_COLUMNS, SCHEMAS, STAGES, USER_COLUMNS
+
+# Extra columns named orig_* carry a source's original ids: kept, never used as features.
+CARRIED_PREFIX = "orig_"
 
 MANIFEST = "manifest.json"
 
@@ -72,9 +75,11 @@ def conform(name: str, table: pa.Table, where: str) -> pa.Table:
 
 def _check_day(day: str, where: str) -> str:
     try:
-        date.fromisoformat(day)
+        canonical = date.fromisoformat(day).isoformat() == day  # 3.11 also parses 20240113, 2024-W02-6
     except ValueError:
-        raise DatasetError(f"{where}: '{day}' is not an ISO date (YYYY-MM-DD)") from None
+        canonical = False
+    if not canonical:
+        raise DatasetError(f"{where}: '{day}' is not an ISO date (YYYY-MM-DD)")
     return day
 
 
@@ -155,8 +160,9 @@ class DatasetWriter:
         table = conform("users", table, "users")
         _unique(table, "user_id", "users")
         table = table.sort_by("user_id")
-        self.user_features = [c for c in table.column_names if c != "user_id"]
-        self.stats.see_max(table, table.column_names)
+        self.user_features = [c for c in table.column_names
+                              if c != "user_id" and not c.startswith(CARRIED_PREFIX)]
+        self.stats.see_max(table, ["user_id", *self.user_features])
         self.stats.add_rows("users", table.num_rows)
         _write_ipc(self.tmp / "users.arrow", table)
 
@@ -164,8 +170,10 @@ class DatasetWriter:
         table = conform("items", table, "items")
         _unique(table, "video_id", "items")
         table = table.sort_by("video_id")
-        self.item_features = [c for c in table.column_names if c != "video_id"]
-        cats = [c for c in table.column_names if c not in ("upload_timestamp", "duration")]
+        self.item_features = [c for c in table.column_names
+                              if c != "video_id" and not c.startswith(CARRIED_PREFIX)]
+        cats = [c for c in ["video_id", *self.item_features]
+                if c not in ("upload_timestamp", "duration") and c in {f.name for f in ITEM_COLUMNS}]
         self.stats.see_max(table, cats)
         self.stats.add_rows("items", table.num_rows)
         _write_ipc(self.tmp / "items.arrow", table)
@@ -185,7 +193,6 @@ class DatasetWriter:
             self.stats.see_max(t, ["user_id", "video_id", "request_id"])
             if name == "stage_samples" and t.num_rows:
                 vc = pc.value_counts(t.column("stage")).to_pylist()
-                from .schema import STAGES
                 for entry in vc:
                     s = STAGES[entry["values"]]
                     self.stats.stage_counts[s] = self.stats.stage_counts.get(s, 0) + entry["counts"]
@@ -307,6 +314,8 @@ class Dataset:
 
     # -- day tables
     def check_day(self, day: str) -> str:
+        if not self.days:
+            raise DatasetError(f"{self.path}: the dataset has no days")
         if day not in self.days:
             raise DatasetError(f"{self.path}: no day '{day}' (days: {self.days[0]} .. {self.days[-1]})")
         return day
