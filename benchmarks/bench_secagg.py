@@ -1,0 +1,154 @@
+"""Cost of SecAgg+ against plain float32 aggregation, measured in one run.
+
+Per client: compute (CPU) time over the four stages and bytes sent (replies) and
+received (requests); the server: time over its stages. "Plain" is what the
+same sum costs without secure aggregation: each client serializes its float32
+vector, the server sums them in float64. All parties run in this process, one
+after another, single-threaded; each figure is the median over --repeats rounds
+(per-client figures: the mean over a round's clients; "(max)": the slowest).
+
+    .venv/bin/python benchmarks/bench_secagg.py [--dim 20000] [--clients 10 50 100 200] [--drop-frac 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+clock = time.process_time   # CPU time of this process: other jobs on the machine barely move it
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client.secagg import SecAggClient  # noqa: E402
+from server.secagg import QuantConfig, SecAggServer, message_nbytes  # noqa: E402
+
+
+def secagg_round(n: int, dim: int, drop_frac: float, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = [int(i) for i in rng.choice(2**40, n, replace=False)]
+    vecs = {u: rng.uniform(-1, 1, dim).astype(np.float32) for u in ids}
+    gone = set(int(i) for i in rng.choice(ids, int(round(drop_frac * n)), replace=False)) if drop_frac else set()
+    ctime = {u: 0.0 for u in ids}
+    cstage = {st: 0.0 for st in (1, 2, 3, 4)}
+    sstage = {st: 0.0 for st in (0, 1, 2, 3, 4)}
+    sent = {u: 0 for u in ids}
+    recv = {u: 0 for u in ids}
+    stime = 0.0
+
+    t0 = clock()
+    server = SecAggServer(ids, dim, round_id=1, quant=QuantConfig())
+    reqs = server.advertise_requests()
+    stime += clock() - t0
+    sstage[0] = stime
+    clients = {u: SecAggClient(u) for u in ids}
+    stages = [(1, lambda c, m, u: c.advertise(m), server.receive_keys),
+              (2, lambda c, m, u: c.share_keys(m), server.receive_shares),
+              (3, lambda c, m, u: c.masked_input(m, vecs[u]), server.receive_masked),
+              (4, lambda c, m, u: c.unmask(m), server.receive_unmask)]
+    result = None
+    for stage, act, receive in stages:
+        replies = []
+        for u, m in reqs.items():
+            recv[u] += message_nbytes(m)
+            if stage == 3 and u in gone:       # drop after sharing keys: the server must rebuild their mask keys
+                continue
+            t = clock()
+            reply = act(clients[u], m, u)
+            ctime[u] += clock() - t
+            cstage[stage] += clock() - t
+            sent[u] += message_nbytes(reply)
+            replies.append((u, reply))
+        t = clock()
+        result = receive(replies)
+        stime += clock() - t
+        sstage[stage] = clock() - t
+        reqs = result
+    true = np.sum([vecs[u].astype(np.float64) for u in result.included], axis=0)
+    err = float(np.max(np.abs(result.dequantize() - true)))
+    bound = len(result.included) * 2.0 ** -(result.quant.frac_bits + 1)
+    assert err <= bound, (err, bound)
+    full = [u for u in ids if u not in gone]
+    return {
+        "k": result.degree, "t": result.threshold, "m": result.quant.mod_bits,
+        "client_ms": 1e3 * np.mean([ctime[u] for u in full]), "client_max_ms": 1e3 * max(ctime[u] for u in full),
+        "server_ms": 1e3 * stime,
+        "sent": float(np.mean([sent[u] for u in full])), "recv": float(np.mean([recv[u] for u in full])),
+        "err": err, "bound": bound, "included": len(result.included),
+        "client_stage_ms": {st: 1e3 * v / len(full) for st, v in cstage.items()},
+        "server_stage_ms": {st: 1e3 * v for st, v in sstage.items()},
+    }
+
+
+def plain_round(n: int, dim: int, seed: int, repeats: int = 3) -> dict:
+    rng = np.random.default_rng(seed)
+    vecs = [rng.uniform(-1, 1, dim).astype(np.float32) for _ in range(n)]
+    best_c, best_s = float("inf"), float("inf")
+    for _ in range(repeats):
+        t = clock()
+        payloads = [v.astype(np.float32).tobytes() for v in vecs]
+        c = (clock() - t) / n
+        t = clock()
+        total = np.zeros(dim, np.float64)
+        for p in payloads:
+            total += np.frombuffer(p, dtype=np.float32)
+        s = clock() - t
+        best_c, best_s = min(best_c, c), min(best_s, s)
+    return {"client_ms": 1e3 * best_c, "server_ms": 1e3 * best_s, "sent": 4 * dim}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dim", type=int, default=20_000, help="vector size d (FedPA shared state + counts)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100, 200])
+    ap.add_argument("--drop-frac", type=float, default=0.05,
+                    help="fraction dropping after share keys, for the second table (0 to skip)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds per setting; the median of each figure is shown")
+    args = ap.parse_args()
+    secagg_round(10, args.dim, 0.0, args.seed)   # warm-up (imports, OpenSSL, allocator)
+
+    def measure(n: int, drop: float) -> dict:
+        runs = [secagg_round(n, args.dim, drop, args.seed + n + 1000 * r) for r in range(args.repeats)]
+        return {k: (float(np.median([r[k] for r in runs])) if k in ("client_ms", "client_max_ms", "server_ms", "sent",
+                                                                     "recv", "err") else runs[0][k])
+                for k in runs[0]} | {
+            "client_stage_ms": {st: float(np.median([r["client_stage_ms"][st] for r in runs])) for st in (1, 2, 3, 4)},
+            "server_stage_ms": {st: float(np.median([r["server_stage_ms"][st] for r in runs])) for st in range(5)}}
+
+    print(f"d = {args.dim}; defaults: clip 8, f = 24 fractional bits, degree/threshold from choose_degree\n")
+    hdr = (f"{'n':>5} {'k':>3} {'t':>3} {'m':>3} | {'client ms':>9} {'(max)':>7} {'plain':>7} {'ratio':>7} | "
+           f"{'server ms':>9} {'plain':>7} | {'sent B':>9} {'plain B':>9} {'expand':>6} {'recv B':>8} | {'max err':>8}")
+    rows = {}
+    for drop in ([0.0, args.drop_frac] if args.drop_frac else [0.0]):
+        print(f"-- {'no dropouts' if not drop else f'{drop:.0%} of clients drop after sharing keys'}")
+        print(hdr)
+        for n in args.clients:
+            s = measure(n, drop)
+            p = plain_round(n, args.dim, args.seed + n)
+            rows[(drop, n)] = (s, p)
+            print(f"{n:>5} {s['k']:>3} {s['t']:>3} {s['m']:>3} | {s['client_ms']:>9.2f} {s['client_max_ms']:>7.2f} "
+                  f"{p['client_ms']:>7.3f} {s['client_ms'] / p['client_ms']:>6.0f}x | {s['server_ms']:>9.1f} "
+                  f"{p['server_ms']:>7.2f} | {s['sent']:>9.0f} {p['sent']:>9} {s['sent'] / p['sent']:>5.2f}x "
+                  f"{s['recv']:>8.0f} | {s['err']:>8.1e}")
+        print()
+    ns = args.clients
+    if (0.0, 100) in rows:
+        s, p = rows[(0.0, 100)]
+        print(f"n = 100: SecAgg/plain per-client compute {s['client_ms'] / p['client_ms']:.0f}x "
+              f"({s['client_ms']:.2f} ms vs {p['client_ms']:.3f} ms), server {s['server_ms'] / p['server_ms']:.0f}x "
+              f"({s['server_ms']:.0f} ms vs {p['server_ms']:.1f} ms), bytes sent {s['sent'] / p['sent']:.3f}x")
+        cs, ss = s["client_stage_ms"], s["server_stage_ms"]
+        print("  per stage, client ms: " + ", ".join(f"{st} {cs[st]:.2f}" for st in (1, 2, 3, 4))
+              + "; server ms: " + ", ".join(f"{st} {ss[st]:.1f}" for st in range(5)))
+    if len(ns) > 1:
+        a, b = rows[(0.0, ns[0])][0], rows[(0.0, ns[-1])][0]
+        print(f"n {ns[0]} -> {ns[-1]} ({ns[-1] / ns[0]:.0f}x clients): per-client time {b['client_ms'] / a['client_ms']:.2f}x, "
+              f"per-client bytes sent {b['sent'] / a['sent']:.2f}x, degree k {a['k']} -> {b['k']}")
+
+
+if __name__ == "__main__":
+    main()

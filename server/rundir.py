@@ -1,0 +1,184 @@
+"""The run directory: what every run leaves behind.
+
+::
+
+    RUN/config.json          resolved configuration
+    RUN/metrics.jsonl        one JSON line per round (appended, flushed, fsynced)
+    RUN/summary.json         final summary (test metrics at the best validation round, ...)
+    RUN/curves.png           learning curves
+    RUN/checkpoints/round-NNNN.safetensors   shared state after each round (+ .json sidecar)
+    RUN/checkpoints/latest.json              pointer to the last completed round
+
+Every file is written atomically (temp file, fsync, rename), so a run killed
+at any moment leaves the last completed round readable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from foundation.errors import FedpaError
+
+
+class RunDirError(FedpaError):
+    pass
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable).encode())
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.ckpt = self.path / "checkpoints"
+
+    # -- config / metrics / summary
+    def write_config(self, config: dict) -> None:
+        atomic_write_json(self.path / "config.json", config)
+
+    def read_config(self) -> dict:
+        return self._read_json(self.path / "config.json")
+
+    def append_metrics(self, record: dict) -> None:
+        line = json.dumps(record, sort_keys=True, default=_jsonable)
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        p = self.path / "metrics.jsonl"
+        if not p.exists():
+            return []
+        rows = []
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RunDirError(f"{p}:{i}: malformed metrics line") from None
+        return rows
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop lines of rounds after ``last_round`` (a resumed run recomputes them)."""
+        rows = [r for r in self.read_metrics() if r.get("round", 0) <= last_round]
+        atomic_write_bytes(self.path / "metrics.jsonl",
+                           "".join(json.dumps(r, sort_keys=True, default=_jsonable) + "\n" for r in rows).encode())
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.path / "summary.json", summary)
+
+    # -- checkpoints
+    def save_checkpoint(self, round_: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        name = f"round-{round_:04d}"
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".safetensors", dir=self.ckpt)
+        os.close(fd)
+        try:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.ckpt / f"{name}.safetensors")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        atomic_write_json(self.ckpt / f"{name}.json", {"round": round_, **meta})
+        atomic_write_json(self.ckpt / "latest.json", {"round": round_, "name": name})
+
+    def latest_round(self) -> int | None:
+        p = self.ckpt / "latest.json"
+        return self._read_json(p)["round"] if p.exists() else None
+
+    def load_checkpoint(self, round_: int | None = None) -> tuple[int, dict[str, np.ndarray], dict]:
+        if round_ is None:
+            round_ = self.latest_round()
+            if round_ is None:
+                raise RunDirError(f"{self.path}: no checkpoint to resume from")
+        name = f"round-{round_:04d}"
+        tensors = self.ckpt / f"{name}.safetensors"
+        try:
+            arrays = load_file(str(tensors))
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise RunDirError(f"{tensors}: cannot read checkpoint ({e})") from None
+        return round_, arrays, self._read_json(self.ckpt / f"{name}.json")
+
+    def keep_last_checkpoints(self, n: int) -> None:
+        rounds = sorted(int(p.stem.split("-")[1]) for p in self.ckpt.glob("round-*.safetensors"))
+        for r in rounds[:-n] if n > 0 else []:
+            for suffix in (".safetensors", ".json"):
+                (self.ckpt / f"round-{r:04d}{suffix}").unlink(missing_ok=True)
+
+    @staticmethod
+    def _read_json(p: Path) -> dict:
+        if not p.exists():
+            raise RunDirError(f"{p}: missing")
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{p}: malformed JSON ({e})") from None
+
+
+def plot_curves(run: RunDir, metrics: list[str] | None = None) -> Path | None:
+    """Learning curves (validation and test metrics per round) as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in run.read_metrics() if "eval" in r]
+    if not rows:
+        return None
+    keys = metrics or sorted({k for r in rows for k in r["eval"].get("val", {})
+                              if isinstance(r["eval"]["val"][k], (int, float))})
+    keys = [k for k in keys if k in ("auc", "gauc", "logloss", "hr@10", "ndcg@10", "f1")] or keys[:3]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for split, style in (("val", "-o"), ("test", "--s")):
+            pts = [(r["round"], r["eval"][split].get(k)) for r in rows if split in r["eval"]]
+            pts = [(x, y) for x, y in pts if y is not None and not (isinstance(y, float) and math.isnan(y))]
+            if pts:
+                ax.plot(*zip(*pts), style, label=split, markersize=3)
+        ax.set_title(k)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out = run.path / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

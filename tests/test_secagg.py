@@ -1,0 +1,515 @@
+"""SecAgg+ (server/secagg, client/secagg.py): exact sums, dropouts, failures, rejections, masks, Shamir,
+fixed point. Deterministic: every party draws its randomness from a seeded AES-CTR stream."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from client.secagg import SecAggClient
+from server.secagg import (
+    MessageRejected, QuantConfig, SecAggError, SecAggParams, SecAggServer, choose_degree, dequantize_sum,
+    quantize,
+)
+from server.secagg.protocol import (
+    ENVELOPE_BYTES, PRIME, SERVER_ID, generate_keypair, graph_seed, lagrange_at_zero, pack_bits, prg_u64,
+    shamir_reconstruct, shamir_share, share_x, unpack_bits,
+)
+
+D = 1000
+
+
+def drbg(*label):
+    """Deterministic randomness for tests only (production uses os.urandom)."""
+    enc = Cipher(algorithms.AES(hashlib.sha256(repr(label).encode()).digest()), modes.CTR(bytes(16))).encryptor()
+    return lambda n: enc.update(bytes(n))
+
+
+def _flower_friendly(msg: dict) -> None:
+    for k, v in msg.items():
+        ok = (isinstance(v, (int, float, bytes, str)) or (isinstance(v, np.ndarray) and v.ndim == 1)
+              or (isinstance(v, list) and all(isinstance(x, (int, bytes, str)) for x in v)))
+        assert ok, f"{k}: {type(v)}"
+
+
+class Round:
+    """Drives one round in process. drop(stage, server) -> clients that send nothing at that stage;
+    tamper_requests / tamper_replies(stage, ...) rewrite what goes to clients / to the server."""
+
+    def __init__(self, vectors: dict[int, np.ndarray], *, params=SecAggParams(), quant=QuantConfig(), seed=0,
+                 round_id=7, drop=None, tamper_requests=None, tamper_replies=None, via_state=False,
+                 client_kwargs=None):
+        self.vectors = vectors
+        self.server = SecAggServer(sorted(vectors), len(next(iter(vectors.values()))), round_id=round_id,
+                                   quant=quant, params=params, randbytes=drbg(seed, "server"))
+        self.clients = {u: SecAggClient(u, randbytes=drbg(seed, u), **(client_kwargs or {})) for u in vectors}
+        self.drop = drop or (lambda stage, server: set())
+        self.tamper_requests = tamper_requests or (lambda stage, reqs: reqs)
+        self.tamper_replies = tamper_replies or (lambda stage, pairs: pairs)
+        self.via_state = via_state
+        self.replies: dict[int, list] = {}
+        self.refused: dict[int, list[int]] = {}
+
+    def run(self):
+        srv = self.server
+        reqs = srv.advertise_requests()
+        steps = [(1, lambda c, m, u: c.advertise(m), srv.receive_keys),
+                 (2, lambda c, m, u: c.share_keys(m), srv.receive_shares),
+                 (3, lambda c, m, u: c.masked_input(m, self.vectors[u]), srv.receive_masked),
+                 (4, lambda c, m, u: c.unmask(m), srv.receive_unmask)]
+        out = None
+        for stage, act, receive in steps:
+            reqs = self.tamper_requests(stage, reqs)
+            gone = set(self.drop(stage, srv))
+            pairs = []
+            for u, m in reqs.items():
+                _flower_friendly(m)
+                if u in gone:
+                    continue
+                if self.via_state:
+                    self.clients[u] = SecAggClient.from_state(self.clients[u].export_state(), randbytes=drbg(u, stage))
+                try:
+                    reply = act(self.clients[u], m, u)
+                except MessageRejected:
+                    self.refused.setdefault(stage, []).append(u)
+                    continue
+                _flower_friendly(reply)
+                pairs.append((u, reply))
+            pairs = self.tamper_replies(stage, pairs)
+            self.replies[stage] = pairs
+            out = receive(pairs)
+            reqs = out
+        return out
+
+
+def vectors(n, d=D, seed=0, ids=None):
+    rng = np.random.default_rng(seed)
+    ids = ids or [10 * i + 3 for i in range(n)]
+    out = {}
+    for u in ids:
+        v = rng.uniform(-4, 4, d).astype(np.float32)
+        v[-1] = 1.0  # a count rides along
+        out[u] = v
+    return out
+
+
+def check_sum(res, vecs, included):
+    assert res.included == sorted(included)
+    q = res.quant
+    plain = np.zeros(len(next(iter(vecs.values()))), np.uint64)
+    for u in included:
+        plain += quantize(vecs[u], q)
+    plain &= np.uint64(2**q.mod_bits - 1)
+    np.testing.assert_array_equal(res.sum, plain)          # exact modular sum
+    true = np.sum([np.clip(vecs[u].astype(np.float64), -q.clip, q.clip) for u in included], axis=0)
+    got = res.dequantize()
+    bound = len(included) * 2.0 ** -(q.frac_bits + 1)
+    assert np.max(np.abs(got - true)) <= bound
+    assert got[-1] == len(included)                        # the count is exact
+    mean = got[:-1] / got[-1]
+    assert np.max(np.abs(mean - true[:-1] / len(included))) <= 2.0 ** -(q.frac_bits + 1)
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def test_sum_is_exact_and_float_sum_within_bound():
+    vecs = vectors(10)
+    r = Round(vecs)
+    res = r.run()
+    assert (res.degree, res.threshold) == (9, 5)            # n = 10: complete graph, majority threshold
+    check_sum(res, vecs, list(vecs))
+    assert r.server.rejections == [] and all(not c.rejections for c in r.clients.values())
+
+
+def test_sparse_graph_sum_and_per_client_cost_is_k():
+    vecs = vectors(20, seed=1)
+    r = Round(vecs, params=SecAggParams(degree=6))
+    res = r.run()
+    assert (res.degree, res.threshold) == (6, 4)
+    graph = r.server._graph
+    assert all(len(nb) == 6 for nb in graph.values())
+    assert all(u in graph[v] for u in graph for v in graph[u])          # symmetric
+    for u, m in r.replies[2]:
+        assert len(m["ciphertexts"]) == 6                                 # O(k) shares, not O(n)
+    check_sum(res, vecs, list(vecs))
+
+
+def test_client_state_survives_export_between_every_stage():
+    vecs = vectors(6, seed=2)
+    res = Round(vecs, via_state=True).run()
+    check_sum(res, vecs, list(vecs))
+
+
+@pytest.mark.parametrize("stage,included_after", [
+    (1, False),   # drop before advertising keys
+    (2, False),   # after advertising, before sharing keys
+    (3, False),   # after sharing keys, before the masked input: its pairwise masks are removed
+    (4, True),    # after the masked input: its vector counts, its self-mask is rebuilt from shares
+])
+def test_dropout_at_each_stage(stage, included_after):
+    vecs = vectors(12, seed=stage)
+    victims = {13, 73}
+    r = Round(vecs, params=SecAggParams(degree=6), drop=lambda s, srv: victims if s == stage else set())
+    res = r.run()
+    assert res.dropped[stage] == sorted(victims)
+    assert all(not v for s, v in res.dropped.items() if s != stage)
+    included = list(vecs) if included_after else [u for u in vecs if u not in victims]
+    check_sum(res, vecs, included)
+
+
+def test_dropouts_at_several_stages_at_once():
+    vecs = vectors(16, seed=9)
+    plan = {1: {3}, 2: {23}, 3: {53, 63}, 4: {93}}
+    r = Round(vecs, params=SecAggParams(degree=10), drop=lambda s, srv: plan.get(s, set()))
+    res = r.run()
+    check_sum(res, vecs, [u for u in vecs if u not in {3, 23, 53, 63}])
+
+
+# --------------------------------------------------------------------------- failure before revealing
+
+
+def test_too_many_neighbours_drop_fails_before_any_share_is_requested():
+    vecs = vectors(10, seed=4)
+
+    def drop(stage, srv):
+        if stage != 3:
+            return set()
+        victim_nb = srv._graph[3]       # client 3 has 4 neighbours, t = 3: two of them leave
+        return set(victim_nb[:2])
+
+    r = Round(vecs, params=SecAggParams(degree=4), drop=drop)
+    with pytest.raises(SecAggError, match="client 3's self-mask seed has 2 surviving share holder.*no share was requested"):
+        r.run()
+    assert r.server.failed
+    assert 4 not in r.replies                                 # no unmask request was ever made
+    assert all(c.done <= 3 and c.revealed == {"b": [], "s": []} for c in r.clients.values())
+    with pytest.raises(SecAggError, match="already failed"):
+        r.server.receive_unmask([])
+
+
+def test_survivors_split_into_groups_fails_before_any_share_is_requested():
+    # a ring (Harary, k = 4) with t = 2: dropping two runs of two neighbours on the cycle leaves every
+    # secret with enough holders, but the survivors form two groups whose sums would each be learnable
+    vecs = vectors(10, seed=6)
+
+    def drop(stage, srv):
+        if stage != 3:
+            return set()
+        ids = sorted(srv._graph)
+        order = [ids[i] for i in np.argsort(prg_u64(graph_seed(srv.nonce, srv.round_id), len(ids)), kind="stable")]
+        return {order[0], order[1], order[5], order[6]}
+
+    r = Round(vecs, params=SecAggParams(degree=4, threshold=2), drop=drop,
+              client_kwargs={"require_majority": False})
+    with pytest.raises(SecAggError, match=r"split into 2 unconnected groups \(sizes \[3, 3\]\).*no share was requested"):
+        r.run()
+    assert all(c.revealed == {"b": [], "s": []} for c in r.clients.values())
+
+
+def test_too_few_clients_left_fails_cleanly():
+    vecs = vectors(5, seed=5)
+    r = Round(vecs, drop=lambda s, srv: {3, 13, 23} if s == 2 else set())
+    with pytest.raises(SecAggError, match="only 2 clients shared keys"):
+        r.run()
+    assert all(c.revealed == {"b": [], "s": []} for c in r.clients.values())
+
+
+# --------------------------------------------------------------------------- masks look uniform
+
+
+def test_masked_vector_is_indistinguishable_from_uniform():
+    d = 20000
+    plain = np.full(d, 7.5, np.float32)              # as far from uniform as a vector gets
+    plain[::2] = -3.25
+    vecs = {u: plain.copy() for u in (1, 2, 3, 4, 5)}
+    r = Round(vecs, seed=11)
+    res = r.run()
+    m = res.quant.mod_bits
+    packed = dict(r.replies[3])[1]["masked"]
+    y = unpack_bits(packed, m, d)
+
+    def chi2(counts):
+        e = counts.sum() / len(counts)
+        return float(((counts - e) ** 2 / e).sum())
+
+    # df = 255: the 0.1% critical value is 330.5; df = 15: 37.7
+    assert chi2(np.bincount(packed[:-1], minlength=256)) < 330.5
+    assert chi2(np.bincount((y >> np.uint64(m - 4)).astype(np.int64), minlength=16)) < 37.7
+    corr = np.corrcoef(y.astype(np.float64), plain.astype(np.float64))[0, 1]
+    assert abs(corr) < 4 / math.sqrt(d)
+    # the same tests do see the unmasked quantized vector
+    q_packed = pack_bits(quantize(plain, res.quant), m)
+    assert chi2(np.bincount(q_packed[:-1], minlength=256)) > 10_000
+
+
+# --------------------------------------------------------------------------- rejections
+
+
+def _mutate(stage, victim, fn):
+    def tamper(s, pairs):
+        if s != stage:
+            return pairs
+        out = []
+        for u, m in pairs:
+            if u == victim:
+                res = fn(dict(m))
+                out.extend(res if isinstance(res, list) else [(u, res)])
+            else:
+                out.append((u, m))
+        return out
+    return tamper
+
+
+def _flip(env: bytes) -> bytes:
+    b = bytearray(env)
+    b[-5] ^= 1
+    return bytes(b)
+
+
+REJECTIONS = {
+    "wrong round": (1, lambda m: {**m, "round": m["round"] + 1}, "wrong round", 1),
+    "other nonce": (2, lambda m: {**m, "nonce": bytes(32)}, "another nonce", 2),
+    "wrong stage": (2, lambda m: {**m, "stage": 3}, "wrong stage", 2),
+    "wrong sender": (3, lambda m: {**m, "sender": 3}, "wrong sender", 3),
+    "replay": (2, lambda m: [(13, m), (13, m)], "replay", 2),
+    "share to a non-neighbour": (2, lambda m: {**m, "recipients": [m["recipients"][0]] + [99999] + m["recipients"][2:]},
+                                 "not a neighbour", 2),
+    "tampered ciphertext": (2, lambda m: {**m, "ciphertexts": [_flip(m["ciphertexts"][0])] + m["ciphertexts"][1:]},
+                            "failed authentication", 3),
+    "wrong-length vector": (3, lambda m: {**m, "masked": m["masked"][:-1]}, "wrong length", 3),
+    "not an array": (3, lambda m: {**m, "masked": m["masked"].tobytes()}, "1-D uint8 array", 3),
+    "missing key": (1, lambda m: {k: v for k, v in m.items() if k != "s_pk"}, "field 's_pk' must be bytes", 1),
+    "low-order key": (1, lambda m: {**m, "c_pk": bytes(32)}, "invalid X25519 public key", 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REJECTIONS))
+def test_bad_message_is_rejected_and_round_completes_for_the_others(case):
+    stage, fn, reason, dropped_at = REJECTIONS[case]
+    vecs = vectors(10, seed=20)
+    victim = 13
+    r = Round(vecs, params=SecAggParams(degree=6), tamper_replies=_mutate(stage, victim, fn))
+    res = r.run()
+    assert any(reason in x.reason and x.client == victim for x in r.server.rejections), r.server.reasons
+    assert any(reason in s for s in r.server.reasons)
+    assert victim in res.dropped[dropped_at]
+    check_sum(res, vecs, [u for u in vecs if u != victim])
+
+
+def test_share_forwarded_to_the_wrong_client_is_detected_by_the_client():
+    vecs = vectors(8, seed=21)
+    w, victims = 13, {}
+
+    def tamper(stage, reqs):
+        if stage != 3:
+            return reqs
+        # swap w's envelopes between two of its neighbours: each now holds a share addressed to the other
+        a, b = [v for v, m in reqs.items() if w in m["senders"]][:2]
+        ia, ib = reqs[a]["senders"].index(w), reqs[b]["senders"].index(w)
+        ca, cb = list(reqs[a]["ciphertexts"]), list(reqs[b]["ciphertexts"])
+        ca[ia], cb[ib] = cb[ib], ca[ia]
+        victims.update(a=a, b=b)
+        return {**reqs, a: {**reqs[a], "ciphertexts": ca}, b: {**reqs[b], "ciphertexts": cb}}
+
+    r = Round(vecs, tamper_requests=tamper)
+    res = r.run()
+    assert any("addressed to client" in s for s in r.clients[victims["a"]].rejections)
+    assert any(x.client == w and "could not open" in x.reason for x in r.server.rejections)
+    check_sum(res, vecs, [u for u in vecs if u != w])
+
+
+def test_message_from_a_stranger_is_ignored():
+    vecs = vectors(6, seed=22)
+    r = Round(vecs, tamper_replies=lambda s, p: p + [(424242, dict(p[0][1]))] if s == 2 else p)
+    res = r.run()
+    assert any(x.client is None and "unknown sender 424242" in x.reason for x in r.server.rejections)
+    check_sum(res, vecs, list(vecs))
+
+
+# --------------------------------------------------------------------------- client refusals
+
+
+def _client_at_unmask():
+    vecs = vectors(6, seed=23)
+    captured = {}
+
+    def tamper(stage, reqs):
+        if stage == 4:
+            captured.update(reqs)
+            return {}
+        return reqs
+
+    r = Round(vecs, tamper_requests=tamper)
+    with pytest.raises(SecAggError):
+        r.run()
+    u = next(iter(captured))
+    return r.clients[u], captured[u]
+
+
+def test_client_refuses_to_reveal_both_secrets_of_a_neighbour():
+    client, req = _client_at_unmask()
+    w = req["survivors"][0]
+    with pytest.raises(MessageRejected, match=f"both secrets of client\\(s\\) \\[{w}\\]"):
+        client.unmask({**req, "dropped": req["dropped"] + [w]})
+    assert client.revealed == {"b": [], "s": []}
+    with pytest.raises(MessageRejected, match="already left"):     # and it will not answer again
+        client.unmask(req)
+
+
+def test_client_answers_unmask_once_and_refuses_too_few_survivors():
+    client, req = _client_at_unmask()
+    with pytest.raises(MessageRejected, match="fewer than t"):
+        client.unmask({**req, "survivors": req["survivors"][:1], "dropped": req["dropped"] + req["survivors"][1:]})
+    assert client.revealed == {"b": [], "s": []}
+    client2, req2 = _client_at_unmask()
+    reply = client2.unmask(req2)
+    assert reply["b_owners"] == req2["survivors"]
+    with pytest.raises(MessageRejected, match="after stage 4"):
+        client2.unmask(req2)
+
+
+def test_client_checks_round_sender_recipient_and_threshold():
+    srv = SecAggServer([1, 2, 3, 4, 5], 10, round_id=3, randbytes=drbg("s"))
+    reqs = srv.advertise_requests()
+    c = SecAggClient(1, randbytes=drbg(1))
+    with pytest.raises(MessageRejected, match="addressed to 2"):
+        c.advertise(reqs[2])
+    with pytest.raises(MessageRejected, match="wrong sender"):
+        c.advertise({**reqs[1], "sender": 5})
+    with pytest.raises(MessageRejected, match="stage 3"):
+        c.handle({**reqs[1], "stage": 3}, np.zeros(10))
+    others = {u: SecAggClient(u, randbytes=drbg(u)) for u in (1, 2, 3, 4, 5)}
+    reqs2 = srv.receive_keys({u: others[u].advertise(reqs[u]) for u in others})
+    with pytest.raises(MessageRejected, match="wrong round"):
+        others[1].share_keys({**reqs2[1], "round": 4})
+    with pytest.raises(MessageRejected, match="not a majority"):
+        others[1].share_keys({**reqs2[1], "threshold": 2})
+    assert others[1].share_keys(reqs2[1])["recipients"] == reqs2[1]["neighbours"]
+
+
+def test_client_rejects_wrong_vector_length():
+    vecs = vectors(4, seed=24)
+    vecs[13] = vecs[13][:-1]
+    r = Round(vecs)
+    with pytest.raises(SecAggError, match="vector has 999 values"):
+        r.run()
+
+
+# --------------------------------------------------------------------------- Shamir
+
+
+def test_shamir_any_t_of_k_shares_reconstruct_and_fewer_do_not():
+    rand = drbg("shamir")
+    k, t = 7, 4
+    holders = [5, 9, 17, 2**64 - 1, 0, 33, 1000]
+    xs = [share_x(h) for h in holders]
+    for trial in range(5):
+        secret = int.from_bytes(rand(32), "big")
+        ys = shamir_share(secret, t, xs, rand)
+        pts = list(zip(xs, ys))
+        for subset in itertools.combinations(pts, t):
+            assert shamir_reconstruct(list(subset), t) == secret
+        assert shamir_reconstruct(pts, t) == secret
+        for subset in itertools.combinations(pts, t - 1):
+            assert lagrange_at_zero(list(subset)) != secret
+            with pytest.raises(SecAggError, match="cannot reconstruct"):
+                shamir_reconstruct(list(subset), t)
+
+
+def test_shamir_fewer_than_t_shares_are_consistent_with_every_secret():
+    # t - 1 shares plus any candidate value at 0 lie on a degree t - 1 polynomial: they say nothing
+    rand = drbg("shamir2")
+    t, xs = 3, [share_x(i) for i in range(5)]
+    ys = shamir_share(12345, t, xs, rand)
+    seen = set()
+    for candidate in (0, 1, 12345, PRIME - 1):
+        pts = [(0, candidate)] + list(zip(xs[:t - 1], ys[:t - 1]))
+        # the unique interpolant through these t points, evaluated at a third holder, is a valid share
+        third = xs[t - 1]
+        val = lagrange_at_zero([(x - third, y) for x, y in pts])  # shift so that `third` sits at 0
+        seen.add(val)
+    assert len(seen) == 4        # each candidate secret gives a different, equally valid world
+
+
+def test_shamir_round_trips_an_x25519_private_key():
+    rand = drbg("shamir3")
+    sk, pk = generate_keypair(rand)
+    xs = [share_x(i) for i in range(1, 6)]
+    ys = shamir_share(int.from_bytes(sk.private_bytes_raw(), "big"), 3, xs, rand)
+    raw = shamir_reconstruct(list(zip(xs, ys))[2:], 3).to_bytes(32, "big")
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    assert X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw() == pk
+
+
+# --------------------------------------------------------------------------- fixed point
+
+
+def test_quantization_at_the_clipping_edge_never_wraps():
+    cfg = QuantConfig(clip=1.0, frac_bits=4).for_clients(1000)
+    assert cfg.mod_bits == 15 and cfg.max_clients == 1023
+    n = cfg.max_clients
+    edge = np.array([1.0, -1.0, 5.0, -5.0, 1.0 - 2**-5, 0.03125])   # two beyond the edge: clipped
+    s = np.zeros(len(edge), np.uint64)
+    for _ in range(n):
+        s += quantize(edge, cfg)
+    s &= np.uint64(2**cfg.mod_bits - 1)
+    got = dequantize_sum(s, n, cfg)
+    true = n * np.clip(edge, -1, 1)
+    assert np.max(np.abs(got - true)) <= n * 2.0 ** -(cfg.frac_bits + 1)
+    np.testing.assert_array_equal(got[:4], [n, -n, n, -n])
+    with pytest.raises(SecAggError, match="may wrap"):
+        dequantize_sum(s, n + 1, cfg)
+
+
+def test_quantization_error_bound_with_random_values_at_default_config():
+    rng = np.random.default_rng(30)
+    n = 200
+    cfg = QuantConfig().for_clients(n)
+    assert cfg.mod_bits == 36 and cfg.max_clients >= n
+    xs = rng.uniform(-8, 8, (n, 5000))
+    xs[:, :10] = 8.0                                      # at the edge
+    s = np.zeros(5000, np.uint64)
+    for x in xs:
+        s += quantize(x, cfg)
+    got = dequantize_sum(s & np.uint64(2**cfg.mod_bits - 1), n, cfg)
+    err = np.max(np.abs(got - xs.sum(axis=0)))
+    assert err <= n * 2.0 ** -(cfg.frac_bits + 1)
+    with pytest.raises(SecAggError, match="NaN"):
+        quantize(np.array([np.nan]), cfg)
+
+
+def test_bit_packing_round_trips():
+    rng = np.random.default_rng(31)
+    for m in (2, 31, 32, 35, 62):
+        v = rng.integers(0, 2**m, 777, dtype=np.uint64)
+        p = pack_bits(v, m)
+        assert p.size == (777 * m + 7) // 8
+        np.testing.assert_array_equal(unpack_bits(p, m, 777), v)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def test_default_degree_grows_like_log_n_and_threshold_is_a_majority():
+    assert [choose_degree(n) for n in (5, 10, 33)] == [4, 9, 32]           # small n: complete graph
+    ks = [choose_degree(n) for n in (100, 1000, 10**4, 10**5, 10**6)]
+    assert ks == sorted(ks) and ks[0] >= 30 and ks[-1] <= 60
+    assert all(k % 2 == 0 for k in ks)
+    srv = SecAggServer(range(100), 10, round_id=1, randbytes=drbg("p"))
+    assert srv.nominal_degree == ks[0]
+
+
+def test_server_rejects_bad_setup():
+    with pytest.raises(SecAggError, match="fewer than the 3"):
+        SecAggServer([1, 2], 10, round_id=1)
+    with pytest.raises(SecAggError, match="twice"):
+        SecAggServer([1, 2, 2], 10, round_id=1)
+    with pytest.raises(SecAggError, match="too small"):
+        SecAggServer(range(100), 10, round_id=1, quant=QuantConfig(mod_bits=16, frac_bits=8))
+    assert SERVER_ID == -1 and ENVELOPE_BYTES == 176
