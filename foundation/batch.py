@@ -30,3 +30,10 @@ BATCH_KEYS = {
     "context": "int64 [B, 2]: hour of day (0-23), weekday (0-6) of the request",
     "labels": "float32 [B, T]: 1/0 per task, -1 where not observed (masked out of the loss)",
 }
+
+OPTIONAL_KEYS = {
+    "user_id": "int64 [B]: who the example belongs to; used for GAUC and, in a model stacking several "
+               "users' adapters, to route each example to its user's adapter slot (foundation.adapters). "
+               "Models ignore it otherwise.",
+}
+"""Keys a batch may carry; consumers must not require them."""

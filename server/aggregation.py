@@ -1,11 +1,12 @@
 """Validating client updates and aggregating them as sums.
 
 Every algorithm's update is expressed as *sums*: a client contributes
-``weight * (local - global)`` for each shared tensor and ``weight`` to a count;
-the server divides the summed contributions by the summed counts. Global
-tensors have one count; a group tensor (FedPA's group adapters, stacked with
-one row per attribute value) has one count per row, and a client contributes
-only to the row of its own value (zeros elsewhere). Sums are exactly what
+``weight * (local - global)`` for each shared tensor and ``weight`` to the
+count of that tensor's group; the server divides the summed contributions by
+the summed counts. Globally shared tensors (gate, head, global LoRA) count in
+group "global"; FedPA's group adapters have one entry per (attribute, value),
+counted in group "attribute=value", and a client contributes only to its own
+groups' entries (zeros elsewhere). Sums are exactly what
 secure aggregation reveals, so the same code aggregates with and without it,
 and the server learns per-group averages without learning who is in which group.
 """
@@ -38,23 +39,27 @@ class InvalidUpdate(ValueError):
 class SharedTensor:
     name: str
     shape: tuple[int, ...]
-    group: str | None = None  # None: global tensor; else the attribute whose value indexes dim 0
+    group: str | None = None  # None: shared by everyone; else the group key, e.g. "age=3"
 
     @property
     def count_key(self) -> str:
         return COUNT_PREFIX + (self.group or GLOBAL)
 
 
-def count_shapes(spec: list[SharedTensor]) -> dict[str, tuple[int, ...]]:
-    shapes = {COUNT_PREFIX + GLOBAL: (1,)}
+def spec_from(entries: list[tuple[str, tuple[int, ...], str | None]]) -> list[SharedTensor]:
+    return [SharedTensor(n, tuple(s), g) for n, s, g in entries]
+
+
+def count_keys(spec: list[SharedTensor]) -> dict[str, tuple[int, ...]]:
+    """One scalar count per aggregation group (global + each attribute=value)."""
+    keys = {COUNT_PREFIX + GLOBAL: (1,)}
     for t in spec:
-        if t.group is not None:
-            shapes[t.count_key] = (t.shape[0],)
-    return shapes
+        keys[t.count_key] = (1,)
+    return keys
 
 
 def expected_shapes(spec: list[SharedTensor]) -> dict[str, tuple[int, ...]]:
-    return {**{t.name: t.shape for t in spec}, **count_shapes(spec)}
+    return {**{t.name: t.shape for t in spec}, **count_keys(spec)}
 
 
 def validate_update(update: Mapping[str, np.ndarray], spec: list[SharedTensor]) -> None:
@@ -80,42 +85,30 @@ def validate_update(update: Mapping[str, np.ndarray], spec: list[SharedTensor]) 
 
 
 def sum_updates(updates: list[Mapping[str, np.ndarray]], spec: list[SharedTensor]) -> dict[str, np.ndarray]:
-    keys = expected_shapes(spec)
-    return {k: np.sum([u[k] for u in updates], axis=0, dtype=np.float64) for k in keys}
+    return {k: np.sum([u[k] for u in updates], axis=0, dtype=np.float64) for k in expected_shapes(spec)}
 
 
 def apply_sums(state: Mapping[str, np.ndarray], sums: Mapping[str, np.ndarray],
                spec: list[SharedTensor]) -> dict[str, np.ndarray]:
-    """New shared state: old + summed deltas / summed counts; rows nobody contributed to stay."""
+    """New shared state: old + summed deltas / summed counts; entries nobody contributed to stay."""
     new = {}
     for t in spec:
-        count = sums[t.count_key]
-        if t.group is None:
-            c = float(count[0])
-            new[t.name] = state[t.name] + (sums[t.name] / c if c > 0 else 0.0)
-        else:
-            c = count.reshape((-1,) + (1,) * (len(t.shape) - 1))
-            step = np.divide(sums[t.name], c, out=np.zeros_like(sums[t.name]), where=c > 0)
-            new[t.name] = state[t.name] + step
-        new[t.name] = new[t.name].astype(np.float32)
+        c = float(sums[t.count_key][0])
+        step = sums[t.name] / c if c > 0 else 0.0
+        new[t.name] = (state[t.name] + step).astype(np.float32)
     return new
 
 
 def client_contribution(delta: Mapping[str, np.ndarray], spec: list[SharedTensor],
-                        group_values: Mapping[str, int], weight: float = 1.0) -> dict[str, np.ndarray]:
-    """What one client sends: weighted deltas (its own group rows only) and the matching counts."""
-    out = {}
-    counts = {k: np.zeros(s, np.float32) for k, s in count_shapes(spec).items()}
-    counts[COUNT_PREFIX + GLOBAL][0] = weight
+                        groups: set[str], weight: float = 1.0) -> dict[str, np.ndarray]:
+    """What one client sends: weighted deltas for the global entries and its own groups' entries
+    (zeros for every other group, so the message does not reveal membership), and the counts."""
+    out = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
+    out[COUNT_PREFIX + GLOBAL][0] = weight
     for t in spec:
-        d = np.asarray(delta[t.name], dtype=np.float32)
-        if t.group is None:
-            out[t.name] = d * weight
+        if t.group is None or t.group in groups:
+            out[t.name] = np.asarray(delta[t.name], dtype=np.float32) * np.float32(weight)
+            out[t.count_key][0] = weight
         else:
-            v = int(group_values[t.group])
-            slot = np.zeros(t.shape, np.float32)
-            if 0 <= v < t.shape[0]:
-                slot[v] = d[v] * weight
-                counts[t.count_key][v] = weight
-            out[t.name] = slot
-    return {**out, **counts}
+            out[t.name] = np.zeros(t.shape, np.float32)
+    return out

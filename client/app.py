@@ -1,0 +1,161 @@
+"""The Flower ClientApp: local training and evaluation for the users a node serves.
+
+Messages (all on the Message API):
+
+- ``query``: which clients does this node serve? -> ``{"clients": [...]}``.
+- ``train``: content ``arrays`` (the global shared state), ``run`` (the
+  federation config) and ``round`` (``{"round", "clients", "final"}``). Each
+  listed user trains locally from the global state and its own private state;
+  the reply holds the *sum* of the users' contributions (weighted deltas and
+  counts, `server.aggregation`), never a private tensor.
+- ``evaluate``: scores every user the node serves on validation and test and
+  replies with `recmodels.evaluation.MetricSums` vectors.
+
+Private state lives in ``context.state`` within a run and, when the run config
+names a personal store, in the encrypted on-disk store across runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.personal_store import PersonalStore
+from client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
+from recmodels.evaluation import MetricSums
+from server.aggregation import client_contribution, count_keys
+from server.config import FederationConfig
+
+log = logging.getLogger("fedpa.client")
+app = ClientApp()
+
+
+def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict=OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: record[k].numpy() for k in record.keys()}
+
+
+def _node_clients(context: Context, rt: ClientRuntime) -> range:
+    pid = int(context.node_config.get("partition-id", 0))
+    n = int(context.node_config.get("num-partitions", 1))
+    return clients_of_node(pid, n, rt.num_clients)
+
+
+def _private_state(context: Context, rt: ClientRuntime, uid: int) -> dict[str, np.ndarray] | None:
+    key = f"private/{uid}"
+    if key in context.state:
+        return record_to_arrays(context.state[key])
+    store = _store(rt.cfg)
+    if store is not None:
+        loaded = store.load(uid)
+        if loaded is not None:
+            arrays, meta = loaded
+            if meta.get("algorithm") == rt.cfg.algorithm:
+                return arrays
+            log.warning("personal state of user %s was saved by '%s', not '%s': starting fresh",
+                        uid, meta.get("algorithm"), rt.cfg.algorithm)
+    return None
+
+
+def _store(cfg: FederationConfig) -> PersonalStore | None:
+    if not cfg.personal_store:
+        return None
+    if cfg.personal_store_key_file:
+        return PersonalStore.from_key_file(cfg.personal_store, cfg.personal_store_key_file)
+    return PersonalStore.from_env(cfg.personal_store)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    cfg = FederationConfig.from_run_config(dict(msg.content["run"]))
+    rt = get_runtime(cfg)
+    clients = list(_node_clients(context, rt))
+    info = ConfigRecord({"clients": clients, "num-clients": rt.num_clients, "pid": os.getpid()})
+    return Message(content=RecordDict({"info": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = FederationConfig.from_run_config(dict(msg.content["run"]))
+    rt = get_runtime(cfg)
+    rnd = msg.content["round"]
+    round_ = int(rnd["round"])
+    served = _node_clients(context, rt)
+    wanted = [int(c) for c in rnd["clients"]]
+    foreign = [c for c in wanted if c not in served]
+    if foreign:
+        raise ValueError(f"clients {foreign[:5]} are not served by this node (serves {served.start}..{served.stop - 1})")
+    pm = rt.model
+    global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    spec = pm.shared_spec()
+    total: dict[str, np.ndarray] | None = None
+    loss_sum = n_examples = 0.0
+    excluded: list[str] = []
+    store = _store(cfg) if bool(rnd.get("final", False)) else None
+    for c in wanted:
+        data = rt.user(c)
+        if global_state:
+            pm.set_shared(global_state)
+        pm.set_private(_private_state(context, rt, data.user_id))
+        stats = pm.train_user(data.train, data.profile, rt.local, seed=user_seed(cfg.seed, round_, data.user_id))
+        private = pm.get_private()
+        if not all(np.all(np.isfinite(v)) for v in private.values()):
+            excluded.append(f"user {data.user_id}: non-finite private state after training (kept the previous one)")
+            continue
+        if rt.algorithm.communicates:
+            local = pm.get_shared()
+            delta = {k: local[k] - global_state[k] for k in local}
+            if not all(np.all(np.isfinite(v)) for v in delta.values()):
+                excluded.append(f"user {data.user_id}: non-finite update")
+                continue
+            contrib = client_contribution(delta, spec, pm.groups_of(data.profile))
+            total = contrib if total is None else {k: total[k] + contrib[k] for k in total}
+        if private:
+            context.state[f"private/{data.user_id}"] = arrays_to_record(private)
+            if store is not None:
+                store.save(data.user_id, private, {"algorithm": cfg.algorithm, "round": round_,
+                                                   "foundation": cfg.foundation})
+        if stats["n"]:
+            loss_sum += stats["loss"] * stats["n"]
+            n_examples += stats["n"]
+    contributed = len(wanted) - len(excluded)
+    metrics = MetricRecord({"num-examples": int(n_examples), "num-users": contributed,
+                            "loss-sum": float(loss_sum)})
+    content = RecordDict({"metrics": metrics, "excluded": ConfigRecord({"reasons": excluded or [""]})})
+    if rt.algorithm.communicates:
+        if total is None:  # every user excluded: an empty contribution (zero counts)
+            total = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
+        content["arrays"] = arrays_to_record(total)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = FederationConfig.from_run_config(dict(msg.content["run"]))
+    rt = get_runtime(cfg)
+    pm = rt.model
+    round_ = int(msg.content["round"]["round"])
+    global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    val, test = MetricSums(), MetricSums()
+    users = 0
+    for c in _node_clients(context, rt):
+        data = rt.user(c)
+        if global_state:
+            pm.set_shared(global_state)
+        pm.set_private(_private_state(context, rt, data.user_id))
+        v, t = pm.personalized_scores(data.train, [data.val, data.test], data.profile, rt.local,
+                                      seed=user_seed(cfg.seed, round_, data.user_id))
+        val.add_user(data.val.labels[:, 0].numpy(), v, data.group_size)
+        test.add_user(data.test.labels[:, 0].numpy(), t, data.group_size)
+        users += 1
+    content = RecordDict({"arrays": arrays_to_record({"val": val.v, "test": test.v}),
+                          "metrics": MetricRecord({"num-users": users, "num-examples": int(val.get("n"))})})
+    return Message(content=content, reply_to=msg)

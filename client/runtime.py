@@ -1,0 +1,105 @@
+"""Everything a client process needs for its users, built once per process.
+
+A Flower node serves one user (a device, or stock simulation) or a cohort of
+users (fast simulation): node ``p`` of ``N`` serves the private users with
+client indices ``p*C .. (p+1)*C-1`` where ``C = ceil(num_clients / N)``. The
+frozen foundation, the dataset handles and each user's cached tower inputs are
+kept here, keyed by configuration, so a process pays for them once, not once
+per round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from foundation.errors import FedpaError
+from foundation.model import load_foundation
+from recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
+from server.config import FederationConfig
+from simulations.data.examples import Lookups
+from simulations.data.partition import PartitionConfig, SplitConfig, make_partition, split_users
+from simulations.data.store import Dataset
+
+EVAL_BATCH = 1024
+
+
+def partition_config(cfg: FederationConfig) -> PartitionConfig:
+    values = tuple(int(v) for v in cfg.active_values.split(",") if v.strip())
+    return PartitionConfig(seed=cfg.seed, active_top_fraction=cfg.active_top_fraction,
+                           activity_attribute=cfg.activity_attribute or None, active_values=values,
+                           open_active_fraction=cfg.open_active_fraction, open_rest_fraction=cfg.open_rest_fraction,
+                           max_clients=cfg.max_clients or None)
+
+
+def clients_of_node(partition_id: int, num_partitions: int, num_clients: int) -> range:
+    if not 0 <= partition_id < num_partitions:
+        raise FedpaError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    size = math.ceil(num_clients / num_partitions)
+    return range(partition_id * size, min((partition_id + 1) * size, num_clients))
+
+
+@dataclass
+class UserData:
+    user_id: int
+    profile: np.ndarray
+    train: UserTensors
+    val: UserTensors
+    test: UserTensors
+    group_size: int
+
+
+class ClientRuntime:
+    def __init__(self, cfg: FederationConfig):
+        self.cfg = cfg
+        self.algorithm = get_algorithm(cfg.algorithm)
+        path = Path(cfg.data_dir)
+        self.dataset = Dataset(path)
+        self.lookups = Lookups.build(self.dataset)
+        self.partition = make_partition(self.dataset, partition_config(cfg))
+        self.split = SplitConfig(cfg.split, negatives=cfg.negatives)
+        foundation = load_foundation(cfg.foundation)
+        self.model = PersonalModel(foundation, self.algorithm, seed=cfg.seed, **cfg.adapter_overrides())
+        self.local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                                   ditto_lambda=cfg.ditto_lambda)
+        self._users: dict[int, UserData] = {}
+
+    @property
+    def num_clients(self) -> int:
+        return self.partition.num_clients
+
+    def user(self, client_index: int) -> UserData:
+        uid = self.partition.user_of(client_index)
+        data = self._users.get(uid)
+        if data is None:
+            s = split_users(self.dataset, np.array([uid]), self.split, lookups=self.lookups, seed=self.cfg.seed)
+            feats = [self.model.features(ex.iter_batches(EVAL_BATCH)) for ex in (s.train, s.val, s.test)]
+            data = UserData(uid, self.lookups.user_table[uid], *feats, group_size=s.group_size)
+            self._users[uid] = data
+        return data
+
+
+_RUNTIMES: dict[tuple, ClientRuntime] = {}
+
+
+def get_runtime(cfg: FederationConfig) -> ClientRuntime:
+    """The process-wide runtime for this configuration (only the keys that change what is built)."""
+    key = (cfg.data_dir, cfg.foundation, cfg.algorithm, cfg.seed, cfg.split, cfg.negatives, cfg.rank,
+           cfg.group_attributes, cfg.use_user_adapter, cfg.use_group_adapters, cfg.use_gate, cfg.max_clients,
+           cfg.active_top_fraction, cfg.open_active_fraction, cfg.open_rest_fraction, cfg.activity_attribute,
+           cfg.active_values, cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.ditto_lambda)
+    rt = _RUNTIMES.get(key)
+    if rt is None:
+        if len(_RUNTIMES) >= 2:  # a process serves one run at a time; keep memory bounded
+            _RUNTIMES.clear()
+        torch.set_num_threads(1)
+        rt = _RUNTIMES[key] = ClientRuntime(cfg)
+    return rt
+
+
+def user_seed(seed: int, round_: int, user_id: int) -> int:
+    return int(np.random.SeedSequence([seed, round_, user_id]).generate_state(1)[0])

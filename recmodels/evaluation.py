@@ -1,0 +1,126 @@
+"""Evaluation as sums, so that clients report numbers and the server only adds them.
+
+A client scores its own rows and turns them into a fixed-length vector of
+sums (`MetricSums`); the server adds the vectors of all clients and derives:
+
+- pooled AUC from score histograms (8,192 bins uniform in logit space over
+  [-16, 16]; pairs that fall in the same bin count 1/2, so the AUC differs from
+  the exact rank statistic only by pairs closer than 0.004 in logit),
+- GAUC: mean of per-user AUCs (exact, computed by each client) over users with
+  both classes, and the impression-weighted variant,
+- LogLoss, precision/recall/F1 at 0.5 (sklearn 'weighted', from the confusion counts),
+- HR@10 / NDCG@10 for leave-one-out ranking cases (exact, per case).
+
+No score or label leaves a client individually: only counts and sums.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from foundation import metrics as M
+
+BINS = 8192
+LOGIT_RANGE = 16.0
+EPS = 1e-7
+_SCALARS = ("n", "logloss_sum", "gauc_sum", "gauc_users", "gauc_wsum", "gauc_weight",
+            "tp", "fp", "fn", "tn", "cases", "hr_sum", "ndcg_sum")
+SIZE = 2 * BINS + len(_SCALARS)
+
+
+def _bin(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(probs.astype(np.float64), EPS, 1 - EPS)
+    logit = np.log(p) - np.log1p(-p)
+    idx = np.floor((logit + LOGIT_RANGE) / (2 * LOGIT_RANGE) * BINS).astype(np.int64)
+    return np.clip(idx, 0, BINS - 1)
+
+
+class MetricSums:
+    def __init__(self, vector: np.ndarray | None = None):
+        self.v = np.zeros(SIZE, np.float64) if vector is None else np.asarray(vector, np.float64).copy()
+        if self.v.shape != (SIZE,):
+            raise ValueError(f"metric vector has shape {self.v.shape}, expected ({SIZE},)")
+
+    def _add(self, name: str, x: float) -> None:
+        self.v[2 * BINS + _SCALARS.index(name)] += x
+
+    def get(self, name: str) -> float:
+        return float(self.v[2 * BINS + _SCALARS.index(name)])
+
+    def __iadd__(self, other: "MetricSums") -> "MetricSums":
+        self.v += other.v
+        return self
+
+    def add_user(self, labels: np.ndarray, probs: np.ndarray, group_size: int = 1) -> None:
+        """One user's rows: binary labels (rows with label < 0 are ignored) and predicted probabilities.
+        ``group_size`` > 1: rows come in ranking cases of one target followed by sampled negatives."""
+        labels = np.asarray(labels)
+        probs = np.asarray(probs, np.float64)
+        if group_size > 1 and len(probs):
+            cases = probs.reshape(-1, group_size)
+            r = M.hit_ndcg_at_k(cases[:, 0], cases[:, 1:], k=10)
+            self._add("cases", len(cases))
+            self._add("hr_sum", r["hr"] * len(cases))
+            self._add("ndcg_sum", r["ndcg"] * len(cases))
+        seen = labels >= 0
+        y, p = labels[seen].astype(np.int64), probs[seen]
+        if not len(y):
+            return
+        b = _bin(p)
+        self.v[:BINS] += np.bincount(b[y == 1], minlength=BINS)
+        self.v[BINS:2 * BINS] += np.bincount(b[y == 0], minlength=BINS)
+        pc = np.clip(p, EPS, 1 - EPS)
+        self._add("n", len(y))
+        self._add("logloss_sum", float(-(y * np.log(pc) + (1 - y) * np.log1p(-pc)).sum()))
+        if 0 < y.sum() < len(y):
+            a = M.auc(y, p)
+            self._add("gauc_sum", a)
+            self._add("gauc_users", 1)
+            self._add("gauc_wsum", a * len(y))
+            self._add("gauc_weight", len(y))
+        pred = p >= 0.5
+        self._add("tp", float(np.sum(pred & (y == 1))))
+        self._add("fp", float(np.sum(pred & (y == 0))))
+        self._add("fn", float(np.sum(~pred & (y == 1))))
+        self._add("tn", float(np.sum(~pred & (y == 0))))
+
+    def finalize(self) -> dict[str, float]:
+        pos, neg = self.v[:BINS], self.v[BINS:2 * BINS]
+        n_pos, n_neg = pos.sum(), neg.sum()
+        out: dict[str, float] = {"n": self.get("n")}
+        if n_pos > 0 and n_neg > 0:
+            neg_below = np.cumsum(neg) - neg
+            out["auc"] = float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+        else:
+            out["auc"] = float("nan")
+        users = self.get("gauc_users")
+        out["gauc"] = self.get("gauc_sum") / users if users else float("nan")
+        out["gauc_weighted"] = self.get("gauc_wsum") / self.get("gauc_weight") if users else float("nan")
+        out["gauc_users"] = users
+        out["logloss"] = self.get("logloss_sum") / out["n"] if out["n"] else float("nan")
+        tp, fp, fn, tn = (self.get(k) for k in ("tp", "fp", "fn", "tn"))
+        prf = _weighted_prf(tp, fp, fn, tn)
+        out.update(prf)
+        cases = self.get("cases")
+        if cases:
+            out["hr@10"] = self.get("hr_sum") / cases
+            out["ndcg@10"] = self.get("ndcg_sum") / cases
+            out["cases"] = cases
+        return out
+
+
+def _weighted_prf(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
+    """sklearn's average='weighted' over classes 1 and 0, from confusion counts."""
+    def prf(t, f_pos, f_neg):
+        p = t / (t + f_pos) if t + f_pos else 0.0
+        r = t / (t + f_neg) if t + f_neg else 0.0
+        f = 2 * p * r / (p + r) if p + r else 0.0
+        return p, r, f
+    s1, s0 = tp + fn, tn + fp
+    total = s1 + s0
+    if not total:
+        return {"precision": float("nan"), "recall": float("nan"), "f1": float("nan")}
+    p1, r1, f1 = prf(tp, fp, fn)
+    p0, r0, f0 = prf(tn, fn, fp)
+    w1, w0 = s1 / total, s0 / total
+    return {"precision": w1 * p1 + w0 * p0, "recall": w1 * r1 + w0 * r0, "f1": w1 * f1 + w0 * f0}

@@ -1,0 +1,268 @@
+"""How each algorithm personalizes the frozen foundation, for one user at a time.
+
+Plain PyTorch (no Flower): the Flower client, the centralized baseline and the
+benchmarks all run users through this module.
+
+Speed: adapters sit on the prediction tower only (the default targets), so the
+foundation's encoders are frozen *and* unaffected by personalization. A
+user's tower inputs (``FoundationOutput.features``) are therefore computed once
+(`PersonalModel.features`) and every local step afterwards is a small MLP with
+low-rank paths: a local round costs milliseconds, not a transformer pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from foundation.adapters import adapter_config, attach_adapters, ditto_penalty, parameter_kinds, set_active_paths, use_routing
+from foundation.errors import FedpaError
+from foundation.model import FoundationModel, masked_bce
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    preset: str | None            # adapter preset in foundation.adapters.PRESETS; None = no adapters
+    communicates: bool = True     # exchanges shared parameters with the server
+    ditto: bool = False           # personal path trained with a proximal term to the global path
+    finetune_before_eval: bool = False  # PFedRec-style: fine-tune the received shared part locally, then score
+    centralized: bool = False     # pooled training outside the federation (upper bound)
+    description: str = ""
+
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
+    Algorithm("fedpa", "fedpa", description="private user adapter + shared group adapters + shared gate and head"),
+    Algorithm("local", "local", communicates=False, description="private LoRA + private head, no communication"),
+    Algorithm("fedavg-lora", "fedavg-lora", description="one shared LoRA and head, averaged (FedAvg)"),
+    Algorithm("fedper", "fedper", description="shared LoRA body, private head (FedPer)"),
+    Algorithm("pfedrec", "fedper", finetune_before_eval=True,
+              description="shared LoRA fine-tuned locally before scoring, private head (PFedRec's dual personalization)"),
+    Algorithm("ditto", "ditto", ditto=True, description="global LoRA (FedAvg) + personal LoRA with a proximal term"),
+    Algorithm("foundation", None, communicates=False, description="the frozen foundation, no adaptation"),
+    Algorithm("centralized", "fedpa", communicates=False, centralized=True,
+              description="FedPA's model trained on pooled private data (upper bound)"),
+]}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise FedpaError(f"unknown algorithm '{name}' (one of {', '.join(ALGORITHMS)})")
+    return ALGORITHMS[name]
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    epochs: int = 1
+    lr: float = 0.01
+    batch_size: int = 64
+    ditto_lambda: float = 0.1
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise FedpaError(f"local epochs must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise FedpaError(f"learning rate must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise FedpaError(f"batch size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class UserTensors:
+    """One user's cached tower inputs and labels for a split."""
+
+    features: torch.Tensor  # [n, D] float32
+    labels: torch.Tensor    # [n, T] float32 (-1 = unobserved)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+class PersonalModel:
+    """The foundation with one algorithm's adapters, serving ``user_slots`` users (1 on a device).
+
+    Shared tensors are exchanged as a flat dict of numpy arrays whose names come
+    from `foundation.adapters.parameter_kinds` (group adapters: one entry per
+    (attribute, value) row); private tensors likewise, per user slot.
+    """
+
+    def __init__(self, foundation: FoundationModel, algorithm: Algorithm, *, seed: int = 0,
+                 user_slots: int = 1, **adapter_overrides):
+        self.algorithm = algorithm
+        self.foundation = foundation
+        self.task_columns = foundation.label_columns
+        torch.manual_seed(seed)
+        if algorithm.preset is None:
+            self.model = None
+            self.tower = foundation.tower
+            self.group_attributes: list[str] = []
+            self._shared, self._private = {}, {}
+        else:
+            cfg = adapter_config(foundation.config, algorithm.preset, user_slots=user_slots, **adapter_overrides)
+            self.model = attach_adapters(foundation, cfg)
+            self.config = cfg
+            self.tower = self.model.get_base_model().tower
+            self.group_attributes = list(cfg.group_attributes)
+            self._index_parameters()
+        self.group_columns = [foundation.config.user_fields.index(a) for a in self.group_attributes]
+        self.initial_private = self.get_private(0) if self._private else {}
+
+    def _index_parameters(self) -> None:
+        params = dict(self.model.named_parameters())
+        self._shared: dict[str, tuple[torch.Tensor, int | None, str | None]] = {}
+        self._private: dict[str, tuple[torch.Tensor, bool]] = {}
+        for name, k in parameter_kinds(self.model).items():
+            if k.kind == "shared":
+                group = None if k.group is None else f"{k.group[0]}={k.group[1]}"
+                self._shared[name] = (params[k.param], k.row, group)
+            elif k.kind == "private":
+                self._private[name] = (params[k.param], k.per_slot)
+
+    # ------------------------------------------------------------------ exchange
+
+    def shared_spec(self) -> list[tuple[str, tuple[int, ...], str | None]]:
+        """(name, shape, group) of every shared entry; group None = shared by everyone, else 'attr=value'."""
+        return [(n, tuple((p[r] if r is not None else p).shape), g) for n, (p, r, g) in self._shared.items()]
+
+    def get_shared(self) -> dict[str, np.ndarray]:
+        return {n: (p[r] if r is not None else p).detach().numpy().copy() for n, (p, r, _) in self._shared.items()}
+
+    @torch.no_grad()
+    def set_shared(self, values: Mapping[str, np.ndarray]) -> None:
+        for n, (p, r, _) in self._shared.items():
+            (p[r] if r is not None else p).copy_(torch.from_numpy(np.asarray(values[n])))
+
+    def get_private(self, slot: int = 0) -> dict[str, np.ndarray]:
+        return {n: (p[slot] if per_slot else p).detach().numpy().copy() for n, (p, per_slot) in self._private.items()}
+
+    @torch.no_grad()
+    def set_private(self, values: Mapping[str, np.ndarray] | None, slot: int = 0) -> None:
+        values = self.initial_private if values is None else values
+        for n, (p, per_slot) in self._private.items():
+            if n not in values:
+                raise FedpaError(f"personal state lacks '{n}' (was it saved by another algorithm or foundation?)")
+            dst = p[slot] if per_slot else p
+            v = torch.from_numpy(np.asarray(values[n]))
+            if tuple(v.shape) != tuple(dst.shape):
+                raise FedpaError(f"personal state '{n}' has shape {list(v.shape)}, the model expects {list(dst.shape)}")
+            dst.copy_(v)
+
+    def group_values(self, profile: np.ndarray) -> dict[str, int]:
+        return {a: int(profile[c]) for a, c in zip(self.group_attributes, self.group_columns)}
+
+    def groups_of(self, profile: np.ndarray) -> set[str]:
+        return {f"{a}={v}" for a, v in self.group_values(profile).items()}
+
+    # ------------------------------------------------------------------ features
+
+    @torch.no_grad()
+    def features(self, batches) -> UserTensors:
+        """Frozen tower inputs for a stream of batches (the foundation's encoders run once here)."""
+        feats, labels = [], []
+        for b in batches:
+            feats.append(self.foundation.encode(**b) if hasattr(self.foundation, "encode")
+                         else self._base_forward(b).features)
+            labels.append(b["labels"])
+        if not feats:
+            return UserTensors(torch.zeros(0, self.tower_in), torch.zeros(0, 6))
+        return UserTensors(torch.cat(feats), torch.cat(labels))
+
+    def _base_forward(self, b):
+        base = self.model.get_base_model() if self.model is not None else self.foundation
+        return base(**b)
+
+    @property
+    def tower_in(self) -> int:
+        return self.foundation.tower.fc1.in_features if hasattr(self.foundation.tower, "fc1") else 0
+
+    # ------------------------------------------------------------------ one user
+
+    def _route(self, n: int, groups: torch.Tensor | None, slot: int | torch.Tensor = 0):
+        if self.model is None:
+            return _nullcontext()
+        g = None if groups is None or not self.group_columns else groups.reshape(1, -1).expand(n, -1)
+        s = slot if isinstance(slot, torch.Tensor) else torch.full((n,), slot, dtype=torch.long)
+        return use_routing(self.model, group_index=g, user_slot=s)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, groups, slot) -> torch.Tensor:
+        with self._route(len(x), groups, slot):
+            logits = self.tower(x)
+        return masked_bce(logits, y[:, self.task_columns])
+
+    def train_user(self, data: UserTensors, profile: np.ndarray, train: LocalTraining, *,
+                   seed: int, slot: int = 0) -> dict[str, float]:
+        """Local epochs for one user; returns the mean training loss and the example count."""
+        if self.model is None or train.epochs == 0 or len(data) == 0:
+            return {"loss": float("nan"), "n": float(len(data))}
+        groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
+        gen = torch.Generator().manual_seed(int(seed))
+        if self.algorithm.ditto:
+            # Ditto: the personal path with a proximal term to the received global path, then the global path.
+            loss = self._epochs(data, groups, train, gen, slot, paths=("user",), prox=train.ditto_lambda)
+            self._epochs(data, groups, train, gen, slot, paths=("global",))
+            return {"loss": loss, "n": float(len(data))}
+        return {"loss": self._epochs(data, groups, train, gen, slot), "n": float(len(data))}
+
+    def _epochs(self, data, groups, train, gen, slot, paths=None, prox: float = 0.0) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=train.lr)
+        set_active_paths(self.model, paths)
+        total, count = 0.0, 0
+        try:
+            for _ in range(train.epochs):
+                order = torch.randperm(len(data), generator=gen)
+                for s in range(0, len(order), train.batch_size):
+                    idx = order[s:s + train.batch_size]
+                    loss = self._loss(data.features[idx], data.labels[idx], groups, slot)
+                    if prox:
+                        loss = loss + 0.5 * prox * ditto_penalty(self.model)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss) * len(idx)
+                    count += len(idx)
+        finally:
+            set_active_paths(self.model, None)
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def predict(self, data: UserTensors, profile: np.ndarray, slot: int = 0) -> np.ndarray:
+        """Probability of the primary task (effective_view) for each row."""
+        if len(data) == 0:
+            return np.zeros(0, np.float32)
+        groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
+        paths = ("user",) if self.algorithm.ditto else None
+        if self.model is not None:
+            set_active_paths(self.model, paths)
+        try:
+            with self._route(len(data), groups, slot):
+                logits = self.tower(data.features)
+        finally:
+            if self.model is not None:
+                set_active_paths(self.model, None)
+        return torch.sigmoid(logits[:, 0]).numpy()
+
+    def personalized_scores(self, train: UserTensors, evals: list[UserTensors], profile: np.ndarray,
+                            local: LocalTraining, *, seed: int) -> list[np.ndarray]:
+        """Scores of a user's evaluation rows with the current state; PFedRec fine-tunes a copy of the
+        received shared part on the user's training rows first (the state is restored afterwards)."""
+        if not self.algorithm.finetune_before_eval or self.model is None:
+            return [self.predict(e, profile) for e in evals]
+        shared, private = self.get_shared(), self.get_private()
+        self.train_user(train, profile, local, seed=seed)
+        try:
+            return [self.predict(e, profile) for e in evals]
+        finally:
+            self.set_shared(shared)
+            self.set_private(private)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False

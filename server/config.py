@@ -1,0 +1,134 @@
+"""The federation's configuration: one dataclass, read from Flower's run config.
+
+Keys are the field names with dashes (``num-rounds``), as Flower's
+``[tool.flwr.app.config]`` and ``flwr run . --run-config`` spell them. The
+server validates the whole configuration before round 1 and sends the part
+clients need inside every instruction, so that `flwr run .`, `fedpa simulate`
+and a deployed SuperNode all see the same values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from foundation.errors import FedpaError
+from recmodels.personalization import ALGORITHMS
+
+
+class ConfigValueError(FedpaError):
+    pass
+
+
+@dataclass
+class FederationConfig:
+    data_dir: str = "data/small"
+    foundation: str = "runs/foundation"
+    run_dir: str = "runs/simulate"
+    algorithm: str = "fedpa"
+    num_rounds: int = 10
+    clients_per_round: float = 1.0   # <= 1: fraction of clients; > 1: a count
+    local_epochs: int = 1
+    lr: float = 0.01
+    batch_size: int = 64
+    rank: int = 4
+    group_attributes: str = ""       # comma-separated profile fields; "" = the default (age, gender)
+    use_user_adapter: bool = True    # ablations of FedPA
+    use_group_adapters: bool = True
+    use_gate: bool = True
+    ditto_lambda: float = 0.1
+    split: str = "by-day"
+    negatives: int = 99
+    seed: int = 0
+    eval_every: int = 1
+    min_reply_fraction: float = 0.5
+    round_timeout: float = 600.0
+    max_clients: int = 0             # 0 = every private user is a client
+    active_top_fraction: float = 0.2
+    open_active_fraction: float = 0.8
+    open_rest_fraction: float = 0.2
+    activity_attribute: str = ""
+    active_values: str = ""          # comma-separated ints
+    min_nodes: int = 1
+    personal_store: str = ""         # directory of the encrypted personal store ("" = keep state in memory)
+    personal_store_key_file: str = ""
+
+    @classmethod
+    def from_run_config(cls, rc: dict[str, Any]) -> "FederationConfig":
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(k for k in rc if k not in known)
+        if unknown:
+            raise ConfigValueError(f"unknown configuration key(s): {', '.join(unknown)}")
+        kw = {}
+        for key, value in rc.items():
+            f = known[key]
+            kw[f.name] = _coerce(key, value, f.type)
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ConfigValueError(msg)
+        if self.algorithm not in ALGORITHMS:
+            bad(f"unknown algorithm '{self.algorithm}' (one of {', '.join(ALGORITHMS)})")
+        if self.num_rounds < 0:
+            bad(f"num-rounds must be >= 0, got {self.num_rounds}")
+        if not self.clients_per_round > 0:
+            bad(f"clients-per-round must be > 0, got {self.clients_per_round}")
+        if self.clients_per_round > 1 and self.clients_per_round != int(self.clients_per_round):
+            bad(f"clients-per-round above 1 is a count and must be whole, got {self.clients_per_round}")
+        if self.local_epochs < 0:
+            bad(f"local-epochs must be >= 0, got {self.local_epochs}")
+        if not self.lr > 0:
+            bad(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            bad(f"batch-size must be >= 1, got {self.batch_size}")
+        if self.rank < 1:
+            bad(f"rank must be >= 1, got {self.rank}")
+        if self.eval_every < 1:
+            bad(f"eval-every must be >= 1, got {self.eval_every}")
+        if not 0 < self.min_reply_fraction <= 1:
+            bad(f"min-reply-fraction must be in (0, 1], got {self.min_reply_fraction}")
+        if self.max_clients < 0:
+            bad(f"max-clients must be >= 0, got {self.max_clients}")
+        if self.split not in ("by-day", "chrono", "loo", "last"):
+            bad(f"unknown split '{self.split}' (by-day, chrono, loo, last)")
+
+    def sample_size(self, num_clients: int) -> int:
+        if self.clients_per_round <= 1:
+            return max(1, math.ceil(self.clients_per_round * num_clients))
+        return min(num_clients, int(self.clients_per_round))
+
+    def adapter_overrides(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"r": self.rank, "lora_alpha": self.rank}
+        if self.algorithm in ("fedpa", "centralized"):
+            kw.update(use_user_adapter=self.use_user_adapter, use_group_adapters=self.use_group_adapters,
+                      use_gate=self.use_gate)
+            if self.group_attributes:
+                kw["group_attributes"] = [a.strip() for a in self.group_attributes.split(",") if a.strip()]
+        return kw
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    typ = typ if isinstance(typ, type) else {"int": int, "float": float, "bool": bool, "str": str}[str(typ)]
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if typ is int:
+            if isinstance(value, float) and value != int(value):
+                raise ValueError
+            return int(value)
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ConfigValueError(f"configuration '{key}': {value!r} is not a valid {typ.__name__}") from None

@@ -1,0 +1,252 @@
+"""The server's round loop on Flower's Message API.
+
+One round: sample clients, send each node the global shared state and the list
+of its sampled clients, receive one summed contribution per node, validate it
+(keys, shapes, dtypes, finite values, counts), drop what is invalid with the
+reason logged, aggregate the rest as sums, evaluate, checkpoint, log a line of
+metrics. A round with too few valid clients fails with a clear error and leaves
+the last checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.serde import message_to_proto
+from flwr.serverapp import Grid
+
+from foundation.errors import FedpaError
+from foundation.model import count_parameters, load_foundation
+from recmodels.evaluation import MetricSums
+from recmodels.personalization import PersonalModel, get_algorithm
+
+from .aggregation import InvalidUpdate, RoundFailed, apply_sums, spec_from, sum_updates, validate_update
+from .config import FederationConfig
+from .rundir import RunDir, plot_curves
+
+log = logging.getLogger("fedpa.server")
+
+
+def message_bytes(msg: Message) -> int:
+    """Bytes of the serialized message (protobuf), i.e. what travels on the wire."""
+    return message_to_proto(msg).ByteSize()
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict=OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: record[k].numpy() for k in record.keys()}
+
+
+def primary_metric(split: str) -> str:
+    return "hr@10" if split == "loo" else "auc"
+
+
+class Federation:
+    def __init__(self, grid: Grid, cfg: FederationConfig, progress=None):
+        self.grid = grid
+        self.cfg = cfg
+        self.algorithm = get_algorithm(cfg.algorithm)
+        if self.algorithm.centralized:
+            raise FedpaError("'centralized' is not a federation: run it with `fedpa simulate` (pooled training)")
+        self.run = RunDir(cfg.run_dir)
+        self.progress = progress or (lambda *a, **k: None)
+        foundation = load_foundation(cfg.foundation)
+        self.model = PersonalModel(foundation, self.algorithm, seed=cfg.seed, **cfg.adapter_overrides())
+        self.spec = spec_from(self.model.shared_spec())
+        self.state = self.model.get_shared()
+        self.model_sizes = {
+            "foundation_params": count_parameters(foundation),
+            "shared_params": int(sum(np.prod(t.shape) for t in self.spec)),
+            "private_params_per_user": int(sum(v.size for v in self.model.initial_private.values())),
+        }
+        self.run_config = {**cfg.to_run_config()}
+
+    # ------------------------------------------------------------------ messaging
+
+    def _send(self, msgs: list[Message]) -> list[Message]:
+        return list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
+
+    def _content(self, round_: int, clients: list[int] | None = None, final: bool = False,
+                 with_state: bool = True) -> RecordDict:
+        rd = RecordDict({"run": ConfigRecord(self.run_config),
+                         "round": ConfigRecord({"round": round_, "clients": clients or [], "final": final})})
+        if with_state and self.state:
+            rd["arrays"] = to_record(self.state)
+        return rd
+
+    def discover(self) -> dict[int, list[int]]:
+        """Wait for the nodes, then ask each which clients it serves."""
+        deadline = time.time() + self.cfg.round_timeout
+        ids, last, stable_since = [], None, time.time()
+        while time.time() < deadline:
+            ids = sorted(self.grid.get_node_ids())
+            if ids != last:
+                last, stable_since = ids, time.time()
+            if len(ids) >= self.cfg.min_nodes and time.time() - stable_since >= 0.5:
+                break
+            time.sleep(0.1)
+        if len(ids) < self.cfg.min_nodes:
+            raise RoundFailed(f"only {len(ids)} node(s) connected, {self.cfg.min_nodes} needed")
+        msgs = [Message(content=RecordDict({"run": ConfigRecord(self.run_config)}), message_type=MessageType.QUERY,
+                        dst_node_id=n, group_id="discover") for n in ids]
+        nodes: dict[int, list[int]] = {}
+        num_clients = None
+        for rep in self._send(msgs):
+            src = rep.metadata.src_node_id
+            if rep.has_error():
+                log.warning("node %s failed to start: %s", src, _reason(rep))
+                continue
+            info = rep.content["info"]
+            nodes[src] = [int(c) for c in info["clients"]]
+            num_clients = int(info["num-clients"])
+        if not nodes:
+            raise RoundFailed("no node answered the discovery query")
+        self.num_clients = num_clients
+        served = sorted(c for cs in nodes.values() for c in cs)
+        if served != list(range(num_clients)):
+            missing = sorted(set(range(num_clients)) - set(served))
+            log.warning("%d of %d clients have no node (e.g. %s): they will not take part",
+                        len(missing), num_clients, missing[:5])
+        self.client_node = {c: n for n, cs in nodes.items() for c in cs}
+        self.nodes = nodes
+        return nodes
+
+    # ------------------------------------------------------------------ rounds
+
+    def sample(self, round_: int) -> list[int]:
+        clients = sorted(self.client_node)
+        k = min(self.cfg.sample_size(self.num_clients), len(clients))
+        rng = np.random.default_rng([self.cfg.seed, round_])
+        return sorted(rng.choice(clients, size=k, replace=False).tolist())
+
+    def train_round(self, round_: int, final: bool) -> dict[str, Any]:
+        selected = self.sample(round_)
+        by_node: dict[int, list[int]] = {}
+        for c in selected:
+            by_node.setdefault(self.client_node[c], []).append(c)
+        msgs = [Message(content=self._content(round_, cs, final), message_type=MessageType.TRAIN,
+                        dst_node_id=n, group_id=str(round_)) for n, cs in by_node.items()]
+        down = [message_bytes(m) for m in msgs]
+        replies = self._send(msgs)
+        answered = {r.metadata.src_node_id for r in replies}
+        problems = [f"node {n}: no reply within {self.cfg.round_timeout:g}s ({len(by_node[n])} client(s))"
+                    for n in by_node if n not in answered]
+        valid, up, users_ok, loss_sum, n_ex = [], [], 0, 0.0, 0
+        for rep in replies:
+            src = rep.metadata.src_node_id
+            up.append(message_bytes(rep))
+            if rep.has_error():
+                problems.append(f"node {src}: client error: {_reason(rep)}")
+                continue
+            try:
+                m = rep.content["metrics"]
+                reasons = [r for r in rep.content["excluded"]["reasons"] if r] if "excluded" in rep.content else []
+                problems += [f"node {src}: {r}" for r in reasons]
+                if self.algorithm.communicates:
+                    if "arrays" not in rep.content:
+                        raise InvalidUpdate("reply has no 'arrays' record")
+                    update = from_record(rep.content["arrays"])
+                    validate_update(update, self.spec)
+                    valid.append(update)
+                users_ok += int(m["num-users"])
+                loss_sum += float(m["loss-sum"])
+                n_ex += int(m["num-examples"])
+            except (InvalidUpdate, KeyError, TypeError, ValueError) as e:
+                problems.append(f"node {src}: excluded ({len(by_node.get(src, []))} client(s)): {e}")
+        for p in problems:
+            log.warning("round %d: %s", round_, p)
+        need = math.ceil(self.cfg.min_reply_fraction * len(selected))
+        if users_ok < need:
+            raise RoundFailed(f"round {round_}: only {users_ok} of {len(selected)} sampled clients returned a valid "
+                              f"update ({need} needed); last checkpoint kept. Problems: " + "; ".join(problems[:5]))
+        if self.algorithm.communicates and valid:
+            self.state = apply_sums(self.state, sum_updates(valid, self.spec), self.spec)
+        per_client_down = float(np.mean(down)) if down else 0.0
+        per_client_up = float(np.mean(up)) if up else 0.0
+        return {"selected": len(selected), "clients_ok": users_ok, "train_loss": loss_sum / max(n_ex, 1),
+                "problems": problems,
+                "bytes_down_per_client": per_client_down if self.algorithm.communicates else 0.0,
+                "bytes_up_per_client": per_client_up if self.algorithm.communicates else 0.0}
+
+    def evaluate(self, round_: int) -> dict[str, dict[str, float]]:
+        msgs = [Message(content=self._content(round_), message_type=MessageType.EVALUATE,
+                        dst_node_id=n, group_id=f"eval-{round_}") for n in self.nodes]
+        val, test = MetricSums(), MetricSums()
+        users = 0
+        for rep in self._send(msgs):
+            if rep.has_error():
+                log.warning("round %d evaluation: node %s: %s", round_, rep.metadata.src_node_id, _reason(rep))
+                continue
+            arrays = from_record(rep.content["arrays"])
+            val += MetricSums(arrays["val"])
+            test += MetricSums(arrays["test"])
+            users += int(rep.content["metrics"]["num-users"])
+        return {"val": val.finalize(), "test": test.finalize(), "users": users}
+
+    def run_rounds(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.run.write_config({**cfg.to_run_config(), "model": self.model_sizes})
+        self.discover()
+        t0 = time.time()
+        history = []
+        ev = self.evaluate(0)
+        rec = {"round": 0, "eval": ev, "wall_s": 0.0}
+        self.run.append_metrics(rec)
+        history.append(rec)
+        self.progress(0, cfg.num_rounds, ev)
+        for r in range(1, cfg.num_rounds + 1):
+            tr = time.time()
+            stats = self.train_round(r, final=(r == cfg.num_rounds))
+            rec = {"round": r, **stats, "train_s": time.time() - tr}
+            if r % cfg.eval_every == 0 or r == cfg.num_rounds:
+                rec["eval"] = self.evaluate(r)
+            rec["wall_s"] = time.time() - t0
+            self.run.save_checkpoint(r, self.state, {"algorithm": cfg.algorithm})
+            self.run.keep_last_checkpoints(2)
+            self.run.append_metrics(rec)
+            history.append(rec)
+            self.progress(r, cfg.num_rounds, rec.get("eval"))
+        return self.summarize(history, time.time() - t0)
+
+    def summarize(self, history: list[dict], wall: float) -> dict[str, Any]:
+        return write_summary(self.run, self.cfg, history, wall, self.model_sizes)
+
+
+def write_summary(run: RunDir, cfg: FederationConfig, history: list[dict], wall: float,
+                  model_sizes: dict) -> dict[str, Any]:
+    key = primary_metric(cfg.split)
+    evals = [h for h in history if "eval" in h]
+    best = max(evals, key=lambda h: _num(h["eval"]["val"].get(key)))
+    trained = [h for h in history if h.get("round", 0) > 0 and "bytes_up_per_client" in h]
+    summary = {
+        "algorithm": cfg.algorithm, "seed": cfg.seed, "split": cfg.split, "rounds": cfg.num_rounds,
+        "selection_metric": f"val {key}", "best_round": best["round"],
+        "val": best["eval"]["val"], "test": best["eval"]["test"],
+        "final": evals[-1]["eval"], "wall_s": wall,
+        "seconds_per_round": wall / max(cfg.num_rounds, 1),
+        "bytes_down_per_client_round": float(np.mean([h["bytes_down_per_client"] for h in trained])) if trained else 0.0,
+        "bytes_up_per_client_round": float(np.mean([h["bytes_up_per_client"] for h in trained])) if trained else 0.0,
+        "model": model_sizes,
+        "clients": evals[-1]["eval"].get("users"),
+    }
+    run.write_summary(summary)
+    plot_curves(run)
+    return summary
+
+
+def _num(x) -> float:
+    return -math.inf if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _reason(rep: Message) -> str:
+    r = str(rep.error.reason)
+    return r.strip().splitlines()[-1][:300] if r.strip() else f"error code {rep.error.code}"

@@ -1,0 +1,99 @@
+"""`fedpa simulate`: one federated run on Flower's simulation runtime (or pooled training for
+the centralized upper bound), written to a run directory."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+
+from foundation.errors import FedpaError
+from recmodels.personalization import get_algorithm
+from server.config import FederationConfig
+
+log = logging.getLogger("fedpa")
+
+
+def backend_config(num_cpus: int | None = None) -> dict:
+    cpus = num_cpus or os.cpu_count() or 1
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "num_gpus": 0, "object_store_memory": 512 * 1024 ** 2,
+                          "logging_level": "error", "log_to_driver": False}}
+
+
+def quiet_flower() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def count_clients(cfg: FederationConfig) -> int:
+    from client.runtime import partition_config
+    from simulations.data.partition import make_partition
+    from simulations.data.store import Dataset
+
+    return make_partition(Dataset(cfg.data_dir), partition_config(cfg)).num_clients
+
+
+def check_inputs(cfg: FederationConfig) -> None:
+    from simulations.data.store import Dataset
+
+    Dataset(cfg.data_dir)  # raises a clear error if it is not a dataset
+    if not (Path(cfg.foundation) / "config.json").exists():
+        raise FedpaError(f"{cfg.foundation}: no foundation checkpoint (run `fedpa pretrain` first)")
+
+
+def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None) -> dict:
+    """Run one configuration; returns its summary. ``cohort_size`` users per virtual SuperNode
+    (0 = split the clients over one node per CPU core; 1 = Flower's stock one user per node)."""
+    cfg.validate()
+    check_inputs(cfg)
+    algo = get_algorithm(cfg.algorithm)
+    if algo.centralized:
+        from simulations.centralized import run_centralized
+
+        return run_centralized(cfg, progress=progress)
+    if cfg.algorithm == "foundation":
+        cfg.num_rounds = 0
+    num_clients = count_clients(cfg)
+    if num_clients == 0:
+        raise FedpaError(f"{cfg.data_dir}: no private users to federate (check the partition options)")
+    if cohort_size < 0:
+        raise FedpaError(f"cohort size must be >= 0, got {cohort_size}")
+    per_node = cohort_size or math.ceil(num_clients / (os.cpu_count() or 1))
+    num_nodes = math.ceil(num_clients / per_node)
+    cfg.min_nodes = num_nodes
+    quiet_flower()
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import make_server_app
+
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    _clear_previous(Path(cfg.run_dir))
+    server_app = make_server_app(cfg.to_run_config(), progress=progress)
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                   backend_config=backend_config())
+    summary_path = Path(cfg.run_dir) / "summary.json"
+    error_file = Path(cfg.run_dir) / "error.txt"
+    if error_file.exists():
+        raise FedpaError(error_file.read_text())
+    if not summary_path.exists():
+        raise FedpaError(f"the simulation ended without a summary; see the log above and {cfg.run_dir}/metrics.jsonl")
+    import json
+
+    return json.loads(summary_path.read_text())
+
+
+def _clear_previous(run_dir: Path) -> None:
+    """A fresh run in an existing directory starts clean (resume is explicit)."""
+    for name in ("metrics.jsonl", "summary.json", "curves.png"):
+        (run_dir / name).unlink(missing_ok=True)
+    ck = run_dir / "checkpoints"
+    if ck.exists():
+        for p in ck.iterdir():
+            p.unlink()
