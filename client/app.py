@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from client.personal_store import PersonalStore
 from client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
 from recmodels.evaluation import MetricSums
-from server.aggregation import client_contribution, count_keys
+from server.aggregation import client_contribution, count_keys, spec_from
 from server.config import FederationConfig
 
 log = logging.getLogger("fedpa.client")
@@ -95,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"clients {foreign[:5]} are not served by this node (serves {served.start}..{served.stop - 1})")
     pm = rt.model
     global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
-    spec = pm.shared_spec()
+    spec = spec_from(pm.shared_spec())
     total: dict[str, np.ndarray] | None = None
     loss_sum = n_examples = 0.0
     excluded: list[str] = []

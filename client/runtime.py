@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.feature_cache import FeatureCache, build, cache_key, default_root
 from foundation.errors import FedpaError
 from foundation.model import load_foundation
 from recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
@@ -67,6 +68,7 @@ class ClientRuntime:
         self.local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                    ditto_lambda=cfg.ditto_lambda)
         self._users: dict[int, UserData] = {}
+        self.cache = open_feature_cache(cfg, self.partition.private_users)
 
     @property
     def num_clients(self) -> int:
@@ -76,11 +78,43 @@ class ClientRuntime:
         uid = self.partition.user_of(client_index)
         data = self._users.get(uid)
         if data is None:
-            s = split_users(self.dataset, np.array([uid]), self.split, lookups=self.lookups, seed=self.cfg.seed)
-            feats = [self.model.features(ex.iter_batches(EVAL_BATCH)) for ex in (s.train, s.val, s.test)]
-            data = UserData(uid, self.lookups.user_table[uid], *feats, group_size=s.group_size)
+            if self.cache is not None:
+                data = UserData(uid, self.lookups.user_table[uid], *self.cache.user(uid),
+                                group_size=self.cache.group_size)
+            else:
+                s = split_users(self.dataset, np.array([uid]), self.split, lookups=self.lookups, seed=self.cfg.seed)
+                feats = [self.model.features(ex.iter_batches(EVAL_BATCH)) for ex in (s.train, s.val, s.test)]
+                data = UserData(uid, self.lookups.user_table[uid], *feats, group_size=s.group_size)
             self._users[uid] = data
         return data
+
+
+def _cache_path(cfg: FederationConfig, private_users: np.ndarray) -> Path | None:
+    if cfg.feature_cache == "none":
+        return None
+    root = Path(cfg.feature_cache) if cfg.feature_cache else default_root()
+    return root / cache_key(cfg.foundation, cfg.data_dir, cfg.split, cfg.negatives, cfg.seed, private_users)
+
+
+def open_feature_cache(cfg: FederationConfig, private_users: np.ndarray) -> FeatureCache | None:
+    path = _cache_path(cfg, private_users)
+    return FeatureCache(path) if path is not None and (path / "meta.json").exists() else None
+
+
+def ensure_feature_cache(cfg: FederationConfig, progress=None) -> FeatureCache | None:
+    """Build the cache of every private user's tower inputs unless it exists (simulation only)."""
+    ds = Dataset(cfg.data_dir)
+    part = make_partition(ds, partition_config(cfg))
+    path = _cache_path(cfg, part.private_users)
+    if path is None:
+        return None
+    if (path / "meta.json").exists():
+        return FeatureCache(path)
+    lookups = Lookups.build(ds)
+    splits = split_users(ds, part.private_users, SplitConfig(cfg.split, negatives=cfg.negatives),
+                         lookups=lookups, seed=cfg.seed)
+    model = PersonalModel(load_foundation(cfg.foundation), get_algorithm("foundation"))
+    return build(path, model, splits, part.private_users, progress=progress)
 
 
 _RUNTIMES: dict[tuple, ClientRuntime] = {}
@@ -91,7 +125,7 @@ def get_runtime(cfg: FederationConfig) -> ClientRuntime:
     key = (cfg.data_dir, cfg.foundation, cfg.algorithm, cfg.seed, cfg.split, cfg.negatives, cfg.rank,
            cfg.group_attributes, cfg.use_user_adapter, cfg.use_group_adapters, cfg.use_gate, cfg.max_clients,
            cfg.active_top_fraction, cfg.open_active_fraction, cfg.open_rest_fraction, cfg.activity_attribute,
-           cfg.active_values, cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.ditto_lambda)
+           cfg.active_values, cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.ditto_lambda, cfg.feature_cache)
     rt = _RUNTIMES.get(key)
     if rt is None:
         if len(_RUNTIMES) >= 2:  # a process serves one run at a time; keep memory bounded

@@ -603,10 +603,13 @@ class FedPALinear(nn.Module, LoraLayer):
         return self.lora_gate_fc2[adapter](F.relu(self.lora_gate_fc1[adapter](x)))
 
     def _route(self) -> Routing:
-        if self.routing is None or self.routing.current is None:
+        # inside model(**batch) the pre-hook has routed this forward; a direct call to the tower
+        # (a client training on cached tower inputs) is routed by use_routing(...)
+        current = None if self.routing is None else (self.routing.current or self.routing.override)
+        if current is None:
             raise RoutingError("FedPA layer called outside a routed forward: call the adapted model with the batch "
                                "(model(**batch)) or wrap the call in use_routing(...)")
-        return self.routing.current
+        return current
 
     def _private_head(self, adapter: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Foundation head + this user's full-rank delta (zero at init, so the output starts exactly equal)."""

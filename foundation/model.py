@@ -284,16 +284,18 @@ class FoundationModel(PreTrainedModel):
         states, full_mask = self.user_encoder(self.item_encoder(items), mask)
         return states, full_mask, inverse
 
-    def forward(
+    def encode(
         self,
         user_profile: torch.Tensor,
         item: torch.Tensor,
         hist_items: torch.Tensor | None = None,
         hist_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **ignored: Any,  # other batch keys (user_id, ...) are for other consumers
-    ) -> FoundationOutput:
+        **ignored: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The tower's input (and the user / item embeddings): everything before the prediction tower.
+
+        Adapters sit on the tower, so a client computes this once per example and trains on it."""
         if user_profile.shape[-1] != len(self.config.user_fields):
             raise ValueError(
                 f"user_profile has {user_profile.shape[-1]} columns but the model expects "
@@ -318,6 +320,19 @@ class FoundationModel(PreTrainedModel):
             features = torch.cat([user_emb, interest, item_emb, interest * item_emb, profile, ctx], dim=-1)
         else:
             features = torch.cat([profile, item_emb], dim=-1)
+        return features, user_emb, item_emb
+
+    def forward(
+        self,
+        user_profile: torch.Tensor,
+        item: torch.Tensor,
+        hist_items: torch.Tensor | None = None,
+        hist_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **ignored: Any,  # other batch keys (user_id, ...) are for other consumers
+    ) -> FoundationOutput:
+        features, user_emb, item_emb = self.encode(user_profile, item, hist_items, hist_mask, context)
         logits = self.tower(features)
         loss = None
         if labels is not None:

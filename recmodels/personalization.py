@@ -163,16 +163,16 @@ class PersonalModel:
         """Frozen tower inputs for a stream of batches (the foundation's encoders run once here)."""
         feats, labels = [], []
         for b in batches:
-            feats.append(self.foundation.encode(**b) if hasattr(self.foundation, "encode")
-                         else self._base_forward(b).features)
+            feats.append(self._encoder(**b)[0])
             labels.append(b["labels"])
         if not feats:
             return UserTensors(torch.zeros(0, self.tower_in), torch.zeros(0, 6))
         return UserTensors(torch.cat(feats), torch.cat(labels))
 
-    def _base_forward(self, b):
-        base = self.model.get_base_model() if self.model is not None else self.foundation
-        return base(**b)
+    @property
+    def _encoder(self):
+        # after peft injection the foundation object is the base model; its encoders are untouched
+        return (self.model.get_base_model() if self.model is not None else self.foundation).encode
 
     @property
     def tower_in(self) -> int:
@@ -183,7 +183,9 @@ class PersonalModel:
     def _route(self, n: int, groups: torch.Tensor | None, slot: int | torch.Tensor = 0):
         if self.model is None:
             return _nullcontext()
-        g = None if groups is None or not self.group_columns else groups.reshape(1, -1).expand(n, -1)
+        g = None
+        if groups is not None and self.group_columns:  # one user's values, or one row per example
+            g = groups if groups.dim() == 2 else groups.reshape(1, -1).expand(n, -1)
         s = slot if isinstance(slot, torch.Tensor) else torch.full((n,), slot, dtype=torch.long)
         return use_routing(self.model, group_index=g, user_slot=s)
 
@@ -208,7 +210,7 @@ class PersonalModel:
 
     def _epochs(self, data, groups, train, gen, slot, paths=None, prox: float = 0.0) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=train.lr)
+        opt = torch.optim.Adam(params, lr=train.lr, foreach=True)
         set_active_paths(self.model, paths)
         total, count = 0.0, 0
         try:
@@ -222,7 +224,7 @@ class PersonalModel:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    total += float(loss) * len(idx)
+                    total += float(loss.detach()) * len(idx)
                     count += len(idx)
         finally:
             set_active_paths(self.model, None)
@@ -258,6 +260,38 @@ class PersonalModel:
         finally:
             self.set_shared(shared)
             self.set_private(private)
+
+
+    # ------------------------------------------------------------------ many users in one model
+
+    def train_pooled(self, data: UserTensors, groups: torch.Tensor, slots: torch.Tensor,
+                     train: LocalTraining, *, seed: int) -> float:
+        """One pass of ``train.epochs`` over pooled rows of many users (the centralized upper bound):
+        each row routed to its user's slot and groups."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=train.lr, foreach=True)
+        gen = torch.Generator().manual_seed(int(seed))
+        total, count = 0.0, 0
+        for _ in range(train.epochs):
+            order = torch.randperm(len(data), generator=gen)
+            for s in range(0, len(order), train.batch_size):
+                idx = order[s:s + train.batch_size]
+                loss = self._loss(data.features[idx], data.labels[idx], groups[idx], slots[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def predict_pooled(self, data: UserTensors, groups: torch.Tensor, slots: torch.Tensor) -> np.ndarray:
+        out = []
+        for s in range(0, len(data), 4096):
+            sl = slice(s, s + 4096)
+            with self._route(len(data.features[sl]), groups[sl], slots[sl]):
+                out.append(torch.sigmoid(self.tower(data.features[sl])[:, 0]))
+        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
 class _nullcontext:

@@ -53,6 +53,7 @@ class FederationConfig:
     min_nodes: int = 1
     personal_store: str = ""         # directory of the encrypted personal store ("" = keep state in memory)
     personal_store_key_file: str = ""
+    feature_cache: str = ""          # root of the simulation's cached tower inputs ("" = ~/.cache/fedpa/features, "none" = off)
 
     @classmethod
     def from_run_config(cls, rc: dict[str, Any]) -> "FederationConfig":

@@ -139,5 +139,193 @@ def _print_stats(path: Path, as_json: bool = False) -> None:
     out.print(t)
 
 
+# ----------------------------------------------------------------------------- models and federations
+
+
+def _federation_config(config_file: Path | None, overrides: dict) -> "FederationConfig":
+    import tomllib
+
+    from server.config import FederationConfig
+
+    base: dict = {}
+    if config_file is not None:
+        if not config_file.exists():
+            raise FedpaError(f"{config_file}: no such configuration file")
+        try:
+            base = tomllib.loads(config_file.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise FedpaError(f"{config_file}: not valid TOML ({e})") from None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return FederationConfig.from_run_config({**base, **{k.replace("_", "-"): v for k, v in given.items()}})
+
+
+def _round_progress(progress: Progress, label: str, total: int):
+    task = progress.add_task(label, total=total)
+
+    def update(r: int, rounds: int, ev) -> None:
+        extra = ""
+        if ev:
+            v = ev.get("val", {})
+            extra = "  ".join(f"val {k} {v[k]:.4f}" for k in ("auc", "gauc", "hr@10") if k in v and v[k] == v[k])
+        progress.update(task, completed=r, total=rounds, description=f"{label} {extra}")
+
+    return update
+
+
+@app.command("pretrain")
+@user_errors
+def pretrain_cmd(
+    data: Annotated[Path, typer.Option(help="dataset directory")] = Path("data/small"),
+    out_dir: Annotated[Path, typer.Option("--out", help="checkpoint directory to write")] = Path("runs/foundation"),
+    arch: Annotated[str, typer.Option(help="transformer | mlp (FedPA's released foundation)")] = "transformer",
+    epochs: Annotated[int, typer.Option(help="passes over the open users' training rows")] = 1,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="examples per step")] = 1024,
+    split: Annotated[str, typer.Option(help="by-day | chrono | last | loo")] = "by-day",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+):
+    """Pre-train the foundation on open users; report AUC/GAUC/LogLoss against popularity and untrained."""
+    from simulations.pretraining import pretrain_foundation
+
+    if epochs < 1:
+        raise FedpaError(f"--epochs must be at least 1, got {epochs}")
+    with progress_bar() as p:
+        task = p.add_task("pretrain", total=None)
+
+        def on_step(epoch, step, total, metrics):
+            p.update(task, completed=step, total=total,
+                     description=f"pretrain epoch {epoch + 1}/{epochs} " + " ".join(
+                         f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+
+        report = pretrain_foundation(data, out_dir, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size,
+                                     seed=seed, split=split, progress=on_step)
+    _print_pretrain(report)
+
+
+def _print_pretrain(report: dict) -> None:
+    t = Table(title=f"foundation ({report['arch']}, {report['parameters']:,} parameters, "
+                    f"{report['samples_per_second']:.0f} samples/s)")
+    for c in ("held-out rows", "model", "AUC", "GAUC", "LogLoss", "n"):
+        t.add_column(c)
+    for split, rows in report["evaluation"].items():
+        for name, m in rows.items():
+            t.add_row(split, name, f"{m['auc']:.4f}", f"{m['gauc']:.4f}", f"{m['logloss']:.4f}", f"{m['n']:,}")
+    out.print(t)
+
+
+@app.command("simulate")
+@user_errors
+def simulate_cmd(
+    config: Annotated[Path | None, typer.Option(help="TOML file with federation settings (keys as in pyproject's [tool.flwr.app.config])")] = None,
+    data: Annotated[str | None, typer.Option(help="dataset directory")] = None,
+    foundation: Annotated[str | None, typer.Option(help="foundation checkpoint directory")] = None,
+    run_dir: Annotated[str | None, typer.Option(help="run directory to write")] = None,
+    algorithm: Annotated[str | None, typer.Option(help="fedpa | local | fedavg-lora | fedper | pfedrec | ditto | foundation | centralized")] = None,
+    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
+    clients_per_round: Annotated[float | None, typer.Option(help="fraction (<=1) or count (>1) of clients per round")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="local epochs per round")] = None,
+    lr: Annotated[float | None, typer.Option(help="local learning rate")] = None,
+    rank: Annotated[int | None, typer.Option(help="adapter rank")] = None,
+    group_attributes: Annotated[str | None, typer.Option(help="comma-separated profile fields with group adapters")] = None,
+    split: Annotated[str | None, typer.Option(help="by-day | chrono | loo | last")] = None,
+    max_clients: Annotated[int | None, typer.Option(help="use at most this many private users (0 = all)")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    cohort_size: Annotated[int, typer.Option(help="users per virtual SuperNode (0 = one node per CPU core; 1 = Flower's stock one user per node)")] = 0,
+):
+    """Run one federated simulation on Flower's simulation runtime; writes a run directory."""
+    from simulations.simulate import simulate
+
+    cfg = _federation_config(config, dict(data_dir=data, foundation=foundation, run_dir=run_dir, algorithm=algorithm,
+                                          num_rounds=rounds, clients_per_round=clients_per_round,
+                                          local_epochs=local_epochs, lr=lr, rank=rank,
+                                          group_attributes=group_attributes, split=split, max_clients=max_clients,
+                                          seed=seed))
+    with progress_bar() as p:
+        summary = simulate(cfg, cohort_size=cohort_size, progress=_round_progress(p, cfg.algorithm, cfg.num_rounds))
+    _print_summary(summary, cfg.run_dir)
+
+
+def _print_summary(summary: dict, run_dir: str) -> None:
+    t = Table(title=f"{summary['algorithm']}: test at best validation round {summary['best_round']}")
+    t.add_column("metric")
+    t.add_column("value")
+    for k, v in summary["test"].items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    t.add_row("bytes up / client / round", f"{summary['bytes_up_per_client_round']:,.0f}")
+    t.add_row("bytes down / client / round", f"{summary['bytes_down_per_client_round']:,.0f}")
+    t.add_row("seconds / round", f"{summary['seconds_per_round']:.2f}")
+    out.print(t)
+    out.print(f"run directory: [bold]{run_dir}[/]")
+
+
+@app.command("compare")
+@user_errors
+def compare_cmd(
+    algorithms: Annotated[str, typer.Option(help="comma-separated algorithms / ablations (fedpa-user-only, fedpa-groups-only, fedpa-no-gate, fedpa-rankR)")] = "fedpa,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized",
+    seeds: Annotated[int, typer.Option(help="seeds 0..N-1")] = 3,
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for the runs and the table")] = Path("runs/compare"),
+    config: Annotated[Path | None, typer.Option(help="TOML file with federation settings")] = None,
+    data: Annotated[str | None, typer.Option(help="dataset directory")] = None,
+    foundation: Annotated[str | None, typer.Option(help="foundation checkpoint directory")] = None,
+    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
+    clients_per_round: Annotated[float | None, typer.Option(help="fraction (<=1) or count (>1) of clients per round")] = None,
+    split: Annotated[str | None, typer.Option(help="by-day | chrono | loo | last")] = None,
+    max_clients: Annotated[int | None, typer.Option(help="use at most this many private users (0 = all)")] = None,
+    cohort_size: Annotated[int, typer.Option(help="users per virtual SuperNode (0 = one node per core)")] = 0,
+):
+    """Run algorithms side by side on the same data, split and seeds; write a table and a plot."""
+    from simulations.compare import compare
+
+    if seeds < 1:
+        raise FedpaError(f"--seeds must be at least 1, got {seeds}")
+    cfg = _federation_config(config, dict(data_dir=data, foundation=foundation, num_rounds=rounds,
+                                          clients_per_round=clients_per_round, split=split, max_clients=max_clients))
+    variants = [a.strip() for a in algorithms.split(",") if a.strip()]
+    _check_variants(variants)
+    with progress_bar() as p:
+        overall = p.add_task("compare", total=len(variants) * seeds)
+        state = {"task": None}
+
+        def on_start(variant, seed):
+            if state["task"] is not None:
+                p.remove_task(state["task"])
+                p.advance(overall)
+            state["task"] = p.add_task(f"{variant} seed {seed}", total=cfg.num_rounds)
+            state["progress"] = _round_progress(p, f"{variant} seed {seed}", cfg.num_rounds)
+
+        result = compare(cfg, variants, list(range(seeds)), out_dir, cohort_size=cohort_size, on_start=on_start,
+                         progress=lambda *a: state["progress"](*a))
+        p.advance(overall)
+    out.print(result["markdown"])
+    out.print(f"table: [bold]{out_dir / 'compare.md'}[/]  plot: [bold]{out_dir / 'compare.png'}[/]")
+
+
+def _check_variants(variants: list[str]) -> None:
+    from recmodels.personalization import ALGORITHMS
+    from simulations.compare import ABLATIONS
+
+    for v in variants:
+        ok = v in ALGORITHMS or v in ABLATIONS or (v.startswith("fedpa-rank") and v.removeprefix("fedpa-rank").isdigit())
+        if not ok:
+            raise FedpaError(f"unknown algorithm or ablation '{v}' (algorithms: {', '.join(ALGORITHMS)}; "
+                             f"ablations: {', '.join(ABLATIONS)}, fedpa-rankR)")
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="where the demo writes everything")] = Path("runs/demo"),
+    data: Annotated[Path, typer.Option(help="synthetic dataset directory (generated if missing)")] = Path("data/small"),
+    rounds: Annotated[int, typer.Option(help="federated rounds per algorithm")] = 8,
+    seeds: Annotated[int, typer.Option(help="seeds per algorithm")] = 1,
+):
+    """The whole pipeline on the embedded default: synthesize `small`, pre-train, compare FedPA with
+    the baselines, and write a report."""
+    from simulations.demo import run_demo
+
+    report = run_demo(out_dir, data, rounds=rounds, seeds=seeds, console=console)
+    out.print(f"\n[bold green]report:[/] {report}")
+
+
 if __name__ == "__main__":
     app()

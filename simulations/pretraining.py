@@ -55,6 +55,19 @@ def metrics_of(ex: Examples, scores: np.ndarray) -> dict:
     return {"auc": M.auc(y, s), "gauc": g.value, "gauc_users": g.users, "logloss": M.logloss(y, s), "n": int(len(y))}
 
 
+class _Epoch:
+    """One epoch's batches, built lazily (a list would hold every batch's tensors at once)."""
+
+    def __init__(self, ex: Examples, batch_size: int, seed: int):
+        self.ex, self.batch_size, self.seed = ex, batch_size, seed
+
+    def __len__(self) -> int:
+        return -(-len(self.ex) // self.batch_size)
+
+    def __iter__(self):
+        return self.ex.iter_batches(self.batch_size, shuffle=True, seed=self.seed, by_request=True)
+
+
 def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str = "transformer", epochs: int = 2,
                         lr: float = 1e-3, batch_size: int = 256, seed: int = 0, split: str = "by-day",
                         partition: PartitionConfig | None = None, max_private_eval_users: int = 500,
@@ -79,7 +92,7 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
     t0 = time.time()
     history = pretrain(
         model,
-        lambda epoch: list(opened.train.iter_batches(batch_size, shuffle=True, seed=seed * 1000 + epoch)),
+        lambda epoch: _Epoch(opened.train, batch_size, seed * 1000 + epoch),
         lambda: opened.val.iter_batches(EVAL_BATCH),
         out_dir, epochs=epochs, lr=lr, seed=seed, progress=progress)
     train_s = time.time() - t0

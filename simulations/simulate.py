@@ -47,12 +47,15 @@ def check_inputs(cfg: FederationConfig) -> None:
         raise FedpaError(f"{cfg.foundation}: no foundation checkpoint (run `fedpa pretrain` first)")
 
 
-def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None) -> dict:
+def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, encode_progress=None) -> dict:
     """Run one configuration; returns its summary. ``cohort_size`` users per virtual SuperNode
     (0 = split the clients over one node per CPU core; 1 = Flower's stock one user per node)."""
     cfg.validate()
     check_inputs(cfg)
     algo = get_algorithm(cfg.algorithm)
+    from client.runtime import ensure_feature_cache
+
+    ensure_feature_cache(cfg, progress=encode_progress)
     if algo.centralized:
         from simulations.centralized import run_centralized
 

@@ -5,7 +5,6 @@ against the oracle it stores."""
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -76,7 +75,7 @@ def test_manifest_records_the_world(tiny_run):
     assert m["generator"]["effective_view_rate"] == TINY.effective_view_rate
     assert m["generator"]["like_rate"] == TINY.like_rate
     assert m["generator"]["funnel_sizes"] == list(TINY.funnel_sizes)
-    assert set(m["label_rates"]) == set(LABELS)
+    assert set(m["realized_label_rates"]) == set(LABELS)
     assert "watch_intercept" in m["calibration"]
     assert m["vocab"]["user_id"] == TINY.n_users and m["vocab"]["video_id"] == TINY.n_items
     assert m["vocab"]["category_level_two"] == TINY.n_categories_l2 + 1  # code 0 = unknown
@@ -191,7 +190,7 @@ def test_feedback_follows_utility_through_watch_time(tiny):
     for label in ("like", "follow", "forward", "comment"):
         values = column(exposures, label)
         assert not np.any(values > effective), label  # interactions need an effective view
-        assert tiny.manifest["label_rates"][label] == pytest.approx(values.mean())
+        assert tiny.manifest["realized_label_rates"][label] == pytest.approx(values.mean())
     like_rate = column(exposures, "like").mean()
     assert TINY.like_rate / 2 < like_rate < TINY.like_rate * 2
 
@@ -277,6 +276,21 @@ def test_oracle_utility_reads_the_stored_world(tiny):
     # The ground truth never sits in the features.
     for name in ("requests", "exposures", "stage_samples"):
         assert not any("util" in c or "latent" in c for c in tiny.day(name, day).column_names)
+
+
+def test_oracle_utility_is_the_utility_the_funnel_ranked_by(tiny):
+    """White box: rebuild the generator's world from the seed and compare its utility."""
+    from simulations.data.synth import _utility, _World, resolve_config
+
+    world = _World(resolve_config("tiny"), SEED)
+    rng = np.random.default_rng(2)
+    users = rng.integers(0, TINY.n_users, 300)
+    internal_items = rng.integers(0, TINY.n_items, (300, 7))
+    for day in tiny.days:
+        generated = _utility(world, world.user_latents()[users], internal_items)
+        oracle = oracle_utility(tiny, users[:, None], world.video_id[internal_items], day)
+        np.testing.assert_allclose(oracle, generated, rtol=1e-5, atol=1e-5)
+        world.advance_day()
 
 
 def test_oracle_utility_rejects_what_it_cannot_answer(tiny, tmp_path):

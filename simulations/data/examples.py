@@ -163,9 +163,18 @@ class Examples:
             rows[~inside, 0] = vid[~inside]
         return rows
 
-    def iter_batches(self, batch_size: int, *, shuffle: bool = False,
-                     seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+    def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                     by_request: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches in order, or shuffled. ``by_request`` shuffles whole requests, keeping a request's
+        rows together: they share one behaviour sequence, which the model then encodes once."""
+        rng = np.random.default_rng(seed)
+        if shuffle and by_request and self.request_id is not None:
+            _, inverse = np.unique(self.request_id, return_inverse=True)
+            order = np.argsort(rng.permutation(inverse.max() + 1 if len(inverse) else 0)[inverse], kind="stable")
+        elif shuffle:
+            order = rng.permutation(len(self))
+        else:
+            order = np.arange(len(self))
         for s in range(0, len(order), batch_size):
             yield self.batch(order[s:s + batch_size])
 

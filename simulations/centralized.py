@@ -1,0 +1,86 @@
+"""The centralized upper bound: FedPA's model trained on the pooled private data of all clients.
+
+Not a federation (the data leaves the users), so it runs outside Flower; it writes
+the same run directory as a federated run so that `fedpa compare` reads both alike.
+A "round" here is ``local_epochs`` passes over the pooled training rows.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from client.runtime import ensure_feature_cache, partition_config
+from foundation.model import count_parameters, load_foundation
+from recmodels.evaluation import MetricSums
+from recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
+from server.config import FederationConfig
+from server.federation import write_summary
+from server.rundir import RunDir
+from simulations.data.examples import Examples, Lookups
+from simulations.data.partition import SplitConfig, make_partition, split_users
+from simulations.data.store import Dataset
+
+BATCH = 1024
+
+
+def _routing(pm: PersonalModel, ex: Examples, users: np.ndarray, lookups: Lookups):
+    slots = torch.from_numpy(np.searchsorted(users, ex.user_id)).long()
+    groups = torch.from_numpy(lookups.user_table[ex.user_id][:, pm.group_columns]).long()
+    return groups, slots
+
+
+def _evaluate(pm, data: UserTensors, ex: Examples, groups, slots, group_size: int) -> dict:
+    probs = pm.predict_pooled(data, groups, slots)
+    sums = MetricSums()
+    labels = ex.labels[:, 0]
+    bounds = np.r_[0, np.nonzero(np.diff(ex.user_id))[0] + 1, len(ex)] if len(ex) else np.zeros(1, np.int64)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        sums.add_user(labels[a:b], probs[a:b], group_size)
+    return sums.finalize()
+
+
+def run_centralized(cfg: FederationConfig, progress=None) -> dict:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run = RunDir(cfg.run_dir)
+    for name in ("metrics.jsonl", "summary.json"):
+        (run.path / name).unlink(missing_ok=True)
+    ds = Dataset(cfg.data_dir)
+    lookups = Lookups.build(ds)
+    part = make_partition(ds, partition_config(cfg))
+    users = part.private_users
+    splits = split_users(ds, users, SplitConfig(cfg.split, negatives=cfg.negatives), lookups=lookups, seed=cfg.seed)
+    foundation = load_foundation(cfg.foundation)
+    pm = PersonalModel(foundation, get_algorithm("centralized"), seed=cfg.seed, user_slots=len(users),
+                       **cfg.adapter_overrides())
+    sizes = {"foundation_params": count_parameters(foundation),
+             "shared_params": int(sum(np.prod(s) for _, s, _ in pm.shared_spec())),
+             "private_params_per_user": int(sum(v.size for v in pm.initial_private.values()))}
+    run.write_config({**cfg.to_run_config(), "model": sizes})
+    cache = ensure_feature_cache(cfg)
+    data = {k: cache.split(k) if cache is not None else pm.features(getattr(splits, k).iter_batches(BATCH))
+            for k in ("train", "val", "test")}
+    route = {k: _routing(pm, getattr(splits, k), users, lookups) for k in ("train", "val", "test")}
+    local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+    t0 = time.time()
+    history = []
+    for r in range(cfg.num_rounds + 1):
+        rec = {"round": r}
+        if r > 0:
+            rec["train_loss"] = pm.train_pooled(data["train"], *route["train"], local, seed=cfg.seed * 100_003 + r)
+            rec.update(bytes_down_per_client=0.0, bytes_up_per_client=0.0, selected=len(users), clients_ok=len(users))
+        if r % cfg.eval_every == 0 or r == cfg.num_rounds:
+            rec["eval"] = {s: _evaluate(pm, data[s], getattr(splits, s), *route[s], splits.group_size)
+                           for s in ("val", "test")}
+            rec["eval"]["users"] = len(users)
+        rec["wall_s"] = time.time() - t0
+        if r > 0:
+            run.save_checkpoint(r, pm.get_shared(), {"algorithm": "centralized"})
+            run.keep_last_checkpoints(2)
+        run.append_metrics(rec)
+        history.append(rec)
+        if progress:
+            progress(r, cfg.num_rounds, rec.get("eval"))
+    return write_summary(run, cfg, history, time.time() - t0, sizes)

@@ -1,0 +1,139 @@
+"""`fedpa compare`: several algorithms (and ablations) on the same data, split and seeds, one table.
+
+Each (variant, seed) is an ordinary run directory under ``ROOT/VARIANT/seed-S``;
+the table reports the test metrics at each run's best validation round as
+mean ± std over seeds (std over seeds, ddof=1; 0 for one seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.config import FederationConfig
+from server.rundir import atomic_write_bytes, atomic_write_json
+
+# Ablations of FedPA: name -> config overrides
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "fedpa-user-only": {"algorithm": "fedpa", "use_group_adapters": False, "use_gate": True},
+    "fedpa-groups-only": {"algorithm": "fedpa", "use_user_adapter": False},
+    "fedpa-no-gate": {"algorithm": "fedpa", "use_gate": False},
+}
+TABLE_METRICS = ("auc", "gauc", "logloss", "f1")
+RANK_METRICS = ("hr@10", "ndcg@10")
+
+
+def variant_config(base: FederationConfig, variant: str, seed: int, root: Path) -> FederationConfig:
+    overrides = dict(ABLATIONS.get(variant, {"algorithm": variant}))
+    if variant.startswith("fedpa-rank"):
+        overrides = {"algorithm": "fedpa", "rank": int(variant.removeprefix("fedpa-rank"))}
+    return replace(base, seed=seed, run_dir=str(root / variant / f"seed-{seed}"), **overrides)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
+def aggregate(summaries: dict[str, list[dict]]) -> dict[str, dict]:
+    table = {}
+    for variant, runs in summaries.items():
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
+        metrics = TABLE_METRICS + (RANK_METRICS if any("hr@10" in r["test"] for r in runs) else ())
+        for m in metrics:
+            row[m] = mean_std([r["test"].get(m) for r in runs])
+        row["best_round"] = [r["best_round"] for r in runs]
+        row["bytes_up_per_client_round"] = mean_std([r["bytes_up_per_client_round"] for r in runs])[0]
+        row["bytes_down_per_client_round"] = mean_std([r["bytes_down_per_client_round"] for r in runs])[0]
+        row["seconds_per_round"] = mean_std([r["seconds_per_round"] for r in runs])[0]
+        row["wall_s"] = mean_std([r["wall_s"] for r in runs])[0]
+        row["shared_params"] = runs[0]["model"]["shared_params"]
+        row["private_params_per_user"] = runs[0]["model"]["private_params_per_user"]
+        row["foundation_params"] = runs[0]["model"]["foundation_params"]
+        table[variant] = row
+    return table
+
+
+def _fmt(ms: tuple[float, float], digits: int = 4) -> str:
+    m, s = ms
+    return "n/a" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown_table(table: dict[str, dict]) -> str:
+    rank = any("hr@10" in row for row in table.values())
+    metrics = TABLE_METRICS + (RANK_METRICS if rank else ())
+    head = ["algorithm", *[f"test {m}" for m in metrics], "KB up / client / round", "s / round", "best round"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, row in table.items():
+        cells = [variant, *[_fmt(row[m]) for m in metrics], f"{row['bytes_up_per_client_round'] / 1024:.1f}",
+                 f"{row['seconds_per_round']:.1f}", ",".join(str(b) for b in row["best_round"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(table: dict[str, dict], summaries: dict[str, list[dict]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, m in zip(axes[:2], ("gauc", "auc")):
+        means = [table[n][m][0] for n in names]
+        stds = [table[n][m][1] for n in names]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=3, color=["C3" if n == "fedpa" else "C0" for n in names])
+        finite = [v for v in means if not math.isnan(v)]
+        if finite:
+            ax.set_ylim(min(finite) - 0.03, max(finite) + 0.03)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+        ax.set_title(f"test {m.upper()} (mean ± std over seeds)")
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes[2]
+    for n in names:
+        run_dir = Path(summaries[n][0]["run_dir"])
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        pts = [(r["round"], r["eval"]["val"].get("gauc")) for r in rows if "eval" in r]
+        if len(pts) > 1:
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=n)
+    ax.set_title("validation GAUC per round (first seed)")
+    ax.set_xlabel("round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def compare(base: FederationConfig, variants: list[str], seeds: list[int], root: str | Path, *,
+            cohort_size: int = 0, run_one=None, on_start=None, progress=None) -> dict[str, Any]:
+    """Run every (variant, seed); write ROOT/compare.{md,json,png}. ``run_one(cfg)`` runs one configuration
+    (defaults to `simulations.simulate.simulate`)."""
+    from simulations.simulate import simulate
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, list[dict]] = {}
+    for variant in variants:
+        for seed in seeds:
+            cfg = variant_config(base, variant, seed, root)
+            if on_start:
+                on_start(variant, seed)
+            s = run_one(cfg) if run_one else simulate(cfg, cohort_size=cohort_size, progress=progress)
+            s["run_dir"] = cfg.run_dir
+            summaries.setdefault(variant, []).append(s)
+    table = aggregate(summaries)
+    md = markdown_table(table)
+    atomic_write_json(root / "compare.json", {"variants": variants, "seeds": seeds, "table": table,
+                                              "config": base.to_run_config()})
+    atomic_write_bytes(root / "compare.md", (md + "\n").encode())
+    plot_comparison(table, summaries, root / "compare.png")
+    return {"table": table, "markdown": md, "root": str(root)}
