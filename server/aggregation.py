@@ -7,8 +7,9 @@ the summed counts. Globally shared tensors (gate, head, global LoRA) count in
 group "global"; FedPA's group adapters have one entry per (attribute, value),
 counted in group "attribute=value", and a client contributes only to its own
 groups' entries (zeros elsewhere). Sums are exactly what
-secure aggregation reveals, so the same code aggregates with and without it,
-and the server learns per-group averages without learning who is in which group.
+secure aggregation reveals, so the same code aggregates with and without it;
+under secure aggregation the server learns per-group averages without learning
+who is in which group.
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ def apply_sums(state: Mapping[str, np.ndarray], sums: Mapping[str, np.ndarray],
 def client_contribution(delta: Mapping[str, np.ndarray], spec: list[SharedTensor],
                         groups: set[str], weight: float = 1.0) -> dict[str, np.ndarray]:
     """What one client sends: weighted deltas for the global entries and its own groups' entries
-    (zeros for every other group, so the message does not reveal membership), and the counts."""
+    (zeros for every other group) and the counts. Every client sends every entry, so that under secure
+    aggregation the server learns only per-group sums and counts; without it, the non-zero counts
+    of a one-user node do reveal that user's groups."""
     out = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
     out[COUNT_PREFIX + GLOBAL][0] = weight
     for t in spec:

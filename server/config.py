@@ -97,6 +97,17 @@ class FederationConfig:
             bad(f"min-reply-fraction must be in (0, 1], got {self.min_reply_fraction}")
         if self.max_clients < 0:
             bad(f"max-clients must be >= 0, got {self.max_clients}")
+        if not self.round_timeout > 0:
+            bad(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        if self.min_nodes < 1:
+            bad(f"min-nodes must be >= 1, got {self.min_nodes}")
+        if self.seed < 0:
+            bad(f"seed must be >= 0, got {self.seed}")
+        if self.negatives < 1:
+            bad(f"negatives must be >= 1, got {self.negatives}")
+        for name in ("active_top_fraction", "open_active_fraction", "open_rest_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(f"{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if self.split not in ("by-day", "chrono", "loo", "last"):
             bad(f"unknown split '{self.split}' (by-day, chrono, loo, last)")
 
@@ -126,6 +137,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                     return False
                 raise ValueError
             return bool(value)
+        if typ in (int, float) and isinstance(value, bool):
+            raise ValueError
         if typ is int:
             if isinstance(value, float) and value != int(value):
                 raise ValueError

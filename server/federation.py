@@ -100,16 +100,19 @@ class Federation:
                         dst_node_id=n, group_id="discover") for n in ids]
         nodes: dict[int, list[int]] = {}
         num_clients = None
+        failures = []
         for rep in self._send(msgs):
             src = rep.metadata.src_node_id
             if rep.has_error():
-                log.warning("node %s failed to start: %s", src, _reason(rep))
+                failures.append(_reason(rep))
+                log.warning("node %s failed to start: %s", src, failures[-1])
                 continue
             info = rep.content["info"]
             nodes[src] = [int(c) for c in info["clients"]]
             num_clients = int(info["num-clients"])
         if not nodes:
-            raise RoundFailed("no node answered the discovery query")
+            raise RoundFailed("no node answered the discovery query"
+                              + (f" (e.g. {failures[0]})" if failures else ""))
         self.num_clients = num_clients
         served = sorted(c for cs in nodes.values() for c in cs)
         if served != list(range(num_clients)):
@@ -119,6 +122,11 @@ class Federation:
         self.client_node = {c: n for n, cs in nodes.items() for c in cs}
         self.nodes = nodes
         return nodes
+
+    def _ordered(self, replies: list[Message]) -> list[Message]:
+        """Replies in the order of the clients their nodes serve: float sums then do not depend on
+        which node answered first, so a rerun with the same seed gives identical numbers."""
+        return sorted(replies, key=lambda r: min(self.nodes.get(r.metadata.src_node_id) or [math.inf]))
 
     # ------------------------------------------------------------------ rounds
 
@@ -141,7 +149,7 @@ class Federation:
         problems = [f"node {n}: no reply within {self.cfg.round_timeout:g}s ({len(by_node[n])} client(s))"
                     for n in by_node if n not in answered]
         valid, up, users_ok, loss_sum, n_ex = [], [], 0, 0.0, 0
-        for rep in replies:
+        for rep in self._ordered(replies):
             src = rep.metadata.src_node_id
             up.append(message_bytes(rep))
             if rep.has_error():
@@ -156,8 +164,13 @@ class Federation:
                         raise InvalidUpdate("reply has no 'arrays' record")
                     update = from_record(rep.content["arrays"])
                     validate_update(update, self.spec)
+                n_users = min(int(m["num-users"]), len(by_node.get(src, [])))
+                if self.algorithm.communicates and float(update["count/global"][0]) != n_users:
+                    raise InvalidUpdate(f"count/global {float(update['count/global'][0]):g} does not match "
+                                        f"num-users {n_users}")
+                users_ok += n_users
+                if self.algorithm.communicates:
                     valid.append(update)
-                users_ok += int(m["num-users"])
                 loss_sum += float(m["loss-sum"])
                 n_ex += int(m["num-examples"])
             except (InvalidUpdate, KeyError, TypeError, ValueError) as e:
@@ -182,14 +195,23 @@ class Federation:
                         dst_node_id=n, group_id=f"eval-{round_}") for n in self.nodes]
         val, test = MetricSums(), MetricSums()
         users = 0
-        for rep in self._send(msgs):
+        for rep in self._ordered(self._send(msgs)):
+            src = rep.metadata.src_node_id
             if rep.has_error():
-                log.warning("round %d evaluation: node %s: %s", round_, rep.metadata.src_node_id, _reason(rep))
+                log.warning("round %d evaluation: node %s: %s", round_, src, _reason(rep))
                 continue
-            arrays = from_record(rep.content["arrays"])
-            val += MetricSums(arrays["val"])
-            test += MetricSums(arrays["test"])
-            users += int(rep.content["metrics"]["num-users"])
+            try:
+                arrays = from_record(rep.content["arrays"])
+                v, t = MetricSums(arrays["val"]), MetricSums(arrays["test"])
+                if not (np.isfinite(v.v).all() and np.isfinite(t.v).all()):
+                    raise ValueError("non-finite metric sums")
+                n = min(int(rep.content["metrics"]["num-users"]), len(self.nodes.get(src, [])))
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("round %d evaluation: node %s: reply dropped: %s", round_, src, e)
+                continue
+            val += v
+            test += t
+            users += n
         return {"val": val.finalize(), "test": test.finalize(), "users": users}
 
     def run_rounds(self) -> dict[str, Any]:
@@ -248,5 +270,5 @@ def _num(x) -> float:
 
 
 def _reason(rep: Message) -> str:
-    r = str(rep.error.reason)
-    return r.strip().splitlines()[-1][:300] if r.strip() else f"error code {rep.error.code}"
+    r = str(rep.error.reason).strip()
+    return r.splitlines()[-1].rstrip("'>")[:300] if r else f"error code {rep.error.code}"

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from foundation.errors import FedpaError
@@ -50,6 +51,7 @@ def check_inputs(cfg: FederationConfig) -> None:
 def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, encode_progress=None) -> dict:
     """Run one configuration; returns its summary. ``cohort_size`` users per virtual SuperNode
     (0 = split the clients over one node per CPU core; 1 = Flower's stock one user per node)."""
+    cfg = replace(cfg)  # the caller's configuration stays as given
     cfg.validate()
     check_inputs(cfg)
     algo = get_algorithm(cfg.algorithm)
