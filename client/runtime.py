@@ -31,7 +31,7 @@ EVAL_BATCH = 1024
 
 def partition_config(cfg: FederationConfig) -> PartitionConfig:
     values = tuple(int(v) for v in cfg.active_values.split(",") if v.strip())
-    return PartitionConfig(seed=cfg.seed, active_top_fraction=cfg.active_top_fraction,
+    return PartitionConfig(seed=cfg.partition_seed, active_top_fraction=cfg.active_top_fraction,
                            activity_attribute=cfg.activity_attribute or None, active_values=values,
                            open_active_fraction=cfg.open_active_fraction, open_rest_fraction=cfg.open_rest_fraction,
                            max_clients=cfg.max_clients or None)
@@ -122,7 +122,7 @@ _RUNTIMES: dict[tuple, ClientRuntime] = {}
 
 def get_runtime(cfg: FederationConfig) -> ClientRuntime:
     """The process-wide runtime for this configuration (only the keys that change what is built)."""
-    key = (cfg.data_dir, cfg.foundation, cfg.algorithm, cfg.seed, cfg.split, cfg.negatives, cfg.rank,
+    key = (cfg.data_dir, cfg.foundation, cfg.algorithm, cfg.seed, cfg.partition_seed, cfg.split, cfg.negatives, cfg.rank,
            cfg.group_attributes, cfg.use_user_adapter, cfg.use_group_adapters, cfg.use_gate, cfg.max_clients,
            cfg.active_top_fraction, cfg.open_active_fraction, cfg.open_rest_fraction, cfg.activity_attribute,
            cfg.active_values, cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.ditto_lambda, cfg.feature_cache)

@@ -45,6 +45,8 @@ class FederationConfig:
     min_reply_fraction: float = 0.5
     round_timeout: float = 600.0
     max_clients: int = 0             # 0 = every private user is a client
+    partition_seed: int = 0          # which users are open / private; fixed across seeds so that the
+                                     # foundation (pre-trained on the open users of this seed) never saw a client
     active_top_fraction: float = 0.2
     open_active_fraction: float = 0.8
     open_rest_fraction: float = 0.2
@@ -101,8 +103,8 @@ class FederationConfig:
             bad(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
         if self.min_nodes < 1:
             bad(f"min-nodes must be >= 1, got {self.min_nodes}")
-        if self.seed < 0:
-            bad(f"seed must be >= 0, got {self.seed}")
+        if self.seed < 0 or self.partition_seed < 0:
+            bad(f"seed and partition-seed must be >= 0, got {self.seed}, {self.partition_seed}")
         if self.negatives < 1:
             bad(f"negatives must be >= 1, got {self.negatives}")
         for name in ("active_top_fraction", "open_active_fraction", "open_rest_fraction"):

@@ -31,7 +31,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FedpaError as e:
-            console.print(f"[bold red]error:[/] {e}")
+            console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -182,7 +182,8 @@ def pretrain_cmd(
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="examples per step")] = 1024,
     split: Annotated[str, typer.Option(help="by-day | chrono | last | loo")] = "by-day",
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    seed: Annotated[int, typer.Option(help="random seed; also picks the open/private users (a federation's "
+                                           "partition-seed must be the same)")] = 0,
 ):
     """Pre-train the foundation on open users; report AUC/GAUC/LogLoss against popularity and untrained."""
     from simulations.pretraining import pretrain_foundation
@@ -233,13 +234,14 @@ def simulate_cmd(
     cohort_size: Annotated[int, typer.Option(help="users per virtual SuperNode (0 = one node per CPU core; 1 = Flower's stock one user per node)")] = 0,
 ):
     """Run one federated simulation on Flower's simulation runtime; writes a run directory."""
-    from simulations.simulate import simulate
+    from simulations.simulate import check_inputs, simulate
 
     cfg = _federation_config(config, dict(data_dir=data, foundation=foundation, run_dir=run_dir, algorithm=algorithm,
                                           num_rounds=rounds, clients_per_round=clients_per_round,
                                           local_epochs=local_epochs, lr=lr, rank=rank,
                                           group_attributes=group_attributes, split=split, max_clients=max_clients,
                                           seed=seed))
+    check_inputs(cfg)
     with progress_bar() as p:
         summary = simulate(cfg, cohort_size=cohort_size, progress=_round_progress(p, cfg.algorithm, cfg.num_rounds))
     _print_summary(summary, cfg.run_dir)
@@ -316,7 +318,7 @@ def _check_variants(variants: list[str]) -> None:
 def demo_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="where the demo writes everything")] = Path("runs/demo"),
     data: Annotated[Path, typer.Option(help="synthetic dataset directory (generated if missing)")] = Path("data/small"),
-    rounds: Annotated[int, typer.Option(help="federated rounds per algorithm")] = 8,
+    rounds: Annotated[int, typer.Option(help="federated rounds per algorithm")] = 5,
     seeds: Annotated[int, typer.Option(help="seeds per algorithm")] = 1,
 ):
     """The whole pipeline on the embedded default: synthesize `small`, pre-train, compare FedPA with

@@ -72,8 +72,9 @@ def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, enco
     per_node = cohort_size or math.ceil(num_clients / (os.cpu_count() or 1))
     num_nodes = math.ceil(num_clients / per_node)
     cfg.min_nodes = num_nodes
-    quiet_flower()
     from flwr.simulation import run_simulation
+
+    quiet_flower()  # after the import: importing flwr configures its logger
 
     from client.app import app as client_app
     from server.app import make_server_app

@@ -86,6 +86,13 @@ def test_leave_one_out_with_negatives(ds):
         u = s.test.user_id[rows][0]
         seen = set(ds.user_rows("exposures", int(u)).column("video_id").to_pylist())
         assert not seen & set(s.test.video_id[rows][1:].tolist())
+    # training: every positive but the last two, each with 4 unseen negatives
+    tr = s.train.labels[:, 0]
+    assert (tr == 0).sum() == 4 * (tr == 1).sum() > 0
+    for u in (1, 7):
+        seen = set(ds.user_rows("exposures", u).column("video_id").to_pylist())
+        negs = s.train.video_id[(s.train.user_id == u) & (tr == 0)]
+        assert not seen & set(negs.tolist())
     again = split_users(ds, np.array([1, 7]), SplitConfig("loo", negatives=9), seed=0)
     assert np.array_equal(again.test.video_id, s.test.video_id)
 

@@ -12,7 +12,7 @@ Splits (per private user):
 - ``chrono`` (FedPA): the user's exposures in time order, 60 / 20 / 20.
 - ``loo`` (PFedRec): last positive = test, second-last = validation, each
   scored against ``negatives`` items the user never interacted with; the rest
-  of the positives train (negatives for training are sampled per epoch).
+  of the positives train, each with 4 sampled unseen negatives.
 - ``last`` (MRFF): the last interaction = test, second-last = validation,
   labels as observed; everything earlier trains.
 """
@@ -32,6 +32,7 @@ from .schema import LABELS
 from .store import Dataset, DatasetError
 
 SPLITS = ("by-day", "chrono", "loo", "last")
+TRAIN_NEGATIVES = 4  # PFedRec: 4 sampled negatives per training positive
 EPOCH = date(1970, 1, 1)
 
 
@@ -232,42 +233,56 @@ def split_users(ds: Dataset, users: np.ndarray, split: SplitConfig, *,
 
 def _leave_one_out(ex: Examples, starts, ends, split: SplitConfig, lookups: Lookups,
                    seed: int) -> UserSplits:
+    """PFedRec's protocol: per user, the last positive is the test case and the second-last the
+    validation case, each ranked against ``split.negatives`` items the user never interacted with; the
+    other positives train, each with ``TRAIN_NEGATIVES`` sampled unseen items as negatives (drawn once
+    per seed, at the positive's time, so the training set is fixed and reproducible)."""
     primary = ex.labels[:, 0]
-    train_rows, cases = [], {"val": [], "test": []}
+    n_items = len(lookups.item_table)
+    rows = {"train": [], "val": [], "test": []}
     for a, b in zip(starts, ends):
         pos = a + np.nonzero(primary[a:b] == 1)[0]
         if len(pos) < 3:
             continue
-        train_rows.append(pos[:-2])
-        cases["val"].append((pos[-2], a, b))
-        cases["test"].append((pos[-1], a, b))
-    train = ex.subset(np.concatenate(train_rows) if train_rows else np.zeros(0, np.int64))
-    n_items = len(lookups.item_table)
+        u = int(ex.user_id[a])
+        seen = np.unique(ex.video_id[a:b])
+        train_pos = pos[:-2]
+        negs = sample_unseen(n_items, seen, TRAIN_NEGATIVES * len(train_pos), np.random.default_rng([seed, u, 2]),
+                             distinct=False)
+        rows["train"].append((np.r_[ex.video_id[train_pos], negs],
+                              np.r_[ex.request_timestamp[train_pos], np.repeat(ex.request_timestamp[train_pos],
+                                                                                TRAIN_NEGATIVES)],
+                              np.r_[np.ones(len(train_pos)), np.zeros(len(negs))], u))
+        for name, r, stream in (("val", pos[-2], 0), ("test", pos[-1], 1)):
+            cand = sample_unseen(n_items, seen, split.negatives, np.random.default_rng([seed, u, stream]))
+            rows[name].append((np.r_[ex.video_id[r], cand], np.full(1 + len(cand), ex.request_timestamp[r]),
+                               np.r_[1.0, np.zeros(len(cand))], u))
     out = {}
-    for name, rows in cases.items():
-        uids, ts, vids, labels = [], [], [], []
-        for r, a, b in rows:
-            u = int(ex.user_id[r])
-            seen = np.unique(ex.video_id[a:b])
-            negs = sample_unseen(n_items, seen, split.negatives,
-                                 np.random.default_rng([seed, u, 0 if name == "val" else 1]))
-            vids.append(np.r_[ex.video_id[r], negs])
-            uids.append(np.full(1 + len(negs), u))
-            ts.append(np.full(1 + len(negs), ex.request_timestamp[r]))
-            lab = np.full((1 + len(negs), len(LABELS)), -1, np.int8)
-            lab[0, 0], lab[1:, 0] = 1, 0
-            labels.append(lab)
-        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
-        out[name] = Examples.from_rows(cat(uids, np.int64), cat(ts, np.int64), cat(vids, np.int64),
-                                       np.concatenate(labels) if labels else np.zeros((0, len(LABELS)), np.int8),
-                                       ex.views, lookups)
-    return UserSplits(train, out["val"], out["test"], group_size=1 + split.negatives)
+    for name, parts in rows.items():
+        vids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        ts = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+        y = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0)
+        uids = np.concatenate([np.full(len(p[0]), p[3]) for p in parts]) if parts else np.zeros(0, np.int64)
+        labels = np.full((len(y), len(LABELS)), -1, np.int8)
+        labels[:, 0] = y
+        order = np.lexsort((ts, uids)) if name == "train" else np.arange(len(y))  # ranking cases stay grouped
+        out[name] = Examples.from_rows(uids[order], ts[order], vids[order], labels[order], ex.views, lookups)
+    return UserSplits(out["train"], out["val"], out["test"], group_size=1 + split.negatives)
 
 
-def sample_unseen(n_items: int, seen: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k distinct item ids in [0, n_items) outside ``seen`` (rejection sampling: catalogues are
-    much larger than a user's history)."""
+def sample_unseen(n_items: int, seen: np.ndarray, k: int, rng: np.random.Generator,
+                  distinct: bool = True) -> np.ndarray:
+    """k item ids in [0, n_items) outside ``seen``, distinct unless ``distinct=False`` (rejection
+    sampling: catalogues are much larger than a user's history)."""
     available = n_items - len(seen)
+    if available < 1:
+        raise DatasetError("cannot sample unseen items: the user has interacted with every item")
+    if not distinct:
+        out = np.empty(0, dtype=np.int64)
+        while len(out) < k:
+            cand = rng.integers(0, n_items, size=2 * (k - len(out)) + 8)
+            out = np.r_[out, cand[~np.isin(cand, seen)]]
+        return out[:k]
     if available < k:
         raise DatasetError(f"cannot sample {k} unseen items: only {available} items left")
     out = np.empty(0, dtype=np.int64)

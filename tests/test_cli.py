@@ -1,0 +1,58 @@
+"""The `fedpa` command as a user runs it: results on success, one clear line and exit code 2 on mistakes."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from simulations.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    res = runner.invoke(app, ["data", "synth", "--preset", "tiny", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_synth_and_inspect(tiny_dir):
+    res = runner.invoke(app, ["data", "inspect", str(tiny_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.stdout)
+    assert stats["users"] == 200 and stats["days"] == 4
+    assert stats["exposures"] > 0 and 0.2 < stats["label_rates"]["effective_view"] < 0.6
+    assert set(stats["stage_samples_per_stage"]) == {"prerank_neg", "coarse_neg", "rank_neg", "rank_pos",
+                                                      "rerank_neg", "rerank_pos"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data", "inspect", "/nonexistent/dataset"], "not a fedpa dataset"),
+    (["data", "synth", "--preset", "huge", "--out", "/tmp/never-written"], "huge"),
+    (["pretrain", "--data", "/nonexistent", "--epochs", "0"], "--epochs"),
+    (["simulate", "--algorithm", "fedsgd"], "unknown algorithm 'fedsgd'"),
+    (["simulate", "--rounds", "-1"], "num-rounds must be >= 0"),
+    (["simulate", "--rank", "0"], "rank must be >= 1"),
+    (["compare", "--algorithms", "fedpa,bogus"], "unknown algorithm or ablation 'bogus'"),
+    (["compare", "--seeds", "0"], "--seeds"),
+])
+def test_user_mistakes_exit_2_with_a_clear_message(args, message):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_simulate_names_missing_inputs(tiny_dir, tmp_path):
+    res = runner.invoke(app, ["simulate", "--data", str(tiny_dir), "--foundation", str(tmp_path / "none")])
+    assert res.exit_code == 2
+    assert "no foundation checkpoint" in res.output and "fedpa pretrain" in res.output
+    res = runner.invoke(app, ["simulate", "--data", str(tmp_path), "--foundation", str(tmp_path)])
+    assert res.exit_code == 2 and "not a fedpa dataset" in res.output
+
+
+def test_existing_dataset_is_not_overwritten_without_flag(tiny_dir):
+    res = runner.invoke(app, ["data", "synth", "--preset", "tiny", "--out", str(tiny_dir)])
+    assert res.exit_code == 2 and "already exists" in res.output
