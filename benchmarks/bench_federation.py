@@ -186,6 +186,11 @@ def print_timing(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- bytes
 
 def bench_bytes(base: FederationConfig, root: Path, algorithms: list[str], clients: int) -> list[dict]:
+    from foundation.model import count_parameters, load_foundation
+
+    # summary.json's model.foundation_params is counted after the adapters were injected into the
+    # foundation (peft works in place), so it includes them; the bare foundation is shown beside it
+    bare = count_parameters(load_foundation(base.foundation))
     rows = []
     for algo in algorithms:
         print(f"  running {algo:12s} 1 round, {clients} clients, stock nodes (load {loadavg():.2f}) ...", flush=True)
@@ -198,6 +203,7 @@ def bench_bytes(base: FederationConfig, root: Path, algorithms: list[str], clien
                      "full_model_bytes": 4 * m["foundation_params"], "shared_bytes": 4 * m["shared_params"],
                      "foundation_params": m["foundation_params"], "shared_params": m["shared_params"],
                      "private_params_per_user": m["private_params_per_user"],
+                     "bare_foundation_params": bare, "bare_foundation_bytes": 4 * bare,
                      "clients": s.get("clients"), "call_wall_s": r["call_wall_s"]})
     return rows
 
@@ -206,15 +212,21 @@ def print_bytes(rows: list[dict]) -> None:
     print()
     print("Bytes per client per round (1 round, one client per message), against the full model")
     hdr = (f"{'algorithm':>12} {'down B':>9} {'up B':>9} {'shared B':>9} {'private/user B':>14} "
-           f"{'full model B':>13} {'up/full':>8} {'down/shared':>11}")
+           f"{'full model B':>13} {'up/full':>8} {'down/shared':>11} {'up/shared':>9}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         up_full = r["bytes_up"] / r["full_model_bytes"]
         down_shared = f"{r['bytes_down'] / r['shared_bytes']:.2f}" if r["shared_bytes"] else "-"
+        up_shared = f"{r['bytes_up'] / r['shared_bytes']:.2f}" if r["shared_bytes"] else "-"
         print(f"{r['algorithm']:>12} {r['bytes_down']:>9,.0f} {r['bytes_up']:>9,.0f} {r['shared_bytes']:>9,} "
               f"{4 * r['private_params_per_user']:>14,} {r['full_model_bytes']:>13,} {up_full:>8.3%} "
-              f"{down_shared:>11}")
+              f"{down_shared:>11} {up_shared:>9}")
+    if rows:
+        print(f"full model B: summary.json model.foundation_params x 4 (the foundation with this algorithm's "
+              f"adapters injected); the bare\nfoundation is {rows[0]['bare_foundation_params']:,} parameters = "
+              f"{rows[0]['bare_foundation_bytes']:,} B. shared B: model.shared_params x 4 (float32 payload "
+              f"without\nmessage framing, names, counts or the run configuration every instruction carries).")
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -60,11 +60,12 @@ class Federation:
         self.run = RunDir(cfg.run_dir)
         self.progress = progress or (lambda *a, **k: None)
         foundation = load_foundation(cfg.foundation)
+        foundation_params = count_parameters(foundation)  # before peft injects the adapters into it
         self.model = PersonalModel(foundation, self.algorithm, seed=cfg.seed, **cfg.adapter_overrides())
         self.spec = spec_from(self.model.shared_spec())
         self.state = self.model.get_shared()
         self.model_sizes = {
-            "foundation_params": count_parameters(foundation),
+            "foundation_params": foundation_params,
             "shared_params": int(sum(np.prod(t.shape) for t in self.spec)),
             "private_params_per_user": int(sum(v.size for v in self.model.initial_private.values())),
         }

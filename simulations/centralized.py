@@ -55,9 +55,10 @@ def run_centralized(cfg: FederationConfig, progress=None) -> dict:
     users = part.private_users
     splits = split_users(ds, users, SplitConfig(cfg.split, negatives=cfg.negatives), lookups=lookups, seed=cfg.seed)
     foundation = load_foundation(cfg.foundation)
+    foundation_params = count_parameters(foundation)  # before peft injects the adapters into it
     pm = PersonalModel(foundation, get_algorithm("centralized"), seed=cfg.seed, user_slots=len(users),
                        **cfg.adapter_overrides())
-    sizes = {"foundation_params": count_parameters(foundation),
+    sizes = {"foundation_params": foundation_params,
              "shared_params": int(sum(np.prod(s) for _, s, _ in pm.shared_spec())),
              "private_params_per_user": int(sum(v.size for v in pm.initial_private.values()))}
     run.write_config({**cfg.to_run_config(), "model": sizes})

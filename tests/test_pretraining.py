@@ -1,0 +1,32 @@
+"""Pre-training on the open users of the real `tiny` synthetic dataset."""
+
+import pytest
+
+from foundation.model import load_foundation
+from simulations.data.partition import PartitionConfig, make_partition
+from simulations.data.store import Dataset
+from simulations.pretraining import pretrain_foundation
+
+
+@pytest.fixture(scope="module")
+def report_and_dir(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain") / "foundation"
+    return pretrain_foundation(tiny, out, epochs=3, batch_size=128, seed=0), out
+
+
+def test_pretrained_beats_untrained_on_held_out_data(report_and_dir):
+    report, _ = report_and_dir
+    for rows in ("open_val", "private_test"):
+        ev = report["evaluation"][rows]
+        assert ev["pretrained"]["auc"] > ev["untrained"]["auc"] + 0.05, (rows, ev)
+        assert ev["pretrained"]["logloss"] < ev["untrained"]["logloss"], (rows, ev)
+
+
+def test_trained_on_open_users_only_and_loads_frozen(tiny, report_and_dir):
+    report, out = report_and_dir
+    part = make_partition(Dataset(tiny), PartitionConfig(seed=0))
+    assert report["open_users"] == len(part.open_users) and report["private_users"] == part.num_clients
+    assert report["parameters"] <= 10_000_000
+    assert 1 <= report["best_epoch"] + 1 <= 3
+    model = load_foundation(out)
+    assert not any(p.requires_grad for p in model.parameters())
