@@ -289,11 +289,10 @@ def compare_cmd(
         state = {"task": None}
 
         def on_start(variant, seed):
-            if state["task"] is not None:
-                p.remove_task(state["task"])
+            if state["task"] is not None:  # keep one line per finished run, drop nothing
                 p.advance(overall)
-            state["task"] = p.add_task(f"{variant} seed {seed}", total=cfg.num_rounds)
             state["progress"] = _round_progress(p, f"{variant} seed {seed}", cfg.num_rounds)
+            state["task"] = p.task_ids[-1]
 
         result = compare(cfg, variants, list(range(seeds)), out_dir, cohort_size=cohort_size, on_start=on_start,
                          progress=lambda *a: state["progress"](*a))
