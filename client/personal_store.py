@@ -108,6 +108,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from foundation.errors import FedpaError
+from server.rundir import jsonable
 
 try:  # POSIX only; without it writers are not serialised (single writer assumed)
     import fcntl
@@ -269,18 +270,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _jsonable(x):
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.floating):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serializable: {type(x).__name__}")
-
-
 class PersonalStore:
     """One directory of per-user encrypted state; see the module docstring."""
 
@@ -373,7 +362,7 @@ class PersonalStore:
         if not isinstance(meta, dict):
             raise TypeError(f"meta must be a dict, not {type(meta).__name__}")
         try:
-            meta_bytes = json.dumps(meta, sort_keys=True, default=_jsonable).encode("utf-8")
+            meta_bytes = json.dumps(meta, sort_keys=True, default=jsonable).encode("utf-8")
         except (TypeError, ValueError) as e:
             raise TypeError(f"meta is not JSON-serializable: {e}") from None
         try:

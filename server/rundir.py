@@ -47,10 +47,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable).encode())
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=jsonable).encode())
 
 
-def _jsonable(x):
+def jsonable(x):
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating,)):
@@ -76,7 +76,7 @@ class RunDir:
         return self._read_json(self.path / "config.json")
 
     def append_metrics(self, record: dict) -> None:
-        line = json.dumps(record, sort_keys=True, default=_jsonable)
+        line = json.dumps(record, sort_keys=True, default=jsonable)
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(line + "\n")
             f.flush()
@@ -98,7 +98,7 @@ class RunDir:
         """Drop lines of rounds after ``last_round`` (a resumed run recomputes them)."""
         rows = [r for r in self.read_metrics() if r.get("round", 0) <= last_round]
         atomic_write_bytes(self.path / "metrics.jsonl",
-                           "".join(json.dumps(r, sort_keys=True, default=_jsonable) + "\n" for r in rows).encode())
+                           "".join(json.dumps(r, sort_keys=True, default=jsonable) + "\n" for r in rows).encode())
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.path / "summary.json", summary)
