@@ -28,7 +28,10 @@ from flwr.clientapp import ClientApp
 from client.personal_store import PersonalStore
 from client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
 from recmodels.evaluation import MetricSums
-from server.aggregation import client_contribution, count_keys, spec_from
+from server.aggregation import client_contribution, count_keys, expected_shapes, spec_from
+from server.secagg.protocol import STAGE_ADVERTISE, STAGE_MASKED, concat_update
+from server.secagg.transport import is_secagg, pack, unpack
+from client.secagg import SecAggClient
 from server.config import FederationConfig
 
 log = logging.getLogger("fedpa.client")
@@ -84,6 +87,8 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if is_secagg(msg.content):
+        return _secagg_stage(msg, context)
     cfg = FederationConfig.from_run_config(dict(msg.content["run"]))
     rt = get_runtime(cfg)
     rnd = msg.content["round"]
@@ -133,8 +138,28 @@ def train(msg: Message, context: Context) -> Message:
     if rt.algorithm.communicates:
         if total is None:  # every user excluded: an empty contribution (zero counts)
             total = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
-        content["arrays"] = arrays_to_record(total)
+        if cfg.secagg:
+            # kept on the node; only its masked form leaves, in the SecAgg+ stages that follow
+            vector = concat_update(total, expected_shapes(spec))
+            context.state["secagg-vector"] = arrays_to_record({"v": vector})
+        else:
+            content["arrays"] = arrays_to_record(total)
     return Message(content=content, reply_to=msg)
+
+
+def _secagg_stage(msg: Message, context: Context) -> Message:
+    """One SecAgg+ stage for this node; its protocol state lives in context.state between stages."""
+    request = unpack(msg.content)
+    if request.get("stage") == STAGE_ADVERTISE:
+        client = SecAggClient(int(context.node_id))
+    else:
+        client = SecAggClient.from_state(dict(context.state["secagg-state"]))
+    vector = None
+    if request.get("stage") == STAGE_MASKED:
+        vector = context.state["secagg-vector"]["v"].numpy()
+    reply = client.handle(request, vector)
+    context.state["secagg-state"] = ConfigRecord(client.export_state())
+    return Message(content=pack(reply), reply_to=msg)
 
 
 @app.evaluate()

@@ -53,6 +53,7 @@ class FederationConfig:
     activity_attribute: str = ""
     active_values: str = ""          # comma-separated ints
     min_nodes: int = 1
+    secagg: bool = False             # SecAgg+ over the nodes' contributions (the server sees only the sum)
     personal_store: str = ""         # directory of the encrypted personal store ("" = keep state in memory)
     personal_store_key_file: str = ""
     feature_cache: str = ""          # root of the simulation's cached tower inputs ("" = ~/.cache/fedpa/features, "none" = off)

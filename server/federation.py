@@ -26,7 +26,11 @@ from foundation.model import count_parameters, load_foundation
 from recmodels.evaluation import MetricSums
 from recmodels.personalization import PersonalModel, get_algorithm
 
-from .aggregation import InvalidUpdate, RoundFailed, apply_sums, spec_from, sum_updates, validate_update
+from .aggregation import (InvalidUpdate, RoundFailed, apply_sums, expected_shapes, spec_from, sum_updates,
+                          validate_update)
+from .secagg.protocol import QuantConfig, SecAggError, split_sum
+from .secagg.server_half import SecAggServer
+from .secagg.transport import pack, unpack
 from .config import FederationConfig
 from .rundir import RunDir, plot_curves
 
@@ -150,6 +154,7 @@ class Federation:
         problems = [f"node {n}: no reply within {self.cfg.round_timeout:g}s ({len(by_node[n])} client(s))"
                     for n in by_node if n not in answered]
         valid, up, users_ok, loss_sum, n_ex = [], [], 0, 0.0, 0
+        trained: dict[int, int] = {}
         for rep in self._ordered(replies):
             src = rep.metadata.src_node_id
             up.append(message_bytes(rep))
@@ -160,17 +165,19 @@ class Federation:
                 m = rep.content["metrics"]
                 reasons = [r for r in rep.content["excluded"]["reasons"] if r] if "excluded" in rep.content else []
                 problems += [f"node {src}: {r}" for r in reasons]
-                if self.algorithm.communicates:
+                plain = self.algorithm.communicates and not self.cfg.secagg
+                if plain:
                     if "arrays" not in rep.content:
                         raise InvalidUpdate("reply has no 'arrays' record")
                     update = from_record(rep.content["arrays"])
                     validate_update(update, self.spec)
                 n_users = min(int(m["num-users"]), len(by_node.get(src, [])))
-                if self.algorithm.communicates and float(update["count/global"][0]) != n_users:
+                if plain and float(update["count/global"][0]) != n_users:
                     raise InvalidUpdate(f"count/global {float(update['count/global'][0]):g} does not match "
                                         f"num-users {n_users}")
                 users_ok += n_users
-                if self.algorithm.communicates:
+                trained[src] = n_users
+                if plain:
                     valid.append(update)
                 loss_sum += float(m["loss-sum"])
                 n_ex += int(m["num-examples"])
@@ -178,18 +185,56 @@ class Federation:
                 problems.append(f"node {src}: excluded ({len(by_node.get(src, []))} client(s)): {e}")
         for p in problems:
             log.warning("round %d: %s", round_, p)
+        secagg_bytes = 0.0
+        if self.cfg.secagg and self.algorithm.communicates:
+            sums, included, secagg_bytes = self._secure_sum(round_, [n for n, k in trained.items() if k > 0], problems)
+            users_ok = sum(trained[n] for n in included)
         need = math.ceil(self.cfg.min_reply_fraction * len(selected))
         if users_ok < need:
             raise RoundFailed(f"round {round_}: only {users_ok} of {len(selected)} sampled clients returned a valid "
                               f"update ({need} needed); last checkpoint kept. Problems: " + "; ".join(problems[:5]))
-        if self.algorithm.communicates and valid:
+        if self.cfg.secagg and self.algorithm.communicates:
+            self.state = apply_sums(self.state, sums, self.spec)
+        elif self.algorithm.communicates and valid:
             self.state = apply_sums(self.state, sum_updates(valid, self.spec), self.spec)
         per_client_down = float(np.mean(down)) if down else 0.0
-        per_client_up = float(np.mean(up)) if up else 0.0
+        per_client_up = (float(np.mean(up)) if up else 0.0) + secagg_bytes
         return {"selected": len(selected), "clients_ok": users_ok, "train_loss": loss_sum / max(n_ex, 1),
                 "problems": problems,
                 "bytes_down_per_client": per_client_down if self.algorithm.communicates else 0.0,
                 "bytes_up_per_client": per_client_up if self.algorithm.communicates else 0.0}
+
+    def _secure_sum(self, round_: int, participants: list[int], problems: list[str]):
+        """SecAgg+ over the nodes that trained: four message exchanges, then only the sum is known.
+        Returns (named sums, nodes included, SecAgg bytes sent per participant)."""
+        shapes = expected_shapes(self.spec)
+        dim = int(sum(np.prod(s) for s in shapes.values()))
+        # a node's vector is a sum over its users: counts reach the cohort size, so the fixed-point
+        # range must cover it (one more bit per doubling)
+        biggest = max([len(self.nodes[n]) for n in participants] or [1])
+        clip = float(2 ** math.ceil(math.log2(max(8, 2 * biggest))))
+        try:
+            sa = SecAggServer(participants, dim, round_id=round_, quant=QuantConfig(clip=clip))
+            requests = sa.advertise_requests()
+            sent = {n: 0 for n in participants}
+            for receive in (sa.receive_keys, sa.receive_shares, sa.receive_masked, sa.receive_unmask):
+                msgs = [Message(content=pack(req), message_type=MessageType.TRAIN, dst_node_id=n,
+                                group_id=f"{round_}-secagg") for n, req in requests.items()]
+                pairs = []
+                for rep in self._ordered(self._send(msgs)):
+                    src = rep.metadata.src_node_id
+                    if rep.has_error():
+                        problems.append(f"node {src}: secure aggregation: {_reason(rep)}")
+                        continue
+                    sent[src] = sent.get(src, 0) + message_bytes(rep)
+                    pairs.append((src, unpack(rep.content)))
+                requests = receive(pairs)
+            result = requests
+        except SecAggError as e:
+            raise RoundFailed(f"round {round_}: secure aggregation failed: {e}; last checkpoint kept") from None
+        problems += [f"secure aggregation: {r}" for r in sa.reasons]
+        sums = split_sum(result.dequantize(), shapes)
+        return sums, result.included, float(np.mean([sent[n] for n in result.included])) if result.included else 0.0
 
     def evaluate(self, round_: int) -> dict[str, dict[str, float]]:
         msgs = [Message(content=self._content(round_), message_type=MessageType.EVALUATE,
@@ -260,6 +305,7 @@ def write_summary(run: RunDir, cfg: FederationConfig, history: list[dict], wall:
         "bytes_up_per_client_round": float(np.mean([h["bytes_up_per_client"] for h in trained])) if trained else 0.0,
         "model": model_sizes,
         "clients": evals[-1]["eval"].get("users"),
+        "secure_aggregation": cfg.secagg,
     }
     run.write_summary(summary)
     plot_curves(run)

@@ -231,6 +231,7 @@ def simulate_cmd(
     split: Annotated[str | None, typer.Option(help="by-day | chrono | loo | last")] = None,
     max_clients: Annotated[int | None, typer.Option(help="use at most this many private users (0 = all)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    secagg: Annotated[bool | None, typer.Option("--secagg/--no-secagg", help="SecAgg+ over the nodes' updates (needs >= 3 nodes)")] = None,
     cohort_size: Annotated[int, typer.Option(help="users per virtual SuperNode (0 = one node per CPU core; 1 = Flower's stock one user per node)")] = 0,
 ):
     """Run one federated simulation on Flower's simulation runtime; writes a run directory."""
@@ -240,7 +241,7 @@ def simulate_cmd(
                                           num_rounds=rounds, clients_per_round=clients_per_round,
                                           local_epochs=local_epochs, lr=lr, rank=rank,
                                           group_attributes=group_attributes, split=split, max_clients=max_clients,
-                                          seed=seed))
+                                          seed=seed, secagg=secagg))
     check_inputs(cfg)
     with progress_bar() as p:
         summary = simulate(cfg, cohort_size=cohort_size, progress=_round_progress(p, cfg.algorithm, cfg.num_rounds))
