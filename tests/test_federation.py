@@ -238,11 +238,8 @@ def test_foundation_algorithm_only_evaluates(tiny, tiny_foundation, tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_result(fedpa_run, tmp_path):
-    """A second run with the same configuration: bit-identical shared state, and the same metrics.
-
-    The metrics are compared to 1e-12 (relative), not bitwise: the server adds the nodes' metric
-    sums in the order the replies arrive, which varies, and float64 addition is not associative
-    (seen: val gauc 0.5661584138486313 vs ...312). See the report: sort replies before summing."""
+    """A second run with the same configuration: bit-identical shared state and identical metrics
+    (the server sums replies in the order of the clients their nodes serve, not arrival order)."""
     from simulations.simulate import simulate
 
     cfg = fed_config(Path(fedpa_run.cfg.data_dir), Path(fedpa_run.cfg.foundation), tmp_path / "again")
@@ -255,8 +252,8 @@ def test_same_seed_same_result(fedpa_run, tmp_path):
     for split in ("val", "test"):
         assert set(s[split]) == set(ref[split])
         for k, v in ref[split].items():
-            assert s[split][k] == pytest.approx(v, rel=1e-12, abs=1e-15), (split, k)
+            assert s[split][k] == v or (v != v and s[split][k] != s[split][k]), (split, k)
     for x, y in zip(read_metrics(cfg.run_dir), read_metrics(fedpa_run.run_dir)):
         assert x["round"] == y["round"]
         if "train_loss" in y:
-            assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-12)
+            assert x["train_loss"] == y["train_loss"]
