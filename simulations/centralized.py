@@ -45,7 +45,6 @@ def _evaluate(pm, data: UserTensors, ex: Examples, groups, slots, group_size: in
 
 
 def run_centralized(cfg: FederationConfig, progress=None) -> dict:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run = RunDir(cfg.run_dir)
     for name in ("metrics.jsonl", "summary.json"):
         (run.path / name).unlink(missing_ok=True)

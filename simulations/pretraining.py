@@ -73,7 +73,6 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
                         partition: PartitionConfig | None = None, max_private_eval_users: int = 500,
                         progress=None, **model_overrides) -> dict:
     torch.manual_seed(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = Dataset(data_dir)
     lookups = Lookups.build(ds)
     part = make_partition(ds, partition or PartitionConfig(seed=seed))
