@@ -253,7 +253,8 @@ def _print_summary(summary: dict, run_dir: str) -> None:
     t.add_column("metric")
     t.add_column("value")
     for k, v in summary["test"].items():
-        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        whole = k in ("n", "gauc_users", "cases")
+        t.add_row(k, f"{v:,.0f}" if whole else f"{v:.4f}" if isinstance(v, float) else str(v))
     t.add_row("bytes up / client / round", f"{summary['bytes_up_per_client_round']:,.0f}")
     t.add_row("bytes down / client / round", f"{summary['bytes_down_per_client_round']:,.0f}")
     t.add_row("seconds / round", f"{summary['seconds_per_round']:.2f}")
