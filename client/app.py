@@ -33,6 +33,7 @@ from server.secagg.protocol import STAGE_ADVERTISE, STAGE_MASKED, concat_update
 from server.secagg.transport import is_secagg, pack, unpack
 from client.secagg import SecAggClient
 from server.config import FederationConfig
+from server.privacy import clip_delta
 
 log = logging.getLogger("fedpa.client")
 app = ClientApp()
@@ -121,7 +122,10 @@ def train(msg: Message, context: Context) -> Message:
             if not all(np.all(np.isfinite(v)) for v in delta.values()):
                 excluded.append(f"user {data.user_id}: non-finite update")
                 continue
-            contrib = client_contribution(delta, spec, pm.groups_of(data.profile))
+            groups = pm.groups_of(data.profile)
+            if cfg.dp_noise_multiplier > 0:
+                delta, _ = clip_delta(delta, spec, groups, cfg.dp_clip)
+            contrib = client_contribution(delta, spec, groups)
             total = contrib if total is None else {k: total[k] + contrib[k] for k in total}
         if private:
             context.state[f"private/{data.user_id}"] = arrays_to_record(private)

@@ -53,6 +53,10 @@ class FederationConfig:
     activity_attribute: str = ""
     active_values: str = ""          # comma-separated ints
     min_nodes: int = 1
+    dp_noise_multiplier: float = 0.0  # client-level DP (trusted aggregator): 0 = off
+    dp_clip: float = 1.0             # L2 bound of one user's shared update
+    dp_delta: float = 0.0            # 0 = 1 / number of clients
+    dp_max_epsilon: float = 0.0      # privacy budget: stop before a round would exceed it (0 = none)
     secagg: bool = False             # SecAgg+ over the nodes' contributions (the server sees only the sum)
     personal_store: str = ""         # directory of the encrypted personal store ("" = keep state in memory)
     personal_store_key_file: str = ""
@@ -111,6 +115,9 @@ class FederationConfig:
         for name in ("active_top_fraction", "open_active_fraction", "open_rest_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(f"{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.dp_noise_multiplier < 0 or not self.dp_clip > 0 or not 0 <= self.dp_delta < 1 \
+                or self.dp_max_epsilon < 0:
+            bad("dp-noise-multiplier and dp-max-epsilon must be >= 0, dp-clip > 0 and dp-delta in [0, 1)")
         if self.split not in ("by-day", "chrono", "loo", "last"):
             bad(f"unknown split '{self.split}' (by-day, chrono, loo, last)")
 

@@ -32,6 +32,7 @@ from .secagg.protocol import QuantConfig, SecAggError, split_sum
 from .secagg.server_half import SecAggServer
 from .secagg.transport import pack, unpack
 from .config import FederationConfig
+from .privacy import add_noise, make_accountant, round_event, sensitivity
 from .rundir import RunDir, plot_curves
 
 log = logging.getLogger("fedpa.server")
@@ -125,6 +126,10 @@ class Federation:
             log.warning("%d of %d clients have no node (e.g. %s): they will not take part",
                         len(missing), num_clients, missing[:5])
         self.client_node = {c: n for n, cs in nodes.items() for c in cs}
+        self.accountant = None
+        if self.cfg.dp_noise_multiplier > 0 and self.algorithm.communicates:
+            self.dp_delta = self.cfg.dp_delta or 1.0 / num_clients
+            self.accountant = make_accountant(num_clients, self.dp_delta)
         self.nodes = nodes
         return nodes
 
@@ -134,6 +139,9 @@ class Federation:
         return sorted(replies, key=lambda r: min(self.nodes.get(r.metadata.src_node_id) or [math.inf]))
 
     # ------------------------------------------------------------------ rounds
+
+    def _dp_event(self, sample_size: int):
+        return round_event(self.cfg.dp_noise_multiplier, max(1, sample_size), self.num_clients)
 
     def sample(self, round_: int) -> list[int]:
         clients = sorted(self.client_node)
@@ -193,10 +201,14 @@ class Federation:
         if users_ok < need:
             raise RoundFailed(f"round {round_}: only {users_ok} of {len(selected)} sampled clients returned a valid "
                               f"update ({need} needed); last checkpoint kept. Problems: " + "; ".join(problems[:5]))
-        if self.cfg.secagg and self.algorithm.communicates:
+        if self.algorithm.communicates and (self.cfg.secagg or valid):
+            if not self.cfg.secagg:
+                sums = sum_updates(valid, self.spec)
+            if self.cfg.dp_noise_multiplier > 0:
+                std = self.cfg.dp_noise_multiplier * sensitivity(self.cfg.dp_clip, len(self.model.group_attributes))
+                sums = add_noise(sums, self.spec, std, np.random.default_rng([self.cfg.seed, round_, 0xD9]))
+                self.accountant.compose(self._dp_event(len(selected)))
             self.state = apply_sums(self.state, sums, self.spec)
-        elif self.algorithm.communicates and valid:
-            self.state = apply_sums(self.state, sum_updates(valid, self.spec), self.spec)
         per_client_down = float(np.mean(down)) if down else 0.0
         per_client_up = (float(np.mean(up)) if up else 0.0) + secagg_bytes
         return {"selected": len(selected), "clients_ok": users_ok, "train_loss": loss_sum / max(n_ex, 1),
@@ -271,10 +283,19 @@ class Federation:
         self.run.append_metrics(rec)
         history.append(rec)
         self.progress(0, cfg.num_rounds, ev)
+        self.stopped_by_budget = None
         for r in range(1, cfg.num_rounds + 1):
+            if self.accountant is not None and cfg.dp_max_epsilon > 0 and self.accountant.would_exceed(
+                    self._dp_event(len(self.sample(r))), cfg.dp_max_epsilon):
+                log.warning("round %d would exceed the privacy budget ε = %g: training stops", r, cfg.dp_max_epsilon)
+                self.stopped_by_budget = r
+                break
             tr = time.time()
             stats = self.train_round(r, final=(r == cfg.num_rounds))
             rec = {"round": r, **stats, "train_s": time.time() - tr}
+            if self.accountant is not None:
+                rec["epsilon"] = self.accountant.get_epsilon(self.dp_delta)
+                rec["delta"] = self.dp_delta
             if r % cfg.eval_every == 0 or r == cfg.num_rounds:
                 rec["eval"] = self.evaluate(r)
             rec["wall_s"] = time.time() - t0
@@ -286,11 +307,17 @@ class Federation:
         return self.summarize(history, time.time() - t0)
 
     def summarize(self, history: list[dict], wall: float) -> dict[str, Any]:
-        return write_summary(self.run, self.cfg, history, wall, self.model_sizes)
+        privacy = None
+        if self.accountant is not None:
+            privacy = {"epsilon": self.accountant.get_epsilon(self.dp_delta), "delta": self.dp_delta,
+                       "noise_multiplier": self.cfg.dp_noise_multiplier, "clip": self.cfg.dp_clip,
+                       "rounds_accounted": self.accountant.num_releases,
+                       "stopped_by_budget_at_round": self.stopped_by_budget}
+        return write_summary(self.run, self.cfg, history, wall, self.model_sizes, privacy)
 
 
 def write_summary(run: RunDir, cfg: FederationConfig, history: list[dict], wall: float,
-                  model_sizes: dict) -> dict[str, Any]:
+                  model_sizes: dict, privacy: dict | None = None) -> dict[str, Any]:
     key = primary_metric(cfg.split)
     evals = [h for h in history if "eval" in h]
     best = max(evals, key=lambda h: _num(h["eval"]["val"].get(key)))
@@ -306,6 +333,7 @@ def write_summary(run: RunDir, cfg: FederationConfig, history: list[dict], wall:
         "model": model_sizes,
         "clients": evals[-1]["eval"].get("users"),
         "secure_aggregation": cfg.secagg,
+        "differential_privacy": privacy,
     }
     run.write_summary(summary)
     plot_curves(run)
