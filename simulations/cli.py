@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,6 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from foundation.errors import FedpaError
+
+if TYPE_CHECKING:
+    from server.config import FederationConfig
 
 app = typer.Typer(help="fedpa: federated personalization of recommenders with adapters.",
                   no_args_is_help=True, pretty_exceptions_enable=False)

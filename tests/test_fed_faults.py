@@ -8,7 +8,6 @@ one `simulate()`, which runs the real ServerApp on `flwr.simulation.run_simulati
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 

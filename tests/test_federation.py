@@ -20,7 +20,7 @@ import pytest
 
 import server.app
 from fed_fixtures import fed_config, read_metrics, recording_server_app_factory
-from server.aggregation import COUNT_PREFIX, count_keys, spec_from
+from server.aggregation import count_keys, spec_from
 from server.rundir import RunDir
 
 COHORT = 4        # 12 clients -> 3 virtual SuperNodes
@@ -70,7 +70,7 @@ def assert_finite_eval(ev: dict, where: str) -> None:
 
 
 def test_run_dir_has_config_metrics_summary_curves_checkpoints(fedpa_run, fedpa_model):
-    run, cfg = fedpa_run.run_dir, fedpa_run.cfg
+    run = fedpa_run.run_dir
     config = json.loads((run / "config.json").read_text())
     assert config["algorithm"] == "fedpa" and config["num-rounds"] == 2 and config["max-clients"] == NUM_CLIENTS
     shared_params = sum(int(np.prod(s)) for _, s, _ in fedpa_model.shared_spec())

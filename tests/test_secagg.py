@@ -406,7 +406,7 @@ def test_client_rejects_wrong_vector_length():
 
 def test_shamir_any_t_of_k_shares_reconstruct_and_fewer_do_not():
     rand = drbg("shamir")
-    k, t = 7, 4
+    t = 4  # of k = 7 holders
     holders = [5, 9, 17, 2**64 - 1, 0, 33, 1000]
     xs = [share_x(h) for h in holders]
     for trial in range(5):
