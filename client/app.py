@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 
 from client.personal_store import PersonalStore
 from client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
-from recmodels.evaluation import MetricSums
+from recmodels.evaluation import MetricSums, membership_attack
 from server.aggregation import client_contribution, count_keys, expected_shapes, spec_from
 from server.secagg.protocol import STAGE_ADVERTISE, STAGE_MASKED, concat_update
 from server.secagg.transport import is_secagg, pack, unpack
@@ -173,18 +173,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     pm = rt.model
     round_ = int(msg.content["round"]["round"])
     global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
-    val, test = MetricSums(), MetricSums()
+    attack = bool(msg.content["round"].get("final", False))
+    val, test, mia = MetricSums(), MetricSums(), MetricSums()
     users = 0
     for c in _node_clients(context, rt):
         data = rt.user(c)
         if global_state:
             pm.set_shared(global_state)
         pm.set_private(_private_state(context, rt, data.user_id))
-        v, t = pm.personalized_scores(data.train, [data.val, data.test], data.profile, rt.local,
-                                      seed=user_seed(cfg.seed, round_, data.user_id))
-        val.add_user(data.val.labels[:, 0].numpy(), v, data.group_size)
-        test.add_user(data.test.labels[:, 0].numpy(), t, data.group_size)
+        splits = [data.val, data.test] + ([data.train] if attack else [])
+        scores = pm.personalized_scores(data.train, splits, data.profile, rt.local,
+                                        seed=user_seed(cfg.seed, round_, data.user_id))
+        val.add_user(data.val.labels[:, 0].numpy(), scores[0], data.group_size)
+        test.add_user(data.test.labels[:, 0].numpy(), scores[1], data.group_size)
+        if attack:
+            mia.add_user(*membership_attack(data.train.labels[:, 0].numpy(), scores[2],
+                                            data.test.labels[:, 0].numpy(), scores[1]))
         users += 1
-    content = RecordDict({"arrays": arrays_to_record({"val": val.v, "test": test.v}),
+    arrays = {"val": val.v, "test": test.v, **({"mia": mia.v} if attack else {})}
+    content = RecordDict({"arrays": arrays_to_record(arrays),
                           "metrics": MetricRecord({"num-users": users, "num-examples": int(val.get("n"))})})
     return Message(content=content, reply_to=msg)

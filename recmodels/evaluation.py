@@ -124,3 +124,19 @@ def _weighted_prf(tp: float, fp: float, fn: float, tn: float) -> dict[str, float
     p0, r0, f0 = prf(tn, fn, fp)
     w1, w0 = s1 / total, s0 / total
     return {"precision": w1 * p1 + w0 * p0, "recall": w1 * r1 + w0 * r0, "f1": w1 * f1 + w0 * f0}
+
+
+def membership_attack(train_labels: np.ndarray, train_probs: np.ndarray, test_labels: np.ndarray,
+                      test_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A confidence-threshold membership-inference attack on one user's personalized model.
+
+    Members are the user's training rows, non-members its held-out test rows; the attack's score is
+    the model's probability of the true label (overfitted models are more confident on members).
+    Returns (is_member, score) for `MetricSums.add_user`: its AUC is the attack's success over all
+    thresholds (0.5 = the attacker learns nothing), its GAUC the mean per-user attack AUC."""
+    def confidence(y, p):
+        seen = y >= 0
+        return np.where(y[seen] == 1, p[seen], 1 - p[seen])
+    members, others = confidence(train_labels, train_probs), confidence(test_labels, test_probs)
+    return (np.r_[np.ones(len(members), np.int64), np.zeros(len(others), np.int64)],
+            np.r_[members, others])

@@ -248,10 +248,12 @@ class Federation:
         sums = split_sum(result.dequantize(), shapes)
         return sums, result.included, float(np.mean([sent[n] for n in result.included])) if result.included else 0.0
 
-    def evaluate(self, round_: int) -> dict[str, dict[str, float]]:
-        msgs = [Message(content=self._content(round_), message_type=MessageType.EVALUATE,
+    def evaluate(self, round_: int, final: bool = False) -> dict[str, dict[str, float]]:
+        """Validation and test metrics; in the final evaluation also a membership-inference attack
+        against every user's personalized model (`recmodels.evaluation.membership_attack`)."""
+        msgs = [Message(content=self._content(round_, final=final), message_type=MessageType.EVALUATE,
                         dst_node_id=n, group_id=f"eval-{round_}") for n in self.nodes]
-        val, test = MetricSums(), MetricSums()
+        val, test, mia = MetricSums(), MetricSums(), MetricSums()
         users = 0
         for rep in self._ordered(self._send(msgs)):
             src = rep.metadata.src_node_id
@@ -261,7 +263,8 @@ class Federation:
             try:
                 arrays = from_record(rep.content["arrays"])
                 v, t = MetricSums(arrays["val"]), MetricSums(arrays["test"])
-                if not (np.isfinite(v.v).all() and np.isfinite(t.v).all()):
+                m = MetricSums(arrays["mia"]) if final else MetricSums()
+                if not (np.isfinite(v.v).all() and np.isfinite(t.v).all() and np.isfinite(m.v).all()):
                     raise ValueError("non-finite metric sums")
                 n = min(int(rep.content["metrics"]["num-users"]), len(self.nodes.get(src, [])))
             except (KeyError, TypeError, ValueError) as e:
@@ -269,8 +272,13 @@ class Federation:
                 continue
             val += v
             test += t
+            mia += m
             users += n
-        return {"val": val.finalize(), "test": test.finalize(), "users": users}
+        out = {"val": val.finalize(), "test": test.finalize(), "users": users}
+        if final:
+            attack = mia.finalize()
+            out["membership_inference"] = {"auc": attack["auc"], "per_user_auc": attack["gauc"]}
+        return out
 
     def run_rounds(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -278,7 +286,7 @@ class Federation:
         self.discover()
         t0 = time.time()
         history = []
-        ev = self.evaluate(0)
+        ev = self.evaluate(0, final=(cfg.num_rounds == 0))
         rec = {"round": 0, "eval": ev, "wall_s": 0.0}
         self.run.append_metrics(rec)
         history.append(rec)
@@ -297,7 +305,7 @@ class Federation:
                 rec["epsilon"] = self.accountant.get_epsilon(self.dp_delta)
                 rec["delta"] = self.dp_delta
             if r % cfg.eval_every == 0 or r == cfg.num_rounds:
-                rec["eval"] = self.evaluate(r)
+                rec["eval"] = self.evaluate(r, final=(r == cfg.num_rounds))
             rec["wall_s"] = time.time() - t0
             self.run.save_checkpoint(r, self.state, {"algorithm": cfg.algorithm})
             self.run.keep_last_checkpoints(2)
@@ -334,6 +342,7 @@ def write_summary(run: RunDir, cfg: FederationConfig, history: list[dict], wall:
         "clients": evals[-1]["eval"].get("users"),
         "secure_aggregation": cfg.secagg,
         "differential_privacy": privacy,
+        "membership_inference": evals[-1]["eval"].get("membership_inference"),
     }
     run.write_summary(summary)
     plot_curves(run)

@@ -265,6 +265,10 @@ def _print_summary(summary: dict, run_dir: str) -> None:
     t.add_row("bytes up / client / round", f"{summary['bytes_up_per_client_round']:,.0f}")
     t.add_row("bytes down / client / round", f"{summary['bytes_down_per_client_round']:,.0f}")
     t.add_row("seconds / round", f"{summary['seconds_per_round']:.2f}")
+    mia = summary.get("membership_inference")
+    if mia:
+        t.add_row("membership-inference attack AUC", f"{mia['auc']:.4f} (0.5 = nothing learned; per user "
+                                                     f"{mia['per_user_auc']:.4f})")
     dp = summary.get("differential_privacy")
     if dp:
         t.add_row("privacy", f"ε = {dp['epsilon']:.3f} at δ = {dp['delta']:.2g} (z = {dp['noise_multiplier']}, "

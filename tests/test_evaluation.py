@@ -35,3 +35,16 @@ def test_unobserved_labels_are_ignored_and_ranking_cases():
     out = r.finalize()
     assert out["cases"] == 2 and out["hr@10"] == 1.0
     assert abs(out["ndcg@10"] - (1 + 1 / np.log2(5)) / 2) < 1e-12
+
+
+def test_membership_attack_scores_confidence_in_the_true_label():
+    from recmodels.evaluation import membership_attack
+
+    # an overfitted model: confident on its training rows, unsure on held-out rows
+    is_member, score = membership_attack(np.array([1, 0, -1]), np.array([0.99, 0.02, 0.5]),
+                                         np.array([1, 0]), np.array([0.6, 0.45]))
+    assert is_member.tolist() == [1, 1, 0, 0]  # the unlabelled training row is left out
+    assert np.allclose(score, [0.99, 0.98, 0.6, 0.55])
+    s = MetricSums()
+    s.add_user(is_member, score)
+    assert s.finalize()["auc"] == 1.0

@@ -64,6 +64,8 @@ def test_noisy_federation_logs_epsilon_and_respects_the_budget(tiny, tiny_founda
     ref = _independent_epsilon(1.0, 3, 1 / 12)
     assert abs(eps[-1] - ref) / ref < 0.02
     assert summary["differential_privacy"]["epsilon"] == eps[-1]
+    mia = summary["membership_inference"]  # attack on the personalized models, final evaluation only
+    assert 0.0 < mia["auc"] < 1.0 and "membership_inference" not in rows[1]["eval"]
     # a budget between the cost of 2 and 3 rounds stops training before round 3
     budget = (eps[1] + eps[2]) / 2
     stopped = simulate(replace(cfg, run_dir=str(tmp_path / "budget"), dp_max_epsilon=budget), cohort_size=4)
