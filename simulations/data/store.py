@@ -335,11 +335,8 @@ class Dataset:
         """All rows of day table ``name`` for one user (zero-copy slices, then concatenated)."""
         parts = []
         for d in days if days is not None else self.days:
-            t = self._table(name, self.check_day(d), None)
-            uid = self._user_index(name, d, t)
-            lo, hi = np.searchsorted(uid, [user_id, user_id + 1])
-            if hi > lo:
-                s = t.slice(int(lo), int(hi - lo))
+            s = self._user_slice(name, self.check_day(d), user_id)
+            if s.num_rows:
                 parts.append(s.select(columns) if columns else s)
         if not parts:
             schema = SCHEMAS[name]
@@ -349,12 +346,15 @@ class Dataset:
     def history_rows(self, user_id: int) -> pa.Table:
         if not self.manifest.get("has_history"):
             return SCHEMAS["history"].empty_table()
-        t = self._table("history", "", None)
-        uid = self._user_index("history", "", t)
-        lo, hi = np.searchsorted(uid, [user_id, user_id + 1])
-        return t.slice(int(lo), int(hi - lo))
+        return self._user_slice("history", "", user_id)
 
     # -- internals
+    def _user_slice(self, name: str, day: str, user_id: int) -> pa.Table:
+        """One user's rows of a table sorted by user_id: a zero-copy slice found by binary search."""
+        t = self._table(name, day, None)
+        lo, hi = np.searchsorted(self._user_index(name, day, t), [user_id, user_id + 1])
+        return t.slice(int(lo), int(hi - lo))
+
     def _file(self, name: str, day: str) -> Path:
         return self.path / name / f"{day}.arrow" if day else self.path / f"{name}.arrow"
 
