@@ -33,7 +33,7 @@ from server.secagg.protocol import STAGE_ADVERTISE, STAGE_MASKED, concat_update
 from server.secagg.transport import is_secagg, pack, unpack
 from client.secagg import SecAggClient
 from server.config import FederationConfig
-from server.privacy import clip_delta
+from server.privacy import add_local_noise, add_noise, clip_delta, distributed_share_std
 
 log = logging.getLogger("fedpa.client")
 app = ClientApp()
@@ -125,7 +125,13 @@ def train(msg: Message, context: Context) -> Message:
             groups = pm.groups_of(data.profile)
             if cfg.dp_noise_multiplier > 0:
                 delta, _ = clip_delta(delta, spec, groups, cfg.dp_clip)
+                if cfg.dp_mode == "local":
+                    delta = add_local_noise(delta, spec, groups, cfg.dp_noise_multiplier * cfg.dp_clip)
             contrib = client_contribution(delta, spec, groups)
+            if cfg.dp_noise_multiplier > 0 and cfg.dp_mode == "distributed":
+                std = distributed_share_std(cfg.dp_noise_multiplier, cfg.dp_clip, len(pm.group_attributes),
+                                            cfg.min_reply_fraction, int(rnd["cohort"]))
+                contrib = add_noise(contrib, spec, std, clamp=False)
             total = contrib if total is None else {k: total[k] + contrib[k] for k in total}
         if private:
             context.state[f"private/{data.user_id}"] = arrays_to_record(private)

@@ -21,6 +21,9 @@ class ConfigValueError(FedpaError):
     pass
 
 
+DP_MODES = ("central", "distributed", "local")
+
+
 @dataclass
 class FederationConfig:
     data_dir: str = "data/small"
@@ -53,7 +56,8 @@ class FederationConfig:
     activity_attribute: str = ""
     active_values: str = ""          # comma-separated ints
     min_nodes: int = 1
-    dp_noise_multiplier: float = 0.0  # client-level DP (trusted aggregator): 0 = off
+    dp_noise_multiplier: float = 0.0  # client-level DP noise multiplier z: 0 = off
+    dp_mode: str = "central"         # central (server adds noise) | distributed (clients, needs secagg) | local
     dp_clip: float = 1.0             # L2 bound of one user's shared update
     dp_delta: float = 0.0            # 0 = 1 / number of clients
     dp_max_epsilon: float = 0.0      # privacy budget: stop before a round would exceed it (0 = none)
@@ -118,6 +122,11 @@ class FederationConfig:
         if self.dp_noise_multiplier < 0 or not self.dp_clip > 0 or not 0 <= self.dp_delta < 1 \
                 or self.dp_max_epsilon < 0:
             bad("dp-noise-multiplier and dp-max-epsilon must be >= 0, dp-clip > 0 and dp-delta in [0, 1)")
+        if self.dp_mode not in DP_MODES:
+            bad(f"unknown dp-mode '{self.dp_mode}' ({', '.join(DP_MODES)})")
+        if self.dp_mode == "distributed" and self.dp_noise_multiplier > 0 and not self.secagg:
+            bad("dp-mode 'distributed' needs secagg: without it the server sees each node's update with only "
+                "a fraction of the noise (use dp-mode 'central' or 'local', or turn secagg on)")
         if self.split not in ("by-day", "chrono", "loo", "last"):
             bad(f"unknown split '{self.split}' (by-day, chrono, loo, last)")
 

@@ -32,7 +32,8 @@ from .secagg.protocol import QuantConfig, SecAggError, split_sum
 from .secagg.server_half import SecAggServer
 from .secagg.transport import pack, unpack
 from .config import FederationConfig
-from .privacy import add_noise, make_accountant, round_event, sensitivity
+from .privacy import (add_noise, clamp_counts, distributed_share_std, event_multiplier, make_accountant, round_event,
+                      sensitivity)
 from .rundir import RunDir, plot_curves
 
 log = logging.getLogger("fedpa.server")
@@ -82,9 +83,10 @@ class Federation:
         return list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
 
     def _content(self, round_: int, clients: list[int] | None = None, final: bool = False,
-                 with_state: bool = True) -> RecordDict:
+                 with_state: bool = True, cohort: int = 0) -> RecordDict:
         rd = RecordDict({"run": ConfigRecord(self.run_config),
-                         "round": ConfigRecord({"round": round_, "clients": clients or [], "final": final})})
+                         "round": ConfigRecord({"round": round_, "clients": clients or [], "final": final,
+                                                "cohort": cohort})})
         if with_state and self.state:
             rd["arrays"] = to_record(self.state)
         return rd
@@ -141,7 +143,8 @@ class Federation:
     # ------------------------------------------------------------------ rounds
 
     def _dp_event(self, sample_size: int):
-        return round_event(self.cfg.dp_noise_multiplier, max(1, sample_size), self.num_clients)
+        return round_event(event_multiplier(self.cfg.dp_mode, self.cfg.dp_noise_multiplier), max(1, sample_size),
+                           self.num_clients)
 
     def sample(self, round_: int) -> list[int]:
         clients = sorted(self.client_node)
@@ -154,7 +157,7 @@ class Federation:
         by_node: dict[int, list[int]] = {}
         for c in selected:
             by_node.setdefault(self.client_node[c], []).append(c)
-        msgs = [Message(content=self._content(round_, cs, final), message_type=MessageType.TRAIN,
+        msgs = [Message(content=self._content(round_, cs, final, cohort=len(selected)), message_type=MessageType.TRAIN,
                         dst_node_id=n, group_id=str(round_)) for n, cs in by_node.items()]
         down = [message_bytes(m) for m in msgs]
         replies = self._send(msgs)
@@ -195,7 +198,8 @@ class Federation:
             log.warning("round %d: %s", round_, p)
         secagg_bytes = 0.0
         if self.cfg.secagg and self.algorithm.communicates:
-            sums, included, secagg_bytes = self._secure_sum(round_, [n for n, k in trained.items() if k > 0], problems)
+            sums, included, secagg_bytes = self._secure_sum(round_, [n for n, k in trained.items() if k > 0], problems,
+                                                            cohort=len(selected))
             users_ok = sum(trained[n] for n in included)
         need = math.ceil(self.cfg.min_reply_fraction * len(selected))
         if users_ok < need:
@@ -205,8 +209,11 @@ class Federation:
             if not self.cfg.secagg:
                 sums = sum_updates(valid, self.spec)
             if self.cfg.dp_noise_multiplier > 0:
-                std = self.cfg.dp_noise_multiplier * sensitivity(self.cfg.dp_clip, len(self.model.group_attributes))
-                sums = add_noise(sums, self.spec, std, np.random.default_rng([self.cfg.seed, round_, 0xD9]))
+                if self.cfg.dp_mode == "central":
+                    std = self.cfg.dp_noise_multiplier * sensitivity(self.cfg.dp_clip, len(self.model.group_attributes))
+                    sums = add_noise(sums, self.spec, std)
+                elif self.cfg.dp_mode == "distributed":  # the clients' noise is already in the sum
+                    sums = clamp_counts(sums, self.spec)
                 self.accountant.compose(self._dp_event(len(selected)))
             self.state = apply_sums(self.state, sums, self.spec)
         per_client_down = float(np.mean(down)) if down else 0.0
@@ -216,7 +223,7 @@ class Federation:
                 "bytes_down_per_client": per_client_down if self.algorithm.communicates else 0.0,
                 "bytes_up_per_client": per_client_up if self.algorithm.communicates else 0.0}
 
-    def _secure_sum(self, round_: int, participants: list[int], problems: list[str]):
+    def _secure_sum(self, round_: int, participants: list[int], problems: list[str], cohort: int):
         """SecAgg+ over the nodes that trained: four message exchanges, then only the sum is known.
         Returns (named sums, nodes included, SecAgg bytes sent per participant)."""
         shapes = expected_shapes(self.spec)
@@ -224,7 +231,14 @@ class Federation:
         # a node's vector is a sum over its users: counts reach the cohort size, so the fixed-point
         # range must cover it (one more bit per doubling)
         biggest = max([len(self.nodes[n]) for n in participants] or [1])
-        clip = float(2 ** math.ceil(math.log2(max(8, 2 * biggest))))
+        reach = 2.0 * biggest
+        if self.cfg.dp_noise_multiplier > 0 and self.cfg.dp_mode == "distributed":
+            # ... and the clients' noise: 8 std of a node's share stays inside the range (clipping it
+            # would remove noise)
+            share = distributed_share_std(self.cfg.dp_noise_multiplier, self.cfg.dp_clip,
+                                          len(self.model.group_attributes), self.cfg.min_reply_fraction, cohort)
+            reach += 8.0 * share * math.sqrt(biggest)
+        clip = float(2 ** math.ceil(math.log2(max(8.0, reach))))
         try:
             sa = SecAggServer(participants, dim, round_id=round_, quant=QuantConfig(clip=clip))
             requests = sa.advertise_requests()
@@ -318,6 +332,8 @@ class Federation:
         privacy = None
         if self.accountant is not None:
             privacy = {"epsilon": self.accountant.get_epsilon(self.dp_delta), "delta": self.dp_delta,
+                       "mode": self.cfg.dp_mode,
+                       "epsilon_is": "per user, local reports" if self.cfg.dp_mode == "local" else "client-level, released sums",
                        "noise_multiplier": self.cfg.dp_noise_multiplier, "clip": self.cfg.dp_clip,
                        "rounds_accounted": self.accountant.num_releases,
                        "stopped_by_budget_at_round": self.stopped_by_budget}

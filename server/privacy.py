@@ -1,19 +1,32 @@
-"""Client-level differential privacy in trusted-aggregator mode, with Flower's RDP accountant.
+"""Client-level differential privacy with Flower's RDP accountant, in three modes.
 
 Each user's update (the shared entries it contributes to: global ones and its own groups') is
-clipped to L2 norm C on the client. The server adds Gaussian noise to the *sums* before dividing
-by the counts. A user changes the vector of sums by at most its clipped delta (norm ≤ C) plus 1 in
-each of its 1 + G counts (global + G group attributes), so the L2 sensitivity of the released
-vector is S = sqrt(C² + 1 + G), and every coordinate (deltas and counts) gets noise N(0, (z·S)²):
-one Gaussian mechanism with noise multiplier z per round. Counts are clamped to ≥ 1 before
-dividing (post-processing). Accounting (Flower's RDP accountant) composes one Gaussian event per
-round under the add-or-remove-one relation *without* amplification by sampling: a valid, conservative
-bound whatever the sampling (a user's presence changes the released sums by at most S in any round
-it takes part in). δ defaults to 1 / population.
+clipped to L2 norm C on the client. A user changes the vector of released sums by at most its
+clipped delta (norm <= C) plus 1 in each of its 1 + G counts (global + G group attributes), so the
+L2 sensitivity of that vector is S = sqrt(C^2 + 1 + G). Where the noise is added:
 
-With secure aggregation on, the server still adds the noise to the unmasked sum: the guarantee
-is against everyone who sees the model afterwards, not against the server (distributed noise is
-not built).
+* ``central`` (trusted aggregator): the server adds N(0, (zS)^2) to every coordinate of the sums
+  (deltas and counts). Protects against everyone who sees the model afterwards, not the server.
+* ``distributed`` (needs secure aggregation): every contributing user adds N(0, (zS)^2 / m) to
+  every coordinate of its contribution, m = the round's quorum ceil(min_reply_fraction * cohort).
+  The round only completes when at least m users' contributions are in the SecAgg sum, so the
+  sum the server unmasks carries variance >= (zS)^2 whatever dropped out: the same Gaussian
+  mechanism as central mode, now also against the server (honest-but-curious, honest clients;
+  a user whose contribution is lost takes its noise with it, which is why the quorum and not the
+  cohort sets the share). More survivors than m only add noise.
+* ``local``: every user adds N(0, (zC)^2) to the entries it contributes; counts are sent as they
+  are (the server learns group membership, i.e. the profile attributes used for routing, not the
+  interactions). Two users' reports differ by at most 2C, so each round a user takes part in is a
+  Gaussian mechanism with noise multiplier z/2 under replace-one; the accountant composes that
+  for every round (worst case: the user is sampled every round) and reports the per-user ε.
+
+Central and distributed accounting compose one Gaussian event with multiplier z per round under
+add-or-remove-one *without* amplification by sampling: conservative whatever the sampling. δ
+defaults to 1 / population. Counts are clamped to >= 1 before dividing (post-processing).
+
+Noise comes from the operating system's entropy, never from the run's seed: a seeded generator
+would let anyone who knows the configuration subtract the noise. DP runs are therefore not
+bit-reproducible.
 """
 
 from __future__ import annotations
@@ -41,15 +54,53 @@ def sensitivity(clip: float, n_group_attributes: int) -> float:
     return math.sqrt(clip ** 2 + 1 + n_group_attributes)
 
 
+def noise_rng() -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence())  # fresh OS entropy, see the module docstring
+
+
 def add_noise(sums: dict[str, np.ndarray], spec: list[SharedTensor], std: float,
-              rng: np.random.Generator) -> dict[str, np.ndarray]:
+              rng: np.random.Generator | None = None, clamp: bool = True) -> dict[str, np.ndarray]:
+    """N(0, std^2) on every coordinate (deltas and counts), dtypes kept; on the server the counts
+    are then clamped to >= 1, a client's share (``clamp=False``) is left as it is."""
+    rng = rng or noise_rng()
     out = {}
     for key in [t.name for t in spec] + list(count_keys(spec)):
-        v = np.asarray(sums[key], dtype=np.float64)
-        out[key] = v + rng.normal(0.0, std, size=v.shape)
+        v = np.asarray(sums[key])
+        out[key] = (v + rng.normal(0.0, std, size=v.shape)).astype(v.dtype) if std > 0 else v
+    return clamp_counts(out, spec) if clamp else out
+
+
+def clamp_counts(sums: dict[str, np.ndarray], spec: list[SharedTensor]) -> dict[str, np.ndarray]:
+    out = dict(sums)
     for key in count_keys(spec):
-        out[key] = np.maximum(out[key], 1.0)  # post-processing: never divide by a tiny or negative count
+        out[key] = np.maximum(np.asarray(out[key], dtype=np.float64), 1.0)  # never divide by a tiny count
     return out
+
+
+def quorum(min_reply_fraction: float, cohort: int) -> int:
+    """Users whose contributions must reach the sum for a round to complete (the server's check)."""
+    return max(1, math.ceil(min_reply_fraction * cohort))
+
+
+def distributed_share_std(noise_multiplier: float, clip: float, n_group_attributes: int,
+                          min_reply_fraction: float, cohort: int) -> float:
+    """Std of the noise one user adds in distributed mode: the quorum's shares sum to (zS)^2."""
+    s = noise_multiplier * sensitivity(clip, n_group_attributes)
+    return s / math.sqrt(quorum(min_reply_fraction, cohort))
+
+
+def add_local_noise(delta: dict[str, np.ndarray], spec: list[SharedTensor], groups: set[str], std: float,
+                    rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Local DP: N(0, std^2) on the entries this user contributes (std = z * C)."""
+    rng = rng or noise_rng()
+    mine = {t.name for t in spec if t.group is None or t.group in groups}
+    return {k: (v + rng.normal(0.0, std, size=v.shape).astype(np.float32) if k in mine else v)
+            for k, v in delta.items()}
+
+
+def event_multiplier(mode: str, noise_multiplier: float) -> float:
+    """Noise multiplier of the Gaussian event one round is, under add-or-remove-one."""
+    return noise_multiplier / 2.0 if mode == "local" else noise_multiplier
 
 
 def make_accountant(population: int, delta: float):

@@ -237,6 +237,7 @@ def simulate_cmd(
     secagg: Annotated[bool | None, typer.Option("--secagg/--no-secagg", help="SecAgg+ over the nodes' updates (needs >= 3 nodes)")] = None,
     dp_noise_multiplier: Annotated[float | None, typer.Option(help="client-level DP noise multiplier z (0 = off)")] = None,
     dp_clip: Annotated[float | None, typer.Option(help="L2 bound C of one user's shared update")] = None,
+    dp_mode: Annotated[str | None, typer.Option(help="where DP noise is added: central (server) | distributed (clients, needs --secagg) | local")] = None,
     dp_max_epsilon: Annotated[float | None, typer.Option(help="privacy budget: stop before exceeding it (0 = none)")] = None,
     cohort_size: Annotated[int, typer.Option(help="users per virtual SuperNode (0 = one node per CPU core; 1 = Flower's stock one user per node)")] = 0,
 ):
@@ -248,7 +249,7 @@ def simulate_cmd(
                                           local_epochs=local_epochs, lr=lr, rank=rank,
                                           group_attributes=group_attributes, split=split, max_clients=max_clients,
                                           seed=seed, secagg=secagg, dp_noise_multiplier=dp_noise_multiplier,
-                                          dp_clip=dp_clip, dp_max_epsilon=dp_max_epsilon))
+                                          dp_clip=dp_clip, dp_mode=dp_mode, dp_max_epsilon=dp_max_epsilon))
     check_inputs(cfg)
     with progress_bar() as p:
         summary = simulate(cfg, cohort_size=cohort_size, progress=_round_progress(p, cfg.algorithm, cfg.num_rounds))
@@ -271,7 +272,8 @@ def _print_summary(summary: dict, run_dir: str) -> None:
                                                      f"{mia['per_user_auc']:.4f})")
     dp = summary.get("differential_privacy")
     if dp:
-        t.add_row("privacy", f"ε = {dp['epsilon']:.3f} at δ = {dp['delta']:.2g} (z = {dp['noise_multiplier']}, "
+        t.add_row("privacy", f"ε = {dp['epsilon']:.3f} at δ = {dp['delta']:.2g} ({dp.get('mode', 'central')}, "
+                             f"z = {dp['noise_multiplier']}, "
                              f"C = {dp['clip']}, {dp['rounds_accounted']} rounds)")
     out.print(t)
     out.print(f"run directory: [bold]{run_dir}[/]")

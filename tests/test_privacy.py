@@ -6,10 +6,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fed_fixtures import fed_config
+from foundation.model import load_foundation
+from recmodels.personalization import PersonalModel, get_algorithm
 from server.aggregation import SharedTensor
-from server.privacy import add_noise, clip_delta, make_accountant, round_event, sensitivity
+from server.config import ConfigValueError, FederationConfig
+from server.privacy import (add_local_noise, add_noise, clip_delta, distributed_share_std, event_multiplier,
+                            make_accountant, quorum, round_event, sensitivity)
+from server.rundir import RunDir
 from simulations.simulate import simulate
 
 
@@ -71,3 +77,66 @@ def test_noisy_federation_logs_epsilon_and_respects_the_budget(tiny, tiny_founda
     stopped = simulate(replace(cfg, run_dir=str(tmp_path / "budget"), dp_max_epsilon=budget), cohort_size=4)
     assert stopped["differential_privacy"]["stopped_by_budget_at_round"] == 3
     assert stopped["differential_privacy"]["epsilon"] <= budget
+
+
+def test_distributed_shares_of_the_quorum_add_up_to_the_central_noise():
+    z, clip, groups, frac, cohort = 1.3, 0.5, 2, 0.5, 40
+    share = distributed_share_std(z, clip, groups, frac, cohort)
+    m = quorum(frac, cohort)
+    assert m == 20
+    central = z * sensitivity(clip, groups)
+    assert math.isclose(share * math.sqrt(m), central, rel_tol=1e-12)
+    rng = np.random.default_rng(0)
+    summed = rng.normal(0.0, share, size=(20_000, m)).sum(axis=1)  # exactly the quorum survives
+    assert abs(summed.std() / central - 1) < 0.03
+
+
+def test_local_noise_touches_only_the_users_own_entries_and_event_halves_z():
+    spec = [SharedTensor("g", (200,), None), SharedTensor("a0", (200,), "age=0"), SharedTensor("a1", (200,), "age=1")]
+    delta = {k: np.zeros(200, np.float32) for k in ("g", "a0", "a1")}
+    noisy = add_local_noise(delta, spec, {"age=0"}, std=2.0)
+    assert noisy["a1"].dtype == np.float32 and not noisy["a1"].any()
+    assert 1.6 < noisy["g"].std() < 2.4 and 1.6 < noisy["a0"].std() < 2.4
+    # two users' local reports differ by up to 2C: multiplier z/2 under add-or-remove-one
+    assert event_multiplier("local", 3.0) == 1.5 and event_multiplier("distributed", 3.0) == 3.0
+
+
+def test_dp_noise_is_not_predictable_from_the_seed():
+    spec = [SharedTensor("g", (50,), None)]
+    sums = {"g": np.zeros(50), "count/global": np.array([10.0])}
+    a, b = add_noise(sums, spec, 1.0), add_noise(sums, spec, 1.0)
+    assert not np.allclose(a["g"], b["g"])
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed", "local"])
+def test_noise_in_the_aggregate_has_the_stated_scale(mode, tiny, tiny_foundation, tmp_path):
+    """One round, every client: with a tiny clip the change of the global shared entries is the noise
+    alone, and its spread matches what each mode promises for the released sum."""
+    z = 1.0
+    clip = 1.0 if mode == "local" else 1e-3
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / mode, num_rounds=1, max_clients=12, dp_mode=mode,
+                     dp_noise_multiplier=z, dp_clip=clip, secagg=(mode == "distributed"))
+    summary = simulate(cfg, cohort_size=3)
+    assert summary["differential_privacy"]["mode"] == mode
+    before = PersonalModel(load_foundation(cfg.foundation), get_algorithm("fedpa"), seed=cfg.seed,
+                           **cfg.adapter_overrides())
+    spec = before.shared_spec()
+    start = before.get_shared()
+    _, after, _ = RunDir(cfg.run_dir).load_checkpoint()
+    change = np.concatenate([(after[n] - start[n]).ravel() for n, _, g in spec if g is None])
+    n = 12
+    if mode == "central":
+        expected = z * sensitivity(clip, 2) / n
+    elif mode == "distributed":  # all 12 survive, the quorum is 6: twice the promised variance
+        expected = z * sensitivity(clip, 2) * math.sqrt(n / quorum(cfg.min_reply_fraction, n)) / n
+    else:
+        expected = z * clip * math.sqrt(n) / n
+    assert change.size > 500
+    assert 0.75 < change.std() / expected < 1.33, (mode, change.std(), expected)
+
+
+def test_distributed_noise_without_secure_aggregation_is_refused():
+    with pytest.raises(ConfigValueError, match="distributed.*secagg"):
+        FederationConfig(dp_mode="distributed", dp_noise_multiplier=1.0).validate()
+    with pytest.raises(ConfigValueError, match="dp-mode"):
+        FederationConfig(dp_mode="shuffle").validate()
