@@ -50,7 +50,8 @@ def check_inputs(cfg: FederationConfig) -> None:
 
 def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, encode_progress=None) -> dict:
     """Run one configuration; returns its summary. ``cohort_size`` users per virtual SuperNode
-    (0 = split the clients over one node per CPU core; 1 = Flower's stock one user per node)."""
+    (0 = split the clients over one node per CPU core, at least 8 nodes with SecAgg; 1 = Flower's
+    stock one user per node)."""
     cfg = replace(cfg)  # the caller's configuration stays as given
     cfg.validate()
     check_inputs(cfg)
@@ -69,7 +70,9 @@ def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, enco
         raise FedpaError(f"{cfg.data_dir}: no private users to federate (check the partition options)")
     if cohort_size < 0:
         raise FedpaError(f"cohort size must be >= 0, got {cohort_size}")
-    per_node = cohort_size or math.ceil(num_clients / (os.cpu_count() or 1))
+    # default: one node per core; SecAgg+ needs >= 3 participants and hides little among 3, so >= 8
+    default_nodes = max(os.cpu_count() or 1, 8 if cfg.secagg else 1)
+    per_node = cohort_size or math.ceil(num_clients / default_nodes)
     num_nodes = math.ceil(num_clients / per_node)
     cfg.min_nodes = num_nodes
     from flwr.simulation import run_simulation
