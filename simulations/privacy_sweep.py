@@ -122,6 +122,8 @@ def aggregate_point(p: SweepPoint, runs: list[dict], split: str) -> dict[str, An
         "bytes_up_per_client_round": mean_std([r["bytes_up_per_client_round"] for r in runs])[0],
         "bytes_down_per_client_round": mean_std([r["bytes_down_per_client_round"] for r in runs])[0],
         "run_dirs": [r["run_dir"] for r in runs],
+        "best_round": [r["best_round"] for r in runs],
+        "final_round_test": {m: mean_std([r["final"]["test"].get(m) for r in runs]) for m in utility_metrics(split)},
     }
     for m in utility_metrics(split):
         row[m] = mean_std([r["test"].get(m) for r in runs])
@@ -140,12 +142,14 @@ def _eps(e: float) -> str:
 def markdown_table(rows: list[dict], split: str) -> str:
     metrics = utility_metrics(split)
     head = ["z", "C", "SecAgg", "noise added by", "ε", *[f"test {m}" for m in metrics],
-            "model attack AUC", "update attack AUC (server's view)", "KB up / client / round"]
+            f"final-round {metrics[0]}", "best round", "model attack AUC", "update attack AUC (server's view)",
+            "KB up / client / round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['noise_multiplier']:g}", "–" if r["clip"] is None else f"{r['clip']:g}",
                  "on" if r["secagg"] else "off", "–" if r["dp_mode"] == "none" else r["dp_mode"],
-                 _eps(r["epsilon"]), *[_fmt(r[m]) for m in metrics], _fmt(r["model_attack_auc"]),
+                 _eps(r["epsilon"]), *[_fmt(r[m]) for m in metrics], _fmt(r["final_round_test"][metrics[0]]),
+                 ",".join(str(b) for b in r["best_round"]), _fmt(r["model_attack_auc"]),
                  _fmt(r["server_view_attack_auc"]), f"{r['bytes_up_per_client_round'] / 1024:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -178,19 +182,23 @@ def plot_sweep(rows: list[dict], split: str, out: Path) -> list[Path]:
             if not any(o.startswith(label) for o in series):
                 series[label] = idx
 
+    ticks = sorted(set(xs))
+
     def axis(ax):
         ax.set_xscale("log")
-        ax.set_xlabel("ε (right-most mark: no DP)")
+        ax.minorticks_off()
+        ax.set_xticks(ticks, ["∞" if t == inf_at else f"{t:.3g}" for t in ticks])
+        ax.set_xlabel("ε (∞ = no DP)")
         ax.axvline(inf_at, color="grey", lw=0.5, ls=":")
         ax.grid(alpha=0.3)
 
     paths = []
     metric = utility_metrics(split)[0]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, idx in series.items():
+    for k, (label, idx) in enumerate(series.items()):
         idx = sorted(idx, key=lambda i: xs[i])
         ax.errorbar([xs[i] for i in idx], [rows[i][metric][0] for i in idx], yerr=[rows[i][metric][1] for i in idx],
-                    marker="o", capsize=3, label=label)
+                    marker="os^v"[k % 4], ls=["-", "--", ":", "-."][k % 4], capsize=3, label=label)
     axis(ax)
     ax.set_ylabel(f"test {metric.upper()}")
     ax.set_title("utility vs privacy")
@@ -245,7 +253,9 @@ def plain_report(rows: list[dict], base: FederationConfig, seeds: list[int], md:
         "strong, above ~10 is weak in theory even when attacks fail in practice. ∞ means no DP."
         if delta is not None else "- **ε**: ∞ everywhere — no point of this sweep used DP.",
         f"- **test {metric.upper()}**: recommendation quality on the users' held-out test data at the best "
-        "validation round (GAUC: the chance that, for the same user, a clicked item is scored above a non-clicked one).",
+        "validation round (GAUC: the chance that, for the same user, a clicked item is scored above a non-clicked one). "
+        "**best round** 0 means the noisy training never beat the starting model on validation, so the starting "
+        f"model is what you would ship; **final-round {metric}** shows what the noisy training itself reached.",
         "- **model attack AUC**: a membership-inference attack on each user's personalized model: can someone "
         "holding the model tell the user's training interactions from held-out ones by the model's confidence? "
         "0.5 means no better than a coin; 1.0 means always.",
