@@ -53,13 +53,20 @@ def _node_clients(context: Context, rt: ClientRuntime) -> range:
     return clients_of_node(pid, n, rt.num_clients)
 
 
-def _private_state(context: Context, rt: ClientRuntime, uid: int) -> dict[str, np.ndarray] | None:
+def _private_state(context: Context, rt: ClientRuntime, uid: int, run_id: str = "",
+                   before_round: int | None = None) -> dict[str, np.ndarray] | None:
+    """The user's private state: from this node's memory within a run, else from the personal store.
+    Training round r of run ``run_id`` wants the state from before r: a resumed run redoing r skips
+    what the interrupted attempt saved at r (the store keeps the version before it)."""
     key = f"private/{uid}"
     if key in context.state:
         return record_to_arrays(context.state[key])
     store = _store(rt.cfg)
     if store is not None:
-        loaded = store.load(uid)
+        def redone(meta: dict) -> bool:
+            return (before_round is not None and bool(run_id) and meta.get("run-id") == run_id
+                    and int(meta.get("round", 0)) >= before_round)
+        loaded = store.load(uid, skip=redone)
         if loaded is not None:
             arrays, meta = loaded
             if meta.get("algorithm") == rt.cfg.algorithm:
@@ -105,12 +112,13 @@ def train(msg: Message, context: Context) -> Message:
     total: dict[str, np.ndarray] | None = None
     loss_sum = n_examples = 0.0
     excluded: list[str] = []
-    store = _store(cfg) if bool(rnd.get("final", False)) else None
+    store = _store(cfg)
+    run_id = str(rnd.get("run-id", ""))
     for c in wanted:
         data = rt.user(c)
         if global_state:
             pm.set_shared(global_state)
-        pm.set_private(_private_state(context, rt, data.user_id))
+        pm.set_private(_private_state(context, rt, data.user_id, run_id, before_round=round_))
         stats = pm.train_user(data.train, data.profile, rt.local, seed=user_seed(cfg.seed, round_, data.user_id))
         private = pm.get_private()
         if not all(np.all(np.isfinite(v)) for v in private.values()):
@@ -137,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
             context.state[f"private/{data.user_id}"] = arrays_to_record(private)
             if store is not None:
                 store.save(data.user_id, private, {"algorithm": cfg.algorithm, "round": round_,
-                                                   "foundation": cfg.foundation})
+                                                   "foundation": cfg.foundation, "run-id": run_id})
         if stats["n"]:
             loss_sum += stats["loss"] * stats["n"]
             n_examples += stats["n"]

@@ -416,13 +416,15 @@ class PersonalStore:
         return self._open(uid, blob)
 
     # -- API
-    def load(self, user_id: str | int) -> tuple[dict[str, np.ndarray], dict] | None:
+    def load(self, user_id: str | int, skip=None) -> tuple[dict[str, np.ndarray], dict] | None:
         """The user's latest valid (arrays, meta), or None when the user has no state yet.
 
         Falls back to the previous version when the current one is damaged
         (warning logged, ``self.last_recovery`` set; it is None after a clean
         load). Raises StoreWrongKeyError when every file was encrypted with
-        another key, StoreCorruptError when no file is valid.
+        another key, StoreCorruptError when no file is valid. ``skip(meta)``
+        True passes over a valid version (a resumed run redoing a round wants
+        the state from before it).
         """
         uid = _canonical_id(user_id)
         self.last_recovery = None
@@ -436,6 +438,8 @@ class PersonalStore:
             if state is None:  # absent: no state yet, or a save interrupted between its two renames
                 if path.name.endswith(CURRENT_SUFFIX) and path.with_suffix(PREV_SUFFIX).exists():
                     log.info("%s: absent (interrupted save?); using the previous version", path)
+                continue
+            if skip is not None and skip(state[1]):
                 continue
             if bad:
                 self.last_recovery = Recovery(uid, path, [(p, e.why) for p, e in bad])

@@ -64,6 +64,7 @@ class FederationConfig:
     secagg: bool = False             # SecAgg+ over the nodes' contributions (the server sees only the sum)
     personal_store: str = ""         # directory of the encrypted personal store ("" = keep state in memory)
     personal_store_key_file: str = ""
+    resume: bool = False             # continue run-dir from its last checkpoint (same configuration)
     feature_cache: str = ""          # root of the simulation's cached tower inputs ("" = ~/.cache/fedpa/features, "none" = off)
 
     @classmethod

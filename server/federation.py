@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -86,7 +87,7 @@ class Federation:
                  with_state: bool = True, cohort: int = 0) -> RecordDict:
         rd = RecordDict({"run": ConfigRecord(self.run_config),
                          "round": ConfigRecord({"round": round_, "clients": clients or [], "final": final,
-                                                "cohort": cohort})})
+                                                "cohort": cohort, "run-id": self.run_id})})
         if with_state and self.state:
             rd["arrays"] = to_record(self.state)
         return rd
@@ -214,7 +215,9 @@ class Federation:
                     sums = add_noise(sums, self.spec, std)
                 elif self.cfg.dp_mode == "distributed":  # the clients' noise is already in the sum
                     sums = clamp_counts(sums, self.spec)
-                self.accountant.compose(self._dp_event(len(selected)))
+                event = self._dp_event(len(selected))
+                self.accountant.compose(event)
+                self.privacy_events.append((event.noise_multiplier, event.sample_size))
             self.state = apply_sums(self.state, sums, self.spec)
         per_client_down = float(np.mean(down)) if down else 0.0
         per_client_up = (float(np.mean(up)) if up else 0.0) + secagg_bytes
@@ -294,19 +297,54 @@ class Federation:
             out["membership_inference"] = {"auc": attack["auc"], "per_user_auc": attack["gauc"]}
         return out
 
+    # settings that may differ between an interrupted run and its resumption
+    RESUMABLE_CHANGES = frozenset({"resume", "run-dir", "min-nodes", "round-timeout", "feature-cache"})
+
+    def _start(self) -> tuple[int, list[dict], float]:
+        """(first round to train, history so far, wall seconds so far): a fresh run evaluates round 0;
+        a resumed one restores the last checkpoint and drops metrics of rounds after it."""
+        cfg = self.cfg
+        if not cfg.resume:
+            self.run_id = uuid.uuid4().hex
+            self.run.write_config({**cfg.to_run_config(), "model": self.model_sizes})
+            self.discover()
+            ev = self.evaluate(0, final=(cfg.num_rounds == 0))
+            rec = {"round": 0, "eval": ev, "wall_s": 0.0}
+            self.run.append_metrics(rec)
+            self.progress(0, cfg.num_rounds, ev)
+            return 1, [rec], 0.0
+        written = {k: v for k, v in self.run.read_config().items() if k != "model"}
+        now = cfg.to_run_config()
+        changed = sorted(k for k in set(written) | set(now)
+                         if k not in self.RESUMABLE_CHANGES and written.get(k) != now.get(k))
+        if changed:
+            raise FedpaError(f"{cfg.run_dir}: cannot resume with a different configuration "
+                             f"({', '.join(f'{k}: {written.get(k)!r} -> {now.get(k)!r}' for k in changed[:5])})")
+        last, state, meta = self.run.load_checkpoint()
+        missing = sorted(set(self.state) - set(state))
+        if missing or meta.get("algorithm") != cfg.algorithm:
+            raise FedpaError(f"{cfg.run_dir}: the checkpoint of round {last} does not match this configuration "
+                             f"({'missing ' + missing[0] if missing else 'algorithm ' + str(meta.get('algorithm'))})")
+        self.state = {k: state[k] for k in self.state}
+        self.run_id = meta.get("run-id") or uuid.uuid4().hex
+        self.discover()
+        if self.accountant is not None:
+            for multiplier, sample_size in meta.get("privacy_events", []):
+                self.accountant.compose(round_event(multiplier, sample_size, self.num_clients))
+        self.privacy_events = [tuple(e) for e in meta.get("privacy_events", [])]
+        self.run.truncate_metrics(last)
+        history = self.run.read_metrics()
+        log.info("resuming %s after round %d", cfg.run_dir, last)
+        self.progress(last, cfg.num_rounds, None)
+        return last + 1, history, float(history[-1].get("wall_s", 0.0)) if history else 0.0
+
     def run_rounds(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.run.write_config({**cfg.to_run_config(), "model": self.model_sizes})
-        self.discover()
-        t0 = time.time()
-        history = []
-        ev = self.evaluate(0, final=(cfg.num_rounds == 0))
-        rec = {"round": 0, "eval": ev, "wall_s": 0.0}
-        self.run.append_metrics(rec)
-        history.append(rec)
-        self.progress(0, cfg.num_rounds, ev)
+        self.privacy_events: list[tuple[float, int]] = []
+        first, history, wall_before = self._start()
+        t0 = time.time() - wall_before
         self.stopped_by_budget = None
-        for r in range(1, cfg.num_rounds + 1):
+        for r in range(first, cfg.num_rounds + 1):
             if self.accountant is not None and cfg.dp_max_epsilon > 0 and self.accountant.would_exceed(
                     self._dp_event(len(self.sample(r))), cfg.dp_max_epsilon):
                 log.warning("round %d would exceed the privacy budget ε = %g: training stops", r, cfg.dp_max_epsilon)
@@ -321,9 +359,15 @@ class Federation:
             if r % cfg.eval_every == 0 or r == cfg.num_rounds:
                 rec["eval"] = self.evaluate(r, final=(r == cfg.num_rounds))
             rec["wall_s"] = time.time() - t0
-            self.run.save_checkpoint(r, self.state, {"algorithm": cfg.algorithm})
-            self.run.keep_last_checkpoints(2)
+            # metrics first, then the checkpoint: a kill in between leaves a line that resuming drops
             self.run.append_metrics(rec)
+            self.run.save_checkpoint(r, self.state, {
+                "algorithm": cfg.algorithm, "run-id": self.run_id,
+                # the accountant's whole state: the Gaussian events composed so far
+                "privacy_events": [list(e) for e in self.privacy_events],
+                # sampling and every client's seed derive from (seed, round): no RNG stream to save
+                "sampling": "numpy default_rng([seed, round])"})
+            self.run.keep_last_checkpoints(2)
             history.append(rec)
             self.progress(r, cfg.num_rounds, rec.get("eval"))
         return self.summarize(history, time.time() - t0)

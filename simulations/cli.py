@@ -240,10 +240,25 @@ def simulate_cmd(
     dp_mode: Annotated[str | None, typer.Option(help="where DP noise is added: central (server) | distributed (clients, needs --secagg) | local")] = None,
     dp_max_epsilon: Annotated[float | None, typer.Option(help="privacy budget: stop before exceeding it (0 = none)")] = None,
     cohort_size: Annotated[int, typer.Option(help="users per virtual SuperNode (0 = one node per CPU core; 1 = Flower's stock one user per node)")] = 0,
+    resume: Annotated[Path | None, typer.Option(help="continue this run directory from its last checkpoint, with its own configuration")] = None,
 ):
     """Run one federated simulation on Flower's simulation runtime; writes a run directory."""
     from simulations.simulate import check_inputs, simulate
 
+    if resume is not None:
+        from simulations.export_user import run_config
+
+        given = [k for k, v in locals().items() if k not in ("resume", "cohort_size", "check_inputs", "simulate",
+                                                                "run_config") and v is not None]
+        if given:
+            raise FedpaError(f"--resume continues a run with its own configuration; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
+        cfg = run_config(resume)
+        cfg.resume = True
+        cfg.run_dir = str(resume)
+        with progress_bar() as p:
+            summary = simulate(cfg, cohort_size=cohort_size, progress=_round_progress(p, cfg.algorithm, cfg.num_rounds))
+        _print_summary(summary, cfg.run_dir)
+        return
     cfg = _federation_config(config, dict(data_dir=data, foundation=foundation, run_dir=run_dir, algorithm=algorithm,
                                           num_rounds=rounds, clients_per_round=clients_per_round,
                                           local_epochs=local_epochs, lr=lr, rank=rank,

@@ -74,6 +74,8 @@ def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, enco
     default_nodes = max(os.cpu_count() or 1, 8 if cfg.secagg else 1)
     per_node = cohort_size or math.ceil(num_clients / default_nodes)
     num_nodes = math.ceil(num_clients / per_node)
+    if cfg.resume and not cohort_size and cfg.min_nodes > 1:
+        num_nodes = cfg.min_nodes  # the interrupted run's nodes: the same clients on the same nodes
     cfg.min_nodes = num_nodes
     from flwr.simulation import run_simulation
 
@@ -83,7 +85,14 @@ def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, enco
     from server.app import make_server_app
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    _clear_previous(Path(cfg.run_dir))
+    if cfg.resume:
+        from server.rundir import RunDir
+
+        if RunDir(cfg.run_dir).latest_round() is None:
+            raise FedpaError(f"{cfg.run_dir}: no checkpoint to resume from (was round 1 ever completed?)")
+        (Path(cfg.run_dir) / "summary.json").unlink(missing_ok=True)
+    else:
+        _clear_previous(Path(cfg.run_dir))
     server_app = make_server_app(cfg.to_run_config(), progress=progress)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
                    backend_config=backend_config())
