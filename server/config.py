@@ -16,6 +16,8 @@ from typing import Any
 from foundation.errors import FedpaError
 from recmodels.personalization import ALGORITHMS
 
+from .aggregation import ROBUST_METHODS
+
 
 class ConfigValueError(FedpaError):
     pass
@@ -61,6 +63,9 @@ class FederationConfig:
     dp_clip: float = 1.0             # L2 bound of one user's shared update
     dp_delta: float = 0.0            # 0 = 1 / number of clients
     dp_max_epsilon: float = 0.0      # privacy budget: stop before a round would exceed it (0 = none)
+    robust_aggregation: str = "none"  # none | trimmed-mean | median (per user; not with secagg)
+    trim_fraction: float = 0.1       # trimmed mean: share of the largest and of the smallest values dropped
+    norm_bound: float = 0.0          # server-side L2 bound of each user's update (0 = none; not with secagg)
     secagg: bool = False             # SecAgg+ over the nodes' contributions (the server sees only the sum)
     personal_store: str = ""         # directory of the encrypted personal store ("" = keep state in memory)
     personal_store_key_file: str = ""
@@ -128,6 +133,15 @@ class FederationConfig:
         if self.dp_mode == "distributed" and self.dp_noise_multiplier > 0 and not self.secagg:
             bad("dp-mode 'distributed' needs secagg: without it the server sees each node's update with only "
                 "a fraction of the noise (use dp-mode 'central' or 'local', or turn secagg on)")
+        if self.robust_aggregation not in ROBUST_METHODS:
+            bad(f"unknown robust-aggregation '{self.robust_aggregation}' ({', '.join(ROBUST_METHODS)})")
+        if not 0 <= self.trim_fraction < 0.5:
+            bad(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.norm_bound < 0:
+            bad(f"norm-bound must be >= 0, got {self.norm_bound}")
+        if self.secagg and (self.robust_aggregation != "none" or self.norm_bound > 0):
+            bad("robust aggregation and norm bounds need each user's update, and under secure aggregation the "
+                "server sees only the sum: turn secagg off, or bound norms on the clients (dp-clip)")
         if self.split not in ("by-day", "chrono", "loo", "last"):
             bad(f"unknown split '{self.split}' (by-day, chrono, loo, last)")
 

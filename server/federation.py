@@ -27,8 +27,8 @@ from foundation.model import count_parameters, load_foundation
 from recmodels.evaluation import MetricSums
 from recmodels.personalization import PersonalModel, get_algorithm
 
-from .aggregation import (InvalidUpdate, RoundFailed, apply_sums, expected_shapes, spec_from, sum_updates,
-                          validate_update)
+from .aggregation import (InvalidUpdate, RoundFailed, apply_sums, expected_shapes, robust_sums, spec_from,
+                          sum_updates, validate_update)
 from .secagg.protocol import QuantConfig, SecAggError, split_sum
 from .secagg.server_half import SecAggServer
 from .secagg.transport import pack, unpack
@@ -208,7 +208,16 @@ class Federation:
                               f"update ({need} needed); last checkpoint kept. Problems: " + "; ".join(problems[:5]))
         if self.algorithm.communicates and (self.cfg.secagg or valid):
             if not self.cfg.secagg:
-                sums = sum_updates(valid, self.spec)
+                if self.cfg.robust_aggregation != "none" or self.cfg.norm_bound > 0:
+                    crowded = [n for n, cs in by_node.items() if len(cs) > 1]
+                    if crowded:
+                        raise RoundFailed(f"round {round_}: robust aggregation needs one user per node, node "
+                                          f"{crowded[0]} served {len(by_node[crowded[0]])} (simulate with "
+                                          "--cohort-size 1); last checkpoint kept")
+                    sums = robust_sums(valid, self.spec, method=self.cfg.robust_aggregation,
+                                       trim_fraction=self.cfg.trim_fraction, norm_bound=self.cfg.norm_bound)
+                else:
+                    sums = sum_updates(valid, self.spec)
             if self.cfg.dp_noise_multiplier > 0:
                 if self.cfg.dp_mode == "central":
                     std = self.cfg.dp_noise_multiplier * sensitivity(self.cfg.dp_clip, len(self.model.group_attributes))

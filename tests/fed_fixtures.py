@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-FAULTS = ("nan", "inf", "shape", "missing", "float64", "raise", "sleep", "eval-shape")
+FAULTS = ("nan", "inf", "shape", "missing", "float64", "raise", "sleep", "eval-shape", "boost")
 
 
 # ----------------------------------------------------------------------------- data and foundation
@@ -188,7 +188,7 @@ def faulty_client_app(faults: dict[int, str], *, rounds: Iterable[int] | None = 
     default every round) as follows:
 
     nan / inf: one value of one shared tensor; shape: that tensor one element longer; missing: drop it;
-    float64: send it as float64; raise: the handler raises; sleep: sleep ``sleep_s`` before training;
+    float64: send it as float64; boost: every shared delta x1000 (well-formed poison); raise: the handler raises; sleep: sleep ``sleep_s`` before training;
     eval-shape: the evaluate reply's metric vector is one element short.
 
     With ``node_dir``, every node writes ``node_dir/<partition-id>`` = its node id at discovery.
@@ -242,6 +242,8 @@ def faulty_client_app(faults: dict[int, str], *, rounds: Iterable[int] | None = 
             del arrays[key]
         elif fault == "float64":
             arrays[key] = arrays[key].astype(np.float64)
+        elif fault == "boost":  # a well-formed but poisoned update: every shared delta x1000
+            arrays = {k: (v if k.startswith("count/") else v * np.float32(1000)) for k, v in arrays.items()}
         reply.content["arrays"] = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         return reply
 
