@@ -47,6 +47,17 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: record[k].numpy() for k in record.keys()}
 
 
+# What a device may set for itself in its SuperNode's --node-config, over the server's run config:
+# where its personal state lives and the key that opens it (never sent to the server).
+NODE_KEYS = ("personal-store", "personal-store-key-file")
+
+
+def _config(msg: Message, context: Context) -> FederationConfig:
+    run = dict(msg.content["run"])
+    run.update({k: context.node_config[k] for k in NODE_KEYS if k in context.node_config})
+    return FederationConfig.from_run_config(run)
+
+
 def _node_clients(context: Context, rt: ClientRuntime) -> range:
     pid = int(context.node_config.get("partition-id", 0))
     n = int(context.node_config.get("num-partitions", 1))
@@ -54,14 +65,15 @@ def _node_clients(context: Context, rt: ClientRuntime) -> range:
 
 
 def _private_state(context: Context, rt: ClientRuntime, uid: int, run_id: str = "",
-                   before_round: int | None = None) -> dict[str, np.ndarray] | None:
+                   before_round: int | None = None, cfg: FederationConfig | None = None) -> dict[str, np.ndarray] | None:
     """The user's private state: from this node's memory within a run, else from the personal store.
     Training round r of run ``run_id`` wants the state from before r: a resumed run redoing r skips
     what the interrupted attempt saved at r (the store keeps the version before it)."""
     key = f"private/{uid}"
     if key in context.state:
         return record_to_arrays(context.state[key])
-    store = _store(rt.cfg)
+    cfg = cfg or rt.cfg
+    store = _store(cfg)
     if store is not None:
         def redone(meta: dict) -> bool:
             return (before_round is not None and bool(run_id) and meta.get("run-id") == run_id
@@ -69,10 +81,10 @@ def _private_state(context: Context, rt: ClientRuntime, uid: int, run_id: str = 
         loaded = store.load(uid, skip=redone)
         if loaded is not None:
             arrays, meta = loaded
-            if meta.get("algorithm") == rt.cfg.algorithm:
+            if meta.get("algorithm") == cfg.algorithm:
                 return arrays
             log.warning("personal state of user %s was saved by '%s', not '%s': starting fresh",
-                        uid, meta.get("algorithm"), rt.cfg.algorithm)
+                        uid, meta.get("algorithm"), cfg.algorithm)
     return None
 
 
@@ -86,7 +98,7 @@ def _store(cfg: FederationConfig) -> PersonalStore | None:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    cfg = FederationConfig.from_run_config(dict(msg.content["run"]))
+    cfg = _config(msg, context)
     rt = get_runtime(cfg)
     clients = list(_node_clients(context, rt))
     info = ConfigRecord({"clients": clients, "num-clients": rt.num_clients, "pid": os.getpid()})
@@ -97,7 +109,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     if is_secagg(msg.content):
         return _secagg_stage(msg, context)
-    cfg = FederationConfig.from_run_config(dict(msg.content["run"]))
+    cfg = _config(msg, context)
     rt = get_runtime(cfg)
     rnd = msg.content["round"]
     round_ = int(rnd["round"])
@@ -118,7 +130,7 @@ def train(msg: Message, context: Context) -> Message:
         data = rt.user(c)
         if global_state:
             pm.set_shared(global_state)
-        pm.set_private(_private_state(context, rt, data.user_id, run_id, before_round=round_))
+        pm.set_private(_private_state(context, rt, data.user_id, run_id, before_round=round_, cfg=cfg))
         stats = pm.train_user(data.train, data.profile, rt.local, seed=user_seed(cfg.seed, round_, data.user_id))
         private = pm.get_private()
         if not all(np.all(np.isfinite(v)) for v in private.values()):
@@ -182,7 +194,7 @@ def _secagg_stage(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = FederationConfig.from_run_config(dict(msg.content["run"]))
+    cfg = _config(msg, context)
     rt = get_runtime(cfg)
     pm = rt.model
     round_ = int(msg.content["round"]["round"])
@@ -194,7 +206,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         data = rt.user(c)
         if global_state:
             pm.set_shared(global_state)
-        pm.set_private(_private_state(context, rt, data.user_id))
+        pm.set_private(_private_state(context, rt, data.user_id, cfg=cfg))
         splits = [data.val, data.test] + ([data.train] if attack else [])
         scores = pm.personalized_scores(data.train, splits, data.profile, rt.local,
                                         seed=user_seed(cfg.seed, round_, data.user_id))
