@@ -336,6 +336,7 @@ class Federation:
                              f"({'missing ' + missing[0] if missing else 'algorithm ' + str(meta.get('algorithm'))})")
         self.state = {k: state[k] for k in self.state}
         self.run_id = meta.get("run-id") or uuid.uuid4().hex
+        (self.run.path / "summary.json").unlink(missing_ok=True)  # rewritten when the resumed run ends
         self.discover()
         if self.accountant is not None:
             for multiplier, sample_size in meta.get("privacy_events", []):

@@ -90,7 +90,6 @@ def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, enco
 
         if RunDir(cfg.run_dir).latest_round() is None:
             raise FedpaError(f"{cfg.run_dir}: no checkpoint to resume from (was round 1 ever completed?)")
-        (Path(cfg.run_dir) / "summary.json").unlink(missing_ok=True)
     else:
         _clear_previous(Path(cfg.run_dir))
     server_app = make_server_app(cfg.to_run_config(), progress=progress)

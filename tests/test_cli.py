@@ -56,3 +56,26 @@ def test_simulate_names_missing_inputs(tiny_dir, tmp_path):
 def test_existing_dataset_is_not_overwritten_without_flag(tiny_dir):
     res = runner.invoke(app, ["data", "synth", "--preset", "tiny", "--out", str(tiny_dir)])
     assert res.exit_code == 2 and "already exists" in res.output
+
+
+def test_bad_inputs_to_runs_name_what_is_wrong(tiny, tiny_foundation, tmp_path):
+    """Unknown group attribute, resume without / with a damaged checkpoint, export of a foreign run."""
+    base = ["--data", str(tiny), "--foundation", str(tiny_foundation), "--max-clients", "6", "--rounds", "1"]
+    res = runner.invoke(app, ["simulate", *base, "--group-attributes", "shoe_size", "--run-dir", str(tmp_path / "g")])
+    assert res.exit_code == 2 and "shoe_size" in res.output and "Traceback" not in res.output
+
+    res = runner.invoke(app, ["simulate", "--resume", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "not a run directory" in res.output
+
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["simulate", *base, "--run-dir", str(run), "--cohort-size", "3"]).exit_code == 0
+    res = runner.invoke(app, ["simulate", "--resume", str(run), "--rounds", "3"])
+    assert res.exit_code == 2 and "--resume continues a run with its own configuration" in res.output
+    ckpt = run / "checkpoints" / "round-0001.safetensors"
+    ckpt.write_bytes(b"\x00" * 64)  # damaged on disk
+    res = runner.invoke(app, ["simulate", "--resume", str(run), "--cohort-size", "3"])
+    assert res.exit_code == 2 and "cannot read checkpoint" in res.output, res.output
+    assert (run / "summary.json").exists()  # a failed resume loses nothing
+    res = runner.invoke(app, ["export", "--run", str(run), "--user", "1", "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert not (tmp_path / "e" / "model.onnx").exists()
