@@ -109,6 +109,39 @@ def data_import_movielens(
     _print_stats(path)
 
 
+@data_app.command("import-interactions")
+@user_errors
+def data_import_interactions(
+    interactions: Annotated[Path, typer.Argument(help="interactions table (.csv or .parquet)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="dataset directory to write")],
+    users: Annotated[Path | None, typer.Option(help="user-feature table (.csv or .parquet)")] = None,
+    items: Annotated[Path | None, typer.Option(help="item-feature table (.csv or .parquet)")] = None,
+    mapping: Annotated[Path | None, typer.Option(help="TOML column mapping (see simulations/data/mappings/kuaisar-r.toml)")] = None,
+    user_col: Annotated[str | None, typer.Option(help="user id column of the interactions")] = None,
+    item_col: Annotated[str | None, typer.Option(help="item id column of the interactions")] = None,
+    time_col: Annotated[str | None, typer.Option(help="timestamp column")] = None,
+    time_unit: Annotated[str | None, typer.Option(help="ms | s | iso")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="canonical=column, e.g. effective_view=is_click (repeatable)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing dataset")] = False,
+):
+    """Convert a generic interaction log (+ optional user / item feature tables) with a column mapping."""
+    from simulations.data.import_interactions import Mapping, import_interactions
+
+    m = Mapping.from_toml(mapping) if mapping else Mapping()
+    for attr, value in (("user", user_col), ("item", item_col), ("timestamp", time_col), ("time_unit", time_unit)):
+        if value is not None:
+            setattr(m, attr, value)
+    if label:
+        pairs = [x.split("=", 1) for x in label]
+        if any(len(pair) != 2 or not all(pair) for pair in pairs):
+            raise FedpaError(f"--label takes canonical=column (e.g. effective_view=is_click), got {label}")
+        m.labels = dict(pairs)
+    with progress_bar() as p:
+        path = import_interactions(interactions, out_dir, m, users=users, items=items, overwrite=overwrite,
+                                   progress=_day_progress(p, "import interactions"))
+    _print_stats(path)
+
+
 @data_app.command("inspect")
 @user_errors
 def data_inspect(

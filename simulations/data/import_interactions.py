@@ -1,0 +1,309 @@
+"""Importing a generic interaction log (CSV or Parquet) into the canonical dataset.
+
+The shape most real logs have: an interactions table (user, item, timestamp, one or more binary
+labels), optionally a user-feature table and an item-feature table. A mapping says which source
+column is which, as a small TOML file or on the command line (``Mapping``); KuaiSAR-R's is
+`KUAISAR_R` (and ``docs`` in the README).
+
+Canonical mapping:
+
+ids
+    users and items are renumbered 0..n-1 in the order of their original ids (which must be
+    integers); the originals stay in ``orig_user_id`` / ``orig_video_id``. Users and items of the
+    feature tables are all kept; an interaction whose user or item is missing from a given feature
+    table is an error (naming how many and one example).
+users
+    every mapped feature column (default: all columns but the id) becomes an integer profile column
+    of the same name (``age``, ``gender``, ``province`` and ``device_id`` when mapped to those names,
+    0 otherwise). Values must be integers >= 0.
+items
+    columns mapped to canonical item fields (``author_id``, ``category_level_one``,
+    ``category_level_two``, ``upload_type``, ``upload_timestamp``, ``duration``) fill them; other
+    mapped columns are kept as extra integer item columns (e.g. KuaiSAR's third and fourth category
+    levels).
+requests and exposures
+    interactions with the same (user, timestamp) form one request (a feed page shown at once);
+    requests are numbered in (time, original user id) order. Each interaction is one exposure;
+    its labels come from the mapped columns (0/1; every unmapped label is -1, not observed). The
+    day is the UTC date of the timestamp (``time_unit``: ``ms``, ``s`` or ``iso``).
+
+Errors name the file and the column (missing column, non-integer id or feature, label outside
+0/1, a null, a feature table with duplicate ids, a timestamp that does not parse). Output goes
+through DatasetWriter: a failed import leaves nothing behind and an existing dataset untouched.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from foundation.errors import FedpaError
+
+from .schema import ITEM_COLUMNS, LABELS, USER_COLUMNS
+from .store import DatasetError, DatasetWriter
+
+Progress = Callable[[str, int, int], None]
+TIME_UNITS = ("ms", "s", "iso")
+ITEM_FIELDS_MAPPABLE = tuple(c.name for c in ITEM_COLUMNS if c.name != "video_id")
+USER_CANONICAL = tuple(c.name for c in USER_COLUMNS if c.name != "user_id")
+
+
+@dataclass
+class Mapping:
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"
+    time_unit: str = "ms"
+    labels: dict[str, str] = field(default_factory=lambda: {"effective_view": "label"})  # canonical -> source
+    user_id: str | None = None            # id column of the user table (default: `user`)
+    user_features: list[str] | None = None  # None: every other column
+    item_id: str | None = None            # id column of the item table (default: `item`)
+    item_columns: dict[str, str] = field(default_factory=dict)  # canonical or extra name -> source column
+
+    def validate(self) -> None:
+        if self.time_unit not in TIME_UNITS:
+            raise FedpaError(f"time_unit must be one of {', '.join(TIME_UNITS)}, got {self.time_unit!r}")
+        if not self.labels:
+            raise FedpaError("the mapping names no label column (e.g. labels.effective_view = \"is_click\")")
+        unknown = sorted(set(self.labels) - set(LABELS))
+        if unknown:
+            raise FedpaError(f"unknown label(s) {', '.join(unknown)} in the mapping (labels: {', '.join(LABELS)})")
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Mapping":
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise FedpaError(f"{p}: no such mapping file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise FedpaError(f"{p}: not valid TOML ({e})") from None
+        inter, users, items = raw.get("interactions", {}), raw.get("users", {}), raw.get("items", {})
+        unknown = sorted(set(raw) - {"interactions", "users", "items"})
+        if unknown:
+            raise FedpaError(f"{p}: unknown section(s) {', '.join(unknown)} (interactions, users, items)")
+        try:
+            m = cls(user=inter.get("user", "user_id"), item=inter.get("item", "item_id"),
+                    timestamp=inter.get("timestamp", "timestamp"), time_unit=inter.get("time_unit", "ms"),
+                    labels=dict(inter.get("labels", {"effective_view": "label"})),
+                    user_id=users.get("id"), user_features=users.get("features"),
+                    item_id=items.get("id"), item_columns=dict(items.get("columns", {})))
+        except (TypeError, ValueError) as e:
+            raise FedpaError(f"{p}: malformed mapping ({e})") from None
+        m.validate()
+        return m
+
+
+KUAISAR_R = Mapping(user="user_id", item="video_id", timestamp="timestamp", time_unit="ms", user_id="user_id", item_id="video_id",
+                    labels={"effective_view": "is_click"},
+                    user_features=["onehot_feat1", "onehot_feat2", "search_active_level", "reco_active_level"],
+                    item_columns={"upload_type": "upload_type", "category_level_one": "first_level_category_name",
+                                  "category_level_two": "second_level_category_name", "item_type": "item_type",
+                                  "category_level_three": "third_level_category_name",
+                                  "category_level_four": "fourth_level_category_name"})
+"""KuaiSAR-R (../shared/data/kuaisar-r): df.csv + user_features.csv + video_features.csv."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_table(path: str | Path) -> pa.Table:
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(f"{p}: file is missing")
+    try:
+        if p.suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(p)
+        import pyarrow.csv as pcsv
+
+        return pcsv.read_csv(p)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DatasetError(f"{p}: cannot read as {'Parquet' if p.suffix.lower() in ('.parquet', '.pq') else 'CSV'} "
+                           f"({str(e).splitlines()[0]})") from None
+
+
+def _column(table: pa.Table, name: str, where: Path, role: str) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise DatasetError(f"{where}: column '{name}' ({role}) is missing; columns: {', '.join(table.column_names)}")
+    col = table.column(name)
+    if col.null_count:
+        raise DatasetError(f"{where}: column '{name}' ({role}) has {col.null_count} empty value(s)")
+    return col
+
+
+def _integers(col: pa.ChunkedArray, name: str, where: Path, role: str, *, nonnegative: bool = False) -> np.ndarray:
+    """Integer values; floats are accepted when they are whole (CSV readers often type ids as double)."""
+    t = col.type
+    if pa.types.is_integer(t):
+        v = col.to_numpy().astype(np.int64)
+    elif pa.types.is_floating(t):
+        f = col.to_numpy()
+        whole = np.isfinite(f) & (f == np.round(f))
+        if not whole.all():
+            bad = f[~whole][0]
+            raise DatasetError(f"{where}: column '{name}' ({role}) holds {bad!r}, not an integer")
+        v = f.astype(np.int64)
+    else:
+        try:
+            v = pc.cast(col, pa.int64()).to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            sample = next((x for x in col.to_pylist() if not str(x).lstrip("-").isdigit()), col[0].as_py())
+            raise DatasetError(f"{where}: column '{name}' ({role}) holds {sample!r}, not an integer") from None
+    if nonnegative and len(v) and v.min() < 0:
+        raise DatasetError(f"{where}: column '{name}' ({role}) holds {int(v.min())}; values must be >= 0")
+    return v
+
+
+def _timestamps_ms(col: pa.ChunkedArray, name: str, where: Path, unit: str) -> np.ndarray:
+    if unit == "iso":
+        try:
+            ts = pc.cast(col, pa.timestamp("ms")) if not pa.types.is_timestamp(col.type) else col
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            sample = col[0].as_py()
+            raise DatasetError(f"{where}: column '{name}' (timestamp) holds {sample!r}, not an ISO date-time") from None
+        return pc.cast(ts, pa.timestamp("ms")).cast(pa.int64()).to_numpy()
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        raise DatasetError(f"{where}: column '{name}' (timestamp in {unit}) holds {col[0].as_py()!r}, not a number "
+                           "(use time_unit = \"iso\" for date-times)")
+    v = col.to_numpy().astype(np.float64)
+    if not np.isfinite(v).all():
+        raise DatasetError(f"{where}: column '{name}' (timestamp) holds a non-finite value")
+    return np.rint(v * (1000.0 if unit == "s" else 1.0)).astype(np.int64)
+
+
+def _renumber(ids: np.ndarray, where: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique original ids, new id for each input row); duplicates are an error here."""
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise DatasetError(f"{where}: {what} id {int(uniq[counts > 1][0])} appears {int(counts[counts > 1][0])} times")
+    return uniq, np.searchsorted(uniq, ids)
+
+
+def _lookup(orig: np.ndarray, known: np.ndarray, where: Path, what: str, table: Path) -> np.ndarray:
+    pos = np.searchsorted(known, orig)
+    pos = np.minimum(pos, len(known) - 1)
+    missing = known[pos] != orig
+    if missing.any():
+        raise DatasetError(f"{where}: {int(missing.sum())} interaction(s) name a {what} that {table} lacks "
+                           f"(e.g. {what} {int(orig[missing][0])})")
+    return pos
+
+
+# ----------------------------------------------------------------------------- the import
+
+
+def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapping, *,
+                        users: str | Path | None = None, items: str | Path | None = None,
+                        overwrite: bool = False, progress: Progress | None = None) -> Path:
+    """Convert the files into a canonical dataset at ``out``; return its path."""
+    mapping.validate()
+    report = progress or (lambda *step: None)
+    src = Path(interactions)
+    report(f"reading {src.name}", 0, 1)
+    log = read_table(src)
+    if log.num_rows == 0:
+        raise DatasetError(f"{src}: no interactions")
+    u_orig = _integers(_column(log, mapping.user, src, "user id"), mapping.user, src, "user id")
+    i_orig = _integers(_column(log, mapping.item, src, "item id"), mapping.item, src, "item id")
+    ts = _timestamps_ms(_column(log, mapping.timestamp, src, "timestamp"), mapping.timestamp, src, mapping.time_unit)
+    labels = {}
+    for canonical, column in mapping.labels.items():
+        v = _integers(_column(log, column, src, f"label {canonical}"), column, src, f"label {canonical}")
+        bad = (v != 0) & (v != 1)
+        if bad.any():
+            raise DatasetError(f"{src}: column '{column}' (label {canonical}) holds {int(v[bad][0])}; labels must be 0 or 1")
+        labels[canonical] = v.astype(np.int8)
+
+    user_table, user_orig = _users(users, mapping, u_orig)
+    item_table, item_orig = _items(items, mapping, i_orig)
+    uid = _lookup(u_orig, user_orig, src, "user", Path(users) if users else src)
+    vid = _lookup(i_orig, item_orig, src, "item", Path(items) if items else src)
+    durations = item_table.column("duration").to_numpy()[vid]
+
+    # requests: one per (user, timestamp), numbered in (time, original user id) order
+    order = np.lexsort((i_orig, u_orig, ts))
+    uid, vid, ts, u_orig, durations = uid[order], vid[order], ts[order], u_orig[order], durations[order]
+    labels = {k: v[order] for k, v in labels.items()}
+    # unique (time, original user) pairs, in that order, are the requests
+    _, request_of_row = np.unique(np.stack([ts, u_orig], axis=1), axis=0, return_inverse=True)
+    request_of_row = request_of_row.reshape(-1)
+    day = ts // 86_400_000
+    days, starts = np.unique(day, return_index=True)
+    bounds = [*starts.tolist(), len(day)]
+    with DatasetWriter(out, source=f"interactions:{src.name}", overwrite=overwrite) as writer:
+        writer.write_users(user_table)
+        writer.write_items(item_table)
+        for n, (d, lo, hi) in enumerate(zip(days, bounds[:-1], bounds[1:]), 1):
+            iso = str(np.datetime64(int(d), "D"))
+            rid = request_of_row[lo:hi].astype(np.int64)
+            _, first = np.unique(rid, return_index=True)
+            requests = pa.table({"request_id": rid[first], "user_id": uid[lo:hi][first],
+                                 "request_timestamp": ts[lo:hi][first]})
+            m = hi - lo
+            exposures = pa.table({
+                "request_id": rid, "user_id": uid[lo:hi], "request_timestamp": ts[lo:hi], "video_id": vid[lo:hi],
+                "rank_index": np.full(m, -1, np.int32), "rerank_index": np.full(m, -1, np.int32),
+                "playing_time": np.full(m, -1, np.int64), "duration": durations[lo:hi].astype(np.int64),
+                **{lab: (labels[lab][lo:hi] if lab in labels else np.full(m, -1, np.int8)) for lab in LABELS}})
+            writer.write_day(iso, requests=requests, exposures=exposures)
+            report(f"{iso}: {m:,} interaction(s)", n, len(days))
+        return writer.commit(mapping={"user": mapping.user, "item": mapping.item, "timestamp": mapping.timestamp,
+                                      "time_unit": mapping.time_unit, "labels": mapping.labels,
+                                      "user_features": user_table.column_names[2:],
+                                      "item_columns": mapping.item_columns})
+
+
+def _users(path, mapping: Mapping, u_orig: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+    if path is None:
+        orig = np.unique(u_orig)
+        cols = {"user_id": np.arange(len(orig), dtype=np.int64), "orig_user_id": orig}
+        cols.update({c: np.zeros(len(orig), np.int64) for c in USER_CANONICAL})
+        return pa.table(cols), orig
+    p = Path(path)
+    t = read_table(p)
+    id_col = mapping.user_id or mapping.user
+    ids = _integers(_column(t, id_col, p, "user id"), id_col, p, "user id")
+    orig, _ = _renumber(ids, p, "user")
+    order = np.argsort(ids, kind="stable")
+    features = mapping.user_features if mapping.user_features is not None else [c for c in t.column_names if c != id_col]
+    cols: dict[str, np.ndarray] = {"user_id": np.arange(len(orig), dtype=np.int64), "orig_user_id": orig}
+    for c in USER_CANONICAL:
+        cols[c] = np.zeros(len(orig), np.int64)
+    for f in features:
+        if f in ("user_id", "orig_user_id"):
+            raise DatasetError(f"{p}: feature column '{f}' clashes with a reserved column name")
+        cols[f] = _integers(_column(t, f, p, "user feature"), f, p, "user feature", nonnegative=True)[order]
+    return pa.table(cols), orig
+
+
+def _items(path, mapping: Mapping, i_orig: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+    if path is None:
+        if mapping.item_columns:
+            raise FedpaError("the mapping names item columns but no item table was given (--items)")
+        orig = np.unique(i_orig)
+        cols = {"video_id": np.arange(len(orig), dtype=np.int64), "orig_video_id": orig}
+        cols.update({c: np.zeros(len(orig), np.int64) for c in ITEM_FIELDS_MAPPABLE})
+        return pa.table(cols), orig
+    p = Path(path)
+    t = read_table(p)
+    id_col = mapping.item_id or mapping.item
+    ids = _integers(_column(t, id_col, p, "item id"), id_col, p, "item id")
+    orig, _ = _renumber(ids, p, "item")
+    order = np.argsort(ids, kind="stable")
+    cols: dict[str, np.ndarray] = {"video_id": np.arange(len(orig), dtype=np.int64), "orig_video_id": orig}
+    for c in ITEM_FIELDS_MAPPABLE:
+        cols[c] = np.zeros(len(orig), np.int64)
+    for name, source in mapping.item_columns.items():
+        if name in ("video_id", "orig_video_id"):
+            raise DatasetError(f"item column name '{name}' is reserved")
+        cols[name] = _integers(_column(t, source, p, f"item {name}"), source, p, f"item {name}",
+                               nonnegative=True)[order]
+    return pa.table(cols), orig

@@ -1,0 +1,140 @@
+"""`fedpa data import-interactions`: generic logs (CSV / Parquet) with a column mapping."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from simulations.cli import app
+from simulations.data.import_interactions import KUAISAR_R, Mapping, import_interactions
+from simulations.data.store import Dataset, DatasetError
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+DAY = 86_400_000
+T0 = 1_685_000_000_000  # 2023-05-25T07:33:20Z
+
+
+def _write(tmp: Path, *, fmt: str = "csv", log=None, users=None, items=None) -> dict[str, Path]:
+    log = log or {"uid": [20, 20, 20, 7, 7, 20], "vid": [500, 501, 502, 500, 503, 504],
+                  "ts": [T0, T0, T0 + 10, T0 + 5, T0 + DAY, T0 + DAY + 1.0], "click": [1, 0, 1, 0, 1, 1],
+                  "like": [0, 0, 1, 0, 0, 1]}
+    users = users or {"uid": [7, 20, 33], "level": [1, 3, 2], "seg": [0, 1, 1]}
+    items = items or {"vid": [500, 501, 502, 503, 504, 505], "cat1": [1, 1, 2, 3, 2, 4], "cat2": [10, 11, 20, 30, 21, 40],
+                      "kind": [0, 1, 0, 0, 1, 1]}
+    paths = {}
+    for name, cols in (("log", log), ("users", users), ("items", items)):
+        t = pa.table(cols)
+        p = tmp / f"{name}.{fmt}"
+        (pq.write_table if fmt == "parquet" else pcsv.write_csv)(t, p)
+        paths[name] = p
+    return paths
+
+
+MAP = Mapping(user="uid", item="vid", timestamp="ts", labels={"effective_view": "click", "like": "like"},
+              item_columns={"category_level_one": "cat1", "category_level_two": "cat2", "kind": "kind"})
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_log_becomes_requests_exposures_users_and_items(tmp_path, fmt):
+    f = _write(tmp_path, fmt=fmt)
+    ds = Dataset(import_interactions(f["log"], tmp_path / "out", MAP, users=f["users"], items=f["items"]))
+    assert ds.days == ["2023-05-25", "2023-05-26"]
+    users = ds.users()
+    assert users.column("orig_user_id").to_pylist() == [7, 20, 33]        # renumbered in id order, all kept
+    assert users.column("level").to_pylist() == [1, 3, 2] and "seg" in ds.user_features
+    items = ds.items()
+    assert items.column("orig_video_id").to_pylist() == [500, 501, 502, 503, 504, 505]
+    assert items.column("category_level_two").to_pylist() == [10, 11, 20, 30, 21, 40]
+    assert items.column("kind").to_pylist() == [0, 1, 0, 0, 1, 1]
+    d1 = ds.day("exposures", "2023-05-25")
+    # user 20's two rows at T0 share one request; its row at T0+10 is another; user 7 at T0+5 a third
+    req = dict(zip(zip(d1.column("user_id").to_pylist(), d1.column("request_timestamp").to_pylist()),
+                   d1.column("request_id").to_pylist()))
+    assert len(set(req.values())) == 3 and req[(1, T0)] < req[(0, T0 + 5)] < req[(1, T0 + 10)]
+    rows = d1.to_pylist()
+    assert {(r["user_id"], r["video_id"], r["effective_view"], r["like"], r["comment"]) for r in rows} == {
+        (1, 0, 1, 0, -1), (1, 1, 0, 0, -1), (1, 2, 1, 1, -1), (0, 0, 0, 0, -1)}
+    assert ds.day("requests", "2023-05-25").num_rows == 3
+
+
+def test_kuaisar_mapping_file_is_the_documented_one():
+    assert Mapping.from_toml(REPO / "simulations/data/mappings/kuaisar-r.toml") == KUAISAR_R
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(log={"uid": [1], "vid": [500], "click": [1], "like": [0]}), "column 'ts' (timestamp) is missing"),
+    (dict(log={"uid": ["x"], "vid": [500], "ts": [T0], "click": [1], "like": [0]}), "'uid' (user id) holds 'x'"),
+    (dict(log={"uid": [7], "vid": [500], "ts": [T0], "click": [2], "like": [0]}), "labels must be 0 or 1"),
+    (dict(users={"uid": [7, 7, 20], "level": [1, 1, 1], "seg": [0, 0, 0]}), "user id 7 appears 2 times"),
+    (dict(log={"uid": [99], "vid": [500], "ts": [T0], "click": [1], "like": [0]}), "name a user that"),
+    (dict(users={"uid": [7, 20], "level": [1, -3], "seg": [0, 0]}), "values must be >= 0"),
+])
+def test_bad_input_names_file_and_column_and_keeps_the_old_dataset(tmp_path, change, message):
+    (tmp_path / "good").mkdir()
+    (tmp_path / "bad").mkdir()
+    good = _write(tmp_path / "good")
+    out = tmp_path / "out"
+    import_interactions(good["log"], out, MAP, users=good["users"], items=good["items"])
+    before = sorted(p.name for p in out.rglob("*"))
+    bad = _write(tmp_path / "bad", **change)
+    with pytest.raises(DatasetError, match=re.escape(message)) as e:
+        import_interactions(bad["log"], out, MAP, users=bad["users"], items=bad["items"], overwrite=True)
+    assert str(tmp_path / "bad") in str(e.value)
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing replaced, nothing half-written
+
+
+def test_iso_timestamps_and_unparsable_ones(tmp_path):
+    f = _write(tmp_path, log={"uid": [7, 20], "vid": [500, 501], "ts": ["2023-05-25T10:00:00", "2023-05-26T01:00:00"],
+                              "click": [1, 0], "like": [0, 0]})
+    iso = Mapping(**{**MAP.__dict__, "time_unit": "iso"})
+    assert Dataset(import_interactions(f["log"], tmp_path / "ok", iso, users=f["users"], items=f["items"])).days == [
+        "2023-05-25", "2023-05-26"]
+    (tmp_path / "g").mkdir()
+    g = _write(tmp_path / "g", log={"uid": [7], "vid": [500], "ts": ["yesterday"], "click": [1], "like": [0]})
+    with pytest.raises(DatasetError, match="not an ISO date-time"):
+        import_interactions(g["log"], tmp_path / "no", iso, users=g["users"], items=g["items"])
+
+
+def test_cli_with_flags_and_without_feature_tables(tmp_path):
+    f = _write(tmp_path)
+    r = runner.invoke(app, ["data", "import-interactions", str(f["log"]), "--out", str(tmp_path / "d"),
+                            "--user-col", "uid", "--item-col", "vid", "--time-col", "ts", "--label", "effective_view=click"])
+    assert r.exit_code == 0, r.output
+    ds = Dataset(tmp_path / "d")
+    assert ds.users().num_rows == 2 and ds.items().num_rows == 5  # only those that interacted
+    r = runner.invoke(app, ["data", "import-interactions", str(f["log"]), "--out", str(tmp_path / "e"),
+                            "--label", "watched=click"])
+    assert r.exit_code == 2 and "unknown label" in r.output
+    np.testing.assert_array_equal(ds.day("exposures", "2023-05-25").column("like").to_numpy(), -1)
+
+
+def test_sequences_of_imported_users_never_see_the_future(tmp_path):
+    """MRFF's protocol (split 'last'): a user's test row sees only clicks strictly before it."""
+    from foundation.batch import ITEM_FIELDS
+    from simulations.data.partition import SplitConfig, split_users
+    from simulations.data.schema import SEQ_LEN
+
+    rng = np.random.default_rng(0)
+    n = 60
+    log = {"uid": [7] * n, "vid": rng.integers(500, 506, n).tolist(), "ts": [T0 + 60_000 * i for i in range(n)],
+           "click": rng.integers(0, 2, n).tolist(), "like": [0] * n}
+    f = _write(tmp_path, log=log)
+    ds = Dataset(import_interactions(f["log"], tmp_path / "out", MAP, users=f["users"], items=f["items"]))
+    s = split_users(ds, np.array([0]), SplitConfig("last"))
+    assert len(s.test) == 1 and len(s.val) == 1
+    for ex in (s.train, s.val, s.test):
+        b = ex.batch()
+        assert b["hist_items"].shape == (len(ex), SEQ_LEN, len(ITEM_FIELDS))
+        pos = ex.view_hi[:, None] - SEQ_LEN + np.arange(SEQ_LEN)[None, :]
+        real = b["hist_mask"].numpy()
+        ts = ex.views.timestamp[np.clip(pos, 0, None)]
+        assert np.all(ts[real] < np.repeat(ex.request_timestamp, SEQ_LEN).reshape(-1, SEQ_LEN)[real])
+    # the test row (the last interaction) sees every earlier click, up to the sequence length
+    earlier_clicks = sum(log["click"][:-1])
+    assert int(s.test.batch()["hist_mask"].sum()) == min(SEQ_LEN, earlier_clicks)
