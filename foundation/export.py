@@ -21,6 +21,7 @@ export never leaves a half-written model.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 import time
@@ -101,7 +102,13 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     def write(tmp: str) -> None:
-        quantize_dynamic(str(src), tmp, weight_type=QuantType.QInt8)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its advice to pre-process the graph is for vision models
+        try:
+            quantize_dynamic(str(src), tmp, weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
 
     return _atomic(Path(dst), write)
 

@@ -221,10 +221,24 @@ def pretrain_cmd(
     split: Annotated[str, typer.Option(help="by-day | chrono | last | loo")] = "by-day",
     seed: Annotated[int, typer.Option(help="random seed; also picks the open/private users (a federation's "
                                            "partition-seed must be the same)")] = 0,
+    activity_attribute: Annotated[str | None, typer.Option(help="profile attribute that marks highly active users "
+                                                                "(default: the top 20% by exposures)")] = None,
+    active_values: Annotated[str | None, typer.Option(help="comma-separated values of that attribute that count as "
+                                                           "highly active")] = None,
 ):
     """Pre-train the foundation on open users; report AUC/GAUC/LogLoss against popularity and untrained."""
+    from simulations.data.partition import PartitionConfig
     from simulations.pretraining import pretrain_foundation
 
+    partition = None
+    if activity_attribute:
+        try:
+            values = tuple(int(v) for v in (active_values or "").split(",") if v.strip())
+        except ValueError:
+            raise FedpaError(f"--active-values must be comma-separated integers, got '{active_values}'") from None
+        if not values:
+            raise FedpaError("--activity-attribute needs --active-values (which values count as highly active)")
+        partition = PartitionConfig(seed=seed, activity_attribute=activity_attribute, active_values=values)
     if epochs < 1:
         raise FedpaError(f"--epochs must be at least 1, got {epochs}")
     with progress_bar() as p:
@@ -236,7 +250,7 @@ def pretrain_cmd(
                          f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
         report = pretrain_foundation(data, out_dir, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size,
-                                     seed=seed, split=split, progress=on_step)
+                                     seed=seed, split=split, partition=partition, progress=on_step)
     _print_pretrain(report)
 
 
@@ -466,7 +480,7 @@ def export_cmd(
         if kind in report:
             r = report[kind]
             diff = r.get("max_abs_diff_vs_torch", r.get("max_abs_diff_vs_fp32"))
-            t.add_row(r["path"], f"{r['bytes'] / 1024:.0f} KiB", f"{diff:.1e} {ref}",
+            t.add_row(Path(r["path"]).name, f"{r['bytes'] / 1024:.0f} KiB", f"{diff:.1e} {ref}",
                       f"{r['latency_120']['median_ms']:.2f} ms median")
     out.print(t)
     out.print(f"report: [bold]{out_dir / 'export.json'}[/]")
