@@ -173,10 +173,11 @@ def plot_curves(run: RunDir, metrics: list[str] | None = None) -> Path | None:
             pts = [(x, y) for x, y in pts if y is not None and not (isinstance(y, float) and math.isnan(y))]
             if pts:
                 ax.plot(*zip(*pts), style, label=split, markersize=3)
-        ax.set_title(k)
+        ax.set_title(k if ax.lines else f"{k} (undefined here)")
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     out = run.path / "curves.png"
     fig.savefig(out, dpi=110)
