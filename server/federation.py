@@ -77,6 +77,8 @@ class Federation:
             "private_params_per_user": int(sum(v.size for v in self.model.initial_private.values())),
         }
         self.run_config = {**cfg.to_run_config()}
+        self.run_id = ""            # set when the run starts (or is resumed): personal-store versions carry it
+        self.privacy_events: list[tuple[float, int]] = []
 
     # ------------------------------------------------------------------ messaging
 
