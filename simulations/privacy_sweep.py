@@ -79,7 +79,8 @@ def _reusable(cfg: FederationConfig) -> dict | None:
     except (OSError, ValueError):
         return None
     ignore = {"min-nodes"}  # set by the simulation from the number of nodes
-    same = all(written.get(k) == v for k, v in cfg.to_run_config().items() if k not in ignore)
+    defaults = FederationConfig().to_run_config()  # keys added since the run was written had these values
+    same = all(written.get(k, defaults.get(k)) == v for k, v in cfg.to_run_config().items() if k not in ignore)
     return {**summary, "update_attack": attack} if same else None
 
 
