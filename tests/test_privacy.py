@@ -111,8 +111,9 @@ def test_dp_noise_is_not_predictable_from_the_seed():
 @pytest.mark.parametrize("mode", ["central", "distributed", "local"])
 def test_noise_in_the_aggregate_has_the_stated_scale(mode, tiny, tiny_foundation, tmp_path):
     """One round, every client: with a tiny clip the change of the global shared entries is the noise
-    alone, and its spread matches what each mode promises for the released sum."""
-    z = 1.0
+    alone, and its spread matches what each mode promises for the released sum. (z small enough that
+    the noise on the count, which divides every coordinate, stays within a few percent of n = 12.)"""
+    z = 0.2
     clip = 1.0 if mode == "local" else 1e-3
     cfg = fed_config(tiny, tiny_foundation, tmp_path / mode, num_rounds=1, max_clients=12, dp_mode=mode,
                      dp_noise_multiplier=z, dp_clip=clip, secagg=(mode == "distributed"))
@@ -132,7 +133,7 @@ def test_noise_in_the_aggregate_has_the_stated_scale(mode, tiny, tiny_foundation
     else:
         expected = z * clip * math.sqrt(n) / n
     assert change.size > 500
-    assert 0.75 < change.std() / expected < 1.33, (mode, change.std(), expected)
+    assert 0.8 < change.std() / expected < 1.25, (mode, change.std(), expected)
 
 
 def test_distributed_noise_without_secure_aggregation_is_refused():
