@@ -247,6 +247,19 @@ class PersonalModel:
                 set_active_paths(self.model, None)
         return torch.sigmoid(logits[:, 0]).numpy()
 
+    @torch.no_grad()
+    def example_losses(self, data: UserTensors, profile: np.ndarray, slot: int = 0) -> np.ndarray:
+        """Per-row training loss (BCE summed over the observed tasks) with the current state."""
+        if len(data) == 0:
+            return np.zeros(0, np.float32)
+        groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
+        with self._route(len(data), groups, slot):
+            logits = self.tower(data.features)
+        y = data.labels[:, self.task_columns]
+        seen = y >= 0
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.clamp(min=0), reduction="none")
+        return (bce * seen).sum(dim=1).numpy()
+
     def personalized_scores(self, train: UserTensors, evals: list[UserTensors], profile: np.ndarray,
                             local: LocalTraining, *, seed: int) -> list[np.ndarray]:
         """Scores of a user's evaluation rows with the current state; PFedRec fine-tunes a copy of the

@@ -52,20 +52,13 @@ class UpdateAttackResult:
         return dict(self.__dict__)
 
 
-@torch.no_grad()
 def _example_losses(rt: ClientRuntime, data, state: dict[str, np.ndarray], rows: torch.Tensor,
                     labels: torch.Tensor) -> np.ndarray:
     """Per-candidate loss of the user's model (fresh private part) with the shared ``state``."""
     pm = rt.model
     pm.set_shared(state)
     pm.set_private(None)
-    groups = torch.as_tensor(data.profile[pm.group_columns], dtype=torch.long) if pm.group_columns else None
-    with pm._route(len(rows), groups, 0):
-        logits = pm.tower(rows)
-    y = labels[:, pm.task_columns]
-    seen = y >= 0
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.clamp(min=0), reduction="none")
-    return (bce * seen).sum(dim=1).numpy()
+    return pm.example_losses(UserTensors(rows, labels), data.profile)
 
 
 def _user_update(rt: ClientRuntime, cfg: FederationConfig, data, train: UserTensors, state, spec, cohort: int,
