@@ -28,12 +28,12 @@ from flwr.clientapp import ClientApp
 from client.personal_store import PersonalStore
 from client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
 from recmodels.evaluation import MetricSums, membership_attack
-from server.aggregation import client_contribution, count_keys, expected_shapes, spec_from
+from server.aggregation import count_keys, expected_shapes, spec_from
 from server.secagg.protocol import STAGE_ADVERTISE, STAGE_MASKED, concat_update
 from server.secagg.transport import is_secagg, pack, unpack
 from client.secagg import SecAggClient
 from server.config import FederationConfig
-from server.privacy import add_local_noise, add_noise, clip_delta, distributed_share_std
+from server.privacy import private_contribution
 
 log = logging.getLogger("fedpa.client")
 app = ClientApp()
@@ -58,6 +58,13 @@ def _config(msg: Message, context: Context) -> FederationConfig:
     return FederationConfig.from_run_config(run)
 
 
+def dp_settings(cfg: FederationConfig, pm, cohort: int) -> dict:
+    """The keyword arguments of `server.privacy.private_contribution` for this run and round."""
+    return dict(noise_multiplier=cfg.dp_noise_multiplier, clip=cfg.dp_clip, mode=cfg.dp_mode,
+                n_group_attributes=len(pm.group_attributes), min_reply_fraction=cfg.min_reply_fraction,
+                cohort=cohort)
+
+
 def _node_clients(context: Context, rt: ClientRuntime) -> range:
     pid = int(context.node_config.get("partition-id", 0))
     n = int(context.node_config.get("num-partitions", 1))
@@ -65,7 +72,8 @@ def _node_clients(context: Context, rt: ClientRuntime) -> range:
 
 
 def _private_state(context: Context, rt: ClientRuntime, uid: int, run_id: str = "",
-                   before_round: int | None = None, cfg: FederationConfig | None = None) -> dict[str, np.ndarray] | None:
+                   before_round: int | None = None, cfg: FederationConfig | None = None,
+                   store: PersonalStore | None = None) -> dict[str, np.ndarray] | None:
     """The user's private state: from this node's memory within a run, else from the personal store.
     Training round r of run ``run_id`` wants the state from before r: a resumed run redoing r skips
     what the interrupted attempt saved at r (the store keeps the version before it)."""
@@ -73,7 +81,7 @@ def _private_state(context: Context, rt: ClientRuntime, uid: int, run_id: str = 
     if key in context.state:
         return record_to_arrays(context.state[key])
     cfg = cfg or rt.cfg
-    store = _store(cfg)
+    store = store if store is not None else _store(cfg)  # callers looping over users open it once
     if store is not None:
         def redone(meta: dict) -> bool:
             return (before_round is not None and bool(run_id) and meta.get("run-id") == run_id
@@ -130,7 +138,8 @@ def train(msg: Message, context: Context) -> Message:
         data = rt.user(c)
         if global_state:
             pm.set_shared(global_state)
-        pm.set_private(_private_state(context, rt, data.user_id, run_id, before_round=round_, cfg=cfg))
+        pm.set_private(_private_state(context, rt, data.user_id, run_id, before_round=round_, cfg=cfg,
+                                      store=store))
         stats = pm.train_user(data.train, data.profile, rt.local, seed=user_seed(cfg.seed, round_, data.user_id))
         private = pm.get_private()
         if not all(np.all(np.isfinite(v)) for v in private.values()):
@@ -142,16 +151,8 @@ def train(msg: Message, context: Context) -> Message:
             if not all(np.all(np.isfinite(v)) for v in delta.values()):
                 excluded.append(f"user {data.user_id}: non-finite update")
                 continue
-            groups = pm.groups_of(data.profile)
-            if cfg.dp_noise_multiplier > 0:
-                delta, _ = clip_delta(delta, spec, groups, cfg.dp_clip)
-                if cfg.dp_mode == "local":
-                    delta = add_local_noise(delta, spec, groups, cfg.dp_noise_multiplier * cfg.dp_clip)
-            contrib = client_contribution(delta, spec, groups)
-            if cfg.dp_noise_multiplier > 0 and cfg.dp_mode == "distributed":
-                std = distributed_share_std(cfg.dp_noise_multiplier, cfg.dp_clip, len(pm.group_attributes),
-                                            cfg.min_reply_fraction, int(rnd["cohort"]))
-                contrib = add_noise(contrib, spec, std, clamp=False)
+            contrib = private_contribution(delta, spec, pm.groups_of(data.profile),
+                                           **dp_settings(cfg, pm, int(rnd["cohort"])))
             total = contrib if total is None else {k: total[k] + contrib[k] for k in total}
         if private:
             context.state[f"private/{data.user_id}"] = arrays_to_record(private)
@@ -200,13 +201,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     round_ = int(msg.content["round"]["round"])
     global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
     attack = bool(msg.content["round"].get("final", False))
+    store = _store(cfg)
     val, test, mia = MetricSums(), MetricSums(), MetricSums()
     users = 0
     for c in _node_clients(context, rt):
         data = rt.user(c)
         if global_state:
             pm.set_shared(global_state)
-        pm.set_private(_private_state(context, rt, data.user_id, cfg=cfg))
+        pm.set_private(_private_state(context, rt, data.user_id, cfg=cfg, store=store))
         splits = [data.val, data.test] + ([data.train] if attack else [])
         scores = pm.personalized_scores(data.train, splits, data.profile, rt.local,
                                         seed=user_seed(cfg.seed, round_, data.user_id))

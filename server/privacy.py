@@ -98,6 +98,25 @@ def add_local_noise(delta: dict[str, np.ndarray], spec: list[SharedTensor], grou
             for k, v in delta.items()}
 
 
+def private_contribution(delta: dict[str, np.ndarray], spec: list[SharedTensor], groups: set[str], *,
+                         noise_multiplier: float, clip: float, mode: str, n_group_attributes: int,
+                         min_reply_fraction: float, cohort: int) -> dict[str, np.ndarray]:
+    """What one user sends under client-level DP: its delta clipped to ``clip`` (local mode: plus its
+    own noise), as a contribution (`client_contribution`), plus its distributed-noise share."""
+    from .aggregation import client_contribution
+
+    if noise_multiplier <= 0:
+        return client_contribution(delta, spec, groups)
+    delta, _ = clip_delta(delta, spec, groups, clip)
+    if mode == "local":
+        delta = add_local_noise(delta, spec, groups, noise_multiplier * clip)
+    contrib = client_contribution(delta, spec, groups)
+    if mode == "distributed":
+        std = distributed_share_std(noise_multiplier, clip, n_group_attributes, min_reply_fraction, cohort)
+        contrib = add_noise(contrib, spec, std, clamp=False)
+    return contrib
+
+
 def event_multiplier(mode: str, noise_multiplier: float) -> float:
     """Noise multiplier of the Gaussian event one round is, under add-or-remove-one."""
     return noise_multiplier / 2.0 if mode == "local" else noise_multiplier

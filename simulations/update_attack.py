@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from client.app import dp_settings
 from client.runtime import ClientRuntime
 from foundation.metrics import auc
 from recmodels.personalization import UserTensors
-from server.aggregation import apply_sums, client_contribution, spec_from
+from server.aggregation import apply_sums, spec_from
 from server.config import FederationConfig
-from server.privacy import add_local_noise, add_noise, clip_delta, distributed_share_std
+from server.privacy import private_contribution
 
 
 @dataclass
@@ -70,17 +71,7 @@ def _user_update(rt: ClientRuntime, cfg: FederationConfig, data, train: UserTens
     pm.train_user(train, data.profile, rt.local, seed=seed)
     local = pm.get_shared()
     delta = {k: local[k] - state[k] for k in local}
-    groups = pm.groups_of(data.profile)
-    if cfg.dp_noise_multiplier > 0:
-        delta, _ = clip_delta(delta, spec, groups, cfg.dp_clip)
-        if cfg.dp_mode == "local":
-            delta = add_local_noise(delta, spec, groups, cfg.dp_noise_multiplier * cfg.dp_clip)
-    contrib = client_contribution(delta, spec, groups)
-    if cfg.dp_noise_multiplier > 0 and cfg.dp_mode == "distributed":
-        std = distributed_share_std(cfg.dp_noise_multiplier, cfg.dp_clip, len(pm.group_attributes),
-                                    cfg.min_reply_fraction, cohort)
-        contrib = add_noise(contrib, spec, std, clamp=False)
-    return contrib, groups
+    return private_contribution(delta, spec, pm.groups_of(data.profile), **dp_settings(cfg, pm, cohort))
 
 
 def run_update_attack(cfg: FederationConfig, state: dict[str, np.ndarray], *, targets: int = 32,
@@ -109,7 +100,7 @@ def run_update_attack(cfg: FederationConfig, state: dict[str, np.ndarray], *, ta
             perm = np.random.default_rng([seed, c]).permutation(len(train))
             halves[c] = (perm[: len(perm) // 2], perm[len(perm) // 2:])
             train = UserTensors(train.features[halves[c][0]], train.labels[halves[c][0]])
-        contrib, groups = _user_update(rt, cfg, data, train, state, spec, n, seed=int(rng.integers(2**31)))
+        contrib = _user_update(rt, cfg, data, train, state, spec, n, seed=int(rng.integers(2**31)))
         total = contrib if total is None else {k: total[k] + contrib[k] for k in total}
         if c in chosen:
             updates[c] = contrib
