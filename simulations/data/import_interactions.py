@@ -261,49 +261,41 @@ def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapp
                                       "item_columns": mapping.item_columns})
 
 
-def _users(path, mapping: Mapping, u_orig: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+def _feature_table(path, id_col: str, columns: dict[str, str] | None, *, what: str, new_id: str,
+                   defaults: tuple[str, ...], seen: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+    """Renumbered ids (``new_id``, ``orig_<new_id>``), the ``defaults`` columns as zeros, and each
+    ``columns`` entry (name -> source column; None: every column but the id, under its own name)
+    read as non-negative integers. Without a file: the ids ``seen`` in the interactions and zeros."""
+    reserved = (new_id, f"orig_{new_id}")
     if path is None:
-        orig = np.unique(u_orig)
-        cols = {"user_id": np.arange(len(orig), dtype=np.int64), "orig_user_id": orig}
-        cols.update({c: np.zeros(len(orig), np.int64) for c in USER_CANONICAL})
-        return pa.table(cols), orig
-    p = Path(path)
-    t = read_table(p)
-    id_col = mapping.user_id or mapping.user
-    ids = _integers(_column(t, id_col, p, "user id"), id_col, p, "user id")
-    orig, _ = _renumber(ids, p, "user")
-    order = np.argsort(ids, kind="stable")
-    features = mapping.user_features if mapping.user_features is not None else [c for c in t.column_names if c != id_col]
-    cols: dict[str, np.ndarray] = {"user_id": np.arange(len(orig), dtype=np.int64), "orig_user_id": orig}
-    for c in USER_CANONICAL:
-        cols[c] = np.zeros(len(orig), np.int64)
-    for f in features:
-        if f in ("user_id", "orig_user_id"):
-            raise DatasetError(f"{p}: feature column '{f}' clashes with a reserved column name")
-        cols[f] = _integers(_column(t, f, p, "user feature"), f, p, "user feature", nonnegative=True)[order]
+        orig = np.unique(seen)
+        order, t, p = None, None, None
+    else:
+        p = Path(path)
+        t = read_table(p)
+        ids = _integers(_column(t, id_col, p, f"{what} id"), id_col, p, f"{what} id")
+        orig, _ = _renumber(ids, p, what)
+        order = np.argsort(ids, kind="stable")
+        if columns is None:
+            columns = {c: c for c in t.column_names if c != id_col}
+    cols: dict[str, np.ndarray] = {new_id: np.arange(len(orig), dtype=np.int64), reserved[1]: orig}
+    cols.update({c: np.zeros(len(orig), np.int64) for c in defaults})
+    for name, source in (columns or {}).items():
+        if name in reserved:
+            raise DatasetError(f"{p}: {what} column name '{name}' is reserved")
+        role = f"{what} {name}"
+        cols[name] = _integers(_column(t, source, p, role), source, p, role, nonnegative=True)[order]
     return pa.table(cols), orig
+
+
+def _users(path, mapping: Mapping, u_orig: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+    features = None if mapping.user_features is None else {f: f for f in mapping.user_features}
+    return _feature_table(path, mapping.user_id or mapping.user, features, what="user", new_id="user_id",
+                          defaults=USER_CANONICAL, seen=u_orig)
 
 
 def _items(path, mapping: Mapping, i_orig: np.ndarray) -> tuple[pa.Table, np.ndarray]:
-    if path is None:
-        if mapping.item_columns:
-            raise FedpaError("the mapping names item columns but no item table was given (--items)")
-        orig = np.unique(i_orig)
-        cols = {"video_id": np.arange(len(orig), dtype=np.int64), "orig_video_id": orig}
-        cols.update({c: np.zeros(len(orig), np.int64) for c in ITEM_FIELDS_MAPPABLE})
-        return pa.table(cols), orig
-    p = Path(path)
-    t = read_table(p)
-    id_col = mapping.item_id or mapping.item
-    ids = _integers(_column(t, id_col, p, "item id"), id_col, p, "item id")
-    orig, _ = _renumber(ids, p, "item")
-    order = np.argsort(ids, kind="stable")
-    cols: dict[str, np.ndarray] = {"video_id": np.arange(len(orig), dtype=np.int64), "orig_video_id": orig}
-    for c in ITEM_FIELDS_MAPPABLE:
-        cols[c] = np.zeros(len(orig), np.int64)
-    for name, source in mapping.item_columns.items():
-        if name in ("video_id", "orig_video_id"):
-            raise DatasetError(f"item column name '{name}' is reserved")
-        cols[name] = _integers(_column(t, source, p, f"item {name}"), source, p, f"item {name}",
-                               nonnegative=True)[order]
-    return pa.table(cols), orig
+    if path is None and mapping.item_columns:
+        raise FedpaError("the mapping names item columns but no item table was given (--items)")
+    return _feature_table(path, mapping.item_id or mapping.item, mapping.item_columns if path else {}, what="item",
+                          new_id="video_id", defaults=ITEM_FIELDS_MAPPABLE, seen=i_orig)
