@@ -116,9 +116,9 @@ def test_cli_with_flags_and_without_feature_tables(tmp_path):
 
 def test_sequences_of_imported_users_never_see_the_future(tmp_path):
     """MRFF's protocol (split 'last'): a user's test row sees only clicks strictly before it."""
-    from foundation.batch import ITEM_FIELDS
     from simulations.data.partition import SplitConfig, split_users
     from simulations.data.schema import SEQ_LEN
+    from toy_data import assert_sequences_precede_requests
 
     rng = np.random.default_rng(0)
     n = 60
@@ -129,12 +129,7 @@ def test_sequences_of_imported_users_never_see_the_future(tmp_path):
     s = split_users(ds, np.array([0]), SplitConfig("last"))
     assert len(s.test) == 1 and len(s.val) == 1
     for ex in (s.train, s.val, s.test):
-        b = ex.batch()
-        assert b["hist_items"].shape == (len(ex), SEQ_LEN, len(ITEM_FIELDS))
-        pos = ex.view_hi[:, None] - SEQ_LEN + np.arange(SEQ_LEN)[None, :]
-        real = b["hist_mask"].numpy()
-        ts = ex.views.timestamp[np.clip(pos, 0, None)]
-        assert np.all(ts[real] < np.repeat(ex.request_timestamp, SEQ_LEN).reshape(-1, SEQ_LEN)[real])
+        assert_sequences_precede_requests(ex)
     # the test row (the last interaction) sees every earlier click, up to the sequence length
     earlier_clicks = sum(log["click"][:-1])
     assert int(s.test.batch()["hist_mask"].sum()) == min(SEQ_LEN, earlier_clicks)

@@ -1,13 +1,11 @@
 import numpy as np
 import pytest
 
-from foundation.batch import ITEM_FIELDS
 from simulations.data.examples import Lookups
 from simulations.data.partition import (Partition, PartitionConfig, SplitConfig, make_partition,
                                         split_users)
-from simulations.data.schema import SEQ_LEN
 from simulations.data.store import Dataset, DatasetError
-from toy_data import write_toy_dataset
+from toy_data import assert_sequences_precede_requests, write_toy_dataset
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +50,7 @@ def test_by_day_split_and_sequences_never_see_the_future(ds):
     day = lambda ex: ex.request_timestamp // 86_400_000  # noqa: E731
     assert day(s.train).max() < day(s.val).min() <= day(s.val).max() < day(s.test).min()
     for ex in (s.train, s.val, s.test):
-        b = ex.batch()
-        assert b["hist_items"].shape == (len(ex), SEQ_LEN, len(ITEM_FIELDS))
-        # every view in a row's sequence is strictly older than the row's request
-        pos = ex.view_hi[:, None] - SEQ_LEN + np.arange(SEQ_LEN)[None, :]
-        real = b["hist_mask"].numpy()
-        ts = ex.views.timestamp[np.clip(pos, 0, None)]
-        users = ex.views.user_id[np.clip(pos, 0, None)]
-        assert np.all(ts[real] < np.repeat(ex.request_timestamp, SEQ_LEN).reshape(-1, SEQ_LEN)[real])
-        assert np.all(users[real] == np.repeat(ex.user_id, SEQ_LEN).reshape(-1, SEQ_LEN)[real])
+        assert_sequences_precede_requests(ex)
     # the first request of user 2 sees exactly its 3 history views
     first = s.train.batch(np.array([0]))
     assert int(first["hist_mask"].sum()) == 3

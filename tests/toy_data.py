@@ -69,3 +69,20 @@ def write_toy_dataset(path: Path, *, n_users: int = 6, n_days: int = 4, requests
             w.write_day(day.isoformat(), requests=req_t, exposures=pa.table(exp_t))
         w.commit()
     return path
+
+
+def assert_sequences_precede_requests(ex) -> None:
+    """Every view in a row's behaviour sequence is the same user's and strictly older than the row's
+    request (no look-ahead), and the batch has the contract's sequence shape."""
+    import numpy as np
+
+    from foundation.batch import ITEM_FIELDS
+    from simulations.data.schema import SEQ_LEN
+
+    b = ex.batch()
+    assert b["hist_items"].shape == (len(ex), SEQ_LEN, len(ITEM_FIELDS))
+    pos = np.clip(ex.view_hi[:, None] - SEQ_LEN + np.arange(SEQ_LEN)[None, :], 0, None)
+    real = b["hist_mask"].numpy()
+    ts, users = ex.views.timestamp[pos], ex.views.user_id[pos]
+    assert np.all(ts[real] < np.repeat(ex.request_timestamp, SEQ_LEN).reshape(-1, SEQ_LEN)[real])
+    assert np.all(users[real] == np.repeat(ex.user_id, SEQ_LEN).reshape(-1, SEQ_LEN)[real])
