@@ -196,10 +196,13 @@ def plot_sweep(rows: list[dict], split: str, out: Path) -> list[Path]:
     paths = []
     metric = utility_metrics(split)[0]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for k, (label, idx) in enumerate(series.items()):
+    def line(ax, idx, key, **style):  # mean ± std of rows[i][key] against ε, in ε order
         idx = sorted(idx, key=lambda i: xs[i])
-        ax.errorbar([xs[i] for i in idx], [rows[i][metric][0] for i in idx], yerr=[rows[i][metric][1] for i in idx],
-                    marker="os^v"[k % 4], ls=["-", "--", ":", "-."][k % 4], capsize=3, label=label)
+        ax.errorbar([xs[i] for i in idx], [rows[i][key][0] for i in idx], yerr=[rows[i][key][1] for i in idx],
+                    capsize=3, **style)
+
+    for k, (label, idx) in enumerate(series.items()):
+        line(ax, idx, metric, marker="os^v"[k % 4], ls=["-", "--", ":", "-."][k % 4], label=label)
     axis(ax)
     ax.set_ylabel(f"test {metric.upper()}")
     ax.set_title("utility vs privacy")
@@ -211,13 +214,8 @@ def plot_sweep(rows: list[dict], split: str, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, idx in series.items():
-        idx = sorted(idx, key=lambda i: xs[i])
-        ax.errorbar([xs[i] for i in idx], [rows[i]["server_view_attack_auc"][0] for i in idx],
-                    yerr=[rows[i]["server_view_attack_auc"][1] for i in idx], marker="o", capsize=3,
-                    label=f"update attack, {label}")
-        ax.errorbar([xs[i] for i in idx], [rows[i]["model_attack_auc"][0] for i in idx],
-                    yerr=[rows[i]["model_attack_auc"][1] for i in idx], marker="s", ls="--", capsize=3,
-                    label=f"model attack, {label}")
+        line(ax, idx, "server_view_attack_auc", marker="o", label=f"update attack, {label}")
+        line(ax, idx, "model_attack_auc", marker="s", ls="--", label=f"model attack, {label}")
     ax.axhline(0.5, color="black", lw=0.8)
     axis(ax)
     ax.set_ylabel("membership-inference AUC (0.5 = chance)")
