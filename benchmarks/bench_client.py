@@ -35,7 +35,7 @@ def child(data: str, foundation: str, algorithm: str, work: str) -> dict:
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.app import _config, train  # noqa: F401  (the ClientApp's own handler)
+    from client.app import train  # the ClientApp's own handler
     from client.personal_store import generate_key_file
     from client.runtime import get_runtime
     from server.config import FederationConfig

@@ -9,8 +9,10 @@ and a deployed SuperNode all see the same values.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from foundation.errors import FedpaError
@@ -88,6 +90,26 @@ class FederationConfig:
 
     def to_run_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path) -> "FederationConfig":
+        """The configuration a run directory was written with (its config.json)."""
+        path = Path(run_dir) / "config.json"
+        try:
+            written = json.loads(path.read_text())
+        except OSError:
+            raise ConfigValueError(f"{run_dir}: not a run directory (no config.json)") from None
+        except ValueError as e:
+            raise ConfigValueError(f"{path}: not valid JSON ({e})") from None
+        known = {f.name.replace("_", "-") for f in fields(cls)}
+        return cls.from_run_config({k: v for k, v in written.items() if k in known})
+
+    def differences(self, written: dict[str, Any], ignore: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """Keys (dashed) whose value in ``written`` (a run's config.json) differs from this configuration;
+        a key the run predates counts with its default value."""
+        defaults = FederationConfig().to_run_config()
+        return sorted(k for k, v in self.to_run_config().items()
+                      if k not in ignore and written.get(k, defaults[k]) != v)
 
     def validate(self) -> None:
         def bad(msg):

@@ -324,13 +324,12 @@ class Federation:
             self.run.append_metrics(rec)
             self.progress(0, cfg.num_rounds, ev)
             return 1, [rec], 0.0
-        written = {k: v for k, v in self.run.read_config().items() if k != "model"}
-        now = cfg.to_run_config()
-        changed = sorted(k for k in set(written) | set(now)
-                         if k not in self.RESUMABLE_CHANGES and written.get(k) != now.get(k))
+        written = self.run.read_config()
+        changed = cfg.differences(written, self.RESUMABLE_CHANGES)
         if changed:
+            now = cfg.to_run_config()
             raise FedpaError(f"{cfg.run_dir}: cannot resume with a different configuration "
-                             f"({', '.join(f'{k}: {written.get(k)!r} -> {now.get(k)!r}' for k in changed[:5])})")
+                             f"({', '.join(f'{k}: {written.get(k)!r} -> {now[k]!r}' for k in changed[:5])})")
         last, state, meta = self.run.load_checkpoint()
         missing = sorted(set(self.state) - set(state))
         if missing or meta.get("algorithm") != cfg.algorithm:

@@ -291,16 +291,14 @@ def simulate_cmd(
     resume: Annotated[Path | None, typer.Option(help="continue this run directory from its last checkpoint, with its own configuration")] = None,
 ):
     """Run one federated simulation on Flower's simulation runtime; writes a run directory."""
+    given = [k for k, v in locals().items() if k not in ("resume", "cohort_size") and v is not None]
+    from server.config import FederationConfig
     from simulations.simulate import check_inputs, simulate
 
     if resume is not None:
-        from simulations.export_user import run_config
-
-        given = [k for k, v in locals().items() if k not in ("resume", "cohort_size", "check_inputs", "simulate",
-                                                                "run_config") and v is not None]
         if given:
             raise FedpaError(f"--resume continues a run with its own configuration; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
-        cfg = run_config(resume)
+        cfg = FederationConfig.from_run_dir(resume)
         cfg.resume = True
         cfg.run_dir = str(resume)
         with progress_bar() as p:

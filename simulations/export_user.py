@@ -10,9 +10,7 @@ the latency of scoring one request's 120 candidates are measured and written to 
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +28,6 @@ from server.rundir import RunDir, atomic_write_json
 
 PARITY_TOLERANCE = 1e-4
 CANDIDATES = 120  # RecFlow's re-ranking input size: one request's candidates, scored in one call
-
-
-def run_config(run_dir: Path) -> FederationConfig:
-    try:
-        written = json.loads((run_dir / "config.json").read_text())
-    except OSError:
-        raise FedpaError(f"{run_dir}: not a run directory (no config.json)") from None
-    except ValueError as e:
-        raise FedpaError(f"{run_dir}/config.json: not valid JSON ({e})") from None
-    known = {f.name.replace("_", "-") for f in fields(FederationConfig)}
-    return FederationConfig.from_run_config({k: v for k, v in written.items() if k in known})
 
 
 def _private_state(cfg: FederationConfig, user: int, store_dir: str | None, key_file: str | None):
@@ -90,7 +77,7 @@ def user_batches(cfg: FederationConfig, user: int):
 def export_user(run_dir: str | Path, user: int, out: str | Path, *, store_dir: str | None = None,
                 key_file: str | None = None, int8: bool = True) -> dict:
     run_dir, out = Path(run_dir), Path(out)
-    cfg = run_config(run_dir)
+    cfg = FederationConfig.from_run_dir(run_dir)
     algorithm = get_algorithm(cfg.algorithm)
     if algorithm.centralized:
         raise FedpaError("a 'centralized' run keeps no per-user state to export")

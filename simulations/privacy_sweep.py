@@ -78,9 +78,7 @@ def _reusable(cfg: FederationConfig) -> dict | None:
         written = json.loads((run / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    ignore = {"min-nodes"}  # set by the simulation from the number of nodes
-    defaults = FederationConfig().to_run_config()  # keys added since the run was written had these values
-    same = all(written.get(k, defaults.get(k)) == v for k, v in cfg.to_run_config().items() if k not in ignore)
+    same = not cfg.differences(written, ignore={"min-nodes"})  # min-nodes: set by the simulation
     return {**summary, "update_attack": attack} if same else None
 
 

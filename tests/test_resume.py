@@ -101,3 +101,13 @@ def test_a_redone_round_reads_the_state_from_before_it(tmp_path):
     assert _private_state(ctx, Runtime, 7, "A", before_round=3)["w"][0] == 2.0   # round 3 after 2
     assert _private_state(ctx, Runtime, 7, "B", before_round=1)["w"][0] == 2.0   # a later run
     assert _private_state(ctx, Runtime, 7)["w"][0] == 2.0                          # evaluation
+
+
+def test_configuration_differences_count_missing_keys_at_their_default():
+    from server.config import FederationConfig
+
+    cfg = FederationConfig(lr=0.05)
+    written = {k: v for k, v in FederationConfig().to_run_config().items() if k != "robust-aggregation"}
+    assert cfg.differences(written) == ["lr"]  # a run from before robust-aggregation existed
+    assert cfg.differences(written, ignore={"lr"}) == []
+    assert FederationConfig(robust_aggregation="median").differences(written) == ["robust-aggregation"]
