@@ -61,7 +61,7 @@ def fed_config(data: Path, foundation: Path, run_dir: Path, **kw: Any):
     from server.config import FederationConfig
 
     base = dict(data_dir=str(data), foundation=str(foundation), run_dir=str(run_dir),
-                num_rounds=2, max_clients=12, round_timeout=120.0)
+                num_rounds=2, max_clients=12, round_timeout=300.0)  # generous: Ray actors start slowly on a loaded box
     if "feature_cache" in {f.name for f in fields(FederationConfig)}:
         base["feature_cache"] = str(Path(foundation).parent / "feature_cache")
     base.update(kw)
