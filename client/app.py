@@ -27,13 +27,14 @@ from flwr.clientapp import ClientApp
 
 from client.personal_store import PersonalStore
 from client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
+from recmodels.cohort import CohortUser
 from recmodels.evaluation import MetricSums, membership_attack
 from server.aggregation import count_keys, expected_shapes, spec_from
 from server.secagg.protocol import STAGE_ADVERTISE, STAGE_MASKED, concat_update
 from server.secagg.transport import is_secagg, pack, unpack
 from client.secagg import SecAggClient
 from server.config import FederationConfig
-from server.privacy import private_contribution
+from server.privacy import cohort_contribution, private_contribution
 
 log = logging.getLogger("fedpa.client")
 app = ClientApp()
@@ -134,7 +135,16 @@ def train(msg: Message, context: Context) -> Message:
     excluded: list[str] = []
     store = _store(cfg)
     run_id = str(rnd.get("run-id", ""))
-    for c in wanted:
+    dp = dp_settings(cfg, pm, int(rnd["cohort"]))
+
+    def keep_private(uid: int, private: dict[str, np.ndarray]) -> None:
+        if private:
+            context.state[f"private/{uid}"] = arrays_to_record(private)
+            if store is not None:
+                store.save(uid, private, {"algorithm": cfg.algorithm, "round": round_,
+                                          "foundation": cfg.foundation, "run-id": run_id})
+
+    for c in (wanted if not _vectorized(cfg, rt, wanted) else []):
         data = rt.user(c)
         if global_state:
             pm.set_shared(global_state)
@@ -151,17 +161,31 @@ def train(msg: Message, context: Context) -> Message:
             if not all(np.all(np.isfinite(v)) for v in delta.values()):
                 excluded.append(f"user {data.user_id}: non-finite update")
                 continue
-            contrib = private_contribution(delta, spec, pm.groups_of(data.profile),
-                                           **dp_settings(cfg, pm, int(rnd["cohort"])))
+            contrib = private_contribution(delta, spec, pm.groups_of(data.profile), **dp)
             total = contrib if total is None else {k: total[k] + contrib[k] for k in total}
-        if private:
-            context.state[f"private/{data.user_id}"] = arrays_to_record(private)
-            if store is not None:
-                store.save(data.user_id, private, {"algorithm": cfg.algorithm, "round": round_,
-                                                   "foundation": cfg.foundation, "run-id": run_id})
+        keep_private(data.user_id, private)
         if stats["n"]:
             loss_sum += stats["loss"] * stats["n"]
             n_examples += stats["n"]
+    if _vectorized(cfg, rt, wanted):
+        users = [rt.user(c) for c in wanted]
+        cohort = [CohortUser(d.train, d.profile,
+                             _private_state(context, rt, d.user_id, run_id, before_round=round_, cfg=cfg, store=store),
+                             user_seed(cfg.seed, round_, d.user_id), d.user_id) for d in users]
+        for chunk in rt.cohort_engine.train(cohort, global_state, rt.local):
+            for k, i in enumerate(chunk.users):
+                uid = users[i].user_id
+                if not chunk.finite[k]:
+                    excluded.append(f"user {uid}: non-finite private state or update after training "
+                                    "(kept the previous one)")
+                    continue
+                keep_private(uid, chunk.private[k])
+                if chunk.n[k]:
+                    loss_sum += float(chunk.loss[k]) * float(chunk.n[k])
+                    n_examples += float(chunk.n[k])
+            if rt.algorithm.communicates:
+                part = cohort_contribution(chunk.deltas, len(chunk.users), spec, keep=chunk.finite, **dp)
+                total = part if total is None else {k: total[k] + part[k] for k in total}
     contributed = len(wanted) - len(excluded)
     metrics = MetricRecord({"num-examples": int(n_examples), "num-users": contributed,
                             "loss-sum": float(loss_sum)})
@@ -176,6 +200,11 @@ def train(msg: Message, context: Context) -> Message:
         else:
             content["arrays"] = arrays_to_record(total)
     return Message(content=content, reply_to=msg)
+
+
+def _vectorized(cfg: FederationConfig, rt: ClientRuntime, users) -> bool:
+    """Train / score this node's users with the cohort engine (several users, an adapted model)."""
+    return cfg.cohort_engine == "vectorized" and len(users) > 1 and rt.model.model is not None
 
 
 def _secagg_stage(msg: Message, context: Context) -> Message:
@@ -204,14 +233,25 @@ def evaluate(msg: Message, context: Context) -> Message:
     store = _store(cfg)
     val, test, mia = MetricSums(), MetricSums(), MetricSums()
     users = 0
-    for c in _node_clients(context, rt):
+    clients = list(_node_clients(context, rt))
+    vectorized = _vectorized(cfg, rt, clients)
+    if vectorized:
+        data_of = [rt.user(c) for c in clients]
+        cohort = [CohortUser(d.train, d.profile, _private_state(context, rt, d.user_id, cfg=cfg, store=store),
+                             user_seed(cfg.seed, round_, d.user_id), d.user_id) for d in data_of]
+        all_scores = rt.cohort_engine.predict(
+            cohort, [[d.val, d.test] + ([d.train] if attack else []) for d in data_of], global_state, rt.local)
+    for j, c in enumerate(clients):
         data = rt.user(c)
-        if global_state:
-            pm.set_shared(global_state)
-        pm.set_private(_private_state(context, rt, data.user_id, cfg=cfg, store=store))
-        splits = [data.val, data.test] + ([data.train] if attack else [])
-        scores = pm.personalized_scores(data.train, splits, data.profile, rt.local,
-                                        seed=user_seed(cfg.seed, round_, data.user_id))
+        if vectorized:
+            scores = all_scores[j]
+        else:
+            if global_state:
+                pm.set_shared(global_state)
+            pm.set_private(_private_state(context, rt, data.user_id, cfg=cfg, store=store))
+            splits = [data.val, data.test] + ([data.train] if attack else [])
+            scores = pm.personalized_scores(data.train, splits, data.profile, rt.local,
+                                            seed=user_seed(cfg.seed, round_, data.user_id))
         val.add_user(data.val.labels[:, 0].numpy(), scores[0], data.group_size)
         test.add_user(data.test.labels[:, 0].numpy(), scores[1], data.group_size)
         if attack:

@@ -20,6 +20,7 @@ import torch
 from client.feature_cache import FeatureCache, build, cache_key, default_root
 from foundation.errors import FedpaError
 from foundation.model import load_foundation
+from recmodels.cohort import CohortEngine
 from recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
 from server.config import FederationConfig
 from simulations.data.examples import Lookups
@@ -68,7 +69,14 @@ class ClientRuntime:
         self.local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                    ditto_lambda=cfg.ditto_lambda)
         self._users: dict[int, UserData] = {}
+        self._engine: CohortEngine | None = None
         self.cache = open_feature_cache(cfg, self.partition.private_users)
+
+    @property
+    def cohort_engine(self) -> CohortEngine:
+        if self._engine is None:
+            self._engine = CohortEngine(self.model)
+        return self._engine
 
     @property
     def num_clients(self) -> int:

@@ -26,6 +26,7 @@ class ConfigValueError(FedpaError):
 
 
 DP_MODES = ("central", "distributed", "local")
+COHORT_ENGINES = ("vectorized", "loop")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class FederationConfig:
     personal_store_key_file: str = ""
     resume: bool = False             # continue run-dir from its last checkpoint (same configuration)
     feature_cache: str = ""          # root of the simulation's cached tower inputs ("" = ~/.cache/fedpa/features, "none" = off)
+    cohort_engine: str = "vectorized"  # a node serving several users trains them: vectorized (recmodels.cohort) | loop
 
     @classmethod
     def from_run_config(cls, rc: dict[str, Any]) -> "FederationConfig":
@@ -164,6 +166,8 @@ class FederationConfig:
         if self.secagg and (self.robust_aggregation != "none" or self.norm_bound > 0):
             bad("robust aggregation and norm bounds need each user's update, and under secure aggregation the "
                 "server sees only the sum: turn secagg off, or bound norms on the clients (dp-clip)")
+        if self.cohort_engine not in COHORT_ENGINES:
+            bad(f"unknown cohort-engine '{self.cohort_engine}' ({', '.join(COHORT_ENGINES)})")
         if self.split not in ("by-day", "chrono", "loo", "last"):
             bad(f"unknown split '{self.split}' (by-day, chrono, loo, last)")
 

@@ -309,7 +309,8 @@ class Federation:
         return out
 
     # settings that may differ between an interrupted run and its resumption
-    RESUMABLE_CHANGES = frozenset({"resume", "run-dir", "min-nodes", "round-timeout", "feature-cache"})
+    RESUMABLE_CHANGES = frozenset({"resume", "run-dir", "min-nodes", "round-timeout", "feature-cache",
+                                   "cohort-engine"})
 
     def _start(self) -> tuple[int, list[dict], float]:
         """(first round to train, history so far, wall seconds so far): a fresh run evaluates round 0;
@@ -392,11 +393,17 @@ class Federation:
                        "noise_multiplier": self.cfg.dp_noise_multiplier, "clip": self.cfg.dp_clip,
                        "rounds_accounted": self.accountant.num_releases,
                        "stopped_by_budget_at_round": self.stopped_by_budget}
-        return write_summary(self.run, self.cfg, history, wall, self.model_sizes, privacy)
+        sizes = [len(c) for c in getattr(self, "nodes", {}).values()] or [0]
+        most = max(sizes)
+        cohorts = {"nodes": len(sizes), "users_per_node_max": most,
+                   "engine": (self.cfg.cohort_engine if most > 1 else "one user per node"),
+                   # what secure aggregation hides behind its sum: one user's update, or a node's sum
+                   "secagg_participant": "user" if most <= 1 else f"node (sum of up to {most} users)"}
+        return write_summary(self.run, self.cfg, history, wall, self.model_sizes, privacy, cohorts)
 
 
 def write_summary(run: RunDir, cfg: FederationConfig, history: list[dict], wall: float,
-                  model_sizes: dict, privacy: dict | None = None) -> dict[str, Any]:
+                  model_sizes: dict, privacy: dict | None = None, cohorts: dict | None = None) -> dict[str, Any]:
     key = primary_metric(cfg.split)
     evals = [h for h in history if "eval" in h]
     best = max(evals, key=lambda h: _num(h["eval"]["val"].get(key)))
@@ -412,6 +419,7 @@ def write_summary(run: RunDir, cfg: FederationConfig, history: list[dict], wall:
         "model": model_sizes,
         "clients": evals[-1]["eval"].get("users"),
         "secure_aggregation": cfg.secagg,
+        "cohorts": cohorts,
         "differential_privacy": privacy,
         "membership_inference": evals[-1]["eval"].get("membership_inference"),
     }

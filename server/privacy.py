@@ -34,9 +34,11 @@ from __future__ import annotations
 import logging
 import math
 
+from collections.abc import Mapping
+
 import numpy as np
 
-from .aggregation import SharedTensor, count_keys
+from .aggregation import COUNT_PREFIX, GLOBAL, SharedTensor, count_keys
 
 log = logging.getLogger("fedpa.server")
 
@@ -139,3 +141,41 @@ def round_event(noise_multiplier: float, sample_size: int, population: int):
 
     return GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=sample_size,
                                 population_size=population)
+
+
+def cohort_contribution(deltas: Mapping[str, tuple[np.ndarray, np.ndarray]], n_users: int, spec: list[SharedTensor],
+                        *, keep: np.ndarray | None = None, noise_multiplier: float, clip: float, mode: str,
+                        n_group_attributes: int, min_reply_fraction: float, cohort: int,
+                        rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """The sum over ``n_users`` users of `private_contribution`, computed on stacked deltas.
+
+    ``deltas``: shared entry -> (positions of the users contributing to it, their deltas [k, *shape]);
+    an entry a user is absent from is zero for that user, and the groups a user contributes to are the
+    groups of the entries it appears in (as `client_contribution`'s ``groups``). ``keep``: the users to
+    include (default all). Each user is clipped to ``clip`` on its own (joint norm of its entries) and,
+    in local mode, noised on its own; in distributed mode the users' independent shares N(0, s^2) are
+    drawn as their sum, N(0, k s^2) for k users: the same distribution."""
+    keep = np.ones(n_users, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    scale = np.ones(n_users, dtype=np.float64)
+    if noise_multiplier > 0:
+        sq = np.zeros(n_users, dtype=np.float64)
+        for pos, vals in deltas.values():
+            np.add.at(sq, pos, np.square(vals.reshape(len(pos), -1), dtype=np.float64).sum(axis=1))
+        norm = np.sqrt(sq)
+        scale = np.where(norm > 0, np.minimum(1.0, clip / np.where(norm > 0, norm, 1.0)), 1.0)
+    rng = rng or (noise_rng() if noise_multiplier > 0 else None)
+    out = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
+    out[COUNT_PREFIX + GLOBAL][0] = float(keep.sum())
+    for t in spec:
+        pos, vals = deltas.get(t.name, (np.zeros(0, np.int64), np.zeros((0, *t.shape), np.float32)))
+        sel = keep[pos]
+        v = vals[sel].astype(np.float32) * scale[pos[sel]].astype(np.float32).reshape((-1,) + (1,) * len(t.shape))
+        if noise_multiplier > 0 and mode == "local" and len(v):
+            v = v + rng.normal(0.0, noise_multiplier * clip, size=v.shape).astype(np.float32)
+        out[t.name] = v.sum(axis=0, dtype=np.float32) if len(v) else np.zeros(t.shape, np.float32)
+        if t.group is not None:
+            out[t.count_key][0] = float(sel.sum())
+    if noise_multiplier > 0 and mode == "distributed" and keep.any():
+        std = distributed_share_std(noise_multiplier, clip, n_group_attributes, min_reply_fraction, cohort)
+        out = add_noise(out, spec, std * math.sqrt(float(keep.sum())), rng=rng, clamp=False)
+    return out

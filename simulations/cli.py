@@ -288,6 +288,7 @@ def simulate_cmd(
     dp_mode: Annotated[str | None, typer.Option(help="where DP noise is added: central (server) | distributed (clients, needs --secagg) | local")] = None,
     dp_max_epsilon: Annotated[float | None, typer.Option(help="privacy budget: stop before exceeding it (0 = none)")] = None,
     cohort_size: Annotated[int, typer.Option(help="users per virtual SuperNode (0 = one node per CPU core; 1 = Flower's stock one user per node)")] = 0,
+    cohort_engine: Annotated[str | None, typer.Option(help="how a node trains its cohort: vectorized (all users at once) | loop (one after another)")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue this run directory from its last checkpoint, with its own configuration")] = None,
 ):
     """Run one federated simulation on Flower's simulation runtime; writes a run directory."""
@@ -310,7 +311,8 @@ def simulate_cmd(
                                           local_epochs=local_epochs, lr=lr, rank=rank,
                                           group_attributes=group_attributes, split=split, max_clients=max_clients,
                                           seed=seed, secagg=secagg, dp_noise_multiplier=dp_noise_multiplier,
-                                          dp_clip=dp_clip, dp_mode=dp_mode, dp_max_epsilon=dp_max_epsilon))
+                                          dp_clip=dp_clip, dp_mode=dp_mode, dp_max_epsilon=dp_max_epsilon,
+                                          cohort_engine=cohort_engine))
     check_inputs(cfg)
     with progress_bar() as p:
         summary = simulate(cfg, cohort_size=cohort_size, progress=_round_progress(p, cfg.algorithm, cfg.num_rounds))

@@ -1,0 +1,395 @@
+"""The cohort engine: many users' local training in one vectorized computation.
+
+A simulated node serving C users could train them one after another with
+`PersonalModel.train_user`; that costs a Python loop, an optimizer and dozens
+of tiny matrix products per user and step. Here every trainable tower
+parameter gets a leading *user* dimension (each user's own copy, started from
+the global shared state and that user's private state), and one step of all C
+users is one `torch.func.vmap` of `grad` over `functional_call` of the same
+adapted tower: the same model code, batched over users.
+
+Exactly the semantics of `PersonalModel.train_user`, user by user:
+
+* each user's copy of a group adapter is the *row of its own group* (the other
+  rows cannot change: they get no gradient), of a private per-slot tensor its
+  own slot, of everything else the whole tensor;
+* each user's batches follow the permutation its own seeded generator draws,
+  as the one-user path does; users with fewer batches are *masked*: padded rows
+  carry label -1 (unobserved, out of `masked_bce`), and a user without a batch
+  at a step is not updated at all;
+* Adam runs per user (moments and step count per user), written out here
+  because `torch.optim` cannot skip some users of a stacked tensor. Its update
+  is torch's (`foreach` Adam, no weight decay) term by term;
+* Ditto's two phases (personal path with the proximal term, then the global
+  path) and PFedRec's fine-tuning before scoring run the same way.
+
+Users are processed in chunks of at most ``max_users`` with similar numbers of
+steps (fewer padded steps), so memory stays bounded whatever the population;
+chunks are independent, so chunking never changes a result. Plain PyTorch: no
+Flower here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from foundation.adapters import ditto_penalty, parameter_kinds, set_active_paths, use_routing
+from foundation.model import masked_bce
+
+from .personalization import LocalTraining, PersonalModel, UserTensors
+
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which PersonalModel uses
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class CohortUser:
+    """One user of a cohort: training rows, profile, private state (None = fresh) and seed."""
+
+    train: UserTensors
+    profile: np.ndarray
+    private: Mapping[str, np.ndarray] | None
+    seed: int
+    user_id: int | None = None  # only to name the user in errors
+
+
+@dataclass
+class ChunkResult:
+    """The outcome for a chunk of users (``users`` = their positions in the input list).
+
+    ``private[k]``: user k's private state (numpy, as `PersonalModel.get_private`).
+    ``deltas``: shared entry name -> (positions into ``users`` of the users who contribute to it,
+    their deltas local − global stacked [k, *shape]); group entries list only that group's members,
+    global entries every user. ``finite[k]``: False if user k's private state or update is not finite.
+    """
+
+    users: np.ndarray
+    private: list[dict[str, np.ndarray]]
+    deltas: dict[str, tuple[np.ndarray, np.ndarray]]
+    loss: np.ndarray
+    n: np.ndarray
+    finite: np.ndarray
+    groups: list[set[str]] = field(default_factory=list)
+
+
+@dataclass
+class _Param:
+    """How one trainable tower parameter becomes a per-user tensor."""
+
+    name: str                 # parameter name inside the tower module
+    tensor: torch.Tensor      # the model's parameter (holds the global shared state)
+    mode: str                 # "slot": private per-slot (user's own row); "group": the row of the user's
+                              # group; "whole": the whole tensor (shared globally, or private unsliced)
+    private_key: str | None = None       # private-state entry name (slot mode and private whole)
+    group_column: int | None = None      # index into PersonalModel.group_columns (group mode)
+    group_keys: dict[int, str] = field(default_factory=dict)  # group value -> shared entry name
+    shared_key: str | None = None        # shared entry name (whole, shared)
+
+
+def _of(u: CohortUser) -> str:
+    return "" if u.user_id is None else f" of user {u.user_id}"
+
+
+class _TowerLoss(nn.Module):
+    """The adapted tower plus Ditto's proximal term, so one functional_call sees both."""
+
+    def __init__(self, tower: nn.Module, task_columns: list[int]):
+        super().__init__()
+        self.tower = tower
+        self.task_columns = task_columns
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, prox: float) -> torch.Tensor:
+        loss = masked_bce(self.tower(x), y[:, self.task_columns])
+        if prox:
+            loss = loss + 0.5 * prox * ditto_penalty(self.tower)
+        return loss
+
+
+class CohortEngine:
+    """Vectorized local training and scoring for many users of one `PersonalModel`."""
+
+    def __init__(self, pm: PersonalModel, max_users: int = 256):
+        if pm.model is None:
+            raise ValueError(f"algorithm '{pm.algorithm.name}' has no adapters to train")
+        self.pm = pm
+        self.max_users = max(1, int(max_users))
+        self.loss_module = _TowerLoss(pm.tower, pm.task_columns)
+        self.params = self._index()
+        self.n_groups = len(pm.group_columns)
+
+    # ------------------------------------------------------------------ parameter layout
+
+    def _index(self) -> list[_Param]:
+        tower_prefix = self._tower_prefix()
+        by_param: dict[str, _Param] = {}
+        model_params = dict(self.pm.model.named_parameters())
+        for key, kind in parameter_kinds(self.pm.model).items():
+            if kind.kind == "frozen":
+                continue
+            local = kind.param[len(tower_prefix):]
+            tensor = model_params[kind.param]
+            if not kind.param.startswith(tower_prefix):
+                raise ValueError(f"adapter parameter {kind.param} is outside the tower")
+            if kind.kind == "private":
+                by_param[local] = _Param(local, tensor, "slot" if kind.per_slot else "whole", private_key=key)
+            elif kind.group is not None:
+                p = by_param.get(local) or _Param(local, tensor, "group",
+                                                  group_column=self.pm.group_attributes.index(kind.group[0]))
+                p.group_keys[int(kind.group[1])] = key
+                by_param[local] = p
+            else:
+                by_param[local] = _Param(local, tensor, "whole", shared_key=key)
+        trainable = {n for n, p in self.pm.tower.named_parameters() if p.requires_grad}
+        missing = trainable - set(by_param)
+        if missing:
+            raise ValueError(f"trainable tower parameter(s) without a kind: {sorted(missing)[:3]}")
+        return [by_param[n] for n in sorted(by_param)]
+
+    def _tower_prefix(self) -> str:
+        for name, module in self.pm.model.named_modules():
+            if module is self.pm.tower:
+                return name + "."
+        raise ValueError("the personal model's tower is not inside its adapted model")
+
+    def _group_rows(self, users: Sequence[CohortUser]) -> np.ndarray:
+        cols = self.pm.group_columns
+        return np.array([[int(u.profile[c]) for c in cols] for u in users], dtype=np.int64).reshape(len(users), len(cols))
+
+    def _stack(self, users: Sequence[CohortUser], groups: np.ndarray) -> dict[str, torch.Tensor]:
+        """Per-user copies [C, ...] of every trainable parameter (the model holds the global state)."""
+        c = len(users)
+        out = {}
+        for p in self.params:
+            base = p.tensor.detach()
+            if p.mode == "group":
+                out[p.name] = base[torch.from_numpy(groups[:, p.group_column])].unsqueeze(1).clone()
+            elif p.private_key is not None:
+                want = tuple(base.shape[1:]) if p.mode == "slot" else tuple(base.shape)
+                rows = []
+                for u in users:
+                    state = u.private if u.private is not None else self.pm.initial_private
+                    if p.private_key not in state:
+                        raise ValueError(f"personal state{_of(u)} lacks '{p.private_key}' (saved by another "
+                                         "algorithm or foundation?)")
+                    v = np.asarray(state[p.private_key])
+                    if tuple(v.shape) != want:
+                        raise ValueError(f"personal state '{p.private_key}'{_of(u)} has shape {list(v.shape)}, "
+                                         f"the model expects {list(want)}")
+                    rows.append(torch.as_tensor(v, dtype=base.dtype))
+                t = torch.stack(rows)
+                out[p.name] = t.unsqueeze(1) if p.mode == "slot" else t
+            else:
+                out[p.name] = base.unsqueeze(0).expand(c, *base.shape).clone()
+        return out
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, users: Sequence[CohortUser], shared: Mapping[str, np.ndarray] | None,
+              local: LocalTraining) -> Iterator[ChunkResult]:
+        """Local training of every user from ``shared`` (None: the model's current shared state) and its
+        private state; yields one `ChunkResult` per chunk. The model's parameters are left as they were."""
+        if shared:
+            self.pm.set_shared(shared)
+        for chunk in self._chunks(users, local):
+            sub = [users[i] for i in chunk]
+            groups = self._group_rows(sub)
+            params, loss, n = self._fit(sub, groups, local)
+            yield self._result(chunk, sub, groups, params, loss, n)
+
+    def _chunks(self, users: Sequence[CohortUser], local: LocalTraining) -> list[np.ndarray]:
+        steps = np.array([math.ceil(len(u.train) / local.batch_size) for u in users])
+        order = np.argsort(steps, kind="stable")
+        return [order[s:s + self.max_users] for s in range(0, len(order), self.max_users)]
+
+    def _phases(self) -> list[tuple[tuple[str, ...] | None, bool]]:
+        """(active paths, proximal term?) of each training phase, as `PersonalModel.train_user` runs them."""
+        if self.pm.algorithm.ditto:
+            return [(("user",), True), (("global",), False)]
+        return [(None, False)]
+
+    def _fit(self, users: Sequence[CohortUser], groups: np.ndarray, local: LocalTraining):
+        params = self._stack(users, groups)
+        c = len(users)
+        sizes = np.array([len(u.train) for u in users])
+        if local.epochs == 0 or sizes.sum() == 0:
+            return params, np.full(c, np.nan), sizes.astype(np.float64)
+        feats = torch.cat([u.train.features for u in users] + [users[0].train.features.new_zeros(1, self.pm.tower_in)])
+        labels = torch.cat([u.train.labels for u in users] + [users[0].train.labels.new_full((1, 6), -1.0)])
+        pad = len(feats) - 1
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        gens = [torch.Generator().manual_seed(int(u.seed)) for u in users]
+        loss_phase0 = None
+        for k, (paths, prox) in enumerate(self._phases()):
+            index, counts = self._schedule(sizes, offsets, gens, local, pad)
+            loss_sum = self._run_phase(params, feats, labels, index, counts, local, paths,
+                                       local.ditto_lambda if prox else 0.0)
+            if k == 0:
+                loss_phase0 = loss_sum
+        with np.errstate(invalid="ignore", divide="ignore"):
+            loss = np.where(sizes > 0, loss_phase0 / (sizes * local.epochs), np.nan)
+        return params, loss, sizes.astype(np.float64)
+
+    @staticmethod
+    def _schedule(sizes, offsets, gens, local: LocalTraining, pad: int):
+        """Row indices [C, S, batch] of every user's step s (its own permutations, epoch after epoch) and the
+        real rows per step [C, S]; padding points at the all-unobserved row ``pad``."""
+        bs = local.batch_size
+        per_user = []
+        for size, off, gen in zip(sizes, offsets, gens):
+            batches = []
+            for _ in range(local.epochs):
+                if size == 0:
+                    continue
+                order = torch.randperm(int(size), generator=gen) + int(off)
+                batches.extend(order[s:s + bs] for s in range(0, int(size), bs))
+            per_user.append(batches)
+        steps = max(len(b) for b in per_user)
+        index = torch.full((len(sizes), steps, bs), pad, dtype=torch.long)
+        counts = torch.zeros((len(sizes), steps), dtype=torch.long)
+        for i, batches in enumerate(per_user):
+            for s, b in enumerate(batches):
+                index[i, s, :len(b)] = b
+                counts[i, s] = len(b)
+        return index, counts
+
+    def _run_phase(self, params: dict[str, torch.Tensor], feats, labels, index, counts, local: LocalTraining,
+                   paths, prox: float) -> np.ndarray:
+        c, steps, bs = index.shape
+        names = list(params)
+        m = {n: torch.zeros_like(params[n]) for n in names}
+        v = {n: torch.zeros_like(params[n]) for n in names}
+        t = torch.zeros(c, dtype=torch.float64)
+        loss_sum = torch.zeros(c, dtype=torch.float64)
+        beta1, beta2 = ADAM_BETAS
+        zeros_g = torch.zeros(bs, self.n_groups, dtype=torch.long)
+        zeros_s = torch.zeros(bs, dtype=torch.long)
+
+        def one_user(p, x, y):
+            return functional_call(self.loss_module, {f"tower.{k}": val for k, val in p.items()}, (x, y, prox))
+
+        step_fn = vmap(grad_and_value(one_user))
+        set_active_paths(self.pm.model, paths)
+        try:
+            with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s):
+                for s in range(steps):
+                    active = counts[:, s] > 0
+                    live = torch.nonzero(active).flatten()
+                    if len(live) == 0:
+                        continue
+                    idx = index[live, s]
+                    sub = {n: params[n][live] for n in names} if len(live) < c else params
+                    grads, loss = step_fn(sub, feats[idx], labels[idx])
+                    loss_sum[live] += loss.double() * counts[live, s].double()
+                    t[live] += 1
+                    bc1 = 1 - beta1 ** t[live]
+                    bc2_sqrt = torch.sqrt(1 - beta2 ** t[live])
+                    for n in names:
+                        g = grads[n]
+                        shape = (-1,) + (1,) * (g.dim() - 1)
+                        mn = torch.lerp(m[n][live], g, 1 - beta1)
+                        vn = v[n][live] * beta2 + (1 - beta2) * g * g
+                        denom = vn.sqrt() / bc2_sqrt.to(g.dtype).reshape(shape) + ADAM_EPS
+                        step_size = (local.lr / bc1).to(g.dtype).reshape(shape)
+                        m[n][live], v[n][live] = mn, vn
+                        params[n][live] = sub[n] - step_size * (mn / denom)
+        finally:
+            set_active_paths(self.pm.model, None)
+        return loss_sum.numpy()
+
+    def _result(self, chunk: np.ndarray, users: Sequence[CohortUser], groups: np.ndarray,
+                params: dict[str, torch.Tensor], loss: np.ndarray, n: np.ndarray) -> ChunkResult:
+        c = len(users)
+        private = [dict() for _ in range(c)]
+        deltas: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        finite = np.ones(c, dtype=bool)
+        everyone = np.arange(c)
+        for p in self.params:
+            val = params[p.name].detach()
+            finite &= torch.isfinite(val.reshape(c, -1)).all(dim=1).numpy()
+            if p.private_key is not None:
+                arr = (val[:, 0] if p.mode == "slot" else val).numpy()
+                for k in range(c):
+                    private[k][p.private_key] = arr[k].copy()
+            elif p.mode == "group":
+                base = p.tensor.detach()
+                col = groups[:, p.group_column]
+                for value, key in p.group_keys.items():
+                    members = np.nonzero(col == value)[0]
+                    if len(members):
+                        d = val[torch.from_numpy(members), 0] - base[value]
+                        deltas[key] = (members, d.numpy())
+            else:
+                deltas[p.shared_key] = (everyone, (val - p.tensor.detach()).numpy())
+        group_sets = [{f"{a}={int(g)}" for a, g in zip(self.pm.group_attributes, row)} for row in groups]
+        return ChunkResult(users=np.asarray(chunk), private=private, deltas=deltas, loss=loss, n=n,
+                           finite=finite, groups=group_sets)
+
+    # ------------------------------------------------------------------ scoring
+
+    @torch.no_grad()
+    def predict(self, users: Sequence[CohortUser], evals: Sequence[Sequence[UserTensors]],
+                shared: Mapping[str, np.ndarray] | None, local: LocalTraining) -> list[list[np.ndarray]]:
+        """Scores (effective_view probability) of each user's evaluation splits with its personalized model:
+        what `PersonalModel.personalized_scores` returns user by user (PFedRec fine-tunes first; Ditto scores
+        with its personal path)."""
+        if shared:
+            self.pm.set_shared(shared)
+        out: list[list[np.ndarray]] = [[] for _ in users]
+        finetune = self.pm.algorithm.finetune_before_eval
+        for chunk in self._chunks(users, local):
+            sub = [users[i] for i in chunk]
+            groups = self._group_rows(sub)
+            if finetune:
+                with torch.enable_grad():
+                    params, _, _ = self._fit(sub, groups, local)
+            else:
+                params = self._stack(sub, groups)
+            for split in range(len(evals[chunk[0]])):
+                scores = self._score(params, [evals[i][split] for i in chunk])
+                for k, i in enumerate(chunk):
+                    out[i].append(scores[k])
+        return out
+
+    def _score(self, params: dict[str, torch.Tensor], data: Sequence[UserTensors],
+               max_rows: int = 65536) -> list[np.ndarray]:
+        """Each user's rows through its own parameters; users padded to a common length in groups of
+        similar sizes (at most ``max_rows`` padded rows at once)."""
+        out: list[np.ndarray] = [np.zeros(0, np.float32) for _ in data]
+        sizes = np.array([len(d) for d in data])
+        order = [int(i) for i in np.argsort(sizes, kind="stable") if sizes[i] > 0]
+        paths = ("user",) if self.pm.algorithm.ditto else None
+
+        def one_user(p, xu):
+            return functional_call(self.pm.tower, p, (xu,))
+
+        set_active_paths(self.pm.model, paths)
+        try:
+            start = 0
+            while start < len(order):
+                stop = start + 1
+                while stop < len(order) and (stop + 1 - start) * sizes[order[stop]] <= max_rows:
+                    stop += 1
+                group = order[start:stop]
+                width = int(sizes[group[-1]])
+                x = data[group[0]].features.new_zeros(len(group), width, self.pm.tower_in)
+                for k, i in enumerate(group):
+                    x[k, :sizes[i]] = data[i].features
+                sel = torch.as_tensor(group)
+                sub = {n: v[sel] for n, v in params.items()}
+                zeros_g = torch.zeros(width, self.n_groups, dtype=torch.long)
+                with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None,
+                                 user_slot=torch.zeros(width, dtype=torch.long)):
+                    probs = torch.sigmoid(vmap(one_user)(sub, x)[..., 0]).numpy()
+                for k, i in enumerate(group):
+                    out[i] = probs[k, :sizes[i]].copy()
+                start = stop
+        finally:
+            set_active_paths(self.pm.model, None)
+        return out
