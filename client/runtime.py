@@ -23,7 +23,7 @@ from foundation.model import load_foundation
 from recmodels.cohort import CohortEngine
 from recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
 from server.config import FederationConfig
-from simulations.data.examples import Lookups
+from simulations.data.examples import Lookups, user_table
 from simulations.data.partition import PartitionConfig, SplitConfig, make_partition, split_users
 from simulations.data.store import Dataset
 
@@ -61,7 +61,8 @@ class ClientRuntime:
         self.algorithm = get_algorithm(cfg.algorithm)
         path = Path(cfg.data_dir)
         self.dataset = Dataset(path)
-        self.lookups = Lookups.build(self.dataset)
+        self.profiles = user_table(self.dataset)
+        self._lookups: Lookups | None = None  # item tables: only built when a user's rows must be encoded
         self.partition = make_partition(self.dataset, partition_config(cfg))
         self.split = SplitConfig(cfg.split, negatives=cfg.negatives)
         foundation = load_foundation(cfg.foundation)
@@ -71,6 +72,12 @@ class ClientRuntime:
         self._users: dict[int, UserData] = {}
         self._engine: CohortEngine | None = None
         self.cache = open_feature_cache(cfg, self.partition.private_users)
+
+    @property
+    def lookups(self) -> Lookups:
+        if self._lookups is None:
+            self._lookups = Lookups.build(self.dataset)
+        return self._lookups
 
     @property
     def cohort_engine(self) -> CohortEngine:
@@ -87,12 +94,12 @@ class ClientRuntime:
         data = self._users.get(uid)
         if data is None:
             if self.cache is not None:
-                data = UserData(uid, self.lookups.user_table[uid], *self.cache.user(uid),
+                data = UserData(uid, self.profiles[uid], *self.cache.user(uid),
                                 group_size=self.cache.group_size)
             else:
                 s = split_users(self.dataset, np.array([uid]), self.split, lookups=self.lookups, seed=self.cfg.seed)
                 feats = [self.model.features(ex.iter_batches(EVAL_BATCH)) for ex in (s.train, s.val, s.test)]
-                data = UserData(uid, self.lookups.user_table[uid], *feats, group_size=s.group_size)
+                data = UserData(uid, self.profiles[uid], *feats, group_size=s.group_size)
             self._users[uid] = data
         return data
 

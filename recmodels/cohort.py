@@ -204,8 +204,8 @@ class CohortEngine:
             yield self._result(chunk, sub, groups, params, loss, n)
 
     def _chunks(self, users: Sequence[CohortUser], local: LocalTraining) -> list[np.ndarray]:
-        steps = np.array([math.ceil(len(u.train) / local.batch_size) for u in users])
-        order = np.argsort(steps, kind="stable")
+        # by size: a chunk's users then have about as many steps and rows per step (little padding)
+        order = np.argsort(np.array([len(u.train) for u in users]), kind="stable")
         return [order[s:s + self.max_users] for s in range(0, len(order), self.max_users)]
 
     def _phases(self) -> list[tuple[tuple[str, ...] | None, bool]]:
@@ -250,22 +250,25 @@ class CohortEngine:
                 order = torch.randperm(int(size), generator=gen) + int(off)
                 batches.extend(order[s:s + bs] for s in range(0, int(size), bs))
             per_user.append(batches)
-        steps = max(len(b) for b in per_user)
+        steps = max(max(len(b) for b in per_user), 1)
         index = torch.full((len(sizes), steps, bs), pad, dtype=torch.long)
         counts = torch.zeros((len(sizes), steps), dtype=torch.long)
         for i, batches in enumerate(per_user):
             for s, b in enumerate(batches):
                 index[i, s, :len(b)] = b
                 counts[i, s] = len(b)
-        return index, counts
+        return index[:, :, :max(int(counts.max()), 1)], counts
 
     def _run_phase(self, params: dict[str, torch.Tensor], feats, labels, index, counts, local: LocalTraining,
                    paths, prox: float) -> np.ndarray:
+        """One phase of local training for a chunk; updates ``params`` in place, returns each user's loss sum.
+
+        Users come sorted by size (`_chunks`), so the users still training at step s are a suffix of the
+        chunk, all at their (s+1)-th Adam step: their tensors are views, their bias corrections scalars."""
         c, steps, bs = index.shape
         names = list(params)
         m = {n: torch.zeros_like(params[n]) for n in names}
         v = {n: torch.zeros_like(params[n]) for n in names}
-        t = torch.zeros(c, dtype=torch.float64)
         loss_sum = torch.zeros(c, dtype=torch.float64)
         beta1, beta2 = ADAM_BETAS
         zeros_g = torch.zeros(bs, self.n_groups, dtype=torch.long)
@@ -280,25 +283,25 @@ class CohortEngine:
             with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s):
                 for s in range(steps):
                     active = counts[:, s] > 0
-                    live = torch.nonzero(active).flatten()
-                    if len(live) == 0:
-                        continue
-                    idx = index[live, s]
-                    sub = {n: params[n][live] for n in names} if len(live) < c else params
-                    grads, loss = step_fn(sub, feats[idx], labels[idx])
-                    loss_sum[live] += loss.double() * counts[live, s].double()
-                    t[live] += 1
-                    bc1 = 1 - beta1 ** t[live]
-                    bc2_sqrt = torch.sqrt(1 - beta2 ** t[live])
-                    for n in names:
-                        g = grads[n]
-                        shape = (-1,) + (1,) * (g.dim() - 1)
-                        mn = torch.lerp(m[n][live], g, 1 - beta1)
-                        vn = v[n][live] * beta2 + (1 - beta2) * g * g
-                        denom = vn.sqrt() / bc2_sqrt.to(g.dtype).reshape(shape) + ADAM_EPS
-                        step_size = (local.lr / bc1).to(g.dtype).reshape(shape)
-                        m[n][live], v[n][live] = mn, vn
-                        params[n][live] = sub[n] - step_size * (mn / denom)
+                    first = int((~active).sum())
+                    if first == c:
+                        break
+                    if not bool(active[first:].all()):
+                        raise AssertionError("cohort chunk is not sorted by size")
+                    sub = {n: params[n][first:] for n in names}
+                    grads, loss = step_fn(sub, feats[index[first:, s]], labels[index[first:, s]])
+                    loss_sum[first:] += loss.double() * counts[first:, s].double()
+                    # torch.optim.Adam's foreach update, term by term, for every live user at once
+                    ps, gs = [sub[n] for n in names], [grads[n] for n in names]
+                    ms, vs = [m[n][first:] for n in names], [v[n][first:] for n in names]
+                    torch._foreach_lerp_(ms, gs, 1 - beta1)
+                    torch._foreach_mul_(vs, beta2)
+                    torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
+                    step_size = local.lr / (1 - beta1 ** (s + 1))
+                    denom = torch._foreach_sqrt(vs)
+                    torch._foreach_div_(denom, math.sqrt(1 - beta2 ** (s + 1)))
+                    torch._foreach_add_(denom, ADAM_EPS)
+                    torch._foreach_addcdiv_(ps, ms, denom, -step_size)
         finally:
             set_active_paths(self.pm.model, None)
         return loss_sum.numpy()

@@ -42,14 +42,20 @@ class Lookups:
         item_table[:, 0] = np.arange(n_items)  # unknown items still get their own id
         for j, f in enumerate(ITEM_FIELDS[1:], start=1):
             item_table[vid, j] = items.column(f).to_numpy()
-        users = ds.users()
-        fields = list(ds.user_features)
-        uid = users.column("user_id").to_numpy()
-        n_users = max(int(ds.vocab.get("user_id", 0)), int(uid.max()) + 1 if len(uid) else 0)
-        user_table = np.zeros((n_users, len(fields)), dtype=np.int64)
-        for j, f in enumerate(fields):
-            user_table[uid, j] = users.column(f).to_numpy()
-        return cls(item_table, user_table, fields)
+        return cls(item_table, user_table(ds), list(ds.user_features))
+
+
+def user_table(ds: Dataset) -> np.ndarray:
+    """[max_user_id + 1, P] profile values in user_fields order (what a client needs when its tower
+    inputs are cached: far smaller than the item table)."""
+    users = ds.users()
+    fields = list(ds.user_features)
+    uid = users.column("user_id").to_numpy()
+    n_users = max(int(ds.vocab.get("user_id", 0)), int(uid.max()) + 1 if len(uid) else 0)
+    table = np.zeros((n_users, len(fields)), dtype=np.int64)
+    for j, f in enumerate(fields):
+        table[uid, j] = users.column(f).to_numpy()
+    return table
 
 
 @dataclass

@@ -1,0 +1,299 @@
+"""Simulation at scale: Flower's stock simulation against the cohort engine, and a RecFlow-size round.
+
+    .venv/bin/python benchmarks/bench_scale.py [--data data/small] [--foundation runs/demo/foundation]
+        [--sizes 100 300 1000] [--full-round] [--root /tmp/bench_scale] [--out /tmp/bench_scale.json]
+
+Everything the runs write (run directories, feature caches, the RecFlow-size dataset) goes under
+``--root``, never into the repository or the home directory.
+
+1. **Client updates per second**, side by side in one run, same model (fedpa), data, local work
+   (1 epoch, batch 64) and users: at each ``--sizes`` N, ``max_clients = N`` and every user trains in
+   each of 2 rounds (evaluation only at round 0 and the end). Engines, run one after the other per N:
+
+   - *stock*: ``--cohort-size 1``: one virtual SuperNode per user on Flower's Ray backend, N train
+     messages a round (Flower's stock simulation);
+   - *loop*: one node per CPU core, each training its users one after another (``cohort-engine loop``);
+   - *vectorized*: one node per CPU core, each training its users at once (``cohort-engine vectorized``).
+
+   Updates per second = N / ``train_s`` of round 2 (round 1 includes each worker's warm-up).
+   Printed: the table, the ratios vectorized / stock and vectorized / loop, and a PNG scaling curve
+   (users per round against round time, every engine) in ``--root``.
+2. **A RecFlow-size round** (``--full-round``): the ``recflow`` synthetic preset (42,000 users) over
+   3 days, every user a client (no open users) training on its first day (``by-day``: day 2 validates,
+   day 3 tests), one round with the vectorized cohort engine. The foundation is *initialised, not
+   pre-trained* (``FoundationConfig.from_dataset_vocab``): speed and memory do not depend on its weights.
+   Printed: the one-off dataset generation and feature-cache times, the round's training time, the
+   evaluations' time, the whole call, and the peak resident memory of the process tree (sum of RSS of
+   this process and every descendant, Ray's workers included, sampled every 0.5 s: an upper bound,
+   shared pages count once per process).
+3. **Bytes of personal state per simulated user**: the private tensors of one fedpa user, as held in
+   the node's ``context.state`` and as one encrypted personal-store file.
+
+Wall-clock figures depend on the machine's other load: the 1-minute load average before each run is
+printed; ratios of runs taken side by side are the figures to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for p in (str(ROOT), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from bench_federation import loadavg, read_metrics  # noqa: E402
+
+from server.config import FederationConfig  # noqa: E402
+from simulations.simulate import simulate  # noqa: E402
+
+ENGINES = {"stock": (1, "vectorized"), "loop": (0, "loop"), "vectorized": (0, "vectorized")}
+
+
+class PeakMemory:
+    """Peak memory of this process and all its descendants (Ray's workers included), sampled in a thread:
+    the sum of PSS (proportional set size: a page shared by k processes counts 1/k in each, so the sum is
+    what the tree really holds) and, as an upper bound, the sum of RSS; plus the processes at the PSS peak."""
+
+    def __init__(self, interval: float = 1.0):
+        import psutil
+
+        self.psutil, self.interval = psutil, interval
+        self.peak_pss = self.peak_rss = 0
+        self.at_peak: list[tuple[str, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        me = self.psutil.Process()
+        pss = rss = 0
+        rows = []
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                info = p.memory_full_info()
+                name = " ".join(p.cmdline()[:2])[-60:] or p.name()
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, OSError):
+                continue
+            pss += info.pss
+            rss += info.rss
+            rows.append((name, info.pss))
+        self.peak_rss = max(self.peak_rss, rss)
+        if pss > self.peak_pss:
+            self.peak_pss, self.at_peak = pss, sorted(rows, key=lambda r: -r[1])[:8]
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def timed_run(base: FederationConfig, run_dir: Path, engine: str, **overrides) -> dict:
+    cohort_size, cohort_engine = ENGINES[engine]
+    cfg = replace(base, run_dir=str(run_dir), cohort_engine=cohort_engine, **overrides)
+    load = loadavg()
+    t0 = time.perf_counter()
+    summary = simulate(cfg, cohort_size=cohort_size)
+    wall = time.perf_counter() - t0
+    metrics = {m["round"]: m for m in read_metrics(run_dir)}
+    return {"summary": summary, "metrics": metrics, "call_wall_s": wall, "load1_before": load}
+
+
+# ---------------------------------------------------------------------------------------------- side by side
+
+def bench_engines(base: FederationConfig, root: Path, sizes: list[int]) -> list[dict]:
+    rows = []
+    for n in sizes:
+        for engine in ("vectorized", "loop", "stock"):
+            print(f"  {engine:10s} N={n:5d} (load {loadavg():.2f}) ...", flush=True)
+            r = timed_run(base, root / "engines" / f"{engine}-{n}", engine, max_clients=n, num_rounds=2,
+                          eval_every=10_000, clients_per_round=1.0)
+            m = r["metrics"]
+            train_s = m[2]["train_s"]
+            users = m[2].get("clients_ok") or n
+            row = {"engine": engine, "users": n, "nodes": r["summary"]["cohorts"]["nodes"],
+                   "train_s": train_s, "train_s_round1": m[1]["train_s"], "updates_per_s": users / train_s,
+                   "clients_ok": users, "call_wall_s": r["call_wall_s"], "load1_before": r["load1_before"],
+                   "test_gauc": r["summary"]["final"]["test"].get("gauc")}
+            rows.append(row)
+            print(f"    round 2: {train_s:.2f} s -> {row['updates_per_s']:.1f} updates/s "
+                  f"(round 1 {row['train_s_round1']:.2f} s, call {row['call_wall_s']:.1f} s, "
+                  f"test GAUC {row['test_gauc']:.4f})", flush=True)
+    return rows
+
+
+def print_engines(rows: list[dict]) -> list[dict]:
+    print()
+    print("Client updates per second (fedpa, 1 local epoch, batch 64; round 2's train_s)")
+    hdr = f"{'users':>6} {'engine':>10} {'nodes':>5} {'round s':>8} {'updates/s':>10} {'round1 s':>8} {'call s':>7} {'load':>5}"
+    print(hdr)
+    print("-" * len(hdr))
+    ratios = []
+    for n in sorted({r["users"] for r in rows}):
+        pair = {r["engine"]: r for r in rows if r["users"] == n}
+        for e in ("stock", "loop", "vectorized"):
+            r = pair[e]
+            print(f"{n:>6} {e:>10} {r['nodes']:>5} {r['train_s']:>8.2f} {r['updates_per_s']:>10.1f} "
+                  f"{r['train_s_round1']:>8.2f} {r['call_wall_s']:>7.1f} {r['load1_before']:>5.2f}")
+        ratios.append({"users": n,
+                       "vectorized_over_stock": pair["vectorized"]["updates_per_s"] / pair["stock"]["updates_per_s"],
+                       "vectorized_over_loop": pair["vectorized"]["updates_per_s"] / pair["loop"]["updates_per_s"],
+                       "loop_over_stock": pair["loop"]["updates_per_s"] / pair["stock"]["updates_per_s"]})
+    print()
+    print(f"{'users':>6} {'vectorized/stock':>17} {'vectorized/loop':>16} {'loop/stock':>11}")
+    for q in ratios:
+        print(f"{q['users']:>6} {q['vectorized_over_stock']:>16.1f}x {q['vectorized_over_loop']:>15.1f}x "
+              f"{q['loop_over_stock']:>10.1f}x")
+    return ratios
+
+
+def plot_engines(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e, style in (("stock", "o-"), ("loop", "s-"), ("vectorized", "^-")):
+        pts = sorted((r["users"], r["train_s"]) for r in rows if r["engine"] == e)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=e)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("users per round")
+    ax.set_ylabel("round time (s, training)")
+    ax.set_title("fedpa round time by simulation engine")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- RecFlow size
+
+def prepare_recflow(root: Path, days: int) -> tuple[Path, Path, dict]:
+    from foundation.config import FoundationConfig
+    from foundation.model import FoundationModel
+    from simulations.data.store import Dataset
+    from simulations.data.synth import generate
+
+    data = root / f"recflow-{days}d"
+    times = {}
+    if not (data / "manifest.json").exists():
+        t0 = time.perf_counter()
+        generate("recflow", data, seed=0, days=days)
+        times["generate_s"] = time.perf_counter() - t0
+    found = root / "recflow-foundation-init"
+    if not (found / "config.json").exists():
+        ds = Dataset(data)
+        FoundationModel(FoundationConfig.from_dataset_vocab(ds.vocab, ds.user_features)).save_pretrained(found)
+    return data, found, times
+
+
+def bench_full_round(root: Path, days: int) -> dict:
+    from client.runtime import ensure_feature_cache
+
+    data, found, times = prepare_recflow(root, days)
+    cfg = FederationConfig(data_dir=str(data), foundation=str(found), run_dir=str(root / "recflow-round"),
+                           num_rounds=1, clients_per_round=1.0, open_active_fraction=0.0, open_rest_fraction=0.0,
+                           eval_every=10_000, feature_cache=str(root / "feature_cache"), round_timeout=3600.0)
+    t0 = time.perf_counter()
+    # a one-off artifact, built in a child process so that this (the server's) process stays as lean as
+    # a run that finds the cache already there
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(ensure_feature_cache, (cfg,))
+    cache = ensure_feature_cache(cfg)
+    times["feature_cache_s"] = time.perf_counter() - t0
+    print(f"  feature cache: {times['feature_cache_s']:.1f} s for {len(cache.users):,} users", flush=True)
+    load = loadavg()
+    with PeakMemory() as mem:
+        r = timed_run(cfg, Path(cfg.run_dir), "vectorized")
+    m = r["metrics"]
+    out = {"days": days, "users": int(len(cache.users)), "clients_ok": m[1].get("clients_ok"),
+           "selected": m[1].get("selected"), "train_s": m[1]["train_s"],
+           "evaluations_s": m[1]["wall_s"] - m[1]["train_s"], "call_wall_s": r["call_wall_s"],
+           "peak_pss_gib": mem.peak_pss / 2 ** 30, "peak_rss_sum_gib": mem.peak_rss / 2 ** 30,
+           "processes_at_peak_gib": [(n, b / 2 ** 30) for n, b in mem.at_peak], "load1_before": load, "nodes": r["summary"]["cohorts"]["nodes"],
+           "train_rows": int(sum(len(cache.user(u)[0]) for u in cache.users[:2000])) * len(cache.users) / 2000,
+           **times}
+    print(f"  one round over {out['users']:,} users: training {out['train_s']:.1f} s, evaluations (round 0 + 1) "
+          f"{out['evaluations_s']:.1f} s, whole call {out['call_wall_s']:.1f} s; peak memory of the process tree "
+          f"{out['peak_pss_gib']:.2f} GiB (PSS; RSS sum {out['peak_rss_sum_gib']:.2f} GiB)", flush=True)
+    for name, gib in out["processes_at_peak_gib"]:
+        print(f"      {gib:6.2f} GiB  {name}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- personal state
+
+def personal_state_bytes(base: FederationConfig, root: Path) -> dict:
+    from client.app import arrays_to_record
+    from client.personal_store import PersonalStore
+    from foundation.model import load_foundation
+    from recmodels.personalization import PersonalModel, get_algorithm
+
+    pm = PersonalModel(load_foundation(base.foundation), get_algorithm("fedpa"), r=base.rank, lora_alpha=base.rank)
+    private = pm.get_private()
+    raw = sum(v.nbytes for v in private.values())
+    record = arrays_to_record(private)
+    in_state = sum(len(record[k].data) for k in record.keys())
+    store = PersonalStore(root / "store", os.urandom(32))
+    store.save(0, private, {"algorithm": "fedpa", "round": 1})
+    on_disk = sum(p.stat().st_size for p in (root / "store").rglob("*") if p.is_file())
+    out = {"tensors": len(private), "raw_bytes": raw, "context_state_bytes": in_state, "store_file_bytes": on_disk}
+    print(f"  personal state per user (fedpa, rank {base.rank}): {len(private)} tensors, {raw:,} B of float32, "
+          f"{in_state:,} B in context.state, {on_disk:,} B encrypted on disk", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data/small")
+    ap.add_argument("--foundation", default="runs/demo/foundation")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--skip-engines", action="store_true", help="only the RecFlow-size round")
+    ap.add_argument("--full-round", action="store_true", help="also run one round over the recflow preset")
+    ap.add_argument("--days", type=int, default=3, help="days of the recflow preset (the first one trains)")
+    ap.add_argument("--root", default="/tmp/bench_scale")
+    ap.add_argument("--out", default="/tmp/bench_scale.json")
+    args = ap.parse_args()
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    base = FederationConfig(data_dir=args.data, foundation=args.foundation, algorithm="fedpa",
+                            feature_cache=str(root / "feature_cache"), round_timeout=3600.0)
+    result: dict = {"sizes": args.sizes}
+    result["personal_state"] = personal_state_bytes(base, root)
+    if not args.skip_engines:
+        rows = bench_engines(base, root, args.sizes)
+        result["engines"] = rows
+        result["ratios"] = print_engines(rows)
+        png = plot_engines(rows, root / "scaling.png")
+        print(f"scaling curve: {png}")
+    if args.full_round:
+        result["full_round"] = bench_full_round(root, args.days)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=float))
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
