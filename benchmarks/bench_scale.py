@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import platform
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -256,9 +257,9 @@ def personal_state_bytes(base: FederationConfig, root: Path) -> dict:
     raw = sum(v.nbytes for v in private.values())
     record = arrays_to_record(private)
     in_state = sum(len(record[k].data) for k in record.keys())
-    store = PersonalStore(root / "store", os.urandom(32))
-    store.save(0, private, {"algorithm": "fedpa", "round": 1})
-    on_disk = sum(p.stat().st_size for p in (root / "store").rglob("*") if p.is_file())
+    where = Path(tempfile.mkdtemp(prefix="store-", dir=root))
+    PersonalStore(where, os.urandom(32)).save(0, private, {"algorithm": "fedpa", "round": 1})
+    on_disk = sum(p.stat().st_size for p in where.rglob("*") if p.is_file())
     out = {"tensors": len(private), "raw_bytes": raw, "context_state_bytes": in_state, "store_file_bytes": on_disk}
     print(f"  personal state per user (fedpa, rank {base.rank}): {len(private)} tensors, {raw:,} B of float32, "
           f"{in_state:,} B in context.state, {on_disk:,} B encrypted on disk", flush=True)

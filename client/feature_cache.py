@@ -55,8 +55,10 @@ class FeatureCache:
         meta = json.loads((path / "meta.json").read_text())
         self.users = np.asarray(meta["users"], dtype=np.int64)
         self.group_size = int(meta["group_size"])
-        self._arrays = {s: (np.load(path / f"{s}.features.npy", mmap_mode="r"),
-                            np.load(path / f"{s}.labels.npy", mmap_mode="r"),
+        # copy-on-write maps: a user's rows are views of the file (no copy, pages shared between the
+        # node processes and evictable), and tensors built on them are writable without touching the file
+        self._arrays = {s: (np.load(path / f"{s}.features.npy", mmap_mode="c"),
+                            np.load(path / f"{s}.labels.npy", mmap_mode="c"),
                             np.load(path / f"{s}.offsets.npy")) for s in SPLITS}
 
     def split(self, name: str) -> UserTensors:
@@ -72,7 +74,7 @@ class FeatureCache:
         for s in SPLITS:
             f, lab, off = self._arrays[s]
             a, b = int(off[i]), int(off[i + 1])
-            out.append(UserTensors(torch.from_numpy(np.array(f[a:b])), torch.from_numpy(np.array(lab[a:b]))))
+            out.append(UserTensors(torch.from_numpy(f[a:b]), torch.from_numpy(lab[a:b])))
         return out
 
 

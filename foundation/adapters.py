@@ -633,8 +633,11 @@ class FedPALinear(nn.Module, LoraLayer):
         spec = self.fedpa_spec[adapter]
         xd = self.lora_dropout[adapter](x)
         active = self.active_path_mask(spec)
-        deltas = []
         route = self._route() if any(p != "global" for p, a in zip(spec.paths, active) if a) else None
+        factors = self._shared_factors(adapter, spec, active, route) if any(active) else None
+        if factors is not None:
+            return self._stacked_delta(adapter, spec, active, factors, x, xd)
+        deltas = []
         for p, on in zip(spec.paths, active):
             if not on:
                 deltas.append(None)
@@ -661,6 +664,61 @@ class FedPALinear(nn.Module, LoraLayer):
             live = [d for d in deltas if d is not None]
             out = sum(live) / len(live)
         return out * scale
+
+    def _shared_factors(self, adapter: str, spec: _LayerSpec, active: list[bool],
+                        route: Routing | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """(A [in, r], B [r, out]) of every active path when the whole batch uses one row of each (one user,
+        as on a device, in a client or in the cohort engine); None when examples need different rows."""
+        out = []
+        for p, on in zip(spec.paths, active):
+            if not on:
+                continue
+            if p == "global":
+                out.append((self.lora_A[adapter].weight.t(), self.lora_B[adapter].weight.t()))
+                continue
+            if p == "user":
+                a, b, rows = self.lora_user_A[adapter], self.lora_user_B[adapter], route.user_slot
+            else:
+                attr = p[len("group:"):]
+                j = self.routing.config.group_attributes.index(attr)
+                a, b, rows = self.lora_group_A[adapter][attr], self.lora_group_B[adapter][attr], route.group_index[:, j]
+            if a.shape[0] == 1:
+                out.append((a[0], b[0]))
+            elif bool((rows == rows[0]).all()):
+                k = int(rows[0])
+                out.append((a[k], b[k]))
+            else:
+                return None
+        return out
+
+    def _stacked_delta(self, adapter: str, spec: _LayerSpec, active: list[bool],
+                       factors: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
+                       xd: torch.Tensor) -> torch.Tensor:
+        """Σ_k g_k (x A_k) B_k as one product: the gate (or the mean) weighs the rank-r activations of the
+        paths side by side, [x A_1 | ... | x A_K], before one multiplication by [B_1; ...; B_K]. Same value
+        as the path-by-path sum, with two matrix products instead of 2K and no [..., out]-sized products."""
+        r = factors[0][0].shape[-1]
+        a_cat = torch.cat([a for a, _ in factors], dim=-1)               # [in, K r]
+        fuse_gate = spec.use_gate and xd is x  # no dropout: the gate's first layer joins the same product
+        if fuse_gate:
+            fc1 = self.lora_gate_fc1[adapter]
+            h_all = x @ torch.cat([a_cat, fc1.weight.t()], dim=-1)
+            h = h_all[..., :a_cat.shape[-1]]                             # [..., K r]
+            logits = self.lora_gate_fc2[adapter](F.relu(h_all[..., a_cat.shape[-1]:] + fc1.bias))
+        else:
+            h = xd @ a_cat
+        if spec.use_gate:
+            if not fuse_gate:
+                logits = self.gate_logits(adapter, x)                    # [..., 1 + P]
+            if not all(active):
+                keep = torch.tensor([True, *active], device=x.device)
+                logits = logits.masked_fill(~keep, float("-inf"))
+            cols = [k + 1 for k, on in enumerate(active) if on]
+            g = logits.softmax(-1)[..., cols]                            # [..., K]
+            h = h * g.repeat_interleave(r, dim=-1)
+        else:
+            h = h / len(factors)
+        return (h @ torch.cat([b for _, b in factors], dim=-2)) * self.scaling[adapter]
 
     # ------------------------------------------------------------------ merging (peft API)
 
