@@ -35,6 +35,7 @@ def test_synth_and_inspect(tiny_dir):
     (["simulate", "--algorithm", "fedsgd"], "unknown algorithm 'fedsgd'"),
     (["simulate", "--rounds", "-1"], "num-rounds must be >= 0"),
     (["simulate", "--rank", "0"], "rank must be >= 1"),
+    (["simulate", "--cohort-engine", "gpu"], "unknown cohort-engine 'gpu' (vectorized, loop)"),
     (["compare", "--algorithms", "fedpa,bogus"], "unknown algorithm or ablation 'bogus'"),
     (["compare", "--seeds", "0"], "--seeds"),
 ])
