@@ -37,3 +37,8 @@ OPTIONAL_KEYS = {
                "Models ignore it otherwise.",
 }
 """Keys a batch may carry; consumers must not require them."""
+
+FUNNEL_LEVELS = {"random": 0, "prerank_neg": 1, "coarse_neg": 2, "rank_neg": 3, "rerank_neg": 3,
+                 "rank_pos": 4, "rerank_pos": 4, "realshow": 5, "click": 6}
+"""How far an item of a request's pool got in the funnel (RecFlow's FS-LTR order: click > realshow >
+rerank/rank_pos > rerank/rank_neg > coarse_neg > prerank_neg > random): what stages learn from."""

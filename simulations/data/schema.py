@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from foundation.batch import FUNNEL_LEVELS
+
 FORMAT_VERSION = 1
 SEQ_LEN = 50  # RecFlow keeps the last 50 effective views per request
 
@@ -93,9 +95,8 @@ STAGES = ("prerank_neg", "coarse_neg", "rank_neg", "rank_pos", "rerank_neg", "re
 STAGE_CODE = {s: i for i, s in enumerate(STAGES)}
 # Preference level for RecFlow's FS-LTR order:
 # click > realshow > rerank/rank_pos > rerank/rank_neg > coarse_neg > prerank_neg > random.
-STAGE_LEVEL = {"prerank_neg": 1, "coarse_neg": 2, "rank_neg": 3, "rerank_neg": 3,
-               "rank_pos": 4, "rerank_pos": 4}
-LEVEL_RANDOM, LEVEL_REALSHOW, LEVEL_CLICK = 0, 5, 6
+STAGE_LEVEL = {s: FUNNEL_LEVELS[s] for s in STAGES}
+LEVEL_RANDOM, LEVEL_REALSHOW, LEVEL_CLICK = FUNNEL_LEVELS["random"], FUNNEL_LEVELS["realshow"], FUNNEL_LEVELS["click"]
 
 STAGE_SAMPLE_COLUMNS = [
     Column("request_id", pa.int64(), "request the sample belongs to"),

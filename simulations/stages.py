@@ -1,0 +1,302 @@
+"""Train the four stage heads over a frozen foundation and evaluate the whole funnel (`fedpa funnel`).
+
+Protocol (RecFlow's, by day): requests of the training days train every stage; the last day's
+requests are run through the funnel. A request's *relevant* items are its effective views; every
+stage is scored by Recall@K / NDCG@K of them among what it kept (K = its output size), ranking also
+by AUC / GAUC per task over the last day's exposures, re-ranking by intra-list distance and category
+coverage of what it exposed, and the funnel end to end by the effective-view rate and watch time of
+the exposed items (exposures with feedback; an exposed item the log never showed counts as no view)
+and, on synthetic data, their oracle utility.
+
+`stage_ablation` repeats this with and without stage samples over seeds (mean ± std per metric).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from foundation.batch import TASKS
+from foundation.errors import FedpaError
+from foundation.metrics import auc, gauc
+from foundation.model import load_foundation
+from recmodels.stages.features import StageEncoder
+from recmodels.stages.funnel import FunnelSizes, StageModels, pair_batch, run_funnel
+from recmodels.stages.ranking import HoMERanker
+from recmodels.stages.rerank import CDMReranker, category_coverage, intra_list_distance
+from recmodels.stages.towers import PrerankDSSM, RetrievalTwoTower, recall_ndcg_at_k
+from recmodels.stages.training import (RequestTensors, StageTraining, train_prerank, train_ranking,
+                                       train_rerank, train_retrieval)
+from server.rundir import atomic_write_json
+from simulations.data.examples import Lookups
+from simulations.data.funnel import RequestPools, load_request_pools
+from simulations.data.partition import read_exposures, read_views
+from simulations.data.schema import LEVEL_CLICK
+from simulations.data.store import Dataset
+
+STAGE_NAMES = ("retrieval", "prerank", "rank", "exposed")
+
+
+@dataclass(frozen=True)
+class FunnelConfig:
+    data_dir: str = "data/small"
+    foundation: str = "runs/foundation"
+    out_dir: str = "runs/funnel"
+    train_requests: int = 4000
+    test_requests: int = 1500
+    random_per_request: int = 100
+    use_stage_samples: bool = True
+    rerank: str = "cdm"                 # cdm | mmr
+    interests: int = 1                  # retrieval: 1 = one user vector; > 1 = multi-interest
+    epochs: int = 2
+    seed: int = 0
+    retrieval_size: int = 72
+    prerank_size: int = 36
+    rank_size: int = 12
+    exposed: int = 6
+
+    def sizes(self) -> FunnelSizes:
+        return FunnelSizes(self.retrieval_size, self.prerank_size, self.rank_size, self.exposed)
+
+
+def request_tensors(pools: RequestPools, lookups: Lookups) -> RequestTensors:
+    """Pools as padded tensors; item feature rows from the catalogue."""
+    r, n = len(pools), int(pools.sizes().max()) if len(pools) else 0
+    pos = np.arange(n)[None, :]
+    mask = pos < pools.sizes()[:, None]
+    flat = np.where(mask, pools.offsets[:-1, None] + pos, 0)
+    vid = np.where(mask, pools.video_id[flat], 0)
+    items = pools.requests._item_rows(vid.reshape(-1)).reshape(r, n, -1)
+    level = np.where(mask, pools.level[flat], -1)
+    labels = np.where(mask[..., None], pools.labels[flat], -1).astype(np.float32)
+    return RequestTensors(pools.requests.batch(), torch.from_numpy(items), torch.from_numpy(mask),
+                          torch.from_numpy(level.astype(np.int64)), torch.from_numpy(labels),
+                          torch.from_numpy(items[..., 2].copy()))  # ITEM_FIELDS[2] = category_level_one
+
+
+def _days(ds: Dataset) -> tuple[list[str], str]:
+    if len(ds.days) < 2:
+        raise FedpaError(f"{ds.path}: the funnel needs at least 2 days (training days, then a test day)")
+    return list(ds.days[:-1]), ds.days[-1]
+
+
+def load_funnel_data(cfg: FunnelConfig) -> tuple[Dataset, Lookups, RequestPools, RequestPools]:
+    ds = Dataset(cfg.data_dir)
+    train_days, test_day = _days(ds)
+    lookups = Lookups.build(ds)
+    users = ds.users(["user_id"]).column("user_id").to_numpy()
+    views = read_views(ds, users, read_exposures(ds, users))
+    train = load_request_pools(ds, train_days, views=views, lookups=lookups, n_random=cfg.random_per_request,
+                               seed=cfg.seed, max_requests=0)
+    rng = np.random.default_rng(cfg.seed)
+    if len(train) > cfg.train_requests:
+        train = train.subset(np.sort(rng.choice(len(train), cfg.train_requests, replace=False)))
+    test = load_request_pools(ds, [test_day], views=views, lookups=lookups, n_random=cfg.random_per_request,
+                              seed=cfg.seed + 1_000_003)
+    if len(test) > cfg.test_requests:
+        test = test.subset(np.sort(np.random.default_rng(cfg.seed + 1).choice(len(test), cfg.test_requests,
+                                                                             replace=False)))
+    return ds, lookups, train, test
+
+
+def build_models(encoder: StageEncoder, cfg: FunnelConfig) -> StageModels:
+    torch.manual_seed(cfg.seed)
+    return StageModels(
+        retrieval=RetrievalTwoTower(encoder.user_dim, encoder.item_dim, encoder.history_dim,
+                                    interests=cfg.interests),
+        prerank=PrerankDSSM(encoder.user_dim, encoder.item_dim),
+        rank=HoMERanker(encoder.pair_dim),
+        rerank=CDMReranker(encoder.item_dim) if cfg.rerank == "cdm" else None)
+
+
+STEPS = ("data", "retrieval", "prerank", "rank", "rerank", "evaluate")
+
+
+def _tick(progress, step: str) -> None:
+    if progress is not None:
+        progress(step, STEPS.index(step), len(STEPS))
+
+
+def train_stages(models: StageModels, encoder: StageEncoder, train: RequestTensors, cfg: FunnelConfig,
+                 progress=None) -> dict:
+    tc = StageTraining(epochs=cfg.epochs, seed=cfg.seed)
+    s = cfg.use_stage_samples
+    out = {}
+    for name, fn in (("retrieval", lambda: train_retrieval(models.retrieval, encoder, train, tc, s)),
+                     ("prerank", lambda: train_prerank(models.prerank, encoder, train, tc, s)),
+                     ("rank", lambda: train_ranking(models.rank, encoder, train, tc, s))):
+        _tick(progress, name)
+        t0 = time.perf_counter()
+        out[name] = {"loss": fn(), "seconds": time.perf_counter() - t0}
+    if models.rerank is not None:
+        _tick(progress, "rerank")
+        t0 = time.perf_counter()
+        out["rerank"] = {"loss": train_rerank(models.rerank, models.rank, encoder, train, tc, s),
+                         "seconds": time.perf_counter() - t0}
+    return out
+
+
+def evaluate_funnel(models: StageModels, encoder: StageEncoder, test: RequestTensors, pools: RequestPools,
+                    ds: Dataset, cfg: FunnelConfig, batch: int = 128) -> dict:
+    sizes = cfg.sizes()
+    kept: dict[str, list[torch.Tensor]] = {s: [] for s in STAGE_NAMES}
+    for s in range(0, len(test), batch):
+        rows = test.rows(torch.arange(s, min(s + batch, len(test))))
+        out = run_funnel(models, encoder, rows.requests, rows.items, rows.mask, sizes)
+        for name in STAGE_NAMES:
+            kept[name].append(out.kept[name])
+    relevant = (test.level == LEVEL_CLICK) & test.mask
+    metrics: dict = {"requests": len(test), "requests_with_views": int(relevant.any(dim=1).sum())}
+    for name, size in zip(STAGE_NAMES, (sizes.retrieval, sizes.prerank, sizes.rank, sizes.exposed)):
+        idx = torch.cat(kept[name])
+        scores = torch.full(test.mask.shape, float("-inf"))
+        valid = idx >= 0
+        ranks = torch.arange(idx.shape[1], 0, -1, dtype=torch.float32).expand_as(idx)
+        scores.scatter_(1, idx.clamp(min=0), torch.where(valid, ranks, torch.full_like(ranks, float("-inf"))))
+        metrics[name] = recall_ndcg_at_k(scores, relevant, [size])
+    exposed = torch.cat(kept["exposed"])
+    valid = exposed >= 0
+    safe = exposed.clamp(min=0)
+    clicks = (relevant.gather(1, safe) & valid).float()
+    labels_ev = test.labels[..., 0].gather(1, safe)
+    play = torch.from_numpy(_playing_time(pools, test.mask.shape)).gather(1, safe)
+    e2e = {"effective_view_rate": float(clicks.sum() / valid.sum().clamp(min=1)),
+           "exposed_with_feedback": float(((labels_ev >= 0) & valid).float().mean()),
+           "watch_time_s_per_request": float(torch.where(valid & (play > 0), play, 0).sum() / 1000 / len(test))}
+    emb = encoder.items(test.items.reshape(-1, test.items.shape[-1])).reshape(*test.items.shape[:2], -1)
+    ild, cov = [], []
+    n_categories = int(ds.vocab.get("category_level_one", 0)) or int(test.category.max()) + 1
+    for r in range(len(test)):
+        pick = exposed[r][valid[r]]
+        if len(pick) >= 2:
+            ild.append(intra_list_distance(emb[r, pick]))
+            cov.append(category_coverage(test.category[r, pick], n_categories))
+    metrics["rerank"] = {"intra_list_distance": float(np.mean(ild)) if ild else float("nan"),
+                         "category_coverage": float(np.mean(cov)) if cov else float("nan")}
+    oracle = _oracle(ds, pools, exposed, valid)
+    if oracle is not None:
+        e2e["oracle_utility"] = oracle
+    metrics["end_to_end"] = e2e
+    metrics["ranking_tasks"] = _ranking_task_metrics(models.rank, encoder, test, pools)
+    return metrics
+
+
+def _playing_time(pools: RequestPools, shape) -> np.ndarray:
+    r, n = shape
+    pos = np.arange(n)[None, :]
+    mask = pos < pools.sizes()[:, None]
+    flat = np.where(mask, pools.offsets[:-1, None] + pos, 0)
+    return np.where(mask, pools.playing_time[flat], -1)
+
+
+def _oracle(ds: Dataset, pools: RequestPools, exposed: torch.Tensor, valid: torch.Tensor) -> float | None:
+    from simulations.data.synth import oracle_utility
+
+    if not (ds.path / "oracle" / "world.json").exists():
+        return None
+    day = ds.days[-1]
+    pos = np.where(valid.numpy(), exposed.numpy(), 0)
+    vid = pools.video_id[pools.offsets[:-1, None] + pos]
+    users = np.broadcast_to(pools.requests.user_id[:, None], vid.shape)
+    util = oracle_utility(ds, users[valid.numpy()], vid[valid.numpy()], day)
+    return float(np.mean(util)) if len(util) else float("nan")
+
+
+@torch.no_grad()
+def _ranking_task_metrics(ranker: HoMERanker, encoder: StageEncoder, test: RequestTensors,
+                          pools: RequestPools) -> dict:
+    """AUC / GAUC per task of the ranker over the test day's exposures (independent of the funnel)."""
+    ranker.eval()
+    shown = test.mask & (test.level >= 5)
+    r_idx, n_idx = torch.nonzero(shown, as_tuple=True)
+    if len(r_idx) == 0:
+        return {}
+    out_logits = []
+    for s in range(0, len(r_idx), 2048):
+        rr, nn_ = r_idx[s:s + 2048], n_idx[s:s + 2048]
+        req = {k: v[rr] for k, v in test.requests.items()}
+        batch = pair_batch(req, test.items[rr, nn_][:, None, :])
+        out_logits.append(ranker(encoder.pairs(batch)))
+    logits = torch.cat(out_logits).numpy()
+    labels = test.labels[r_idx, n_idx].numpy()
+    users = pools.requests.user_id[r_idx.numpy()]
+    out = {}
+    for t, task in enumerate(TASKS):
+        seen = labels[:, t] >= 0
+        y, p = labels[seen, t], logits[seen, t]
+        if len(y) and 0 < y.sum() < len(y):
+            g = gauc(users[seen], y, p)
+            out[task] = {"auc": auc(y, p), "gauc": g.value}
+    return out
+
+
+def run_funnel_experiment(cfg: FunnelConfig, data=None, progress=None) -> dict:
+    """Train the stages, evaluate the funnel, write ``out_dir`` (config.json, metrics.json, models/)."""
+    t0 = time.perf_counter()
+    if cfg.rerank not in ("cdm", "mmr"):
+        raise FedpaError(f"unknown re-ranker '{cfg.rerank}' (cdm, mmr)")
+    foundation = load_foundation(cfg.foundation)
+    encoder = StageEncoder(foundation)
+    _tick(progress, "data")
+    ds, lookups, train_pools, test_pools = data or load_funnel_data(cfg)
+    train = request_tensors(train_pools, lookups)
+    test = request_tensors(test_pools, lookups)
+    models = build_models(encoder, cfg)
+    training = train_stages(models, encoder, train, cfg, progress)
+    _tick(progress, "evaluate")
+    metrics = evaluate_funnel(models, encoder, test, test_pools, ds, cfg)
+    metrics["training"] = training
+    metrics["seconds"] = time.perf_counter() - t0
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", asdict(cfg))
+    atomic_write_json(out / "metrics.json", metrics)
+    if progress is not None:
+        progress("done", len(STEPS), len(STEPS))
+    return metrics
+
+
+def _flatten(metrics: dict) -> dict[str, float]:
+    flat = {}
+    for stage in STAGE_NAMES:
+        for k, v in metrics[stage].items():
+            if k != "requests":
+                flat[f"{stage}.{k}"] = v
+    for k, v in metrics["rerank"].items():
+        flat[f"rerank.{k}"] = v
+    for k, v in metrics["end_to_end"].items():
+        flat[f"end_to_end.{k}"] = v
+    for task, m in metrics["ranking_tasks"].items():
+        for k, v in m.items():
+            flat[f"rank.{task}.{k}"] = v
+    return flat
+
+
+def stage_ablation(cfg: FunnelConfig, seeds: list[int], progress=None) -> dict:
+    """Every stage with and without stage samples, over seeds: mean and std of each metric."""
+    runs: dict[str, list[dict]] = {"with": [], "without": []}
+    data_by_seed = {}
+    for seed in seeds:
+        base = FunnelConfig(**{**asdict(cfg), "seed": seed})
+        data_by_seed[seed] = load_funnel_data(base)
+        for arm, flag in (("with", True), ("without", False)):
+            c = FunnelConfig(**{**asdict(base), "use_stage_samples": flag,
+                                "out_dir": str(Path(cfg.out_dir) / f"{arm}-seed{seed}")})
+            if progress is not None:
+                progress(f"seed {seed}, {arm} stage samples", len(runs["with"]) + len(runs["without"]), 2 * len(seeds))
+            runs[arm].append(_flatten(run_funnel_experiment(c, data=data_by_seed[seed])))
+    table = {}
+    for key in runs["with"][0]:
+        row = {}
+        for arm in runs:
+            vals = np.array([r.get(key, math.nan) for r in runs[arm]], dtype=np.float64)
+            row[arm] = {"mean": float(np.nanmean(vals)), "std": float(np.nanstd(vals))}
+        table[key] = row
+    result = {"seeds": seeds, "table": table}
+    atomic_write_json(Path(cfg.out_dir) / "ablation.json", result)
+    return result
