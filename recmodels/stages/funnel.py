@@ -10,6 +10,7 @@ exposes 6.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -85,11 +86,21 @@ def pair_batch(requests: dict[str, torch.Tensor], items: torch.Tensor) -> dict[s
 
 @torch.no_grad()
 def run_funnel(models: StageModels, encoder: StageEncoder, requests: dict[str, torch.Tensor],
-               pool_items: torch.Tensor, pool_mask: torch.Tensor, sizes: FunnelSizes = FunnelSizes()) -> FunnelOutput:
-    """Pass each request's pool (item feature rows [B, N, F], valid [B, N]) through the four stages."""
+               pool_items: torch.Tensor, pool_mask: torch.Tensor, sizes: FunnelSizes = FunnelSizes(),
+               timings: dict[str, float] | None = None) -> FunnelOutput:
+    """Pass each request's pool (item feature rows [B, N, F], valid [B, N]) through the four stages.
+    ``timings``: if given, each stage's wall seconds are added to it (benchmarks)."""
     models.eval()
     out = FunnelOutput()
     b, n = pool_mask.shape
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        if timings is not None:
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - clock[0]
+            clock[0] = now
+
     user, history, history_mask = encoder.users(requests)
     item_emb = encoder.items(pool_items.reshape(b * n, -1)).reshape(b, n, -1)
 
@@ -99,6 +110,7 @@ def run_funnel(models: StageModels, encoder: StageEncoder, requests: dict[str, t
     scores = torch.einsum("bkd,bnd->bkn", uvec, ivec).amax(dim=1)
     kept = _top(scores, pool_mask, sizes.retrieval)
     out.kept["retrieval"] = kept
+    lap("retrieval")
 
     # pre-ranking: what retrieval kept
     valid = kept >= 0
@@ -108,6 +120,7 @@ def run_funnel(models: StageModels, encoder: StageEncoder, requests: dict[str, t
     sel = _top(scores, valid, sizes.prerank)
     kept = torch.where(sel >= 0, _gather(kept, sel), sel)
     out.kept["prerank"] = kept
+    lap("prerank")
 
     # ranking: target attention + HoME over the pre-ranked items
     valid = kept >= 0
@@ -118,6 +131,7 @@ def run_funnel(models: StageModels, encoder: StageEncoder, requests: dict[str, t
     out.rank_logits = _gather(logits, sel.clamp(min=0))
     kept = torch.where(sel >= 0, _gather(kept, sel), sel)
     out.kept["rank"] = kept
+    lap("rank")
 
     # re-ranking: diversity over the ranked list
     valid = kept >= 0
@@ -131,4 +145,5 @@ def run_funnel(models: StageModels, encoder: StageEncoder, requests: dict[str, t
         # MMR's picks in ranking order (the teacher marks a set; the device shows it by score)
         sel = _top(rank_scores.masked_fill(~chosen, -1.0), chosen, sizes.exposed)
     out.kept["exposed"] = torch.where(sel >= 0, _gather(kept, sel), sel)
+    lap("rerank")
     return out
