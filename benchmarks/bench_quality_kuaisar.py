@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from simulations.data.store import Dataset  # noqa: E402
 from simulations.pretraining import pretrain_foundation  # noqa: E402
 
 ALGORITHMS = "fedpa,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized"
+ABLATION = ("fedpa", "fedpa-user-only", "fedpa-groups-only", "fedpa-no-gate", "fedpa-rank1", "fedpa-rank16")
 
 
 def adapter_norms(cfg: FederationConfig, run_dir: Path, store_dir: Path, key: Path) -> dict[str, float]:
@@ -98,6 +100,9 @@ def main() -> None:
     ap.add_argument("--algorithms", default=ALGORITHMS)
     ap.add_argument("--out", default="runs/kuaisar")
     ap.add_argument("--report-only", action="store_true", help="rewrite report.md from the finished runs")
+    ap.add_argument("--ablation", action="store_true",
+                    help="FedPA's ablations instead of the baselines (user adapter only, group adapters only, no gate, "
+                         "rank 1 / 16), written under OUT/<protocol>/ablation/ with the same foundation")
     a = ap.parse_args()
     t0 = time.time()
     data = Path(a.data)
@@ -120,6 +125,10 @@ def main() -> None:
                             group_attributes="onehot_feat1,reco_active_level",
                             personal_store=str(out / "stores" / "fedpa"), personal_store_key_file=str(key))
     variants = [v for v in a.algorithms.split(",") if v]
+    if a.ablation:
+        variants = list(ABLATION)
+        out = out / "ablation"
+        out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
     def run_one(cfg):
@@ -127,10 +136,14 @@ def main() -> None:
 
         from simulations.simulate import simulate
 
-        # only FedPA keeps its personal state on disk (for the adapter norms); the others in memory
+        # only FedPA's seed 0 keeps its personal state on disk (for the adapter norms), in a store of its
+        # own variant emptied first (a store left by an earlier run would hand its states to this one)
+        variant = Path(cfg.run_dir).parent.name
         if cfg.algorithm != "fedpa" or cfg.seed != 0:
-            cfg = replace(cfg, personal_store="")
-        return simulate(cfg)
+            return simulate(replace(cfg, personal_store=""))
+        store = out / "stores" / variant
+        shutil.rmtree(store, ignore_errors=True)
+        return simulate(replace(cfg, personal_store=str(store)))
 
     if a.report_only:
         result = {"markdown": (out / "compare.md").read_text().strip()}
@@ -140,7 +153,8 @@ def main() -> None:
         result = compare(base, variants, list(range(a.seeds)), out, run_one=run_one)
         wall = time.time() - started
     plot_curves(out, [v for v in variants if v != "foundation"], out / "curves_vs_rounds_and_time.png")
-    lines = [f"# fedpa on KuaiSAR-R ({a.protocol} protocol)", "",
+    title = "FedPA's ablations" if a.ablation else "fedpa"
+    lines = [f"# {title} on KuaiSAR-R ({a.protocol} protocol)", "",
              f"{len(ds.days)} days, {ds.users().num_rows:,} users; {a.rounds} rounds, every client every round, "
              f"seeds 0..{a.seeds - 1}; foundation pre-trained on open users (reco_active_level = 3 as highly active); "
              "group adapters on onehot_feat1 and reco_active_level. Test at the best validation round.", "",

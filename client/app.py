@@ -130,62 +130,14 @@ def train(msg: Message, context: Context) -> Message:
     pm = rt.model
     global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
     spec = spec_from(pm.shared_spec())
-    total: dict[str, np.ndarray] | None = None
-    loss_sum = n_examples = 0.0
-    excluded: list[str] = []
     store = _store(cfg)
-    run_id = str(rnd.get("run-id", ""))
-    dp = dp_settings(cfg, pm, int(rnd["cohort"]))
-
-    def keep_private(uid: int, private: dict[str, np.ndarray]) -> None:
-        if private:
-            context.state[f"private/{uid}"] = arrays_to_record(private)
-            if store is not None:
-                store.save(uid, private, {"algorithm": cfg.algorithm, "round": round_,
-                                          "foundation": cfg.foundation, "run-id": run_id})
-
-    for c in (wanted if not _vectorized(cfg, rt, wanted) else []):
-        data = rt.user(c)
-        if global_state:
-            pm.set_shared(global_state)
-        pm.set_private(_private_state(context, rt, data.user_id, run_id, before_round=round_, cfg=cfg,
-                                      store=store))
-        stats = pm.train_user(data.train, data.profile, rt.local, seed=user_seed(cfg.seed, round_, data.user_id))
-        private = pm.get_private()
-        if not all(np.all(np.isfinite(v)) for v in private.values()):
-            excluded.append(f"user {data.user_id}: non-finite private state after training (kept the previous one)")
-            continue
-        if rt.algorithm.communicates:
-            local = pm.get_shared()
-            delta = {k: local[k] - global_state[k] for k in local}
-            if not all(np.all(np.isfinite(v)) for v in delta.values()):
-                excluded.append(f"user {data.user_id}: non-finite update")
-                continue
-            contrib = private_contribution(delta, spec, pm.groups_of(data.profile), **dp)
-            total = contrib if total is None else {k: total[k] + contrib[k] for k in total}
-        keep_private(data.user_id, private)
-        if stats["n"]:
-            loss_sum += stats["loss"] * stats["n"]
-            n_examples += stats["n"]
+    job = _TrainJob(cfg, rt, context, store, round_, str(rnd.get("run-id", "")), global_state, spec,
+                    dp_settings(cfg, pm, int(rnd["cohort"])))
     if _vectorized(cfg, rt, wanted):
-        users = [rt.user(c) for c in wanted]
-        cohort = [CohortUser(d.train, d.profile,
-                             _private_state(context, rt, d.user_id, run_id, before_round=round_, cfg=cfg, store=store),
-                             user_seed(cfg.seed, round_, d.user_id), d.user_id) for d in users]
-        for chunk in rt.cohort_engine.train(cohort, global_state, rt.local):
-            for k, i in enumerate(chunk.users):
-                uid = users[i].user_id
-                if not chunk.finite[k]:
-                    excluded.append(f"user {uid}: non-finite private state or update after training "
-                                    "(kept the previous one)")
-                    continue
-                keep_private(uid, chunk.private[k])
-                if chunk.n[k]:
-                    loss_sum += float(chunk.loss[k]) * float(chunk.n[k])
-                    n_examples += float(chunk.n[k])
-            if rt.algorithm.communicates:
-                part = cohort_contribution(chunk.deltas, len(chunk.users), spec, keep=chunk.finite, **dp)
-                total = part if total is None else {k: total[k] + part[k] for k in total}
+        job.train_vectorized(wanted)
+    else:
+        job.train_one_by_one(wanted)
+    total, loss_sum, n_examples, excluded = job.total, job.loss_sum, job.n_examples, job.excluded
     contributed = len(wanted) - len(excluded)
     metrics = MetricRecord({"num-examples": int(n_examples), "num-users": contributed,
                             "loss-sum": float(loss_sum)})
@@ -200,6 +152,81 @@ def train(msg: Message, context: Context) -> Message:
         else:
             content["arrays"] = arrays_to_record(total)
     return Message(content=content, reply_to=msg)
+
+
+class _TrainJob:
+    """One train instruction for this node's selected users: their contributions summed, their private
+    states kept (context.state and the personal store), the users left out and why."""
+
+    def __init__(self, cfg: FederationConfig, rt: ClientRuntime, context: Context, store: PersonalStore | None,
+                 round_: int, run_id: str, global_state: dict[str, np.ndarray], spec, dp: dict):
+        self.cfg, self.rt, self.context, self.store = cfg, rt, context, store
+        self.round, self.run_id, self.global_state, self.spec, self.dp = round_, run_id, global_state, spec, dp
+        self.total: dict[str, np.ndarray] | None = None
+        self.loss_sum = self.n_examples = 0.0
+        self.excluded: list[str] = []
+
+    def _private_before(self, uid: int) -> dict[str, np.ndarray] | None:
+        return _private_state(self.context, self.rt, uid, self.run_id, before_round=self.round, cfg=self.cfg,
+                              store=self.store)
+
+    def _keep_private(self, uid: int, private: dict[str, np.ndarray]) -> None:
+        if private:
+            self.context.state[f"private/{uid}"] = arrays_to_record(private)
+            if self.store is not None:
+                self.store.save(uid, private, {"algorithm": self.cfg.algorithm, "round": self.round,
+                                               "foundation": self.cfg.foundation, "run-id": self.run_id})
+
+    def _add(self, contribution: dict[str, np.ndarray]) -> None:
+        self.total = contribution if self.total is None else {k: self.total[k] + contribution[k] for k in self.total}
+
+    def _count(self, loss: float, n: float) -> None:
+        if n:
+            self.loss_sum += loss * n
+            self.n_examples += n
+
+    def train_one_by_one(self, clients: list[int]) -> None:
+        rt, pm = self.rt, self.rt.model
+        for c in clients:
+            data = rt.user(c)
+            if self.global_state:
+                pm.set_shared(self.global_state)
+            pm.set_private(self._private_before(data.user_id))
+            stats = pm.train_user(data.train, data.profile, rt.local,
+                                  seed=user_seed(self.cfg.seed, self.round, data.user_id))
+            private = pm.get_private()
+            if not all(np.all(np.isfinite(v)) for v in private.values()):
+                self.excluded.append(f"user {data.user_id}: non-finite private state after training "
+                                     "(kept the previous one)")
+                continue
+            if rt.algorithm.communicates:
+                local = pm.get_shared()
+                delta = {k: local[k] - self.global_state[k] for k in local}
+                if not all(np.all(np.isfinite(v)) for v in delta.values()):
+                    self.excluded.append(f"user {data.user_id}: non-finite update")
+                    continue
+                self._add(private_contribution(delta, self.spec, pm.groups_of(data.profile), **self.dp))
+            self._keep_private(data.user_id, private)
+            self._count(stats["loss"], stats["n"])
+
+    def train_vectorized(self, clients: list[int]) -> None:
+        """All users at once (recmodels.cohort): the same training, per-user clipping and noise."""
+        rt = self.rt
+        users = [rt.user(c) for c in clients]
+        cohort = [CohortUser(d.train, d.profile, self._private_before(d.user_id),
+                             user_seed(self.cfg.seed, self.round, d.user_id), d.user_id) for d in users]
+        for chunk in rt.cohort_engine.train(cohort, self.global_state, rt.local):
+            for k, i in enumerate(chunk.users):
+                uid = users[i].user_id
+                if not chunk.finite[k]:
+                    self.excluded.append(f"user {uid}: non-finite private state or update after training "
+                                         "(kept the previous one)")
+                    continue
+                self._keep_private(uid, chunk.private[k])
+                self._count(float(chunk.loss[k]), float(chunk.n[k]))
+            if rt.algorithm.communicates:
+                self._add(cohort_contribution(chunk.deltas, len(chunk.users), self.spec, keep=chunk.finite,
+                                              **self.dp))
 
 
 def _vectorized(cfg: FederationConfig, rt: ClientRuntime, users) -> bool:
