@@ -90,6 +90,41 @@ def plot_curves(root: Path, variants: list[str], out: Path) -> None:
     plt.close(fig)
 
 
+def search_groups(base: FederationConfig, ds: Dataset, out: Path) -> list[dict]:
+    """Which profile attributes should key FedPA's group adapters? Decided on validation only."""
+    from dataclasses import replace
+    from itertools import combinations
+
+    from server.federation import primary_metric
+    from simulations.simulate import simulate
+
+    vocab = ds.vocab
+    attrs = [f for f in ds.user_features if not f.endswith("_id") and 2 <= int(vocab.get(f, 0)) <= 64]
+    candidates = [(x,) for x in attrs] + list(combinations(attrs, 2))
+    key = primary_metric(base.split)
+    rows = []
+    for cand in candidates:
+        name = "+".join(cand)
+        run_dir = out / name / "seed-0"
+        summary_file = run_dir / "summary.json"
+        if summary_file.exists():  # finished earlier: the search resumes where it stopped
+            summary = json.loads(summary_file.read_text())
+        else:
+            summary = simulate(replace(base, group_attributes=",".join(cand), run_dir=str(run_dir), personal_store=""))
+        rows.append({"groups": name, "val": summary["val"][key], "test": summary["test"][key],
+                     "best_round": summary["best_round"]})
+        print(f"  {name:40s} val {key} {rows[-1]['val']:.4f}", flush=True)
+    rows.sort(key=lambda r: -r["val"])
+    lines = [f"# Group keys for FedPA's group adapters (seed 0, chosen by validation {key})", "",
+             f"| group attributes | val {key} | test {key} (not used to choose) | best round |", "|---|---|---|---|"]
+    lines += [f"| {r['groups']} | {r['val']:.4f} | {r['test']:.4f} | {r['best_round']} |" for r in rows]
+    lines += ["", f"Chosen: **{rows[0]['groups']}**."]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", default=str(ROOT.parent / "shared" / "data" / "kuaisar-r"))
@@ -100,6 +135,9 @@ def main() -> None:
     ap.add_argument("--algorithms", default=ALGORITHMS)
     ap.add_argument("--out", default="runs/kuaisar")
     ap.add_argument("--report-only", action="store_true", help="rewrite report.md from the finished runs")
+    ap.add_argument("--search-groups", action="store_true",
+                    help="FedPA (seed 0) with every single and pair of the profile attributes that have 2..64 values as "
+                         "group keys; ranks them by the *validation* metric only; writes OUT/<protocol>/group-search/")
     ap.add_argument("--ablation", action="store_true",
                     help="FedPA's ablations instead of the baselines (user adapter only, group adapters only, no gate, "
                          "rank 1 / 16), written under OUT/<protocol>/ablation/ with the same foundation")
@@ -125,6 +163,9 @@ def main() -> None:
                             group_attributes="onehot_feat1,reco_active_level",
                             personal_store=str(out / "stores" / "fedpa"), personal_store_key_file=str(key))
     variants = [v for v in a.algorithms.split(",") if v]
+    if a.search_groups:
+        search_groups(base, ds, out / "group-search")
+        return
     if a.ablation:
         variants = list(ABLATION)
         out = out / "ablation"

@@ -34,7 +34,7 @@ from recmodels.stages.training import (RequestTensors, StageTraining, train_prer
                                        train_rerank, train_retrieval)
 from server.rundir import atomic_write_json
 from simulations.data.examples import Lookups
-from simulations.data.funnel import RequestPools, load_request_pools
+from simulations.data.funnel import RequestPools, load_request_pools, sample_requests
 from simulations.data.partition import read_exposures, read_views
 from simulations.data.schema import LEVEL_CLICK
 from simulations.data.store import Dataset
@@ -91,13 +91,16 @@ def load_funnel_data(cfg: FunnelConfig) -> tuple[Dataset, Lookups, RequestPools,
     lookups = Lookups.build(ds)
     users = ds.users(["user_id"]).column("user_id").to_numpy()
     views = read_views(ds, users, read_exposures(ds, users))
+    # requests without an exposure are dropped after sampling, so a few more are drawn than asked for
     train = load_request_pools(ds, train_days, views=views, lookups=lookups, n_random=cfg.random_per_request,
-                               seed=cfg.seed, max_requests=0)
-    rng = np.random.default_rng(cfg.seed)
+                               seed=cfg.seed,
+                               request_ids=sample_requests(ds, train_days, 2 * cfg.train_requests, cfg.seed))
     if len(train) > cfg.train_requests:
-        train = train.subset(np.sort(rng.choice(len(train), cfg.train_requests, replace=False)))
+        train = train.subset(np.sort(np.random.default_rng(cfg.seed).choice(len(train), cfg.train_requests,
+                                                                           replace=False)))
     test = load_request_pools(ds, [test_day], views=views, lookups=lookups, n_random=cfg.random_per_request,
-                              seed=cfg.seed + 1_000_003)
+                              seed=cfg.seed + 1_000_003,
+                              request_ids=sample_requests(ds, [test_day], 2 * cfg.test_requests, cfg.seed + 1))
     if len(test) > cfg.test_requests:
         test = test.subset(np.sort(np.random.default_rng(cfg.seed + 1).choice(len(test), cfg.test_requests,
                                                                              replace=False)))

@@ -125,3 +125,14 @@ def test_funnel_cli_rejects_bad_input(tiny, tiny_foundation, tmp_path):
     res = runner.invoke(app, ["funnel", "--epochs", "0"])
     assert res.exit_code == 2 and "--epochs must be >= 1" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_sampled_requests_are_the_only_ones_read(pools):
+    from simulations.data.funnel import load_request_pools, sample_requests
+
+    ds, lookups, views, p = pools
+    ids = sample_requests(ds, [ds.days[-1]], 7, seed=3)
+    assert ids is not None and len(ids) == 7
+    got = load_request_pools(ds, [ds.days[-1]], views=views, lookups=lookups, n_random=5, request_ids=ids)
+    assert set(got.request_id.tolist()) <= set(ids.tolist()) and len(got) >= 1
+    assert sample_requests(ds, [ds.days[-1]], 10 ** 9, seed=3) is None  # fewer requests than asked: all

@@ -58,10 +58,20 @@ class RequestPools:
                             self.level[idx], self.labels[idx], self.playing_time[idx])
 
 
+def sample_requests(ds: Dataset, days: list[str], n: int, seed: int) -> np.ndarray | None:
+    """Ids of ``n`` requests drawn uniformly from those of ``days`` (None: take them all), so that only
+    their pools are read."""
+    ids = np.concatenate([ds.day("requests", d, ["request_id"]).column("request_id").to_numpy() for d in days])
+    if len(ids) <= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
+
+
 def load_request_pools(ds: Dataset, days: list[str], *, views: Views, lookups: Lookups, n_random: int = 100,
-                       seed: int = 0, users: np.ndarray | None = None, max_requests: int = 0) -> RequestPools:
-    """The requests of ``days`` (of ``users`` if given; at most ``max_requests``, the earliest kept)
-    that have at least one exposure, with their pools."""
+                       seed: int = 0, users: np.ndarray | None = None, max_requests: int = 0,
+                       request_ids: np.ndarray | None = None) -> RequestPools:
+    """The requests of ``days`` (of ``users`` if given, among ``request_ids`` if given; at most
+    ``max_requests``, the earliest kept) that have at least one exposure, with their pools."""
     n_items = len(lookups.item_table)
     if n_items < 2:
         raise DatasetError(f"{ds.path}: the catalogue has fewer than 2 items")
@@ -73,6 +83,8 @@ def load_request_pools(ds: Dataset, days: list[str], *, views: Views, lookups: L
         e_rid = exp.column("request_id").to_numpy()
         e_uid = exp.column("user_id").to_numpy()
         keep = np.ones(len(e_rid), bool) if users is None else np.isin(e_uid, users)
+        if request_ids is not None:
+            keep &= np.isin(e_rid, request_ids)
         e_rid, e_uid = e_rid[keep], e_uid[keep]
         e_ts = exp.column("request_timestamp").to_numpy()[keep]
         e_vid = exp.column("video_id").to_numpy()[keep]
