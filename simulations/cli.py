@@ -460,7 +460,7 @@ def privacy_sweep_cmd(
 def funnel_cmd(
     data: Annotated[str, typer.Option(help="dataset directory (at least 2 days: training days, then the test day)")] = "data/small",
     foundation: Annotated[str, typer.Option(help="foundation checkpoint directory")] = "runs/foundation",
-    out: Annotated[str, typer.Option(help="directory to write (config.json, metrics.json; ablation.json)")] = "runs/funnel",
+    out: Annotated[str, typer.Option(help="directory to write (config.json, metrics.json, funnel.png, models/; ablation.json)")] = "runs/funnel",
     stage_samples: Annotated[bool, typer.Option("--stage-samples/--no-stage-samples", help="train the stages with RecFlow's stage samples")] = True,
     rerank: Annotated[str, typer.Option(help="cdm (CDM student) | mmr (greedy MMR baseline)")] = "cdm",
     interests: Annotated[int, typer.Option(help="retrieval user vectors (1, or K > 1 for multi-interest)")] = 1,

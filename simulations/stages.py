@@ -32,7 +32,7 @@ from recmodels.stages.rerank import CDMReranker, category_coverage, intra_list_d
 from recmodels.stages.towers import PrerankDSSM, RetrievalTwoTower, recall_ndcg_at_k
 from recmodels.stages.training import (RequestTensors, StageTraining, train_prerank, train_ranking,
                                        train_rerank, train_retrieval)
-from server.rundir import atomic_write_json
+from server.rundir import atomic_write_bytes, atomic_write_json
 from simulations.data.examples import Lookups
 from simulations.data.funnel import RequestPools, load_request_pools, sample_requests
 from simulations.data.partition import read_exposures, read_views
@@ -258,10 +258,68 @@ def run_funnel_experiment(cfg: FunnelConfig, data=None, progress=None) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
+    save_stage_models(models, out / "models")
     atomic_write_json(out / "metrics.json", metrics)
+    plot_funnel(metrics, cfg, out / "funnel.png")
     if progress is not None:
         progress("done", len(STEPS), len(STEPS))
     return metrics
+
+
+def save_stage_models(models: StageModels, out: Path) -> None:
+    """Each trained head as ``<stage>.safetensors`` (written atomically), reloadable with `load_stage_models`."""
+    from safetensors.torch import save
+
+    for name in ("retrieval", "prerank", "rank", "rerank"):
+        head = getattr(models, name)
+        if head is not None:
+            state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+            atomic_write_bytes(out / f"{name}.safetensors", save(state))
+
+
+def load_stage_models(encoder: StageEncoder, cfg: FunnelConfig, directory: Path) -> StageModels:
+    """The heads a finished `fedpa funnel` run saved (shapes are checked against its configuration)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    models = build_models(encoder, cfg)
+    for name in ("retrieval", "prerank", "rank", "rerank"):
+        head = getattr(models, name)
+        if head is None:
+            continue
+        path = Path(directory) / f"{name}.safetensors"
+        try:
+            head.load_state_dict(load_file(path))
+        except (OSError, SafetensorError, RuntimeError) as e:
+            raise FedpaError(f"{path}: cannot load the {name} head ({str(e).splitlines()[0]})") from None
+    return models.eval()
+
+
+def plot_funnel(metrics: dict, cfg: FunnelConfig, path: Path) -> Path:
+    """Recall and NDCG of the request's effective views after each stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = (cfg.retrieval_size, cfg.prerank_size, cfg.rank_size, cfg.exposed)
+    labels = [f"{s}\n(top {k})" for s, k in zip(STAGE_NAMES, sizes)]
+    recall = [metrics[s][f"recall@{k}"] for s, k in zip(STAGE_NAMES, sizes)]
+    ndcg = [metrics[s][f"ndcg@{k}"] for s, k in zip(STAGE_NAMES, sizes)]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, recall, 0.4, label="Recall@K")
+    ax.bar(x + 0.2, ndcg, 0.4, label="NDCG@K")
+    ax.set_xticks(x, labels)
+    ax.set_ylim(0, 1)
+    ax.set_title("effective views kept through the funnel (test day)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def _flatten(metrics: dict) -> dict[str, float]:

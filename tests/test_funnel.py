@@ -112,6 +112,24 @@ def test_funnel_experiment_writes_every_metric(tiny, tiny_foundation, tmp_path):
     assert 0 < m["rerank"]["intra_list_distance"] <= 2 and 0 < m["rerank"]["category_coverage"] <= 1
     assert 0 <= m["ranking_tasks"]["effective_view"]["auc"] <= 1
     assert all(np.isfinite(v["loss"]).all() for v in m["training"].values())
+    assert (tmp_path / "f" / "funnel.png").stat().st_size > 0
+
+    # the saved heads reproduce the run's funnel exactly, and a damaged file is named
+    from foundation.model import load_foundation
+    from recmodels.stages.features import StageEncoder
+    from simulations.stages import evaluate_funnel, load_funnel_data, load_stage_models, request_tensors
+
+    encoder = StageEncoder(load_foundation(tiny_foundation))
+    models = load_stage_models(encoder, cfg, tmp_path / "f" / "models")
+    ds, lookups, _, test_pools = load_funnel_data(cfg)
+    again = evaluate_funnel(models, encoder, request_tensors(test_pools, lookups), test_pools, ds, cfg)
+    assert again["exposed"]["recall@4"] == m["exposed"]["recall@4"]
+    assert again["ranking_tasks"]["effective_view"]["auc"] == pytest.approx(m["ranking_tasks"]["effective_view"]["auc"])
+    (tmp_path / "f" / "models" / "rank.safetensors").write_bytes(b"not a safetensors file")
+    from foundation.errors import FedpaError
+
+    with pytest.raises(FedpaError, match="rank.safetensors: cannot load the rank head"):
+        load_stage_models(encoder, cfg, tmp_path / "f" / "models")
 
 
 def test_funnel_cli_rejects_bad_input(tiny, tiny_foundation, tmp_path):
