@@ -145,6 +145,21 @@ def test_funnel_cli_rejects_bad_input(tiny, tiny_foundation, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_funnel_names_a_foundation_or_dataset_it_cannot_use(tiny, tiny_foundation, tmp_path):
+    from simulations.cli import app
+    from simulations.data.synth import generate
+    from simulations.pretraining import pretrain_foundation
+
+    mlp = tmp_path / "mlp"
+    pretrain_foundation(tiny, mlp, arch="mlp", epochs=1, batch_size=1024, max_private_eval_users=20)
+    res = runner.invoke(app, ["funnel", "--data", str(tiny), "--foundation", str(mlp), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "transformer foundation" in res.output and "Traceback" not in res.output
+    one_day = generate("tiny", tmp_path / "one-day", seed=0, days=1)
+    res = runner.invoke(app, ["funnel", "--data", str(one_day), "--foundation", str(tiny_foundation),
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "at least 2 days" in res.output, res.output
+
+
 def test_sampled_requests_are_the_only_ones_read(pools):
     from simulations.data.funnel import load_request_pools, sample_requests
 

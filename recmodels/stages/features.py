@@ -8,13 +8,14 @@ from __future__ import annotations
 import torch
 
 from foundation.batch import CONTEXT_FIELDS
+from foundation.errors import FedpaError
 from foundation.model import FoundationModel
 
 
 class StageEncoder:
     def __init__(self, foundation: FoundationModel):
         if foundation.config.arch != "transformer":
-            raise ValueError("the stage heads read the transformer foundation's user and item states "
+            raise FedpaError("the stage heads read the transformer foundation's user and item states "
                              f"(this foundation is '{foundation.config.arch}')")
         self.foundation = foundation.eval()
         c = foundation.config
