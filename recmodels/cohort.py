@@ -17,9 +17,10 @@ Exactly the semantics of `PersonalModel.train_user`, user by user:
   as the one-user path does; users with fewer batches are *masked*: padded rows
   carry label -1 (unobserved, out of `masked_bce`), and a user without a batch
   at a step is not updated at all;
-* Adam runs per user (moments and step count per user), written out here
-  because `torch.optim` cannot skip some users of a stacked tensor. Its update
-  is torch's (`foreach` Adam, no weight decay) term by term;
+* Adam runs per user (moments per user; the users still training at a step
+  are all at the same Adam step), written out with torch's own `foreach`
+  kernels because `torch.optim` cannot skip some users of a stacked tensor;
+  its update is torch's Adam (no weight decay) term by term;
 * Ditto's two phases (personal path with the proximal term, then the global
   path) and PFedRec's fine-tuning before scoring run the same way.
 
@@ -41,6 +42,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from foundation.adapters import ditto_penalty, parameter_kinds, set_active_paths, use_routing
+from foundation.errors import FedpaError
 from foundation.model import masked_bce
 
 from .personalization import LocalTraining, PersonalModel, UserTensors
@@ -176,11 +178,11 @@ class CohortEngine:
                 for u in users:
                     state = u.private if u.private is not None else self.pm.initial_private
                     if p.private_key not in state:
-                        raise ValueError(f"personal state{_of(u)} lacks '{p.private_key}' (saved by another "
+                        raise FedpaError(f"personal state{_of(u)} lacks '{p.private_key}' (saved by another "
                                          "algorithm or foundation?)")
                     v = np.asarray(state[p.private_key])
                     if tuple(v.shape) != want:
-                        raise ValueError(f"personal state '{p.private_key}'{_of(u)} has shape {list(v.shape)}, "
+                        raise FedpaError(f"personal state '{p.private_key}'{_of(u)} has shape {list(v.shape)}, "
                                          f"the model expects {list(want)}")
                     rows.append(torch.as_tensor(v, dtype=base.dtype))
                 t = torch.stack(rows)
@@ -221,7 +223,7 @@ class CohortEngine:
         if local.epochs == 0 or sizes.sum() == 0:
             return params, np.full(c, np.nan), sizes.astype(np.float64)
         feats = torch.cat([u.train.features for u in users] + [users[0].train.features.new_zeros(1, self.pm.tower_in)])
-        labels = torch.cat([u.train.labels for u in users] + [users[0].train.labels.new_full((1, 6), -1.0)])
+        labels = torch.cat([u.train.labels for u in users] + [users[0].train.labels.new_full((1, users[0].train.labels.shape[1]), -1.0)])
         pad = len(feats) - 1
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         gens = [torch.Generator().manual_seed(int(u.seed)) for u in users]

@@ -132,8 +132,11 @@ def test_engine_reports_a_bad_private_state(tiny, tiny_foundation, tmp_path):
     users = _users(rt, double=False)[:3]
     pm = rt.model
     bad = {k: np.zeros((v.shape[0] + 1,) + v.shape[1:], np.float32) for k, v in pm.initial_private.items()}
-    members = [CohortUser(u.train, u.profile, bad if i == 1 else None, u.user_id) for i, u in enumerate(users)]
-    with pytest.raises(ValueError, match="personal state .* has shape"):
+    members = [CohortUser(u.train, u.profile, bad if i == 1 else None, u.user_id, user_id=u.user_id)
+               for i, u in enumerate(users)]
+    from foundation.errors import FedpaError
+
+    with pytest.raises(FedpaError, match="personal state .* of user .* has shape"):
         list(CohortEngine(pm).train(members, None, rt.local))
 
 
