@@ -144,6 +144,17 @@ def train_stages(models: StageModels, encoder: StageEncoder, train: RequestTenso
     return out
 
 
+def kept_scores(kept: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Pool-shaped scores [B, N] of what a stage kept (positions [B, K], best first, -1 = none): the
+    kept items by their order, everything else -inf (never in the stage's top-K)."""
+    scores = torch.full(shape, float("-inf"))
+    valid = kept >= 0
+    ranks = torch.arange(kept.shape[1], 0, -1, dtype=torch.float32).expand_as(kept)
+    rows = torch.arange(len(kept))[:, None].expand_as(kept)
+    scores[rows[valid], kept[valid]] = ranks[valid]
+    return scores
+
+
 def evaluate_funnel(models: StageModels, encoder: StageEncoder, test: RequestTensors, pools: RequestPools,
                     ds: Dataset, cfg: FunnelConfig, batch: int = 128) -> dict:
     sizes = cfg.sizes()
@@ -157,11 +168,7 @@ def evaluate_funnel(models: StageModels, encoder: StageEncoder, test: RequestTen
     metrics: dict = {"requests": len(test), "requests_with_views": int(relevant.any(dim=1).sum())}
     for name, size in zip(STAGE_NAMES, (sizes.retrieval, sizes.prerank, sizes.rank, sizes.exposed)):
         idx = torch.cat(kept[name])
-        scores = torch.full(test.mask.shape, float("-inf"))
-        valid = idx >= 0
-        ranks = torch.arange(idx.shape[1], 0, -1, dtype=torch.float32).expand_as(idx)
-        scores.scatter_(1, idx.clamp(min=0), torch.where(valid, ranks, torch.full_like(ranks, float("-inf"))))
-        metrics[name] = recall_ndcg_at_k(scores, relevant, [size])
+        metrics[name] = recall_ndcg_at_k(kept_scores(idx, tuple(test.mask.shape)), relevant, [size])
     exposed = torch.cat(kept["exposed"])
     valid = exposed >= 0
     safe = exposed.clamp(min=0)
@@ -169,7 +176,7 @@ def evaluate_funnel(models: StageModels, encoder: StageEncoder, test: RequestTen
     labels_ev = test.labels[..., 0].gather(1, safe)
     play = torch.from_numpy(_playing_time(pools, test.mask.shape)).gather(1, safe)
     e2e = {"effective_view_rate": float(clicks.sum() / valid.sum().clamp(min=1)),
-           "exposed_with_feedback": float(((labels_ev >= 0) & valid).float().mean()),
+           "exposed_with_feedback": float(((labels_ev >= 0) & valid).sum() / valid.sum().clamp(min=1)),
            "watch_time_s_per_request": float(torch.where(valid & (play > 0), play, 0).sum() / 1000 / len(test))}
     emb = encoder.items(test.items.reshape(-1, test.items.shape[-1])).reshape(*test.items.shape[:2], -1)
     ild, cov = [], []

@@ -169,3 +169,27 @@ def test_sampled_requests_are_the_only_ones_read(pools):
     got = load_request_pools(ds, [ds.days[-1]], views=views, lookups=lookups, n_random=5, request_ids=ids)
     assert set(got.request_id.tolist()) <= set(ids.tolist()) and len(got) >= 1
     assert sample_requests(ds, [ds.days[-1]], 10 ** 9, seed=3) is None  # fewer requests than asked: all
+
+
+def test_kept_positions_become_scores_in_order():
+    from simulations.stages import kept_scores
+
+    s = kept_scores(torch.tensor([[2, 0, -1, -1], [1, -1, -1, -1]]), (2, 3))
+    inf = float("-inf")
+    assert s.tolist() == [[3.0, inf, 4.0], [inf, 4.0, inf]]  # a short list's padding never hides position 0
+
+
+def test_a_stage_larger_than_the_pool_keeps_every_view(pools, tiny_foundation):
+    """Stage sizes above the pool size: every stage keeps the whole pool, so every recall is exactly 1."""
+    from foundation.model import load_foundation
+    from recmodels.stages.features import StageEncoder
+    from simulations.stages import FunnelConfig, build_models, evaluate_funnel, request_tensors
+
+    ds, lookups, _, p = pools
+    sub = p.subset(np.arange(24))
+    cfg = FunnelConfig(retrieval_size=400, prerank_size=300, rank_size=200, exposed=150)
+    encoder = StageEncoder(load_foundation(tiny_foundation))
+    m = evaluate_funnel(build_models(encoder, cfg), encoder, request_tensors(sub, lookups), sub, ds, cfg)
+    assert m["requests_with_views"] > 0
+    for stage, k in (("retrieval", 400), ("prerank", 300), ("rank", 200), ("exposed", 150)):
+        assert m[stage][f"recall@{k}"] == 1.0, stage
