@@ -19,9 +19,9 @@ Inputs are `RequestTensors`: one entry per request, built by the data layer; not
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from foundation.batch import FUNNEL_LEVELS
@@ -89,6 +89,25 @@ def _pick(level: torch.Tensor, mask: torch.Tensor, wanted: tuple[int, ...], k: i
     return idx, val >= 0
 
 
+def _optimize(model: torch.nn.Module, cfg: StageTraining, epoch_batches: Callable[[int], Iterable[torch.Tensor]],
+              batch_loss: Callable[[torch.Tensor, int], torch.Tensor]) -> list[float]:
+    """Adam over ``model``'s parameters; per epoch, the batches (index tensors) ``epoch_batches(epoch)``
+    yields, each step on ``batch_loss(batch, epoch)``. Returns the size-weighted mean loss per epoch."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    losses = []
+    model.train()
+    for epoch in range(cfg.epochs):
+        total, count = 0.0, 0
+        for b in epoch_batches(epoch):
+            loss = batch_loss(b, epoch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(b), count + len(b)
+        losses.append(total / max(count, 1))
+    return losses
+
+
 def train_retrieval(model: RetrievalTwoTower, encoder: StageEncoder, data: RequestTensors, cfg: StageTraining,
                     use_stage_samples: bool, hard_negatives: int = 10) -> list[float]:
     """Sampled softmax: each click of a request against in-batch positives, random catalogue items and,
@@ -102,23 +121,16 @@ def train_retrieval(model: RetrievalTwoTower, encoder: StageEncoder, data: Reque
     hard_idx, hard_ok = _pick(level, mask, (LEVEL_PRERANK_NEG,), hard_negatives, cfg.seed + 1)
     hard = item.gather(1, hard_idx[..., None].expand(-1, -1, item.shape[-1]))
     rand_pool = item[mask & (level == LEVEL_RANDOM)]
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    losses = []
-    model.train()
-    for epoch in range(cfg.epochs):
-        total, count = 0.0, 0
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-        for b in _batches(len(user), cfg, epoch):
-            negs = rand_pool[torch.randint(len(rand_pool), (cfg.random_negatives,), generator=g)] \
-                if len(rand_pool) else None
-            loss = model.loss(user[b], history[b], history_mask[b], positives[b], negs,
-                              hard[b] if use_stage_samples else None, hard_ok[b] if use_stage_samples else None)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(b), count + len(b)
-        losses.append(total / max(count, 1))
-    return losses
+    negative_draws: dict[int, torch.Generator] = {}  # one stream of random negatives per epoch
+
+    def batch_loss(b: torch.Tensor, epoch: int) -> torch.Tensor:
+        g = negative_draws.setdefault(epoch, torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        negs = rand_pool[torch.randint(len(rand_pool), (cfg.random_negatives,), generator=g)] \
+            if len(rand_pool) else None
+        return model.loss(user[b], history[b], history_mask[b], positives[b], negs,
+                          hard[b] if use_stage_samples else None, hard_ok[b] if use_stage_samples else None)
+
+    return _optimize(model, cfg, lambda epoch: _batches(len(user), cfg, epoch), batch_loss)
 
 
 def train_prerank(model: PrerankDSSM, encoder: StageEncoder, data: RequestTensors, cfg: StageTraining,
@@ -129,31 +141,21 @@ def train_prerank(model: PrerankDSSM, encoder: StageEncoder, data: RequestTensor
     exposed = data.mask & (data.level >= LEVEL_REALSHOW)
     negatives = (LEVEL_RANDOM, LEVEL_RANK_NEG) if use_stage_samples else (LEVEL_RANDOM,)
     neg_idx, neg_ok = _pick(data.level, data.mask, negatives, 8, cfg.seed + 2)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    losses = []
-    model.train()
-    for epoch in range(cfg.epochs):
-        total, count = 0.0, 0
-        for b in _batches(len(user), cfg, epoch):
-            rows_r, rows_n = torch.nonzero(exposed[b], as_tuple=True)
-            lab = data.labels[b][rows_r, rows_n, 0]
-            us = [user[b][rows_r]]
-            its = [item[b][rows_r, rows_n]]
-            labs = [lab.clamp(min=0)]
-            nr, nn_ = torch.nonzero(neg_ok[b], as_tuple=True)
-            us.append(user[b][nr])
-            its.append(item[b][nr, neg_idx[b][nr, nn_]])
-            labs.append(torch.zeros(len(nr)))
-            seen = torch.cat([lab >= 0, torch.ones(len(nr), dtype=torch.bool)])
-            loss = model.loss(torch.cat(us)[seen], torch.cat(its)[seen], torch.cat(labs)[seen])
-            if use_stage_samples:
-                loss = loss + aux_weight * model.stage_ranking_loss(user[b], item[b], data.level[b], data.mask[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(b), count + len(b)
-        losses.append(total / max(count, 1))
-    return losses
+
+    def batch_loss(b: torch.Tensor, epoch: int) -> torch.Tensor:
+        rows_r, rows_n = torch.nonzero(exposed[b], as_tuple=True)
+        lab = data.labels[b][rows_r, rows_n, 0]
+        nr, nn_ = torch.nonzero(neg_ok[b], as_tuple=True)
+        users = torch.cat([user[b][rows_r], user[b][nr]])
+        items = torch.cat([item[b][rows_r, rows_n], item[b][nr, neg_idx[b][nr, nn_]]])
+        labels = torch.cat([lab.clamp(min=0), torch.zeros(len(nr))])
+        seen = torch.cat([lab >= 0, torch.ones(len(nr), dtype=torch.bool)])
+        loss = model.loss(users[seen], items[seen], labels[seen])
+        if use_stage_samples:
+            loss = loss + aux_weight * model.stage_ranking_loss(user[b], item[b], data.level[b], data.mask[b])
+        return loss
+
+    return _optimize(model, cfg, lambda epoch: _batches(len(user), cfg, epoch), batch_loss)
 
 
 def ranking_rows(encoder: StageEncoder, data: RequestTensors, use_stage_samples: bool, seed: int):
@@ -176,30 +178,24 @@ def train_ranking(model: HoMERanker, encoder: StageEncoder, data: RequestTensors
     """Multi-task BCE on exposures; with stage samples, a pairwise loss on the effective-view logit over
     the stage order of the items of a request that reached ranking."""
     pairs, labels, level, req = ranking_rows(encoder, data, use_stage_samples, cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    losses = []
-    model.train()
-    for epoch in range(cfg.epochs):
-        total, count = 0.0, 0
+
+    def epoch_batches(epoch: int):
+        # whole requests stay together in a batch: the pairwise loss compares items of one request
         g = torch.Generator().manual_seed(cfg.seed * 31 + epoch)
         order = torch.randperm(int(req.max()) + 1 if len(req) else 0, generator=g)[req].argsort(stable=True)
-        for s in range(0, len(order), rows_per_batch):
-            b = order[s:s + rows_per_batch]
-            logits = model(pairs[b])
-            loss = masked_bce(logits, labels[b])
-            if use_stage_samples:
-                same = req[b][:, None] == req[b][None, :]
-                better = level[b][:, None] > level[b][None, :]
-                pair = same & better
-                if bool(pair.any()):
-                    diff = logits[:, 0][:, None] - logits[:, 0][None, :]
-                    loss = loss + aux_weight * torch.nn.functional.softplus(-diff[pair]).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(b), count + len(b)
-        losses.append(total / max(count, 1))
-    return losses
+        return (order[s:s + rows_per_batch] for s in range(0, len(order), rows_per_batch))
+
+    def batch_loss(b: torch.Tensor, epoch: int) -> torch.Tensor:
+        logits = model(pairs[b])
+        loss = masked_bce(logits, labels[b])
+        if use_stage_samples:
+            pair = (req[b][:, None] == req[b][None, :]) & (level[b][:, None] > level[b][None, :])
+            if bool(pair.any()):
+                diff = logits[:, 0][:, None] - logits[:, 0][None, :]
+                loss = loss + aux_weight * torch.nn.functional.softplus(-diff[pair]).mean()
+        return loss
+
+    return _optimize(model, cfg, epoch_batches, batch_loss)
 
 
 def train_rerank(model: CDMReranker, ranker: HoMERanker, encoder: StageEncoder, data: RequestTensors,
@@ -217,21 +213,5 @@ def train_rerank(model: CDMReranker, ranker: HoMERanker, encoder: StageEncoder, 
         ranker.eval()
         scores = torch.sigmoid(ranker(encoder.pairs(pair_batch(data.requests, items)))[:, 0]).reshape(r, -1)
     scores = scores.masked_fill(~ok, 0.0)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    losses = []
-    model.train()
-    for epoch in range(cfg.epochs):
-        total, count = 0.0, 0
-        for b in _batches(r, cfg, epoch):
-            loss = model.loss(emb[b], scores[b], ok[b], k, mmr_lambda)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(b), count + len(b)
-        losses.append(total / max(count, 1))
-    return losses
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+    return _optimize(model, cfg, lambda epoch: _batches(r, cfg, epoch),
+                     lambda b, epoch: model.loss(emb[b], scores[b], ok[b], k, mmr_lambda))
