@@ -66,16 +66,14 @@ class FunnelConfig:
 
 def request_tensors(pools: RequestPools, lookups: Lookups) -> RequestTensors:
     """Pools as padded tensors; item feature rows from the catalogue."""
-    r, n = len(pools), int(pools.sizes().max()) if len(pools) else 0
-    pos = np.arange(n)[None, :]
-    mask = pos < pools.sizes()[:, None]
-    flat = np.where(mask, pools.offsets[:-1, None] + pos, 0)
-    vid = np.where(mask, pools.video_id[flat], 0)
-    items = pools.requests._item_rows(vid.reshape(-1)).reshape(r, n, -1)
-    level = np.where(mask, pools.level[flat], -1)
-    labels = np.where(mask[..., None], pools.labels[flat], -1).astype(np.float32)
+    r = len(pools)
+    mask = pools.padded(np.ones(len(pools.video_id), bool), False)
+    vid = pools.padded(pools.video_id, 0)
+    items = pools.requests._item_rows(vid.reshape(-1)).reshape(r, vid.shape[1], -1)
+    level = pools.padded(pools.level.astype(np.int64), -1)
+    labels = pools.padded(pools.labels, -1).astype(np.float32)
     return RequestTensors(pools.requests.batch(), torch.from_numpy(items), torch.from_numpy(mask),
-                          torch.from_numpy(level.astype(np.int64)), torch.from_numpy(labels),
+                          torch.from_numpy(level), torch.from_numpy(labels),
                           torch.from_numpy(items[..., 2].copy()))  # ITEM_FIELDS[2] = category_level_one
 
 
@@ -174,7 +172,7 @@ def evaluate_funnel(models: StageModels, encoder: StageEncoder, test: RequestTen
     safe = exposed.clamp(min=0)
     clicks = (relevant.gather(1, safe) & valid).float()
     labels_ev = test.labels[..., 0].gather(1, safe)
-    play = torch.from_numpy(_playing_time(pools, test.mask.shape)).gather(1, safe)
+    play = torch.from_numpy(pools.padded(pools.playing_time, -1)).gather(1, safe)
     e2e = {"effective_view_rate": float(clicks.sum() / valid.sum().clamp(min=1)),
            "exposed_with_feedback": float(((labels_ev >= 0) & valid).sum() / valid.sum().clamp(min=1)),
            "watch_time_s_per_request": float(torch.where(valid & (play > 0), play, 0).sum() / 1000 / len(test))}
@@ -196,22 +194,13 @@ def evaluate_funnel(models: StageModels, encoder: StageEncoder, test: RequestTen
     return metrics
 
 
-def _playing_time(pools: RequestPools, shape) -> np.ndarray:
-    r, n = shape
-    pos = np.arange(n)[None, :]
-    mask = pos < pools.sizes()[:, None]
-    flat = np.where(mask, pools.offsets[:-1, None] + pos, 0)
-    return np.where(mask, pools.playing_time[flat], -1)
-
-
 def _oracle(ds: Dataset, pools: RequestPools, exposed: torch.Tensor, valid: torch.Tensor) -> float | None:
     from simulations.data.synth import oracle_utility
 
     if not (ds.path / "oracle" / "world.json").exists():
         return None
     day = ds.days[-1]
-    pos = np.where(valid.numpy(), exposed.numpy(), 0)
-    vid = pools.video_id[pools.offsets[:-1, None] + pos]
+    vid = np.take_along_axis(pools.padded(pools.video_id, 0), exposed.clamp(min=0).numpy(), axis=1)
     users = np.broadcast_to(pools.requests.user_id[:, None], vid.shape)
     util = oracle_utility(ds, users[valid.numpy()], vid[valid.numpy()], day)
     return float(np.mean(util)) if len(util) else float("nan")

@@ -49,6 +49,17 @@ class RequestPools:
     def sizes(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def padded(self, values: np.ndarray, fill) -> np.ndarray:
+        """A per-candidate array ([C, ...]) as one row per request, [R, N, ...] with N the widest pool;
+        ``fill`` past the end of each pool."""
+        n = int(self.sizes().max()) if len(self) else 0
+        pos = np.arange(n)[None, :]
+        inside = pos < self.sizes()[:, None]
+        flat = np.where(inside, self.offsets[:-1, None] + pos, 0)
+        out = values[flat]
+        out[~inside] = fill
+        return out
+
     def subset(self, rows: np.ndarray) -> "RequestPools":
         rows = np.asarray(rows, dtype=np.int64)
         parts = [np.arange(self.offsets[r], self.offsets[r + 1]) for r in rows]
