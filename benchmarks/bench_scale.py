@@ -44,7 +44,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -53,10 +52,9 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench_federation import loadavg, read_metrics  # noqa: E402
+from bench_federation import loadavg, run_one  # noqa: E402
 
 from server.config import FederationConfig  # noqa: E402
-from simulations.simulate import simulate  # noqa: E402
 
 ENGINES = {"stock": (1, "vectorized"), "loop": (0, "loop"), "vectorized": (0, "vectorized")}
 
@@ -108,14 +106,11 @@ class PeakMemory:
 
 
 def timed_run(base: FederationConfig, run_dir: Path, engine: str, **overrides) -> dict:
+    """`bench_federation.run_one` with the engine's cohort size and cohort-engine; metrics keyed by round."""
     cohort_size, cohort_engine = ENGINES[engine]
-    cfg = replace(base, run_dir=str(run_dir), cohort_engine=cohort_engine, **overrides)
-    load = loadavg()
-    t0 = time.perf_counter()
-    summary = simulate(cfg, cohort_size=cohort_size)
-    wall = time.perf_counter() - t0
-    metrics = {m["round"]: m for m in read_metrics(run_dir)}
-    return {"summary": summary, "metrics": metrics, "call_wall_s": wall, "load1_before": load}
+    r = run_one(base, run_dir, cohort_size, cohort_engine=cohort_engine, **overrides)
+    r["metrics"] = {m["round"]: m for m in r["metrics"]}
+    return r
 
 
 # ---------------------------------------------------------------------------------------------- side by side
