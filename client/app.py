@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.personal_store import PersonalStore
+from client.personal_store import PersonalStore, open_store
 from client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
 from recmodels.cohort import CohortUser
 from recmodels.evaluation import MetricSums, membership_attack
@@ -98,11 +98,7 @@ def _private_state(context: Context, rt: ClientRuntime, uid: int, run_id: str = 
 
 
 def _store(cfg: FederationConfig) -> PersonalStore | None:
-    if not cfg.personal_store:
-        return None
-    if cfg.personal_store_key_file:
-        return PersonalStore.from_key_file(cfg.personal_store, cfg.personal_store_key_file)
-    return PersonalStore.from_env(cfg.personal_store)
+    return open_store(cfg.personal_store, cfg.personal_store_key_file)
 
 
 @app.query()

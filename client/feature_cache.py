@@ -37,14 +37,15 @@ def default_root() -> Path:
 
 
 def cache_key(foundation_dir: str, data_dir: str, split: str, negatives: int, seed: int,
-              private_users: np.ndarray) -> str:
+              private_users: np.ndarray, rows: str = "") -> str:
+    """``rows``: what rows a user has beyond its exposures ("" = none; e.g. a stage's negatives)."""
     h = hashlib.sha256()
     weights = Path(foundation_dir) / "model.safetensors"
     h.update(hashlib.sha256(weights.read_bytes()).digest())
     manifest = Path(data_dir) / "manifest.json"
     h.update(manifest.read_bytes())
     h.update(str(Path(data_dir).resolve()).encode())
-    h.update(json.dumps([split, negatives, seed, FORMAT]).encode())
+    h.update(json.dumps([split, negatives, seed, FORMAT] + ([rows] if rows else [])).encode())
     h.update(np.ascontiguousarray(private_users, dtype=np.int64).tobytes())
     return h.hexdigest()[:24]
 

@@ -537,3 +537,13 @@ class PersonalStore:
 
     def __repr__(self) -> str:
         return f"PersonalStore({str(self.directory)!r}, key id {self.key_id})"
+
+
+def open_store(directory: str, key_file: str = "") -> PersonalStore | None:
+    """The store a run configuration names (None without a directory): key from ``key_file``, else from
+    the environment."""
+    if not directory:
+        return None
+    if key_file:
+        return PersonalStore.from_key_file(directory, key_file)
+    return PersonalStore.from_env(directory)

@@ -24,7 +24,8 @@ from recmodels.cohort import CohortEngine
 from recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
 from server.config import FederationConfig
 from simulations.data.examples import Lookups, user_table
-from simulations.data.partition import PartitionConfig, SplitConfig, make_partition, split_users
+from simulations.data.partition import PartitionConfig, SplitConfig, UserSplits, make_partition, split_users
+from simulations.data.stage_rows import with_stage_negatives
 from simulations.data.store import Dataset
 
 EVAL_BATCH = 1024
@@ -64,9 +65,7 @@ class ClientRuntime:
         self.profiles = user_table(self.dataset)
         self._lookups: Lookups | None = None  # item tables: only built when a user's rows must be encoded
         self.partition = make_partition(self.dataset, partition_config(cfg))
-        self.split = SplitConfig(cfg.split, negatives=cfg.negatives)
-        foundation = load_foundation(cfg.foundation)
-        self.model = PersonalModel(foundation, self.algorithm, seed=cfg.seed, **cfg.adapter_overrides())
+        self.model = cfg.personal_model()
         self.local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                    ditto_lambda=cfg.ditto_lambda)
         self._users: dict[int, UserData] = {}
@@ -97,18 +96,28 @@ class ClientRuntime:
                 data = UserData(uid, self.profiles[uid], *self.cache.user(uid),
                                 group_size=self.cache.group_size)
             else:
-                s = split_users(self.dataset, np.array([uid]), self.split, lookups=self.lookups, seed=self.cfg.seed)
+                s = user_splits(self.cfg, self.dataset, np.array([uid]), self.lookups)
                 feats = [self.model.features(ex.iter_batches(EVAL_BATCH)) for ex in (s.train, s.val, s.test)]
                 data = UserData(uid, self.profiles[uid], *feats, group_size=s.group_size)
             self._users[uid] = data
         return data
 
 
+def user_splits(cfg: FederationConfig, ds: Dataset, users: np.ndarray, lookups: Lookups) -> UserSplits:
+    """The rows ``users`` train and are evaluated on: their exposures, split, and when a funnel stage is
+    personalized, each request's negatives for that stage."""
+    splits = split_users(ds, users, SplitConfig(cfg.split, negatives=cfg.negatives), lookups=lookups, seed=cfg.seed)
+    if cfg.stage:
+        splits = with_stage_negatives(ds, splits, users, cfg.stage, cfg.stage_negatives, cfg.seed, lookups)
+    return splits
+
+
 def _cache_path(cfg: FederationConfig, private_users: np.ndarray) -> Path | None:
     if cfg.feature_cache == "none":
         return None
     root = Path(cfg.feature_cache) if cfg.feature_cache else default_root()
-    return root / cache_key(cfg.foundation, cfg.data_dir, cfg.split, cfg.negatives, cfg.seed, private_users)
+    rows = f"stage-negatives:{cfg.stage}:{cfg.stage_negatives}" if cfg.stage and cfg.stage_negatives else ""
+    return root / cache_key(cfg.foundation, cfg.data_dir, cfg.split, cfg.negatives, cfg.seed, private_users, rows)
 
 
 def open_feature_cache(cfg: FederationConfig, private_users: np.ndarray) -> FeatureCache | None:
@@ -126,8 +135,7 @@ def ensure_feature_cache(cfg: FederationConfig, progress=None) -> FeatureCache |
     if (path / "meta.json").exists():
         return FeatureCache(path)
     lookups = Lookups.build(ds)
-    splits = split_users(ds, part.private_users, SplitConfig(cfg.split, negatives=cfg.negatives),
-                         lookups=lookups, seed=cfg.seed)
+    splits = user_splits(cfg, ds, part.private_users, lookups)
     model = PersonalModel(load_foundation(cfg.foundation), get_algorithm("foundation"))
     return build(path, model, splits, part.private_users, progress=progress)
 
@@ -140,7 +148,8 @@ def get_runtime(cfg: FederationConfig) -> ClientRuntime:
     key = (cfg.data_dir, cfg.foundation, cfg.algorithm, cfg.seed, cfg.partition_seed, cfg.split, cfg.negatives, cfg.rank,
            cfg.group_attributes, cfg.use_user_adapter, cfg.use_group_adapters, cfg.use_gate, cfg.max_clients,
            cfg.active_top_fraction, cfg.open_active_fraction, cfg.open_rest_fraction, cfg.activity_attribute,
-           cfg.active_values, cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.ditto_lambda, cfg.feature_cache)
+           cfg.active_values, cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.ditto_lambda, cfg.feature_cache,
+           cfg.stage, cfg.stage_models, cfg.stage_negatives)
     rt = _RUNTIMES.get(key)
     if rt is None:
         if len(_RUNTIMES) >= 2:  # a process serves one run at a time; keep memory bounded

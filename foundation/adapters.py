@@ -89,7 +89,7 @@ client its own parameter copies, e.g. ``torch.func.functional_call``, which
 works with these layers). Adam's moments also keep moving the rows of a slot
 that is absent from a batch.
 
-Head (``head``): "shared" (default, FedPA) = peft ``modules_to_save`` copy of
+Head (``head``; the module is ``head_module``, default ``tower.head``): "shared" (default, FedPA) = peft ``modules_to_save`` copy of
 ``tower.head``, trained and exchanged; "private" (FedPer, local) = the head
 gets a FedPALinear in private-head mode holding per-slot *deltas* [U, out, in]
 and [U, out] added to the frozen head (zero at init); "frozen" = unchanged.
@@ -182,6 +182,7 @@ class FedPAConfig(LoraConfig):
     use_gate: bool = field(default=True, metadata={"help": "input-dependent softmax gate over paths"})
     gate_hidden: int = field(default=16, metadata={"help": "hidden width of the gate MLP"})
     head: str = field(default="shared", metadata={"help": "prediction head: shared | private | frozen"})
+    head_module: str = field(default=HEAD_MODULE, metadata={"help": "module path of the prediction head"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -295,11 +296,12 @@ def adapter_config(foundation_config: FoundationConfig, preset: str = "fedpa", *
     kw["group_vocab"] = {a: int(foundation_config.user_vocab[a]) for a in groups}
     kw["user_fields"] = list(foundation_config.user_fields)
     head = kw.get("head", "shared")
+    head_module = kw.setdefault("head_module", HEAD_MODULE)
     targets = list(kw["target_modules"])
-    if head == "private" and HEAD_MODULE not in targets:
-        targets.append(HEAD_MODULE)  # a per-slot private head is a FedPALinear in "private head" mode
+    if head == "private" and head_module not in targets:
+        targets.append(head_module)  # a per-slot private head is a FedPALinear in "private head" mode
     kw["target_modules"] = targets
-    kw["modules_to_save"] = [HEAD_MODULE] if head == "shared" else None
+    kw["modules_to_save"] = [head_module] if head == "shared" else None
     kw["variant"] = preset
     cfg = FedPAConfig(**kw)
     cfg.fedpa_validate()
@@ -523,7 +525,8 @@ class FedPALinear(nn.Module, LoraLayer):
         if r <= 0:
             raise ConfigError(f"rank r must be positive, got {r}")
         target = kwargs.get("target_name", "") or ""
-        private_head = config.head == "private" and (target == HEAD_MODULE or target.endswith("." + HEAD_MODULE))
+        private_head = config.head == "private" and (target == config.head_module
+                                                     or target.endswith("." + config.head_module))
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
@@ -766,6 +769,9 @@ def _lowrank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tens
 
 def attach_adapters(foundation: FoundationModel, config: FedPAConfig | str = "fedpa", **overrides: Any) -> PeftModel:
     """Freeze ``foundation`` and inject FedPA adapters with peft; returns the PeftModel.
+
+    ``foundation`` is the foundation model, or any module whose ``config.user_fields`` names the
+    profile columns (a stage head's host, `recmodels.stages.pointwise.StageHost`).
 
     ``config`` is a FedPAConfig or a preset name (then ``overrides`` go to
     `adapter_config`). Initialisation uses the global torch RNG (seed it for

@@ -90,19 +90,25 @@ class PersonalModel:
     """
 
     def __init__(self, foundation: FoundationModel, algorithm: Algorithm, *, seed: int = 0,
-                 user_slots: int = 1, **adapter_overrides):
+                 user_slots: int = 1, host: torch.nn.Module | None = None, **adapter_overrides):
+        """``host``: personalize a stage head instead of the foundation's tower
+        (`recmodels.stages.pointwise.StageHost`, scoring the same cached tower inputs)."""
         self.algorithm = algorithm
         self.foundation = foundation
-        self.task_columns = foundation.label_columns
+        self.host = host
+        self.task_columns = foundation.label_columns if host is None else host.task_columns
         torch.manual_seed(seed)
         if algorithm.preset is None:
             self.model = None
-            self.tower = foundation.tower
+            self.tower = foundation.tower if host is None else host.tower
             self.group_attributes: list[str] = []
             self._shared, self._private = {}, {}
         else:
+            if host is not None:
+                adapter_overrides = {"target_modules": host.adapter_targets, "head_module": "tower.head",
+                                     **adapter_overrides}
             cfg = adapter_config(foundation.config, algorithm.preset, user_slots=user_slots, **adapter_overrides)
-            self.model = attach_adapters(foundation, cfg)
+            self.model = attach_adapters(foundation if host is None else host, cfg)
             self.config = cfg
             self.tower = self.model.get_base_model().tower
             self.group_attributes = list(cfg.group_attributes)
@@ -171,8 +177,8 @@ class PersonalModel:
 
     @property
     def _encoder(self):
-        # after peft injection the foundation object is the base model; its encoders are untouched
-        return (self.model.get_base_model() if self.model is not None else self.foundation).encode
+        # peft injects in place: the foundation object is the (adapted) base model, encoders untouched
+        return self.foundation.encode
 
     @property
     def tower_in(self) -> int:

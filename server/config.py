@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from foundation.errors import FedpaError
-from recmodels.personalization import ALGORITHMS
+from foundation.model import load_foundation
+from recmodels.personalization import ALGORITHMS, PersonalModel, get_algorithm
+from recmodels.stages.pointwise import FEDERATED_STAGES, load_stage_host
 
 from .aggregation import ROBUST_METHODS
 
@@ -75,6 +77,9 @@ class FederationConfig:
     resume: bool = False             # continue run-dir from its last checkpoint (same configuration)
     feature_cache: str = ""          # root of the simulation's cached tower inputs ("" = ~/.cache/fedpa/features, "none" = off)
     cohort_engine: str = "vectorized"  # a node serving several users trains them: vectorized (recmodels.cohort) | loop
+    stage: str = ""                  # personalize a funnel stage head (retrieval | prerank | rank) instead of the foundation's tower
+    stage_models: str = ""           # the `fedpa funnel` run directory whose trained stage heads are personalized
+    stage_negatives: int = 4         # per request: the stage's own negatives added to a user's rows (simulations.data.stage_rows)
 
     @classmethod
     def from_run_config(cls, rc: dict[str, Any]) -> "FederationConfig":
@@ -168,6 +173,13 @@ class FederationConfig:
                 "server sees only the sum: turn secagg off, or bound norms on the clients (dp-clip)")
         if self.cohort_engine not in COHORT_ENGINES:
             bad(f"unknown cohort-engine '{self.cohort_engine}' ({', '.join(COHORT_ENGINES)})")
+        if self.stage and self.stage not in FEDERATED_STAGES:
+            bad(f"unknown stage '{self.stage}' ({', '.join(FEDERATED_STAGES)}; re-ranking reads whole lists and "
+                "stays as trained)")
+        if self.stage_negatives < 0:
+            bad(f"stage-negatives must be >= 0, got {self.stage_negatives}")
+        if self.stage and not self.stage_models:
+            bad("stage needs stage-models: the `fedpa funnel` run directory holding the trained stage heads")
         if self.split not in ("by-day", "chrono", "loo", "last"):
             bad(f"unknown split '{self.split}' (by-day, chrono, loo, last)")
 
@@ -175,6 +187,15 @@ class FederationConfig:
         if self.clients_per_round <= 1:
             return max(1, math.ceil(self.clients_per_round * num_clients))
         return min(num_clients, int(self.clients_per_round))
+
+    def personal_model(self, algorithm: str | None = None, *, user_slots: int = 1,
+                       foundation: Any = None) -> PersonalModel:
+        """The model clients train for this run: the foundation's tower, or with ``stage`` that stage's
+        trained head over the same tower inputs, with the algorithm's adapters."""
+        foundation = foundation if foundation is not None else load_foundation(self.foundation)
+        host = load_stage_host(foundation, self.stage_models, self.stage) if self.stage else None
+        return PersonalModel(foundation, get_algorithm(algorithm or self.algorithm), seed=self.seed,
+                             user_slots=user_slots, host=host, **self.adapter_overrides())
 
     def adapter_overrides(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"r": self.rank, "lora_alpha": self.rank}

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from foundation.errors import FedpaError
 from foundation.model import count_parameters, load_foundation
 from recmodels.evaluation import MetricSums
-from recmodels.personalization import PersonalModel, get_algorithm
+from recmodels.personalization import get_algorithm
 
 from .aggregation import (InvalidUpdate, RoundFailed, apply_sums, expected_shapes, robust_sums, spec_from,
                           sum_updates, validate_update)
@@ -68,7 +68,7 @@ class Federation:
         self.progress = progress or (lambda *a, **k: None)
         foundation = load_foundation(cfg.foundation)
         foundation_params = count_parameters(foundation)  # before peft injects the adapters into it
-        self.model = PersonalModel(foundation, self.algorithm, seed=cfg.seed, **cfg.adapter_overrides())
+        self.model = cfg.personal_model(foundation=foundation)
         self.spec = spec_from(self.model.shared_spec())
         self.state = self.model.get_shared()
         self.model_sizes = {

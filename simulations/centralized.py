@@ -13,15 +13,16 @@ import time
 import numpy as np
 import torch
 
-from client.runtime import ensure_feature_cache, partition_config
+from client.personal_store import open_store
+from client.runtime import ensure_feature_cache, partition_config, user_splits
 from foundation.model import count_parameters, load_foundation
 from recmodels.evaluation import MetricSums
-from recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
+from recmodels.personalization import LocalTraining, PersonalModel, UserTensors
 from server.config import FederationConfig
 from server.federation import write_summary
 from server.rundir import RunDir
 from simulations.data.examples import Examples, Lookups
-from simulations.data.partition import SplitConfig, make_partition, split_users
+from simulations.data.partition import make_partition
 from simulations.data.store import Dataset
 
 BATCH = 1024
@@ -52,11 +53,10 @@ def run_centralized(cfg: FederationConfig, progress=None) -> dict:
     lookups = Lookups.build(ds)
     part = make_partition(ds, partition_config(cfg))
     users = part.private_users
-    splits = split_users(ds, users, SplitConfig(cfg.split, negatives=cfg.negatives), lookups=lookups, seed=cfg.seed)
+    splits = user_splits(cfg, ds, users, lookups)
     foundation = load_foundation(cfg.foundation)
     foundation_params = count_parameters(foundation)  # before peft injects the adapters into it
-    pm = PersonalModel(foundation, get_algorithm("centralized"), seed=cfg.seed, user_slots=len(users),
-                       **cfg.adapter_overrides())
+    pm = cfg.personal_model("centralized", user_slots=len(users), foundation=foundation)
     sizes = {"foundation_params": foundation_params,
              "shared_params": int(sum(np.prod(s) for _, s, _ in pm.shared_spec())),
              "private_params_per_user": int(sum(v.size for v in pm.initial_private.values()))}
@@ -86,4 +86,9 @@ def run_centralized(cfg: FederationConfig, progress=None) -> dict:
         history.append(rec)
         if progress:
             progress(r, cfg.num_rounds, rec.get("eval"))
+    store = open_store(cfg.personal_store, cfg.personal_store_key_file)
+    if store is not None:  # each user's adapter slot, where a federated run would have left it
+        for slot, uid in enumerate(users):
+            store.save(int(uid), pm.get_private(slot), {"algorithm": "centralized", "round": cfg.num_rounds,
+                                                        "foundation": cfg.foundation})
     return write_summary(run, cfg, history, time.time() - t0, sizes)

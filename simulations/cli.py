@@ -290,9 +290,11 @@ def simulate_cmd(
     cohort_size: Annotated[int, typer.Option(help="users per virtual SuperNode (0 = one node per CPU core; 1 = Flower's stock one user per node)")] = 0,
     cohort_engine: Annotated[str | None, typer.Option(help="how a node trains its cohort: vectorized (all users at once) | loop (one after another)")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue this run directory from its last checkpoint, with its own configuration")] = None,
+    stages: Annotated[str | None, typer.Option(help="personalize funnel stage heads instead of the foundation's scorer: retrieval,prerank,rank or all (one federation per stage, then the personalized funnel end to end)")] = None,
+    funnel: Annotated[Path, typer.Option(help="with --stages: the `fedpa funnel` run whose trained heads are personalized")] = Path("runs/funnel"),
 ):
     """Run one federated simulation on Flower's simulation runtime; writes a run directory."""
-    given = [k for k, v in locals().items() if k not in ("resume", "cohort_size") and v is not None]
+    given = [k for k, v in locals().items() if k not in ("resume", "cohort_size", "stages", "funnel") and v is not None]
     from server.config import FederationConfig
     from simulations.simulate import check_inputs, simulate
 
@@ -314,9 +316,33 @@ def simulate_cmd(
                                           dp_clip=dp_clip, dp_mode=dp_mode, dp_max_epsilon=dp_max_epsilon,
                                           cohort_engine=cohort_engine))
     check_inputs(cfg)
+    if stages is not None:
+        _simulate_stages(cfg, stages, funnel, cohort_size)
+        return
     with progress_bar() as p:
         summary = simulate(cfg, cohort_size=cohort_size, progress=_round_progress(p, cfg.algorithm, cfg.num_rounds))
     _print_summary(summary, cfg.run_dir)
+
+
+def _simulate_stages(cfg, stages: str, funnel: Path, cohort_size: int) -> None:
+    from simulations.stage_federation import parse_stages, simulate_stages
+
+    names = parse_stages(stages)
+    with progress_bar() as p:
+        state = {}
+
+        def on_stage(stage: str) -> None:
+            if stage == "funnel":
+                p.add_task("personalized funnel end to end", total=None)
+            else:
+                state["progress"] = _round_progress(p, f"{cfg.algorithm} {stage}", cfg.num_rounds)
+
+        result = simulate_stages(cfg, names, funnel, cohort_size=cohort_size, on_stage=on_stage,
+                                 progress=lambda *a: state["progress"](*a))
+    from simulations.stage_federation import stages_markdown
+
+    out.print(stages_markdown({cfg.algorithm: [result]}))
+    out.print(f"run directory: [bold]{cfg.run_dir}[/] (stages.md, stages.json, one run directory per stage)")
 
 
 def _print_summary(summary: dict, run_dir: str) -> None:
@@ -356,6 +382,8 @@ def compare_cmd(
     split: Annotated[str | None, typer.Option(help="by-day | chrono | loo | last")] = None,
     max_clients: Annotated[int | None, typer.Option(help="use at most this many private users (0 = all)")] = None,
     cohort_size: Annotated[int, typer.Option(help="users per virtual SuperNode (0 = one node per core)")] = 0,
+    stages: Annotated[str | None, typer.Option(help="compare the personalized funnel instead: stages to federate (retrieval,prerank,rank or all)")] = None,
+    funnel: Annotated[Path, typer.Option(help="with --stages: the `fedpa funnel` run whose trained heads are personalized")] = Path("runs/funnel"),
 ):
     """Run algorithms side by side on the same data, split and seeds; write a table and a plot."""
     from simulations.compare import compare
@@ -366,6 +394,9 @@ def compare_cmd(
                                           clients_per_round=clients_per_round, split=split, max_clients=max_clients))
     variants = [a.strip() for a in algorithms.split(",") if a.strip()]
     _check_variants(variants)
+    if stages is not None:
+        _compare_stages(cfg, variants, seeds, stages, funnel, out_dir, cohort_size)
+        return
     with progress_bar() as p:
         overall = p.add_task("compare", total=len(variants) * seeds)
         state = {"task": None}
@@ -381,6 +412,30 @@ def compare_cmd(
         p.advance(overall)
     out.print(result["markdown"])
     out.print(f"table: [bold]{out_dir / 'compare.md'}[/]  plot: [bold]{out_dir / 'compare.png'}[/]")
+
+
+def _compare_stages(cfg, variants: list[str], seeds: int, stages: str, funnel: Path, out_dir: Path,
+                    cohort_size: int) -> None:
+    from recmodels.personalization import ALGORITHMS
+    from simulations.stage_federation import compare_stages, parse_stages
+
+    names = parse_stages(stages)
+    ablations = [v for v in variants if v not in ALGORITHMS]
+    if ablations:
+        raise FedpaError(f"--stages compares algorithms; ablations ({', '.join(ablations)}) are for the single scorer")
+    with progress_bar() as p:
+        overall = p.add_task("compare stages", total=len(variants) * seeds * (len(names) + 1))
+        state = {}
+
+        def on_start(variant, seed, stage):
+            p.advance(overall)
+            if stage != "funnel":
+                state["progress"] = _round_progress(p, f"{variant} seed {seed} {stage}", cfg.num_rounds)
+
+        result = compare_stages(cfg, variants, list(range(seeds)), names, funnel, out_dir, cohort_size=cohort_size,
+                                on_start=on_start, progress=lambda *a: state["progress"](*a))
+    out.print(result["markdown"])
+    out.print(f"table: [bold]{out_dir / 'stages.md'}[/]  plot: [bold]{out_dir / 'stages.png'}[/]")
 
 
 def _check_variants(variants: list[str]) -> None:

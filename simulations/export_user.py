@@ -81,6 +81,9 @@ def export_user(run_dir: str | Path, user: int, out: str | Path, *, store_dir: s
     algorithm = get_algorithm(cfg.algorithm)
     if algorithm.centralized:
         raise FedpaError("a 'centralized' run keeps no per-user state to export")
+    if cfg.stage:
+        raise FedpaError(f"{run_dir} personalized the '{cfg.stage}' stage head; export writes the foundation's "
+                         "scorer (a run without --stages)")
     pm = PersonalModel(load_foundation(cfg.foundation), algorithm, seed=cfg.seed, **cfg.adapter_overrides())
     test, request, profile = user_batches(cfg, user)
     if pm.model is None:

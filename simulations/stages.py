@@ -26,10 +26,11 @@ from foundation.errors import FedpaError
 from foundation.metrics import auc, gauc
 from foundation.model import load_foundation
 from recmodels.stages.features import StageEncoder
+from recmodels.stages.pointwise import build_stage_head
 from recmodels.stages.funnel import FunnelSizes, StageModels, pair_batch, run_funnel
 from recmodels.stages.ranking import HoMERanker
 from recmodels.stages.rerank import CDMReranker, category_coverage, intra_list_distance
-from recmodels.stages.towers import PrerankDSSM, RetrievalTwoTower, recall_ndcg_at_k
+from recmodels.stages.towers import recall_ndcg_at_k
 from recmodels.stages.training import (RequestTensors, StageTraining, train_prerank, train_ranking,
                                        train_rerank, train_retrieval)
 from server.rundir import atomic_write_bytes, atomic_write_json
@@ -83,17 +84,20 @@ def _days(ds: Dataset) -> tuple[list[str], str]:
     return list(ds.days[:-1]), ds.days[-1]
 
 
-def load_funnel_data(cfg: FunnelConfig) -> tuple[Dataset, Lookups, RequestPools, RequestPools]:
+def load_funnel_data(cfg: FunnelConfig, with_train: bool = True
+                     ) -> tuple[Dataset, Lookups, RequestPools | None, RequestPools]:
+    """The dataset, its lookups, the sampled training requests' pools (None unless ``with_train``) and the
+    test day's."""
     ds = Dataset(cfg.data_dir)
     train_days, test_day = _days(ds)
     lookups = Lookups.build(ds)
     users = ds.users(["user_id"]).column("user_id").to_numpy()
     views = read_views(ds, users, read_exposures(ds, users))
     # requests without an exposure are dropped after sampling, so a few more are drawn than asked for
-    train = load_request_pools(ds, train_days, views=views, lookups=lookups, n_random=cfg.random_per_request,
+    train = None if not with_train else load_request_pools(ds, train_days, views=views, lookups=lookups, n_random=cfg.random_per_request,
                                seed=cfg.seed,
                                request_ids=sample_requests(ds, train_days, 2 * cfg.train_requests, cfg.seed))
-    if len(train) > cfg.train_requests:
+    if train is not None and len(train) > cfg.train_requests:
         train = train.subset(np.sort(np.random.default_rng(cfg.seed).choice(len(train), cfg.train_requests,
                                                                            replace=False)))
     test = load_request_pools(ds, [test_day], views=views, lookups=lookups, n_random=cfg.random_per_request,
@@ -107,11 +111,11 @@ def load_funnel_data(cfg: FunnelConfig) -> tuple[Dataset, Lookups, RequestPools,
 
 def build_models(encoder: StageEncoder, cfg: FunnelConfig) -> StageModels:
     torch.manual_seed(cfg.seed)
+    config = encoder.foundation.config
     return StageModels(
-        retrieval=RetrievalTwoTower(encoder.user_dim, encoder.item_dim, encoder.history_dim,
-                                    interests=cfg.interests),
-        prerank=PrerankDSSM(encoder.user_dim, encoder.item_dim),
-        rank=HoMERanker(encoder.pair_dim),
+        retrieval=build_stage_head("retrieval", config, cfg.interests),
+        prerank=build_stage_head("prerank", config),
+        rank=build_stage_head("rank", config),
         rerank=CDMReranker(encoder.item_dim) if cfg.rerank == "cdm" else None)
 
 
@@ -153,21 +157,35 @@ def kept_scores(kept: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return scores
 
 
-def evaluate_funnel(models: StageModels, encoder: StageEncoder, test: RequestTensors, pools: RequestPools,
-                    ds: Dataset, cfg: FunnelConfig, batch: int = 128) -> dict:
-    sizes = cfg.sizes()
+def funnel_kept(models: StageModels, encoder: StageEncoder, test: RequestTensors, sizes: FunnelSizes,
+                batch: int = 128) -> dict[str, torch.Tensor]:
+    """Pool positions each stage kept for every test request ([R, size] per stage, -1 = none)."""
     kept: dict[str, list[torch.Tensor]] = {s: [] for s in STAGE_NAMES}
     for s in range(0, len(test), batch):
         rows = test.rows(torch.arange(s, min(s + batch, len(test))))
         out = run_funnel(models, encoder, rows.requests, rows.items, rows.mask, sizes)
         for name in STAGE_NAMES:
             kept[name].append(out.kept[name])
+    return {name: torch.cat(parts) for name, parts in kept.items()}
+
+
+def evaluate_funnel(models: StageModels, encoder: StageEncoder, test: RequestTensors, pools: RequestPools,
+                    ds: Dataset, cfg: FunnelConfig, batch: int = 128) -> dict:
+    metrics = funnel_metrics(funnel_kept(models, encoder, test, cfg.sizes(), batch), encoder, test, pools, ds, cfg)
+    metrics["ranking_tasks"] = _ranking_task_metrics(models.rank, encoder, test, pools)
+    return metrics
+
+
+def funnel_metrics(kept: dict[str, torch.Tensor], encoder: StageEncoder, test: RequestTensors,
+                   pools: RequestPools, ds: Dataset, cfg: FunnelConfig) -> dict:
+    """Per-stage Recall / NDCG, diversity of what was exposed and the end-to-end metrics of ``kept``."""
+    sizes = cfg.sizes()
     relevant = (test.level == LEVEL_CLICK) & test.mask
     metrics: dict = {"requests": len(test), "requests_with_views": int(relevant.any(dim=1).sum())}
     for name, size in zip(STAGE_NAMES, (sizes.retrieval, sizes.prerank, sizes.rank, sizes.exposed)):
-        idx = torch.cat(kept[name])
+        idx = kept[name]
         metrics[name] = recall_ndcg_at_k(kept_scores(idx, tuple(test.mask.shape)), relevant, [size])
-    exposed = torch.cat(kept["exposed"])
+    exposed = kept["exposed"]
     valid = exposed >= 0
     safe = exposed.clamp(min=0)
     clicks = (relevant.gather(1, safe) & valid).float()
@@ -190,7 +208,6 @@ def evaluate_funnel(models: StageModels, encoder: StageEncoder, test: RequestTen
     if oracle is not None:
         e2e["oracle_utility"] = oracle
     metrics["end_to_end"] = e2e
-    metrics["ranking_tasks"] = _ranking_task_metrics(models.rank, encoder, test, pools)
     return metrics
 
 
