@@ -238,6 +238,7 @@ def test_cohort_engine_matches_one_user_training_on_stage_rows(tiny, tiny_founda
 
 def test_stage_federation_personalizes_the_funnel_end_to_end(tiny, tiny_foundation, tmp_path, tiny_funnel):
     from client.personal_store import PersonalStore
+    from server.rundir import RunDir
     from simulations.stage_federation import KEY_FILE, evaluate_personalized_funnel, simulate_stages
 
     cfg = _stage_cfg(tiny, tiny_foundation, tmp_path, tiny_funnel, num_rounds=2)
@@ -248,6 +249,9 @@ def test_stage_federation_personalizes_the_funnel_end_to_end(tiny, tiny_foundati
     for stage in ("prerank", "rank"):
         rounds = [json.loads(line)["round"] for line in (root / stage / "metrics.jsonl").read_text().splitlines()]
         assert rounds == [0, 1, 2]
+        # what the server holds is the shared state only: no user path, no private head
+        _, shared, _ = RunDir(root / stage).load_checkpoint()
+        assert shared and not any("lora_user" in k or "lora_head_delta" in k for k in shared)
         run_cfg = json.loads((root / stage / "config.json").read_text())
         assert run_cfg["stage"] == stage and run_cfg["stage-models"] == str(tiny_funnel)
         # every user's private adapters are in the encrypted store, not in plain files
