@@ -71,6 +71,12 @@ rate by 4). A ~ kaiming-uniform (peft's LoRA default, bound 1/sqrt(in)), B = 0
 gradient (A's gradient is ∝ B, the gate's is ∝ the spread between paths, both 0);
 after one optimiser step every factor and the gate have non-zero gradients.
 
+User shift (``use_user_shift``, off by default): the layer named ``user_shift_module`` (the first
+target, the one that reads the tower's input) adds a private per-user vector s_u (zero at init) to
+its input before the base, the paths and the gate read it: x' = x + s_u. It plays the role of the
+release's private user embeddings (each client keeps and trains its own copy of its input
+embedding); every reader of x is affine in x at that point, so it folds into biases when merging.
+
 Routing: each forward needs, per example, the row of every group attribute
 (its profile value, read from ``user_profile`` by a forward pre-hook on the
 foundation) and a user slot. A model holds ``user_slots`` U user adapters
@@ -183,6 +189,10 @@ class FedPAConfig(LoraConfig):
     gate_hidden: int = field(default=16, metadata={"help": "hidden width of the gate MLP"})
     head: str = field(default="shared", metadata={"help": "prediction head: shared | private | frozen"})
     head_module: str = field(default=HEAD_MODULE, metadata={"help": "module path of the prediction head"})
+    use_user_shift: bool = field(default=False, metadata={
+        "help": "private per-user offset of the first adapted layer's input (the release keeps user embeddings "
+                "on the client)"})
+    user_shift_module: str = field(default="", metadata={"help": "the module whose input is shifted"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -295,6 +305,8 @@ def adapter_config(foundation_config: FoundationConfig, preset: str = "fedpa", *
     kw["group_attributes"] = groups
     kw["group_vocab"] = {a: int(foundation_config.user_vocab[a]) for a in groups}
     kw["user_fields"] = list(foundation_config.user_fields)
+    if kw.get("use_user_shift") and not kw.get("user_shift_module"):
+        kw["user_shift_module"] = list(kw["target_modules"])[0]  # the layer that reads the model's input
     head = kw.get("head", "shared")
     head_module = kw.setdefault("head_module", HEAD_MODULE)
     targets = list(kw["target_modules"])
@@ -496,7 +508,7 @@ class FedPALinear(nn.Module, LoraLayer):
 
     adapter_layer_names = LoraLayer.adapter_layer_names + (
         "lora_user_A", "lora_user_B", "lora_group_A", "lora_group_B", "lora_gate_fc1", "lora_gate_fc2",
-        "lora_head_delta_w", "lora_head_delta_b",
+        "lora_head_delta_w", "lora_head_delta_b", "lora_user_shift",
     )
     other_param_names = LoraLayer.other_param_names + ("fedpa_spec",)
 
@@ -514,6 +526,7 @@ class FedPALinear(nn.Module, LoraLayer):
         self.lora_gate_fc2 = nn.ModuleDict({})
         self.lora_head_delta_w = nn.ParameterDict({})
         self.lora_head_delta_b = nn.ParameterDict({})
+        self.lora_user_shift = nn.ParameterDict({})
         self.fedpa_spec: dict[str, _LayerSpec] = {}
         self.routing: RoutingState | None = None
         self._active_adapter = adapter_name
@@ -555,6 +568,9 @@ class FedPALinear(nn.Module, LoraLayer):
             if config.use_global_adapter:
                 self.lora_A[adapter_name] = nn.Linear(n_in, r, bias=False)
                 self.lora_B[adapter_name] = nn.Linear(r, n_out, bias=False)
+            if config.use_user_shift and (target == config.user_shift_module
+                                          or target.endswith("." + config.user_shift_module)):
+                self.lora_user_shift[adapter_name] = nn.Parameter(torch.zeros(slots, n_in))
             if config.use_gate:
                 self.lora_gate_fc1[adapter_name] = nn.Linear(n_in, int(config.gate_hidden))
                 self.lora_gate_fc2[adapter_name] = nn.Linear(int(config.gate_hidden), 1 + len(paths))
@@ -577,6 +593,8 @@ class FedPALinear(nn.Module, LoraLayer):
                 p.zero_()
         if adapter_name in self.lora_A:
             self.reset_lora_parameters(adapter_name, True)
+        if adapter_name in self.lora_user_shift:
+            self.lora_user_shift[adapter_name].zero_()
 
     # ------------------------------------------------------------------ forward
 
@@ -597,6 +615,9 @@ class FedPALinear(nn.Module, LoraLayer):
             if spec.private_head:
                 result = self._private_head(adapter, x, *args, **kwargs)
                 continue
+            if adapter in self.lora_user_shift and self._user_path_on():
+                # the user's own input offset (its private "user embedding"): base, paths and gate all read it
+                x = x + _slot_rows(self.lora_user_shift[adapter], self._route().user_slot)
             if result is None:
                 result = self.base_layer(x, *args, **kwargs)
             result = result + self._delta(adapter, x).to(result.dtype)
@@ -625,6 +646,10 @@ class FedPALinear(nn.Module, LoraLayer):
         xb = x.reshape(x.shape[0], -1, x.shape[-1])
         delta = torch.bmm(xb, dw[slot].transpose(1, 2)) + db[slot][:, None, :]
         return base + delta.reshape(*x.shape[:-1], dw.shape[1])
+
+    def _user_path_on(self) -> bool:
+        allowed = self.routing.paths if self.routing is not None else None
+        return allowed is None or "user" in allowed
 
     def active_path_mask(self, spec: _LayerSpec) -> list[bool]:
         allowed = self.routing.paths if self.routing is not None else None
@@ -764,6 +789,13 @@ def _lowrank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tens
     return y.reshape(*x.shape[:-1], b.shape[-1])
 
 
+def _slot_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-example rows t[rows] of a per-slot tensor [U, ...]; one row (broadcast) when the batch has one."""
+    if t.shape[0] == 1 or bool((rows == rows[0]).all()):
+        return t[int(rows[0]) if t.shape[0] > 1 else 0]
+    return t[rows]
+
+
 # ============================================================================ attach / save / load
 
 
@@ -896,7 +928,8 @@ def parameter_kinds(model: PeftModel) -> dict[str, Kind]:
             short = _short(mname)
             pre = f"{mname}."
             for attr, kind in (("lora_user_A", "private"), ("lora_user_B", "private"),
-                               ("lora_head_delta_w", "private"), ("lora_head_delta_b", "private")):
+                               ("lora_head_delta_w", "private"), ("lora_head_delta_b", "private"),
+                               ("lora_user_shift", "private")):
                 if adapter in getattr(m, attr):
                     pname = f"{pre}{attr}.{adapter}"
                     kinds[f"{short}.{attr}"] = Kind(kind, param=pname, per_slot=True)
@@ -1093,6 +1126,10 @@ def _fold_layer(layer: FedPALinear, adapter: str, slot: int, groups: dict[str, i
         lin.bias.copy_((b if b is not None else 0) + layer.lora_head_delta_b[adapter][slot])
         return lin
     s = layer.scaling[adapter]
+    # a user offset of the input folds into the biases of everything that reads it (all affine in x)
+    shift = None
+    if adapter in layer.lora_user_shift and (paths_filter is None or "user" in paths_filter):
+        shift = layer.lora_user_shift[adapter][slot].detach()
     deltas, active = [], []
     for p in spec.paths:
         on = paths_filter is None or p in paths_filter or (p.startswith("group:") and "group" in paths_filter)
@@ -1107,20 +1144,22 @@ def _fold_layer(layer: FedPALinear, adapter: str, slot: int, groups: dict[str, i
         active.append(on)
     if not spec.use_gate:
         live = [d for d, on in zip(deltas, active) if on]
-        lin = nn.Linear(layer.in_features, layer.out_features, bias=b is not None)
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=b is not None or shift is not None)
         lin.weight.copy_(w + (sum(live) / len(live) if live else 0))
-        if b is not None:
-            lin.bias.copy_(b)
+        if lin.bias is not None:
+            lin.bias.copy_((b if b is not None else 0) + (lin.weight @ shift if shift is not None else 0))
         return lin
     k = 1 + len(deltas)
-    big = nn.Linear(layer.in_features, k * layer.out_features, bias=b is not None)
+    big = nn.Linear(layer.in_features, k * layer.out_features, bias=b is not None or shift is not None)
     big.weight.copy_(torch.cat([w] + [w + d for d in deltas], dim=0))
-    if b is not None:
-        big.bias.copy_(b.repeat(k))
+    if big.bias is not None:
+        big.bias.copy_((b.repeat(k) if b is not None else 0) + (big.weight @ shift if shift is not None else 0))
     keep = torch.tensor([True, *active])
     gate = GateMLP(layer.in_features, layer.lora_gate_fc1[adapter].out_features, k)
     gate.fc1.load_state_dict(layer.lora_gate_fc1[adapter].state_dict())
     gate.fc2.load_state_dict(layer.lora_gate_fc2[adapter].state_dict())
+    if shift is not None:
+        gate.fc1.bias.add_(gate.fc1.weight @ shift)
     return GatedPathsLinear(big, gate, k, layer.out_features, None if all(active) else keep)
 
 

@@ -47,6 +47,7 @@ class FederationConfig:
     use_user_adapter: bool = True    # ablations of FedPA
     use_group_adapters: bool = True
     use_gate: bool = True
+    use_user_shift: bool = False     # FedPA: a private per-user offset of the tower input (the release's private user embeddings)
     ditto_lambda: float = 0.1
     split: str = "by-day"
     negatives: int = 99
@@ -201,7 +202,7 @@ class FederationConfig:
         kw: dict[str, Any] = {"r": self.rank, "lora_alpha": self.rank}
         if self.algorithm in ("fedpa", "centralized"):
             kw.update(use_user_adapter=self.use_user_adapter, use_group_adapters=self.use_group_adapters,
-                      use_gate=self.use_gate)
+                      use_gate=self.use_gate, use_user_shift=self.use_user_shift and self.use_user_adapter)
             if self.group_attributes:
                 kw["group_attributes"] = [a.strip() for a in self.group_attributes.split(",") if a.strip()]
         return kw

@@ -23,6 +23,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fedpa-user-only": {"algorithm": "fedpa", "use_group_adapters": False, "use_gate": True},
     "fedpa-groups-only": {"algorithm": "fedpa", "use_user_adapter": False},
     "fedpa-no-gate": {"algorithm": "fedpa", "use_gate": False},
+    "fedpa-user-shift": {"algorithm": "fedpa", "use_user_shift": True},
 }
 TABLE_METRICS = ("auc", "gauc", "logloss", "f1")
 RANK_METRICS = ("hr@10", "ndcg@10")

@@ -80,10 +80,12 @@ def _worst_difference(rt, users, shared0, reference, max_users: int) -> float:
     return worst
 
 
-@pytest.mark.parametrize("algorithm", ADAPTED)
+@pytest.mark.parametrize("algorithm", ADAPTED + ("fedpa+shift",))
 def test_engine_matches_one_user_training_in_float64(tiny, tiny_foundation, tmp_path, algorithm):
     # small batches and 2 epochs: ragged users with 0 .. many steps, padding and masked steps
-    rt = _runtime(tiny, tiny_foundation, algorithm, tmp_path, batch_size=8, local_epochs=2)
+    shift = algorithm.endswith("+shift")
+    rt = _runtime(tiny, tiny_foundation, algorithm.removesuffix("+shift"), tmp_path, batch_size=8, local_epochs=2,
+                  use_user_shift=shift)
     users = _users(rt, double=True)
     sizes = [len(u.train) for u in users]
     assert min(sizes) == 0 or max(sizes) > 3 * 8  # the population really is ragged
