@@ -352,3 +352,35 @@ def test_merged_user_model_exports_to_onnx(tmp_path):
     with torch.no_grad():
         want = wrapped(*[req[k] for k in keys]).numpy()
     assert abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_user_shift_is_private_per_slot_exact_at_init_and_merges(gate):
+    f = foundation()
+    b = random_batch(f.config, 60, 5, n_users=3)
+    ref = f(**b).logits.clone()
+    m = adapted("fedpa", slots=3, use_user_shift=True, use_gate=gate)
+    assert torch.equal(m(**b).logits, ref)  # zero shift: the foundation exactly
+    kinds = A.parameter_kinds(m)
+    shift = [k for k in kinds if "lora_user_shift" in k]
+    assert shift == ["tower.fc1.lora_user_shift"]  # only the layer that reads the tower input
+    assert kinds[shift[0]].kind == "private" and kinds[shift[0]].per_slot
+    train_steps(m, batches(m.get_base_model().config, users=3))
+    assert A.extract_private(m, 1)[shift[0]].abs().sum() > 0
+    out = m(**b).logits
+    for slot in range(3):  # a stacked forward routes each row to its own user's shift
+        rows = b["user_id"] == slot
+        sub = {k: v[rows] for k, v in b.items()}
+        merged = A.merge_for_user(m, user_slot=slot, group_values=sub["user_profile"][0])
+        with torch.no_grad():
+            torch.testing.assert_close(merged(**sub).logits, out[rows], atol=1e-5, rtol=1e-5)
+    # Ditto's global objective does not read the user's offset
+    A.set_active_paths(m, ["group"])
+    try:
+        with torch.no_grad():
+            m.get_base_model().tower.fc1.lora_user_shift["default"].add_(5.0)
+            moved = m(**b).logits
+            m.get_base_model().tower.fc1.lora_user_shift["default"].sub_(5.0)
+            torch.testing.assert_close(moved, m(**b).logits)
+    finally:
+        A.set_active_paths(m, None)
