@@ -48,6 +48,7 @@ class FederationConfig:
     use_group_adapters: bool = True
     use_gate: bool = True
     use_user_shift: bool = False     # FedPA: a private per-user offset of the tower input (the release's private user embeddings)
+    head: str = ""                   # prediction head: "" = the algorithm's (FedPA: shared) | shared | private | frozen
     ditto_lambda: float = 0.1
     split: str = "by-day"
     negatives: int = 99
@@ -172,6 +173,8 @@ class FederationConfig:
         if self.secagg and (self.robust_aggregation != "none" or self.norm_bound > 0):
             bad("robust aggregation and norm bounds need each user's update, and under secure aggregation the "
                 "server sees only the sum: turn secagg off, or bound norms on the clients (dp-clip)")
+        if self.head not in ("", "shared", "private", "frozen"):
+            bad(f"unknown head '{self.head}' (shared, private, frozen; empty = the algorithm's own)")
         if self.cohort_engine not in COHORT_ENGINES:
             bad(f"unknown cohort-engine '{self.cohort_engine}' ({', '.join(COHORT_ENGINES)})")
         if self.stage and self.stage not in FEDERATED_STAGES:
@@ -200,6 +203,8 @@ class FederationConfig:
 
     def adapter_overrides(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"r": self.rank, "lora_alpha": self.rank}
+        if self.head:
+            kw["head"] = self.head
         if self.algorithm in ("fedpa", "centralized"):
             kw.update(use_user_adapter=self.use_user_adapter, use_group_adapters=self.use_group_adapters,
                       use_gate=self.use_gate, use_user_shift=self.use_user_shift and self.use_user_adapter)

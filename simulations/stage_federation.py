@@ -162,7 +162,7 @@ def evaluate_personalized_funnel(cfg: FederationConfig, stages: list[str], funne
             kept[name][rows, :k.shape[1]] = k
     metrics = funnel_metrics(kept, encoder, test, pools, ds, fc)
     metrics["users"] = int(len(np.unique(users)))
-    metrics["users_with_private_state"] = int(sum(p.loaded for p in personal))
+    metrics["users_with_private_state"] = {p.stage: p.loaded for p in personal}  # per stage
     return metrics
 
 
