@@ -271,11 +271,27 @@ def compare_stages(base: FederationConfig, algorithms: list[str], seeds: list[in
             results.setdefault(algo, []).append(
                 simulate_stages(cfg, stages, funnel_dir, cohort_size=cohort_size, progress=progress,
                                 on_stage=(lambda s, a=algo, sd=seed: on_start(a, sd, s)) if on_start else None))
+    return write_stages_report(root, results, {"stages": stages, "funnel_dir": str(funnel_dir),
+                                               "config": base.to_run_config()})
+
+
+def collect_stage_runs(root: str | Path) -> dict[str, list[dict]]:
+    """The finished ``ROOT/ALGORITHM/seed-S/stages.json`` results under ``root``, by algorithm."""
+    results: dict[str, list[dict]] = {}
+    for path in sorted(Path(root).glob("*/seed-*/stages.json")):
+        results.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
+    if not results:
+        raise FedpaError(f"{root}: no finished stage runs (ALGORITHM/seed-S/stages.json)")
+    return results
+
+
+def write_stages_report(root: Path, results: dict[str, list[dict]], info: dict) -> dict[str, Any]:
+    """ROOT/stages.{md,json,png}: mean ± std over seeds of every per-stage and end-to-end metric."""
     md = stages_markdown(results)
     table = stages_table(results)
-    atomic_write_json(root / "stages.json", {"algorithms": algorithms, "seeds": seeds, "stages": stages,
-                                             "funnel_dir": str(funnel_dir), "table": table,
-                                             "config": base.to_run_config()})
+    atomic_write_json(root / "stages.json", {"algorithms": list(results),
+                                             "seeds": {a: [r["seed"] for r in runs] for a, runs in results.items()},
+                                             "table": table, **info})
     atomic_write_bytes(root / "stages.md", (md + "\n").encode())
     plot_stages(table, root / "stages.png")
     return {"table": table, "markdown": md, "root": str(root)}

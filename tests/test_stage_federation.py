@@ -305,3 +305,27 @@ def test_stage_federation_runs_under_secure_aggregation_and_dp(tiny, tiny_founda
     assert summary["differential_privacy"]["epsilon"] > 0
     assert summary["cohorts"]["secagg_participant"].startswith("node")
     assert result["funnel"]["users_with_private_state"]["rank"] > 0
+
+
+def test_stage_report_averages_seeds(tmp_path):
+    from simulations.stage_federation import collect_stage_runs, write_stages_report
+
+    def result(seed, recall):
+        funnel = {s: {f"recall@{k}": recall, f"ndcg@{k}": recall / 2} for s, k in
+                  (("retrieval", 8), ("prerank", 4), ("rank", 2), ("exposed", 1))}
+        funnel.update(end_to_end={"effective_view_rate": recall / 10, "exposed_with_feedback": 0.2},
+                      rerank={"intra_list_distance": 0.5, "category_coverage": 0.4})
+        return {"algorithm": "fedpa", "seed": seed, "funnel": funnel,
+                "stage_runs": {"rank": {"test": {"auc": 0.7 + seed / 100, "gauc": 0.6}}}}
+
+    for seed, recall in ((0, 0.5), (1, 0.7)):
+        d = tmp_path / "fedpa" / f"seed-{seed}"
+        d.mkdir(parents=True)
+        (d / "stages.json").write_text(json.dumps(result(seed, recall)))
+    out = write_stages_report(tmp_path, collect_stage_runs(tmp_path), {})
+    row = out["table"]["fedpa"]
+    assert row["rank recall@2"] == pytest.approx((0.6, np.std([0.5, 0.7], ddof=1)))
+    assert row["rank head test auc"][0] == pytest.approx(0.705)
+    assert "exposed_with_feedback" not in " ".join(row)
+    assert "| rank recall@2 | 0.6000 ± 0.1414 |" in (tmp_path / "stages.md").read_text()
+    assert (tmp_path / "stages.png").stat().st_size > 0
