@@ -26,8 +26,8 @@ from foundation.errors import FedpaError
 from foundation.metrics import auc, gauc
 from foundation.model import load_foundation
 from recmodels.stages.features import StageEncoder
-from recmodels.stages.pointwise import build_stage_head
 from recmodels.stages.funnel import FunnelSizes, StageModels, pair_batch, run_funnel
+from recmodels.stages.pointwise import build_stage_head
 from recmodels.stages.ranking import HoMERanker
 from recmodels.stages.rerank import CDMReranker, category_coverage, intra_list_distance
 from recmodels.stages.towers import recall_ndcg_at_k
@@ -94,12 +94,14 @@ def load_funnel_data(cfg: FunnelConfig, with_train: bool = True
     users = ds.users(["user_id"]).column("user_id").to_numpy()
     views = read_views(ds, users, read_exposures(ds, users))
     # requests without an exposure are dropped after sampling, so a few more are drawn than asked for
-    train = None if not with_train else load_request_pools(ds, train_days, views=views, lookups=lookups, n_random=cfg.random_per_request,
-                               seed=cfg.seed,
-                               request_ids=sample_requests(ds, train_days, 2 * cfg.train_requests, cfg.seed))
-    if train is not None and len(train) > cfg.train_requests:
-        train = train.subset(np.sort(np.random.default_rng(cfg.seed).choice(len(train), cfg.train_requests,
-                                                                           replace=False)))
+    train = None
+    if with_train:
+        train = load_request_pools(ds, train_days, views=views, lookups=lookups, n_random=cfg.random_per_request,
+                                   seed=cfg.seed,
+                                   request_ids=sample_requests(ds, train_days, 2 * cfg.train_requests, cfg.seed))
+        if len(train) > cfg.train_requests:
+            train = train.subset(np.sort(np.random.default_rng(cfg.seed).choice(len(train), cfg.train_requests,
+                                                                               replace=False)))
     test = load_request_pools(ds, [test_day], views=views, lookups=lookups, n_random=cfg.random_per_request,
                               seed=cfg.seed + 1_000_003,
                               request_ids=sample_requests(ds, [test_day], 2 * cfg.test_requests, cfg.seed + 1))
