@@ -178,12 +178,12 @@ class _PersonalizedStage:
         if self.pm.model is None:
             return
         run = RunDir(cfg.run_dir)
-        if self.pm._shared:
+        if self.pm.shared_spec():
             if run.latest_round() is None:
                 raise FedpaError(f"{cfg.run_dir}: no checkpoint of the {self.stage} federation to evaluate")
             _, shared, _ = run.load_checkpoint()
             self.pm.set_shared(shared)
-        if self.pm._private and Path(cfg.personal_store).exists():
+        if self.pm.initial_private and Path(cfg.personal_store).exists():
             self.store = PersonalStore.from_key_file(cfg.personal_store, cfg.personal_store_key_file)
         self.algorithm = cfg.algorithm
 
@@ -199,7 +199,7 @@ class _PersonalizedStage:
             if loaded is not None and loaded[1].get("algorithm") == self.algorithm:
                 private = loaded[0]
                 self.loaded += 1
-        if pm._private:
+        if pm.initial_private:
             pm.set_private(private)
         groups = torch.as_tensor(profile[pm.group_columns], dtype=torch.long).reshape(1, -1) if pm.group_columns \
             else None
