@@ -32,6 +32,19 @@ class RunDirError(FedpaError):
     pass
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """A matplotlib figure written atomically as PNG (a reader never sees half a file); closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -39,7 +39,7 @@ from foundation.model import load_foundation
 from recmodels.stages.features import StageEncoder
 from recmodels.stages.pointwise import FEDERATED_STAGES
 from server.config import FederationConfig
-from server.rundir import RunDir, atomic_write_bytes, atomic_write_json
+from server.rundir import RunDir, atomic_write_bytes, atomic_write_json, save_figure
 from simulations.compare import mean_std
 
 KEY_FILE = "personal-store.key"
@@ -321,8 +321,4 @@ def plot_stages(table: dict[str, dict[str, tuple[float, float]]], path: Path) ->
         ax.set_title(k, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

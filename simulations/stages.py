@@ -33,7 +33,7 @@ from recmodels.stages.rerank import CDMReranker, category_coverage, intra_list_d
 from recmodels.stages.towers import recall_ndcg_at_k
 from recmodels.stages.training import (RequestTensors, StageTraining, train_prerank, train_ranking,
                                        train_rerank, train_retrieval)
-from server.rundir import atomic_write_bytes, atomic_write_json
+from server.rundir import atomic_write_bytes, atomic_write_json, save_figure
 from simulations.data.examples import Lookups
 from simulations.data.funnel import RequestPools, load_request_pools, sample_requests
 from simulations.data.partition import read_exposures, read_views
@@ -330,11 +330,7 @@ def plot_funnel(metrics: dict, cfg: FunnelConfig, path: Path) -> Path:
     ax.set_title("effective views kept through the funnel (test day)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _flatten(metrics: dict) -> dict[str, float]:

@@ -33,12 +33,9 @@ def pair_setup():
 
 
 def _host(stage, cfg, head):
-    from recmodels.stages.pointwise import PairLayout, PrerankScorer, RankScorer, RetrievalScorer, StageHost
+    from recmodels.stages.pointwise import SCORERS, PairLayout, StageHost
 
-    layout = PairLayout(cfg)
-    scorer = {"retrieval": lambda: RetrievalScorer(head, layout), "prerank": lambda: PrerankScorer(head, layout),
-              "rank": lambda: RankScorer(head)}[stage]()
-    return StageHost(stage, scorer.eval(), cfg)
+    return StageHost(stage, SCORERS[stage](head, PairLayout(cfg)).eval(), cfg)
 
 
 def test_pair_layout_recovers_what_the_stages_read(pair_setup):

@@ -64,22 +64,29 @@ def _identity_head(width: int, scale: float = 1.0) -> nn.Linear:
     return head
 
 
-class RetrievalScorer(nn.Module):
-    """Logit of one (request, candidate) row: the two-tower's cosine over its temperature."""
+class _Scorer(nn.Module):
+    """A trained head (``model``) read from pair rows, plus the identity-initialised ``head`` over its logits."""
 
     task_columns = [0]  # effective_view
 
-    def __init__(self, model: RetrievalTwoTower, layout: PairLayout):
+    def __init__(self, model: nn.Module, layout: PairLayout, n_logits: int = 1):
         super().__init__()
-        if model.interests > 1:
-            raise FedpaError("a multi-interest retrieval head reads the whole history, not one pair row: "
-                             "federate a single-interest head (fedpa funnel --interests 1)")
         self.model, self.layout = model, layout
-        self.head = _identity_head(1)
+        self.head = _identity_head(n_logits)
 
     @property
     def adapter_targets(self) -> list[str]:
         return [f"model.{t}" for t in self.model.adapter_targets]
+
+
+class RetrievalScorer(_Scorer):
+    """Logit of one (request, candidate) row: the two-tower's cosine over its temperature."""
+
+    def __init__(self, model: RetrievalTwoTower, layout: PairLayout):
+        if model.interests > 1:
+            raise FedpaError("a multi-interest retrieval head reads the whole history, not one pair row: "
+                             "federate a single-interest head (fedpa funnel --interests 1)")
+        super().__init__(model, layout)
 
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
         u = self.model.user_vectors(self.layout.user(pair))[:, 0]
@@ -87,31 +94,18 @@ class RetrievalScorer(nn.Module):
         return self.head(((u * v).sum(-1) / self.model.temperature).unsqueeze(-1))
 
 
-class PrerankScorer(nn.Module):
+class PrerankScorer(_Scorer):
     """Logit of one row: the DSSM's own calibrated logit."""
-
-    task_columns = [0]
-
-    def __init__(self, model: PrerankDSSM, layout: PairLayout):
-        super().__init__()
-        self.model, self.layout = model, layout
-        self.head = _identity_head(1)
-
-    @property
-    def adapter_targets(self) -> list[str]:
-        return [f"model.{t}" for t in self.model.adapter_targets]
 
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
         return self.head(self.model(self.layout.user(pair), self.layout.item(pair)).unsqueeze(-1))
 
 
-class RankScorer(nn.Module):
+class RankScorer(_Scorer):
     """HoME's six task logits of one row; adapters on the experts' projections."""
 
-    def __init__(self, model: HoMERanker):
-        super().__init__()
-        self.model = model
-        self.head = _identity_head(len(model.tasks))
+    def __init__(self, model: HoMERanker, layout: PairLayout):
+        super().__init__(model, layout, len(model.tasks))
         self.task_columns = [TASKS.index(t) for t in model.tasks]
 
     @property
@@ -120,6 +114,9 @@ class RankScorer(nn.Module):
 
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
         return self.head(self.model(pair))
+
+
+SCORERS = {"retrieval": RetrievalScorer, "prerank": PrerankScorer, "rank": RankScorer}
 
 
 class StageHost(nn.Module):
@@ -188,8 +185,6 @@ def load_stage_host(foundation: FoundationModel, funnel_dir: str | Path, stage: 
     except (OSError, SafetensorError, RuntimeError) as e:
         raise FedpaError(f"{path}: cannot load the {stage} head ({str(e).splitlines()[0]}); was this funnel "
                          "trained on the same foundation?") from None
-    layout = PairLayout(foundation.config)
-    scorer = {"retrieval": lambda: RetrievalScorer(head, layout), "prerank": lambda: PrerankScorer(head, layout),
-              "rank": lambda: RankScorer(head)}[stage]()
+    scorer = SCORERS[stage](head, PairLayout(foundation.config))
     return StageHost(stage, scorer.eval(), foundation.config)
 
