@@ -146,7 +146,7 @@ _RUNTIMES: dict[tuple, ClientRuntime] = {}
 def get_runtime(cfg: FederationConfig) -> ClientRuntime:
     """The process-wide runtime for this configuration (only the keys that change what is built)."""
     key = (cfg.data_dir, cfg.foundation, cfg.algorithm, cfg.seed, cfg.partition_seed, cfg.split, cfg.negatives, cfg.rank,
-           cfg.group_attributes, cfg.use_user_adapter, cfg.use_group_adapters, cfg.use_gate, cfg.use_user_shift,
+           cfg.group_attributes, cfg.use_user_adapter, cfg.use_group_adapters, cfg.use_gate, cfg.use_user_shift, cfg.use_user_bias,
            cfg.head, cfg.max_clients,
            cfg.active_top_fraction, cfg.open_active_fraction, cfg.open_rest_fraction, cfg.activity_attribute,
            cfg.active_values, cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.ditto_lambda, cfg.feature_cache,

@@ -99,6 +99,11 @@ Head (``head``; the module is ``head_module``, default ``tower.head``): "shared"
 ``tower.head``, trained and exchanged; "private" (FedPer, local) = the head
 gets a FedPALinear in private-head mode holding per-slot *deltas* [U, out, in]
 and [U, out] added to the frozen head (zero at init); "frozen" = unchanged.
+User bias (``use_user_bias``, shared head only, off by default): the head becomes a FedPALinear in
+"shared head" mode instead: one shared delta [1, out, in] / [1, out] (exchanged like the shared
+copy it replaces) plus private per-slot logit offsets ``lora_user_bias`` [U, out], folded into the
+head's bias when merging. A client sets them from its own labels before its first local step
+(`recmodels.personalization.calibrated_bias`).
 
 Presets: fedpa (user + groups + gate, shared head), fedavg-lora (one global
 LoRA, all shared), fedper (global LoRA + private head), ditto (global + user
@@ -193,6 +198,8 @@ class FedPAConfig(LoraConfig):
         "help": "private per-user offset of the first adapted layer's input (the release keeps user embeddings "
                 "on the client)"})
     user_shift_module: str = field(default="", metadata={"help": "the module whose input is shifted"})
+    use_user_bias: bool = field(default=False, metadata={
+        "help": "private per-user offset of every output logit, beside a shared head (needs head = shared)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -221,6 +228,9 @@ class FedPAConfig(LoraConfig):
             raise ConfigError("an adapter needs at least one path (user, group or global)")
         if self.r < 1:
             raise ConfigError(f"rank r must be >= 1, got {self.r}")
+        if self.use_user_bias and self.head != "shared":
+            raise ConfigError(f"use_user_bias goes with a shared head (head = {self.head!r}: a private head "
+                              "already has a per-user bias, a frozen one has nothing to offset)")
 
     @property
     def path_names(self) -> list[str]:
@@ -310,10 +320,12 @@ def adapter_config(foundation_config: FoundationConfig, preset: str = "fedpa", *
     head = kw.get("head", "shared")
     head_module = kw.setdefault("head_module", HEAD_MODULE)
     targets = list(kw["target_modules"])
-    if head == "private" and head_module not in targets:
-        targets.append(head_module)  # a per-slot private head is a FedPALinear in "private head" mode
+    # a private head, or a shared one carrying per-user biases, is a FedPALinear in "head" mode
+    head_layer = head == "private" or (head == "shared" and kw.get("use_user_bias"))
+    if head_layer and head_module not in targets:
+        targets.append(head_module)
     kw["target_modules"] = targets
-    kw["modules_to_save"] = [head_module] if head == "shared" else None
+    kw["modules_to_save"] = [head_module] if head == "shared" and not head_layer else None
     kw["variant"] = preset
     cfg = FedPAConfig(**kw)
     cfg.fedpa_validate()
@@ -491,7 +503,8 @@ class GateMLP(nn.Module):
 class _LayerSpec:
     paths: list[str]          # adapter paths in gate order (after base)
     use_gate: bool
-    private_head: bool        # this layer is the per-slot private head
+    private_head: bool        # this layer is the head in "head" mode: deltas added to the frozen head
+    shared_head: bool = False  # ... with one shared delta (and per-user biases) instead of per-slot deltas
 
 
 class FedPALinear(nn.Module, LoraLayer):
@@ -508,7 +521,7 @@ class FedPALinear(nn.Module, LoraLayer):
 
     adapter_layer_names = LoraLayer.adapter_layer_names + (
         "lora_user_A", "lora_user_B", "lora_group_A", "lora_group_B", "lora_gate_fc1", "lora_gate_fc2",
-        "lora_head_delta_w", "lora_head_delta_b", "lora_user_shift",
+        "lora_head_delta_w", "lora_head_delta_b", "lora_user_shift", "lora_user_bias",
     )
     other_param_names = LoraLayer.other_param_names + ("fedpa_spec",)
 
@@ -527,6 +540,7 @@ class FedPALinear(nn.Module, LoraLayer):
         self.lora_head_delta_w = nn.ParameterDict({})
         self.lora_head_delta_b = nn.ParameterDict({})
         self.lora_user_shift = nn.ParameterDict({})
+        self.lora_user_bias = nn.ParameterDict({})
         self.fedpa_spec: dict[str, _LayerSpec] = {}
         self.routing: RoutingState | None = None
         self._active_adapter = adapter_name
@@ -538,8 +552,9 @@ class FedPALinear(nn.Module, LoraLayer):
         if r <= 0:
             raise ConfigError(f"rank r must be positive, got {r}")
         target = kwargs.get("target_name", "") or ""
-        private_head = config.head == "private" and (target == config.head_module
-                                                     or target.endswith("." + config.head_module))
+        is_head = target == config.head_module or target.endswith("." + config.head_module)
+        private_head = config.head == "private" and is_head
+        shared_head = config.head == "shared" and bool(config.use_user_bias) and is_head
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
@@ -555,6 +570,14 @@ class FedPALinear(nn.Module, LoraLayer):
             self.lora_head_delta_w[adapter_name] = nn.Parameter(torch.zeros(slots, n_out, n_in))
             self.lora_head_delta_b[adapter_name] = nn.Parameter(torch.zeros(slots, n_out))
             self.fedpa_spec[adapter_name] = _LayerSpec(paths=[], use_gate=False, private_head=True)
+        elif shared_head:
+            # One shared delta (a single "slot", the same semantics as a trainable shared copy of the
+            # head) plus each user's own logit offsets: the user's base rate per task, which a low-rank
+            # input-dependent path learns only slowly and at the cost of bending the user's item ranking.
+            self.lora_head_delta_w[adapter_name] = nn.Parameter(torch.zeros(1, n_out, n_in))
+            self.lora_head_delta_b[adapter_name] = nn.Parameter(torch.zeros(1, n_out))
+            self.lora_user_bias[adapter_name] = nn.Parameter(torch.zeros(slots, n_out))
+            self.fedpa_spec[adapter_name] = _LayerSpec(paths=[], use_gate=False, private_head=True, shared_head=True)
         else:
             paths = config.path_names
             if config.use_user_adapter:
@@ -595,6 +618,8 @@ class FedPALinear(nn.Module, LoraLayer):
             self.reset_lora_parameters(adapter_name, True)
         if adapter_name in self.lora_user_shift:
             self.lora_user_shift[adapter_name].zero_()
+        if adapter_name in self.lora_user_bias:
+            self.lora_user_bias[adapter_name].zero_()
 
     # ------------------------------------------------------------------ forward
 
@@ -636,16 +661,24 @@ class FedPALinear(nn.Module, LoraLayer):
         return current
 
     def _private_head(self, adapter: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Foundation head + this user's full-rank delta (zero at init, so the output starts exactly equal)."""
+        """Foundation head + this user's full-rank delta (zero at init, so the output starts exactly equal);
+        a shared head: + the one shared delta + this user's logit offsets (when the user path is on)."""
         slot = self._route().user_slot
         dw, db = self.lora_head_delta_w[adapter], self.lora_head_delta_b[adapter]
         base = self.base_layer(x, *args, **kwargs)
         if dw.shape[0] == 1 or bool((slot == slot[0]).all()):
             s = int(slot[0]) if dw.shape[0] > 1 else 0
-            return base + F.linear(x, dw[s], db[s])
-        xb = x.reshape(x.shape[0], -1, x.shape[-1])
-        delta = torch.bmm(xb, dw[slot].transpose(1, 2)) + db[slot][:, None, :]
-        return base + delta.reshape(*x.shape[:-1], dw.shape[1])
+            out = base + F.linear(x, dw[s], db[s])
+        else:
+            xb = x.reshape(x.shape[0], -1, x.shape[-1])
+            delta = torch.bmm(xb, dw[slot].transpose(1, 2)) + db[slot][:, None, :]
+            out = base + delta.reshape(*x.shape[:-1], dw.shape[1])
+        if adapter in self.lora_user_bias and self._user_path_on():
+            bias = _slot_rows(self.lora_user_bias[adapter], slot)
+            if bias.dim() == 2 and out.dim() > 2:  # per-example offsets over a [B, ..., out] output
+                bias = bias.reshape(bias.shape[0], *([1] * (out.dim() - 2)), bias.shape[-1])
+            out = out + bias
+        return out
 
     def _user_path_on(self) -> bool:
         allowed = self.routing.paths if self.routing is not None else None
@@ -927,12 +960,13 @@ def parameter_kinds(model: PeftModel) -> dict[str, Kind]:
         if isinstance(m, FedPALinear) and adapter in m.fedpa_spec:
             short = _short(mname)
             pre = f"{mname}."
+            head_kind = "shared" if m.fedpa_spec[adapter].shared_head else "private"
             for attr, kind in (("lora_user_A", "private"), ("lora_user_B", "private"),
-                               ("lora_head_delta_w", "private"), ("lora_head_delta_b", "private"),
-                               ("lora_user_shift", "private")):
+                               ("lora_head_delta_w", head_kind), ("lora_head_delta_b", head_kind),
+                               ("lora_user_shift", "private"), ("lora_user_bias", "private")):
                 if adapter in getattr(m, attr):
                     pname = f"{pre}{attr}.{adapter}"
-                    kinds[f"{short}.{attr}"] = Kind(kind, param=pname, per_slot=True)
+                    kinds[f"{short}.{attr}"] = Kind(kind, param=pname, per_slot=kind == "private")
                     covered.add(pname)
             for attr in ("lora_group_A", "lora_group_B"):
                 if adapter in getattr(m, attr):
@@ -1121,9 +1155,12 @@ def _fold_layer(layer: FedPALinear, adapter: str, slot: int, groups: dict[str, i
     base = layer.get_base_layer()
     w, b = base.weight.detach(), (base.bias.detach() if base.bias is not None else None)
     if spec.private_head:
+        k = 0 if spec.shared_head else slot
         lin = nn.Linear(layer.in_features, layer.out_features)
-        lin.weight.copy_(w + layer.lora_head_delta_w[adapter][slot])
-        lin.bias.copy_((b if b is not None else 0) + layer.lora_head_delta_b[adapter][slot])
+        lin.weight.copy_(w + layer.lora_head_delta_w[adapter][k])
+        lin.bias.copy_((b if b is not None else 0) + layer.lora_head_delta_b[adapter][k])
+        if adapter in layer.lora_user_bias and (paths_filter is None or "user" in paths_filter):
+            lin.bias.add_(layer.lora_user_bias[adapter][slot])
         return lin
     s = layer.scaling[adapter]
     # a user offset of the input folds into the biases of everything that reads it (all affine in x)

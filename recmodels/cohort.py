@@ -45,7 +45,7 @@ from foundation.adapters import ditto_penalty, parameter_kinds, set_active_paths
 from foundation.errors import FedpaError
 from foundation.model import masked_bce
 
-from .personalization import LocalTraining, PersonalModel, UserTensors
+from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which PersonalModel uses
 ADAM_EPS = 1e-8
@@ -219,6 +219,8 @@ class CohortEngine:
     def _fit(self, users: Sequence[CohortUser], groups: np.ndarray, local: LocalTraining):
         params = self._stack(users, groups)
         c = len(users)
+        if self.pm.user_bias_key and local.epochs > 0:
+            self._calibrate_fresh(users, params)
         sizes = np.array([len(u.train) for u in users])
         if local.epochs == 0 or sizes.sum() == 0:
             return params, np.full(c, np.nan), sizes.astype(np.float64)
@@ -237,6 +239,21 @@ class CohortEngine:
         with np.errstate(invalid="ignore", divide="ignore"):
             loss = np.where(sizes > 0, loss_phase0 / (sizes * local.epochs), np.nan)
         return params, loss, sizes.astype(np.float64)
+
+    @torch.no_grad()
+    def _calibrate_fresh(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor]) -> None:
+        """Users starting fresh get their logit offsets from their own rows, as `PersonalModel.train_user`
+        sets them (`calibrated_bias`) before the first step."""
+        name = next(p.name for p in self.params if p.private_key == self.pm.user_bias_key)
+        for i, u in enumerate(users):
+            if u.private is not None or len(u.train) == 0:
+                continue
+            n = len(u.train)
+            zeros_g = torch.zeros(n, self.n_groups, dtype=torch.long)
+            with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None,
+                             user_slot=torch.zeros(n, dtype=torch.long)):
+                logits = functional_call(self.pm.tower, {k: v[i] for k, v in params.items()}, (u.train.features,))
+            params[name][i, 0] = calibrated_bias(logits, u.train.labels[:, self.pm.task_columns])
 
     @staticmethod
     def _schedule(sizes, offsets, gens, local: LocalTraining, pad: int):

@@ -115,6 +115,10 @@ class PersonalModel:
             self._index_parameters()
         self.group_columns = [foundation.config.user_fields.index(a) for a in self.group_attributes]
         self.initial_private = self.get_private(0) if self._private else {}
+        # the private entry holding per-user logit offsets (use_user_bias), and the slots whose state was
+        # set fresh: their offsets are calibrated on the user's own rows before its first local step
+        self.user_bias_key = next((n for n in self._private if n.endswith(".lora_user_bias")), None)
+        self._fresh: set[int] = set()
 
     def _index_parameters(self) -> None:
         params = dict(self.model.named_parameters())
@@ -146,7 +150,11 @@ class PersonalModel:
 
     @torch.no_grad()
     def set_private(self, values: Mapping[str, np.ndarray] | None, slot: int = 0) -> None:
-        values = self.initial_private if values is None else values
+        if values is None:
+            self._fresh.add(slot)
+            values = self.initial_private
+        else:
+            self._fresh.discard(slot)
         for n, (p, per_slot) in self._private.items():
             if n not in values:
                 raise FedpaError(f"personal state lacks '{n}' (was it saved by another algorithm or foundation?)")
@@ -206,6 +214,8 @@ class PersonalModel:
         if self.model is None or train.epochs == 0 or len(data) == 0:
             return {"loss": float("nan"), "n": float(len(data))}
         groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
+        if self.user_bias_key and slot in self._fresh:
+            self._calibrate_user_bias(data, groups, slot)
         gen = torch.Generator().manual_seed(int(seed))
         if self.algorithm.ditto:
             # Ditto: the personal path with a proximal term to the received global path, then the global path.
@@ -213,6 +223,15 @@ class PersonalModel:
             self._epochs(data, groups, train, gen, slot, paths=("global",))
             return {"loss": loss, "n": float(len(data))}
         return {"loss": self._epochs(data, groups, train, gen, slot), "n": float(len(data))}
+
+    @torch.no_grad()
+    def _calibrate_user_bias(self, data: UserTensors, groups, slot: int) -> None:
+        with self._route(len(data), groups, slot):
+            logits = self.tower(data.features)
+        bias, per_slot = self._private[self.user_bias_key]
+        (bias[slot] if per_slot else bias).copy_(
+            calibrated_bias(logits, data.labels[:, self.task_columns]).to(bias.dtype))
+        self._fresh.discard(slot)
 
     def _epochs(self, data, groups, train, gen, slot, paths=None, prox: float = 0.0) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -311,6 +330,31 @@ class PersonalModel:
             with self._route(len(data.features[sl]), groups[sl], slots[sl]):
                 out.append(torch.sigmoid(self.tower(data.features[sl])[:, 0]))
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+USER_BIAS_PRIOR_VAR = 1.0
+"""Prior variance of a user's logit offset: users' base rates spread by about one unit of log-odds
+(KuaiSAR-R: the std of users' smoothed click log-odds is 0.9); probed on validation, 0.5–2 within 0.001 AUC."""
+
+
+@torch.no_grad()
+def calibrated_bias(logits: torch.Tensor, labels: torch.Tensor, prior_var: float = USER_BIAS_PRIOR_VAR,
+                    steps: int = 8) -> torch.Tensor:
+    """Per-task offsets b [T] that a user's rows ask of the model: the MAP estimate of
+    y ~ Bernoulli(sigmoid(logit + b)) with b ~ N(0, prior_var), by Newton's method (convex, 1-D per task).
+
+    ``labels`` [n, T] use -1 for unobserved; a task without observations gets 0. Few rows give an
+    offset shrunk towards 0, many rows the user's own base rate relative to the model's."""
+    seen = labels >= 0
+    y = labels.clamp(min=0).double()
+    z = logits.double()
+    b = torch.zeros(logits.shape[-1], dtype=torch.float64)
+    for _ in range(steps):
+        p = torch.sigmoid(z + b)
+        grad = ((p - y) * seen).sum(0) + b / prior_var
+        hess = (p * (1 - p) * seen).sum(0) + 1.0 / prior_var
+        b = b - grad / hess
+    return b.to(logits.dtype)
 
 
 class _nullcontext:

@@ -48,6 +48,7 @@ class FederationConfig:
     use_group_adapters: bool = True
     use_gate: bool = True
     use_user_shift: bool = False     # FedPA: a private per-user offset of the tower input (the release's private user embeddings)
+    use_user_bias: bool = False      # FedPA: private per-user logit offsets beside the shared head, calibrated on-device
     head: str = ""                   # prediction head: "" = the algorithm's (FedPA: shared) | shared | private | frozen
     ditto_lambda: float = 0.1
     split: str = "by-day"
@@ -208,6 +209,8 @@ class FederationConfig:
         if self.algorithm in ("fedpa", "centralized"):
             kw.update(use_user_adapter=self.use_user_adapter, use_group_adapters=self.use_group_adapters,
                       use_gate=self.use_gate, use_user_shift=self.use_user_shift and self.use_user_adapter)
+            if self.use_user_bias and self.algorithm == "fedpa":
+                kw["use_user_bias"] = True
             if self.group_attributes:
                 kw["group_attributes"] = [a.strip() for a in self.group_attributes.split(",") if a.strip()]
         return kw

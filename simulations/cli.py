@@ -371,7 +371,7 @@ def _print_summary(summary: dict, run_dir: str) -> None:
 @app.command("compare")
 @user_errors
 def compare_cmd(
-    algorithms: Annotated[str, typer.Option(help="comma-separated algorithms / ablations (fedpa-user-only, fedpa-groups-only, fedpa-no-gate, fedpa-user-shift, fedpa-rankR)")] = "fedpa,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized",
+    algorithms: Annotated[str, typer.Option(help="comma-separated algorithms / ablations (fedpa-user-only, fedpa-groups-only, fedpa-no-gate, fedpa-user-shift, fedpa-user-bias, fedpa-rankR)")] = "fedpa,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized",
     seeds: Annotated[int, typer.Option(help="seeds 0..N-1")] = 3,
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the runs and the table")] = Path("runs/compare"),
     config: Annotated[Path | None, typer.Option(help="TOML file with federation settings")] = None,

@@ -24,6 +24,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fedpa-groups-only": {"algorithm": "fedpa", "use_user_adapter": False},
     "fedpa-no-gate": {"algorithm": "fedpa", "use_gate": False},
     "fedpa-user-shift": {"algorithm": "fedpa", "use_user_shift": True},
+    "fedpa-user-bias": {"algorithm": "fedpa", "use_user_bias": True},
     "fedpa-private-head": {"algorithm": "fedpa", "head": "private"},
 }
 TABLE_METRICS = ("auc", "gauc", "logloss", "f1")

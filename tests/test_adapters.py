@@ -384,3 +384,32 @@ def test_user_shift_is_private_per_slot_exact_at_init_and_merges(gate):
             torch.testing.assert_close(moved, m(**b).logits)
     finally:
         A.set_active_paths(m, None)
+
+
+def test_user_bias_is_private_per_slot_beside_a_shared_head_and_merges():
+    f = foundation()
+    b = random_batch(f.config, 60, 5, n_users=3)
+    ref = f(**b).logits.clone()
+    m = adapted("fedpa", slots=3, use_user_bias=True)
+    assert torch.equal(m(**b).logits, ref)  # zero deltas and offsets: the foundation exactly
+    kinds = A.parameter_kinds(m)
+    bias = kinds["tower.head.lora_user_bias"]
+    assert bias.kind == "private" and bias.per_slot
+    for k in ("tower.head.lora_head_delta_w", "tower.head.lora_head_delta_b"):  # the head itself stays shared
+        assert kinds[k].kind == "shared" and not kinds[k].per_slot and kinds[k].group is None
+    assert not any("modules_to_save" in k for k in kinds)
+    train_steps(m, batches(m.get_base_model().config, users=3))
+    offsets = m.get_base_model().tower.head.lora_user_bias["default"].detach()
+    assert offsets.abs().sum() > 0 and not torch.equal(offsets[0], offsets[1])
+    out = m(**b).logits
+    for slot in range(3):  # each row gets its own user's offsets; the merged model folds them into the bias
+        rows = b["user_id"] == slot
+        sub = {k: v[rows] for k, v in b.items()}
+        merged = A.merge_for_user(m, user_slot=slot, group_values=sub["user_profile"][0])
+        with torch.no_grad():
+            torch.testing.assert_close(merged(**sub).logits, out[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_user_bias_needs_a_shared_head():
+    with pytest.raises(ConfigError, match="use_user_bias goes with a shared head"):
+        adapted("fedpa", head="private", use_user_bias=True)

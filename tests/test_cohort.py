@@ -80,12 +80,13 @@ def _worst_difference(rt, users, shared0, reference, max_users: int) -> float:
     return worst
 
 
-@pytest.mark.parametrize("algorithm", ADAPTED + ("fedpa+shift",))
+@pytest.mark.parametrize("algorithm", ADAPTED + ("fedpa+shift", "fedpa+bias"))
 def test_engine_matches_one_user_training_in_float64(tiny, tiny_foundation, tmp_path, algorithm):
     # small batches and 2 epochs: ragged users with 0 .. many steps, padding and masked steps
-    shift = algorithm.endswith("+shift")
-    rt = _runtime(tiny, tiny_foundation, algorithm.removesuffix("+shift"), tmp_path, batch_size=8, local_epochs=2,
-                  use_user_shift=shift)
+    # (+bias: fresh users' logit offsets are calibrated on their rows first, in both engines)
+    name, _, option = algorithm.partition("+")
+    rt = _runtime(tiny, tiny_foundation, name, tmp_path, batch_size=8, local_epochs=2,
+                  use_user_shift=option == "shift", use_user_bias=option == "bias")
     users = _users(rt, double=True)
     sizes = [len(u.train) for u in users]
     assert min(sizes) == 0 or max(sizes) > 3 * 8  # the population really is ragged
@@ -236,3 +237,37 @@ def _final_state_round0(foundation):
 
     torch.manual_seed(0)
     return PersonalModel(load_foundation(foundation), get_algorithm("fedpa"), seed=0, r=4, lora_alpha=4).get_shared()
+
+
+def test_calibrated_bias_is_the_users_base_rate_shrunk_by_its_prior():
+    from recmodels.personalization import calibrated_bias
+
+    n = 400
+    logits = torch.full((n, 2), -1.0)
+    labels = torch.zeros(n, 2)
+    labels[:300, 0] = 1.0                 # task 0: rate 0.75
+    labels[:, 1] = -1.0                   # task 1: never observed
+    b = calibrated_bias(logits, labels, prior_var=1e6)
+    assert b[0].item() == pytest.approx(np.log(0.75 / 0.25) + 1.0, abs=1e-4)  # logit(rate) - model logit
+    assert b[1].item() == 0.0
+    few = calibrated_bias(logits[:8], torch.tensor([[1.0, -1.0]] * 6 + [[0.0, -1.0]] * 2), prior_var=1.0)
+    assert 0 < few[0].item() < b[0].item()  # the same rate from 8 rows is believed less
+
+
+def test_a_fresh_user_starts_from_its_calibrated_offsets_once(tiny, tiny_foundation, tmp_path):
+    from recmodels.personalization import LocalTraining, calibrated_bias
+
+    rt = _runtime(tiny, tiny_foundation, "fedpa", tmp_path, use_user_bias=True)
+    pm = rt.model
+    user = next(u for u in (rt.user(c) for c in range(rt.num_clients)) if len(u.train) > 20)
+    pm.set_private(None)
+    with torch.no_grad(), pm._route(len(user.train), torch.as_tensor(user.profile[pm.group_columns]), 0):
+        want = calibrated_bias(pm.tower(user.train.features), user.train.labels[:, pm.task_columns])
+    assert want.abs().max() > 0.05
+    still = LocalTraining(epochs=1, lr=1e-9)  # the steps move nothing: what remains is the calibration
+    pm.train_user(user.train, user.profile, still, seed=0)
+    got = torch.from_numpy(pm.get_private()[pm.user_bias_key])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    half = type(user.train)(user.train.features[:10], user.train.labels[:10])
+    pm.train_user(half, user.profile, still, seed=1)  # a returning user keeps (and trains) its offsets
+    torch.testing.assert_close(torch.from_numpy(pm.get_private()[pm.user_bias_key]), want, atol=1e-6, rtol=0)
