@@ -36,7 +36,7 @@ from simulations.data.partition import PartitionConfig  # noqa: E402
 from simulations.data.store import Dataset  # noqa: E402
 from simulations.pretraining import pretrain_foundation  # noqa: E402
 
-ALGORITHMS = "fedpa,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized"
+ALGORITHMS = "fedpa,fedpa-user-bias,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized"
 ABLATION = ("fedpa", "fedpa-user-only", "fedpa-groups-only", "fedpa-no-gate", "fedpa-rank1", "fedpa-rank16")
 
 
