@@ -100,9 +100,9 @@ Head (``head``; the module is ``head_module``, default ``tower.head``): "shared"
 gets a FedPALinear in private-head mode holding per-slot *deltas* [U, out, in]
 and [U, out] added to the frozen head (zero at init); "frozen" = unchanged.
 User bias (``use_user_bias``, shared head only, off by default): the head becomes a FedPALinear in
-"shared head" mode instead: one shared delta [1, out, in] / [1, out] (exchanged like the shared
-copy it replaces) plus private per-slot logit offsets ``lora_user_bias`` [U, out], folded into the
-head's bias when merging. A client sets them from its own labels before its first local step
+"shared head" mode instead: one shared delta ``lora_head_shared_w`` [1, out, in] /
+``lora_head_shared_b`` [1, out] (exchanged like the shared copy it replaces) plus private per-slot
+logit offsets ``lora_user_bias`` [U, out], folded into the head's bias when merging. A client sets them from its own labels before its first local step
 (`recmodels.personalization.calibrated_bias`).
 
 Presets: fedpa (user + groups + gate, shared head), fedavg-lora (one global
@@ -522,6 +522,7 @@ class FedPALinear(nn.Module, LoraLayer):
     adapter_layer_names = LoraLayer.adapter_layer_names + (
         "lora_user_A", "lora_user_B", "lora_group_A", "lora_group_B", "lora_gate_fc1", "lora_gate_fc2",
         "lora_head_delta_w", "lora_head_delta_b", "lora_user_shift", "lora_user_bias",
+        "lora_head_shared_w", "lora_head_shared_b",
     )
     other_param_names = LoraLayer.other_param_names + ("fedpa_spec",)
 
@@ -541,6 +542,8 @@ class FedPALinear(nn.Module, LoraLayer):
         self.lora_head_delta_b = nn.ParameterDict({})
         self.lora_user_shift = nn.ParameterDict({})
         self.lora_user_bias = nn.ParameterDict({})
+        self.lora_head_shared_w = nn.ParameterDict({})
+        self.lora_head_shared_b = nn.ParameterDict({})
         self.fedpa_spec: dict[str, _LayerSpec] = {}
         self.routing: RoutingState | None = None
         self._active_adapter = adapter_name
@@ -574,8 +577,8 @@ class FedPALinear(nn.Module, LoraLayer):
             # One shared delta (a single "slot", the same semantics as a trainable shared copy of the
             # head) plus each user's own logit offsets: the user's base rate per task, which a low-rank
             # input-dependent path learns only slowly and at the cost of bending the user's item ranking.
-            self.lora_head_delta_w[adapter_name] = nn.Parameter(torch.zeros(1, n_out, n_in))
-            self.lora_head_delta_b[adapter_name] = nn.Parameter(torch.zeros(1, n_out))
+            self.lora_head_shared_w[adapter_name] = nn.Parameter(torch.zeros(1, n_out, n_in))
+            self.lora_head_shared_b[adapter_name] = nn.Parameter(torch.zeros(1, n_out))
             self.lora_user_bias[adapter_name] = nn.Parameter(torch.zeros(slots, n_out))
             self.fedpa_spec[adapter_name] = _LayerSpec(paths=[], use_gate=False, private_head=True, shared_head=True)
         else:
@@ -664,7 +667,10 @@ class FedPALinear(nn.Module, LoraLayer):
         """Foundation head + this user's full-rank delta (zero at init, so the output starts exactly equal);
         a shared head: + the one shared delta + this user's logit offsets (when the user path is on)."""
         slot = self._route().user_slot
-        dw, db = self.lora_head_delta_w[adapter], self.lora_head_delta_b[adapter]
+        if adapter in self.lora_head_shared_w:
+            dw, db = self.lora_head_shared_w[adapter], self.lora_head_shared_b[adapter]
+        else:
+            dw, db = self.lora_head_delta_w[adapter], self.lora_head_delta_b[adapter]
         base = self.base_layer(x, *args, **kwargs)
         if dw.shape[0] == 1 or bool((slot == slot[0]).all()):
             s = int(slot[0]) if dw.shape[0] > 1 else 0
@@ -960,10 +966,10 @@ def parameter_kinds(model: PeftModel) -> dict[str, Kind]:
         if isinstance(m, FedPALinear) and adapter in m.fedpa_spec:
             short = _short(mname)
             pre = f"{mname}."
-            head_kind = "shared" if m.fedpa_spec[adapter].shared_head else "private"
             for attr, kind in (("lora_user_A", "private"), ("lora_user_B", "private"),
-                               ("lora_head_delta_w", head_kind), ("lora_head_delta_b", head_kind),
-                               ("lora_user_shift", "private"), ("lora_user_bias", "private")):
+                               ("lora_head_delta_w", "private"), ("lora_head_delta_b", "private"),
+                               ("lora_user_shift", "private"), ("lora_user_bias", "private"),
+                               ("lora_head_shared_w", "shared"), ("lora_head_shared_b", "shared")):
                 if adapter in getattr(m, attr):
                     pname = f"{pre}{attr}.{adapter}"
                     kinds[f"{short}.{attr}"] = Kind(kind, param=pname, per_slot=kind == "private")
@@ -1155,10 +1161,13 @@ def _fold_layer(layer: FedPALinear, adapter: str, slot: int, groups: dict[str, i
     base = layer.get_base_layer()
     w, b = base.weight.detach(), (base.bias.detach() if base.bias is not None else None)
     if spec.private_head:
-        k = 0 if spec.shared_head else slot
+        if spec.shared_head:
+            dw, db = layer.lora_head_shared_w[adapter][0], layer.lora_head_shared_b[adapter][0]
+        else:
+            dw, db = layer.lora_head_delta_w[adapter][slot], layer.lora_head_delta_b[adapter][slot]
         lin = nn.Linear(layer.in_features, layer.out_features)
-        lin.weight.copy_(w + layer.lora_head_delta_w[adapter][k])
-        lin.bias.copy_((b if b is not None else 0) + layer.lora_head_delta_b[adapter][k])
+        lin.weight.copy_(w + dw)
+        lin.bias.copy_((b if b is not None else 0) + db)
         if adapter in layer.lora_user_bias and (paths_filter is None or "user" in paths_filter):
             lin.bias.add_(layer.lora_user_bias[adapter][slot])
         return lin

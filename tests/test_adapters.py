@@ -395,7 +395,7 @@ def test_user_bias_is_private_per_slot_beside_a_shared_head_and_merges():
     kinds = A.parameter_kinds(m)
     bias = kinds["tower.head.lora_user_bias"]
     assert bias.kind == "private" and bias.per_slot
-    for k in ("tower.head.lora_head_delta_w", "tower.head.lora_head_delta_b"):  # the head itself stays shared
+    for k in ("tower.head.lora_head_shared_w", "tower.head.lora_head_shared_b"):  # the head itself stays shared
         assert kinds[k].kind == "shared" and not kinds[k].per_slot and kinds[k].group is None
     assert not any("modules_to_save" in k for k in kinds)
     train_steps(m, batches(m.get_base_model().config, users=3))

@@ -261,3 +261,29 @@ def test_same_seed_same_result(fedpa_run, tmp_path):
         assert x["round"] == y["round"]
         if "train_loss" in y:
             assert x["train_loss"] == y["train_loss"]
+
+
+def test_user_bias_offsets_stay_on_the_clients_and_are_calibrated(tiny, tiny_foundation, tmp_path):
+    """use-user-bias: the shared head delta travels, each user's logit offsets never do; they start
+    from the user's calibrated base rate, so they are set after one round even with a tiny lr."""
+    from client.personal_store import generate_key_file, open_store
+    from foundation.adapters import parameter_kinds
+
+    key = tmp_path / "store.key"
+    generate_key_file(key)
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", use_user_bias=True, num_rounds=1, lr=1e-6,
+                     personal_store=str(tmp_path / "store"), personal_store_key_file=str(key))
+    run = run_recorded(cfg)
+    pm = personal_model(cfg, tiny_foundation)
+    kinds = parameter_kinds(pm.model)
+    assert kinds["tower.head.lora_user_bias"].kind == "private"
+    shared = {t.name for t in spec_from(pm.shared_spec())}
+    assert {"tower.head.lora_head_shared_w", "tower.head.lora_head_shared_b"} <= shared
+    sent = [set(keys) for m in run.log for keys in m.array_keys.values()]
+    assert sent and not any(any("lora_user" in k for k in keys) for keys in sent)
+    assert any("tower.head.lora_head_shared_w" in keys for keys in sent)
+    store = open_store(cfg.personal_store, cfg.personal_store_key_file)
+    offsets = [store.load(u)[0][pm.user_bias_key] for u in store.users()]
+    assert len(offsets) == NUM_CLIENTS
+    spread = np.array([o[0] for o in offsets])  # effective_view offset per user
+    assert np.abs(spread).max() > 0.05 and spread.std() > 0.01  # each user's own rate, not a shared value
