@@ -158,6 +158,7 @@ class _TrainJob:
                  round_: int, run_id: str, global_state: dict[str, np.ndarray], spec, dp: dict):
         self.cfg, self.rt, self.context, self.store = cfg, rt, context, store
         self.round, self.run_id, self.global_state, self.spec, self.dp = round_, run_id, global_state, spec, dp
+        self.local = rt.local_for(round_)
         self.total: dict[str, np.ndarray] | None = None
         self.loss_sum = self.n_examples = 0.0
         self.excluded: list[str] = []
@@ -188,7 +189,7 @@ class _TrainJob:
             if self.global_state:
                 pm.set_shared(self.global_state)
             pm.set_private(self._private_before(data.user_id))
-            stats = pm.train_user(data.train, data.profile, rt.local,
+            stats = pm.train_user(data.train, data.profile, self.local,
                                   seed=user_seed(self.cfg.seed, self.round, data.user_id))
             private = pm.get_private()
             if not all(np.all(np.isfinite(v)) for v in private.values()):
@@ -211,7 +212,7 @@ class _TrainJob:
         users = [rt.user(c) for c in clients]
         cohort = [CohortUser(d.train, d.profile, self._private_before(d.user_id),
                              user_seed(self.cfg.seed, self.round, d.user_id), d.user_id) for d in users]
-        for chunk in rt.cohort_engine.train(cohort, self.global_state, rt.local):
+        for chunk in rt.cohort_engine.train(cohort, self.global_state, self.local):
             for k, i in enumerate(chunk.users):
                 uid = users[i].user_id
                 if not chunk.finite[k]:
@@ -263,7 +264,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         cohort = [CohortUser(d.train, d.profile, _private_state(context, rt, d.user_id, cfg=cfg, store=store),
                              user_seed(cfg.seed, round_, d.user_id), d.user_id) for d in data_of]
         all_scores = rt.cohort_engine.predict(
-            cohort, [[d.val, d.test] + ([d.train] if attack else []) for d in data_of], global_state, rt.local)
+            cohort, [[d.val, d.test] + ([d.train] if attack else []) for d in data_of], global_state,
+            rt.local_for(round_))
     for j, c in enumerate(clients):
         data = rt.user(c)
         if vectorized:
@@ -273,7 +275,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                 pm.set_shared(global_state)
             pm.set_private(_private_state(context, rt, data.user_id, cfg=cfg, store=store))
             splits = [data.val, data.test] + ([data.train] if attack else [])
-            scores = pm.personalized_scores(data.train, splits, data.profile, rt.local,
+            scores = pm.personalized_scores(data.train, splits, data.profile, rt.local_for(round_),
                                             seed=user_seed(cfg.seed, round_, data.user_id))
         val.add_user(data.val.labels[:, 0].numpy(), scores[0], data.group_size)
         test.add_user(data.test.labels[:, 0].numpy(), scores[1], data.group_size)

@@ -11,7 +11,7 @@ per round.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,10 @@ class ClientRuntime:
         self._users: dict[int, UserData] = {}
         self._engine: CohortEngine | None = None
         self.cache = open_feature_cache(cfg, self.partition.private_users)
+
+    def local_for(self, round_: int) -> LocalTraining:
+        """Local training settings of one round (the learning rate decays over rounds with lr-decay)."""
+        return replace(self.local, lr=self.cfg.round_lr(round_))
 
     @property
     def lookups(self) -> Lookups:
@@ -149,7 +153,7 @@ def get_runtime(cfg: FederationConfig) -> ClientRuntime:
            cfg.group_attributes, cfg.use_user_adapter, cfg.use_group_adapters, cfg.use_gate, cfg.use_user_shift, cfg.use_user_bias,
            cfg.head, cfg.max_clients,
            cfg.active_top_fraction, cfg.open_active_fraction, cfg.open_rest_fraction, cfg.activity_attribute,
-           cfg.active_values, cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.ditto_lambda, cfg.feature_cache,
+           cfg.active_values, cfg.local_epochs, cfg.lr, cfg.lr_decay, cfg.batch_size, cfg.ditto_lambda, cfg.feature_cache,
            cfg.stage, cfg.stage_models, cfg.stage_negatives)
     rt = _RUNTIMES.get(key)
     if rt is None:

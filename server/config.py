@@ -41,6 +41,7 @@ class FederationConfig:
     clients_per_round: float = 1.0   # <= 1: fraction of clients; > 1: a count
     local_epochs: int = 1
     lr: float = 0.01
+    lr_decay: float = 1.0            # round r trains at lr * lr-decay^(r-1): later rounds refine rather than re-fit
     batch_size: int = 64
     rank: int = 4
     group_attributes: str = ""       # comma-separated profile fields; "" = the default (age, gender)
@@ -136,6 +137,8 @@ class FederationConfig:
             bad(f"local-epochs must be >= 0, got {self.local_epochs}")
         if not self.lr > 0:
             bad(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr_decay <= 1:
+            bad(f"lr-decay must be in (0, 1], got {self.lr_decay}")
         if self.batch_size < 1:
             bad(f"batch-size must be >= 1, got {self.batch_size}")
         if self.rank < 1:
@@ -187,6 +190,10 @@ class FederationConfig:
             bad("stage needs stage-models: the `fedpa funnel` run directory holding the trained stage heads")
         if self.split not in ("by-day", "chrono", "loo", "last"):
             bad(f"unknown split '{self.split}' (by-day, chrono, loo, last)")
+
+    def round_lr(self, round_: int) -> float:
+        """The local learning rate of training round ``round_`` (1-based)."""
+        return self.lr * self.lr_decay ** max(int(round_) - 1, 0)
 
     def sample_size(self, num_clients: int) -> int:
         if self.clients_per_round <= 1:

@@ -9,6 +9,7 @@ the clients' local batch.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -72,7 +73,8 @@ def run_centralized(cfg: FederationConfig, progress=None) -> dict:
     for r in range(cfg.num_rounds + 1):
         rec = {"round": r}
         if r > 0:
-            rec["train_loss"] = pm.train_pooled(data["train"], *route["train"], local, seed=cfg.seed * 100_003 + r)
+            rec["train_loss"] = pm.train_pooled(data["train"], *route["train"], replace(local, lr=cfg.round_lr(r)),
+                                                seed=cfg.seed * 100_003 + r)
             rec.update(bytes_down_per_client=0.0, bytes_up_per_client=0.0, selected=len(users), clients_ok=len(users))
         if r % cfg.eval_every == 0 or r == cfg.num_rounds:
             rec["eval"] = {s: _evaluate(pm, data[s], getattr(splits, s), *route[s], splits.group_size)

@@ -287,3 +287,24 @@ def test_user_bias_offsets_stay_on_the_clients_and_are_calibrated(tiny, tiny_fou
     assert len(offsets) == NUM_CLIENTS
     spread = np.array([o[0] for o in offsets])  # effective_view offset per user
     assert np.abs(spread).max() > 0.05 and spread.std() > 0.01  # each user's own rate, not a shared value
+
+
+def test_lr_decay_sets_each_rounds_learning_rate(tiny, tiny_foundation, tmp_path):
+    """lr-decay: round r trains at lr * decay^(r-1); with a vanishing decay round 2 leaves the shared state
+    where round 1 put it, while round 1 itself still learns."""
+    from server.config import ConfigValueError, FederationConfig
+    from simulations.simulate import simulate
+
+    assert FederationConfig(lr=0.01, lr_decay=0.5).round_lr(3) == pytest.approx(0.0025)
+    assert FederationConfig(lr=0.01, lr_decay=0.5).round_lr(0) == 0.01  # evaluation before any training
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigValueError, match="lr-decay must be in"):
+            FederationConfig(lr_decay=bad).validate()
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=2, lr_decay=1e-9)
+    simulate(cfg, cohort_size=COHORT)
+    run = RunDir(cfg.run_dir)
+    _, r1, _ = run.load_checkpoint(1)
+    _, r2, _ = run.load_checkpoint(2)
+    assert max(float(np.abs(r2[k] - r1[k]).max()) for k in r1) < 1e-6
+    init = personal_model(cfg, tiny_foundation).get_shared()
+    assert max(float(np.abs(r1[k] - init[k]).max()) for k in r1) > 1e-3
