@@ -277,6 +277,7 @@ def simulate_cmd(
     clients_per_round: Annotated[float | None, typer.Option(help="fraction (<=1) or count (>1) of clients per round")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="local epochs per round")] = None,
     lr: Annotated[float | None, typer.Option(help="local learning rate")] = None,
+    lr_decay: Annotated[float | None, typer.Option(help="round r trains at lr * lr-decay^(r-1) (1 = constant)")] = None,
     rank: Annotated[int | None, typer.Option(help="adapter rank")] = None,
     group_attributes: Annotated[str | None, typer.Option(help="comma-separated profile fields with group adapters")] = None,
     split: Annotated[str | None, typer.Option(help="by-day | chrono | loo | last")] = None,
@@ -310,7 +311,7 @@ def simulate_cmd(
         return
     cfg = _federation_config(config, dict(data_dir=data, foundation=foundation, run_dir=run_dir, algorithm=algorithm,
                                           num_rounds=rounds, clients_per_round=clients_per_round,
-                                          local_epochs=local_epochs, lr=lr, rank=rank,
+                                          local_epochs=local_epochs, lr=lr, lr_decay=lr_decay, rank=rank,
                                           group_attributes=group_attributes, split=split, max_clients=max_clients,
                                           seed=seed, secagg=secagg, dp_noise_multiplier=dp_noise_multiplier,
                                           dp_clip=dp_clip, dp_mode=dp_mode, dp_max_epsilon=dp_max_epsilon,

@@ -36,6 +36,7 @@ def test_synth_and_inspect(tiny_dir):
     (["simulate", "--rounds", "-1"], "num-rounds must be >= 0"),
     (["simulate", "--rank", "0"], "rank must be >= 1"),
     (["simulate", "--cohort-engine", "gpu"], "unknown cohort-engine 'gpu' (vectorized, loop)"),
+    (["simulate", "--lr-decay", "1.5"], "lr-decay must be in (0, 1], got 1.5"),
     (["compare", "--algorithms", "fedpa,bogus"], "unknown algorithm or ablation 'bogus'"),
     (["compare", "--seeds", "0"], "--seeds"),
 ])
