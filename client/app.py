@@ -252,6 +252,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     rt = get_runtime(cfg)
     pm = rt.model
     round_ = int(msg.content["round"]["round"])
+    local = rt.local_for(round_)  # PFedRec fine-tunes before scoring at this round's learning rate
     global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
     attack = bool(msg.content["round"].get("final", False))
     store = _store(cfg)
@@ -264,8 +265,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         cohort = [CohortUser(d.train, d.profile, _private_state(context, rt, d.user_id, cfg=cfg, store=store),
                              user_seed(cfg.seed, round_, d.user_id), d.user_id) for d in data_of]
         all_scores = rt.cohort_engine.predict(
-            cohort, [[d.val, d.test] + ([d.train] if attack else []) for d in data_of], global_state,
-            rt.local_for(round_))
+            cohort, [[d.val, d.test] + ([d.train] if attack else []) for d in data_of], global_state, local)
     for j, c in enumerate(clients):
         data = rt.user(c)
         if vectorized:
@@ -275,7 +275,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                 pm.set_shared(global_state)
             pm.set_private(_private_state(context, rt, data.user_id, cfg=cfg, store=store))
             splits = [data.val, data.test] + ([data.train] if attack else [])
-            scores = pm.personalized_scores(data.train, splits, data.profile, rt.local_for(round_),
+            scores = pm.personalized_scores(data.train, splits, data.profile, local,
                                             seed=user_seed(cfg.seed, round_, data.user_id))
         val.add_user(data.val.labels[:, 0].numpy(), scores[0], data.group_size)
         test.add_user(data.test.labels[:, 0].numpy(), scores[1], data.group_size)

@@ -503,8 +503,8 @@ class GateMLP(nn.Module):
 class _LayerSpec:
     paths: list[str]          # adapter paths in gate order (after base)
     use_gate: bool
-    private_head: bool        # this layer is the head in "head" mode: deltas added to the frozen head
-    shared_head: bool = False  # ... with one shared delta (and per-user biases) instead of per-slot deltas
+    head: str = ""            # "" = an adapted hidden layer; the head as deltas on the frozen head:
+                              # "private" = per-slot deltas, "shared" = one shared delta + per-slot logit offsets
 
 
 class FedPALinear(nn.Module, LoraLayer):
@@ -572,7 +572,7 @@ class FedPALinear(nn.Module, LoraLayer):
             # natural prior (weight decay pulls a user's head towards the foundation's).
             self.lora_head_delta_w[adapter_name] = nn.Parameter(torch.zeros(slots, n_out, n_in))
             self.lora_head_delta_b[adapter_name] = nn.Parameter(torch.zeros(slots, n_out))
-            self.fedpa_spec[adapter_name] = _LayerSpec(paths=[], use_gate=False, private_head=True)
+            self.fedpa_spec[adapter_name] = _LayerSpec(paths=[], use_gate=False, head="private")
         elif shared_head:
             # One shared delta (a single "slot", the same semantics as a trainable shared copy of the
             # head) plus each user's own logit offsets: the user's base rate per task, which a low-rank
@@ -580,7 +580,7 @@ class FedPALinear(nn.Module, LoraLayer):
             self.lora_head_shared_w[adapter_name] = nn.Parameter(torch.zeros(1, n_out, n_in))
             self.lora_head_shared_b[adapter_name] = nn.Parameter(torch.zeros(1, n_out))
             self.lora_user_bias[adapter_name] = nn.Parameter(torch.zeros(slots, n_out))
-            self.fedpa_spec[adapter_name] = _LayerSpec(paths=[], use_gate=False, private_head=True, shared_head=True)
+            self.fedpa_spec[adapter_name] = _LayerSpec(paths=[], use_gate=False, head="shared")
         else:
             paths = config.path_names
             if config.use_user_adapter:
@@ -600,7 +600,7 @@ class FedPALinear(nn.Module, LoraLayer):
             if config.use_gate:
                 self.lora_gate_fc1[adapter_name] = nn.Linear(n_in, int(config.gate_hidden))
                 self.lora_gate_fc2[adapter_name] = nn.Linear(int(config.gate_hidden), 1 + len(paths))
-            self.fedpa_spec[adapter_name] = _LayerSpec(paths=paths, use_gate=bool(config.use_gate), private_head=False)
+            self.fedpa_spec[adapter_name] = _LayerSpec(paths=paths, use_gate=bool(config.use_gate))
             self.reset_fedpa_parameters(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -640,8 +640,8 @@ class FedPALinear(nn.Module, LoraLayer):
             spec = self.fedpa_spec.get(adapter)
             if spec is None:
                 continue
-            if spec.private_head:
-                result = self._private_head(adapter, x, *args, **kwargs)
+            if spec.head:
+                result = self._head_forward(adapter, x, *args, **kwargs)
                 continue
             if adapter in self.lora_user_shift and self._user_path_on():
                 # the user's own input offset (its private "user embedding"): base, paths and gate all read it
@@ -663,14 +663,17 @@ class FedPALinear(nn.Module, LoraLayer):
                                "(model(**batch)) or wrap the call in use_routing(...)")
         return current
 
-    def _private_head(self, adapter: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def head_deltas(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's weight / bias deltas [S, out, in] / [S, out]: S user slots, or 1 when shared."""
+        if self.fedpa_spec[adapter].head == "shared":
+            return self.lora_head_shared_w[adapter], self.lora_head_shared_b[adapter]
+        return self.lora_head_delta_w[adapter], self.lora_head_delta_b[adapter]
+
+    def _head_forward(self, adapter: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Foundation head + this user's full-rank delta (zero at init, so the output starts exactly equal);
         a shared head: + the one shared delta + this user's logit offsets (when the user path is on)."""
         slot = self._route().user_slot
-        if adapter in self.lora_head_shared_w:
-            dw, db = self.lora_head_shared_w[adapter], self.lora_head_shared_b[adapter]
-        else:
-            dw, db = self.lora_head_delta_w[adapter], self.lora_head_delta_b[adapter]
+        dw, db = self.head_deltas(adapter)
         base = self.base_layer(x, *args, **kwargs)
         if dw.shape[0] == 1 or bool((slot == slot[0]).all()):
             s = int(slot[0]) if dw.shape[0] > 1 else 0
@@ -796,7 +799,7 @@ class FedPALinear(nn.Module, LoraLayer):
             spec = self.fedpa_spec.get(a)
             if spec is None or a in self.merged_adapters:
                 continue
-            if spec.private_head or spec.use_gate or spec.paths != ["global"]:
+            if spec.head or spec.use_gate or spec.paths != ["global"]:
                 raise FedpaError("a FedPA layer with user/group paths or a gate is input-dependent and cannot be "
                                  "folded into one weight; use foundation.adapters.merge_for_user")
             delta = self.get_delta_weight(a)
@@ -1160,11 +1163,10 @@ def _fold_layer(layer: FedPALinear, adapter: str, slot: int, groups: dict[str, i
     spec = layer.fedpa_spec[adapter]
     base = layer.get_base_layer()
     w, b = base.weight.detach(), (base.bias.detach() if base.bias is not None else None)
-    if spec.private_head:
-        if spec.shared_head:
-            dw, db = layer.lora_head_shared_w[adapter][0], layer.lora_head_shared_b[adapter][0]
-        else:
-            dw, db = layer.lora_head_delta_w[adapter][slot], layer.lora_head_delta_b[adapter][slot]
+    if spec.head:
+        dw, db = layer.head_deltas(adapter)
+        k = 0 if spec.head == "shared" else slot
+        dw, db = dw[k], db[k]
         lin = nn.Linear(layer.in_features, layer.out_features)
         lin.weight.copy_(w + dw)
         lin.bias.copy_((b if b is not None else 0) + db)
