@@ -48,7 +48,7 @@ def adapter_norms(cfg: FederationConfig, run_dir: Path, store_dir: Path, key: Pa
     from recmodels.personalization import PersonalModel, get_algorithm
 
     start = PersonalModel(load_foundation(cfg.foundation), get_algorithm("fedpa"), seed=0,
-                          **cfg.adapter_overrides()).get_shared()
+                          **cfg.model_options()).get_shared()
     _, shared, _ = RunDir(run_dir).load_checkpoint()
     kinds: dict[str, float] = {}
     for name, v in shared.items():

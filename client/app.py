@@ -202,7 +202,8 @@ class _TrainJob:
                 if not all(np.all(np.isfinite(v)) for v in delta.values()):
                     self.excluded.append(f"user {data.user_id}: non-finite update")
                     continue
-                self._add(private_contribution(delta, self.spec, pm.groups_of(data.profile), **self.dp))
+                self._add(private_contribution(delta, self.spec, pm.groups_of(data.profile),
+                                               rows=pm.touched_rows(data.train), **self.dp))
             self._keep_private(data.user_id, private)
             self._count(stats["loss"], stats["n"])
 
@@ -223,7 +224,7 @@ class _TrainJob:
                 self._count(float(chunk.loss[k]), float(chunk.n[k]))
             if rt.algorithm.communicates:
                 self._add(cohort_contribution(chunk.deltas, len(chunk.users), self.spec, keep=chunk.finite,
-                                              **self.dp))
+                                              rows=chunk.rows, **self.dp))
 
 
 def _vectorized(cfg: FederationConfig, rt: ClientRuntime, users) -> bool:

@@ -7,7 +7,8 @@ once for every private user, in one pass grouped by request (so each behaviour
 sequence is encoded once), and every run, node and round reads its users' rows
 from memory-mapped arrays. A device computes its own instead (`ClientRuntime`).
 
-Layout: ``DIR/<key>/{train,val,test}.{features,labels}.npy`` plus
+Layout: ``DIR/<key>/{train,val,test}.{features,labels,items}.npy`` (items: the rows' raw item
+features, which item-side tables read) plus
 ``offsets.npy`` (per split, rows of private user i are offsets[i]..offsets[i+1])
 and ``meta.json``; written to a temporary directory and renamed, so a reader
 never sees a half-written cache.
@@ -29,7 +30,7 @@ from recmodels.personalization import PersonalModel, UserTensors
 from simulations.data.examples import Examples
 
 SPLITS = ("train", "val", "test")
-FORMAT = 1
+FORMAT = 2  # 2: + items
 
 
 def default_root() -> Path:
@@ -61,11 +62,13 @@ class FeatureCache:
         self._arrays = {s: (np.load(path / f"{s}.features.npy", mmap_mode="c"),
                             np.load(path / f"{s}.labels.npy", mmap_mode="c"),
                             np.load(path / f"{s}.offsets.npy")) for s in SPLITS}
+        self._items = {s: np.load(path / f"{s}.items.npy", mmap_mode="c") for s in SPLITS}
 
     def split(self, name: str) -> UserTensors:
         """Every user's rows of one split (rows sorted by user, as `split_users` returns them)."""
         f, lab, _ = self._arrays[name]
-        return UserTensors(torch.from_numpy(np.array(f)), torch.from_numpy(np.array(lab)))
+        return UserTensors(torch.from_numpy(np.array(f)), torch.from_numpy(np.array(lab)),
+                           torch.from_numpy(np.array(self._items[name])))
 
     def user(self, user_id: int) -> list[UserTensors]:
         i = int(np.searchsorted(self.users, user_id))
@@ -75,7 +78,8 @@ class FeatureCache:
         for s in SPLITS:
             f, lab, off = self._arrays[s]
             a, b = int(off[i]), int(off[i + 1])
-            out.append(UserTensors(torch.from_numpy(f[a:b]), torch.from_numpy(lab[a:b])))
+            out.append(UserTensors(torch.from_numpy(f[a:b]), torch.from_numpy(lab[a:b]),
+                                   torch.from_numpy(self._items[s][a:b])))
         return out
 
 
@@ -90,6 +94,7 @@ def build(path: Path, model: PersonalModel, splits, users: np.ndarray, batch_siz
             feats = model.features(_progressing(ex.iter_batches(batch_size), progress, s, len(ex), batch_size))
             np.save(tmp / f"{s}.features.npy", feats.features.numpy())
             np.save(tmp / f"{s}.labels.npy", feats.labels.numpy())
+            np.save(tmp / f"{s}.items.npy", feats.items.numpy())
             np.save(tmp / f"{s}.offsets.npy", np.searchsorted(ex.user_id, np.r_[users, np.iinfo(np.int64).max]))
         (tmp / "meta.json").write_text(json.dumps({"users": users.tolist(), "group_size": splits.group_size,
                                                    "format": FORMAT}))

@@ -74,7 +74,7 @@ class ClientRuntime:
 
     def local_for(self, round_: int) -> LocalTraining:
         """Local training settings of one round (the learning rate decays over rounds with lr-decay)."""
-        return replace(self.local, lr=self.cfg.round_lr(round_))
+        return replace(self.local, lr=self.cfg.round_lr(round_), item_bias_lr=self.cfg.round_item_bias_lr(round_))
 
     @property
     def lookups(self) -> Lookups:
@@ -151,7 +151,7 @@ def get_runtime(cfg: FederationConfig) -> ClientRuntime:
     """The process-wide runtime for this configuration (only the keys that change what is built)."""
     key = (cfg.data_dir, cfg.foundation, cfg.algorithm, cfg.seed, cfg.partition_seed, cfg.split, cfg.negatives, cfg.rank,
            cfg.group_attributes, cfg.use_user_adapter, cfg.use_group_adapters, cfg.use_gate, cfg.use_user_shift, cfg.use_user_bias,
-           cfg.head, cfg.max_clients,
+           cfg.item_bias_fields, cfg.item_bias_lr, cfg.head, cfg.max_clients,
            cfg.active_top_fraction, cfg.open_active_fraction, cfg.open_rest_fraction, cfg.activity_attribute,
            cfg.active_values, cfg.local_epochs, cfg.lr, cfg.lr_decay, cfg.batch_size, cfg.ditto_lambda, cfg.feature_cache,
            cfg.stage, cfg.stage_models, cfg.stage_negatives)

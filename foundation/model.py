@@ -87,6 +87,15 @@ def hash_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.remainder(torch.div(x, 1 << 16, rounding_mode="floor"), n)
 
 
+def bounded_rows(ids: torch.Tensor, n: int, hash_all: bool) -> torch.Tensor:
+    """The row of a table of ``n`` rows that each raw id reads: the id itself when it fits (unless the
+    field hashes all ids), else its hash."""
+    hashed = hash_ids(ids, n)
+    if hash_all:
+        return hashed
+    return torch.where((ids >= 0) & (ids < n), ids, hashed)
+
+
 class BoundedEmbedding(nn.Module):
     """An embedding table of ``n`` rows addressed by raw ids (see module docstring)."""
 
@@ -96,10 +105,7 @@ class BoundedEmbedding(nn.Module):
         self.table = nn.Embedding(self.n, dim)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        hashed = hash_ids(ids, self.n)
-        if self.hash_all:
-            return hashed
-        return torch.where((ids >= 0) & (ids < self.n), ids, hashed)
+        return bounded_rows(ids, self.n, self.hash_all)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(self.rows(ids))

@@ -45,6 +45,7 @@ from foundation.adapters import ditto_penalty, parameter_kinds, set_active_paths
 from foundation.errors import FedpaError
 from foundation.model import masked_bce
 
+from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which PersonalModel uses
@@ -70,6 +71,7 @@ class ChunkResult:
     ``deltas``: shared entry name -> (positions into ``users`` of the users who contribute to it,
     their deltas local − global stacked [k, *shape]); group entries list only that group's members,
     global entries every user. ``finite[k]``: False if user k's private state or update is not finite.
+    ``rows``: per-row (item-side) entry -> [users, rows] 0/1, the rows each user's training items read.
     """
 
     users: np.ndarray
@@ -79,13 +81,14 @@ class ChunkResult:
     n: np.ndarray
     finite: np.ndarray
     groups: list[set[str]] = field(default_factory=list)
+    rows: dict[str, np.ndarray] | None = None
 
 
 @dataclass
 class _Param:
-    """How one trainable tower parameter becomes a per-user tensor."""
+    """How one trainable parameter becomes a per-user tensor."""
 
-    name: str                 # parameter name inside the tower module
+    name: str                 # parameter name inside the scorer (tower.* or item_bias.*)
     tensor: torch.Tensor      # the model's parameter (holds the global shared state)
     mode: str                 # "slot": private per-slot (user's own row); "group": the row of the user's
                               # group; "whole": the whole tensor (shared globally, or private unsliced)
@@ -99,18 +102,19 @@ def _of(u: CohortUser) -> str:
     return "" if u.user_id is None else f" of user {u.user_id}"
 
 
-class _TowerLoss(nn.Module):
-    """The adapted tower plus Ditto's proximal term, so one functional_call sees both."""
+class _ScorerLoss(nn.Module):
+    """The personal model's scorer (adapted tower, item-side offsets) plus Ditto's proximal term, so one
+    functional_call sees both."""
 
-    def __init__(self, tower: nn.Module, task_columns: list[int]):
+    def __init__(self, scorer: nn.Module, task_columns: list[int]):
         super().__init__()
-        self.tower = tower
+        self.scorer = scorer
         self.task_columns = task_columns
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, prox: float) -> torch.Tensor:
-        loss = masked_bce(self.tower(x), y[:, self.task_columns])
+    def forward(self, x: torch.Tensor, items: torch.Tensor | None, y: torch.Tensor, prox: float) -> torch.Tensor:
+        loss = masked_bce(self.scorer(x, items), y[:, self.task_columns])
         if prox:
-            loss = loss + 0.5 * prox * ditto_penalty(self.tower)
+            loss = loss + 0.5 * prox * ditto_penalty(self.scorer.tower)
         return loss
 
 
@@ -122,7 +126,7 @@ class CohortEngine:
             raise ValueError(f"algorithm '{pm.algorithm.name}' has no adapters to train")
         self.pm = pm
         self.max_users = max(1, int(max_users))
-        self.loss_module = _TowerLoss(pm.tower, pm.task_columns)
+        self.loss_module = _ScorerLoss(pm.scorer, pm.task_columns)
         self.params = self._index()
         self.n_groups = len(pm.group_columns)
 
@@ -135,7 +139,7 @@ class CohortEngine:
         for key, kind in parameter_kinds(self.pm.model).items():
             if kind.kind == "frozen":
                 continue
-            local = kind.param[len(tower_prefix):]
+            local = "tower." + kind.param[len(tower_prefix):]
             tensor = model_params[kind.param]
             if not kind.param.startswith(tower_prefix):
                 raise ValueError(f"adapter parameter {kind.param} is outside the tower")
@@ -148,7 +152,11 @@ class CohortEngine:
                 by_param[local] = p
             else:
                 by_param[local] = _Param(local, tensor, "whole", shared_key=key)
-        trainable = {n for n, p in self.pm.tower.named_parameters() if p.requires_grad}
+        if self.pm.item_bias is not None:
+            for f, tensor in self.pm.item_bias.tables.items():
+                local = f"item_bias.tables.{f}"
+                by_param[local] = _Param(local, tensor, "whole", shared_key=ITEM_BIAS_PREFIX + f)
+        trainable = {n for n, p in self.pm.scorer.named_parameters() if p.requires_grad}
         missing = trainable - set(by_param)
         if missing:
             raise ValueError(f"trainable tower parameter(s) without a kind: {sorted(missing)[:3]}")
@@ -191,6 +199,22 @@ class CohortEngine:
                 out[p.name] = base.unsqueeze(0).expand(c, *base.shape).clone()
         return out
 
+    def _items(self, data: Sequence[UserTensors], *, pad_rows: int = 0, width: int | None = None):
+        """The rows' item features for the item-side offsets (None without them): concatenated with
+        ``pad_rows`` zero rows, or padded per user to [users, width, F] (``width``)."""
+        if self.pm.item_bias is None:
+            return None
+        if any(d.items is None for d in data):
+            raise FedpaError("this model has item-side offsets (item-bias-fields) and needs the rows' item features; "
+                             "the rows were cached without them (rebuild the feature cache)")
+        n_fields = data[0].items.shape[1]
+        if width is None:
+            return torch.cat([d.items for d in data] + [torch.zeros(pad_rows, n_fields, dtype=torch.long)])
+        out = torch.zeros(len(data), width, n_fields, dtype=torch.long)
+        for k, d in enumerate(data):
+            out[k, :len(d)] = d.items
+        return out
+
     # ------------------------------------------------------------------ training
 
     def train(self, users: Sequence[CohortUser], shared: Mapping[str, np.ndarray] | None,
@@ -226,13 +250,14 @@ class CohortEngine:
             return params, np.full(c, np.nan), sizes.astype(np.float64)
         feats = torch.cat([u.train.features for u in users] + [users[0].train.features.new_zeros(1, self.pm.tower_in)])
         labels = torch.cat([u.train.labels for u in users] + [users[0].train.labels.new_full((1, users[0].train.labels.shape[1]), -1.0)])
+        items = self._items([u.train for u in users], pad_rows=1)
         pad = len(feats) - 1
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         gens = [torch.Generator().manual_seed(int(u.seed)) for u in users]
         loss_phase0 = None
         for k, (paths, prox) in enumerate(self._phases()):
             index, counts = self._schedule(sizes, offsets, gens, local, pad)
-            loss_sum = self._run_phase(params, feats, labels, index, counts, local, paths,
+            loss_sum = self._run_phase(params, feats, items, labels, index, counts, local, paths,
                                        local.ditto_lambda if prox else 0.0)
             if k == 0:
                 loss_phase0 = loss_sum
@@ -252,7 +277,8 @@ class CohortEngine:
             zeros_g = torch.zeros(n, self.n_groups, dtype=torch.long)
             with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None,
                              user_slot=torch.zeros(n, dtype=torch.long)):
-                logits = functional_call(self.pm.tower, {k: v[i] for k, v in params.items()}, (u.train.features,))
+                logits = functional_call(self.pm.scorer, {k: v[i] for k, v in params.items()},
+                                         (u.train.features, u.train.items))
             params[name][i, 0] = calibrated_bias(logits, u.train.labels[:, self.pm.task_columns])
 
     @staticmethod
@@ -278,7 +304,7 @@ class CohortEngine:
                 counts[i, s] = len(b)
         return index[:, :, :max(int(counts.max()), 1)], counts
 
-    def _run_phase(self, params: dict[str, torch.Tensor], feats, labels, index, counts, local: LocalTraining,
+    def _run_phase(self, params: dict[str, torch.Tensor], feats, items, labels, index, counts, local: LocalTraining,
                    paths, prox: float) -> np.ndarray:
         """One phase of local training for a chunk; updates ``params`` in place, returns each user's loss sum.
 
@@ -293,10 +319,13 @@ class CohortEngine:
         zeros_g = torch.zeros(bs, self.n_groups, dtype=torch.long)
         zeros_s = torch.zeros(bs, dtype=torch.long)
 
-        def one_user(p, x, y):
-            return functional_call(self.loss_module, {f"tower.{k}": val for k, val in p.items()}, (x, y, prox))
+        def one_user(p, x, k, y):
+            return functional_call(self.loss_module, {f"scorer.{n}": val for n, val in p.items()}, (x, k, y, prox))
 
-        step_fn = vmap(grad_and_value(one_user))
+        step_fn = vmap(grad_and_value(one_user), in_dims=(0, 0, None if items is None else 0, 0))
+        tables = [j for j, n in enumerate(names) if n.startswith("item_bias.")]
+        main = [j for j, n in enumerate(names) if not n.startswith("item_bias.")]
+        items_lr = local.item_bias_lr if tables and local.item_bias_lr is not None else None
         set_active_paths(self.pm.model, paths)
         try:
             with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s):
@@ -308,7 +337,8 @@ class CohortEngine:
                     if not bool(active[first:].all()):
                         raise AssertionError("cohort chunk is not sorted by size")
                     sub = {n: params[n][first:] for n in names}
-                    grads, loss = step_fn(sub, feats[index[first:, s]], labels[index[first:, s]])
+                    rows = index[first:, s]
+                    grads, loss = step_fn(sub, feats[rows], None if items is None else items[rows], labels[rows])
                     loss_sum[first:] += loss.double() * counts[first:, s].double()
                     # torch.optim.Adam's foreach update, term by term, for every live user at once
                     ps, gs = [sub[n] for n in names], [grads[n] for n in names]
@@ -320,7 +350,12 @@ class CohortEngine:
                     denom = torch._foreach_sqrt(vs)
                     torch._foreach_div_(denom, math.sqrt(1 - beta2 ** (s + 1)))
                     torch._foreach_add_(denom, ADAM_EPS)
-                    torch._foreach_addcdiv_(ps, ms, denom, -step_size)
+                    if items_lr is None:
+                        torch._foreach_addcdiv_(ps, ms, denom, -step_size)
+                    else:  # the item-side tables step at their own learning rate
+                        for part, size in ((main, step_size), (tables, items_lr / (1 - beta1 ** (s + 1)))):
+                            torch._foreach_addcdiv_([ps[j] for j in part], [ms[j] for j in part],
+                                                    [denom[j] for j in part], -size)
         finally:
             set_active_paths(self.pm.model, None)
         return loss_sum.numpy()
@@ -350,8 +385,12 @@ class CohortEngine:
             else:
                 deltas[p.shared_key] = (everyone, (val - p.tensor.detach()).numpy())
         group_sets = [{f"{a}={int(g)}" for a, g in zip(self.pm.group_attributes, row)} for row in groups]
+        rows = None
+        if self.pm.item_bias is not None:
+            touched = [self.pm.touched_rows(u.train) for u in users]
+            rows = {key: np.stack([t[key] for t in touched]) for key in touched[0]}
         return ChunkResult(users=np.asarray(chunk), private=private, deltas=deltas, loss=loss, n=n,
-                           finite=finite, groups=group_sets)
+                           finite=finite, groups=group_sets, rows=rows)
 
     # ------------------------------------------------------------------ scoring
 
@@ -388,8 +427,11 @@ class CohortEngine:
         order = [int(i) for i in np.argsort(sizes, kind="stable") if sizes[i] > 0]
         paths = ("user",) if self.pm.algorithm.ditto else None
 
-        def one_user(p, xu):
-            return functional_call(self.pm.tower, p, (xu,))
+        def one_user(p, xu, ku):
+            return functional_call(self.pm.scorer, p, (xu, ku))
+
+        with_items = self.pm.item_bias is not None
+        score_fn = vmap(one_user, in_dims=(0, 0, 0 if with_items else None))
 
         set_active_paths(self.pm.model, paths)
         try:
@@ -401,6 +443,7 @@ class CohortEngine:
                 group = order[start:stop]
                 width = int(sizes[group[-1]])
                 x = data[group[0]].features.new_zeros(len(group), width, self.pm.tower_in)
+                items = self._items([data[i] for i in group], width=width) if with_items else None
                 for k, i in enumerate(group):
                     x[k, :sizes[i]] = data[i].features
                 sel = torch.as_tensor(group)
@@ -408,7 +451,7 @@ class CohortEngine:
                 zeros_g = torch.zeros(width, self.n_groups, dtype=torch.long)
                 with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None,
                                  user_slot=torch.zeros(width, dtype=torch.long)):
-                    probs = torch.sigmoid(vmap(one_user)(sub, x)[..., 0]).numpy()
+                    probs = torch.sigmoid(score_fn(sub, x, items)[..., 0]).numpy()
                 for k, i in enumerate(group):
                     out[i] = probs[k, :sizes[i]].copy()
                 start = stop

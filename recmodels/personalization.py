@@ -19,8 +19,12 @@ import numpy as np
 import torch
 
 from foundation.adapters import adapter_config, attach_adapters, ditto_penalty, parameter_kinds, set_active_paths, use_routing
+from foundation.batch import ITEM_FIELDS
 from foundation.errors import FedpaError
 from foundation.model import FoundationModel, masked_bce
+
+from .item_bias import PER_ROW, ItemBias
+from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 
 
 @dataclass(frozen=True)
@@ -60,25 +64,51 @@ class LocalTraining:
     lr: float = 0.01
     batch_size: int = 64
     ditto_lambda: float = 0.1
+    item_bias_lr: float | None = None  # the item-side tables' own learning rate (None: lr)
 
     def __post_init__(self):
         if self.epochs < 0:
             raise FedpaError(f"local epochs must be >= 0, got {self.epochs}")
         if not self.lr > 0:
             raise FedpaError(f"learning rate must be > 0, got {self.lr}")
+        if self.item_bias_lr is not None and not self.item_bias_lr > 0:
+            raise FedpaError(f"item-bias learning rate must be > 0, got {self.item_bias_lr}")
         if self.batch_size < 1:
             raise FedpaError(f"batch size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
 class UserTensors:
-    """One user's cached tower inputs and labels for a split."""
+    """One user's cached tower inputs and labels for a split (and the rows' raw item features, which
+    item-side tables read)."""
 
     features: torch.Tensor  # [n, D] float32
     labels: torch.Tensor    # [n, T] float32 (-1 = unobserved)
+    items: torch.Tensor | None = None  # [n, len(ITEM_FIELDS)] int64
 
     def __len__(self) -> int:
         return self.features.shape[0]
+
+    def rows(self, idx) -> "UserTensors":
+        return UserTensors(self.features[idx], self.labels[idx], None if self.items is None else self.items[idx])
+
+
+class Scorer(torch.nn.Module):
+    """Logits of cached rows: the (adapted) tower, plus shared item-side offsets when enabled."""
+
+    def __init__(self, tower: torch.nn.Module, item_bias: ItemBias | None):
+        super().__init__()
+        self.tower = tower
+        self.item_bias = item_bias
+
+    def forward(self, x: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.tower(x)
+        if self.item_bias is not None:
+            if items is None:
+                raise FedpaError("this model has item-side offsets (item-bias-fields) and needs the rows' item "
+                                 "features; the rows were cached without them (rebuild the feature cache)")
+            logits = logits + self.item_bias(items)
+        return logits
 
 
 class PersonalModel:
@@ -90,9 +120,12 @@ class PersonalModel:
     """
 
     def __init__(self, foundation: FoundationModel, algorithm: Algorithm, *, seed: int = 0,
-                 user_slots: int = 1, host: torch.nn.Module | None = None, **adapter_overrides):
+                 user_slots: int = 1, host: torch.nn.Module | None = None,
+                 item_bias_fields: tuple[str, ...] | list[str] = (), **adapter_overrides):
         """``host``: personalize a stage head instead of the foundation's tower
-        (`recmodels.stages.pointwise.StageHost`, scoring the same cached tower inputs)."""
+        (`recmodels.stages.pointwise.StageHost`, scoring the same cached tower inputs).
+        ``item_bias_fields``: shared item-side logit offsets keyed by these item fields
+        (`recmodels.item_bias`; FedPA's model only)."""
         self.algorithm = algorithm
         self.foundation = foundation
         self.host = host
@@ -113,6 +146,15 @@ class PersonalModel:
             self.tower = self.model.get_base_model().tower
             self.group_attributes = list(cfg.group_attributes)
             self._index_parameters()
+        self.item_bias = None
+        if item_bias_fields:
+            if algorithm.preset != "fedpa" or host is not None:
+                raise FedpaError(f"item-bias-fields is a FedPA option for the foundation's scorer (algorithm "
+                                 f"'{algorithm.name}'{', a stage head' if host is not None else ''})")
+            self.item_bias = ItemBias(foundation.config, item_bias_fields, len(self.task_columns))
+            for f, p in self.item_bias.tables.items():
+                self._shared[ITEM_BIAS_PREFIX + f] = (p, None, PER_ROW)
+        self.scorer = Scorer(self.tower, self.item_bias)
         self.group_columns = [foundation.config.user_fields.index(a) for a in self.group_attributes]
         self.initial_private = self.get_private(0) if self._private else {}
         # the private entry holding per-user logit offsets (use_user_bias), and the slots whose state was
@@ -175,13 +217,15 @@ class PersonalModel:
     @torch.no_grad()
     def features(self, batches) -> UserTensors:
         """Frozen tower inputs for a stream of batches (the foundation's encoders run once here)."""
-        feats, labels = [], []
+        feats, labels, items = [], [], []
         for b in batches:
             feats.append(self._encoder(**b)[0])
             labels.append(b["labels"])
+            items.append(b["item"])
         if not feats:
-            return UserTensors(torch.zeros(0, self.tower_in), torch.zeros(0, 6))
-        return UserTensors(torch.cat(feats), torch.cat(labels))
+            return UserTensors(torch.zeros(0, self.tower_in), torch.zeros(0, 6),
+                               torch.zeros(0, len(ITEM_FIELDS), dtype=torch.long))
+        return UserTensors(torch.cat(feats), torch.cat(labels), torch.cat(items))
 
     @property
     def _encoder(self):
@@ -203,10 +247,24 @@ class PersonalModel:
         s = slot if isinstance(slot, torch.Tensor) else torch.full((n,), slot, dtype=torch.long)
         return use_routing(self.model, group_index=g, user_slot=s)
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor, groups, slot) -> torch.Tensor:
-        with self._route(len(x), groups, slot):
-            logits = self.tower(x)
-        return masked_bce(logits, y[:, self.task_columns])
+    def _loss(self, data: UserTensors, groups, slot) -> torch.Tensor:
+        with self._route(len(data), groups, slot):
+            logits = self.scorer(data.features, data.items)
+        return masked_bce(logits, data.labels[:, self.task_columns])
+
+    def _optimizer(self, train: LocalTraining) -> torch.optim.Adam:
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        if self.item_bias is not None:
+            groups.append({"params": list(self.item_bias.parameters()), "lr": train.item_bias_lr or train.lr})
+        return torch.optim.Adam(groups, lr=train.lr, foreach=True)
+
+    def touched_rows(self, data: UserTensors) -> dict[str, np.ndarray] | None:
+        """Per-row counts this user contributes to the item-side tables (None without them)."""
+        if self.item_bias is None:
+            return None
+        if data.items is None:
+            raise FedpaError("item-side tables need the training rows' item features")
+        return self.item_bias.touched_rows(data.items)
 
     def train_user(self, data: UserTensors, profile: np.ndarray, train: LocalTraining, *,
                    seed: int, slot: int = 0) -> dict[str, float]:
@@ -227,15 +285,14 @@ class PersonalModel:
     @torch.no_grad()
     def _calibrate_user_bias(self, data: UserTensors, groups, slot: int) -> None:
         with self._route(len(data), groups, slot):
-            logits = self.tower(data.features)
+            logits = self.scorer(data.features, data.items)
         bias, per_slot = self._private[self.user_bias_key]
         (bias[slot] if per_slot else bias).copy_(
             calibrated_bias(logits, data.labels[:, self.task_columns]).to(bias.dtype))
         self._fresh.discard(slot)
 
     def _epochs(self, data, groups, train, gen, slot, paths=None, prox: float = 0.0) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=train.lr, foreach=True)
+        opt = self._optimizer(train)
         set_active_paths(self.model, paths)
         total, count = 0.0, 0
         try:
@@ -243,7 +300,7 @@ class PersonalModel:
                 order = torch.randperm(len(data), generator=gen)
                 for s in range(0, len(order), train.batch_size):
                     idx = order[s:s + train.batch_size]
-                    loss = self._loss(data.features[idx], data.labels[idx], groups, slot)
+                    loss = self._loss(data.rows(idx), groups, slot)
                     if prox:
                         loss = loss + 0.5 * prox * ditto_penalty(self.model)
                     opt.zero_grad(set_to_none=True)
@@ -266,7 +323,7 @@ class PersonalModel:
             set_active_paths(self.model, paths)
         try:
             with self._route(len(data), groups, slot):
-                logits = self.tower(data.features)
+                logits = self.scorer(data.features, data.items)
         finally:
             if self.model is not None:
                 set_active_paths(self.model, None)
@@ -279,7 +336,7 @@ class PersonalModel:
             return np.zeros(0, np.float32)
         groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
         with self._route(len(data), groups, slot):
-            logits = self.tower(data.features)
+            logits = self.scorer(data.features, data.items)
         y = data.labels[:, self.task_columns]
         seen = y >= 0
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.clamp(min=0), reduction="none")
@@ -306,15 +363,14 @@ class PersonalModel:
                      train: LocalTraining, *, seed: int) -> float:
         """One pass of ``train.epochs`` over pooled rows of many users (the centralized upper bound):
         each row routed to its user's slot and groups."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=train.lr, foreach=True)
+        opt = self._optimizer(train)
         gen = torch.Generator().manual_seed(int(seed))
         total, count = 0.0, 0
         for _ in range(train.epochs):
             order = torch.randperm(len(data), generator=gen)
             for s in range(0, len(order), train.batch_size):
                 idx = order[s:s + train.batch_size]
-                loss = self._loss(data.features[idx], data.labels[idx], groups[idx], slots[idx])
+                loss = self._loss(data.rows(idx), groups[idx], slots[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -327,8 +383,9 @@ class PersonalModel:
         out = []
         for s in range(0, len(data), 4096):
             sl = slice(s, s + 4096)
-            with self._route(len(data.features[sl]), groups[sl], slots[sl]):
-                out.append(torch.sigmoid(self.tower(data.features[sl])[:, 0]))
+            part = data.rows(sl)
+            with self._route(len(part), groups[sl], slots[sl]):
+                out.append(torch.sigmoid(self.scorer(part.features, part.items)[:, 0]))
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 

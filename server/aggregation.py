@@ -6,7 +6,9 @@ count of that tensor's group; the server divides the summed contributions by
 the summed counts. Globally shared tensors (gate, head, global LoRA) count in
 group "global"; FedPA's group adapters have one entry per (attribute, value),
 counted in group "attribute=value", and a client contributes only to its own
-groups' entries (zeros elsewhere). Sums are exactly what
+groups' entries (zeros elsewhere). Item-side tables (`recmodels.item_bias`, group "per-row") are
+averaged per *row*: their count is a vector with one entry per row, and a client counts only in the
+rows its training items read. Sums are exactly what
 secure aggregation reveals, so the same code aggregates with and without it;
 under secure aggregation the server learns per-group averages without learning
 who is in which group.
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from foundation.errors import FedpaError
+from recmodels.item_bias import PER_ROW
 
 log = logging.getLogger("fedpa.server")
 
@@ -40,11 +43,23 @@ class InvalidUpdate(ValueError):
 class SharedTensor:
     name: str
     shape: tuple[int, ...]
-    group: str | None = None  # None: shared by everyone; else the group key, e.g. "age=3"
+    group: str | None = None  # None: shared by everyone; PER_ROW: counted per row; else the group key, e.g. "age=3"
+
+    @property
+    def per_row(self) -> bool:
+        return self.group == PER_ROW
 
     @property
     def count_key(self) -> str:
-        return COUNT_PREFIX + (self.group or GLOBAL)
+        return COUNT_PREFIX + (f"rows:{self.name}" if self.per_row else self.group or GLOBAL)
+
+    @property
+    def count_shape(self) -> tuple[int, ...]:
+        return (self.shape[0],) if self.per_row else (1,)
+
+    def contributed_by(self, groups: set[str]) -> bool:
+        """Does a client in ``groups`` contribute to this entry (per-row entries: every client, in its rows)?"""
+        return self.group is None or self.per_row or self.group in groups
 
 
 def spec_from(entries: list[tuple[str, tuple[int, ...], str | None]]) -> list[SharedTensor]:
@@ -52,10 +67,11 @@ def spec_from(entries: list[tuple[str, tuple[int, ...], str | None]]) -> list[Sh
 
 
 def count_keys(spec: list[SharedTensor]) -> dict[str, tuple[int, ...]]:
-    """One scalar count per aggregation group (global + each attribute=value)."""
+    """One scalar count per aggregation group (global + each attribute=value); one count per row of
+    each per-row entry."""
     keys = {COUNT_PREFIX + GLOBAL: (1,)}
     for t in spec:
-        keys[t.count_key] = (1,)
+        keys[t.count_key] = t.count_shape
     return keys
 
 
@@ -94,22 +110,34 @@ def apply_sums(state: Mapping[str, np.ndarray], sums: Mapping[str, np.ndarray],
     """New shared state: old + summed deltas / summed counts; entries nobody contributed to stay."""
     new = {}
     for t in spec:
-        c = float(sums[t.count_key][0])
-        step = sums[t.name] / c if c > 0 else 0.0
+        if t.per_row:
+            c = np.asarray(sums[t.count_key], dtype=np.float64)
+            c = c.reshape(c.shape + (1,) * (len(t.shape) - 1))
+            step = np.where(c > 0, sums[t.name] / np.where(c > 0, c, 1.0), 0.0)
+        else:
+            c = float(sums[t.count_key][0])
+            step = sums[t.name] / c if c > 0 else 0.0
         new[t.name] = (state[t.name] + step).astype(np.float32)
     return new
 
 
 def client_contribution(delta: Mapping[str, np.ndarray], spec: list[SharedTensor],
-                        groups: set[str], weight: float = 1.0) -> dict[str, np.ndarray]:
+                        groups: set[str], weight: float = 1.0,
+                        rows: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """What one client sends: weighted deltas for the global entries and its own groups' entries
-    (zeros for every other group) and the counts. Every client sends every entry, so that under secure
+    (zeros for every other group) and the counts; for per-row entries, the rows it read (``rows``:
+    entry -> 0/1 per row) count. Every client sends every entry, so that under secure
     aggregation the server learns only per-group sums and counts; without it, the non-zero counts
-    of a one-user node do reveal that user's groups."""
+    of a one-user node do reveal that user's groups (and the rows it read)."""
     out = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
     out[COUNT_PREFIX + GLOBAL][0] = weight
     for t in spec:
-        if t.group is None or t.group in groups:
+        if t.per_row:
+            if rows is None or t.name not in rows:
+                raise ValueError(f"per-row entry '{t.name}' needs the rows the client read")
+            out[t.name] = np.asarray(delta[t.name], dtype=np.float32) * np.float32(weight)
+            out[t.count_key] = np.asarray(rows[t.name], dtype=np.float32) * np.float32(weight)
+        elif t.contributed_by(groups):
             out[t.name] = np.asarray(delta[t.name], dtype=np.float32) * np.float32(weight)
             out[t.count_key][0] = weight
         else:
@@ -132,6 +160,9 @@ def robust_sums(updates: list[Mapping[str, np.ndarray]], spec: list[SharedTensor
     which is why it cannot run under secure aggregation (the server sees only the sum there)."""
     if method not in ROBUST_METHODS:
         raise ValueError(f"unknown robust aggregation '{method}' ({', '.join(ROBUST_METHODS)})")
+    per_row = [t.name for t in spec if t.per_row]
+    if per_row:
+        raise ValueError(f"robust aggregation does not support per-row entries ({per_row[0]}: item-bias-fields)")
     bounded = []
     for u in updates:
         counts = {k: float(np.asarray(u[k]).reshape(-1)[0]) for k in count_keys(spec)}

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from foundation.config import CATEGORICAL_ITEM_FIELDS
 from foundation.errors import FedpaError
 from foundation.model import load_foundation
 from recmodels.personalization import ALGORITHMS, PersonalModel, get_algorithm
@@ -50,6 +51,8 @@ class FederationConfig:
     use_gate: bool = True
     use_user_shift: bool = False     # FedPA: a private per-user offset of the tower input (the release's private user embeddings)
     use_user_bias: bool = False      # FedPA: private per-user logit offsets beside the shared head, calibrated on-device
+    item_bias_fields: str = ""       # FedPA: shared item-side logit offsets keyed by these item fields (comma-separated), averaged per row
+    item_bias_lr: float = 0.0        # their local learning rate (decays with lr-decay); 0 = lr
     head: str = ""                   # prediction head: "" = the algorithm's (FedPA: shared) | shared | private | frozen
     ditto_lambda: float = 0.1
     split: str = "by-day"
@@ -188,12 +191,36 @@ class FederationConfig:
             bad(f"stage-negatives must be >= 0, got {self.stage_negatives}")
         if self.stage and not self.stage_models:
             bad("stage needs stage-models: the `fedpa funnel` run directory holding the trained stage heads")
+        if self.item_bias_lr < 0:
+            bad(f"item-bias-lr must be >= 0 (0 = lr), got {self.item_bias_lr}")
+        if self.item_bias_fields:
+            unknown = [f for f in self.item_bias_list if f not in CATEGORICAL_ITEM_FIELDS]
+            if unknown or not self.item_bias_list:
+                bad(f"item-bias-fields: {', '.join(unknown) or 'none given'} (categorical item fields: "
+                    f"{', '.join(CATEGORICAL_ITEM_FIELDS)})")
+            if self.algorithm != "fedpa":
+                bad(f"item-bias-fields is a FedPA option (algorithm '{self.algorithm}')")
+            if self.stage:
+                bad("item-bias-fields applies to the foundation's scorer, not to a funnel stage's head")
+            if self.dp_noise_multiplier > 0:
+                bad("item-bias-fields cannot run under differential privacy yet: a user changes one count per item "
+                    "row it read, which the accounted sensitivity does not cover")
+            if self.robust_aggregation != "none" or self.norm_bound > 0:
+                bad("item-bias-fields cannot run with robust aggregation (its tables are averaged per row)")
         if self.split not in ("by-day", "chrono", "loo", "last"):
             bad(f"unknown split '{self.split}' (by-day, chrono, loo, last)")
+
+    @property
+    def item_bias_list(self) -> tuple[str, ...]:
+        return tuple(f.strip() for f in self.item_bias_fields.split(",") if f.strip())
 
     def round_lr(self, round_: int) -> float:
         """The local learning rate of training round ``round_`` (1-based)."""
         return self.lr * self.lr_decay ** max(int(round_) - 1, 0)
+
+    def round_item_bias_lr(self, round_: int) -> float | None:
+        """The item-side tables' learning rate in round ``round_`` (None: the round's lr)."""
+        return self.item_bias_lr * self.lr_decay ** max(int(round_) - 1, 0) if self.item_bias_lr else None
 
     def sample_size(self, num_clients: int) -> int:
         if self.clients_per_round <= 1:
@@ -207,9 +234,10 @@ class FederationConfig:
         foundation = foundation if foundation is not None else load_foundation(self.foundation)
         host = load_stage_host(foundation, self.stage_models, self.stage) if self.stage else None
         return PersonalModel(foundation, get_algorithm(algorithm or self.algorithm), seed=self.seed,
-                             user_slots=user_slots, host=host, **self.adapter_overrides())
+                             user_slots=user_slots, host=host, **self.model_options())
 
-    def adapter_overrides(self) -> dict[str, Any]:
+    def model_options(self) -> dict[str, Any]:
+        """`PersonalModel`'s keyword arguments for this run: adapter overrides and item-side tables."""
         kw: dict[str, Any] = {"r": self.rank, "lora_alpha": self.rank}
         if self.head:
             kw["head"] = self.head
@@ -218,6 +246,8 @@ class FederationConfig:
                       use_gate=self.use_gate, use_user_shift=self.use_user_shift and self.use_user_adapter)
             if self.use_user_bias and self.algorithm == "fedpa":
                 kw["use_user_bias"] = True
+            if self.item_bias_fields and self.algorithm == "fedpa":
+                kw["item_bias_fields"] = self.item_bias_list
             if self.group_attributes:
                 kw["group_attributes"] = [a.strip() for a in self.group_attributes.split(",") if a.strip()]
         return kw

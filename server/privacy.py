@@ -46,7 +46,7 @@ log = logging.getLogger("fedpa.server")
 def clip_delta(delta: dict[str, np.ndarray], spec: list[SharedTensor], groups: set[str],
                clip: float) -> tuple[dict[str, np.ndarray], float]:
     """Scale the entries a user contributes so that their joint L2 norm is at most ``clip``."""
-    mine = [t.name for t in spec if t.group is None or t.group in groups]
+    mine = [t.name for t in spec if t.contributed_by(groups)]
     norm = math.sqrt(sum(float(np.sum(np.square(delta[n], dtype=np.float64))) for n in mine))
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     return {k: (v * np.float32(scale) if k in mine else v) for k, v in delta.items()}, norm
@@ -95,20 +95,22 @@ def add_local_noise(delta: dict[str, np.ndarray], spec: list[SharedTensor], grou
                     rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """Local DP: N(0, std^2) on the entries this user contributes (std = z * C)."""
     rng = rng or noise_rng()
-    mine = {t.name for t in spec if t.group is None or t.group in groups}
+    mine = {t.name for t in spec if t.contributed_by(groups)}
     return {k: (v + rng.normal(0.0, std, size=v.shape).astype(np.float32) if k in mine else v)
             for k, v in delta.items()}
 
 
 def private_contribution(delta: dict[str, np.ndarray], spec: list[SharedTensor], groups: set[str], *,
                          noise_multiplier: float, clip: float, mode: str, n_group_attributes: int,
-                         min_reply_fraction: float, cohort: int) -> dict[str, np.ndarray]:
+                         min_reply_fraction: float, cohort: int,
+                         rows: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """What one user sends under client-level DP: its delta clipped to ``clip`` (local mode: plus its
-    own noise), as a contribution (`client_contribution`), plus its distributed-noise share."""
+    own noise), as a contribution (`client_contribution`), plus its distributed-noise share.
+    ``rows``: the rows the user read of each per-row entry (runs with item-side tables, never under DP)."""
     from .aggregation import client_contribution
 
     if noise_multiplier <= 0:
-        return client_contribution(delta, spec, groups)
+        return client_contribution(delta, spec, groups, rows=rows)
     delta, _ = clip_delta(delta, spec, groups, clip)
     if mode == "local":
         delta = add_local_noise(delta, spec, groups, noise_multiplier * clip)
@@ -146,7 +148,8 @@ def round_event(noise_multiplier: float, sample_size: int, population: int):
 def cohort_contribution(deltas: Mapping[str, tuple[np.ndarray, np.ndarray]], n_users: int, spec: list[SharedTensor],
                         *, keep: np.ndarray | None = None, noise_multiplier: float, clip: float, mode: str,
                         n_group_attributes: int, min_reply_fraction: float, cohort: int,
-                        rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+                        rng: np.random.Generator | None = None,
+                        rows: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The sum over ``n_users`` users of `private_contribution`, computed on stacked deltas.
 
     ``deltas``: shared entry -> (positions of the users contributing to it, their deltas [k, *shape]);
@@ -154,7 +157,8 @@ def cohort_contribution(deltas: Mapping[str, tuple[np.ndarray, np.ndarray]], n_u
     groups of the entries it appears in (as `client_contribution`'s ``groups``). ``keep``: the users to
     include (default all). Each user is clipped to ``clip`` on its own (joint norm of its entries) and,
     in local mode, noised on its own; in distributed mode the users' independent shares N(0, s^2) are
-    drawn as their sum, N(0, k s^2) for k users: the same distribution."""
+    drawn as their sum, N(0, k s^2) for k users: the same distribution. ``rows``: per-row entry ->
+    [n_users, rows] 0/1, the rows each user read (its per-row counts)."""
     keep = np.ones(n_users, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     scale = np.ones(n_users, dtype=np.float64)
     if noise_multiplier > 0:
@@ -173,7 +177,11 @@ def cohort_contribution(deltas: Mapping[str, tuple[np.ndarray, np.ndarray]], n_u
         if noise_multiplier > 0 and mode == "local" and len(v):
             v = v + rng.normal(0.0, noise_multiplier * clip, size=v.shape).astype(np.float32)
         out[t.name] = v.sum(axis=0, dtype=np.float32) if len(v) else np.zeros(t.shape, np.float32)
-        if t.group is not None:
+        if t.per_row:
+            if rows is None or t.name not in rows:
+                raise ValueError(f"per-row entry '{t.name}' needs the rows each user read")
+            out[t.count_key] = np.asarray(rows[t.name], np.float32)[keep].sum(axis=0, dtype=np.float32)
+        elif t.group is not None:
             out[t.count_key][0] = float(sel.sum())
     if noise_multiplier > 0 and mode == "distributed" and keep.any():
         std = distributed_share_std(noise_multiplier, clip, n_group_attributes, min_reply_fraction, cohort)

@@ -25,6 +25,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fedpa-no-gate": {"algorithm": "fedpa", "use_gate": False},
     "fedpa-user-shift": {"algorithm": "fedpa", "use_user_shift": True},
     "fedpa-user-bias": {"algorithm": "fedpa", "use_user_bias": True},
+    # + shared item-side offsets per category / upload type (recmodels.item_bias)
+    "fedpa-item-bias": {"algorithm": "fedpa", "use_user_bias": True,
+                        "item_bias_fields": "category_level_one,category_level_two,upload_type"},
     "fedpa-private-head": {"algorithm": "fedpa", "head": "private"},
 }
 TABLE_METRICS = ("auc", "gauc", "logloss", "f1")

@@ -84,7 +84,10 @@ def export_user(run_dir: str | Path, user: int, out: str | Path, *, store_dir: s
     if cfg.stage:
         raise FedpaError(f"{run_dir} personalized the '{cfg.stage}' stage head; export writes the foundation's "
                          "scorer (a run without --stages)")
-    pm = PersonalModel(load_foundation(cfg.foundation), algorithm, seed=cfg.seed, **cfg.adapter_overrides())
+    if cfg.item_bias_fields:
+        raise FedpaError(f"{run_dir} trained item-side offsets (item-bias-fields = {cfg.item_bias_fields}); the dense "
+                         "model export cannot carry them yet: export a run without them")
+    pm = PersonalModel(load_foundation(cfg.foundation), algorithm, seed=cfg.seed, **cfg.model_options())
     test, request, profile = user_batches(cfg, user)
     if pm.model is None:
         model = pm.foundation

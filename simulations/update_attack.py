@@ -81,6 +81,9 @@ def run_update_attack(cfg: FederationConfig, state: dict[str, np.ndarray], *, ta
     rt = runtime or ClientRuntime(cfg)
     if not rt.algorithm.communicates:
         raise ValueError(f"'{cfg.algorithm}' sends no updates: there is nothing for the server to attack")
+    if cfg.item_bias_fields:
+        raise ValueError("the update attack replays runs without item-side tables (item-bias-fields): their "
+                         "per-row counts already tell a server without secure aggregation which items a user read")
     pm = rt.model
     spec = spec_from(pm.shared_spec())
     rng = np.random.default_rng([seed, 0xA77])
@@ -99,7 +102,7 @@ def run_update_attack(cfg: FederationConfig, state: dict[str, np.ndarray], *, ta
             # the same days, so the attack measures what the update reveals, not the drift between days
             perm = np.random.default_rng([seed, c]).permutation(len(train))
             halves[c] = (perm[: len(perm) // 2], perm[len(perm) // 2:])
-            train = UserTensors(train.features[halves[c][0]], train.labels[halves[c][0]])
+            train = train.rows(halves[c][0])
         contrib = _user_update(rt, cfg, data, train, state, spec, n, seed=int(rng.integers(2**31)))
         total = contrib if total is None else {k: total[k] + contrib[k] for k in total}
         if c in chosen:

@@ -188,3 +188,45 @@ def test_validate_update_rejects_non_arrays():
 def test_shared_tensor_count_key():
     assert SharedTensor("x", (1,)).count_key == "count/global"
     assert SharedTensor("x", (1,), "age=2").count_key == "count/age=2"
+
+
+# ---------------------------------------------------------------- per-row entries (item-side tables)
+
+ROW_SPEC = spec_from([("head.b", (2,), None), ("item_bias.category", (5, 2), "per-row")])
+
+
+def test_per_row_entries_are_averaged_over_the_clients_that_read_each_row():
+    rng = np.random.default_rng(3)
+    state = {t.name: rng.normal(size=t.shape).astype(np.float32) for t in ROW_SPEC}
+    reads = [np.array([1, 1, 0, 0, 0], np.float32), np.array([0, 1, 1, 0, 0], np.float32),
+             np.array([0, 1, 0, 0, 0], np.float32)]  # nobody read rows 3 and 4
+    deltas = [{"head.b": rng.normal(size=2).astype(np.float32),
+               "item_bias.category": (rng.normal(size=(5, 2)) * r[:, None]).astype(np.float32)} for r in reads]
+    contribs = [client_contribution(d, ROW_SPEC, set(), rows={"item_bias.category": r}) for d, r in zip(deltas, reads)]
+    for c in contribs:
+        validate_update(c, ROW_SPEC)
+        assert c["count/rows:item_bias.category"].shape == (5,)
+    new = apply_sums(state, sum_updates(contribs, ROW_SPEC), ROW_SPEC)
+    table, before = new["item_bias.category"], state["item_bias.category"]
+    np.testing.assert_allclose(table[0], before[0] + deltas[0]["item_bias.category"][0], rtol=1e-6)
+    np.testing.assert_allclose(table[1], before[1] + np.mean([d["item_bias.category"][1] for d in deltas], axis=0),
+                               rtol=1e-5)
+    np.testing.assert_allclose(table[2], before[2] + deltas[1]["item_bias.category"][2], rtol=1e-6)
+    np.testing.assert_array_equal(table[3:], before[3:])  # rows nobody read stay exactly
+    # a global entry still averages over every client
+    np.testing.assert_allclose(new["head.b"], state["head.b"] + np.mean([d["head.b"] for d in deltas], axis=0),
+                               rtol=1e-5)
+
+
+def test_per_row_contributions_need_the_rows_read_and_a_count_per_row():
+    from server.aggregation import robust_sums
+
+    delta = {"head.b": np.zeros(2, np.float32), "item_bias.category": np.zeros((5, 2), np.float32)}
+    with pytest.raises(ValueError, match="item_bias.category"):
+        client_contribution(delta, ROW_SPEC, set())
+    good = client_contribution(delta, ROW_SPEC, set(), rows={"item_bias.category": np.ones(5, np.float32)})
+    bad = dict(good, **{"count/rows:item_bias.category": np.ones(1, np.float32)})
+    with pytest.raises(InvalidUpdate, match="count/rows:item_bias.category"):
+        validate_update(bad, ROW_SPEC)
+    with pytest.raises(ValueError, match="per-row"):
+        robust_sums([good], ROW_SPEC, method="median")

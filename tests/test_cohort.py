@@ -32,6 +32,8 @@ def _users(rt, double: bool):
     users = [rt.user(c) for c in range(rt.num_clients)]
     if double:
         rt.model.model.double()
+        if rt.model.item_bias is not None:
+            rt.model.item_bias.double()
         for u in users:
             for split in (u.train, u.val, u.test):
                 split.features = split.features.double()
@@ -80,13 +82,17 @@ def _worst_difference(rt, users, shared0, reference, max_users: int) -> float:
     return worst
 
 
-@pytest.mark.parametrize("algorithm", ADAPTED + ("fedpa+shift", "fedpa+bias"))
+@pytest.mark.parametrize("algorithm", ADAPTED + ("fedpa+shift", "fedpa+bias", "fedpa+items"))
 def test_engine_matches_one_user_training_in_float64(tiny, tiny_foundation, tmp_path, algorithm):
     # small batches and 2 epochs: ragged users with 0 .. many steps, padding and masked steps
-    # (+bias: fresh users' logit offsets are calibrated on their rows first, in both engines)
+    # (+bias: fresh users' logit offsets are calibrated on their rows first, in both engines;
+    # +items: with them, shared item-side tables that each user reads by its rows' items)
     name, _, option = algorithm.partition("+")
     rt = _runtime(tiny, tiny_foundation, name, tmp_path, batch_size=8, local_epochs=2,
-                  use_user_shift=option == "shift", use_user_bias=option == "bias")
+                  use_user_shift=option == "shift", use_user_bias=option in ("bias", "items"),
+                  item_bias_fields="category_level_one,upload_type,video_id" if option == "items" else "")
+    if option == "items":  # the tables step at their own learning rate
+        rt.local = replace(rt.local, item_bias_lr=0.05)
     users = _users(rt, double=True)
     sizes = [len(u.train) for u in users]
     assert min(sizes) == 0 or max(sizes) > 3 * 8  # the population really is ragged
@@ -105,14 +111,20 @@ def test_engine_matches_one_user_training_in_float32_defaults(tiny, tiny_foundat
     assert _worst_difference(rt, users, shared0, _one_by_one(rt, users, shared0), 64) < 1e-4
 
 
-@pytest.mark.parametrize("algorithm", ["fedpa", "pfedrec", "ditto"])
+@pytest.mark.parametrize("algorithm", ["fedpa", "pfedrec", "ditto", "fedpa+items"])
 def test_scores_match_personalized_scores(tiny, tiny_foundation, tmp_path, algorithm):
     from recmodels.cohort import CohortEngine, CohortUser
 
-    rt = _runtime(tiny, tiny_foundation, algorithm, tmp_path, batch_size=16)
+    name, _, option = algorithm.partition("+")
+    rt = _runtime(tiny, tiny_foundation, name, tmp_path, batch_size=16,
+                  item_bias_fields="category_level_one,upload_type" if option else "")
     users = _users(rt, double=True)
     pm = rt.model
     shared0 = pm.get_shared()
+    rng = np.random.default_rng(1)
+    for key in shared0:  # item-side offsets as after some rounds (they start at zero)
+        if key.startswith("item_bias."):
+            shared0[key] = rng.normal(0, 0.3, shared0[key].shape)
     # give every user a distinct private state, as after some rounds
     rng = np.random.default_rng(0)
     privates = [{k: v + rng.normal(0, 0.05, v.shape) for k, v in pm.initial_private.items()} for _ in users]

@@ -34,7 +34,7 @@ def shared_names(cfg) -> list[str]:
     from recmodels.personalization import PersonalModel, get_algorithm
 
     pm = PersonalModel(load_foundation(cfg.foundation), get_algorithm(cfg.algorithm), seed=cfg.seed,
-                       **cfg.adapter_overrides())
+                       **cfg.model_options())
     return [n for n, _, _ in pm.shared_spec()]
 
 

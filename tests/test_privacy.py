@@ -120,7 +120,7 @@ def test_noise_in_the_aggregate_has_the_stated_scale(mode, tiny, tiny_foundation
     summary = simulate(cfg, cohort_size=3)
     assert summary["differential_privacy"]["mode"] == mode
     before = PersonalModel(load_foundation(cfg.foundation), get_algorithm("fedpa"), seed=cfg.seed,
-                           **cfg.adapter_overrides())
+                           **cfg.model_options())
     spec = before.shared_spec()
     start = before.get_shared()
     _, after, _ = RunDir(cfg.run_dir).load_checkpoint()

@@ -22,7 +22,7 @@ def _attack(tiny, tiny_foundation, tmp_path, **kw):
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "attack", algorithm="fedavg-lora", max_clients=40,
                      local_epochs=10, lr=0.05, feature_cache="none", **kw)
     start = PersonalModel(load_foundation(cfg.foundation), get_algorithm(cfg.algorithm), seed=0,
-                          **cfg.adapter_overrides()).get_shared()
+                          **cfg.model_options()).get_shared()
     return run_update_attack(cfg, start, targets=32, runtime=ClientRuntime(cfg))
 
 
