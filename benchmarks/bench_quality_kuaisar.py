@@ -29,14 +29,14 @@ sys.path.insert(0, str(ROOT))
 
 from client.personal_store import PersonalStore, generate_key_file  # noqa: E402
 from server.config import FederationConfig  # noqa: E402
-from server.rundir import RunDir  # noqa: E402
+from server.rundir import RunDir, save_figure  # noqa: E402
 from simulations.compare import compare  # noqa: E402
 from simulations.data.import_interactions import KUAISAR_R, import_interactions  # noqa: E402
 from simulations.data.partition import PartitionConfig  # noqa: E402
 from simulations.data.store import Dataset  # noqa: E402
 from simulations.pretraining import pretrain_foundation  # noqa: E402
 
-ALGORITHMS = "fedpa,fedpa-user-bias,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized"
+ALGORITHMS = "fedpa,fedpa-user-bias,fedpa-item-bias,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized"
 ABLATION = ("fedpa", "fedpa-user-only", "fedpa-groups-only", "fedpa-no-gate", "fedpa-rank1", "fedpa-rank16")
 
 
@@ -52,7 +52,8 @@ def adapter_norms(cfg: FederationConfig, run_dir: Path, store_dir: Path, key: Pa
     _, shared, _ = RunDir(run_dir).load_checkpoint()
     kinds: dict[str, float] = {}
     for name, v in shared.items():
-        kind = ("group adapters" if "group" in name else "gate" if "gate" in name
+        kind = ("item-side tables" if name.startswith("item_bias.") else "group adapters" if "group" in name
+                else "gate" if "gate" in name
                 else "head" if "head" in name else "other shared")
         kinds[kind] = kinds.get(kind, 0.0) + float(np.sum(np.square(v - start[name], dtype=np.float64)))
     store = PersonalStore.from_key_file(store_dir, key)
@@ -86,8 +87,7 @@ def plot_curves(root: Path, variants: list[str], out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def search_groups(base: FederationConfig, ds: Dataset, out: Path) -> list[dict]:

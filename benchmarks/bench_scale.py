@@ -55,6 +55,7 @@ for p in (str(ROOT), str(HERE)):
 from bench_federation import loadavg, run_one  # noqa: E402
 
 from server.config import FederationConfig  # noqa: E402
+from server.rundir import save_figure  # noqa: E402
 
 ENGINES = {"stock": (1, "vectorized"), "loop": (0, "loop"), "vectorized": (0, "vectorized")}
 
@@ -179,9 +180,7 @@ def plot_engines(rows: list[dict], path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------- RecFlow size

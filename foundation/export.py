@@ -80,8 +80,9 @@ def _atomic(path: Path, write) -> Path:
 def export_onnx(model: nn.Module, example: dict, path: str | Path) -> Path:
     """Trace ``model`` on ``example`` (a batch with the model inputs) and write an ONNX file."""
     graph = _Scoring(copy.deepcopy(model)).eval()
-    if hasattr(graph.model, "dedupe_histories"):
-        graph.model.dedupe_histories = False
+    for m in graph.modules():  # the foundation may sit inside a wrapper (e.g. with item-side offsets)
+        if hasattr(m, "dedupe_histories"):
+            m.dedupe_histories = False
     for p in graph.parameters():
         p.requires_grad_(False)
     x = _inputs(example)

@@ -192,7 +192,4 @@ def plot_curves(run: RunDir, metrics: list[str] | None = None) -> Path | None:
         if ax.lines:
             ax.legend()
     fig.tight_layout()
-    out = run.path / "curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, run.path / "curves.png")

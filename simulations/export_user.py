@@ -10,6 +10,7 @@ the latency of scoring one request's 120 candidates are measured and written to 
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from foundation.export import (export_onnx, onnx_probabilities, quantize_onnx, s
                                torch_probabilities)
 from foundation.metrics import auc
 from foundation.model import load_foundation
+from recmodels.item_bias import WithItemBias
 from recmodels.personalization import PersonalModel, get_algorithm
 from server.config import FederationConfig
 from server.rundir import RunDir, atomic_write_json
@@ -84,9 +86,6 @@ def export_user(run_dir: str | Path, user: int, out: str | Path, *, store_dir: s
     if cfg.stage:
         raise FedpaError(f"{run_dir} personalized the '{cfg.stage}' stage head; export writes the foundation's "
                          "scorer (a run without --stages)")
-    if cfg.item_bias_fields:
-        raise FedpaError(f"{run_dir} trained item-side offsets (item-bias-fields = {cfg.item_bias_fields}); the dense "
-                         "model export cannot carry them yet: export a run without them")
     pm = PersonalModel(load_foundation(cfg.foundation), algorithm, seed=cfg.seed, **cfg.model_options())
     test, request, profile = user_batches(cfg, user)
     if pm.model is None:
@@ -102,6 +101,8 @@ def export_user(run_dir: str | Path, user: int, out: str | Path, *, store_dir: s
         if pm.initial_private:
             pm.set_private(_private_state(cfg, user, store_dir, key_file))
         model = merge_for_user(pm.model, 0, pm.group_values(profile))
+        if pm.item_bias is not None:  # the run's shared item-side tables travel with the merged model
+            model = WithItemBias(model, copy.deepcopy(pm.item_bias).requires_grad_(False)).eval()
     out.mkdir(parents=True, exist_ok=True)
     fp32_path = export_onnx(model, request, out / "model.onnx")
     reference = torch_probabilities(model, test)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from server.config import FederationConfig
-from server.rundir import RunDir, atomic_write_bytes, atomic_write_json
+from server.rundir import RunDir, atomic_write_bytes, atomic_write_json, save_figure
 
 from .compare import mean_std
 
@@ -206,9 +206,7 @@ def plot_sweep(rows: list[dict], split: str, out: Path) -> list[Path]:
     ax.set_title("utility vs privacy")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / "utility_vs_epsilon.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "utility_vs_epsilon.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, idx in series.items():
@@ -220,9 +218,7 @@ def plot_sweep(rows: list[dict], split: str, out: Path) -> list[Path]:
     ax.set_title("attack success vs privacy")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(out / "attack_vs_epsilon.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "attack_vs_epsilon.png"))
     return paths
 
 

@@ -5,7 +5,6 @@ Flower round in test_federation.py."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -97,16 +96,48 @@ def test_the_configuration_refuses_what_the_tables_cannot_do(change, words):
         FederationConfig(**change).validate()
 
 
-def test_export_and_the_update_attack_refuse_runs_with_tables(tiny, tiny_foundation, tmp_path):
-    from foundation.errors import FedpaError
-    from simulations.export_user import export_user
+def test_the_update_attack_refuses_runs_with_tables(tiny, tiny_foundation, tmp_path):
     from simulations.update_attack import run_update_attack
 
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", item_bias_fields="upload_type", feature_cache="none")
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg.to_run_config()))
-    with pytest.raises(FedpaError, match="item-side offsets"):
-        export_user(tmp_path / "run", 0, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="item-bias-fields"):
         run_update_attack(cfg, {})
+
+
+def test_export_carries_the_tables_and_matches_pytorch(tiny, tiny_foundation, tmp_path):
+    """`fedpa export` of a run with item-side tables: the ONNX model equals the user's PyTorch scorer
+    (cached-row path: tower + tables), and the tables change its scores."""
+    from client.personal_store import generate_key_file
+    from client.runtime import ClientRuntime
+    from foundation.export import onnx_probabilities
+    from server.rundir import RunDir
+    from simulations.export_user import export_user, user_batches
+    from simulations.simulate import simulate
+
+    key = generate_key_file(tmp_path / "store.key")
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=1, max_clients=8, use_user_bias=True,
+                     item_bias_fields="category_level_one,upload_type", item_bias_lr=0.3,
+                     personal_store=str(tmp_path / "store"), personal_store_key_file=str(key))
+    simulate(cfg, cohort_size=4)
+    rt = ClientRuntime(cfg)
+    user = int(rt.partition.user_of(0))
+    report = export_user(cfg.run_dir, user, tmp_path / "out", int8=False)
+    assert report["fp32"]["max_abs_diff_vs_torch"] <= 1e-4
+    # the exported model scores the user's test rows as the federation's own scorer does
+    pm = rt.model
+    _, shared, _ = RunDir(cfg.run_dir).load_checkpoint()
+    pm.set_shared(shared)
+    from client.personal_store import PersonalStore
+
+    pm.set_private(PersonalStore.from_key_file(cfg.personal_store, key).load(user)[0])
+    data = rt.user(0)
+    test, _, _ = user_batches(cfg, user)
+    got = onnx_probabilities(tmp_path / "out" / "model.onnx", test)
+    want = pm.predict(data.test, data.profile)
+    assert got.shape[0] == len(want) and np.abs(got[:, 0] - want).max() < 1e-4
+    without = {k: v for k, v in shared.items()}
+    for k in without:
+        if k.startswith("item_bias."):
+            without[k] = np.zeros_like(without[k])
+    pm.set_shared(without)
+    assert np.abs(pm.predict(data.test, data.profile) - want).max() > 1e-3  # the tables matter
