@@ -62,7 +62,7 @@ def _config(msg: Message, context: Context) -> FederationConfig:
 def dp_settings(cfg: FederationConfig, pm, cohort: int) -> dict:
     """The keyword arguments of `server.privacy.private_contribution` for this run and round."""
     return dict(noise_multiplier=cfg.dp_noise_multiplier, clip=cfg.dp_clip, mode=cfg.dp_mode,
-                n_group_attributes=len(pm.group_attributes), min_reply_fraction=cfg.min_reply_fraction,
+                n_count_terms=pm.count_terms, min_reply_fraction=cfg.min_reply_fraction,
                 cohort=cohort)
 
 

@@ -45,6 +45,7 @@ from foundation.adapters import ditto_penalty, parameter_kinds, set_active_paths
 from foundation.errors import FedpaError
 from foundation.model import masked_bce
 
+from .item_bias import MISSING_ITEMS
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
 
@@ -159,7 +160,7 @@ class CohortEngine:
         trainable = {n for n, p in self.pm.scorer.named_parameters() if p.requires_grad}
         missing = trainable - set(by_param)
         if missing:
-            raise ValueError(f"trainable tower parameter(s) without a kind: {sorted(missing)[:3]}")
+            raise ValueError(f"trainable scorer parameter(s) without a kind: {sorted(missing)[:3]}")
         return [by_param[n] for n in sorted(by_param)]
 
     def _tower_prefix(self) -> str:
@@ -205,8 +206,7 @@ class CohortEngine:
         if self.pm.item_bias is None:
             return None
         if any(d.items is None for d in data):
-            raise FedpaError("this model has item-side offsets (item-bias-fields) and needs the rows' item features; "
-                             "the rows were cached without them (rebuild the feature cache)")
+            raise FedpaError(MISSING_ITEMS)
         n_fields = data[0].items.shape[1]
         if width is None:
             return torch.cat([d.items for d in data] + [torch.zeros(pad_rows, n_fields, dtype=torch.long)])

@@ -35,6 +35,9 @@ from foundation.model import FoundationModel, FoundationOutput, bounded_rows
 PREFIX = "item_bias."
 """Shared entry names: ``item_bias.<field>``."""
 
+MISSING_ITEMS = ("this model has item-side offsets (item-bias-fields) and needs the rows' item features; the rows "
+                 "were cached without them (rebuild the feature cache)")
+
 PER_ROW = "per-row"
 """The aggregation group of these entries (`server.aggregation`): averaged per row over its readers."""
 

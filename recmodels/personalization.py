@@ -23,7 +23,7 @@ from foundation.batch import ITEM_FIELDS
 from foundation.errors import FedpaError
 from foundation.model import FoundationModel, masked_bce
 
-from .item_bias import PER_ROW, ItemBias
+from .item_bias import MISSING_ITEMS, PER_ROW, ItemBias
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 
 
@@ -105,8 +105,7 @@ class Scorer(torch.nn.Module):
         logits = self.tower(x)
         if self.item_bias is not None:
             if items is None:
-                raise FedpaError("this model has item-side offsets (item-bias-fields) and needs the rows' item "
-                                 "features; the rows were cached without them (rebuild the feature cache)")
+                raise FedpaError(MISSING_ITEMS)
             logits = logits + self.item_bias(items)
         return logits
 
@@ -206,6 +205,12 @@ class PersonalModel:
                 raise FedpaError(f"personal state '{n}' has shape {list(v.shape)}, the model expects {list(dst.shape)}")
             dst.copy_(v)
 
+    @property
+    def count_terms(self) -> int:
+        """Counts beside the global one that a user's contribution moves by a unit norm each: one per
+        group attribute, one per item-side table (`server.privacy.sensitivity`)."""
+        return len(self.group_attributes) + (len(self.item_bias.fields) if self.item_bias is not None else 0)
+
     def group_values(self, profile: np.ndarray) -> dict[str, int]:
         return {a: int(profile[c]) for a, c in zip(self.group_attributes, self.group_columns)}
 
@@ -263,7 +268,7 @@ class PersonalModel:
         if self.item_bias is None:
             return None
         if data.items is None:
-            raise FedpaError("item-side tables need the training rows' item features")
+            raise FedpaError(MISSING_ITEMS)
         return self.item_bias.touched_rows(data.items)
 
     def train_user(self, data: UserTensors, profile: np.ndarray, train: LocalTraining, *,

@@ -202,9 +202,9 @@ class FederationConfig:
                 bad(f"item-bias-fields is a FedPA option (algorithm '{self.algorithm}')")
             if self.stage:
                 bad("item-bias-fields applies to the foundation's scorer, not to a funnel stage's head")
-            if self.dp_noise_multiplier > 0:
-                bad("item-bias-fields cannot run under differential privacy yet: a user changes one count per item "
-                    "row it read, which the accounted sensitivity does not cover")
+            if self.dp_noise_multiplier > 0 and self.dp_mode == "local":
+                bad("item-bias-fields cannot run under local DP: local mode sends counts in the clear, and the "
+                    "tables' per-row counts are the items a user read (use dp-mode central or distributed)")
             if self.robust_aggregation != "none" or self.norm_bound > 0:
                 bad("item-bias-fields cannot run with robust aggregation (its tables are averaged per row)")
         if self.split not in ("by-day", "chrono", "loo", "last"):

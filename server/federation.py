@@ -222,7 +222,7 @@ class Federation:
                     sums = sum_updates(valid, self.spec)
             if self.cfg.dp_noise_multiplier > 0:
                 if self.cfg.dp_mode == "central":
-                    std = self.cfg.dp_noise_multiplier * sensitivity(self.cfg.dp_clip, len(self.model.group_attributes))
+                    std = self.cfg.dp_noise_multiplier * sensitivity(self.cfg.dp_clip, self.model.count_terms)
                     sums = add_noise(sums, self.spec, std)
                 elif self.cfg.dp_mode == "distributed":  # the clients' noise is already in the sum
                     sums = clamp_counts(sums, self.spec)
@@ -250,7 +250,7 @@ class Federation:
             # ... and the clients' noise: 8 std of a node's share stays inside the range (clipping it
             # would remove noise)
             share = distributed_share_std(self.cfg.dp_noise_multiplier, self.cfg.dp_clip,
-                                          len(self.model.group_attributes), self.cfg.min_reply_fraction, cohort)
+                                          self.model.count_terms, self.cfg.min_reply_fraction, cohort)
             reach += 8.0 * share * math.sqrt(biggest)
         clip = float(2 ** math.ceil(math.log2(max(8.0, reach))))
         try:

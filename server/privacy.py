@@ -3,7 +3,11 @@
 Each user's update (the shared entries it contributes to: global ones and its own groups') is
 clipped to L2 norm C on the client. A user changes the vector of released sums by at most its
 clipped delta (norm <= C) plus 1 in each of its 1 + G counts (global + G group attributes), so the
-L2 sensitivity of that vector is S = sqrt(C^2 + 1 + G). Where the noise is added:
+L2 sensitivity of that vector is S = sqrt(C^2 + 1 + G). Item-side tables (`recmodels.item_bias`)
+count per row: under DP a user who read R rows of a table contributes weight 1/sqrt(R) to each of
+them, in the count and on its (clipped) delta rows, so each table's count vector has norm 1 and
+adds 1 to S^2: with P tables S = sqrt(C^2 + 1 + G + P), ``n_count_terms`` = G + P. Where the noise
+is added:
 
 * ``central`` (trusted aggregator): the server adds N(0, (zS)^2) to every coordinate of the sums
   (deltas and counts). Protects against everyone who sees the model afterwards, not the server.
@@ -16,7 +20,7 @@ L2 sensitivity of that vector is S = sqrt(C^2 + 1 + G). Where the noise is added
   cohort sets the share). More survivors than m only add noise.
 * ``local``: every user adds N(0, (zC)^2) to the entries it contributes; counts are sent as they
   are (the server learns group membership, i.e. the profile attributes used for routing, not the
-  interactions). Two users' reports differ by at most 2C, so each round a user takes part in is a
+  interactions; hence no item-side tables in this mode: their counts are interactions). Two users' reports differ by at most 2C, so each round a user takes part in is a
   Gaussian mechanism with noise multiplier z/2 under replace-one; the accountant composes that
   for every round (worst case: the user is sampled every round) and reports the per-user ε.
 
@@ -52,8 +56,17 @@ def clip_delta(delta: dict[str, np.ndarray], spec: list[SharedTensor], groups: s
     return {k: (v * np.float32(scale) if k in mine else v) for k, v in delta.items()}, norm
 
 
-def sensitivity(clip: float, n_group_attributes: int) -> float:
-    return math.sqrt(clip ** 2 + 1 + n_group_attributes)
+def sensitivity(clip: float, n_count_terms: int) -> float:
+    """L2 sensitivity of one user's released sums: clipped delta, global count, ``n_count_terms``
+    unit-norm counts (one per group attribute and per item-side table)."""
+    return math.sqrt(clip ** 2 + 1 + n_count_terms)
+
+
+def row_weights(rows: np.ndarray) -> np.ndarray:
+    """Per user (rows [users, table rows] 0/1): 1/sqrt(rows read), so that its per-row counts have norm 1
+    (0 for a user who read none)."""
+    read = np.asarray(rows, np.float64).sum(axis=-1)
+    return np.where(read > 0, 1.0 / np.sqrt(np.where(read > 0, read, 1.0)), 0.0)
 
 
 def noise_rng() -> np.random.Generator:
@@ -84,10 +97,10 @@ def quorum(min_reply_fraction: float, cohort: int) -> int:
     return max(1, math.ceil(min_reply_fraction * cohort))
 
 
-def distributed_share_std(noise_multiplier: float, clip: float, n_group_attributes: int,
+def distributed_share_std(noise_multiplier: float, clip: float, n_count_terms: int,
                           min_reply_fraction: float, cohort: int) -> float:
     """Std of the noise one user adds in distributed mode: the quorum's shares sum to (zS)^2."""
-    s = noise_multiplier * sensitivity(clip, n_group_attributes)
+    s = noise_multiplier * sensitivity(clip, n_count_terms)
     return s / math.sqrt(quorum(min_reply_fraction, cohort))
 
 
@@ -101,7 +114,7 @@ def add_local_noise(delta: dict[str, np.ndarray], spec: list[SharedTensor], grou
 
 
 def private_contribution(delta: dict[str, np.ndarray], spec: list[SharedTensor], groups: set[str], *,
-                         noise_multiplier: float, clip: float, mode: str, n_group_attributes: int,
+                         noise_multiplier: float, clip: float, mode: str, n_count_terms: int,
                          min_reply_fraction: float, cohort: int,
                          rows: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """What one user sends under client-level DP: its delta clipped to ``clip`` (local mode: plus its
@@ -112,11 +125,15 @@ def private_contribution(delta: dict[str, np.ndarray], spec: list[SharedTensor],
     if noise_multiplier <= 0:
         return client_contribution(delta, spec, groups, rows=rows)
     delta, _ = clip_delta(delta, spec, groups, clip)
+    if rows:  # unit-norm per-row counts (see the module docstring), the same weight on the delta rows
+        w = {k: float(row_weights(r)) for k, r in rows.items()}
+        delta = {k: (v * np.float32(w[k]) if k in w else v) for k, v in delta.items()}
+        rows = {k: np.asarray(r, np.float32) * np.float32(w[k]) for k, r in rows.items()}
     if mode == "local":
         delta = add_local_noise(delta, spec, groups, noise_multiplier * clip)
-    contrib = client_contribution(delta, spec, groups)
+    contrib = client_contribution(delta, spec, groups, rows=rows)
     if mode == "distributed":
-        std = distributed_share_std(noise_multiplier, clip, n_group_attributes, min_reply_fraction, cohort)
+        std = distributed_share_std(noise_multiplier, clip, n_count_terms, min_reply_fraction, cohort)
         contrib = add_noise(contrib, spec, std, clamp=False)
     return contrib
 
@@ -147,7 +164,7 @@ def round_event(noise_multiplier: float, sample_size: int, population: int):
 
 def cohort_contribution(deltas: Mapping[str, tuple[np.ndarray, np.ndarray]], n_users: int, spec: list[SharedTensor],
                         *, keep: np.ndarray | None = None, noise_multiplier: float, clip: float, mode: str,
-                        n_group_attributes: int, min_reply_fraction: float, cohort: int,
+                        n_count_terms: int, min_reply_fraction: float, cohort: int,
                         rng: np.random.Generator | None = None,
                         rows: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The sum over ``n_users`` users of `private_contribution`, computed on stacked deltas.
@@ -173,17 +190,21 @@ def cohort_contribution(deltas: Mapping[str, tuple[np.ndarray, np.ndarray]], n_u
     for t in spec:
         pos, vals = deltas.get(t.name, (np.zeros(0, np.int64), np.zeros((0, *t.shape), np.float32)))
         sel = keep[pos]
-        v = vals[sel].astype(np.float32) * scale[pos[sel]].astype(np.float32).reshape((-1,) + (1,) * len(t.shape))
-        if noise_multiplier > 0 and mode == "local" and len(v):
-            v = v + rng.normal(0.0, noise_multiplier * clip, size=v.shape).astype(np.float32)
-        out[t.name] = v.sum(axis=0, dtype=np.float32) if len(v) else np.zeros(t.shape, np.float32)
+        user_scale = scale
         if t.per_row:
             if rows is None or t.name not in rows:
                 raise ValueError(f"per-row entry '{t.name}' needs the rows each user read")
-            out[t.count_key] = np.asarray(rows[t.name], np.float32)[keep].sum(axis=0, dtype=np.float32)
-        elif t.group is not None:
+            weight = row_weights(rows[t.name]) if noise_multiplier > 0 else np.ones(n_users)
+            user_scale = scale * weight
+            out[t.count_key] = (np.asarray(rows[t.name], np.float32)[keep]
+                                * weight[keep, None].astype(np.float32)).sum(axis=0, dtype=np.float32)
+        v = vals[sel].astype(np.float32) * user_scale[pos[sel]].astype(np.float32).reshape((-1,) + (1,) * len(t.shape))
+        if noise_multiplier > 0 and mode == "local" and len(v):
+            v = v + rng.normal(0.0, noise_multiplier * clip, size=v.shape).astype(np.float32)
+        out[t.name] = v.sum(axis=0, dtype=np.float32) if len(v) else np.zeros(t.shape, np.float32)
+        if t.group is not None and not t.per_row:
             out[t.count_key][0] = float(sel.sum())
     if noise_multiplier > 0 and mode == "distributed" and keep.any():
-        std = distributed_share_std(noise_multiplier, clip, n_group_attributes, min_reply_fraction, cohort)
+        std = distributed_share_std(noise_multiplier, clip, n_count_terms, min_reply_fraction, cohort)
         out = add_noise(out, spec, std * math.sqrt(float(keep.sum())), rng=rng, clamp=False)
     return out

@@ -170,30 +170,41 @@ def test_engine_flags_users_whose_training_diverged(tiny, tiny_foundation, tmp_p
 
 def test_cohort_contribution_is_the_sum_of_user_contributions():
     from server.aggregation import SharedTensor, client_contribution
-    from server.privacy import cohort_contribution, private_contribution
+    from server.privacy import cohort_contribution, private_contribution, sensitivity
 
-    spec = [SharedTensor("g", (3,)), SharedTensor("a0", (2,), "age=0"), SharedTensor("a1", (2,), "age=1")]
+    spec = [SharedTensor("g", (3,)), SharedTensor("a0", (2,), "age=0"), SharedTensor("a1", (2,), "age=1"),
+            SharedTensor("t", (4, 2), "per-row")]
     rng = np.random.default_rng(1)
     groups = [{"age=0"}, {"age=1"}, {"age=0"}, {"age=1"}]
+    reads = np.array([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 1]], np.float32)  # user 2 read nothing
     per_user = [{"g": rng.normal(size=3).astype(np.float32), "a0": rng.normal(size=2).astype(np.float32),
-                 "a1": rng.normal(size=2).astype(np.float32)} for _ in groups]
-    stacked = {"g": (np.arange(4), np.stack([d["g"] for d in per_user]))}
+                 "a1": rng.normal(size=2).astype(np.float32),
+                 "t": (rng.normal(size=(4, 2)) * r[:, None]).astype(np.float32)} for r in reads]
+    stacked = {"g": (np.arange(4), np.stack([d["g"] for d in per_user])),
+               "t": (np.arange(4), np.stack([d["t"] for d in per_user]))}
     for key, group in (("a0", "age=0"), ("a1", "age=1")):
         pos = np.array([i for i, g in enumerate(groups) if group in g])
         stacked[key] = (pos, np.stack([per_user[i][key] for i in pos]))
     keep = np.array([True, True, False, True])
-    dp = dict(mode="central", n_group_attributes=1, min_reply_fraction=0.5, cohort=4)
+    dp = dict(mode="central", n_count_terms=2, min_reply_fraction=0.5, cohort=4)
     for z, clip in ((0.0, 1.0), (1.0, 0.5)):  # without DP, and clipped (central noise is the server's)
-        got = cohort_contribution(stacked, 4, spec, keep=keep, noise_multiplier=z, clip=clip, **dp)
+        got = cohort_contribution(stacked, 4, spec, keep=keep, noise_multiplier=z, clip=clip, rows={"t": reads}, **dp)
         want = None
         for i in np.nonzero(keep)[0]:
-            c = (private_contribution(per_user[i], spec, groups[i], noise_multiplier=z, clip=clip, **dp)
-                 if z else client_contribution(per_user[i], spec, groups[i]))
+            c = (private_contribution(per_user[i], spec, groups[i], noise_multiplier=z, clip=clip,
+                                      rows={"t": reads[i]}, **dp)
+                 if z else client_contribution(per_user[i], spec, groups[i], rows={"t": reads[i]}))
+            if z:  # one user moves the released sums by at most the sensitivity (age: G = 1, one table: P = 1)
+                assert np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for v in c.values())) \
+                    <= sensitivity(clip, 2) + 1e-6
             want = c if want is None else {k: want[k] + c[k] for k in want}
         assert set(got) == set(want)
         for k in want:
             np.testing.assert_allclose(got[k], want[k], atol=1e-6)
     assert got["count/age=0"][0] == 1 and got["count/age=1"][0] == 2 and got["count/global"][0] == 3
+    # under DP each user's per-row counts have norm 1: 1/sqrt(rows read) in each row it read
+    np.testing.assert_allclose(got["count/rows:t"], [1 / np.sqrt(2) + 1 / np.sqrt(2), 1 / np.sqrt(2) + 1 / np.sqrt(3),
+                                                     1 / np.sqrt(3), 1 / np.sqrt(3) + 1 / np.sqrt(2)], rtol=1e-6)
 
 
 def test_cohort_contribution_noise_has_the_per_user_variance():
@@ -202,7 +213,7 @@ def test_cohort_contribution_noise_has_the_per_user_variance():
 
     spec = [SharedTensor("g", (20000,))]
     deltas = {"g": (np.arange(9), np.zeros((9, 20000), np.float32))}
-    common = dict(noise_multiplier=1.0, clip=1.0, n_group_attributes=0, min_reply_fraction=0.5, cohort=9)
+    common = dict(noise_multiplier=1.0, clip=1.0, n_count_terms=0, min_reply_fraction=0.5, cohort=9)
     local = cohort_contribution(deltas, 9, spec, mode="local", **common)
     assert np.std(local["g"]) == pytest.approx(3.0, rel=0.03)  # 9 users, each N(0, (zC)^2)
     dist = cohort_contribution(deltas, 9, spec, mode="distributed", **common)
