@@ -81,7 +81,8 @@ class ItemBias(nn.Module):
 
 class WithItemBias(nn.Module):
     """A dense (merged) foundation model plus item-side offsets, called like the foundation:
-    ``model(**batch)`` -> FoundationOutput whose logits include the offsets of ``batch['item']``."""
+    ``model(**batch)`` -> FoundationOutput whose logits include the offsets of ``batch['item']`` (for
+    scoring: labels are ignored, no loss)."""
 
     def __init__(self, model: FoundationModel, item_bias: ItemBias):
         super().__init__()
