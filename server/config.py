@@ -198,8 +198,7 @@ class FederationConfig:
             if unknown or not self.item_bias_list:
                 bad(f"item-bias-fields: {', '.join(unknown) or 'none given'} (categorical item fields: "
                     f"{', '.join(CATEGORICAL_ITEM_FIELDS)})")
-            if self.algorithm != "fedpa":
-                bad(f"item-bias-fields is a FedPA option (algorithm '{self.algorithm}')")
+        if self.item_bias_fields and self.algorithm == "fedpa":  # a FedPA option: the others ignore it
             if self.stage:
                 bad("item-bias-fields applies to the foundation's scorer, not to a funnel stage's head")
             if self.dp_noise_multiplier > 0 and self.dp_mode == "local":
@@ -220,7 +219,7 @@ class FederationConfig:
 
     def round_item_bias_lr(self, round_: int) -> float | None:
         """The item-side tables' learning rate in round ``round_`` (None: the round's lr)."""
-        return self.item_bias_lr * self.lr_decay ** max(int(round_) - 1, 0) if self.item_bias_lr else None
+        return self.round_lr(round_) * self.item_bias_lr / self.lr if self.item_bias_lr else None
 
     def sample_size(self, num_clients: int) -> int:
         if self.clients_per_round <= 1:

@@ -83,7 +83,6 @@ def test_a_faster_table_learning_rate_moves_the_tables_further(tiny, tiny_founda
 @pytest.mark.parametrize("change, words", [
     (dict(item_bias_fields="duration"), "categorical item fields"),
     (dict(item_bias_fields="genre"), "categorical item fields"),
-    (dict(item_bias_fields="upload_type", algorithm="fedper"), "a FedPA option"),
     (dict(item_bias_fields="upload_type", dp_noise_multiplier=1.0, dp_mode="local"), "local DP"),
     (dict(item_bias_fields="upload_type", robust_aggregation="median"), "robust aggregation"),
     (dict(item_bias_fields="upload_type", stage="rank", stage_models="x"), "funnel stage"),
@@ -94,6 +93,19 @@ def test_the_configuration_refuses_what_the_tables_cannot_do(change, words):
 
     with pytest.raises(ConfigValueError, match=words):
         FederationConfig(**change).validate()
+
+
+def test_the_other_algorithms_ignore_the_fedpa_option():
+    """As with FedPA's other options: a compare run's shared configuration serves every baseline."""
+    from server.config import FederationConfig
+
+    for algorithm in ("fedper", "ditto", "centralized"):
+        cfg = FederationConfig(algorithm=algorithm, item_bias_fields="upload_type", dp_noise_multiplier=1.0,
+                               dp_mode="local")
+        cfg.validate()
+        assert "item_bias_fields" not in cfg.model_options()
+    assert FederationConfig(item_bias_fields="upload_type").model_options()["item_bias_fields"] == ("upload_type",)
+    assert FederationConfig(lr=0.01, lr_decay=0.5, item_bias_lr=0.3).round_item_bias_lr(3) == pytest.approx(0.075)
 
 
 def test_the_update_attack_refuses_runs_with_tables(tiny, tiny_foundation, tmp_path):
