@@ -116,9 +116,11 @@ def test_the_update_attack_refuses_runs_with_tables(tiny, tiny_foundation, tmp_p
         run_update_attack(cfg, {})
 
 
-def test_export_carries_the_tables_and_matches_pytorch(tiny, tiny_foundation, tmp_path):
-    """`fedpa export` of a run with item-side tables: the ONNX model equals the user's PyTorch scorer
-    (cached-row path: tower + tables), and the tables change its scores."""
+def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_foundation, tmp_path):
+    """A central-DP run with item-side tables (per-row weights 1/sqrt(rows read), their unit-norm counts
+    covered by the sensitivity; tested in test_cohort.py) completes with ε reported and the tables
+    learned; `fedpa export` of it: the ONNX model equals the user's PyTorch scorer (cached-row path:
+    tower + tables), and the tables change its scores."""
     from client.personal_store import generate_key_file
     from client.runtime import ClientRuntime
     from foundation.export import onnx_probabilities
@@ -129,8 +131,10 @@ def test_export_carries_the_tables_and_matches_pytorch(tiny, tiny_foundation, tm
     key = generate_key_file(tmp_path / "store.key")
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=1, max_clients=8, use_user_bias=True,
                      item_bias_fields="category_level_one,upload_type", item_bias_lr=0.3,
+                     dp_noise_multiplier=0.5, dp_clip=1.0,
                      personal_store=str(tmp_path / "store"), personal_store_key_file=str(key))
-    simulate(cfg, cohort_size=4)
+    summary = simulate(cfg, cohort_size=4)
+    assert summary["differential_privacy"]["epsilon"] > 0
     rt = ClientRuntime(cfg)
     user = int(rt.partition.user_of(0))
     report = export_user(cfg.run_dir, user, tmp_path / "out", int8=False)
@@ -138,6 +142,8 @@ def test_export_carries_the_tables_and_matches_pytorch(tiny, tiny_foundation, tm
     # the exported model scores the user's test rows as the federation's own scorer does
     pm = rt.model
     _, shared, _ = RunDir(cfg.run_dir).load_checkpoint()
+    for entry in ("item_bias.category_level_one", "item_bias.upload_type"):
+        assert np.all(np.isfinite(shared[entry])) and float(np.abs(shared[entry]).max()) > 1e-2
     pm.set_shared(shared)
     from client.personal_store import PersonalStore
 
@@ -154,19 +160,3 @@ def test_export_carries_the_tables_and_matches_pytorch(tiny, tiny_foundation, tm
     pm.set_shared(without)
     assert np.abs(pm.predict(data.test, data.profile) - want).max() > 1e-3  # the tables matter
 
-
-def test_a_central_dp_run_trains_the_tables_with_unit_norm_row_counts(tiny, tiny_foundation, tmp_path):
-    """Under central DP the tables take part with per-row weights 1/sqrt(rows read) (their unit-norm
-    counts are covered by the sensitivity; tested in test_cohort.py): the round completes, the accountant
-    reports ε, and the tables learned."""
-    from server.rundir import RunDir
-    from simulations.simulate import simulate
-
-    cfg = fed_config(tiny, tiny_foundation, tmp_path / "dp", num_rounds=1, max_clients=12, use_user_bias=True,
-                     item_bias_fields="category_level_one,upload_type", item_bias_lr=0.3,
-                     dp_noise_multiplier=0.5, dp_clip=1.0)
-    summary = simulate(cfg, cohort_size=4)
-    assert summary["differential_privacy"]["epsilon"] > 0
-    _, after, _ = RunDir(cfg.run_dir).load_checkpoint(1)
-    for key in ("item_bias.category_level_one", "item_bias.upload_type"):
-        assert np.all(np.isfinite(after[key])) and float(np.abs(after[key]).max()) > 1e-2
