@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from client.personal_store import PersonalStore, generate_key_file  # noqa: E402
 from server.config import FederationConfig  # noqa: E402
 from server.rundir import RunDir, save_figure  # noqa: E402
-from simulations.compare import compare  # noqa: E402
+from simulations.compare import compare, variant_config  # noqa: E402
 from simulations.data.import_interactions import KUAISAR_R, import_interactions  # noqa: E402
 from simulations.data.partition import PartitionConfig  # noqa: E402
 from simulations.data.store import Dataset  # noqa: E402
@@ -203,10 +203,12 @@ def main() -> None:
              f"Compare wall time: {wall / 60:.1f} min" + ("" if a.report_only else
                                                           f" (whole benchmark {(time.time() - t0) / 60:.1f} min)") + ".", "",
              "![curves](curves_vs_rounds_and_time.png)", ""]
-    if "fedpa" in variants:
-        norms = adapter_norms(base, out / "fedpa" / "seed-0", out / "stores" / "fedpa", key)
-        lines += ["## FedPA's adapters after training (seed 0)", "", "| kind | L2 norm |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in norms.items()]
+    for variant in ("fedpa", "fedpa-item-bias"):
+        if variant in variants:
+            cfg = variant_config(base, variant, 0, out)
+            norms = adapter_norms(cfg, out / variant / "seed-0", out / "stores" / variant, key)
+            lines += ["", f"## {variant}: adapters after training (seed 0)", "", "| kind | L2 norm |", "|---|---|"]
+            lines += [f"| {k} | {v:.4f} |" for k, v in norms.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
