@@ -8,6 +8,10 @@ test; AUC / LogLoss over the test pairs), ``chrono`` is FedPA's (per-user chrono
 pooled AUC, GAUC, weighted P/R/F1). Open users for pre-training follow FedPA's rule with
 ``reco_active_level = 3`` as "highly active"; group adapters are keyed by ``onehot_feat1`` and
 ``reco_active_level``. The foundation is pre-trained once per protocol on the open users (3 epochs).
+Clients: on MRFF's protocol every user is a client and is scored (1,791 test pairs; an open user's
+client trains on the same earlier rows the foundation was pre-trained on and is scored on its last
+pair, which pre-training never read); on FedPA's protocol only the private users are.
+``--clients private`` / ``--clients all`` overrides that and writes under OUT/<protocol>/<clients>-clients/.
 Writes ``OUT/<protocol>/report.md`` with the comparison table (mean ± std over seeds), the
 learning curves of the first seed against rounds and wall time, and the norm of every adapter
 kind of FedPA after training (shared: from the final checkpoint; private: from the users' stores).
@@ -135,6 +139,9 @@ def main() -> None:
     ap.add_argument("--algorithms", default=ALGORITHMS)
     ap.add_argument("--out", default="runs/kuaisar")
     ap.add_argument("--report-only", action="store_true", help="rewrite report.md from the finished runs")
+    ap.add_argument("--clients", choices=("all", "private"), default=None,
+                    help="who is a client and scored: every user (open users too) or the private users only "
+                         "(default: all on the last protocol, as MRFF scores every user; private on chrono)")
     ap.add_argument("--search-groups", action="store_true",
                     help="FedPA (seed 0) with every single and pair of the profile attributes that have 2..64 values as "
                          "group keys; ranks them by the *validation* metric only; writes OUT/<protocol>/group-search/")
@@ -151,16 +158,20 @@ def main() -> None:
     ds = Dataset(data)
     out = Path(a.out) / a.protocol
     foundation = out / "foundation"
+    default_clients = "all" if a.protocol == "last" else "private"
+    clients = a.clients or default_clients
+    if clients != default_clients:
+        out = out / f"{clients}-clients"
     partition = PartitionConfig(seed=0, activity_attribute="reco_active_level", active_values=(3,))
     if not (foundation / "config.json").exists():
         report = pretrain_foundation(data, foundation, epochs=3, batch_size=1024, split=a.protocol, partition=partition)
         print("foundation:", json.dumps(report["evaluation"]["private_test"]["pretrained"]))
-    key = out / "store.key"
+    key = Path(a.out) / a.protocol / "store.key"
     if not key.exists():
         generate_key_file(key)
     base = FederationConfig(data_dir=str(data), foundation=str(foundation), split=a.protocol, num_rounds=a.rounds,
                             activity_attribute="reco_active_level", active_values="3",
-                            group_attributes="onehot_feat1,reco_active_level",
+                            group_attributes="onehot_feat1,reco_active_level", federate_open_users=clients == "all",
                             personal_store=str(out / "stores" / "fedpa"), personal_store_key_file=str(key))
     variants = [v for v in a.algorithms.split(",") if v]
     if a.search_groups:
@@ -196,7 +207,9 @@ def main() -> None:
     plot_curves(out, [v for v in variants if v != "foundation"], out / "curves_vs_rounds_and_time.png")
     title = "FedPA's ablations" if a.ablation else "fedpa"
     lines = [f"# {title} on KuaiSAR-R ({a.protocol} protocol)", "",
-             f"{len(ds.days)} days, {ds.users().num_rows:,} users; {a.rounds} rounds, every client every round, "
+             f"{len(ds.days)} days, {ds.users().num_rows:,} users; clients: "
+             f"{'every user (open users too)' if clients == 'all' else 'the private users'}; "
+             f"{a.rounds} rounds, every client every round, "
              f"seeds 0..{a.seeds - 1}; foundation pre-trained on open users (reco_active_level = 3 as highly active); "
              "group adapters on onehot_feat1 and reco_active_level. Test at the best validation round.", "",
              result["markdown"], "",

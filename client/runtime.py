@@ -1,7 +1,7 @@
 """Everything a client process needs for its users, built once per process.
 
 A Flower node serves one user (a device, or stock simulation) or a cohort of
-users (fast simulation): node ``p`` of ``N`` serves the private users with
+users (fast simulation): node ``p`` of ``N`` serves the clients (private users) with
 client indices ``p*C .. (p+1)*C-1`` where ``C = ceil(num_clients / N)``. The
 frozen foundation, the dataset handles and each user's cached tower inputs are
 kept here, keyed by configuration, so a process pays for them once, not once
@@ -36,7 +36,7 @@ def partition_config(cfg: FederationConfig) -> PartitionConfig:
     return PartitionConfig(seed=cfg.partition_seed, active_top_fraction=cfg.active_top_fraction,
                            activity_attribute=cfg.activity_attribute or None, active_values=values,
                            open_active_fraction=cfg.open_active_fraction, open_rest_fraction=cfg.open_rest_fraction,
-                           max_clients=cfg.max_clients or None)
+                           max_clients=cfg.max_clients or None, federate_open_users=cfg.federate_open_users)
 
 
 def clients_of_node(partition_id: int, num_partitions: int, num_clients: int) -> range:
@@ -70,7 +70,7 @@ class ClientRuntime:
                                    ditto_lambda=cfg.ditto_lambda)
         self._users: dict[int, UserData] = {}
         self._engine: CohortEngine | None = None
-        self.cache = open_feature_cache(cfg, self.partition.private_users)
+        self.cache = open_feature_cache(cfg, self.partition.clients)
 
     def local_for(self, round_: int) -> LocalTraining:
         """Local training settings of one round (the learning rate decays over rounds with lr-decay)."""
@@ -116,32 +116,32 @@ def user_splits(cfg: FederationConfig, ds: Dataset, users: np.ndarray, lookups: 
     return splits
 
 
-def _cache_path(cfg: FederationConfig, private_users: np.ndarray) -> Path | None:
+def _cache_path(cfg: FederationConfig, clients: np.ndarray) -> Path | None:
     if cfg.feature_cache == "none":
         return None
     root = Path(cfg.feature_cache) if cfg.feature_cache else default_root()
     rows = f"stage-negatives:{cfg.stage}:{cfg.stage_negatives}" if cfg.stage and cfg.stage_negatives else ""
-    return root / cache_key(cfg.foundation, cfg.data_dir, cfg.split, cfg.negatives, cfg.seed, private_users, rows)
+    return root / cache_key(cfg.foundation, cfg.data_dir, cfg.split, cfg.negatives, cfg.seed, clients, rows)
 
 
-def open_feature_cache(cfg: FederationConfig, private_users: np.ndarray) -> FeatureCache | None:
-    path = _cache_path(cfg, private_users)
+def open_feature_cache(cfg: FederationConfig, clients: np.ndarray) -> FeatureCache | None:
+    path = _cache_path(cfg, clients)
     return FeatureCache(path) if path is not None and (path / "meta.json").exists() else None
 
 
 def ensure_feature_cache(cfg: FederationConfig, progress=None) -> FeatureCache | None:
-    """Build the cache of every private user's tower inputs unless it exists (simulation only)."""
+    """Build the cache of every client's tower inputs unless it exists (simulation only)."""
     ds = Dataset(cfg.data_dir)
     part = make_partition(ds, partition_config(cfg))
-    path = _cache_path(cfg, part.private_users)
+    path = _cache_path(cfg, part.clients)
     if path is None:
         return None
     if (path / "meta.json").exists():
         return FeatureCache(path)
     lookups = Lookups.build(ds)
-    splits = user_splits(cfg, ds, part.private_users, lookups)
+    splits = user_splits(cfg, ds, part.clients, lookups)
     model = PersonalModel(load_foundation(cfg.foundation), get_algorithm("foundation"))
-    return build(path, model, splits, part.private_users, progress=progress)
+    return build(path, model, splits, part.clients, progress=progress)
 
 
 _RUNTIMES: dict[tuple, ClientRuntime] = {}
@@ -151,7 +151,7 @@ def get_runtime(cfg: FederationConfig) -> ClientRuntime:
     """The process-wide runtime for this configuration (only the keys that change what is built)."""
     key = (cfg.data_dir, cfg.foundation, cfg.algorithm, cfg.seed, cfg.partition_seed, cfg.split, cfg.negatives, cfg.rank,
            cfg.group_attributes, cfg.use_user_adapter, cfg.use_group_adapters, cfg.use_gate, cfg.use_user_shift, cfg.use_user_bias,
-           cfg.item_bias_fields, cfg.item_bias_lr, cfg.head, cfg.max_clients,
+           cfg.item_bias_fields, cfg.item_bias_lr, cfg.head, cfg.max_clients, cfg.federate_open_users,
            cfg.active_top_fraction, cfg.open_active_fraction, cfg.open_rest_fraction, cfg.activity_attribute,
            cfg.active_values, cfg.local_epochs, cfg.lr, cfg.lr_decay, cfg.batch_size, cfg.ditto_lambda, cfg.feature_cache,
            cfg.stage, cfg.stage_models, cfg.stage_negatives)

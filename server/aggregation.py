@@ -106,14 +106,19 @@ def sum_updates(updates: list[Mapping[str, np.ndarray]], spec: list[SharedTensor
 
 
 def apply_sums(state: Mapping[str, np.ndarray], sums: Mapping[str, np.ndarray],
-               spec: list[SharedTensor]) -> dict[str, np.ndarray]:
-    """New shared state: old + summed deltas / summed counts; entries nobody contributed to stay."""
+               spec: list[SharedTensor], row_prior: float = 0.0) -> dict[str, np.ndarray]:
+    """New shared state: old + summed deltas / summed counts; entries nobody contributed to stay.
+
+    ``row_prior`` adds that many phantom readers to every read row of a per-row entry, each leaving
+    the row as it was: a row read by few users moves by a fraction of their mean (a row read by one
+    user with prior k moves 1/(1+k) of its delta), a row read by many moves by nearly their mean.
+    That is the shrinkage a smoothed click rate applies to a rarely seen item."""
     new = {}
     for t in spec:
         if t.per_row:
             c = np.asarray(sums[t.count_key], dtype=np.float64)
             c = c.reshape(c.shape + (1,) * (len(t.shape) - 1))
-            step = np.where(c > 0, sums[t.name] / np.where(c > 0, c, 1.0), 0.0)
+            step = np.where(c > 0, sums[t.name] / np.where(c > 0, c + row_prior, 1.0), 0.0)
         else:
             c = float(sums[t.count_key][0])
             step = sums[t.name] / c if c > 0 else 0.0

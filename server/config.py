@@ -53,6 +53,7 @@ class FederationConfig:
     use_user_bias: bool = False      # FedPA: private per-user logit offsets beside the shared head, calibrated on-device
     item_bias_fields: str = ""       # FedPA: shared item-side logit offsets keyed by these item fields (comma-separated), averaged per row
     item_bias_lr: float = 0.0        # their local learning rate (decays with lr-decay); 0 = lr
+    item_bias_prior: float = 0.0     # phantom readers per table row in its server-side mean: shrinks rarely read rows
     head: str = ""                   # prediction head: "" = the algorithm's (FedPA: shared) | shared | private | frozen
     ditto_lambda: float = 0.1
     split: str = "by-day"
@@ -62,6 +63,7 @@ class FederationConfig:
     min_reply_fraction: float = 0.5
     round_timeout: float = 600.0
     max_clients: int = 0             # 0 = every private user is a client
+    federate_open_users: bool = False  # open users are clients too (MRFF's protocol scores every user)
     partition_seed: int = 0          # which users are open / private; fixed across seeds so that the
                                      # foundation (pre-trained on the open users of this seed) never saw a client
     active_top_fraction: float = 0.2
@@ -193,6 +195,8 @@ class FederationConfig:
             bad("stage needs stage-models: the `fedpa funnel` run directory holding the trained stage heads")
         if self.item_bias_lr < 0:
             bad(f"item-bias-lr must be >= 0 (0 = lr), got {self.item_bias_lr}")
+        if not self.item_bias_prior >= 0:
+            bad(f"item-bias-prior must be >= 0, got {self.item_bias_prior}")
         if self.item_bias_fields:
             unknown = [f for f in self.item_bias_list if f not in CATEGORICAL_ITEM_FIELDS]
             if unknown or not self.item_bias_list:

@@ -229,7 +229,7 @@ class Federation:
                 event = self._dp_event(len(selected))
                 self.accountant.compose(event)
                 self.privacy_events.append((event.noise_multiplier, event.sample_size))
-            self.state = apply_sums(self.state, sums, self.spec)
+            self.state = apply_sums(self.state, sums, self.spec, row_prior=self.cfg.item_bias_prior)
         per_client_down = float(np.mean(down)) if down else 0.0
         per_client_up = (float(np.mean(up)) if up else 0.0) + secagg_bytes
         return {"selected": len(selected), "clients_ok": users_ok, "train_loss": loss_sum / max(n_ex, 1),

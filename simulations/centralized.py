@@ -1,4 +1,4 @@
-"""The centralized upper bound: FedPA's model trained on the pooled private data of all clients.
+"""The centralized upper bound: FedPA's model trained on the pooled data of all clients.
 
 Not a federation (the data leaves the users), so it runs outside Flower; it writes
 the same run directory as a federated run so that `fedpa compare` reads both alike.
@@ -53,7 +53,7 @@ def run_centralized(cfg: FederationConfig, progress=None) -> dict:
     ds = Dataset(cfg.data_dir)
     lookups = Lookups.build(ds)
     part = make_partition(ds, partition_config(cfg))
-    users = part.private_users
+    users = part.clients
     splits = user_splits(cfg, ds, users, lookups)
     foundation = load_foundation(cfg.foundation)
     foundation_params = count_parameters(foundation)  # before peft injects the adapters into it

@@ -282,6 +282,7 @@ def simulate_cmd(
     group_attributes: Annotated[str | None, typer.Option(help="comma-separated profile fields with group adapters")] = None,
     split: Annotated[str | None, typer.Option(help="by-day | chrono | loo | last")] = None,
     max_clients: Annotated[int | None, typer.Option(help="use at most this many private users (0 = all)")] = None,
+    federate_open_users: Annotated[bool | None, typer.Option("--federate-open-users/--private-users-only", help="open users (the foundation's pre-training users) join the federation as clients too, as MRFF's protocol has it")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     secagg: Annotated[bool | None, typer.Option("--secagg/--no-secagg", help="SecAgg+ over the nodes' updates (needs >= 3 nodes)")] = None,
     dp_noise_multiplier: Annotated[float | None, typer.Option(help="client-level DP noise multiplier z (0 = off)")] = None,
@@ -313,7 +314,7 @@ def simulate_cmd(
                                           num_rounds=rounds, clients_per_round=clients_per_round,
                                           local_epochs=local_epochs, lr=lr, lr_decay=lr_decay, rank=rank,
                                           group_attributes=group_attributes, split=split, max_clients=max_clients,
-                                          seed=seed, secagg=secagg, dp_noise_multiplier=dp_noise_multiplier,
+                                          federate_open_users=federate_open_users, seed=seed, secagg=secagg, dp_noise_multiplier=dp_noise_multiplier,
                                           dp_clip=dp_clip, dp_mode=dp_mode, dp_max_epsilon=dp_max_epsilon,
                                           cohort_engine=cohort_engine))
     check_inputs(cfg)
@@ -382,6 +383,7 @@ def compare_cmd(
     clients_per_round: Annotated[float | None, typer.Option(help="fraction (<=1) or count (>1) of clients per round")] = None,
     split: Annotated[str | None, typer.Option(help="by-day | chrono | loo | last")] = None,
     max_clients: Annotated[int | None, typer.Option(help="use at most this many private users (0 = all)")] = None,
+    federate_open_users: Annotated[bool | None, typer.Option("--federate-open-users/--private-users-only", help="open users (the foundation's pre-training users) join the federation as clients too, as MRFF's protocol has it")] = None,
     cohort_size: Annotated[int, typer.Option(help="users per virtual SuperNode (0 = one node per core)")] = 0,
     stages: Annotated[str | None, typer.Option(help="compare the personalized funnel instead: stages to federate (retrieval,prerank,rank or all)")] = None,
     funnel: Annotated[Path, typer.Option(help="with --stages: the `fedpa funnel` run whose trained heads are personalized")] = Path("runs/funnel"),
@@ -392,7 +394,8 @@ def compare_cmd(
     if seeds < 1:
         raise FedpaError(f"--seeds must be at least 1, got {seeds}")
     cfg = _federation_config(config, dict(data_dir=data, foundation=foundation, num_rounds=rounds,
-                                          clients_per_round=clients_per_round, split=split, max_clients=max_clients))
+                                          clients_per_round=clients_per_round, split=split, max_clients=max_clients,
+                                          federate_open_users=federate_open_users))
     variants = [a.strip() for a in algorithms.split(",") if a.strip()]
     _check_variants(variants)
     if stages is not None:

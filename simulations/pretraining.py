@@ -100,7 +100,7 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
     report = {
         "data": str(data_dir), "arch": arch, "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
         "parameters": count_parameters(best), "open_users": int(len(part.open_users)),
-        "private_users": int(part.num_clients), "private_users_scored": int(len(private_users)),
+        "private_users": int(len(part.private_users)), "private_users_scored": int(len(private_users)),
         "train_rows": len(opened.train), "train_seconds": train_s,
         "samples_per_second": sum(e["samples"] for e in history["epochs"]) / max(train_s, 1e-9),
         "best_epoch": history["best_epoch"], "history": history["epochs"],

@@ -136,8 +136,8 @@ def evaluate_personalized_funnel(cfg: FederationConfig, stages: list[str], funne
 
     fc = funnel_config(funnel_dir, cfg)
     ds, lookups, _, pools = load_funnel_data(fc, with_train=False)
-    private = make_partition(ds, partition_config(cfg)).private_users
-    mine = np.nonzero(np.isin(pools.requests.user_id, private))[0]
+    clients = make_partition(ds, partition_config(cfg)).clients
+    mine = np.nonzero(np.isin(pools.requests.user_id, clients))[0]
     if len(mine) == 0:
         raise FedpaError(f"none of the {len(pools)} test requests of {funnel_dir} belong to the federation's users")
     pools = pools.subset(mine)

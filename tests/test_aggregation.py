@@ -218,6 +218,26 @@ def test_per_row_entries_are_averaged_over_the_clients_that_read_each_row():
                                rtol=1e-5)
 
 
+def test_row_prior_shrinks_rarely_read_rows_and_leaves_global_entries_alone():
+    rng = np.random.default_rng(4)
+    state = {t.name: rng.normal(size=t.shape).astype(np.float32) for t in ROW_SPEC}
+    reads = [np.array([1, 1, 0, 0, 0], np.float32)] + [np.array([0, 1, 0, 0, 0], np.float32)] * 8
+    deltas = [{"head.b": rng.normal(size=2).astype(np.float32),
+               "item_bias.category": (rng.normal(size=(5, 2)) * r[:, None]).astype(np.float32)} for r in reads]
+    sums = sum_updates([client_contribution(d, ROW_SPEC, set(), rows={"item_bias.category": r})
+                        for d, r in zip(deltas, reads)], ROW_SPEC)
+    plain = apply_sums(state, sums, ROW_SPEC)
+    shrunk = apply_sums(state, sums, ROW_SPEC, row_prior=2.0)
+    before = state["item_bias.category"]
+    # row 0: one reader + 2 phantom readers -> a third of its delta; row 1: 9 readers -> 9/11 of their mean
+    np.testing.assert_allclose(shrunk["item_bias.category"][0] - before[0],
+                               deltas[0]["item_bias.category"][0] / 3, rtol=1e-5)
+    np.testing.assert_allclose(shrunk["item_bias.category"][1] - before[1],
+                               (plain["item_bias.category"][1] - before[1]) * 9 / 11, rtol=1e-5)
+    np.testing.assert_array_equal(shrunk["item_bias.category"][2:], before[2:])
+    np.testing.assert_array_equal(shrunk["head.b"], plain["head.b"])
+
+
 def test_per_row_contributions_need_the_rows_read_and_a_count_per_row():
     from server.aggregation import robust_sums
 

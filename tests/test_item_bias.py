@@ -87,6 +87,8 @@ def test_a_faster_table_learning_rate_moves_the_tables_further(tiny, tiny_founda
     (dict(item_bias_fields="upload_type", robust_aggregation="median"), "robust aggregation"),
     (dict(item_bias_fields="upload_type", stage="rank", stage_models="x"), "funnel stage"),
     (dict(item_bias_lr=-1.0), "item-bias-lr"),
+    (dict(item_bias_prior=-0.5), "item-bias-prior"),
+    (dict(item_bias_prior=float("nan")), "item-bias-prior"),
 ])
 def test_the_configuration_refuses_what_the_tables_cannot_do(change, words):
     from server.config import ConfigValueError, FederationConfig

@@ -108,3 +108,45 @@ def test_bad_split_config():
         SplitConfig("random")
     with pytest.raises(DatasetError, match="sum to 1"):
         SplitConfig("chrono", fractions=(0.5, 0.2, 0.2))
+
+
+def test_open_users_can_join_the_federation_as_clients(ds, tmp_path):
+    base = make_partition(ds, PartitionConfig(seed=3))
+    p = make_partition(ds, PartitionConfig(seed=3, federate_open_users=True))
+    # who is open (pre-training material) does not change; the open users are clients as well
+    assert np.array_equal(p.open_users, base.open_users) and np.array_equal(p.private_users, base.private_users)
+    assert np.array_equal(base.clients, base.private_users) and base.num_clients == 14
+    assert p.num_clients == 20 and np.array_equal(p.clients, np.sort(np.concatenate([p.open_users, p.private_users])))
+    assert [p.user_of(i) for i in range(p.num_clients)] == p.clients.tolist()
+    with pytest.raises(DatasetError, match=r"out of range \(0..19\)"):
+        p.user_of(20)
+    p.save(tmp_path / "p.json")
+    q = Partition.load(tmp_path / "p.json")
+    assert q.config.federate_open_users and np.array_equal(q.clients, p.clients)
+
+
+def test_an_open_client_trains_on_its_own_earlier_rows_and_is_scored_on_its_held_out_ones(tiny, tiny_foundation,
+                                                                                          tmp_path):
+    """MRFF's protocol with open users federated: an open user's client holds exactly its rows of the
+    split, and the rows it is scored on are not among those the foundation was pre-trained on."""
+    from client.runtime import ClientRuntime, partition_config
+    from fed_fixtures import fed_config
+
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", split="last", max_clients=4, feature_cache="none",
+                     federate_open_users=True)
+    rt = ClientRuntime(cfg)
+    part = make_partition(Dataset(tiny), partition_config(cfg))
+    assert rt.num_clients == 4 + len(part.open_users) and len(part.open_users) > 0
+    uid = int(part.open_users[0])
+    index = int(np.searchsorted(part.clients, uid))
+    user = rt.user(index)
+    assert user.user_id == uid
+    pretrained_on = split_users(Dataset(tiny), part.open_users, SplitConfig("last"))  # what `fedpa pretrain` reads
+    mine = split_users(Dataset(tiny), np.array([uid]), SplitConfig("last"))
+    assert (len(user.train), len(user.val), len(user.test)) == (len(mine.train), 1, 1)
+    seen = pretrained_on.train.user_id == uid
+    pretrained_rows = set(zip(pretrained_on.train.request_timestamp[seen].tolist(),
+                              pretrained_on.train.video_id[seen].tolist()))
+    assert len(pretrained_rows) == len(mine.train)
+    for held_out in (mine.val, mine.test):
+        assert (int(held_out.request_timestamp[0]), int(held_out.video_id[0])) not in pretrained_rows

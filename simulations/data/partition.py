@@ -2,9 +2,11 @@
 
 *Open* users are pre-training material for the server (FedPA's rule: 80% of
 the highly active users plus 20% of the rest); every other user is a
-*private* user, i.e. one federated client. Private users are sorted by id and
-partition id ``i`` is ``private_users[i]``: a Flower node started with
-``partition-id=i`` loads exactly that user's rows, nothing else.
+*private* user, i.e. one federated client. With ``federate_open_users`` the
+open users join the federation as clients too (MRFF's protocol scores every
+user; an open user's held-out rows were never pre-trained on). Clients are
+sorted by id and partition id ``i`` is ``clients[i]``: a Flower node started
+with ``partition-id=i`` loads exactly that user's rows, nothing else.
 
 Splits (per private user):
 
@@ -66,6 +68,7 @@ class PartitionConfig:
     open_active_fraction: float = 0.8     # FedPA: 80% of the highly active users are open
     open_rest_fraction: float = 0.2       # ... plus 20% of the rest
     max_clients: int | None = None        # keep a deterministic sample of private users
+    federate_open_users: bool = False     # open users are clients too (their pre-training rows stay theirs)
 
     def __post_init__(self):
         for name in ("active_top_fraction", "open_active_fraction", "open_rest_fraction"):
@@ -83,13 +86,21 @@ class Partition:
     config: PartitionConfig = field(default_factory=PartitionConfig)
 
     @property
+    def clients(self) -> np.ndarray:
+        """The federation's users, sorted by id: partition id ``i`` is ``clients[i]``."""
+        if self.config.federate_open_users:
+            return np.union1d(self.private_users, self.open_users)
+        return self.private_users
+
+    @property
     def num_clients(self) -> int:
-        return len(self.private_users)
+        return len(self.clients)
 
     def user_of(self, partition_id: int) -> int:
-        if not 0 <= partition_id < len(self.private_users):
-            raise DatasetError(f"partition id {partition_id} out of range (0..{len(self.private_users) - 1})")
-        return int(self.private_users[partition_id])
+        clients = self.clients
+        if not 0 <= partition_id < len(clients):
+            raise DatasetError(f"partition id {partition_id} out of range (0..{len(clients) - 1})")
+        return int(clients[partition_id])
 
     def to_json(self) -> dict:
         return {"config": asdict(self.config), "open_users": self.open_users.tolist(),
