@@ -7,7 +7,8 @@ Protocols: ``last`` is MRFF's (per user the second-to-last interaction is valida
 test; AUC / LogLoss over the test pairs), ``chrono`` is FedPA's (per-user chronological 60/20/20,
 pooled AUC, GAUC, weighted P/R/F1). Open users for pre-training follow FedPA's rule with
 ``reco_active_level = 3`` as "highly active"; group adapters are keyed by ``onehot_feat1`` and
-``reco_active_level``. The foundation is pre-trained once per protocol on the open users (3 epochs).
+``reco_active_level``. The foundation is pre-trained once per protocol on the open users (3 epochs),
+into OUT/<protocol>/pretrained/.
 Clients: on MRFF's protocol every user is a client and is scored (1,791 test pairs; an open user's
 client trains on the same earlier rows the foundation was pre-trained on and is scored on its last
 pair, which pre-training never read); on FedPA's protocol only the private users are.
@@ -157,7 +158,7 @@ def main() -> None:
                             items=src / "video_features.csv")
     ds = Dataset(data)
     out = Path(a.out) / a.protocol
-    foundation = out / "foundation"
+    foundation = out / "pretrained"  # not "foundation": that is the frozen-foundation baseline's run directory
     default_clients = "all" if a.protocol == "last" else "private"
     clients = a.clients or default_clients
     if clients != default_clients:

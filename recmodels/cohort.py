@@ -26,8 +26,9 @@ Exactly the semantics of `PersonalModel.train_user`, user by user:
 
 Users are processed in chunks of at most ``max_users`` with similar numbers of
 steps (fewer padded steps), so memory stays bounded whatever the population;
-chunks are independent, so chunking never changes a result. Plain PyTorch: no
-Flower here.
+chunks are independent, so chunking never changes a result. The item-side
+tables are copied per user only over the rows the chunk reads (`_ChunkRows`).
+Plain PyTorch: no Flower here.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from foundation.model import masked_bce
 
 from .item_bias import MISSING_ITEMS
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
+from .item_bias import ItemBias
 from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which PersonalModel uses
@@ -92,11 +94,13 @@ class _Param:
     name: str                 # parameter name inside the scorer (tower.* or item_bias.*)
     tensor: torch.Tensor      # the model's parameter (holds the global shared state)
     mode: str                 # "slot": private per-slot (user's own row); "group": the row of the user's
-                              # group; "whole": the whole tensor (shared globally, or private unsliced)
+                              # group; "whole": the whole tensor (shared globally, or private unsliced);
+                              # "rows": an item-side table's rows the chunk reads (`_ChunkRows`)
     private_key: str | None = None       # private-state entry name (slot mode and private whole)
     group_column: int | None = None      # index into PersonalModel.group_columns (group mode)
     group_keys: dict[int, str] = field(default_factory=dict)  # group value -> shared entry name
     shared_key: str | None = None        # shared entry name (whole, shared)
+    field: str | None = None             # item field of an item-side table ("rows": the chunk's rows of it)
 
 
 def _of(u: CohortUser) -> str:
@@ -119,6 +123,59 @@ class _ScorerLoss(nn.Module):
         return loss
 
 
+class _ChunkRows:
+    """The item-side table rows a chunk of users reads, and the rows' item features as positions in them.
+
+    A user's copy of a table needs only the rows the chunk reads: a row no user of the chunk reads gets
+    no gradient, and Adam leaves a row that never had a gradient exactly where it was. So the engine
+    copies each table per user over these rows only, [users, rows read, tasks] instead of
+    [users, all rows, tasks] (a video-id table has 131,072 rows; a chunk reads a few thousand)."""
+
+    def __init__(self, item_bias: ItemBias, items: Sequence[torch.Tensor]):
+        self.item_bias = item_bias
+        zero = items[0].new_zeros(1, items[0].shape[-1])  # padding rows: a zero item, whose rows must exist
+        per_data = [item_bias.rows(t) for t in [*items, zero]]
+        self.rows = {f: torch.unique(torch.cat([r[j].reshape(-1) for r in per_data]))
+                     for j, f in enumerate(item_bias.fields)}
+
+    def local(self, items: torch.Tensor) -> torch.Tensor:
+        """[..., F] raw item features -> [..., tables] positions into each table's rows read."""
+        return torch.stack([torch.searchsorted(self.rows[f], r)
+                            for f, r in zip(self.item_bias.fields, self.item_bias.rows(items))], dim=-1)
+
+
+class _CompactTables(nn.Module):
+    """Item-side offsets read from tables compacted to a chunk's rows (the per-user copies are passed in
+    by `functional_call` under the names `ItemBias` uses)."""
+
+    def __init__(self, fields: Sequence[str], n_out: int):
+        super().__init__()
+        self.fields = list(fields)
+        self.tables = nn.ParameterDict({f: nn.Parameter(torch.zeros(1, n_out)) for f in self.fields})
+
+    def forward(self, local: torch.Tensor) -> torch.Tensor:
+        out = None
+        for j, f in enumerate(self.fields):
+            v = self.tables[f][local[..., j]]
+            out = v if out is None else out + v
+        return out
+
+
+class _CompactScorer(nn.Module):
+    """`PersonalModel.scorer` reading compacted tables (`_ChunkRows.local` positions instead of item features)."""
+
+    def __init__(self, tower: nn.Module, item_bias: ItemBias):
+        super().__init__()
+        self.tower = tower
+        self.item_bias = _CompactTables(item_bias.fields, next(iter(item_bias.tables.values())).shape[1])
+
+    def forward(self, x: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.tower(x)
+        if local is None:
+            raise FedpaError(MISSING_ITEMS)
+        return logits + self.item_bias(local)
+
+
 class CohortEngine:
     """Vectorized local training and scoring for many users of one `PersonalModel`."""
 
@@ -127,7 +184,8 @@ class CohortEngine:
             raise ValueError(f"algorithm '{pm.algorithm.name}' has no adapters to train")
         self.pm = pm
         self.max_users = max(1, int(max_users))
-        self.loss_module = _ScorerLoss(pm.scorer, pm.task_columns)
+        self.scorer = pm.scorer if pm.item_bias is None else _CompactScorer(pm.tower, pm.item_bias)
+        self.loss_module = _ScorerLoss(self.scorer, pm.task_columns)
         self.params = self._index()
         self.n_groups = len(pm.group_columns)
 
@@ -156,7 +214,7 @@ class CohortEngine:
         if self.pm.item_bias is not None:
             for f, tensor in self.pm.item_bias.tables.items():
                 local = f"item_bias.tables.{f}"
-                by_param[local] = _Param(local, tensor, "whole", shared_key=ITEM_BIAS_PREFIX + f)
+                by_param[local] = _Param(local, tensor, "rows", shared_key=ITEM_BIAS_PREFIX + f, field=f)
         trainable = {n for n, p in self.pm.scorer.named_parameters() if p.requires_grad}
         missing = trainable - set(by_param)
         if missing:
@@ -173,13 +231,16 @@ class CohortEngine:
         cols = self.pm.group_columns
         return np.array([[int(u.profile[c]) for c in cols] for u in users], dtype=np.int64).reshape(len(users), len(cols))
 
-    def _stack(self, users: Sequence[CohortUser], groups: np.ndarray) -> dict[str, torch.Tensor]:
+    def _stack(self, users: Sequence[CohortUser], groups: np.ndarray,
+               chunk_rows: _ChunkRows | None) -> dict[str, torch.Tensor]:
         """Per-user copies [C, ...] of every trainable parameter (the model holds the global state)."""
         c = len(users)
         out = {}
         for p in self.params:
             base = p.tensor.detach()
-            if p.mode == "group":
+            if p.mode == "rows":
+                out[p.name] = base[chunk_rows.rows[p.field]].unsqueeze(0).expand(c, -1, -1).clone()
+            elif p.mode == "group":
                 out[p.name] = base[torch.from_numpy(groups[:, p.group_column])].unsqueeze(1).clone()
             elif p.private_key is not None:
                 want = tuple(base.shape[1:]) if p.mode == "slot" else tuple(base.shape)
@@ -200,20 +261,28 @@ class CohortEngine:
                 out[p.name] = base.unsqueeze(0).expand(c, *base.shape).clone()
         return out
 
-    def _items(self, data: Sequence[UserTensors], *, pad_rows: int = 0, width: int | None = None):
-        """The rows' item features for the item-side offsets (None without them): concatenated with
-        ``pad_rows`` zero rows, or padded per user to [users, width, F] (``width``)."""
+    def _chunk_rows(self, data: Sequence[UserTensors]) -> _ChunkRows | None:
+        """The table rows ``data`` reads (None without item-side tables)."""
         if self.pm.item_bias is None:
             return None
         if any(d.items is None for d in data):
             raise FedpaError(MISSING_ITEMS)
+        return _ChunkRows(self.pm.item_bias, [d.items for d in data])
+
+    def _items(self, data: Sequence[UserTensors], chunk_rows: _ChunkRows | None, *, pad_rows: int = 0,
+               width: int | None = None):
+        """The rows' positions in the chunk's table rows (None without tables): concatenated with
+        ``pad_rows`` zero rows, or padded per user to [users, width, tables] (``width``)."""
+        if chunk_rows is None:
+            return None
         n_fields = data[0].items.shape[1]
         if width is None:
-            return torch.cat([d.items for d in data] + [torch.zeros(pad_rows, n_fields, dtype=torch.long)])
-        out = torch.zeros(len(data), width, n_fields, dtype=torch.long)
-        for k, d in enumerate(data):
-            out[k, :len(d)] = d.items
-        return out
+            raw = torch.cat([d.items for d in data] + [torch.zeros(pad_rows, n_fields, dtype=torch.long)])
+        else:
+            raw = torch.zeros(len(data), width, n_fields, dtype=torch.long)
+            for k, d in enumerate(data):
+                raw[k, :len(d)] = d.items
+        return chunk_rows.local(raw)
 
     # ------------------------------------------------------------------ training
 
@@ -226,8 +295,9 @@ class CohortEngine:
         for chunk in self._chunks(users, local):
             sub = [users[i] for i in chunk]
             groups = self._group_rows(sub)
-            params, loss, n = self._fit(sub, groups, local)
-            yield self._result(chunk, sub, groups, params, loss, n)
+            chunk_rows = self._chunk_rows([u.train for u in sub])
+            params, loss, n = self._fit(sub, groups, local, chunk_rows)
+            yield self._result(chunk, sub, groups, params, loss, n, chunk_rows)
 
     def _chunks(self, users: Sequence[CohortUser], local: LocalTraining) -> list[np.ndarray]:
         # by size: a chunk's users then have about as many steps and rows per step (little padding)
@@ -240,17 +310,18 @@ class CohortEngine:
             return [(("user",), True), (("global",), False)]
         return [(None, False)]
 
-    def _fit(self, users: Sequence[CohortUser], groups: np.ndarray, local: LocalTraining):
-        params = self._stack(users, groups)
+    def _fit(self, users: Sequence[CohortUser], groups: np.ndarray, local: LocalTraining,
+             chunk_rows: _ChunkRows | None):
+        params = self._stack(users, groups, chunk_rows)
         c = len(users)
         if self.pm.user_bias_key and local.epochs > 0:
-            self._calibrate_fresh(users, params)
+            self._calibrate_fresh(users, params, chunk_rows)
         sizes = np.array([len(u.train) for u in users])
         if local.epochs == 0 or sizes.sum() == 0:
             return params, np.full(c, np.nan), sizes.astype(np.float64)
         feats = torch.cat([u.train.features for u in users] + [users[0].train.features.new_zeros(1, self.pm.tower_in)])
         labels = torch.cat([u.train.labels for u in users] + [users[0].train.labels.new_full((1, users[0].train.labels.shape[1]), -1.0)])
-        items = self._items([u.train for u in users], pad_rows=1)
+        items = self._items([u.train for u in users], chunk_rows, pad_rows=1)
         pad = len(feats) - 1
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         gens = [torch.Generator().manual_seed(int(u.seed)) for u in users]
@@ -266,7 +337,8 @@ class CohortEngine:
         return params, loss, sizes.astype(np.float64)
 
     @torch.no_grad()
-    def _calibrate_fresh(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor]) -> None:
+    def _calibrate_fresh(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
+                         chunk_rows: _ChunkRows | None) -> None:
         """Users starting fresh get their logit offsets from their own rows, as `PersonalModel.train_user`
         sets them (`calibrated_bias`) before the first step."""
         name = next(p.name for p in self.params if p.private_key == self.pm.user_bias_key)
@@ -277,8 +349,8 @@ class CohortEngine:
             zeros_g = torch.zeros(n, self.n_groups, dtype=torch.long)
             with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None,
                              user_slot=torch.zeros(n, dtype=torch.long)):
-                logits = functional_call(self.pm.scorer, {k: v[i] for k, v in params.items()},
-                                         (u.train.features, u.train.items))
+                logits = functional_call(self.scorer, {k: v[i] for k, v in params.items()},
+                                         (u.train.features, self._items([u.train], chunk_rows)))
             params[name][i, 0] = calibrated_bias(logits, u.train.labels[:, self.pm.task_columns])
 
     @staticmethod
@@ -361,7 +433,8 @@ class CohortEngine:
         return loss_sum.numpy()
 
     def _result(self, chunk: np.ndarray, users: Sequence[CohortUser], groups: np.ndarray,
-                params: dict[str, torch.Tensor], loss: np.ndarray, n: np.ndarray) -> ChunkResult:
+                params: dict[str, torch.Tensor], loss: np.ndarray, n: np.ndarray,
+                chunk_rows: _ChunkRows | None) -> ChunkResult:
         c = len(users)
         private = [dict() for _ in range(c)]
         deltas: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -370,7 +443,12 @@ class CohortEngine:
         for p in self.params:
             val = params[p.name].detach()
             finite &= torch.isfinite(val.reshape(c, -1)).all(dim=1).numpy()
-            if p.private_key is not None:
+            if p.mode == "rows":  # back to the whole table: rows the chunk did not read did not move
+                read = chunk_rows.rows[p.field]
+                full = val.new_zeros((c, *p.tensor.shape))
+                full[:, read] = val - p.tensor.detach()[read]
+                deltas[p.shared_key] = (everyone, full.numpy())
+            elif p.private_key is not None:
                 arr = (val[:, 0] if p.mode == "slot" else val).numpy()
                 for k in range(c):
                     private[k][p.private_key] = arr[k].copy()
@@ -407,18 +485,20 @@ class CohortEngine:
         for chunk in self._chunks(users, local):
             sub = [users[i] for i in chunk]
             groups = self._group_rows(sub)
+            # the tables' rows both training (PFedRec's fine-tuning) and scoring read
+            chunk_rows = self._chunk_rows([d for i in chunk for d in (users[i].train, *evals[i])])
             if finetune:
                 with torch.enable_grad():
-                    params, _, _ = self._fit(sub, groups, local)
+                    params, _, _ = self._fit(sub, groups, local, chunk_rows)
             else:
-                params = self._stack(sub, groups)
+                params = self._stack(sub, groups, chunk_rows)
             for split in range(len(evals[chunk[0]])):
-                scores = self._score(params, [evals[i][split] for i in chunk])
+                scores = self._score(params, [evals[i][split] for i in chunk], chunk_rows)
                 for k, i in enumerate(chunk):
                     out[i].append(scores[k])
         return out
 
-    def _score(self, params: dict[str, torch.Tensor], data: Sequence[UserTensors],
+    def _score(self, params: dict[str, torch.Tensor], data: Sequence[UserTensors], chunk_rows: _ChunkRows | None,
                max_rows: int = 65536) -> list[np.ndarray]:
         """Each user's rows through its own parameters; users padded to a common length in groups of
         similar sizes (at most ``max_rows`` padded rows at once)."""
@@ -428,7 +508,7 @@ class CohortEngine:
         paths = ("user",) if self.pm.algorithm.ditto else None
 
         def one_user(p, xu, ku):
-            return functional_call(self.pm.scorer, p, (xu, ku))
+            return functional_call(self.scorer, p, (xu, ku))
 
         with_items = self.pm.item_bias is not None
         score_fn = vmap(one_user, in_dims=(0, 0, 0 if with_items else None))
@@ -443,7 +523,7 @@ class CohortEngine:
                 group = order[start:stop]
                 width = int(sizes[group[-1]])
                 x = data[group[0]].features.new_zeros(len(group), width, self.pm.tower_in)
-                items = self._items([data[i] for i in group], width=width) if with_items else None
+                items = self._items([data[i] for i in group], chunk_rows, width=width) if with_items else None
                 for k, i in enumerate(group):
                     x[k, :sizes[i]] = data[i].features
                 sel = torch.as_tensor(group)

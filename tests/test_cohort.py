@@ -102,6 +102,30 @@ def test_engine_matches_one_user_training_in_float64(tiny, tiny_foundation, tmp_
         assert _worst_difference(rt, users, shared0, reference, max_users) < 1e-9
 
 
+def test_per_user_table_copies_hold_just_the_rows_their_chunk_reads(tiny, tiny_foundation, tmp_path):
+    """The engine copies an item-side table per user only over the rows the chunk's items read (a video-id
+    table has far more rows than a chunk reads); positions into them read the same rows as the item features."""
+    from recmodels.cohort import CohortEngine, CohortUser
+
+    rt = _runtime(tiny, tiny_foundation, "fedpa", tmp_path, use_user_bias=True,
+                  item_bias_fields="category_level_one,video_id")
+    users = _users(rt, double=False)[:5]
+    engine = CohortEngine(rt.model)
+    chunk_rows = engine._chunk_rows([u.train for u in users])
+    table = rt.model.item_bias
+    items = torch.cat([u.train.items for u in users])
+    for j, f in enumerate(table.fields):
+        read = set(table.rows(items)[j].tolist()) | set(table.rows(torch.zeros(1, items.shape[1], dtype=torch.long))[j].tolist())
+        assert set(chunk_rows.rows[f].tolist()) == read
+        assert len(read) < table.tables[f].shape[0] // 10 or f == "category_level_one"
+        local = chunk_rows.local(items)[:, j]
+        assert torch.equal(chunk_rows.rows[f][local], table.rows(items)[j])
+    members = [CohortUser(u.train, u.profile, None, 0) for u in users]
+    params = engine._stack(members, engine._group_rows(members), chunk_rows)
+    assert params["item_bias.tables.video_id"].shape == (5, len(chunk_rows.rows["video_id"]),
+                                                         table.tables["video_id"].shape[1])
+
+
 def test_engine_matches_one_user_training_in_float32_defaults(tiny, tiny_foundation, tmp_path):
     rt = _runtime(tiny, tiny_foundation, "fedpa", tmp_path)
     users = _users(rt, double=False)
@@ -117,7 +141,7 @@ def test_scores_match_personalized_scores(tiny, tiny_foundation, tmp_path, algor
 
     name, _, option = algorithm.partition("+")
     rt = _runtime(tiny, tiny_foundation, name, tmp_path, batch_size=16,
-                  item_bias_fields="category_level_one,upload_type" if option else "")
+                  item_bias_fields="category_level_one,upload_type,video_id" if option else "")
     users = _users(rt, double=True)
     pm = rt.model
     shared0 = pm.get_shared()
