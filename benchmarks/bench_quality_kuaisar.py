@@ -25,6 +25,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from simulations.data.partition import PartitionConfig  # noqa: E402
 from simulations.data.store import Dataset  # noqa: E402
 from simulations.pretraining import pretrain_foundation  # noqa: E402
 
-ALGORITHMS = "fedpa,fedpa-user-bias,fedpa-item-bias,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized"
+ALGORITHMS = "fedpa,fedpa-user-bias,fedpa-item-bias,fedpa-item-bias-scaled,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized"
 ABLATION = ("fedpa", "fedpa-user-only", "fedpa-groups-only", "fedpa-no-gate", "fedpa-rank1", "fedpa-rank16")
 
 
@@ -49,11 +50,7 @@ def adapter_norms(cfg: FederationConfig, run_dir: Path, store_dir: Path, key: Pa
     """How far each adapter kind moved: L2 norm of (final - initial) for the shared kinds (final
     checkpoint against the state every run starts from) and of the user path's B factors (zero at
     initialisation) from the users' encrypted stores, median over users."""
-    from foundation.model import load_foundation
-    from recmodels.personalization import PersonalModel, get_algorithm
-
-    start = PersonalModel(load_foundation(cfg.foundation), get_algorithm("fedpa"), seed=0,
-                          **cfg.model_options()).get_shared()
+    start = replace(cfg, seed=0).personal_model("fedpa").get_shared()
     _, shared, _ = RunDir(run_dir).load_checkpoint()
     kinds: dict[str, float] = {}
     for name, v in shared.items():
@@ -97,7 +94,6 @@ def plot_curves(root: Path, variants: list[str], out: Path) -> None:
 
 def search_groups(base: FederationConfig, ds: Dataset, out: Path) -> list[dict]:
     """Which profile attributes should key FedPA's group adapters? Decided on validation only."""
-    from dataclasses import replace
     from itertools import combinations
 
     from server.federation import primary_metric
@@ -185,8 +181,6 @@ def main() -> None:
     started = time.time()
 
     def run_one(cfg):
-        from dataclasses import replace
-
         from simulations.simulate import simulate
 
         # only FedPA's seed 0 keeps its personal state on disk (for the adapter norms), in a store of its
@@ -217,7 +211,7 @@ def main() -> None:
              f"Compare wall time: {wall / 60:.1f} min" + ("" if a.report_only else
                                                           f" (whole benchmark {(time.time() - t0) / 60:.1f} min)") + ".", "",
              "![curves](curves_vs_rounds_and_time.png)", ""]
-    for variant in ("fedpa", "fedpa-item-bias"):
+    for variant in ("fedpa", "fedpa-item-bias", "fedpa-item-bias-scaled"):
         if variant in variants:
             cfg = variant_config(base, variant, 0, out)
             norms = adapter_norms(cfg, out / variant / "seed-0", out / "stores" / variant, key)

@@ -152,6 +152,7 @@ def get_runtime(cfg: FederationConfig) -> ClientRuntime:
     key = (cfg.data_dir, cfg.foundation, cfg.algorithm, cfg.seed, cfg.partition_seed, cfg.split, cfg.negatives, cfg.rank,
            cfg.group_attributes, cfg.use_user_adapter, cfg.use_group_adapters, cfg.use_gate, cfg.use_user_shift, cfg.use_user_bias,
            cfg.item_bias_fields, cfg.item_bias_lr, cfg.head, cfg.max_clients, cfg.federate_open_users,
+           cfg.foundation_logit_scale,
            cfg.active_top_fraction, cfg.open_active_fraction, cfg.open_rest_fraction, cfg.activity_attribute,
            cfg.active_values, cfg.local_epochs, cfg.lr, cfg.lr_decay, cfg.batch_size, cfg.ditto_lambda, cfg.feature_cache,
            cfg.stage, cfg.stage_models, cfg.stage_negatives)

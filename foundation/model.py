@@ -349,6 +349,18 @@ class FoundationModel(PreTrainedModel):
         return FoundationOutput(loss=loss, logits=logits, features=features,
                                 user_embedding=user_emb, item_embedding=item_emb)
 
+    @torch.no_grad()
+    def scale_logits(self, factor: float) -> "FoundationModel":
+        """Multiply every logit by ``factor`` (the head's weight and bias, in place): temperature
+        scaling of the frozen model. Personalization adds its own offsets to these logits; where they
+        carry a user's and an item's base rates, the foundation's logit at full weight counts part of
+        the same evidence twice (KuaiSAR-R; chosen on validation, see the README)."""
+        if not factor > 0:
+            raise ConfigError(f"the foundation's logit scale must be > 0, got {factor}")
+        self.tower.head.weight.mul_(factor)
+        self.tower.head.bias.mul_(factor)
+        return self
+
     # ------------------------------------------------------------------ checkpoint I/O
 
     def save_pretrained(self, save_directory, *args, **kwargs):  # noqa: D401 - transformers signature

@@ -54,6 +54,7 @@ class FederationConfig:
     item_bias_fields: str = ""       # FedPA: shared item-side logit offsets keyed by these item fields (comma-separated), averaged per row
     item_bias_lr: float = 0.0        # their local learning rate (decays with lr-decay); 0 = lr
     item_bias_prior: float = 0.0     # phantom readers per table row in its server-side mean: shrinks rarely read rows
+    foundation_logit_scale: float = 1.0  # multiplies the frozen foundation's logits before personalization adds to them
     head: str = ""                   # prediction head: "" = the algorithm's (FedPA: shared) | shared | private | frozen
     ditto_lambda: float = 0.1
     split: str = "by-day"
@@ -197,6 +198,10 @@ class FederationConfig:
             bad(f"item-bias-lr must be >= 0 (0 = lr), got {self.item_bias_lr}")
         if not self.item_bias_prior >= 0:
             bad(f"item-bias-prior must be >= 0, got {self.item_bias_prior}")
+        if not 0 < self.foundation_logit_scale < math.inf:
+            bad(f"foundation-logit-scale must be a positive number, got {self.foundation_logit_scale}")
+        if self.stage and self.foundation_logit_scale != 1.0:
+            bad("foundation-logit-scale scales the foundation's own head; a funnel stage is scored by its own head")
         if self.item_bias_fields:
             unknown = [f for f in self.item_bias_list if f not in CATEGORICAL_ITEM_FIELDS]
             if unknown or not self.item_bias_list:
@@ -235,6 +240,8 @@ class FederationConfig:
         """The model clients train for this run: the foundation's tower, or with ``stage`` that stage's
         trained head over the same tower inputs, with the algorithm's adapters."""
         foundation = foundation if foundation is not None else load_foundation(self.foundation)
+        if self.foundation_logit_scale != 1.0:
+            foundation.scale_logits(self.foundation_logit_scale)
         host = load_stage_host(foundation, self.stage_models, self.stage) if self.stage else None
         return PersonalModel(foundation, get_algorithm(algorithm or self.algorithm), seed=self.seed,
                              user_slots=user_slots, host=host, **self.model_options())

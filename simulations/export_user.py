@@ -22,9 +22,8 @@ from foundation.errors import FedpaError
 from foundation.export import (export_onnx, onnx_probabilities, quantize_onnx, scoring_latency,
                                torch_probabilities)
 from foundation.metrics import auc
-from foundation.model import load_foundation
 from recmodels.item_bias import WithItemBias
-from recmodels.personalization import PersonalModel, get_algorithm
+from recmodels.personalization import get_algorithm
 from server.config import FederationConfig
 from server.rundir import RunDir, atomic_write_json
 
@@ -86,7 +85,7 @@ def export_user(run_dir: str | Path, user: int, out: str | Path, *, store_dir: s
     if cfg.stage:
         raise FedpaError(f"{run_dir} personalized the '{cfg.stage}' stage head; export writes the foundation's "
                          "scorer (a run without --stages)")
-    pm = PersonalModel(load_foundation(cfg.foundation), algorithm, seed=cfg.seed, **cfg.model_options())
+    pm = cfg.personal_model()
     test, request, profile = user_batches(cfg, user)
     if pm.model is None:
         model = pm.foundation

@@ -75,6 +75,17 @@ def test_shapes_loss_and_determinism(arch):
     assert m1(**{k: v for k, v in b.items() if k != "labels"}).loss is None
 
 
+def test_scale_logits_multiplies_every_logit_and_refuses_non_positive_factors():
+    m = build().eval()
+    b = random_batch(m.config, 8, 2)
+    before = m(**b).logits
+    m.scale_logits(0.25)
+    torch.testing.assert_close(m(**b).logits, 0.25 * before, rtol=1e-5, atol=1e-6)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="logit scale"):
+            m.scale_logits(bad)
+
+
 def test_masked_loss_ignores_unobserved_labels():
     m = build().eval()
     b = random_batch(m.config, 8, 1)

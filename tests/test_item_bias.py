@@ -89,6 +89,9 @@ def test_a_faster_table_learning_rate_moves_the_tables_further(tiny, tiny_founda
     (dict(item_bias_lr=-1.0), "item-bias-lr"),
     (dict(item_bias_prior=-0.5), "item-bias-prior"),
     (dict(item_bias_prior=float("nan")), "item-bias-prior"),
+    (dict(foundation_logit_scale=0.0), "foundation-logit-scale"),
+    (dict(foundation_logit_scale=float("inf")), "foundation-logit-scale"),
+    (dict(foundation_logit_scale=0.5, stage="rank", stage_models="x"), "its own head"),
 ])
 def test_the_configuration_refuses_what_the_tables_cannot_do(change, words):
     from server.config import ConfigValueError, FederationConfig
@@ -133,6 +136,7 @@ def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_found
     key = generate_key_file(tmp_path / "store.key")
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=1, max_clients=8, use_user_bias=True,
                      item_bias_fields="category_level_one,upload_type", item_bias_lr=0.3,
+                     foundation_logit_scale=0.5,  # the export must carry the scaled head too
                      # small noise: at z = 0.5 the noise on the 8 users' shared head alone can saturate a
                      # user's scores at p = 1, where no comparison of probabilities can see the tables
                      dp_noise_multiplier=0.05, dp_clip=1.0,
@@ -164,3 +168,20 @@ def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_found
     pm.set_shared(without)
     assert np.abs(pm.predict(data.test, data.profile) - want).max() > 1e-3  # the tables matter
 
+
+
+@pytest.mark.parametrize("algorithm", ["fedpa", "foundation"])
+def test_foundation_logit_scale_multiplies_the_frozen_logits_every_client_starts_from(tiny, tiny_foundation, tmp_path,
+                                                                                     algorithm):
+    from client.runtime import ClientRuntime
+
+    def start_scores(scale):
+        rt = ClientRuntime(fed_config(tiny, tiny_foundation, tmp_path / f"run{scale}", algorithm=algorithm, max_clients=4,
+                                      feature_cache="none", foundation_logit_scale=scale))
+        data = rt.user(1)
+        return rt.model.predict(data.test, data.profile).astype(np.float64)
+
+    plain, scaled = start_scores(1.0), start_scores(0.3)
+    logit = np.log(plain / (1 - plain))
+    np.testing.assert_allclose(scaled, 1 / (1 + np.exp(-0.3 * logit)), atol=2e-5)
+    assert np.abs(scaled - plain).max() > 1e-2
