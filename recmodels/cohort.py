@@ -169,11 +169,8 @@ class _CompactScorer(nn.Module):
         self.tower = tower
         self.item_bias = _CompactTables(item_bias.fields, next(iter(item_bias.tables.values())).shape[1])
 
-    def forward(self, x: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.tower(x)
-        if local is None:
-            raise FedpaError(MISSING_ITEMS)
-        return logits + self.item_bias(local)
+    def forward(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        return self.tower(x) + self.item_bias(local)
 
 
 class CohortEngine:
@@ -314,8 +311,6 @@ class CohortEngine:
              chunk_rows: _ChunkRows | None):
         params = self._stack(users, groups, chunk_rows)
         c = len(users)
-        if self.pm.user_bias_key and local.epochs > 0:
-            self._calibrate_fresh(users, params, chunk_rows)
         sizes = np.array([len(u.train) for u in users])
         if local.epochs == 0 or sizes.sum() == 0:
             return params, np.full(c, np.nan), sizes.astype(np.float64)
@@ -324,6 +319,8 @@ class CohortEngine:
         items = self._items([u.train for u in users], chunk_rows, pad_rows=1)
         pad = len(feats) - 1
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        if self.pm.user_bias_key:
+            self._calibrate_fresh(users, params, feats, items, offsets)
         gens = [torch.Generator().manual_seed(int(u.seed)) for u in users]
         loss_phase0 = None
         for k, (paths, prox) in enumerate(self._phases()):
@@ -338,19 +335,21 @@ class CohortEngine:
 
     @torch.no_grad()
     def _calibrate_fresh(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
-                         chunk_rows: _ChunkRows | None) -> None:
+                         feats: torch.Tensor, items: torch.Tensor | None, offsets: np.ndarray) -> None:
         """Users starting fresh get their logit offsets from their own rows, as `PersonalModel.train_user`
-        sets them (`calibrated_bias`) before the first step."""
+        sets them (`calibrated_bias`) before the first step. ``feats`` / ``items``: the chunk's training rows
+        as `_fit` concatenates them, user i's from ``offsets[i]``."""
         name = next(p.name for p in self.params if p.private_key == self.pm.user_bias_key)
         for i, u in enumerate(users):
             if u.private is not None or len(u.train) == 0:
                 continue
             n = len(u.train)
+            rows = slice(int(offsets[i]), int(offsets[i]) + n)
             zeros_g = torch.zeros(n, self.n_groups, dtype=torch.long)
             with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None,
                              user_slot=torch.zeros(n, dtype=torch.long)):
                 logits = functional_call(self.scorer, {k: v[i] for k, v in params.items()},
-                                         (u.train.features, self._items([u.train], chunk_rows)))
+                                         (feats[rows], None if items is None else items[rows]))
             params[name][i, 0] = calibrated_bias(logits, u.train.labels[:, self.pm.task_columns])
 
     @staticmethod
@@ -485,8 +484,9 @@ class CohortEngine:
         for chunk in self._chunks(users, local):
             sub = [users[i] for i in chunk]
             groups = self._group_rows(sub)
-            # the tables' rows both training (PFedRec's fine-tuning) and scoring read
-            chunk_rows = self._chunk_rows([d for i in chunk for d in (users[i].train, *evals[i])])
+            # the tables' rows scoring reads, and fine-tuning's (PFedRec) when it trains first
+            chunk_rows = self._chunk_rows([d for i in chunk
+                                           for d in ((users[i].train,) if finetune else ()) + tuple(evals[i])])
             if finetune:
                 with torch.enable_grad():
                     params, _, _ = self._fit(sub, groups, local, chunk_rows)
