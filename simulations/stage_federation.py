@@ -144,7 +144,7 @@ def evaluate_personalized_funnel(cfg: FederationConfig, stages: list[str], funne
     test = request_tensors(pools, lookups)
     foundation = load_foundation(cfg.foundation)
     encoder = StageEncoder(foundation)
-    models = load_stage_models(encoder, fc, Path(funnel_dir) / "models")
+    models = load_stage_models(encoder, fc, Path(funnel_dir) / "models", replaced=stages)
     personal = [_PersonalizedStage(stage_config(cfg, s, funnel_dir), foundation) for s in stages]
     for p in personal:
         setattr(models, p.stage, p.head)  # the adapted head: the funnel runner scores with its adapters

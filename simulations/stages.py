@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -292,15 +293,17 @@ def save_stage_models(models: StageModels, out: Path) -> None:
             atomic_write_bytes(out / f"{name}.safetensors", save(state))
 
 
-def load_stage_models(encoder: StageEncoder, cfg: FunnelConfig, directory: Path) -> StageModels:
-    """The heads a finished `fedpa funnel` run saved (shapes are checked against its configuration)."""
+def load_stage_models(encoder: StageEncoder, cfg: FunnelConfig, directory: Path,
+                      replaced: Collection[str] = ()) -> StageModels:
+    """The heads a finished `fedpa funnel` run saved (shapes are checked against its configuration).
+    ``replaced``: stages whose head the caller sets itself (left untrained here, not read twice)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     models = build_models(encoder, cfg)
     for name in ("retrieval", "prerank", "rank", "rerank"):
         head = getattr(models, name)
-        if head is None:
+        if head is None or name in replaced:
             continue
         path = Path(directory) / f"{name}.safetensors"
         try:

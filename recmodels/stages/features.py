@@ -8,8 +8,14 @@ from __future__ import annotations
 import torch
 
 from foundation.batch import CONTEXT_FIELDS
+from foundation.config import FoundationConfig
 from foundation.errors import FedpaError
 from foundation.model import FoundationModel
+
+
+def user_width(config: FoundationConfig) -> int:
+    """Width of `StageEncoder.users`' user vector: the [USER] state, the profile and context embeddings."""
+    return config.d_model + config.field_dim * (len(config.user_fields) + len(CONTEXT_FIELDS))
 
 
 class StageEncoder:
@@ -21,7 +27,7 @@ class StageEncoder:
         c = foundation.config
         self.item_dim = c.d_model
         self.history_dim = c.d_model
-        self.user_dim = c.d_model + c.field_dim * (len(c.user_fields) + len(CONTEXT_FIELDS))
+        self.user_dim = user_width(c)
         self.pair_dim = foundation.tower.fc1.in_features
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ from foundation.config import FoundationConfig
 from foundation.errors import FedpaError
 from foundation.model import FoundationModel
 
+from .features import user_width
 from .ranking import HoMERanker
 from .towers import PrerankDSSM, RetrievalTwoTower
 
@@ -152,7 +153,7 @@ class StageHost(nn.Module):
 def build_stage_head(stage: str, config: FoundationConfig, interests: int = 1) -> nn.Module:
     """An untrained head of ``stage`` with the shapes `simulations.stages.build_models` gives it."""
     d = config.d_model
-    user_dim = d + config.field_dim * (len(config.user_fields) + len(CONTEXT_FIELDS))
+    user_dim = user_width(config)
     pair_dim = PairLayout(config).width
     if stage == "retrieval":
         return RetrievalTwoTower(user_dim, d, d, interests=interests)
