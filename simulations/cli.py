@@ -66,13 +66,17 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="random seed (same seed, same bytes)")] = 0,
     days: Annotated[int | None, typer.Option(help="number of days (default: the preset's)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing dataset")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="KEY=VALUE: override a world parameter of the preset (repeatable; "
+                      "e.g. --set interest_persistence=0.97)")] = None,
 ):
     """Generate a synthetic RecFlow-shaped dataset (the embedded default)."""
-    from simulations.data.synth import generate
+    from simulations.data.synth import generate, parse_overrides
 
+    overrides = parse_overrides(preset, set_ or [])
     with progress_bar() as p:
         path = generate(preset, out_dir, seed=seed, days=days, overwrite=overwrite,
-                        progress=_day_progress(p, f"synth {preset}"))
+                        progress=_day_progress(p, f"synth {preset}"), **overrides)
     _print_stats(path)
 
 

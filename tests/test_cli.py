@@ -39,6 +39,14 @@ def test_synth_and_inspect(tiny_dir):
     (["simulate", "--lr-decay", "1.5"], "lr-decay must be in (0, 1], got 1.5"),
     (["compare", "--algorithms", "fedpa,bogus"], "unknown algorithm or ablation 'bogus'"),
     (["compare", "--seeds", "0"], "--seeds"),
+    (["data", "synth", "--preset", "tiny", "--out", "/tmp/never-written", "--set", "n_userz=5"],
+     "unknown parameter 'n_userz'"),
+    (["data", "synth", "--preset", "tiny", "--out", "/tmp/never-written", "--set", "n_users=many"],
+     "'many' is not a valid int"),
+    (["data", "synth", "--preset", "tiny", "--out", "/tmp/never-written", "--set", "interest_persistence"],
+     "expected KEY=VALUE"),
+    (["data", "synth", "--preset", "tiny", "--out", "/tmp/never-written", "--set", "interest_persistence=2"],
+     "'interest_persistence' must be in [0, 1]"),
 ])
 def test_user_mistakes_exit_2_with_a_clear_message(args, message):
     res = runner.invoke(app, args)
@@ -53,6 +61,17 @@ def test_simulate_names_missing_inputs(tiny_dir, tmp_path):
     assert "no foundation checkpoint" in res.output and "fedpa pretrain" in res.output
     res = runner.invoke(app, ["simulate", "--data", str(tmp_path), "--foundation", str(tmp_path)])
     assert res.exit_code == 2 and "not a fedpa dataset" in res.output
+
+
+def test_synth_overrides_reach_the_world(tmp_path):
+    out = tmp_path / "custom"
+    res = runner.invoke(app, ["data", "synth", "--preset", "tiny", "--out", str(out), "--days", "1",
+                              "--set", "n-users=40", "--set", "interest_persistence=0.5",
+                              "--set", "stage_noise=0.9,0.7,0.5,0.3,0.2"])
+    assert res.exit_code == 0, res.output
+    generator = json.loads((out / "manifest.json").read_text())["generator"]
+    assert generator["n_users"] == 40 and generator["interest_persistence"] == 0.5
+    assert generator["stage_noise"] == [0.9, 0.7, 0.5, 0.3, 0.2]
 
 
 def test_existing_dataset_is_not_overwritten_without_flag(tiny_dir):

@@ -72,7 +72,7 @@ vectorised over blocks of requests.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -85,7 +85,7 @@ from foundation.errors import FedpaError
 from .schema import LABELS, SCHEMAS, STAGES
 from .store import Dataset, DatasetError, DatasetWriter
 
-__all__ = ["PRESETS", "SynthConfig", "generate", "oracle_utility", "resolve_config"]
+__all__ = ["PRESETS", "SynthConfig", "generate", "oracle_utility", "parse_overrides", "resolve_config"]
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -337,6 +337,34 @@ def _release_arrow_memory() -> None:
     day would stack on one another (recflow: 4.0 instead of 3.5 GiB).
     """
     pa.default_memory_pool().release_unused()
+
+
+def parse_overrides(preset: str, items: Sequence[str]) -> dict[str, object]:
+    """``KEY=VALUE`` strings (the CLI's ``--set``) as overrides of ``preset``'s SynthConfig fields, each
+    value read as its field's type (a tuple as comma-separated values); `resolve_config` validates them."""
+    if preset not in PRESETS:
+        raise FedpaError(f"unknown synthetic preset '{preset}' (one of {', '.join(PRESETS)})")
+    base = PRESETS[preset]
+    known = {f.name for f in fields(SynthConfig)}
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise FedpaError(f"--set '{item}': expected KEY=VALUE")
+        if key not in known:
+            raise FedpaError(f"--set '{item}': unknown parameter '{key}'")
+        default = getattr(base, key)
+        try:
+            if isinstance(default, tuple):
+                kind = type(default[0])
+                out[key] = tuple(kind(v.strip()) for v in text.split(","))
+            else:
+                out[key] = type(default)(text.strip())
+        except ValueError:
+            raise FedpaError(f"--set '{item}': '{text}' is not a valid {type(default).__name__} "
+                             f"(the preset has {default!r})") from None
+    return out
 
 
 def resolve_config(preset: str, *, days: int | None = None, **overrides) -> SynthConfig:
