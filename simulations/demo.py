@@ -45,6 +45,10 @@ def run_demo(out: Path, data: Path, *, rounds: int = 8, seeds: int = 1, console:
             generate("small", data, seed=0, progress=_day_progress(p, "synth small"))
     else:
         console.print(f"[bold]1/3[/] using the dataset at {data}")
+        stale = _stale_world(Dataset(data))
+        if stale:
+            console.print(f"[yellow]{data} was generated before the `small` preset changed ({stale}); its numbers "
+                          f"will differ from the README's. Delete {data} and {out / 'foundation'} to regenerate.[/]")
     timings["data_s"] = time.time() - t0
     foundation = out / "foundation"
     report_file = foundation / "pretrain_report.json"
@@ -80,8 +84,16 @@ def run_demo(out: Path, data: Path, *, rounds: int = 8, seeds: int = 1, console:
     return path
 
 
+def _stale_world(ds: Dataset) -> str:
+    """How a reused `small` dataset differs from the preset as defined now ("" = it does not)."""
+    from simulations.data.synth import preset_differences
+
+    return ", ".join(f"{k} {mine} here, {now} now" for k, (mine, now) in preset_differences(ds.manifest, "small").items())
+
+
 def write_report(out: Path, ds: Dataset, pre: dict, result: dict, base: FederationConfig, timings: dict) -> Path:
     stats = dataset_stats(ds)
+    stale = _stale_world(ds)
     table = result["table"]
     lines = [
         "# fedpa demo report", "",
@@ -98,7 +110,9 @@ def write_report(out: Path, ds: Dataset, pre: dict, result: dict, base: Federati
         f"- Split: train on the first {stats['days'] - 2} days, validate on day {stats['days'] - 1}, "
         f"test on day {stats['days']} (RecFlow's protocol). Open users (FedPA's rule: 80% of the 20% most active "
         f"users + 20% of the rest): {pre['open_users']:,}; private users, one federated client each: "
-        f"{pre['private_users']:,}.", "",
+        f"{pre['private_users']:,}.",
+        *([f"- **This dataset predates the current `small` preset** ({stale}): regenerate it for the README's "
+           "numbers."] if stale else []), "",
         "## 2. Foundation (pre-trained centrally on open users only, then frozen)", "",
         f"{pre['parameters']:,} parameters ({pre['arch']}); {pre['train_rows']:,} training rows, "
         f"{pre['samples_per_second']:.0f} samples/s, {pre['train_seconds']:.0f} s.", "",

@@ -13,7 +13,7 @@ import pytest
 from foundation.errors import FedpaError
 from simulations.data.schema import LABELS, SCHEMAS, STAGE_CODE, STAGES
 from simulations.data.store import Dataset, DatasetError, DatasetWriter
-from simulations.data.synth import PRESETS, generate, oracle_utility
+from simulations.data.synth import PRESETS, generate, oracle_utility, preset_differences
 
 SEED = 7
 TINY = PRESETS["tiny"]
@@ -64,6 +64,11 @@ def user_latents(ds: Dataset, day: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- format
+
+
+def test_a_dataset_of_the_preset_as_defined_differs_in_nothing(tiny_run):
+    ds, _ = tiny_run
+    assert preset_differences(ds.manifest, "tiny") == {}
 
 
 def test_manifest_records_the_world(tiny_run):
@@ -363,5 +368,10 @@ def test_overrides_change_the_world(tmp_path):
                           stored_samples=[5, 5, 5, 10, 5, 10]))
     assert ds.manifest["rows"]["users"] == 50
     assert ds.manifest["generator"]["stored_samples"] == [5, 5, 5, 10, 5, 10]
+    # a dataset made with other parameters than the preset's names each one (what `fedpa demo` warns about)
+    assert preset_differences(ds.manifest, "tiny") == {
+        "n_users": (50, 200), "n_days": (1, 4), "effective_view_rate": (0.3, TINY.effective_view_rate),
+        "stored_samples": ([5, 5, 5, 10, 5, 10], list(TINY.stored_samples))}
+    assert preset_differences(ds.manifest, "small") == {}  # another preset's dataset: nothing to compare
     exposures = ds.day("exposures", ds.days[0])
     assert 0.2 < column(exposures, "effective_view").mean() < 0.4
