@@ -40,10 +40,8 @@ def run_recorded(cfg, cohort_size: int = COHORT) -> SimpleNamespace:
 
 def personal_model(cfg, foundation):
     from foundation.model import load_foundation
-    from recmodels.personalization import PersonalModel, get_algorithm
 
-    return PersonalModel(load_foundation(str(foundation)), get_algorithm(cfg.algorithm), seed=cfg.seed,
-                         **cfg.model_options())
+    return cfg.personal_model(foundation=load_foundation(str(foundation)))
 
 
 @pytest.fixture(scope="module")

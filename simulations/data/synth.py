@@ -324,12 +324,11 @@ def generate(preset: str, out: str | Path, *, seed: int = 0, days: int | None = 
             if progress is not None:
                 progress("days", day_index + 1, len(world.days))
         writer.write_extra("oracle/world.json", obj=world.oracle_description())
-        parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
         return writer.commit(
             preset=preset,
             seed=seed,
             start_day=config.start_day,
-            generator=parameters,
+            generator=_parameters(config),
             calibration=calibration.as_dict(),
             realized_label_rates={lab: n / max(exposures_total, 1) for lab, n in label_counts.items()},
         )
@@ -348,9 +347,7 @@ def _release_arrow_memory() -> None:
 def parse_overrides(preset: str, items: Sequence[str]) -> dict[str, object]:
     """``KEY=VALUE`` strings (the CLI's ``--set``) as overrides of ``preset``'s SynthConfig fields, each
     value read as its field's type (a tuple as comma-separated values); `resolve_config` validates them."""
-    if preset not in PRESETS:
-        raise FedpaError(f"unknown synthetic preset '{preset}' (one of {', '.join(PRESETS)})")
-    base = PRESETS[preset]
+    base = _preset(preset)
     known = {f.name for f in fields(SynthConfig)}
     out: dict[str, object] = {}
     for item in items:
@@ -378,14 +375,24 @@ def preset_differences(manifest: dict, preset: str) -> dict[str, tuple[object, o
     now: name -> (the dataset's, the preset's). Empty for another preset's or an imported dataset."""
     if manifest.get("preset") != preset or preset not in PRESETS or "generator" not in manifest:
         return {}
-    current = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(PRESETS[preset]).items()}
+    current = _parameters(PRESETS[preset])
     return {k: (manifest["generator"].get(k), v) for k, v in current.items() if manifest["generator"].get(k) != v}
+
+
+def _preset(preset: str) -> SynthConfig:
+    if preset not in PRESETS:
+        raise FedpaError(f"unknown synthetic preset '{preset}' (one of {', '.join(PRESETS)})")
+    return PRESETS[preset]
+
+
+def _parameters(config: SynthConfig) -> dict[str, object]:
+    """The world's parameters as the manifest records them (JSON: tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
 def resolve_config(preset: str, *, days: int | None = None, **overrides) -> SynthConfig:
     """The validated SynthConfig of ``preset`` with ``days`` and field ``overrides`` applied."""
-    if preset not in PRESETS:
-        raise FedpaError(f"unknown synthetic preset '{preset}' (one of {', '.join(PRESETS)})")
+    base = _preset(preset)
     where = f"synthetic preset '{preset}'"
     known = {f.name: f for f in fields(SynthConfig)}
     unknown = sorted(set(overrides) - set(known))
@@ -395,7 +402,6 @@ def resolve_config(preset: str, *, days: int | None = None, **overrides) -> Synt
         if isinstance(days, bool) or not isinstance(days, int) or days < 1:
             raise FedpaError(f"{where}: days must be an integer >= 1 (got {days!r})")
         overrides["n_days"] = days
-    base = PRESETS[preset]
     overrides = {k: tuple(v) if isinstance(getattr(base, k), tuple) and isinstance(v, list) else v
                  for k, v in overrides.items()}
     config = replace(base, **overrides)
