@@ -31,16 +31,15 @@ def child(data: str, foundation: str, algorithm: str, work: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(ROOT))
-    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+        from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.app import train  # the ClientApp's own handler
-    from client.personal_store import generate_key_file
-    from client.runtime import get_runtime
-    from server.config import FederationConfig
-    from server.federation import message_bytes, to_record
-    from simulations.data.partition import user_activity
+    from fedpa.client.app import train  # the ClientApp's own handler
+    from fedpa.client.personal_store import generate_key_file
+    from fedpa.client.runtime import get_runtime
+    from fedpa.common.config import FederationConfig
+    from fedpa.server.federation import message_bytes, to_record
+    from fedpa.recdata.partition import user_activity
 
     t_import = time.perf_counter() - t0
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # Message() outside a runtime

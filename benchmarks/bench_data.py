@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 GIB = 1024 ** 3
 
@@ -38,8 +36,8 @@ def peak_rss_bytes() -> int:
 
 
 def child_generate(preset: str, out: str, days: int | None, seed: int) -> dict:
-    from simulations.data.store import Dataset
-    from simulations.data.synth import generate
+    from fedpa.recdata.store import Dataset
+    from fedpa.recdata.synth import generate
 
     day_done: list[float] = []
     start = time.perf_counter()
@@ -57,7 +55,7 @@ def child_generate(preset: str, out: str, days: int | None, seed: int) -> dict:
 
 
 def child_client_load(path: str, n_users: int, seed: int) -> dict:
-    from simulations.data.store import Dataset
+    from fedpa.recdata.store import Dataset
 
     ds = Dataset(path)
     users = np.random.default_rng(seed).choice(ds.manifest["rows"]["users"], size=n_users, replace=False)

@@ -49,11 +49,9 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from server.config import FederationConfig  # noqa: E402
-from simulations.simulate import simulate  # noqa: E402
+from fedpa.common.config import FederationConfig  # noqa: E402
+from fedpa.simulations.simulate import simulate  # noqa: E402
 
 ALGORITHMS = ["fedpa", "local", "fedavg-lora", "fedper", "pfedrec", "ditto"]
 ENGINES = {"stock": 1, "cohort": 0}   # name -> cohort_size
@@ -186,7 +184,7 @@ def print_timing(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- bytes
 
 def bench_bytes(base: FederationConfig, root: Path, algorithms: list[str], clients: int) -> list[dict]:
-    from foundation.model import count_parameters, load_foundation
+    from fedpa.foundation.model import count_parameters, load_foundation
 
     # summary.json's model.foundation_params is counted after the adapters were injected into the
     # foundation (peft works in place), so it includes them; the bare foundation is shown beside it
@@ -277,7 +275,7 @@ def main() -> None:
     t_all = time.perf_counter()
 
     # build every feature cache first, so that no timed call pays for encoding its users
-    from client.runtime import ensure_feature_cache
+    from fedpa.client.runtime import ensure_feature_cache
 
     sizes = ([] if args.skip_timing else sorted(args.clients)) + ([] if args.skip_bytes else [args.bytes_clients])
     t = time.perf_counter()

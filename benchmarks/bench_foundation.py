@@ -31,17 +31,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from foundation.adapters import attach_adapters, merge_for_user  # noqa: E402
-from foundation.config import FoundationConfig  # noqa: E402
-from foundation.model import FoundationModel, count_parameters, load_foundation  # noqa: E402
-from foundation.pretrain import evaluate  # noqa: E402
-from foundation.quantize import model_size_bytes, quantize_for_inference  # noqa: E402
-from foundation.testing import random_batch  # noqa: E402
+from fedpa.foundation.adapters import attach_adapters, merge_for_user  # noqa: E402
+from fedpa.foundation.config import FoundationConfig  # noqa: E402
+from fedpa.foundation.model import FoundationModel, count_parameters, load_foundation  # noqa: E402
+from fedpa.foundation.pretrain import evaluate  # noqa: E402
+from fedpa.foundation.quantize import model_size_bytes, quantize_for_inference  # noqa: E402
+from fedpa.foundation.testing import random_batch  # noqa: E402
 
 SMALL_LIKE_VOCAB = {"video_id": 1_000_000, "author_id": 100_000, "category_level_one": 40, "category_level_two": 400,
                     "upload_type": 8, "age": 8, "gender": 3, "province": 40}
@@ -93,10 +91,9 @@ def latency_ms(model, batch: dict, repeats: int, warmup: int = 10) -> dict:
 
 CHILD = r"""
 import sys, torch
-sys.path.insert(0, {root!r})
-from foundation.model import load_foundation
-from foundation.adapters import attach_adapters
-from foundation.testing import random_batch
+from fedpa.foundation.model import load_foundation
+from fedpa.foundation.adapters import attach_adapters
+from fedpa.foundation.testing import random_batch
 torch.set_num_threads(1)
 base = load_foundation({ckpt!r})
 model = attach_adapters(base, "fedpa")
@@ -111,8 +108,7 @@ print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHW
 
 CHILD_IMPORTS = r"""
 import sys, torch, transformers, peft
-sys.path.insert(0, {root!r})
-import foundation.model, foundation.adapters
+import fedpa.foundation.model, fedpa.foundation.adapters
 print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")))
 """
 

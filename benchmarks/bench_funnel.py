@@ -23,17 +23,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from foundation.model import load_foundation  # noqa: E402
-from foundation.quantize import quantize_for_inference  # noqa: E402
-from recmodels.stages.features import StageEncoder  # noqa: E402
-from recmodels.stages.funnel import FunnelSizes, StageModels, run_funnel  # noqa: E402
-from simulations.stages import FunnelConfig, build_models, load_funnel_data, request_tensors  # noqa: E402
+from fedpa.foundation.model import load_foundation  # noqa: E402
+from fedpa.foundation.quantize import quantize_for_inference  # noqa: E402
+from fedpa.recmodels.stages.features import StageEncoder  # noqa: E402
+from fedpa.recmodels.stages.funnel import FunnelSizes, StageModels, run_funnel  # noqa: E402
+from fedpa.simulations.stages import FunnelConfig, build_models, load_funnel_data, request_tensors  # noqa: E402
 
 STAGES = ("retrieval", "prerank", "rank", "rerank")
 

@@ -31,16 +31,15 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from client.personal_store import PersonalStore, generate_key_file  # noqa: E402
-from server.config import FederationConfig  # noqa: E402
-from server.rundir import RunDir, save_figure  # noqa: E402
-from simulations.compare import compare, variant_config  # noqa: E402
-from simulations.data.import_interactions import KUAISAR_R, import_interactions  # noqa: E402
-from simulations.data.partition import PartitionConfig  # noqa: E402
-from simulations.data.store import Dataset  # noqa: E402
-from simulations.pretraining import pretrain_foundation  # noqa: E402
+from fedpa.client.personal_store import PersonalStore, generate_key_file  # noqa: E402
+from fedpa.common.config import FederationConfig  # noqa: E402
+from fedpa.server.rundir import RunDir, save_figure  # noqa: E402
+from fedpa.simulations.compare import compare, variant_config  # noqa: E402
+from fedpa.recdata.import_interactions import KUAISAR_R, import_interactions  # noqa: E402
+from fedpa.recdata.partition import PartitionConfig  # noqa: E402
+from fedpa.recdata.store import Dataset  # noqa: E402
+from fedpa.simulations.pretraining import pretrain_foundation  # noqa: E402
 
 ALGORITHMS = "fedpa,fedpa-user-bias,fedpa-item-bias,fedpa-item-bias-scaled,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized"
 ABLATION = ("fedpa", "fedpa-user-only", "fedpa-groups-only", "fedpa-no-gate", "fedpa-rank1", "fedpa-rank16")
@@ -96,8 +95,8 @@ def search_groups(base: FederationConfig, ds: Dataset, out: Path) -> list[dict]:
     """Which profile attributes should key FedPA's group adapters? Decided on validation only."""
     from itertools import combinations
 
-    from server.federation import primary_metric
-    from simulations.simulate import simulate
+    from fedpa.server.federation import primary_metric
+    from fedpa.simulations.simulate import simulate
 
     vocab = ds.vocab
     attrs = [f for f in ds.user_features if not f.endswith("_id") and 2 <= int(vocab.get(f, 0)) <= 64]
@@ -181,7 +180,7 @@ def main() -> None:
     started = time.time()
 
     def run_one(cfg):
-        from simulations.simulate import simulate
+        from fedpa.simulations.simulate import simulate
 
         # only FedPA's seed 0 keeps its personal state on disk (for the adapter norms), in a store of its
         # own variant emptied first (a store left by an earlier run would hand its states to this one)

@@ -48,14 +48,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for p in (str(ROOT), str(HERE)):
+for p in (str(HERE),):
     if p not in sys.path:
         sys.path.insert(0, p)
 
 from bench_federation import loadavg, run_one  # noqa: E402
 
-from server.config import FederationConfig  # noqa: E402
-from server.rundir import save_figure  # noqa: E402
+from fedpa.common.config import FederationConfig  # noqa: E402
+from fedpa.server.rundir import save_figure  # noqa: E402
 
 ENGINES = {"stock": (1, "vectorized"), "loop": (0, "loop"), "vectorized": (0, "vectorized")}
 
@@ -186,10 +186,10 @@ def plot_engines(rows: list[dict], path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- RecFlow size
 
 def prepare_recflow(root: Path, days: int) -> tuple[Path, Path, dict]:
-    from foundation.config import FoundationConfig
-    from foundation.model import FoundationModel
-    from simulations.data.store import Dataset
-    from simulations.data.synth import generate
+    from fedpa.foundation.config import FoundationConfig
+    from fedpa.foundation.model import FoundationModel
+    from fedpa.recdata.store import Dataset
+    from fedpa.recdata.synth import generate
 
     data = root / f"recflow-{days}d"
     times = {}
@@ -205,7 +205,7 @@ def prepare_recflow(root: Path, days: int) -> tuple[Path, Path, dict]:
 
 
 def bench_full_round(root: Path, days: int) -> dict:
-    from client.runtime import ensure_feature_cache
+    from fedpa.client.runtime import ensure_feature_cache
 
     data, found, times = prepare_recflow(root, days)
     cfg = FederationConfig(data_dir=str(data), foundation=str(found), run_dir=str(root / "recflow-round"),
@@ -241,10 +241,10 @@ def bench_full_round(root: Path, days: int) -> dict:
 # ---------------------------------------------------------------------------------------------- personal state
 
 def personal_state_bytes(base: FederationConfig, root: Path) -> dict:
-    from client.app import arrays_to_record
-    from client.personal_store import PersonalStore
-    from foundation.model import load_foundation
-    from recmodels.personalization import PersonalModel, get_algorithm
+    from fedpa.client.app import arrays_to_record
+    from fedpa.client.personal_store import PersonalStore
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recmodels.personalization import PersonalModel, get_algorithm
 
     pm = PersonalModel(load_foundation(base.foundation), get_algorithm("fedpa"), r=base.rank, lora_alpha=base.rank)
     private = pm.get_private()

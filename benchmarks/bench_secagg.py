@@ -21,10 +21,10 @@ import numpy as np
 
 clock = time.process_time   # CPU time of this process: other jobs on the machine barely move it
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.secagg import SecAggClient  # noqa: E402
-from server.secagg import QuantConfig, SecAggServer, message_nbytes  # noqa: E402
+from fedpa.client.secagg import SecAggClient  # noqa: E402
+from fedpa.common.secagg.protocol import QuantConfig, message_nbytes  # noqa: E402
+from fedpa.server.secagg import SecAggServer  # noqa: E402
 
 
 def secagg_round(n: int, dim: int, drop_frac: float, seed: int) -> dict:

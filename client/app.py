@@ -25,16 +25,16 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.personal_store import PersonalStore, open_store
-from client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
-from recmodels.cohort import CohortUser
-from recmodels.evaluation import MetricSums, membership_attack
-from server.aggregation import count_keys, expected_shapes, spec_from
-from server.secagg.protocol import STAGE_ADVERTISE, STAGE_MASKED, concat_update
-from server.secagg.transport import is_secagg, pack, unpack
-from client.secagg import SecAggClient
-from server.config import FederationConfig
-from server.privacy import cohort_contribution, private_contribution
+from fedpa.client.personal_store import PersonalStore, open_store
+from fedpa.client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
+from fedpa.recmodels.cohort import CohortUser
+from fedpa.recmodels.evaluation import MetricSums, membership_attack
+from fedpa.common.aggregation import count_keys, expected_shapes, spec_from
+from fedpa.common.secagg.protocol import STAGE_ADVERTISE, STAGE_MASKED, concat_update
+from fedpa.common.secagg.transport import is_secagg, pack, unpack
+from fedpa.client.secagg import SecAggClient
+from fedpa.common.config import FederationConfig
+from fedpa.common.privacy import cohort_contribution, private_contribution
 
 log = logging.getLogger("fedpa.client")
 app = ClientApp()

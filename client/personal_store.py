@@ -1,87 +1,7 @@
-"""The on-device personal store: one user's private state, encrypted at rest.
+"""The on-device personal store: one user's private state (adapters and metadata), encrypted at rest with
+AES-256-GCM, written atomically, keeping the previous version.
 
-A client keeps its personal LoRA adapters (and whatever else is private to
-the user) between runs in a ``PersonalStore``: a directory holding, per user,
-a dict ``name -> numpy array`` plus a small JSON-able metadata dict (round,
-algorithm, foundation fingerprint, ...)::
-
-    store = PersonalStore.from_env("~/.fedpa/personal")      # key in FEDPA_STORE_KEY
-    store.save("alice", {"lora.A": a, "lora.B": b}, {"round": 7, "algorithm": "fedpa"})
-    arrays, meta = store.load("alice")                        # None if alice has no state yet
-
-Key
----
-32 random bytes (AES-256). ``generate_key_file(path)`` writes one (mode 0600,
-never overwriting); ``PersonalStore.from_key_file`` reads it (32 raw bytes, or
-the text forms below); ``PersonalStore.from_env`` reads an environment variable
-holding 64 hex characters or the urlsafe base64 of the 32 bytes (padded or
-not). The key is never stored beside the data: a key file inside the store
-directory is refused. Two subkeys are derived from it with HKDF-SHA256: the
-AES-256-GCM key, and an 8-byte *key id* written in every file header so that a
-wrong key is told apart from a damaged file (the key id is a one-way
-fingerprint; it reveals nothing about the key).
-
-Files
------
-Per user, in the store directory (created with mode 0700)::
-
-    <name>.state        the current version
-    <name>.prev         the previous version
-    .<name>.<rand>.tmp  a write in progress (or left by a crash; removed by the next save)
-    .lock               advisory lock serialising writers (POSIX flock)
-
-``<name>`` is derived from the user id, which is ``str(user_id)`` (so user 5
-and user "5" are the same user): ``u_<id>`` when the id is made of
-``[a-z0-9_-]`` only, else ``x_<hex of its UTF-8 bytes>``. Names therefore never
-contain ``/``, ``..`` or upper case (case-insensitive file systems), and every
-id maps to one name and back. Ids are at most 100 UTF-8 bytes.
-
-File format (version 1), integers big-endian::
-
-    offset  size  field
-    0       8     magic  b"FEDPAPS\\x00"
-    8       2     format version (1)
-    10      1     cipher (1 = AES-256-GCM)
-    11      1     reserved (0)
-    12      8     key id  (HKDF-SHA256(key, "fedpa personal-store v1 key id")[:8])
-    20      12    nonce   (fresh random 96 bits per write)
-    32      8     N = length of the ciphertext, tag included
-    40      N     AES-256-GCM ciphertext || 16-byte tag
-
-The associated data is the 40-byte header followed by the UTF-8 user id, so
-the header (version, key id, nonce, length) cannot be altered and a file
-copied or renamed to another user's name fails to authenticate. The plaintext
-is ``uint64 M || M bytes of UTF-8 JSON metadata || safetensors bytes`` - no
-pickle anywhere. A file is *valid* when its framing is right (magic, version,
-cipher, exact length) and it authenticates.
-
-Atomicity invariant
--------------------
-``save`` writes the new version to a temp file in the same directory, flushes
-and fsyncs it, and only then renames::
-
-    1. write .tmp, flush, fsync                   (current, prev untouched)
-    2. os.replace(current, prev)   if current is valid
-    3. os.replace(tmp, current)
-    4. fsync the directory
-
-Every rename target is a complete, fsynced file and each rename is atomic,
-so **at every instant, at least one of current/prev is a complete valid file
-(once the first save has returned), and the newest complete version is
-current if present, else prev**: before 2, current is the old version; between
-2 and 3, current is absent and prev is the old version; after 3, current is
-the new one. ``load`` reads current, and falls back to prev when current is
-absent (a save interrupted between 2 and 3: prev *is* the last committed
-version, so this is not a recovery) or invalid (damage: logged as a warning
-and recorded in ``store.last_recovery``). A version is committed when
-``save`` returns; a kill before that leaves either the old or the new version,
-never a mix, and never an error. Step 2 happens only if current is valid
-(it is decrypted first), so a damaged current never evicts a good prev. After
-a power loss the same holds to the extent the file system honours fsync.
-
-Not covered: rollback (someone replacing current with an older valid file of
-the same user) is not detected; compare ``meta["round"]`` with the server's if
-that matters.
+Design notes: docs/design/personal-store.md
 """
 
 from __future__ import annotations
@@ -107,8 +27,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from foundation.errors import FedpaError
-from server.rundir import jsonable
+from fedpa.foundation.errors import FedpaError
+from fedpa.server.rundir import jsonable
 
 try:  # POSIX only; without it writers are not serialised (single writer assumed)
     import fcntl

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.feature_cache import FeatureCache, build, cache_key, default_root
-from foundation.errors import FedpaError
-from foundation.model import load_foundation
-from recmodels.cohort import CohortEngine
-from recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
-from server.config import FederationConfig
-from simulations.data.examples import Lookups, user_table
-from simulations.data.partition import PartitionConfig, SplitConfig, UserSplits, make_partition, split_users
-from simulations.data.stage_rows import with_stage_negatives
-from simulations.data.store import Dataset
+from fedpa.client.feature_cache import FeatureCache, build, cache_key, default_root
+from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.model import load_foundation
+from fedpa.recmodels.cohort import CohortEngine
+from fedpa.recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
+from fedpa.common.config import FederationConfig
+from fedpa.recdata.examples import Lookups, user_table
+from fedpa.recdata.partition import PartitionConfig, SplitConfig, UserSplits, make_partition, split_users
+from fedpa.recdata.stage_rows import with_stage_negatives
+from fedpa.recdata.store import Dataset
 
 EVAL_BATCH = 1024
 

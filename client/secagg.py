@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from server.secagg.protocol import (
+from fedpa.common.secagg.protocol import (
     KEY_BYTES, MAX_DIM, MAX_NODE_ID, SERVER_ID, STAGE_ADVERTISE, STAGE_MASKED, STAGE_NAMES, STAGE_SHARE,
     STAGE_UNMASK, MessageRejected, QuantConfig, RandBytes, SecAggError,
     agree, check_header, count_clipped, encode_share, generate_keypair, get_bytes, get_bytes_list, get_float,

@@ -1,7 +1,7 @@
 """The tensor contract between data and models.
 
 Every model in `foundation/` and `recmodels/` consumes a *batch*: a dict of
-tensors with the keys below. The data layer (`simulations.data.examples`)
+tensors with the keys below. The data layer (`recdata.examples`)
 builds it from a canonical dataset; an edge device builds it from its own
 logs. Raw ids go in; hashing and bucketing happen inside the model, so an
 exported model is self-contained.

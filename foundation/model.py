@@ -1,54 +1,7 @@
-"""The foundation recommender: a `transformers` model built locally from a `FoundationConfig`.
+"""The foundation recommender: a `transformers` model (user encoder over the behaviour sequence, item
+encoder, prediction tower) built locally from a `FoundationConfig`, never downloaded.
 
-Public API::
-
-    FoundationModel(config: FoundationConfig)             # transformers.PreTrainedModel
-        .forward(user_profile, item, hist_items=None, hist_mask=None, context=None,
-                 labels=None, **ignored) -> FoundationOutput     # call as model(**batch)
-        .save_pretrained(dir)                              # config.json + model.safetensors (SHA-256 sealed)
-        FoundationModel.from_pretrained(dir, **kw)         # local only; CheckpointError on any mismatch
-    FoundationOutput: loss (masked BCE, None without labels), logits [B, T],
-                      features [B, D] (tower input), user_embedding [B, d], item_embedding [B, d]
-    load_foundation(path, *, config=None, frozen=True) -> FoundationModel
-    freeze(model) -> model                                 # requires_grad False everywhere, eval()
-    count_parameters(model, trainable_only=False) -> int
-    hash_ids(ids, n) -> LongTensor                         # the in-model id hash
-    CheckpointError(FedpaError)
-
-Architectures (``config.arch``):
-
-* ``transformer`` (default). Item encoder: bounded embeddings of video_id (2^17
-  rows), author_id (2^15), both category levels, upload type and a bucketized
-  duration, concatenated and projected to ``d_model``. User encoder: a learned
-  [USER] token followed by the ``L`` history items (item encoder, shared) through a
-  `transformers.BertModel` (``inputs_embeds``, 2 layers, d=32; its position
-  embeddings encode recency because histories are left-padded), pooled two ways:
-  the [USER] token's output (a general user state) and a target attention (the
-  candidate item queries the history, DIN-style). Tower input = concat[user,
-  interest, item, interest*item, profile embeddings, context embeddings] ->
-  ``fc1`` 128 -> ReLU -> ``fc2`` 64 -> ReLU -> ``head`` T logits (one per task).
-* ``mlp``: FedPA's released foundation scaled to our fields: ``field_dim``-wide
-  embeddings of every profile and item field concatenated -> ``fc1`` 32 -> ReLU ->
-  ``fc2`` 8 -> ReLU -> ``head`` (1 logit by default). No sequence.
-
-Both expose the same tower module names (``tower.fc1``, ``tower.fc2``, ...,
-``tower.head``), which is what adapters target (``foundation.adapters``).
-
-Loss: binary cross-entropy with logits over the observed labels only (label
--1 = not observed is masked out), averaged over observed (example, task) pairs.
-
-Raw ids go in. Ids are mapped to table rows inside the model: a field whose
-vocabulary fits its table uses the id itself for known ids and the hash for
-unknown ones; a field larger than its table is hashed entirely. The hash is
-multiplicative (Murmur constant) on the low 32 bits, evaluated in int64
-without overflow and with ONNX-exportable ops only. Duration (ms) is bucketized with fixed log-spaced boundaries
-(stored in the checkpoint as a buffer); 0 / negative = unknown = bucket 0.
-
-Scoring many candidates for one request repeats the same history in every
-row; the user encoder therefore runs once per *distinct* history in the batch
-(``torch.unique`` over the rows) and its output is gathered back. Set
-``model.dedupe_histories = False`` before tracing/exporting (same function,
-no data-dependent ops).
+Design notes: docs/design/foundation-model.md
 """
 
 from __future__ import annotations

@@ -1,43 +1,6 @@
-"""Centralised pre-training of the foundation on open users, with best-checkpoint keeping and exact resume.
+"""Centralised pre-training of the foundation on open users, keeping the best checkpoint and resuming exactly.
 
-Public API::
-
-    pretrain(model, train_batches, val_batches, out_dir, *, epochs, lr, weight_decay=0.0, seed=0,
-             progress=None, resume=True) -> dict
-    evaluate(model, batches) -> dict(auc, gauc, gauc_users, logloss, n)
-
-``train_batches(epoch)`` yields that epoch's (already shuffled, deterministic
-per epoch) batches; ``val_batches()`` yields validation batches. Both follow
-``foundation.batch``. Optimiser: Adam over the parameters that require grad.
-
-After every epoch:
-
-1. validation (`evaluate`) on the primary task;
-2. if val AUC improved, the model is saved to ``out_dir`` (``save_pretrained``:
-   config.json + model.safetensors) via a temporary directory inside
-   ``out_dir``: config.json (identical every epoch) is moved in first, then
-   the weights file with one atomic rename, so ``out_dir`` always holds a
-   complete checkpoint of the best epoch so far; ``best.json`` records its metrics;
-3. a resume state is written to ``out_dir/.resume/`` (full model state,
-   optimiser state, torch RNG state, epoch, best metric, history) by writing
-   ``.resume.tmp-*`` and swapping directories.
-
-With ``resume=True`` a run that finds ``.resume/`` continues after the last
-finished epoch: model, optimiser and RNG are restored, so the remaining
-epochs produce bit-identical results to an uninterrupted run (given the same
-batches). Changing lr / weight_decay / seed / the model config between the
-two is refused (CheckpointError) rather than silently mixing runs; ``epochs``
-may grow. An interrupted epoch is redone from its start.
-
-``progress(epoch, step, total_steps, metrics)`` is called after every training
-step with ``{"loss": running mean}`` and once after validation with
-``step == total_steps`` and the validation metrics prefixed ``val_``;
-``total_steps`` is ``len()`` of the epoch's batches when available, else None.
-
-The returned history: ``{"epochs": [{epoch, train_loss, steps, samples,
-seconds, samples_per_s, val: {...}}], "best_epoch", "best_auc", "out_dir"}``.
-The model keeps the *last* epoch's weights; load the best with
-``FoundationModel.from_pretrained(out_dir)``.
+Design notes: docs/design/pretraining.md
 """
 
 from __future__ import annotations

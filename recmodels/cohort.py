@@ -1,34 +1,7 @@
-"""The cohort engine: many users' local training in one vectorized computation.
+"""The cohort engine: many users' local training and scoring in one vectorized computation (`torch.func.vmap`
+of `grad` over the same adapted tower), equal to one-user training to rounding in float64.
 
-A simulated node serving C users could train them one after another with
-`PersonalModel.train_user`; that costs a Python loop, an optimizer and dozens
-of tiny matrix products per user and step. Here every trainable tower
-parameter gets a leading *user* dimension (each user's own copy, started from
-the global shared state and that user's private state), and one step of all C
-users is one `torch.func.vmap` of `grad` over `functional_call` of the same
-adapted tower: the same model code, batched over users.
-
-Exactly the semantics of `PersonalModel.train_user`, user by user:
-
-* each user's copy of a group adapter is the *row of its own group* (the other
-  rows cannot change: they get no gradient), of a private per-slot tensor its
-  own slot, of everything else the whole tensor;
-* each user's batches follow the permutation its own seeded generator draws,
-  as the one-user path does; users with fewer batches are *masked*: padded rows
-  carry label -1 (unobserved, out of `masked_bce`), and a user without a batch
-  at a step is not updated at all;
-* Adam runs per user (moments per user; the users still training at a step
-  are all at the same Adam step), written out with torch's own `foreach`
-  kernels because `torch.optim` cannot skip some users of a stacked tensor;
-  its update is torch's Adam (no weight decay) term by term;
-* Ditto's two phases (personal path with the proximal term, then the global
-  path) and PFedRec's fine-tuning before scoring run the same way.
-
-Users are processed in chunks of at most ``max_users`` with similar numbers of
-steps (fewer padded steps), so memory stays bounded whatever the population;
-chunks are independent, so chunking never changes a result. The item-side
-tables are copied per user only over the rows the chunk reads (`_ChunkRows`).
-Plain PyTorch: no Flower here.
+Design notes: docs/design/cohort-engine.md
 """
 
 from __future__ import annotations
@@ -42,9 +15,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from foundation.adapters import ditto_penalty, parameter_kinds, set_active_paths, use_routing
-from foundation.errors import FedpaError
-from foundation.model import masked_bce
+from fedpa.foundation.adapters import ditto_penalty, parameter_kinds, set_active_paths, use_routing
+from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.model import masked_bce
 
 from .item_bias import MISSING_ITEMS
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from foundation import metrics as M
+from fedpa.foundation import metrics as M
 
 BINS = 8192
 LOGIT_RANGE = 16.0

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from foundation.batch import ITEM_FIELDS
-from foundation.config import CATEGORICAL_ITEM_FIELDS, ConfigError, FoundationConfig
-from foundation.model import FoundationModel, FoundationOutput, bounded_rows
+from fedpa.foundation.batch import ITEM_FIELDS
+from fedpa.foundation.config import CATEGORICAL_ITEM_FIELDS, ConfigError, FoundationConfig
+from fedpa.foundation.model import FoundationModel, FoundationOutput, bounded_rows
 
 PREFIX = "item_bias."
 """Shared entry names: ``item_bias.<field>``."""

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from foundation.adapters import adapter_config, attach_adapters, ditto_penalty, parameter_kinds, set_active_paths, use_routing
-from foundation.batch import ITEM_FIELDS
-from foundation.errors import FedpaError
-from foundation.model import FoundationModel, masked_bce
+from fedpa.foundation.adapters import adapter_config, attach_adapters, ditto_penalty, parameter_kinds, set_active_paths, use_routing
+from fedpa.foundation.batch import ITEM_FIELDS
+from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.model import FoundationModel, masked_bce
 
 from .item_bias import MISSING_ITEMS, PER_ROW, ItemBias
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX

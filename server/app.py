@@ -9,9 +9,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from foundation.errors import FedpaError
+from fedpa.foundation.errors import FedpaError
 
-from .config import FederationConfig
+from fedpa.common.config import FederationConfig
 from .federation import Federation
 
 log = logging.getLogger("fedpa.server")

@@ -22,18 +22,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
-from foundation.errors import FedpaError
-from foundation.model import count_parameters, load_foundation
-from recmodels.evaluation import MetricSums
-from recmodels.personalization import get_algorithm
+from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.model import count_parameters, load_foundation
+from fedpa.recmodels.evaluation import MetricSums
+from fedpa.recmodels.personalization import get_algorithm
 
-from .aggregation import (InvalidUpdate, RoundFailed, apply_sums, expected_shapes, robust_sums, spec_from,
+from fedpa.common.aggregation import (InvalidUpdate, RoundFailed, apply_sums, expected_shapes, robust_sums, spec_from,
                           sum_updates, validate_update)
-from .secagg.protocol import QuantConfig, SecAggError, split_sum
-from .secagg.server_half import SecAggServer
-from .secagg.transport import pack, unpack
-from .config import FederationConfig
-from .privacy import (add_noise, clamp_counts, distributed_share_std, event_multiplier, make_accountant, round_event,
+from fedpa.common.secagg.protocol import QuantConfig, SecAggError, split_sum
+from .secagg import SecAggServer
+from fedpa.common.secagg.transport import pack, unpack
+from fedpa.common.config import FederationConfig
+from fedpa.common.privacy import (add_noise, clamp_counts, distributed_share_std, event_multiplier, make_accountant, round_event,
                       sensitivity)
 from .rundir import RunDir, plot_curves
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from foundation.errors import FedpaError
+from fedpa.foundation.errors import FedpaError
 
 
 @dataclass(frozen=True)

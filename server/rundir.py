@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from foundation.errors import FedpaError
+from fedpa.foundation.errors import FedpaError
 
 
 class RunDirError(FedpaError):

@@ -14,17 +14,17 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from client.personal_store import open_store
-from client.runtime import ensure_feature_cache, partition_config, user_splits
-from foundation.model import count_parameters, load_foundation
-from recmodels.evaluation import MetricSums
-from recmodels.personalization import LocalTraining, PersonalModel, UserTensors
-from server.config import FederationConfig
-from server.federation import write_summary
-from server.rundir import RunDir
-from simulations.data.examples import Examples, Lookups
-from simulations.data.partition import make_partition
-from simulations.data.store import Dataset
+from fedpa.client.personal_store import open_store
+from fedpa.client.runtime import ensure_feature_cache, partition_config, user_splits
+from fedpa.foundation.model import count_parameters, load_foundation
+from fedpa.recmodels.evaluation import MetricSums
+from fedpa.recmodels.personalization import LocalTraining, PersonalModel, UserTensors
+from fedpa.common.config import FederationConfig
+from fedpa.server.federation import write_summary
+from fedpa.server.rundir import RunDir
+from fedpa.recdata.examples import Examples, Lookups
+from fedpa.recdata.partition import make_partition
+from fedpa.recdata.store import Dataset
 
 BATCH = 1024
 POOLED_BATCH_FACTOR = 4

@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from foundation.errors import FedpaError
+from fedpa.foundation.errors import FedpaError
 
 if TYPE_CHECKING:
-    from server.config import FederationConfig
+    from fedpa.common.config import FederationConfig
 
 app = typer.Typer(help="fedpa: federated personalization of recommenders with adapters.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -71,7 +71,7 @@ def data_synth(
                       "e.g. --set interest_persistence=0.97)")] = None,
 ):
     """Generate a synthetic RecFlow-shaped dataset (the embedded default)."""
-    from simulations.data.synth import generate, parse_overrides
+    from fedpa.recdata.synth import generate, parse_overrides
 
     overrides = parse_overrides(preset, set_ or [])
     with progress_bar() as p:
@@ -88,7 +88,7 @@ def data_import_recflow(
     overwrite: Annotated[bool, typer.Option(help="replace an existing dataset")] = False,
 ):
     """Convert the real RecFlow release (feather + pickles) day by day."""
-    from simulations.data.import_recflow import import_recflow
+    from fedpa.recdata.import_recflow import import_recflow
 
     with progress_bar() as p:
         path = import_recflow(src, out_dir, overwrite=overwrite, progress=_day_progress(p, "import RecFlow"))
@@ -105,7 +105,7 @@ def data_import_movielens(
     overwrite: Annotated[bool, typer.Option(help="replace an existing dataset")] = False,
 ):
     """Convert a MovieLens 100K / 1M folder."""
-    from simulations.data.import_movielens import import_movielens
+    from fedpa.recdata.import_movielens import import_movielens
 
     with progress_bar() as p:
         path = import_movielens(src, out_dir, label=label, threshold=threshold, overwrite=overwrite,
@@ -120,7 +120,7 @@ def data_import_interactions(
     out_dir: Annotated[Path, typer.Option("--out", help="dataset directory to write")],
     users: Annotated[Path | None, typer.Option(help="user-feature table (.csv or .parquet)")] = None,
     items: Annotated[Path | None, typer.Option(help="item-feature table (.csv or .parquet)")] = None,
-    mapping: Annotated[Path | None, typer.Option(help="TOML column mapping (see simulations/data/mappings/kuaisar-r.toml)")] = None,
+    mapping: Annotated[Path | None, typer.Option(help="TOML column mapping (see recdata/mappings/kuaisar-r.toml)")] = None,
     user_col: Annotated[str | None, typer.Option(help="user id column of the interactions")] = None,
     item_col: Annotated[str | None, typer.Option(help="item id column of the interactions")] = None,
     time_col: Annotated[str | None, typer.Option(help="timestamp column")] = None,
@@ -129,7 +129,7 @@ def data_import_interactions(
     overwrite: Annotated[bool, typer.Option(help="replace an existing dataset")] = False,
 ):
     """Convert a generic interaction log (+ optional user / item feature tables) with a column mapping."""
-    from simulations.data.import_interactions import Mapping, import_interactions
+    from fedpa.recdata.import_interactions import Mapping, import_interactions
 
     m = Mapping.from_toml(mapping) if mapping else Mapping()
     for attr, value in (("user", user_col), ("item", item_col), ("timestamp", time_col), ("time_unit", time_unit)):
@@ -157,8 +157,8 @@ def data_inspect(
 
 
 def _print_stats(path: Path, as_json: bool = False) -> None:
-    from simulations.data.inspect import dataset_stats
-    from simulations.data.store import Dataset
+    from fedpa.recdata.inspect import dataset_stats
+    from fedpa.recdata.store import Dataset
 
     stats = dataset_stats(Dataset(path))
     if as_json:
@@ -186,7 +186,7 @@ def _print_stats(path: Path, as_json: bool = False) -> None:
 def _federation_config(config_file: Path | None, overrides: dict) -> "FederationConfig":
     import tomllib
 
-    from server.config import FederationConfig
+    from fedpa.common.config import FederationConfig
 
     base: dict = {}
     if config_file is not None:
@@ -231,8 +231,8 @@ def pretrain_cmd(
                                                            "highly active")] = None,
 ):
     """Pre-train the foundation on open users; report AUC/GAUC/LogLoss against popularity and untrained."""
-    from simulations.data.partition import PartitionConfig
-    from simulations.pretraining import pretrain_foundation
+    from fedpa.recdata.partition import PartitionConfig
+    from fedpa.simulations.pretraining import pretrain_foundation
 
     partition = None
     if activity_attribute:
@@ -301,8 +301,8 @@ def simulate_cmd(
 ):
     """Run one federated simulation on Flower's simulation runtime; writes a run directory."""
     given = [k for k, v in locals().items() if k not in ("resume", "cohort_size", "stages", "funnel") and v is not None]
-    from server.config import FederationConfig
-    from simulations.simulate import check_inputs, simulate
+    from fedpa.common.config import FederationConfig
+    from fedpa.simulations.simulate import check_inputs, simulate
 
     if resume is not None:
         if given:
@@ -331,7 +331,7 @@ def simulate_cmd(
 
 
 def _simulate_stages(cfg, stages: str, funnel: Path, cohort_size: int) -> None:
-    from simulations.stage_federation import parse_stages, simulate_stages
+    from fedpa.simulations.stage_federation import parse_stages, simulate_stages
 
     names = parse_stages(stages)
     with progress_bar() as p:
@@ -345,7 +345,7 @@ def _simulate_stages(cfg, stages: str, funnel: Path, cohort_size: int) -> None:
 
         result = simulate_stages(cfg, names, funnel, cohort_size=cohort_size, on_stage=on_stage,
                                  progress=lambda *a: state["progress"](*a))
-    from simulations.stage_federation import stages_markdown
+    from fedpa.simulations.stage_federation import stages_markdown
 
     out.print(stages_markdown({cfg.algorithm: [result]}))
     out.print(f"run directory: [bold]{cfg.run_dir}[/] (stages.md, stages.json, one run directory per stage)")
@@ -393,7 +393,7 @@ def compare_cmd(
     funnel: Annotated[Path, typer.Option(help="with --stages: the `fedpa funnel` run whose trained heads are personalized")] = Path("runs/funnel"),
 ):
     """Run algorithms side by side on the same data, split and seeds; write a table and a plot."""
-    from simulations.compare import compare
+    from fedpa.simulations.compare import compare
 
     if seeds < 1:
         raise FedpaError(f"--seeds must be at least 1, got {seeds}")
@@ -424,8 +424,8 @@ def compare_cmd(
 
 def _compare_stages(cfg, variants: list[str], seeds: int, stages: str, funnel: Path, out_dir: Path,
                     cohort_size: int) -> None:
-    from recmodels.personalization import ALGORITHMS
-    from simulations.stage_federation import compare_stages, parse_stages
+    from fedpa.recmodels.personalization import ALGORITHMS
+    from fedpa.simulations.stage_federation import compare_stages, parse_stages
 
     names = parse_stages(stages)
     ablations = [v for v in variants if v not in ALGORITHMS]
@@ -447,8 +447,8 @@ def _compare_stages(cfg, variants: list[str], seeds: int, stages: str, funnel: P
 
 
 def _check_variants(variants: list[str]) -> None:
-    from recmodels.personalization import ALGORITHMS
-    from simulations.compare import ABLATIONS
+    from fedpa.recmodels.personalization import ALGORITHMS
+    from fedpa.simulations.compare import ABLATIONS
 
     for v in variants:
         ok = v in ALGORITHMS or v in ABLATIONS or (v.startswith("fedpa-rank") and v.removeprefix("fedpa-rank").isdigit())
@@ -480,7 +480,7 @@ def privacy_sweep_cmd(
 ):
     """Privacy–utility trade-off: a grid over z, C and SecAgg; a table with ε, utility, attack AUCs and
     bytes; plots of utility and attack success against ε; a report in plain words."""
-    from simulations.privacy_sweep import make_grid, privacy_sweep
+    from fedpa.simulations.privacy_sweep import make_grid, privacy_sweep
 
     if seeds < 1:
         raise FedpaError(f"--seeds must be at least 1, got {seeds}")
@@ -534,7 +534,7 @@ def funnel_cmd(
     ablation_seeds: Annotated[int, typer.Option(help="> 0: the stage-sample ablation (with / without) over this many seeds")] = 0,
 ):
     """Train retrieval, pre-ranking, HoME ranking and CDM re-ranking over the frozen foundation; run the funnel."""
-    from simulations.stages import FunnelConfig, run_funnel_experiment, stage_ablation
+    from fedpa.simulations.stages import FunnelConfig, run_funnel_experiment, stage_ablation
 
     for name, v in (("--train-requests", train_requests), ("--test-requests", test_requests), ("--epochs", epochs),
                     ("--interests", interests)):
@@ -592,7 +592,7 @@ def export_cmd(
 ):
     """Merge a user's adapters into the foundation and write ONNX models (fp32, int8) for the device;
     parity with PyTorch is checked (<= 1e-4) before anything is kept."""
-    from simulations.export_user import export_user
+    from fedpa.simulations.export_user import export_user
 
     out_dir = out_dir or run_dir / "export" / f"user-{user}"
     report = export_user(run_dir, user, out_dir, store_dir=store, key_file=key_file, int8=int8)
@@ -631,7 +631,7 @@ def deploy_cmd(
 ):
     """A real deployment on this machine: CA and keys, SuperLink with TLS and node authentication,
     N SuperNodes with their own encrypted stores, `flwr run`; everything on 127.0.0.1, stopped at the end."""
-    from simulations.deploy import deploy
+    from fedpa.simulations.deploy import deploy
 
     cfg = _federation_config(config, dict(data_dir=data, foundation=foundation, algorithm=algorithm, num_rounds=rounds,
                                           max_clients=max_clients, round_timeout=round_timeout, secagg=secagg))
@@ -641,7 +641,7 @@ def deploy_cmd(
     rc = cfg.to_run_config()
     rc.update({"data-dir": str(Path(cfg.data_dir).resolve()), "foundation": str(Path(cfg.foundation).resolve()),
                "run-dir": str(Path(run_dir).resolve() if run_dir else workdir / "run"), "feature-cache": "none"})
-    from simulations.simulate import check_inputs
+    from fedpa.simulations.simulate import check_inputs
 
     check_inputs(cfg)
     with progress_bar() as p:
@@ -671,7 +671,7 @@ def demo_cmd(
 ):
     """The whole pipeline on the embedded default: synthesize `small`, pre-train, compare FedPA with
     the baselines, and write a report."""
-    from simulations.demo import run_demo
+    from fedpa.simulations.demo import run_demo
 
     report = run_demo(out_dir, data, rounds=rounds, seeds=seeds, console=console)
     out.print(f"\n[bold green]report:[/] {report}")

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from server.config import FederationConfig
-from server.rundir import atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.common.config import FederationConfig
+from fedpa.server.rundir import atomic_write_bytes, atomic_write_json, save_figure
 
 # Ablations of FedPA: name -> config overrides
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -133,7 +133,7 @@ def compare(base: FederationConfig, variants: list[str], seeds: list[int], root:
             cohort_size: int = 0, run_one=None, on_start=None, progress=None) -> dict[str, Any]:
     """Run every (variant, seed); write ROOT/compare.{md,json,png}. ``run_one(cfg)`` runs one configuration
     (defaults to `simulations.simulate.simulate`)."""
-    from simulations.simulate import simulate
+    from fedpa.simulations.simulate import simulate
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

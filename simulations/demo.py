@@ -14,11 +14,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from recmodels.personalization import ALGORITHMS
-from server.config import FederationConfig
-from simulations.compare import compare
-from simulations.data.inspect import dataset_stats
-from simulations.data.store import Dataset
+from fedpa.recmodels.personalization import ALGORITHMS
+from fedpa.common.config import FederationConfig
+from fedpa.simulations.compare import compare
+from fedpa.recdata.inspect import dataset_stats
+from fedpa.recdata.store import Dataset
 
 DEMO_ALGORITHMS = ["fedpa", "local", "fedavg-lora", "fedper", "pfedrec", "ditto", "foundation", "centralized"]
 
@@ -31,9 +31,9 @@ def demo_config(data: Path, foundation: Path, rounds: int) -> FederationConfig:
 
 
 def run_demo(out: Path, data: Path, *, rounds: int = 8, seeds: int = 1, console: Console | None = None) -> Path:
-    from simulations.cli import _day_progress, _round_progress, progress_bar
-    from simulations.data.synth import generate
-    from simulations.pretraining import pretrain_foundation
+    from fedpa.simulations.cli import _day_progress, _round_progress, progress_bar
+    from fedpa.recdata.synth import generate
+    from fedpa.simulations.pretraining import pretrain_foundation
 
     console = console or Console(stderr=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def run_demo(out: Path, data: Path, *, rounds: int = 8, seeds: int = 1, console:
 
 def _stale_world(ds: Dataset) -> str:
     """How a reused `small` dataset differs from the preset as defined now ("" = it does not)."""
-    from simulations.data.synth import preset_differences
+    from fedpa.recdata.synth import preset_differences
 
     return ", ".join(f"{k} {mine} here, {now} now" for k, (mine, now) in preset_differences(ds.manifest, "small").items())
 

@@ -31,8 +31,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from foundation.errors import FedpaError
-from server.pki import NodeKey, ServerFiles, make_node_key, make_server_files
+from fedpa.foundation.errors import FedpaError
+from fedpa.server.pki import NodeKey, ServerFiles, make_node_key, make_server_files
 
 CONNECTION = "fedpa-deploy"
 APP_DIR = Path(__file__).resolve().parents[1]   # the Flower app: pyproject.toml + the packages
@@ -178,7 +178,7 @@ class LocalDeployment:
 
     def enroll(self) -> list[Node]:
         """Key pairs, store keys and (with auth) registration of every node."""
-        from client.personal_store import generate_key_file
+        from fedpa.client.personal_store import generate_key_file
 
         keys = self.workdir / "keys"
         for i in range(self.nodes):

@@ -17,22 +17,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from foundation.adapters import merge_for_user
-from foundation.errors import FedpaError
-from foundation.export import (export_onnx, onnx_probabilities, quantize_onnx, scoring_latency,
+from fedpa.foundation.adapters import merge_for_user
+from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.export import (export_onnx, onnx_probabilities, quantize_onnx, scoring_latency,
                                torch_probabilities)
-from foundation.metrics import auc
-from recmodels.item_bias import WithItemBias
-from recmodels.personalization import get_algorithm
-from server.config import FederationConfig
-from server.rundir import RunDir, atomic_write_json
+from fedpa.foundation.metrics import auc
+from fedpa.recmodels.item_bias import WithItemBias
+from fedpa.recmodels.personalization import get_algorithm
+from fedpa.common.config import FederationConfig
+from fedpa.server.rundir import RunDir, atomic_write_json
 
 PARITY_TOLERANCE = 1e-4
 CANDIDATES = 120  # RecFlow's re-ranking input size: one request's candidates, scored in one call
 
 
 def _private_state(cfg: FederationConfig, user: int, store_dir: str | None, key_file: str | None):
-    from client.personal_store import ENV_VAR, PersonalStore
+    from fedpa.client.personal_store import ENV_VAR, PersonalStore
 
     directory = store_dir or cfg.personal_store
     if not directory:
@@ -53,9 +53,9 @@ def _private_state(cfg: FederationConfig, user: int, store_dir: str | None, key_
 
 def user_batches(cfg: FederationConfig, user: int):
     """The user's test-day rows (parity and the int8 check) and one request's 120 candidates (latency)."""
-    from simulations.data.examples import Lookups
-    from simulations.data.partition import SplitConfig, split_users
-    from simulations.data.store import Dataset
+    from fedpa.recdata.examples import Lookups
+    from fedpa.recdata.partition import SplitConfig, split_users
+    from fedpa.recdata.store import Dataset
 
     ds = Dataset(cfg.data_dir)
     lookups = Lookups.build(ds)

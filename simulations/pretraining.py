@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from foundation import metrics as M
-from foundation.config import FoundationConfig
-from foundation.model import FoundationModel, count_parameters, load_foundation
-from foundation.pretrain import pretrain
-from simulations.data.examples import Examples, Lookups
-from simulations.data.partition import PartitionConfig, SplitConfig, make_partition, split_users
-from simulations.data.store import Dataset
+from fedpa.foundation import metrics as M
+from fedpa.foundation.config import FoundationConfig
+from fedpa.foundation.model import FoundationModel, count_parameters, load_foundation
+from fedpa.foundation.pretrain import pretrain
+from fedpa.recdata.examples import Examples, Lookups
+from fedpa.recdata.partition import PartitionConfig, SplitConfig, make_partition, split_users
+from fedpa.recdata.store import Dataset
 
 EVAL_BATCH = 1024
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from server.config import FederationConfig
-from server.rundir import RunDir, atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.common.config import FederationConfig
+from fedpa.server.rundir import RunDir, atomic_write_bytes, atomic_write_json, save_figure
 
 from .compare import mean_std
 
@@ -83,8 +83,8 @@ def _reusable(cfg: FederationConfig) -> dict | None:
 
 
 def run_point(cfg: FederationConfig, *, cohort_size: int, attack_targets: int, progress=None) -> dict:
-    from simulations.simulate import simulate
-    from simulations.update_attack import run_update_attack
+    from fedpa.simulations.simulate import simulate
+    from fedpa.simulations.update_attack import run_update_attack
 
     done = _reusable(cfg)
     if done is not None:

@@ -10,9 +10,9 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from foundation.errors import FedpaError
-from recmodels.personalization import get_algorithm
-from server.config import FederationConfig
+from fedpa.foundation.errors import FedpaError
+from fedpa.recmodels.personalization import get_algorithm
+from fedpa.common.config import FederationConfig
 
 log = logging.getLogger("fedpa")
 
@@ -33,15 +33,15 @@ def quiet_flower() -> None:
 
 
 def count_clients(cfg: FederationConfig) -> int:
-    from client.runtime import partition_config
-    from simulations.data.partition import make_partition
-    from simulations.data.store import Dataset
+    from fedpa.client.runtime import partition_config
+    from fedpa.recdata.partition import make_partition
+    from fedpa.recdata.store import Dataset
 
     return make_partition(Dataset(cfg.data_dir), partition_config(cfg)).num_clients
 
 
 def check_inputs(cfg: FederationConfig) -> None:
-    from simulations.data.store import Dataset
+    from fedpa.recdata.store import Dataset
 
     Dataset(cfg.data_dir)  # raises a clear error if it is not a dataset
     if not (Path(cfg.foundation) / "config.json").exists():
@@ -56,11 +56,11 @@ def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, enco
     cfg.validate()
     check_inputs(cfg)
     algo = get_algorithm(cfg.algorithm)
-    from client.runtime import ensure_feature_cache
+    from fedpa.client.runtime import ensure_feature_cache
 
     ensure_feature_cache(cfg, progress=encode_progress)
     if algo.centralized:
-        from simulations.centralized import run_centralized
+        from fedpa.simulations.centralized import run_centralized
 
         return run_centralized(cfg, progress=progress)
     if cfg.algorithm == "foundation":
@@ -81,12 +81,12 @@ def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, enco
 
     quiet_flower()  # after the import: importing flwr configures its logger
 
-    from client.app import app as client_app
-    from server.app import make_server_app
+    from fedpa.client.app import app as client_app
+    from fedpa.server.app import make_server_app
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     if cfg.resume:
-        from server.rundir import RunDir
+        from fedpa.server.rundir import RunDir
 
         if RunDir(cfg.run_dir).latest_round() is None:
             raise FedpaError(f"{cfg.run_dir}: no checkpoint to resume from (was round 1 ever completed?)")

@@ -32,15 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.personal_store import PersonalStore, generate_key_file
-from foundation.adapters import set_active_paths, use_routing
-from foundation.errors import FedpaError
-from foundation.model import load_foundation
-from recmodels.stages.features import StageEncoder
-from recmodels.stages.pointwise import FEDERATED_STAGES
-from server.config import FederationConfig
-from server.rundir import RunDir, atomic_write_bytes, atomic_write_json, save_figure
-from simulations.compare import mean_std
+from fedpa.client.personal_store import PersonalStore, generate_key_file
+from fedpa.foundation.adapters import set_active_paths, use_routing
+from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.model import load_foundation
+from fedpa.recmodels.stages.features import StageEncoder
+from fedpa.recmodels.stages.pointwise import FEDERATED_STAGES
+from fedpa.common.config import FederationConfig
+from fedpa.server.rundir import RunDir, atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.simulations.compare import mean_std
 
 KEY_FILE = "personal-store.key"
 
@@ -62,7 +62,7 @@ def parse_stages(text: str) -> list[str]:
 
 def funnel_config(funnel_dir: str | Path, cfg: FederationConfig):
     """The `fedpa funnel` run's configuration, checked against the federation's data and foundation."""
-    from simulations.stages import FunnelConfig
+    from fedpa.simulations.stages import FunnelConfig
 
     path = Path(funnel_dir) / "config.json"
     try:
@@ -91,7 +91,7 @@ def simulate_stages(cfg: FederationConfig, stages: list[str], funnel_dir: str | 
                     progress=None, on_stage=None, run_one=None) -> dict:
     """Federate each stage, then evaluate the personalized funnel; writes RUN/stages.json and RUN/stages.md.
     ``run_one(cfg)`` runs one stage federation (default: `simulations.simulate.simulate`)."""
-    from simulations.simulate import simulate
+    from fedpa.simulations.simulate import simulate
 
     cfg.validate()
     funnel_config(funnel_dir, cfg)  # fails before any training if the heads do not fit
@@ -130,9 +130,9 @@ def _stage_summary(summary: dict) -> dict:
 @torch.no_grad()
 def evaluate_personalized_funnel(cfg: FederationConfig, stages: list[str], funnel_dir: str | Path) -> dict:
     """The funnel on the test-day requests of the federation's users, each with its own personalized heads."""
-    from client.runtime import partition_config
-    from simulations.data.partition import make_partition
-    from simulations.stages import funnel_kept, funnel_metrics, load_funnel_data, load_stage_models, request_tensors
+    from fedpa.client.runtime import partition_config
+    from fedpa.recdata.partition import make_partition
+    from fedpa.simulations.stages import funnel_kept, funnel_metrics, load_funnel_data, load_stage_models, request_tensors
 
     fc = funnel_config(funnel_dir, cfg)
     ds, lookups, _, pools = load_funnel_data(fc, with_train=False)

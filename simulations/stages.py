@@ -22,24 +22,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from foundation.batch import TASKS
-from foundation.errors import FedpaError
-from foundation.metrics import auc, gauc
-from foundation.model import load_foundation
-from recmodels.stages.features import StageEncoder
-from recmodels.stages.funnel import FunnelSizes, StageModels, pair_batch, run_funnel
-from recmodels.stages.pointwise import build_stage_head
-from recmodels.stages.ranking import HoMERanker
-from recmodels.stages.rerank import CDMReranker, category_coverage, intra_list_distance
-from recmodels.stages.towers import recall_ndcg_at_k
-from recmodels.stages.training import (RequestTensors, StageTraining, train_prerank, train_ranking,
+from fedpa.foundation.batch import TASKS
+from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.metrics import auc, gauc
+from fedpa.foundation.model import load_foundation
+from fedpa.recmodels.stages.features import StageEncoder
+from fedpa.recmodels.stages.funnel import FunnelSizes, StageModels, pair_batch, run_funnel
+from fedpa.recmodels.stages.pointwise import build_stage_head
+from fedpa.recmodels.stages.ranking import HoMERanker
+from fedpa.recmodels.stages.rerank import CDMReranker, category_coverage, intra_list_distance
+from fedpa.recmodels.stages.towers import recall_ndcg_at_k
+from fedpa.recmodels.stages.training import (RequestTensors, StageTraining, train_prerank, train_ranking,
                                        train_rerank, train_retrieval)
-from server.rundir import atomic_write_bytes, atomic_write_json, save_figure
-from simulations.data.examples import Lookups
-from simulations.data.funnel import RequestPools, load_request_pools, sample_requests
-from simulations.data.partition import read_exposures, read_views
-from simulations.data.schema import LEVEL_CLICK
-from simulations.data.store import Dataset
+from fedpa.server.rundir import atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.recdata.examples import Lookups
+from fedpa.recdata.funnel import RequestPools, load_request_pools, sample_requests
+from fedpa.recdata.partition import read_exposures, read_views
+from fedpa.recdata.schema import LEVEL_CLICK
+from fedpa.recdata.store import Dataset
 
 STAGE_NAMES = ("retrieval", "prerank", "rank", "exposed")
 
@@ -215,7 +215,7 @@ def funnel_metrics(kept: dict[str, torch.Tensor], encoder: StageEncoder, test: R
 
 
 def _oracle(ds: Dataset, pools: RequestPools, exposed: torch.Tensor, valid: torch.Tensor) -> float | None:
-    from simulations.data.synth import oracle_utility
+    from fedpa.recdata.synth import oracle_utility
 
     if not (ds.path / "oracle" / "world.json").exists():
         return None

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.app import dp_settings
-from client.runtime import ClientRuntime
-from foundation.metrics import auc
-from recmodels.personalization import UserTensors
-from server.aggregation import apply_sums, spec_from
-from server.config import FederationConfig
-from server.privacy import private_contribution
+from fedpa.client.app import dp_settings
+from fedpa.client.runtime import ClientRuntime
+from fedpa.foundation.metrics import auc
+from fedpa.recmodels.personalization import UserTensors
+from fedpa.common.aggregation import apply_sums, spec_from
+from fedpa.common.config import FederationConfig
+from fedpa.common.privacy import private_contribution
 
 
 @dataclass

@@ -36,7 +36,7 @@ FAULTS = ("nan", "inf", "shape", "missing", "float64", "raise", "sleep", "eval-s
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """The synthetic 'tiny' dataset (200 users, 4 days), seed 0."""
-    from simulations.data.synth import generate
+    from fedpa.recdata.synth import generate
 
     return Path(generate("tiny", tmp_path_factory.mktemp("fed_data") / "tiny", seed=0))
 
@@ -44,7 +44,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_foundation(tiny, tmp_path_factory) -> Path:
     """A foundation pre-trained on ``tiny`` for one epoch."""
-    from simulations.pretraining import pretrain_foundation
+    from fedpa.simulations.pretraining import pretrain_foundation
 
     out = tmp_path_factory.mktemp("fed_foundation") / "foundation"
     pretrain_foundation(tiny, out, epochs=1, batch_size=1024)
@@ -58,7 +58,7 @@ def fed_config(data: Path, foundation: Path, run_dir: Path, **kw: Any):
     foundation, never into the user's home."""
     from dataclasses import fields
 
-    from server.config import FederationConfig
+    from fedpa.common.config import FederationConfig
 
     base = dict(data_dir=str(data), foundation=str(foundation), run_dir=str(run_dir),
                 num_rounds=2, max_clients=12, round_timeout=300.0)  # generous: Ray actors start slowly on a loaded box
@@ -161,7 +161,7 @@ def recording_server_app_factory(log: list[Recorded]):
     """A drop-in for `server.app.make_server_app`: the real ServerApp, run on a recording Grid."""
     from flwr.serverapp import ServerApp
 
-    import server.app as server_app_module
+    import fedpa.server.app as server_app_module
 
     real_factory = server_app_module.make_server_app
     RecordingGrid = _make_recording_grid_class()
@@ -196,7 +196,7 @@ def faulty_client_app(faults: dict[int, str], *, rounds: Iterable[int] | None = 
     from flwr.app import Array, ArrayRecord
     from flwr.clientapp import ClientApp
 
-    from client.app import evaluate, query, train
+    from fedpa.client.app import evaluate, query, train
 
     faults = dict(faults)
     rounds = None if rounds is None else set(rounds)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from foundation import adapters as A
-from foundation.config import ConfigError
-from foundation.model import CheckpointError, FoundationModel
-from foundation.quantize import quantize_for_inference
-from foundation.testing import SMALL_VOCAB as A_VOCAB
-from foundation.testing import random_batch, small_config
+from fedpa.foundation import adapters as A
+from fedpa.foundation.config import ConfigError
+from fedpa.foundation.model import CheckpointError, FoundationModel
+from fedpa.foundation.quantize import quantize_for_inference
+from fedpa.foundation.testing import SMALL_VOCAB as A_VOCAB
+from fedpa.foundation.testing import random_batch, small_config
 
 
 def foundation(seed=0, arch="transformer"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.aggregation import (
+from fedpa.common.aggregation import (
     COUNT_PREFIX,
     InvalidUpdate,
     SharedTensor,
@@ -239,7 +239,7 @@ def test_row_prior_shrinks_rarely_read_rows_and_leaves_global_entries_alone():
 
 
 def test_per_row_contributions_need_the_rows_read_and_a_count_per_row():
-    from server.aggregation import robust_sums
+    from fedpa.common.aggregation import robust_sums
 
     delta = {"head.b": np.zeros(2, np.float32), "item_bias.category": np.zeros((5, 2), np.float32)}
     with pytest.raises(ValueError, match="item_bias.category"):

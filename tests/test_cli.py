@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from simulations.cli import app
+from fedpa.simulations.cli import app
 
 runner = CliRunner()
 

@@ -21,7 +21,7 @@ ADAPTED = ("fedpa", "local", "fedavg-lora", "fedper", "pfedrec", "ditto")
 
 
 def _runtime(tiny, tiny_foundation, algorithm: str, tmp_path, **kw):
-    from client.runtime import ClientRuntime
+    from fedpa.client.runtime import ClientRuntime
 
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", algorithm=algorithm, max_clients=16,
                      feature_cache="none", **kw)
@@ -53,7 +53,7 @@ def _one_by_one(rt, users, shared0):
 
 
 def _worst_difference(rt, users, shared0, reference, max_users: int) -> float:
-    from recmodels.cohort import CohortEngine, CohortUser
+    from fedpa.recmodels.cohort import CohortEngine, CohortUser
 
     engine = CohortEngine(rt.model, max_users=max_users)
     members = [CohortUser(u.train, u.profile, None, u.user_id) for u in users]
@@ -105,7 +105,7 @@ def test_engine_matches_one_user_training_in_float64(tiny, tiny_foundation, tmp_
 def test_per_user_table_copies_hold_just_the_rows_their_chunk_reads(tiny, tiny_foundation, tmp_path):
     """The engine copies an item-side table per user only over the rows the chunk's items read (a video-id
     table has far more rows than a chunk reads); positions into them read the same rows as the item features."""
-    from recmodels.cohort import CohortEngine, CohortUser
+    from fedpa.recmodels.cohort import CohortEngine, CohortUser
 
     rt = _runtime(tiny, tiny_foundation, "fedpa", tmp_path, use_user_bias=True,
                   item_bias_fields="category_level_one,video_id")
@@ -137,7 +137,7 @@ def test_engine_matches_one_user_training_in_float32_defaults(tiny, tiny_foundat
 
 @pytest.mark.parametrize("algorithm", ["fedpa", "pfedrec", "ditto", "fedpa+items"])
 def test_scores_match_personalized_scores(tiny, tiny_foundation, tmp_path, algorithm):
-    from recmodels.cohort import CohortEngine, CohortUser
+    from fedpa.recmodels.cohort import CohortEngine, CohortUser
 
     name, _, option = algorithm.partition("+")
     rt = _runtime(tiny, tiny_foundation, name, tmp_path, batch_size=16,
@@ -165,7 +165,7 @@ def test_scores_match_personalized_scores(tiny, tiny_foundation, tmp_path, algor
 
 
 def test_engine_reports_a_bad_private_state(tiny, tiny_foundation, tmp_path):
-    from recmodels.cohort import CohortEngine, CohortUser
+    from fedpa.recmodels.cohort import CohortEngine, CohortUser
 
     rt = _runtime(tiny, tiny_foundation, "fedpa", tmp_path)
     users = _users(rt, double=False)[:3]
@@ -173,14 +173,14 @@ def test_engine_reports_a_bad_private_state(tiny, tiny_foundation, tmp_path):
     bad = {k: np.zeros((v.shape[0] + 1,) + v.shape[1:], np.float32) for k, v in pm.initial_private.items()}
     members = [CohortUser(u.train, u.profile, bad if i == 1 else None, u.user_id, user_id=u.user_id)
                for i, u in enumerate(users)]
-    from foundation.errors import FedpaError
+    from fedpa.foundation.errors import FedpaError
 
     with pytest.raises(FedpaError, match="personal state .* of user .* has shape"):
         list(CohortEngine(pm).train(members, None, rt.local))
 
 
 def test_engine_flags_users_whose_training_diverged(tiny, tiny_foundation, tmp_path):
-    from recmodels.cohort import CohortEngine, CohortUser
+    from fedpa.recmodels.cohort import CohortEngine, CohortUser
 
     rt = _runtime(tiny, tiny_foundation, "fedpa", tmp_path)
     users = [u for u in _users(rt, double=False) if len(u.train)][:4]
@@ -193,8 +193,8 @@ def test_engine_flags_users_whose_training_diverged(tiny, tiny_foundation, tmp_p
 
 
 def test_cohort_contribution_is_the_sum_of_user_contributions():
-    from server.aggregation import SharedTensor, client_contribution
-    from server.privacy import cohort_contribution, private_contribution, sensitivity
+    from fedpa.common.aggregation import SharedTensor, client_contribution
+    from fedpa.common.privacy import cohort_contribution, private_contribution, sensitivity
 
     spec = [SharedTensor("g", (3,)), SharedTensor("a0", (2,), "age=0"), SharedTensor("a1", (2,), "age=1"),
             SharedTensor("t", (4, 2), "per-row")]
@@ -232,8 +232,8 @@ def test_cohort_contribution_is_the_sum_of_user_contributions():
 
 
 def test_cohort_contribution_noise_has_the_per_user_variance():
-    from server.aggregation import SharedTensor
-    from server.privacy import cohort_contribution, distributed_share_std
+    from fedpa.common.aggregation import SharedTensor
+    from fedpa.common.privacy import cohort_contribution, distributed_share_std
 
     spec = [SharedTensor("g", (20000,))]
     deltas = {"g": (np.arange(9), np.zeros((9, 20000), np.float32))}
@@ -245,7 +245,7 @@ def test_cohort_contribution_noise_has_the_per_user_variance():
 
 
 def _final_state(run_dir):
-    from server.rundir import RunDir
+    from fedpa.server.rundir import RunDir
 
     _, arrays, _ = RunDir(run_dir).load_checkpoint()
     return arrays
@@ -253,7 +253,7 @@ def _final_state(run_dir):
 
 def test_vectorized_cohorts_match_one_user_per_node_on_flower(tiny, tiny_foundation, tmp_path):
     """2 rounds on Flower's simulation runtime: 12 nodes of one user vs 3 nodes of 4 vectorized users."""
-    from simulations.simulate import simulate
+    from fedpa.simulations.simulate import simulate
 
     base = fed_config(tiny, tiny_foundation, tmp_path / "one", algorithm="fedpa", num_rounds=2)
     one = simulate(base, cohort_size=1)
@@ -279,15 +279,15 @@ def test_vectorized_cohorts_match_one_user_per_node_on_flower(tiny, tiny_foundat
 
 def _final_state_round0(foundation):
     """The shared state every run starts from (the model's initialisation for seed 0)."""
-    from foundation.model import load_foundation
-    from recmodels.personalization import PersonalModel, get_algorithm
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recmodels.personalization import PersonalModel, get_algorithm
 
     torch.manual_seed(0)
     return PersonalModel(load_foundation(foundation), get_algorithm("fedpa"), seed=0, r=4, lora_alpha=4).get_shared()
 
 
 def test_calibrated_bias_is_the_users_base_rate_shrunk_by_its_prior():
-    from recmodels.personalization import calibrated_bias
+    from fedpa.recmodels.personalization import calibrated_bias
 
     n = 400
     logits = torch.full((n, 2), -1.0)
@@ -302,7 +302,7 @@ def test_calibrated_bias_is_the_users_base_rate_shrunk_by_its_prior():
 
 
 def test_a_fresh_user_starts_from_its_calibrated_offsets_once(tiny, tiny_foundation, tmp_path):
-    from recmodels.personalization import LocalTraining, calibrated_bias
+    from fedpa.recmodels.personalization import LocalTraining, calibrated_bias
 
     rt = _runtime(tiny, tiny_foundation, "fedpa", tmp_path, use_user_bias=True)
     pm = rt.model

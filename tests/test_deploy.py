@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.pki import make_node_key, make_server_files
-from server.rundir import RunDir
-from simulations.deploy import LocalDeployment
+from fedpa.server.pki import make_node_key, make_server_files
+from fedpa.server.rundir import RunDir
+from fedpa.simulations.deploy import LocalDeployment
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -63,8 +63,8 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
     assert summary["secure_aggregation"] is True and 0 < summary["test"]["auc"] < 1
     # the aggregated shared state moved away from the initial adapters
     _, state, _ = RunDir(run_dir).load_checkpoint()
-    from foundation.model import load_foundation
-    from recmodels.personalization import PersonalModel, get_algorithm
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recmodels.personalization import PersonalModel, get_algorithm
 
     start = PersonalModel(load_foundation(tiny_foundation), get_algorithm("fedpa"), seed=0, r=4,
                           lora_alpha=4).get_shared()

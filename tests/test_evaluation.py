@@ -1,7 +1,7 @@
 import numpy as np
 
-from foundation import metrics as M
-from recmodels.evaluation import MetricSums
+from fedpa.foundation import metrics as M
+from fedpa.recmodels.evaluation import MetricSums
 
 
 def test_sums_reproduce_exact_metrics():
@@ -38,7 +38,7 @@ def test_unobserved_labels_are_ignored_and_ranking_cases():
 
 
 def test_membership_attack_scores_confidence_in_the_true_label():
-    from recmodels.evaluation import membership_attack
+    from fedpa.recmodels.evaluation import membership_attack
 
     # an overfitted model: confident on its training rows, unsure on held-out rows
     is_member, score = membership_attack(np.array([1, 0, -1]), np.array([0.99, 0.02, 0.5]),

@@ -7,12 +7,12 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from client.personal_store import generate_key_file
+from fedpa.client.personal_store import generate_key_file
 from fed_fixtures import fed_config
-from foundation.export import ExportError, export_onnx, onnx_probabilities, torch_probabilities
-from simulations.cli import app
-from simulations.export_user import user_batches
-from simulations.simulate import simulate
+from fedpa.foundation.export import ExportError, export_onnx, onnx_probabilities, torch_probabilities
+from fedpa.simulations.cli import app
+from fedpa.simulations.export_user import user_batches
+from fedpa.simulations.simulate import simulate
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ def fedpa_run(tiny, tiny_foundation, tmp_path_factory):
 
 
 def _a_client(cfg):
-    from client.runtime import ClientRuntime
+    from fedpa.client.runtime import ClientRuntime
 
     rt = ClientRuntime(cfg)
     return int(rt.partition.user_of(0))
@@ -59,7 +59,7 @@ def test_export_matches_pytorch_and_writes_int8(fedpa_run, tmp_path):
 
 def test_export_is_the_users_personalized_model(fedpa_run, tmp_path):
     """Two users' exports differ (private adapters), and each equals its merged PyTorch model."""
-    from client.runtime import ClientRuntime
+    from fedpa.client.runtime import ClientRuntime
 
     rt = ClientRuntime(fedpa_run)
     a, b = int(rt.partition.user_of(0)), int(rt.partition.user_of(1))
@@ -88,7 +88,7 @@ def test_export_refuses_what_it_cannot_do(fedpa_run, tmp_path):
 
 
 def test_torch_and_onnx_agree_on_the_foundation_itself(tiny, tiny_foundation, tmp_path):
-    from foundation.model import load_foundation
+    from fedpa.foundation.model import load_foundation
 
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "r")
     test, request, _ = user_batches(cfg, 3)

@@ -14,24 +14,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import client.app
+import fedpa.client.app as client_app_module
 from fed_fixtures import faulty_client_app, fed_config, node_ids, read_metrics, target_key_of
-from foundation.errors import FedpaError
-from server.config import ConfigValueError, FederationConfig
-from server.rundir import RunDir
+from fedpa.foundation.errors import FedpaError
+from fedpa.common.config import ConfigValueError, FederationConfig
+from fedpa.server.rundir import RunDir
 
 
 def simulate_with(client_app, cfg, cohort_size: int, progress=None) -> dict:
-    from simulations.simulate import simulate
+    from fedpa.simulations.simulate import simulate
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(client.app, "app", client_app)
+        mp.setattr(client_app_module, "app", client_app)
         return simulate(cfg, cohort_size=cohort_size, progress=progress)
 
 
 def shared_names(cfg) -> list[str]:
-    from foundation.model import load_foundation
-    from recmodels.personalization import PersonalModel, get_algorithm
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recmodels.personalization import PersonalModel, get_algorithm
 
     pm = PersonalModel(load_foundation(cfg.foundation), get_algorithm(cfg.algorithm), seed=cfg.seed,
                        **cfg.model_options())

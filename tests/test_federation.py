@@ -18,10 +18,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import server.app
+import fedpa.server.app as server_app_module
 from fed_fixtures import fed_config, read_metrics, recording_server_app_factory
-from server.aggregation import count_keys, spec_from
-from server.rundir import RunDir
+from fedpa.common.aggregation import count_keys, spec_from
+from fedpa.server.rundir import RunDir
 
 COHORT = 4        # 12 clients -> 3 virtual SuperNodes
 NUM_CLIENTS = 12
@@ -29,17 +29,17 @@ EVAL_KEYS = ("auc", "gauc", "logloss")
 
 
 def run_recorded(cfg, cohort_size: int = COHORT) -> SimpleNamespace:
-    from simulations.simulate import simulate
+    from fedpa.simulations.simulate import simulate
 
     log: list = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(server.app, "make_server_app", recording_server_app_factory(log))
+        mp.setattr(server_app_module, "make_server_app", recording_server_app_factory(log))
         summary = simulate(cfg, cohort_size=cohort_size)
     return SimpleNamespace(cfg=cfg, summary=summary, log=log, run_dir=Path(cfg.run_dir))
 
 
 def personal_model(cfg, foundation):
-    from foundation.model import load_foundation
+    from fedpa.foundation.model import load_foundation
 
     return cfg.personal_model(foundation=load_foundation(str(foundation)))
 
@@ -122,10 +122,10 @@ def test_bytes_per_round_are_the_serialized_messages(fedpa_run, fedpa_model):
 
 
 def test_shared_state_learns_where_clients_contributed(fedpa_run, fedpa_model, tiny):
-    from client.runtime import partition_config
-    from simulations.data.examples import Lookups
-    from simulations.data.partition import make_partition
-    from simulations.data.store import Dataset
+    from fedpa.client.runtime import partition_config
+    from fedpa.recdata.examples import Lookups
+    from fedpa.recdata.partition import make_partition
+    from fedpa.recdata.store import Dataset
 
     cfg = fedpa_run.cfg
     initial = fedpa_model.get_shared()
@@ -160,7 +160,7 @@ def test_shared_state_learns_where_clients_contributed(fedpa_run, fedpa_model, t
 
 
 def test_messages_carry_no_private_tensor(fedpa_run, fedpa_model):
-    from foundation.adapters import parameter_kinds
+    from fedpa.foundation.adapters import parameter_kinds
 
     log = fedpa_run.log
     private = set(fedpa_model._private)
@@ -221,7 +221,7 @@ def test_local_algorithm_sends_no_arrays(tiny, tiny_foundation, tmp_path):
 
 
 def test_foundation_algorithm_only_evaluates(tiny, tiny_foundation, tmp_path):
-    from simulations.simulate import simulate
+    from fedpa.simulations.simulate import simulate
 
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "foundation", algorithm="foundation", num_rounds=3)
     s = simulate(cfg, cohort_size=6)
@@ -242,7 +242,7 @@ def test_foundation_algorithm_only_evaluates(tiny, tiny_foundation, tmp_path):
 def test_same_seed_same_result(fedpa_run, tmp_path):
     """A second run with the same configuration: bit-identical shared state and identical metrics
     (the server sums replies in the order of the clients their nodes serve, not arrival order)."""
-    from simulations.simulate import simulate
+    from fedpa.simulations.simulate import simulate
 
     cfg = fed_config(Path(fedpa_run.cfg.data_dir), Path(fedpa_run.cfg.foundation), tmp_path / "again")
     s = simulate(cfg, cohort_size=COHORT)
@@ -264,8 +264,8 @@ def test_same_seed_same_result(fedpa_run, tmp_path):
 def test_user_bias_offsets_stay_on_the_clients_and_are_calibrated(tiny, tiny_foundation, tmp_path):
     """use-user-bias: the shared head delta travels, each user's logit offsets never do; they start
     from the user's calibrated base rate, so they are set after one round even with a tiny lr."""
-    from client.personal_store import generate_key_file, open_store
-    from foundation.adapters import parameter_kinds
+    from fedpa.client.personal_store import generate_key_file, open_store
+    from fedpa.foundation.adapters import parameter_kinds
 
     key = tmp_path / "store.key"
     generate_key_file(key)
@@ -290,8 +290,8 @@ def test_user_bias_offsets_stay_on_the_clients_and_are_calibrated(tiny, tiny_fou
 def test_lr_decay_sets_each_rounds_learning_rate(tiny, tiny_foundation, tmp_path):
     """lr-decay: round r trains at lr * decay^(r-1); with a vanishing decay round 2 leaves the shared state
     where round 1 put it, while round 1 itself still learns."""
-    from server.config import ConfigValueError, FederationConfig
-    from simulations.simulate import simulate
+    from fedpa.common.config import ConfigValueError, FederationConfig
+    from fedpa.simulations.simulate import simulate
 
     assert FederationConfig(lr=0.01, lr_decay=0.5).round_lr(3) == pytest.approx(0.0025)
     assert FederationConfig(lr=0.01, lr_decay=0.5).round_lr(0) == 0.01  # evaluation before any training
@@ -312,7 +312,7 @@ def test_item_side_tables_average_each_row_over_the_users_that_read_it(tiny, tin
     """item-bias-fields: one Flower round; each row of a shared item-side table moves by the mean delta of
     the users whose training rows read it (recomputed here user by user), rows nobody read stay, and
     what travels up is the delta plus one count per row."""
-    from client.runtime import ClientRuntime, user_seed
+    from fedpa.client.runtime import ClientRuntime, user_seed
 
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=1, use_user_bias=True,
                      item_bias_fields="category_level_one,upload_type")

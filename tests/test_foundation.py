@@ -7,13 +7,13 @@ import shutil
 import pytest
 import torch
 
-from foundation.batch import TASKS
-from foundation.config import ConfigError, FoundationConfig
-from foundation.errors import FedpaError
-from foundation.model import CheckpointError, FoundationModel, count_parameters, freeze, hash_ids, load_foundation
-from foundation.pretrain import evaluate, pretrain
-from foundation.quantize import quantize_for_inference
-from foundation.testing import batch_iter, random_batch, small_config
+from fedpa.foundation.batch import TASKS
+from fedpa.foundation.config import ConfigError, FoundationConfig
+from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.model import CheckpointError, FoundationModel, count_parameters, freeze, hash_ids, load_foundation
+from fedpa.foundation.pretrain import evaluate, pretrain
+from fedpa.foundation.quantize import quantize_for_inference
+from fedpa.foundation.testing import batch_iter, random_batch, small_config
 
 
 def build(arch="transformer", seed=0, **kw):

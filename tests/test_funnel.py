@@ -14,10 +14,10 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def pools(tiny):
-    from simulations.data.examples import Lookups
-    from simulations.data.funnel import load_request_pools
-    from simulations.data.partition import read_exposures, read_views
-    from simulations.data.store import Dataset
+    from fedpa.recdata.examples import Lookups
+    from fedpa.recdata.funnel import load_request_pools
+    from fedpa.recdata.partition import read_exposures, read_views
+    from fedpa.recdata.store import Dataset
 
     ds = Dataset(tiny)
     lookups = Lookups.build(ds)
@@ -27,7 +27,7 @@ def pools(tiny):
 
 
 def test_request_pools_hold_exposures_stage_samples_and_random_items(pools):
-    from simulations.data.schema import LEVEL_CLICK, LEVEL_RANDOM, LEVEL_REALSHOW, STAGE_LEVEL, STAGES
+    from fedpa.recdata.schema import LEVEL_CLICK, LEVEL_RANDOM, LEVEL_REALSHOW, STAGE_LEVEL, STAGES
 
     ds, _, _, p = pools
     day = ds.days[-1]
@@ -54,8 +54,8 @@ def test_request_pools_hold_exposures_stage_samples_and_random_items(pools):
 
 
 def test_random_items_depend_only_on_seed_and_request(pools):
-    from simulations.data.funnel import load_request_pools
-    from simulations.data.schema import LEVEL_RANDOM
+    from fedpa.recdata.funnel import load_request_pools
+    from fedpa.recdata.schema import LEVEL_RANDOM
 
     ds, lookups, views, p = pools
     again = load_request_pools(ds, [ds.days[-1]], views=views, lookups=lookups, n_random=30, max_requests=3)
@@ -68,10 +68,10 @@ def test_random_items_depend_only_on_seed_and_request(pools):
 
 
 def test_each_stage_keeps_a_subset_of_the_previous_one(pools, tiny_foundation):
-    from foundation.model import load_foundation
-    from recmodels.stages.features import StageEncoder
-    from recmodels.stages.funnel import FunnelSizes, run_funnel
-    from simulations.stages import FunnelConfig, build_models, request_tensors
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recmodels.stages.features import StageEncoder
+    from fedpa.recmodels.stages.funnel import FunnelSizes, run_funnel
+    from fedpa.simulations.stages import FunnelConfig, build_models, request_tensors
 
     _, lookups, _, p = pools
     data = request_tensors(p.subset(np.arange(16)), lookups)
@@ -95,7 +95,7 @@ def test_each_stage_keeps_a_subset_of_the_previous_one(pools, tiny_foundation):
 
 
 def test_funnel_experiment_writes_every_metric(tiny, tiny_foundation, tmp_path):
-    from simulations.stages import FunnelConfig, run_funnel_experiment
+    from fedpa.simulations.stages import FunnelConfig, run_funnel_experiment
 
     cfg = FunnelConfig(data_dir=str(tiny), foundation=str(tiny_foundation), out_dir=str(tmp_path / "f"),
                        train_requests=300, test_requests=120, epochs=1, random_per_request=40,
@@ -115,9 +115,9 @@ def test_funnel_experiment_writes_every_metric(tiny, tiny_foundation, tmp_path):
     assert (tmp_path / "f" / "funnel.png").stat().st_size > 0
 
     # the saved heads reproduce the run's funnel exactly, and a damaged file is named
-    from foundation.model import load_foundation
-    from recmodels.stages.features import StageEncoder
-    from simulations.stages import evaluate_funnel, load_funnel_data, load_stage_models, request_tensors
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recmodels.stages.features import StageEncoder
+    from fedpa.simulations.stages import evaluate_funnel, load_funnel_data, load_stage_models, request_tensors
 
     encoder = StageEncoder(load_foundation(tiny_foundation))
     models = load_stage_models(encoder, cfg, tmp_path / "f" / "models")
@@ -126,14 +126,14 @@ def test_funnel_experiment_writes_every_metric(tiny, tiny_foundation, tmp_path):
     assert again["exposed"]["recall@4"] == m["exposed"]["recall@4"]
     assert again["ranking_tasks"]["effective_view"]["auc"] == pytest.approx(m["ranking_tasks"]["effective_view"]["auc"])
     (tmp_path / "f" / "models" / "rank.safetensors").write_bytes(b"not a safetensors file")
-    from foundation.errors import FedpaError
+    from fedpa.foundation.errors import FedpaError
 
     with pytest.raises(FedpaError, match="rank.safetensors: cannot load the rank head"):
         load_stage_models(encoder, cfg, tmp_path / "f" / "models")
 
 
 def test_funnel_cli_rejects_bad_input(tiny, tiny_foundation, tmp_path):
-    from simulations.cli import app
+    from fedpa.simulations.cli import app
 
     res = runner.invoke(app, ["funnel", "--data", str(tiny), "--foundation", str(tiny_foundation),
                               "--out", str(tmp_path / "x"), "--rerank", "greedy"])
@@ -146,9 +146,9 @@ def test_funnel_cli_rejects_bad_input(tiny, tiny_foundation, tmp_path):
 
 
 def test_funnel_names_a_foundation_or_dataset_it_cannot_use(tiny, tiny_foundation, tmp_path):
-    from simulations.cli import app
-    from simulations.data.synth import generate
-    from simulations.pretraining import pretrain_foundation
+    from fedpa.simulations.cli import app
+    from fedpa.recdata.synth import generate
+    from fedpa.simulations.pretraining import pretrain_foundation
 
     mlp = tmp_path / "mlp"
     pretrain_foundation(tiny, mlp, arch="mlp", epochs=1, batch_size=1024, max_private_eval_users=20)
@@ -161,7 +161,7 @@ def test_funnel_names_a_foundation_or_dataset_it_cannot_use(tiny, tiny_foundatio
 
 
 def test_sampled_requests_are_the_only_ones_read(pools):
-    from simulations.data.funnel import load_request_pools, sample_requests
+    from fedpa.recdata.funnel import load_request_pools, sample_requests
 
     ds, lookups, views, p = pools
     ids = sample_requests(ds, [ds.days[-1]], 7, seed=3)
@@ -172,7 +172,7 @@ def test_sampled_requests_are_the_only_ones_read(pools):
 
 
 def test_kept_positions_become_scores_in_order():
-    from simulations.stages import kept_scores
+    from fedpa.simulations.stages import kept_scores
 
     s = kept_scores(torch.tensor([[2, 0, -1, -1], [1, -1, -1, -1]]), (2, 3))
     inf = float("-inf")
@@ -181,9 +181,9 @@ def test_kept_positions_become_scores_in_order():
 
 def test_a_stage_larger_than_the_pool_keeps_every_view(pools, tiny_foundation):
     """Stage sizes above the pool size: every stage keeps the whole pool, so every recall is exactly 1."""
-    from foundation.model import load_foundation
-    from recmodels.stages.features import StageEncoder
-    from simulations.stages import FunnelConfig, build_models, evaluate_funnel, request_tensors
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recmodels.stages.features import StageEncoder
+    from fedpa.simulations.stages import FunnelConfig, build_models, evaluate_funnel, request_tensors
 
     ds, lookups, _, p = pools
     sub = p.subset(np.arange(24))

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from simulations.cli import app
-from simulations.data.import_interactions import KUAISAR_R, Mapping, import_interactions
-from simulations.data.store import Dataset, DatasetError
+from fedpa.simulations.cli import app
+from fedpa.recdata.import_interactions import KUAISAR_R, Mapping, import_interactions
+from fedpa.recdata.store import Dataset, DatasetError
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_log_becomes_requests_exposures_users_and_items(tmp_path, fmt):
 
 
 def test_kuaisar_mapping_file_is_the_documented_one():
-    assert Mapping.from_toml(REPO / "simulations/data/mappings/kuaisar-r.toml") == KUAISAR_R
+    assert Mapping.from_toml(REPO / "recdata/mappings/kuaisar-r.toml") == KUAISAR_R
 
 
 @pytest.mark.parametrize("change, message", [
@@ -116,8 +116,8 @@ def test_cli_with_flags_and_without_feature_tables(tmp_path):
 
 def test_sequences_of_imported_users_never_see_the_future(tmp_path):
     """MRFF's protocol (split 'last'): a user's test row sees only clicks strictly before it."""
-    from simulations.data.partition import SplitConfig, split_users
-    from simulations.data.schema import SEQ_LEN
+    from fedpa.recdata.partition import SplitConfig, split_users
+    from fedpa.recdata.schema import SEQ_LEN
     from toy_data import assert_sequences_precede_requests
 
     rng = np.random.default_rng(0)

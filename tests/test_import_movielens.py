@@ -7,9 +7,9 @@ import re
 import pyarrow as pa
 import pytest
 
-from foundation.errors import FedpaError
-from simulations.data.import_movielens import GENRES, import_movielens
-from simulations.data.store import DatasetError, open_dataset
+from fedpa.foundation.errors import FedpaError
+from fedpa.recdata.import_movielens import GENRES, import_movielens
+from fedpa.recdata.store import DatasetError, open_dataset
 
 NO_GENRE = ["0"] * 19
 

@@ -14,10 +14,10 @@ import pyarrow.feather as feather
 import pytest
 
 import fixtures_release as rel
-from simulations.data.import_recflow import import_recflow
-from simulations.data.safe_pickle import UnsafePickleError
-from simulations.data.schema import STAGE_CODE, STAGES
-from simulations.data.store import DatasetError, open_dataset
+from fedpa.recdata.import_recflow import import_recflow
+from fedpa.recdata.safe_pickle import UnsafePickleError
+from fedpa.recdata.schema import STAGE_CODE, STAGES
+from fedpa.recdata.store import DatasetError, open_dataset
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ FIELDS = "category_level_one,upload_type,video_id"
 
 
 def _runtime(tiny, tiny_foundation, tmp_path, **kw):
-    from client.runtime import ClientRuntime
+    from fedpa.client.runtime import ClientRuntime
 
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", max_clients=8, feature_cache="none",
                      item_bias_fields=FIELDS, **kw)
@@ -24,9 +24,9 @@ def _runtime(tiny, tiny_foundation, tmp_path, **kw):
 
 
 def test_tables_read_the_rows_the_foundations_embeddings_read(tiny_foundation):
-    from foundation.batch import ITEM_FIELDS
-    from foundation.model import load_foundation
-    from recmodels.item_bias import ItemBias
+    from fedpa.foundation.batch import ITEM_FIELDS
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recmodels.item_bias import ItemBias
 
     foundation = load_foundation(str(tiny_foundation))
     bias = ItemBias(foundation.config, FIELDS.split(","), 2)
@@ -94,7 +94,7 @@ def test_a_faster_table_learning_rate_moves_the_tables_further(tiny, tiny_founda
     (dict(foundation_logit_scale=0.5, stage="rank", stage_models="x"), "its own head"),
 ])
 def test_the_configuration_refuses_what_the_tables_cannot_do(change, words):
-    from server.config import ConfigValueError, FederationConfig
+    from fedpa.common.config import ConfigValueError, FederationConfig
 
     with pytest.raises(ConfigValueError, match=words):
         FederationConfig(**change).validate()
@@ -102,7 +102,7 @@ def test_the_configuration_refuses_what_the_tables_cannot_do(change, words):
 
 def test_the_other_algorithms_ignore_the_fedpa_option():
     """As with FedPA's other options: a compare run's shared configuration serves every baseline."""
-    from server.config import FederationConfig
+    from fedpa.common.config import FederationConfig
 
     for algorithm in ("fedper", "ditto", "centralized"):
         cfg = FederationConfig(algorithm=algorithm, item_bias_fields="upload_type", dp_noise_multiplier=1.0,
@@ -114,7 +114,7 @@ def test_the_other_algorithms_ignore_the_fedpa_option():
 
 
 def test_the_update_attack_refuses_runs_with_tables(tiny, tiny_foundation, tmp_path):
-    from simulations.update_attack import run_update_attack
+    from fedpa.simulations.update_attack import run_update_attack
 
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", item_bias_fields="upload_type", feature_cache="none")
     with pytest.raises(ValueError, match="item-bias-fields"):
@@ -126,12 +126,12 @@ def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_found
     covered by the sensitivity; tested in test_cohort.py) completes with ε reported and the tables
     learned; `fedpa export` of it: the ONNX model equals the user's PyTorch scorer (cached-row path:
     tower + tables), and the tables change its scores."""
-    from client.personal_store import generate_key_file
-    from client.runtime import ClientRuntime
-    from foundation.export import onnx_probabilities
-    from server.rundir import RunDir
-    from simulations.export_user import export_user, user_batches
-    from simulations.simulate import simulate
+    from fedpa.client.personal_store import generate_key_file
+    from fedpa.client.runtime import ClientRuntime
+    from fedpa.foundation.export import onnx_probabilities
+    from fedpa.server.rundir import RunDir
+    from fedpa.simulations.export_user import export_user, user_batches
+    from fedpa.simulations.simulate import simulate
 
     key = generate_key_file(tmp_path / "store.key")
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=1, max_clients=8, use_user_bias=True,
@@ -153,7 +153,7 @@ def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_found
     for entry in ("item_bias.category_level_one", "item_bias.upload_type"):
         assert np.all(np.isfinite(shared[entry])) and float(np.abs(shared[entry]).max()) > 1e-2
     pm.set_shared(shared)
-    from client.personal_store import PersonalStore
+    from fedpa.client.personal_store import PersonalStore
 
     pm.set_private(PersonalStore.from_key_file(cfg.personal_store, key).load(user)[0])
     data = rt.user(0)
@@ -173,7 +173,7 @@ def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_found
 @pytest.mark.parametrize("algorithm", ["fedpa", "foundation"])
 def test_foundation_logit_scale_multiplies_the_frozen_logits_every_client_starts_from(tiny, tiny_foundation, tmp_path,
                                                                                      algorithm):
-    from client.runtime import ClientRuntime
+    from fedpa.client.runtime import ClientRuntime
 
     def start_scores(scale):
         rt = ClientRuntime(fed_config(tiny, tiny_foundation, tmp_path / f"run{scale}", algorithm=algorithm, max_clients=4,

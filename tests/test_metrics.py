@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from foundation import metrics as M
+from fedpa.foundation import metrics as M
 
 
 def brute_auc(y, s):

@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from client.personal_store import PersonalStore, generate_key_file
+from fedpa.client.personal_store import PersonalStore, generate_key_file
 from fed_fixtures import fed_config
-from simulations.simulate import simulate
+from fedpa.simulations.simulate import simulate
 
 
 def test_personal_adapters_persist_across_runs(tiny, tiny_foundation, tmp_path):

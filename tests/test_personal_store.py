@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.personal_store import (
+from fedpa.client.personal_store import (
     HEADER_BYTES,
     MAGIC,
     PersonalStore,
@@ -20,7 +20,7 @@ from client.personal_store import (
     StoreWrongKeyError,
     generate_key_file,
 )
-from foundation.errors import FedpaError
+from fedpa.foundation.errors import FedpaError
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -287,7 +287,7 @@ def test_key_file_inside_store_dir_is_refused(tmp_path):
 CRASH_HELPER = textwrap.dedent(r"""
     import json, os, random, signal, sys, time
     import numpy as np
-    from client.personal_store import PersonalStore
+    from fedpa.client.personal_store import PersonalStore
 
     directory, seed, kills = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     key = bytes(range(32))

@@ -2,10 +2,10 @@
 
 import pytest
 
-from foundation.model import load_foundation
-from simulations.data.partition import PartitionConfig, make_partition
-from simulations.data.store import Dataset
-from simulations.pretraining import pretrain_foundation
+from fedpa.foundation.model import load_foundation
+from fedpa.recdata.partition import PartitionConfig, make_partition
+from fedpa.recdata.store import Dataset
+from fedpa.simulations.pretraining import pretrain_foundation
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from fed_fixtures import fed_config
-from foundation.model import load_foundation
-from recmodels.personalization import PersonalModel, get_algorithm
-from server.aggregation import SharedTensor
-from server.config import ConfigValueError, FederationConfig
-from server.privacy import (add_local_noise, add_noise, clip_delta, distributed_share_std, event_multiplier,
+from fedpa.foundation.model import load_foundation
+from fedpa.recmodels.personalization import PersonalModel, get_algorithm
+from fedpa.common.aggregation import SharedTensor
+from fedpa.common.config import ConfigValueError, FederationConfig
+from fedpa.common.privacy import (add_local_noise, add_noise, clip_delta, distributed_share_std, event_multiplier,
                             make_accountant, quorum, round_event, sensitivity)
-from server.rundir import RunDir
-from simulations.simulate import simulate
+from fedpa.server.rundir import RunDir
+from fedpa.simulations.simulate import simulate
 
 
 def test_clip_bounds_only_the_entries_a_user_contributes():

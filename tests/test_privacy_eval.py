@@ -6,13 +6,13 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from client.runtime import ClientRuntime
+from fedpa.client.runtime import ClientRuntime
 from fed_fixtures import fed_config
-from foundation.model import load_foundation
-from recmodels.personalization import PersonalModel, get_algorithm
-from simulations.cli import app
-from simulations.privacy_sweep import SweepPoint, make_grid
-from simulations.update_attack import run_update_attack
+from fedpa.foundation.model import load_foundation
+from fedpa.recmodels.personalization import PersonalModel, get_algorithm
+from fedpa.simulations.cli import app
+from fedpa.simulations.privacy_sweep import SweepPoint, make_grid
+from fedpa.simulations.update_attack import run_update_attack
 
 runner = CliRunner()
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.personal_store import generate_key_file
+from fedpa.client.personal_store import generate_key_file
 from fed_fixtures import fed_config
-from foundation.errors import FedpaError
-from server.rundir import RunDir
-from simulations.simulate import simulate
+from fedpa.foundation.errors import FedpaError
+from fedpa.server.rundir import RunDir
+from fedpa.simulations.simulate import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny, tiny_foundation, t
 
     broken = config("broken")
     (tmp_path / "broken.toml").write_text(_toml(broken))
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "fedpa.simulations.cli", "simulate", "--config",
                              str(tmp_path / "broken.toml"), "--cohort-size", "3"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     run_dir = Path(broken.run_dir)
@@ -84,8 +84,8 @@ def test_a_redone_round_reads_the_state_from_before_it(tmp_path):
     killed attempt saved at r; another run (or evaluation) takes the latest."""
     from flwr.app import Context, RecordDict
 
-    from client.app import _private_state
-    from client.personal_store import PersonalStore
+    from fedpa.client.app import _private_state
+    from fedpa.client.personal_store import PersonalStore
 
     key = generate_key_file(tmp_path / "k")
     store = PersonalStore.from_key_file(tmp_path / "store", key)
@@ -104,7 +104,7 @@ def test_a_redone_round_reads_the_state_from_before_it(tmp_path):
 
 
 def test_configuration_differences_count_missing_keys_at_their_default():
-    from server.config import FederationConfig
+    from fedpa.common.config import FederationConfig
 
     cfg = FederationConfig(lr=0.05)
     written = {k: v for k, v in FederationConfig().to_run_config().items() if k != "robust-aggregation"}

@@ -10,9 +10,9 @@ import warnings
 import numpy as np
 import pytest
 
-from foundation.errors import FedpaError
-from simulations.data.safe_pickle import UnsafePickleError, load_restricted
-from simulations.data.store import DatasetError
+from fedpa.foundation.errors import FedpaError
+from fedpa.recdata.safe_pickle import UnsafePickleError, load_restricted
+from fedpa.recdata.store import DatasetError
 
 
 def _seq_dict() -> dict:

@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from client.secagg import SecAggClient
-from server.secagg import (
-    MessageRejected, QuantConfig, SecAggError, SecAggParams, SecAggServer, choose_degree, dequantize_sum,
-    quantize,
-)
-from server.secagg.protocol import (
+from fedpa.client.secagg import SecAggClient
+from fedpa.server.secagg import SecAggServer
+from fedpa.common.secagg.protocol import (
+    MessageRejected, QuantConfig, SecAggError, SecAggParams, choose_degree, dequantize_sum, quantize,
     ENVELOPE_BYTES, PRIME, SERVER_ID, generate_keypair, graph_seed, lagrange_at_zero, pack_bits, prg_u64,
     shamir_reconstruct, shamir_share, share_x, unpack_bits,
 )

@@ -5,8 +5,8 @@ from dataclasses import replace
 import numpy as np
 
 from fed_fixtures import fed_config
-from server.rundir import RunDir
-from simulations.simulate import simulate
+from fedpa.server.rundir import RunDir
+from fedpa.simulations.simulate import simulate
 
 
 def test_secure_round_matches_plain_aggregation(tiny, tiny_foundation, tmp_path):

@@ -1,5 +1,5 @@
 """Federated personalization of the funnel's stage heads (recmodels/stages/pointwise.py,
-simulations/data/stage_rows.py, simulations/stage_federation.py, `fedpa simulate --stages`)."""
+recdata/stage_rows.py, simulations/stage_federation.py, `fedpa simulate --stages`)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ STAGES = ("retrieval", "prerank", "rank")
 
 @pytest.fixture(scope="module")
 def pair_setup():
-    from foundation.model import FoundationModel
-    from foundation.testing import random_batch, small_config
-    from recmodels.stages.features import StageEncoder
+    from fedpa.foundation.model import FoundationModel
+    from fedpa.foundation.testing import random_batch, small_config
+    from fedpa.recmodels.stages.features import StageEncoder
 
     torch.manual_seed(0)
     cfg = small_config()
@@ -33,13 +33,13 @@ def pair_setup():
 
 
 def _host(stage, cfg, head):
-    from recmodels.stages.pointwise import SCORERS, PairLayout, StageHost
+    from fedpa.recmodels.stages.pointwise import SCORERS, PairLayout, StageHost
 
     return StageHost(stage, SCORERS[stage](head, PairLayout(cfg)).eval(), cfg)
 
 
 def test_pair_layout_recovers_what_the_stages_read(pair_setup):
-    from recmodels.stages.pointwise import PairLayout
+    from fedpa.recmodels.stages.pointwise import PairLayout
 
     cfg, _, batch, encoder, pair = pair_setup
     layout = PairLayout(cfg)
@@ -51,7 +51,7 @@ def test_pair_layout_recovers_what_the_stages_read(pair_setup):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_scorers_score_a_row_like_the_funnel_does(pair_setup, stage):
-    from recmodels.stages.pointwise import build_stage_head
+    from fedpa.recmodels.stages.pointwise import build_stage_head
 
     cfg, _, batch, encoder, pair = pair_setup
     torch.manual_seed(1)
@@ -72,8 +72,8 @@ def test_scorers_score_a_row_like_the_funnel_does(pair_setup, stage):
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("algorithm", ["fedpa", "local", "fedavg-lora", "fedper", "ditto"])
 def test_adapters_start_at_the_trained_head_and_personalize_it_in_place(pair_setup, stage, algorithm):
-    from recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
-    from recmodels.stages.pointwise import build_stage_head
+    from fedpa.recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
+    from fedpa.recmodels.stages.pointwise import build_stage_head
 
     cfg, foundation, batch, _, pair = pair_setup
     torch.manual_seed(2)
@@ -101,8 +101,8 @@ def test_adapters_start_at_the_trained_head_and_personalize_it_in_place(pair_set
 
 
 def test_a_multi_interest_retrieval_head_is_refused(pair_setup):
-    from foundation.errors import FedpaError
-    from recmodels.stages.pointwise import PairLayout, RetrievalScorer, build_stage_head
+    from fedpa.foundation.errors import FedpaError
+    from fedpa.recmodels.stages.pointwise import PairLayout, RetrievalScorer, build_stage_head
 
     cfg = pair_setup[0]
     with pytest.raises(FedpaError, match="multi-interest"):
@@ -114,11 +114,11 @@ def test_a_multi_interest_retrieval_head_is_refused(pair_setup):
 
 @pytest.fixture(scope="module")
 def tiny_splits(tiny):
-    from server.config import FederationConfig
-    from client.runtime import partition_config
-    from simulations.data.examples import Lookups
-    from simulations.data.partition import make_partition
-    from simulations.data.store import Dataset
+    from fedpa.common.config import FederationConfig
+    from fedpa.client.runtime import partition_config
+    from fedpa.recdata.examples import Lookups
+    from fedpa.recdata.partition import make_partition
+    from fedpa.recdata.store import Dataset
 
     ds = Dataset(tiny)
     lookups = Lookups.build(ds)
@@ -128,9 +128,9 @@ def tiny_splits(tiny):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_negatives_come_from_the_stage_and_keep_the_exposures(tiny_splits, stage):
-    from simulations.data.funnel import load_request_pools
-    from simulations.data.partition import SplitConfig, split_users
-    from simulations.data.stage_rows import NEGATIVE_LEVELS, with_stage_negatives
+    from fedpa.recdata.funnel import load_request_pools
+    from fedpa.recdata.partition import SplitConfig, split_users
+    from fedpa.recdata.stage_rows import NEGATIVE_LEVELS, with_stage_negatives
 
     ds, lookups, users = tiny_splits
     base = split_users(ds, users, SplitConfig("by-day"), lookups=lookups)
@@ -162,8 +162,8 @@ def test_stage_negatives_come_from_the_stage_and_keep_the_exposures(tiny_splits,
 
 
 def test_bad_stage_configurations_are_named(tiny, tiny_foundation, tmp_path):
-    from foundation.errors import FedpaError
-    from simulations.stage_federation import funnel_config, parse_stages
+    from fedpa.foundation.errors import FedpaError
+    from fedpa.simulations.stage_federation import funnel_config, parse_stages
 
     assert parse_stages("all") == list(STAGES)
     assert parse_stages("rank, retrieval") == ["retrieval", "rank"]  # funnel order
@@ -190,7 +190,7 @@ def test_bad_stage_configurations_are_named(tiny, tiny_foundation, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_funnel(tiny, tiny_foundation, tmp_path_factory):
-    from simulations.stages import FunnelConfig, run_funnel_experiment
+    from fedpa.simulations.stages import FunnelConfig, run_funnel_experiment
 
     out = tmp_path_factory.mktemp("stage_fed") / "funnel"
     cfg = FunnelConfig(data_dir=str(tiny), foundation=str(tiny_foundation), out_dir=str(out), train_requests=300,
@@ -207,8 +207,8 @@ def _stage_cfg(tiny, tiny_foundation, tmp_path, funnel, **kw):
 @pytest.mark.parametrize("algorithm", ["fedpa", "ditto"])
 def test_cohort_engine_matches_one_user_training_on_stage_rows(tiny, tiny_foundation, tmp_path, tiny_funnel,
                                                                algorithm):
-    from client.runtime import ClientRuntime
-    from recmodels.cohort import CohortEngine, CohortUser
+    from fedpa.client.runtime import ClientRuntime
+    from fedpa.recmodels.cohort import CohortEngine, CohortUser
 
     cfg = replace(_stage_cfg(tiny, tiny_foundation, tmp_path, tiny_funnel, algorithm=algorithm, batch_size=8),
                   stage="rank", stage_models=str(tiny_funnel), feature_cache="none", max_clients=8)
@@ -234,9 +234,9 @@ def test_cohort_engine_matches_one_user_training_on_stage_rows(tiny, tiny_founda
 
 
 def test_stage_federation_personalizes_the_funnel_end_to_end(tiny, tiny_foundation, tmp_path, tiny_funnel):
-    from client.personal_store import PersonalStore
-    from server.rundir import RunDir
-    from simulations.stage_federation import KEY_FILE, evaluate_personalized_funnel, simulate_stages
+    from fedpa.client.personal_store import PersonalStore
+    from fedpa.server.rundir import RunDir
+    from fedpa.simulations.stage_federation import KEY_FILE, evaluate_personalized_funnel, simulate_stages
 
     cfg = _stage_cfg(tiny, tiny_foundation, tmp_path, tiny_funnel, num_rounds=2)
     result = simulate_stages(cfg, ["prerank", "rank"], tiny_funnel)
@@ -270,12 +270,12 @@ def test_stage_federation_personalizes_the_funnel_end_to_end(tiny, tiny_foundati
 
 
 def test_foundation_evaluation_equals_the_plain_funnel(tiny, tiny_foundation, tmp_path, tiny_funnel):
-    from foundation.model import load_foundation
-    from recmodels.stages.features import StageEncoder
-    from simulations.stage_federation import evaluate_personalized_funnel, funnel_config
-    from simulations.stages import funnel_kept, funnel_metrics, load_funnel_data, load_stage_models, request_tensors
-    from client.runtime import partition_config
-    from simulations.data.partition import make_partition
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recmodels.stages.features import StageEncoder
+    from fedpa.simulations.stage_federation import evaluate_personalized_funnel, funnel_config
+    from fedpa.simulations.stages import funnel_kept, funnel_metrics, load_funnel_data, load_stage_models, request_tensors
+    from fedpa.client.runtime import partition_config
+    from fedpa.recdata.partition import make_partition
 
     cfg = _stage_cfg(tiny, tiny_foundation, tmp_path, tiny_funnel, algorithm="foundation")
     got = evaluate_personalized_funnel(cfg, ["retrieval", "prerank", "rank"], tiny_funnel)
@@ -293,7 +293,7 @@ def test_foundation_evaluation_equals_the_plain_funnel(tiny, tiny_foundation, tm
 
 
 def test_stage_federation_runs_under_secure_aggregation_and_dp(tiny, tiny_foundation, tmp_path, tiny_funnel):
-    from simulations.stage_federation import simulate_stages
+    from fedpa.simulations.stage_federation import simulate_stages
 
     cfg = _stage_cfg(tiny, tiny_foundation, tmp_path, tiny_funnel, num_rounds=1, secagg=True,
                      dp_noise_multiplier=0.5, dp_mode="distributed", dp_clip=0.5)
@@ -305,7 +305,7 @@ def test_stage_federation_runs_under_secure_aggregation_and_dp(tiny, tiny_founda
 
 
 def test_stage_report_averages_seeds(tmp_path):
-    from simulations.stage_federation import collect_stage_runs, write_stages_report
+    from fedpa.simulations.stage_federation import collect_stage_runs, write_stages_report
 
     def result(seed, recall):
         funnel = {s: {f"recall@{k}": recall, f"ndcg@{k}": recall / 2} for s, k in

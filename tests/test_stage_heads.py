@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foundation.batch import TASKS
-from foundation.metrics import auc
-from recmodels.stages.ranking import HoMERanker
-from recmodels.stages.rerank import (CDMReranker, category_coverage, intra_list_distance, mmr_select,
+from fedpa.foundation.batch import TASKS
+from fedpa.foundation.metrics import auc
+from fedpa.recmodels.stages.ranking import HoMERanker
+from fedpa.recmodels.stages.rerank import (CDMReranker, category_coverage, intra_list_distance, mmr_select,
                                      mmr_select_batch)
 
 IN_DIM = 12

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recmodels.stages.towers import PrerankDSSM, RetrievalTwoTower, recall_ndcg_at_k
+from fedpa.recmodels.stages.towers import PrerankDSSM, RetrievalTwoTower, recall_ndcg_at_k
 
 DU, DI, DH = 12, 8, 6  # user, item and history-state widths of the shape tests
 

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from simulations.data.store import Dataset, DatasetError, DatasetWriter
+from fedpa.recdata.store import Dataset, DatasetError, DatasetWriter
 from toy_data import write_toy_dataset
 
 

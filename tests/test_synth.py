@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from foundation.errors import FedpaError
-from simulations.data.schema import LABELS, SCHEMAS, STAGE_CODE, STAGES
-from simulations.data.store import Dataset, DatasetError, DatasetWriter
-from simulations.data.synth import PRESETS, generate, oracle_utility, preset_differences
+from fedpa.foundation.errors import FedpaError
+from fedpa.recdata.schema import LABELS, SCHEMAS, STAGE_CODE, STAGES
+from fedpa.recdata.store import Dataset, DatasetError, DatasetWriter
+from fedpa.recdata.synth import PRESETS, generate, oracle_utility, preset_differences
 
 SEED = 7
 TINY = PRESETS["tiny"]
@@ -285,7 +285,7 @@ def test_oracle_utility_reads_the_stored_world(tiny):
 
 def test_oracle_utility_is_the_utility_the_funnel_ranked_by(tiny):
     """White box: rebuild the generator's world from the seed and compare its utility."""
-    from simulations.data.synth import _utility, _World, resolve_config
+    from fedpa.recdata.synth import _utility, _World, resolve_config
 
     world = _World(resolve_config("tiny"), SEED)
     rng = np.random.default_rng(2)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from simulations.data.schema import LABELS
-from simulations.data.store import DatasetWriter
+from fedpa.recdata.schema import LABELS
+from fedpa.recdata.store import DatasetWriter
 
 START = date(2024, 1, 13)
 DAY_MS = 86_400_000
@@ -76,8 +76,8 @@ def assert_sequences_precede_requests(ex) -> None:
     request (no look-ahead), and the batch has the contract's sequence shape."""
     import numpy as np
 
-    from foundation.batch import ITEM_FIELDS
-    from simulations.data.schema import SEQ_LEN
+    from fedpa.foundation.batch import ITEM_FIELDS
+    from fedpa.recdata.schema import SEQ_LEN
 
     b = ex.batch()
     assert b["hist_items"].shape == (len(ex), SEQ_LEN, len(ITEM_FIELDS))

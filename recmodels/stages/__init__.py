@@ -17,7 +17,7 @@ foundation's contract, `foundation.batch`):
                 ranking stage scores.
 
 Labels follow `foundation.batch.TASKS`; -1 marks an unobserved label. Stage codes and levels follow
-`simulations.data.schema.STAGES` / ``STAGE_LEVEL`` (a larger level survived the funnel longer).
+`recdata.schema.STAGES` / ``STAGE_LEVEL`` (a larger level survived the funnel longer).
 Every trainable layer of a stage head is an ``nn.Linear`` attribute with a stable name, listed in the
 head's ``adapter_targets``, so that FedPA adapters can be injected into it like into the foundation.
 """

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from foundation.batch import CONTEXT_FIELDS
-from foundation.config import FoundationConfig
-from foundation.errors import FedpaError
-from foundation.model import FoundationModel
+from fedpa.foundation.batch import CONTEXT_FIELDS
+from fedpa.foundation.config import FoundationConfig
+from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.model import FoundationModel
 
 
 def user_width(config: FoundationConfig) -> int:

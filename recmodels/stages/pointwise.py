@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from foundation.batch import CONTEXT_FIELDS, TASKS
-from foundation.config import FoundationConfig
-from foundation.errors import FedpaError
-from foundation.model import FoundationModel
+from fedpa.foundation.batch import CONTEXT_FIELDS, TASKS
+from fedpa.foundation.config import FoundationConfig
+from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.model import FoundationModel
 
 from .features import user_width
 from .ranking import HoMERanker

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foundation.batch import TASKS
-from foundation.model import masked_bce
+from fedpa.foundation.batch import TASKS
+from fedpa.foundation.model import masked_bce
 
 DEFAULT_CATEGORIES: dict[str, tuple[str, ...]] = {
     "watch": ("effective_view", "long_view"),

@@ -12,7 +12,7 @@ request costs one user-tower pass plus a nearest-neighbour lookup.
   the funnel's own order (an item that survived more stages should score higher).
 
 Inputs follow the representation contract of `recmodels.stages` (``user``, ``history``,
-``history_mask``, ``item``); levels follow `simulations.data.schema.STAGE_LEVEL`.
+``history_mask``, ``item``); levels follow `recdata.schema.STAGE_LEVEL`.
 """
 
 from __future__ import annotations

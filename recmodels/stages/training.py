@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from foundation.batch import FUNNEL_LEVELS
-from foundation.model import masked_bce
+from fedpa.foundation.batch import FUNNEL_LEVELS
+from fedpa.foundation.model import masked_bce
 
 from .features import StageEncoder
 from .funnel import pair_batch

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from foundation.batch import ITEM_FIELDS, TASKS
+from fedpa.foundation.batch import ITEM_FIELDS, TASKS
 
 from .schema import LABELS, SEQ_LEN
 from .store import Dataset, DatasetError

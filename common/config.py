@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from foundation.config import CATEGORICAL_ITEM_FIELDS
-from foundation.errors import FedpaError
-from foundation.model import load_foundation
-from recmodels.personalization import ALGORITHMS, PersonalModel, get_algorithm
-from recmodels.stages.pointwise import FEDERATED_STAGES, load_stage_host
+from fedpa.foundation.config import CATEGORICAL_ITEM_FIELDS
+from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.model import load_foundation
+from fedpa.recmodels.personalization import ALGORITHMS, PersonalModel, get_algorithm
+from fedpa.recmodels.stages.pointwise import FEDERATED_STAGES, load_stage_host
 
 from .aggregation import ROBUST_METHODS
 
@@ -89,7 +89,7 @@ class FederationConfig:
     cohort_engine: str = "vectorized"  # a node serving several users trains them: vectorized (recmodels.cohort) | loop
     stage: str = ""                  # personalize a funnel stage head (retrieval | prerank | rank) instead of the foundation's tower
     stage_models: str = ""           # the `fedpa funnel` run directory whose trained stage heads are personalized
-    stage_negatives: int = 4         # per request: the stage's own negatives added to a user's rows (simulations.data.stage_rows)
+    stage_negatives: int = 4         # per request: the stage's own negatives added to a user's rows (recdata.stage_rows)
 
     @classmethod
     def from_run_config(cls, rc: dict[str, Any]) -> "FederationConfig":

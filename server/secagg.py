@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from server.secagg.protocol import (
+from fedpa.common.secagg.protocol import (
     ENVELOPE_BYTES, KEY_BYTES, MAX_NODE_ID, MAX_ROUND_ID, NONCE_BYTES, SERVER_ID, SHARE_BYTES,
     STAGE_ADVERTISE, STAGE_MASKED, STAGE_NAMES, STAGE_SHARE, STAGE_UNMASK,
     MessageRejected, QuantConfig, RandBytes, Rejection, SecAggError, SecAggParams,

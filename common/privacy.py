@@ -1,36 +1,7 @@
-"""Client-level differential privacy with Flower's RDP accountant, in three modes.
+"""Client-level differential privacy mechanisms both halves use: per-user clipping, the sensitivity of the
+released sums, and Gaussian noise added centrally, distributed over a quorum, or locally.
 
-Each user's update (the shared entries it contributes to: global ones and its own groups') is
-clipped to L2 norm C on the client. A user changes the vector of released sums by at most its
-clipped delta (norm <= C) plus 1 in each of its 1 + G counts (global + G group attributes), so the
-L2 sensitivity of that vector is S = sqrt(C^2 + 1 + G). Item-side tables (`recmodels.item_bias`)
-count per row: under DP a user who read R rows of a table contributes weight 1/sqrt(R) to each of
-them, in the count and on its (clipped) delta rows, so each table's count vector has norm 1 and
-adds 1 to S^2: with P tables S = sqrt(C^2 + 1 + G + P), ``n_count_terms`` = G + P. Where the noise
-is added:
-
-* ``central`` (trusted aggregator): the server adds N(0, (zS)^2) to every coordinate of the sums
-  (deltas and counts). Protects against everyone who sees the model afterwards, not the server.
-* ``distributed`` (needs secure aggregation): every contributing user adds N(0, (zS)^2 / m) to
-  every coordinate of its contribution, m = the round's quorum ceil(min_reply_fraction * cohort).
-  The round only completes when at least m users' contributions are in the SecAgg sum, so the
-  sum the server unmasks carries variance >= (zS)^2 whatever dropped out: the same Gaussian
-  mechanism as central mode, now also against the server (honest-but-curious, honest clients;
-  a user whose contribution is lost takes its noise with it, which is why the quorum and not the
-  cohort sets the share). More survivors than m only add noise.
-* ``local``: every user adds N(0, (zC)^2) to the entries it contributes; counts are sent as they
-  are (the server learns group membership, i.e. the profile attributes used for routing, not the
-  interactions; hence no item-side tables in this mode: their counts are interactions). Two users' reports differ by at most 2C, so each round a user takes part in is a
-  Gaussian mechanism with noise multiplier z/2 under replace-one; the accountant composes that
-  for every round (worst case: the user is sampled every round) and reports the per-user ε.
-
-Central and distributed accounting compose one Gaussian event with multiplier z per round under
-add-or-remove-one *without* amplification by sampling: conservative whatever the sampling. δ
-defaults to 1 / population. Counts are clamped to >= 1 before dividing (post-processing).
-
-Noise comes from the operating system's entropy, never from the run's seed: a seeded generator
-would let anyone who knows the configuration subtract the noise. DP runs are therefore not
-bit-reproducible.
+Design notes: docs/design/differential-privacy.md
 """
 
 from __future__ import annotations

@@ -1,52 +1,6 @@
-"""Importing MovieLens 100K and 1M folders into the canonical dataset (layout in `schema`).
+"""Importing MovieLens 100K and 1M folders into the canonical dataset.
 
-The variant is detected from the folder: ``u.data`` + ``u.user`` + ``u.item``
-is 100K, ``ratings.dat`` + ``users.dat`` + ``movies.dat`` is 1M. Files are
-read as latin-1 (the item files are latin-1; the rest is ASCII).
-
-Canonical mapping:
-
-ids
-    users and movies are renumbered 0..n-1 in the order of their original
-    ids; the original ids stay in the extra columns ``orig_user_id`` (users)
-    and ``orig_movie_id`` (items). Every user and movie of the user / item
-    file is kept, rated or not.
-users
-    ``age``: the 1M age bucket as a code 1..7 (1M codes 1, 18, 25, 35, 45,
-    50, 56; 100K ages fall into the same ranges: under 18, 18-24, 25-34,
-    35-44, 45-49, 50-55, 56+). ``gender``: 1 = M, 2 = F. Extra column
-    ``occupation``: 1 + the index in `OCCUPATIONS_100K` (100K's names,
-    sorted) or 1 + the 1M code (names in `OCCUPATIONS_1M`), so that 0 stays
-    "unknown". ``device_id`` and ``province`` are 0 (unknown); zip codes are
-    dropped.
-items
-    ``category_level_one``: 1 + the index in `GENRES` of the movie's first
-    genre (0 = none; 100K's "unknown" flag is no genre). Extra columns
-    ``genres``: bit i set for each genre ``GENRES[i]``; ``year``: the year
-    of the 100K release date or in the 1M title, 0 if unknown. Author,
-    second category, upload type and time and duration are 0 (unknown).
-requests and exposures
-    each rating is one exposure in a request of its own. Ratings are ordered
-    by (time, original user id, original movie id) and ``request_id`` is the
-    running index in that order, so ids grow with time whatever the file
-    order. ``request_timestamp`` = rating time * 1000 (ms); the day is the
-    UTC date of the rating, one file per day that has ratings (MovieLens
-    spans hundreds of days; days without ratings are skipped).
-labels
-    ``label="explicit"``: effective_view = rating >= ``threshold``;
-    ``label="implicit"``: every rating is a positive (PFedRec's protocol;
-    the splitter samples negatives later). The other labels are -1 (not
-    observed); rank / rerank index and playing time -1, duration 0. There
-    are no stage samples.
-manifest.json
-    also records ``label``, ``threshold`` (None for implicit labels) and the
-    code tables ``genres``, ``occupations`` and ``age_buckets``.
-
-A malformed line -- the wrong number of fields, a non-integer id, a rating
-outside 1..5, an unknown code, a rating of a user or movie the user / item
-file lacks -- raises DatasetError naming the file and line; blank lines are
-skipped. Output goes through DatasetWriter, so a failed import leaves
-nothing behind and any dataset already at ``out`` untouched.
+Design notes: docs/design/import-movielens.md
 """
 
 from __future__ import annotations
@@ -59,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from foundation.errors import FedpaError
+from fedpa.foundation.errors import FedpaError
 
 from .schema import LABELS
 from .store import DatasetError, DatasetWriter

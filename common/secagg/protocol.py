@@ -155,7 +155,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from foundation.errors import FedpaError
+from fedpa.foundation.errors import FedpaError
 
 log = logging.getLogger("fedpa.secagg")
 

@@ -80,7 +80,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from foundation.errors import FedpaError
+from fedpa.foundation.errors import FedpaError
 
 from .schema import LABELS, SCHEMAS, STAGES
 from .store import Dataset, DatasetError, DatasetWriter

@@ -16,7 +16,7 @@ memory-maps it and slices one user's rows without copying. Day tables are
 sorted by (user_id, request_timestamp) for the same reason. DAY is ISO
 (``2024-01-13``). Behaviour sequences are *derived*, never stored: the last
 ``SEQ_LEN`` effective views strictly before a request's timestamp, from
-``history`` and the exposures (see ``simulations.data.sequences``), so they
+``history`` and the exposures (see ``recdata.sequences``), so they
 can never leak the future.
 
 This module is the single source of truth for column names and dtypes; the
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from foundation.batch import FUNNEL_LEVELS
+from fedpa.foundation.batch import FUNNEL_LEVELS
 
 FORMAT_VERSION = 1
 SEQ_LEN = 50  # RecFlow keeps the last 50 effective views per request

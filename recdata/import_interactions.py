@@ -1,35 +1,7 @@
-"""Importing a generic interaction log (CSV or Parquet) into the canonical dataset.
+"""Importing a generic interaction log (CSV or Parquet, optional user and item feature tables) into the
+canonical dataset through a column mapping (TOML).
 
-The shape most real logs have: an interactions table (user, item, timestamp, one or more binary
-labels), optionally a user-feature table and an item-feature table. A mapping says which source
-column is which, as a small TOML file or on the command line (``Mapping``); KuaiSAR-R's is
-`KUAISAR_R` (and ``docs`` in the README).
-
-Canonical mapping:
-
-ids
-    users and items are renumbered 0..n-1 in the order of their original ids (which must be
-    integers); the originals stay in ``orig_user_id`` / ``orig_video_id``. Users and items of the
-    feature tables are all kept; an interaction whose user or item is missing from a given feature
-    table is an error (naming how many and one example).
-users
-    every mapped feature column (default: all columns but the id) becomes an integer profile column
-    of the same name (``age``, ``gender``, ``province`` and ``device_id`` when mapped to those names,
-    0 otherwise). Values must be integers >= 0.
-items
-    columns mapped to canonical item fields (``author_id``, ``category_level_one``,
-    ``category_level_two``, ``upload_type``, ``upload_timestamp``, ``duration``) fill them; other
-    mapped columns are kept as extra integer item columns (e.g. KuaiSAR's third and fourth category
-    levels).
-requests and exposures
-    interactions with the same (user, timestamp) form one request (a feed page shown at once);
-    requests are numbered in (time, original user id) order. Each interaction is one exposure;
-    its labels come from the mapped columns (0/1; every unmapped label is -1, not observed). The
-    day is the UTC date of the timestamp (``time_unit``: ``ms``, ``s`` or ``iso``).
-
-Errors name the file and the column (missing column, non-integer id or feature, label outside
-0/1, a null, a feature table with duplicate ids, a timestamp that does not parse). Output goes
-through DatasetWriter: a failed import leaves nothing behind and an existing dataset untouched.
+Design notes: docs/design/import-interactions.md
 """
 
 from __future__ import annotations
@@ -43,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from foundation.errors import FedpaError
+from fedpa.foundation.errors import FedpaError
 
 from .schema import ITEM_COLUMNS, LABELS, USER_COLUMNS
 from .store import DatasetError, DatasetWriter

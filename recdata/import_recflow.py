@@ -1,65 +1,7 @@
-"""Importing the real RecFlow release into the canonical dataset (layout in `schema`).
+"""Importing the real RecFlow release into the canonical dataset, one day at a time (the pickles through
+the restricted unpickler).
 
-The release (REFERENCE.md §1) is read one day at a time:
-
-``realshow/DAY.feather`` -> ``exposures/DAY``
-    one row per exposed video with its feedback labels, playing time,
-    duration and rank / re-rank positions.
-``all_stage/DAY.feather`` -> ``stage_samples/DAY``
-    one row per (request, video) with binary stage flags. A row's stage is
-    the deepest flag it carries (a video kept by re-ranking was also kept by
-    ranking: ``rerank_pos`` beats ``rank_pos``); rows flagged ``realshow`` are
-    exposures and come from ``realshow/`` instead, and rows with no flag at
-    all are skipped and counted in the manifest's notes.
-``requests/DAY``
-    the distinct (request_id, user_id, request_timestamp) of both files; a
-    request id seen with two users or timestamps is an error.
-``users``
-    the distinct (user_id, device_id, age, gender, province) rows; a user
-    seen with more than one profile keeps the most recent one (by request
-    time) and the manifest notes how many did.
-``items``
-    the distinct video rows (video_id, author_id, category levels, upload
-    type and time, duration) of all files and behaviour sequences, most
-    recent row winning, plus ``others/realshow_video_info.feather`` when
-    present (lowest precedence: it only fills in videos no day mentions; it
-    needs the same item columns).
-``history``
-    the real rows (timestamp > 0) of ``seq_effective_50_dict/DAY.pkl`` that
-    lie strictly before the user's first request in the imported days:
-    behaviour from before the window, which no exposure file holds. Later
-    views are re-derived from the exposures, so keeping them here would
-    count them twice. Duplicates across requests collapse to one row per
-    (user, timestamp, video).
-``manifest.json``
-    ``release_vocab``: the release's vocabulary size per field from
-    ``others/id_cnt.pkl`` (read with the restricted unpickler), so that
-    models size their embeddings for the whole release even when only some
-    days are imported; ``release_days``; ``notes``.
-
-Values are kept as released: ids are 0-based there, so a 0 in a RecFlow
-profile or item column is a real value, not the schema's "unknown".
-
-Not read: ``request_id_dict`` (the all_stage rows regrouped by request),
-``ubm_seq_request_id_dict`` (for the release's behaviour-model experiments),
-``others/*_test.feather`` (the release's own test splits) and
-``others/realshow_video_info_daily``.
-
-Day files are named ``2024-01-13.feather`` (as released) or
-``20240113.feather``; both map to the ISO day ``2024-01-13``. Files whose
-names are not dates (``.DS_Store``, notes) are ignored. Every selected day
-needs all three of its files.
-
-Memory: one day is in memory at a time, and the Feather files are read
-record batch by record batch, projected on the columns used; users, items,
-each user's first request time and the pre-window history accumulate across
-days in deduplicated form.
-
-Any problem -- a missing directory or file, a missing column, a non-integer
-column, an empty or truncated file, a day the release does not have --
-raises DatasetError naming the file and field, and, since the output goes
-through DatasetWriter, leaves nothing behind and any dataset already at
-``out`` untouched.
+Design notes: docs/design/import-recflow.md
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from foundation.errors import FedpaError
-from recmodels.item_bias import PER_ROW
+from fedpa.foundation.errors import FedpaError
+from fedpa.recmodels.item_bias import PER_ROW
 
 log = logging.getLogger("fedpa.server")
 

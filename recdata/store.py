@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from foundation.errors import FedpaError
+from fedpa.foundation.errors import FedpaError
 
 from .schema import DAY_TABLES, FORMAT_VERSION, ITEM_COLUMNS, SCHEMAS, STAGES, USER_COLUMNS
 
