@@ -11,14 +11,23 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-.PHONY: install demo test test-slow bench
+.PHONY: install demo test test-slow lint config
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fedpa demo
 
+# the lint, then the fast suite (slow tests: make test-slow)
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# rewrite what derives from common/config.py: pyproject.toml's [tool.flwr.app.config] and docs/configuration.md
+config: $(STAMP)
+	$(VENV)/bin/python -m fedpa.common.config --write

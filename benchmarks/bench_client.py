@@ -31,14 +31,15 @@ def child(data: str, foundation: str, algorithm: str, work: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
-        from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedpa.client.app import train  # the ClientApp's own handler
     from fedpa.client.personal_store import generate_key_file
     from fedpa.client.runtime import get_runtime
     from fedpa.common.config import FederationConfig
-    from fedpa.server.federation import message_bytes, to_record
+    from fedpa.common.records import arrays_to_record as to_record
+    from fedpa.common.records import message_bytes
     from fedpa.recdata.partition import user_activity
 
     t_import = time.perf_counter() - t0
@@ -97,7 +98,8 @@ def main() -> None:
             sys.exit(f"{alg} failed:\n{p.stderr[-3000:]}")
         r = json.loads(p.stdout.strip().splitlines()[-1])
         print(f"{alg:<12} {r['user_train_rows']:>5} {r['import_s']:>9.2f} {r['runtime_s']:>10.2f} "
-              f"{r['round1_s']:>10.3f} {r['round2_s']:>10.3f} {r['reply_bytes'] / 1024:>9.1f} {r['peak_rss_mib']:>13.0f}")
+              f"{r['round1_s']:>10.3f} {r['round2_s']:>10.3f} {r['reply_bytes'] / 1024:>9.1f} "
+              f"{r['peak_rss_mib']:>13.0f}")
 
 
 if __name__ == "__main__":

@@ -168,8 +168,10 @@ def print_timing(rows: list[dict]) -> list[dict]:
                      "call_stock_over_cohort": s["call_wall_s"] / c["call_wall_s"],
                      "stock_rounds": s["num_rounds"]}
             ratios.append(ratio)
-    print("round s: train_s of round 'rnd'; ms/update: round s / clients; round1 s: round 1 (warm-up); eval s: the last\n"
-          "round's evaluation of all N users (+ checkpoint); call s: the whole simulate() call; load: 1-min load before")
+    print("round s: train_s of round 'rnd'; ms/update: round s / clients; round1 s: round 1 (warm-up); eval s: "
+          "the last\n"
+          "round's evaluation of all N users (+ checkpoint); call s: the whole simulate() call; load: 1-min "
+          "load before")
     print()
     print("Ratio stock / cohort")
     print(f"{'clients':>7} {'per update':>10} {'eval':>6} {'whole call':>10}")

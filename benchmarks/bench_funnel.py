@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +30,7 @@ from fedpa.foundation.model import load_foundation  # noqa: E402
 from fedpa.foundation.quantize import quantize_for_inference  # noqa: E402
 from fedpa.recmodels.stages.features import StageEncoder  # noqa: E402
 from fedpa.recmodels.stages.funnel import FunnelSizes, StageModels, run_funnel  # noqa: E402
-from fedpa.simulations.stages import FunnelConfig, build_models, load_funnel_data, request_tensors  # noqa: E402
+from fedpa.simulations.funnel import FunnelConfig, build_models, load_funnel_data, request_tensors  # noqa: E402
 
 STAGES = ("retrieval", "prerank", "rank", "rerank")
 
@@ -81,7 +80,8 @@ def main() -> None:
     keep = np.nonzero(test_pools.sizes() >= args.pool)[0]
     data = request_tensors(test_pools.subset(keep), lookups)
     data.items, data.mask = data.items[:, :args.pool], data.mask[:, :args.pool]
-    data.level, data.labels, data.category = data.level[:, :args.pool], data.labels[:, :args.pool], data.category[:, :args.pool]
+    data.level, data.labels, data.category = (data.level[:, :args.pool], data.labels[:, :args.pool],
+                                              data.category[:, :args.pool])
     half = args.pool // 2
     sizes = FunnelSizes(retrieval=half, prerank=half // 2, rank=max(half // 6, 6), exposed=6)
     encoder = StageEncoder(load_foundation(args.foundation))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,14 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from fedpa.client.personal_store import PersonalStore, generate_key_file  # noqa: E402
 from fedpa.common.config import FederationConfig  # noqa: E402
-from fedpa.server.rundir import RunDir, save_figure  # noqa: E402
-from fedpa.simulations.compare import compare, variant_config  # noqa: E402
+from fedpa.common.files import save_figure  # noqa: E402
+from fedpa.common.models import build_personal_model  # noqa: E402
 from fedpa.recdata.import_interactions import KUAISAR_R, import_interactions  # noqa: E402
 from fedpa.recdata.partition import PartitionConfig  # noqa: E402
 from fedpa.recdata.store import Dataset  # noqa: E402
+from fedpa.server.rundir import RunDir  # noqa: E402
+from fedpa.simulations.compare import compare, variant_config  # noqa: E402
 from fedpa.simulations.pretraining import pretrain_foundation  # noqa: E402
 
-ALGORITHMS = "fedpa,fedpa-user-bias,fedpa-item-bias,fedpa-item-bias-scaled,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized"
+ALGORITHMS = ("fedpa,fedpa-user-bias,fedpa-item-bias,fedpa-item-bias-scaled,local,fedavg-lora,fedper,pfedrec,ditto,"
+              "foundation,centralized")
 ABLATION = ("fedpa", "fedpa-user-only", "fedpa-groups-only", "fedpa-no-gate", "fedpa-rank1", "fedpa-rank16")
 
 
@@ -49,7 +51,7 @@ def adapter_norms(cfg: FederationConfig, run_dir: Path, store_dir: Path, key: Pa
     """How far each adapter kind moved: L2 norm of (final - initial) for the shared kinds (final
     checkpoint against the state every run starts from) and of the user path's B factors (zero at
     initialisation) from the users' encrypted stores, median over users."""
-    start = replace(cfg, seed=0).personal_model("fedpa").get_shared()
+    start = build_personal_model(replace(cfg, seed=0), "fedpa").get_shared()
     _, shared, _ = RunDir(run_dir).load_checkpoint()
     kinds: dict[str, float] = {}
     for name, v in shared.items():
@@ -139,7 +141,8 @@ def main() -> None:
                     help="who is a client and scored: every user (open users too) or the private users only "
                          "(default: all on the last protocol, as MRFF scores every user; private on chrono)")
     ap.add_argument("--search-groups", action="store_true",
-                    help="FedPA (seed 0) with every single and pair of the profile attributes that have 2..64 values as "
+                    help="FedPA (seed 0) with every single and pair of the profile attributes that have 2..64 values "
+                         "as "
                          "group keys; ranks them by the *validation* metric only; writes OUT/<protocol>/group-search/")
     ap.add_argument("--ablation", action="store_true",
                     help="FedPA's ablations instead of the baselines (user adapter only, group adapters only, no gate, "
@@ -207,8 +210,8 @@ def main() -> None:
              f"seeds 0..{a.seeds - 1}; foundation pre-trained on open users (reco_active_level = 3 as highly active); "
              "group adapters on onehot_feat1 and reco_active_level. Test at the best validation round.", "",
              result["markdown"], "",
-             f"Compare wall time: {wall / 60:.1f} min" + ("" if a.report_only else
-                                                          f" (whole benchmark {(time.time() - t0) / 60:.1f} min)") + ".", "",
+             f"Compare wall time: {wall / 60:.1f} min"
+             + ("" if a.report_only else f" (whole benchmark {(time.time() - t0) / 60:.1f} min)") + ".", "",
              "![curves](curves_vs_rounds_and_time.png)", ""]
     for variant in ("fedpa", "fedpa-item-bias", "fedpa-item-bias-scaled"):
         if variant in variants:

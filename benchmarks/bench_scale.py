@@ -55,7 +55,7 @@ for p in (str(HERE),):
 from bench_federation import loadavg, run_one  # noqa: E402
 
 from fedpa.common.config import FederationConfig  # noqa: E402
-from fedpa.server.rundir import save_figure  # noqa: E402
+from fedpa.common.files import save_figure  # noqa: E402
 
 ENGINES = {"stock": (1, "vectorized"), "loop": (0, "loop"), "vectorized": (0, "vectorized")}
 
@@ -140,7 +140,8 @@ def bench_engines(base: FederationConfig, root: Path, sizes: list[int]) -> list[
 def print_engines(rows: list[dict]) -> list[dict]:
     print()
     print("Client updates per second (fedpa, 1 local epoch, batch 64; round 2's train_s)")
-    hdr = f"{'users':>6} {'engine':>10} {'nodes':>5} {'round s':>8} {'updates/s':>10} {'round1 s':>8} {'call s':>7} {'load':>5}"
+    hdr = (f"{'users':>6} {'engine':>10} {'nodes':>5} {'round s':>8} {'updates/s':>10} {'round1 s':>8} {'call s':>7} "
+           f"{'load':>5}")
     print(hdr)
     print("-" * len(hdr))
     ratios = []
@@ -227,7 +228,8 @@ def bench_full_round(root: Path, days: int) -> dict:
            "selected": m[1].get("selected"), "train_s": m[1]["train_s"],
            "evaluations_s": m[1]["wall_s"] - m[1]["train_s"], "call_wall_s": r["call_wall_s"],
            "peak_pss_gib": mem.peak_pss / 2 ** 30, "peak_rss_sum_gib": mem.peak_rss / 2 ** 30,
-           "processes_at_peak_gib": [(n, b / 2 ** 30) for n, b in mem.at_peak], "load1_before": load, "nodes": r["summary"]["cohorts"]["nodes"],
+           "processes_at_peak_gib": [(n, b / 2 ** 30) for n, b in mem.at_peak], "load1_before": load,
+           "nodes": r["summary"]["cohorts"]["nodes"],
            "train_rows": int(sum(len(cache.user(u)[0]) for u in cache.users[:2000])) * len(cache.users) / 2000,
            **times}
     print(f"  one round over {out['users']:,} users: training {out['train_s']:.1f} s, evaluations (round 0 + 1) "
@@ -241,8 +243,8 @@ def bench_full_round(root: Path, days: int) -> dict:
 # ---------------------------------------------------------------------------------------------- personal state
 
 def personal_state_bytes(base: FederationConfig, root: Path) -> dict:
-    from fedpa.client.app import arrays_to_record
     from fedpa.client.personal_store import PersonalStore
+    from fedpa.common.records import arrays_to_record
     from fedpa.foundation.model import load_foundation
     from fedpa.recmodels.personalization import PersonalModel, get_algorithm
 
@@ -273,7 +275,8 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
+          f"{platform.python_version()}")
     base = FederationConfig(data_dir=args.data, foundation=args.foundation, algorithm="fedpa",
                             feature_cache=str(root / "feature_cache"), round_timeout=3600.0)
     result: dict = {"sizes": args.sizes}

@@ -1,7 +1,7 @@
 """Cost of SecAgg+ against plain float32 aggregation, measured in one run.
 
-Per client: compute (CPU) time over the four stages and bytes sent (replies) and
-received (requests); the server: time over its stages. "Plain" is what the
+Per client: compute (CPU) time over the four phases and bytes sent (replies) and
+received (requests); the server: time over its phases. "Plain" is what the
 same sum costs without secure aggregation: each client serializes its float32
 vector, the server sums them in float64. All parties run in this process, one
 after another, single-threaded; each figure is the median over --repeats rounds
@@ -13,9 +13,7 @@ after another, single-threaded; each figure is the median over --repeats rounds
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +21,7 @@ clock = time.process_time   # CPU time of this process: other jobs on the machin
 
 
 from fedpa.client.secagg import SecAggClient  # noqa: E402
-from fedpa.common.secagg.protocol import QuantConfig, message_nbytes  # noqa: E402
+from fedpa.common.secagg import QuantConfig, message_nbytes  # noqa: E402
 from fedpa.server.secagg import SecAggServer  # noqa: E402
 
 
@@ -45,27 +43,27 @@ def secagg_round(n: int, dim: int, drop_frac: float, seed: int) -> dict:
     stime += clock() - t0
     sstage[0] = stime
     clients = {u: SecAggClient(u) for u in ids}
-    stages = [(1, lambda c, m, u: c.advertise(m), server.receive_keys),
+    phases = [(1, lambda c, m, u: c.advertise(m), server.receive_keys),
               (2, lambda c, m, u: c.share_keys(m), server.receive_shares),
               (3, lambda c, m, u: c.masked_input(m, vecs[u]), server.receive_masked),
               (4, lambda c, m, u: c.unmask(m), server.receive_unmask)]
     result = None
-    for stage, act, receive in stages:
+    for phase, act, receive in phases:
         replies = []
         for u, m in reqs.items():
             recv[u] += message_nbytes(m)
-            if stage == 3 and u in gone:       # drop after sharing keys: the server must rebuild their mask keys
+            if phase == 3 and u in gone:       # drop after sharing keys: the server must rebuild their mask keys
                 continue
             t = clock()
             reply = act(clients[u], m, u)
             ctime[u] += clock() - t
-            cstage[stage] += clock() - t
+            cstage[phase] += clock() - t
             sent[u] += message_nbytes(reply)
             replies.append((u, reply))
         t = clock()
         result = receive(replies)
         stime += clock() - t
-        sstage[stage] = clock() - t
+        sstage[phase] = clock() - t
         reqs = result
     true = np.sum([vecs[u].astype(np.float64) for u in result.included], axis=0)
     err = float(np.max(np.abs(result.dequantize() - true)))
@@ -142,11 +140,12 @@ def main() -> None:
               f"({s['client_ms']:.2f} ms vs {p['client_ms']:.3f} ms), server {s['server_ms'] / p['server_ms']:.0f}x "
               f"({s['server_ms']:.0f} ms vs {p['server_ms']:.1f} ms), bytes sent {s['sent'] / p['sent']:.3f}x")
         cs, ss = s["client_stage_ms"], s["server_stage_ms"]
-        print("  per stage, client ms: " + ", ".join(f"{st} {cs[st]:.2f}" for st in (1, 2, 3, 4))
+        print("  per phase, client ms: " + ", ".join(f"{st} {cs[st]:.2f}" for st in (1, 2, 3, 4))
               + "; server ms: " + ", ".join(f"{st} {ss[st]:.1f}" for st in range(5)))
     if len(ns) > 1:
         a, b = rows[(0.0, ns[0])][0], rows[(0.0, ns[-1])][0]
-        print(f"n {ns[0]} -> {ns[-1]} ({ns[-1] / ns[0]:.0f}x clients): per-client time {b['client_ms'] / a['client_ms']:.2f}x, "
+        print(f"n {ns[0]} -> {ns[-1]} ({ns[-1] / ns[0]:.0f}x clients): "
+              f"per-client time {b['client_ms'] / a['client_ms']:.2f}x, "
               f"per-client bytes sent {b['sent'] / a['sent']:.2f}x, degree k {a['k']} -> {b['k']}")
 
 

@@ -7,7 +7,7 @@ Messages (all on the Message API):
   federation config) and ``round`` (``{"round", "clients", "final"}``). Each
   listed user trains locally from the global state and its own private state;
   the reply holds the *sum* of the users' contributions (weighted deltas and
-  counts, `server.aggregation`), never a private tensor.
+  counts, `common.aggregation`), never a private tensor.
 - ``evaluate``: scores every user the node serves on validation and test and
   replies with `recmodels.evaluation.MetricSums` vectors.
 
@@ -19,48 +19,37 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpa.client.personal_store import PersonalStore, open_store
 from fedpa.client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
+from fedpa.client.secagg import SecAggClient
+from fedpa.common.aggregation import count_keys, expected_shapes, spec_from
+from fedpa.common.config import NODE_KEYS, FederationConfig, parse_run_config
+from fedpa.common.privacy import cohort_contribution, private_contribution
+from fedpa.common.records import arrays_to_record, record_to_arrays
+from fedpa.common.secagg import PHASE_ADVERTISE, PHASE_MASKED, concat_update
+from fedpa.common.secagg.transport import is_secagg, pack, unpack
 from fedpa.recmodels.cohort import CohortUser
 from fedpa.recmodels.evaluation import MetricSums, membership_attack
-from fedpa.common.aggregation import count_keys, expected_shapes, spec_from
-from fedpa.common.secagg.protocol import STAGE_ADVERTISE, STAGE_MASKED, concat_update
-from fedpa.common.secagg.transport import is_secagg, pack, unpack
-from fedpa.client.secagg import SecAggClient
-from fedpa.common.config import FederationConfig
-from fedpa.common.privacy import cohort_contribution, private_contribution
 
 log = logging.getLogger("fedpa.client")
 app = ClientApp()
 
 
-def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(array_dict=OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
-
-
-def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: record[k].numpy() for k in record.keys()}
-
-
-# What a device may set for itself in its SuperNode's --node-config, over the server's run config:
-# where its personal state lives and the key that opens it (never sent to the server).
-NODE_KEYS = ("personal-store", "personal-store-key-file")
-
-
 def _config(msg: Message, context: Context) -> FederationConfig:
+    """The run's configuration, with what this SuperNode sets for itself in its --node-config (`NODE_KEYS`:
+    where its personal state lives and the key that opens it, never sent to the server)."""
     run = dict(msg.content["run"])
     run.update({k: context.node_config[k] for k in NODE_KEYS if k in context.node_config})
-    return FederationConfig.from_run_config(run)
+    return parse_run_config(run)
 
 
 def dp_settings(cfg: FederationConfig, pm, cohort: int) -> dict:
-    """The keyword arguments of `server.privacy.private_contribution` for this run and round."""
+    """The keyword arguments of `common.privacy.private_contribution` for this run and round."""
     return dict(noise_multiplier=cfg.dp_noise_multiplier, clip=cfg.dp_clip, mode=cfg.dp_mode,
                 n_count_terms=pm.count_terms, min_reply_fraction=cfg.min_reply_fraction,
                 cohort=cohort)
@@ -113,7 +102,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     if is_secagg(msg.content):
-        return _secagg_stage(msg, context)
+        return _secagg_phase(msg, context)
     cfg = _config(msg, context)
     rt = get_runtime(cfg)
     rnd = msg.content["round"]
@@ -122,7 +111,8 @@ def train(msg: Message, context: Context) -> Message:
     wanted = [int(c) for c in rnd["clients"]]
     foreign = [c for c in wanted if c not in served]
     if foreign:
-        raise ValueError(f"clients {foreign[:5]} are not served by this node (serves {served.start}..{served.stop - 1})")
+        raise ValueError(f"clients {foreign[:5]} are not served by this node "
+                         f"(serves {served.start}..{served.stop - 1})")
     pm = rt.model
     global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
     spec = spec_from(pm.shared_spec())
@@ -142,7 +132,7 @@ def train(msg: Message, context: Context) -> Message:
         if total is None:  # every user excluded: an empty contribution (zero counts)
             total = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
         if cfg.secagg:
-            # kept on the node; only its masked form leaves, in the SecAgg+ stages that follow
+            # kept on the node; only its masked form leaves, in the SecAgg+ phases that follow
             vector = concat_update(total, expected_shapes(spec))
             context.state["secagg-vector"] = arrays_to_record({"v": vector})
         else:
@@ -232,15 +222,15 @@ def _vectorized(cfg: FederationConfig, rt: ClientRuntime, users) -> bool:
     return cfg.cohort_engine == "vectorized" and len(users) > 1 and rt.model.model is not None
 
 
-def _secagg_stage(msg: Message, context: Context) -> Message:
-    """One SecAgg+ stage for this node; its protocol state lives in context.state between stages."""
+def _secagg_phase(msg: Message, context: Context) -> Message:
+    """One SecAgg+ phase for this node; its protocol state lives in context.state between phases."""
     request = unpack(msg.content)
-    if request.get("stage") == STAGE_ADVERTISE:
+    if request.get("phase") == PHASE_ADVERTISE:
         client = SecAggClient(int(context.node_id))
     else:
         client = SecAggClient.from_state(dict(context.state["secagg-state"]))
     vector = None
-    if request.get("stage") == STAGE_MASKED:
+    if request.get("phase") == PHASE_MASKED:
         vector = context.state["secagg-vector"]["v"].numpy()
     reply = client.handle(request, vector)
     context.state["secagg-state"] = ConfigRecord(client.export_state())

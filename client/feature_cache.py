@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedpa.recmodels.personalization import PersonalModel, UserTensors
 from fedpa.recdata.examples import Examples
+from fedpa.recmodels.personalization import PersonalModel, UserTensors
 
 SPLITS = ("train", "val", "test")
 FORMAT = 2  # 2: + items

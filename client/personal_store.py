@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from fedpa.common.files import jsonable
 from fedpa.foundation.errors import FedpaError
-from fedpa.server.rundir import jsonable
 
 try:  # POSIX only; without it writers are not serialised (single writer assumed)
     import fcntl
@@ -213,7 +213,8 @@ class PersonalStore:
     # -- constructors
     @classmethod
     def from_key_file(cls, directory: str | Path, key_file: str | Path) -> PersonalStore:
-        """Read the key from ``key_file`` (32 raw bytes, or 64 hex / base64 text); it must live outside ``directory``."""
+        """Read the key from ``key_file`` (32 raw bytes, or 64 hex / base64 text); it must live outside
+        ``directory``."""
         directory = Path(directory).expanduser()
         key_file = Path(key_file).expanduser()
         store_dir = directory.resolve()
@@ -236,7 +237,8 @@ class PersonalStore:
             try:
                 text = raw.decode("ascii")
             except UnicodeDecodeError:
-                raise StoreKeyError(f"{key_file}: not a key file: expected {KEY_BYTES} raw bytes, got {len(raw)}") from None
+                raise StoreKeyError(f"{key_file}: not a key file: expected {KEY_BYTES} raw bytes, "
+                                    f"got {len(raw)}") from None
             key = parse_key_text(text, f"key file {key_file}")
         return cls(directory, key)
 

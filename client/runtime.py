@@ -18,15 +18,16 @@ import numpy as np
 import torch
 
 from fedpa.client.feature_cache import FeatureCache, build, cache_key, default_root
+from fedpa.common.config import FederationConfig
+from fedpa.common.models import build_personal_model
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import load_foundation
-from fedpa.recmodels.cohort import CohortEngine
-from fedpa.recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
-from fedpa.common.config import FederationConfig
 from fedpa.recdata.examples import Lookups, user_table
 from fedpa.recdata.partition import PartitionConfig, SplitConfig, UserSplits, make_partition, split_users
 from fedpa.recdata.stage_rows import with_stage_negatives
 from fedpa.recdata.store import Dataset
+from fedpa.recmodels.cohort import CohortEngine
+from fedpa.recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
 
 EVAL_BATCH = 1024
 
@@ -65,7 +66,7 @@ class ClientRuntime:
         self.profiles = user_table(self.dataset)
         self._lookups: Lookups | None = None  # item tables: only built when a user's rows must be encoded
         self.partition = make_partition(self.dataset, partition_config(cfg))
-        self.model = cfg.personal_model()
+        self.model = build_personal_model(cfg)
         self.local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                    ditto_lambda=cfg.ditto_lambda)
         self._users: dict[int, UserData] = {}
@@ -74,7 +75,8 @@ class ClientRuntime:
 
     def local_for(self, round_: int) -> LocalTraining:
         """Local training settings of one round (the learning rate decays over rounds with lr-decay)."""
-        return replace(self.local, lr=self.cfg.round_lr(round_), item_bias_lr=self.cfg.round_item_bias_lr(round_))
+        return replace(self.local, lr=self.cfg.round_lr(round_), item_bias_lr=self.cfg.round_item_bias_lr(round_),
+                       round=max(int(round_), 1))
 
     @property
     def lookups(self) -> Lookups:
@@ -148,14 +150,9 @@ _RUNTIMES: dict[tuple, ClientRuntime] = {}
 
 
 def get_runtime(cfg: FederationConfig) -> ClientRuntime:
-    """The process-wide runtime for this configuration (only the keys that change what is built)."""
-    key = (cfg.data_dir, cfg.foundation, cfg.algorithm, cfg.seed, cfg.partition_seed, cfg.split, cfg.negatives, cfg.rank,
-           cfg.group_attributes, cfg.use_user_adapter, cfg.use_group_adapters, cfg.use_gate, cfg.use_user_shift, cfg.use_user_bias,
-           cfg.item_bias_fields, cfg.item_bias_lr, cfg.head, cfg.max_clients, cfg.federate_open_users,
-           cfg.foundation_logit_scale,
-           cfg.active_top_fraction, cfg.open_active_fraction, cfg.open_rest_fraction, cfg.activity_attribute,
-           cfg.active_values, cfg.local_epochs, cfg.lr, cfg.lr_decay, cfg.batch_size, cfg.ditto_lambda, cfg.feature_cache,
-           cfg.stage, cfg.stage_models, cfg.stage_negatives)
+    """The process-wide runtime for this configuration, rebuilt whenever a value it is built from changes
+    (`FederationConfig.runtime_key`: every key not marked as read afresh from each message)."""
+    key = cfg.runtime_key()
     rt = _RUNTIMES.get(key)
     if rt is None:
         if len(_RUNTIMES) >= 2:  # a process serves one run at a time; keep memory bounded

@@ -1,6 +1,6 @@
-"""The client half of SecAgg+ (protocol and parameters: `server/secagg/protocol.py`).
+"""The client half of SecAgg+ (primitives and message schema: `fedpa.common.secagg`).
 
-One `SecAggClient` per client and round; each stage takes the server's request
+One `SecAggClient` per client and round; each phase takes the server's request
 (a dict) and returns the reply (a dict):
 
     client = SecAggClient(node_id)
@@ -9,12 +9,12 @@ One `SecAggClient` per client and round; each stage takes the server's request
     reply = client.masked_input(req3, vector)    # the masked, quantized vector
     reply = client.unmask(req4)                  # shares of survivors' seeds / dropped clients' keys
 
-`handle(req, vector)` dispatches on the request's stage. Between Flower
+`handle(req, vector)` dispatches on the request's phase. Between Flower
 messages the client lives in `context.state`: `export_state()` gives a dict of
 ints, floats, bytes and lists of them (it holds this round's private keys: keep
 it in memory only), `SecAggClient.from_state(d)` restores it.
 
-A request that breaks the protocol (wrong round, stage, sender or recipient,
+A request that breaks the protocol (wrong round, phase, sender or recipient,
 malformed fields, a threshold below a majority, an unmask request that asks
 for both secrets of one neighbour or leaves fewer than t of its neighbours in
 the sum) raises `MessageRejected` (a SecAggError) and is recorded in
@@ -32,12 +32,43 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedpa.common.secagg.protocol import (
-    KEY_BYTES, MAX_DIM, MAX_NODE_ID, SERVER_ID, STAGE_ADVERTISE, STAGE_MASKED, STAGE_NAMES, STAGE_SHARE,
-    STAGE_UNMASK, MessageRejected, QuantConfig, RandBytes, SecAggError,
-    agree, check_header, count_clipped, encode_share, generate_keypair, get_bytes, get_bytes_list, get_float,
-    get_ids, get_int, header, mask_sign, open_shares, pack_bits, pair_mask_key, prg_u64, quantize,
-    seal_shares, seed_commitment, self_mask_key, shamir_share, share_key, share_x,
+from fedpa.common.secagg import (
+    KEY_BYTES,
+    MAX_DIM,
+    MAX_NODE_ID,
+    PHASE_ADVERTISE,
+    PHASE_MASKED,
+    PHASE_NAMES,
+    PHASE_SHARE,
+    PHASE_UNMASK,
+    SERVER_ID,
+    MessageRejected,
+    QuantConfig,
+    RandBytes,
+    SecAggError,
+    agree,
+    check_header,
+    count_clipped,
+    encode_share,
+    generate_keypair,
+    get_bytes,
+    get_bytes_list,
+    get_float,
+    get_ids,
+    get_int,
+    header,
+    mask_sign,
+    open_shares,
+    pack_bits,
+    pair_mask_key,
+    prg_u64,
+    quantize,
+    seal_shares,
+    seed_commitment,
+    self_mask_key,
+    shamir_share,
+    share_key,
+    share_x,
 )
 
 log = logging.getLogger("fedpa.secagg")
@@ -52,7 +83,7 @@ class SecAggClient:
         self._rand = randbytes
         self.rejections: list[str] = []
         self.revealed: dict[str, list[int]] = {"b": [], "s": []}   # whose secrets' shares this client revealed
-        self.done = 0                      # last stage answered
+        self.done = 0                      # last phase answered
         self.aborted: str | None = None
         self.round_id: int | None = None
         self.nonce = b""
@@ -78,13 +109,13 @@ class SecAggClient:
             self.aborted = why
         return MessageRejected(why)
 
-    def _check(self, msg, stage: int) -> None:
+    def _check(self, msg, phase: int) -> None:
         if self.aborted:
             raise self._refuse(f"already left the round: {self.aborted}")
-        if self.done != stage - 1:
-            raise self._refuse(f"request for stage {stage} ({STAGE_NAMES[stage]}) after stage {self.done}")
+        if self.done != phase - 1:
+            raise self._refuse(f"request for phase {phase} ({PHASE_NAMES[phase]}) after phase {self.done}")
         try:
-            if stage == STAGE_ADVERTISE:
+            if phase == PHASE_ADVERTISE:
                 if not isinstance(msg, Mapping):
                     raise MessageRejected("request is not a dict")
                 round_id, nonce = get_int(msg, "round"), get_bytes(msg, "nonce", 32)
@@ -92,32 +123,32 @@ class SecAggClient:
                     raise MessageRejected(f"round id {round_id} out of range")
             else:
                 round_id, nonce = self.round_id, self.nonce
-            check_header(msg, round_id=round_id, nonce=nonce, stage=stage, sender=SERVER_ID, recipient=self.node_id)
+            check_header(msg, round_id=round_id, nonce=nonce, phase=phase, sender=SERVER_ID, recipient=self.node_id)
         except MessageRejected as e:
             raise self._refuse(str(e)) from None
 
-    def _reply(self, stage: int, **fields) -> dict:
-        self.done = stage
-        return {**header(self.round_id, self.nonce, stage, self.node_id, SERVER_ID), **fields}
+    def _reply(self, phase: int, **fields) -> dict:
+        self.done = phase
+        return {**header(self.round_id, self.nonce, phase, self.node_id, SERVER_ID), **fields}
 
     def handle(self, msg: Mapping, vector: np.ndarray | None = None) -> dict:
-        stage = msg.get("stage") if isinstance(msg, Mapping) else None
-        if stage == STAGE_ADVERTISE:
+        phase = msg.get("phase") if isinstance(msg, Mapping) else None
+        if phase == PHASE_ADVERTISE:
             return self.advertise(msg)
-        if stage == STAGE_SHARE:
+        if phase == PHASE_SHARE:
             return self.share_keys(msg)
-        if stage == STAGE_MASKED:
+        if phase == PHASE_MASKED:
             if vector is None:
-                raise SecAggError("the masked-input stage needs the vector to aggregate")
+                raise SecAggError("the masked-input phase needs the vector to aggregate")
             return self.masked_input(msg, vector)
-        if stage == STAGE_UNMASK:
+        if phase == PHASE_UNMASK:
             return self.unmask(msg)
-        raise self._refuse(f"request for unknown stage {stage!r}")
+        raise self._refuse(f"request for unknown phase {phase!r}")
 
-    # ------------------------------------------------------------------ stage 1
+    # ------------------------------------------------------------------ phase 1
 
     def advertise(self, msg: Mapping) -> dict:
-        self._check(msg, STAGE_ADVERTISE)
+        self._check(msg, PHASE_ADVERTISE)
         try:
             dim = get_int(msg, "dim")
             if not 1 <= dim <= MAX_DIM:
@@ -130,12 +161,12 @@ class SecAggClient:
         self.dim, self.quant = dim, quant
         self._c_sk, c_pk = generate_keypair(self._rand)
         self._s_sk, s_pk = generate_keypair(self._rand)
-        return self._reply(STAGE_ADVERTISE, c_pk=c_pk, s_pk=s_pk)
+        return self._reply(PHASE_ADVERTISE, c_pk=c_pk, s_pk=s_pk)
 
-    # ------------------------------------------------------------------ stage 2
+    # ------------------------------------------------------------------ phase 2
 
     def share_keys(self, msg: Mapping) -> dict:
-        self._check(msg, STAGE_SHARE)
+        self._check(msg, PHASE_SHARE)
         try:
             t = get_int(msg, "threshold")
             nbs = get_ids(msg, "neighbours")
@@ -162,13 +193,13 @@ class SecAggClient:
         envs = [seal_shares(share_key(sh, self.nonce, self.round_id, self.node_id, v), self.round_id, self.nonce,
                             self.node_id, v, bs, ss, self._rand)
                 for v, sh, bs, ss in zip(nbs, shared, b_sh, s_sh)]
-        return self._reply(STAGE_SHARE, recipients=nbs, ciphertexts=envs,
+        return self._reply(PHASE_SHARE, recipients=nbs, ciphertexts=envs,
                            b_commit=seed_commitment(self._seed, self.nonce, self.round_id, self.node_id))
 
-    # ------------------------------------------------------------------ stage 3
+    # ------------------------------------------------------------------ phase 3
 
     def masked_input(self, msg: Mapping, vector: np.ndarray) -> dict:
-        self._check(msg, STAGE_MASKED)
+        self._check(msg, PHASE_MASKED)
         try:
             senders = get_ids(msg, "senders")
             envs = get_bytes_list(msg, "ciphertexts", len(senders))
@@ -203,13 +234,13 @@ class SecAggClient:
             else:
                 y -= mask
         y &= np.uint64(2**self.quant.mod_bits - 1)
-        return self._reply(STAGE_MASKED, masked=pack_bits(y, self.quant.mod_bits), rejected=list(self._bad),
+        return self._reply(PHASE_MASKED, masked=pack_bits(y, self.quant.mod_bits), rejected=list(self._bad),
                            rejected_reasons=list(self._bad_why))
 
-    # ------------------------------------------------------------------ stage 4
+    # ------------------------------------------------------------------ phase 4
 
     def unmask(self, msg: Mapping) -> dict:
-        self._check(msg, STAGE_UNMASK)
+        self._check(msg, PHASE_UNMASK)
         try:
             survivors = get_ids(msg, "survivors")
             dropped = get_ids(msg, "dropped")
@@ -223,10 +254,11 @@ class SecAggClient:
             raise self._refuse(f"unmask request names client(s) {unknown[:5]} whose shares this client does not hold",
                                abort=True)
         if len(survivors) < self.threshold:
-            raise self._refuse(f"only {len(survivors)} of its neighbours said to survive, fewer than t={self.threshold}",
+            raise self._refuse(f"only {len(survivors)} of its neighbours said to survive, fewer than "
+                               f"t={self.threshold}",
                                abort=True)
         self.revealed = {"b": list(survivors), "s": list(dropped)}
-        return self._reply(STAGE_UNMASK,
+        return self._reply(PHASE_UNMASK,
                            b_owners=survivors, b_shares=[encode_share(self._held[u][0]) for u in survivors],
                            s_owners=dropped, s_shares=[encode_share(self._held[w][1]) for w in dropped])
 

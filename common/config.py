@@ -1,27 +1,27 @@
-"""The federation's configuration: one dataclass, read from Flower's run config.
+"""The federation's configuration, declared once: one dataclass whose fields carry their help text, section,
+choices and scope.
 
-Keys are the field names with dashes (``num-rounds``), as Flower's
-``[tool.flwr.app.config]`` and ``flwr run . --run-config`` spell them. The
-server validates the whole configuration before round 1 and sends the part
-clients need inside every instruction, so that `flwr run .`, `fedpa simulate`
-and a deployed SuperNode all see the same values.
+Everything else derives from the fields: Flower's run config keys (the field names with dashes, as
+``[tool.flwr.app.config]`` and ``flwr run . --run-config`` spell them), the `fedpa` command-line options
+(`fedpa.simulations.cli.settings`), the pyproject table and docs/configuration.md (``python -m
+fedpa.common.config``, kept in sync by a test), validation, and the key under which a client process keeps
+its runtime. Adding a key is one field here plus its use.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from fedpa.foundation.config import CATEGORICAL_ITEM_FIELDS
+from fedpa.foundation.batch import CATEGORICAL_ITEM_FIELDS
 from fedpa.foundation.errors import FedpaError
-from fedpa.foundation.model import load_foundation
-from fedpa.recmodels.personalization import ALGORITHMS, PersonalModel, get_algorithm
-from fedpa.recmodels.stages.pointwise import FEDERATED_STAGES, load_stage_host
-
-from .aggregation import ROBUST_METHODS
+from fedpa.recdata.schema import SPLITS
+from fedpa.recmodels.algorithms import ALGORITHMS
+from fedpa.recmodels.stages import FEDERATED_STAGES
 
 
 class ConfigValueError(FedpaError):
@@ -30,78 +30,144 @@ class ConfigValueError(FedpaError):
 
 DP_MODES = ("central", "distributed", "local")
 COHORT_ENGINES = ("vectorized", "loop")
+HEADS = ("", "shared", "private", "frozen")
+ROBUST_METHODS = ("none", "trimmed-mean", "median")
+
+# Sections, in the order the help and the docs list them.
+SECTIONS = {
+    "data": "Data: the dataset, which users are clients, the split",
+    "model": "Model: the algorithm and its adapters",
+    "training": "Training: rounds and local steps",
+    "privacy": "Privacy and robustness",
+    "runtime": "Runtime: run directory, timeouts, state",
+}
+
+
+def setting(default: Any, help: str, section: str, *, option: str | None = None, choices: tuple | None = None,
+            at_least: float | None = None, above: float | None = None, runtime: bool = True, cli: bool = True,
+            node: bool = False) -> Any:
+    """A configuration field.
+
+    option:   the `fedpa` command-line option when it is not ``--`` + the key (``--rounds`` for num-rounds)
+    choices:  the allowed values (validated, listed in the help)
+    at_least, above: the value must be >= at_least, or > above (validated)
+    runtime:  the value changes what a client process builds (its model, data, caches): part of the key under
+              which the process keeps its runtime. Only values read afresh from every message may say False.
+    cli:      offered as an option by the commands (False: set by fedpa itself, e.g. the funnel stage)
+    node:     a SuperNode may set it for itself in its --node-config, over the server's run config
+    """
+    assert section in SECTIONS, section
+    return field(default=default, metadata=dict(help=help, section=section, option=option, choices=choices,
+                                                at_least=at_least, above=above, runtime=runtime, cli=cli, node=node))
 
 
 @dataclass
 class FederationConfig:
-    data_dir: str = "data/small"
-    foundation: str = "runs/foundation"
-    run_dir: str = "runs/simulate"
-    algorithm: str = "fedpa"
-    num_rounds: int = 10
-    clients_per_round: float = 1.0   # <= 1: fraction of clients; > 1: a count
-    local_epochs: int = 1
-    lr: float = 0.01
-    lr_decay: float = 1.0            # round r trains at lr * lr-decay^(r-1): later rounds refine rather than re-fit
-    batch_size: int = 64
-    rank: int = 4
-    group_attributes: str = ""       # comma-separated profile fields; "" = the default (age, gender)
-    use_user_adapter: bool = True    # ablations of FedPA
-    use_group_adapters: bool = True
-    use_gate: bool = True
-    use_user_shift: bool = False     # FedPA: a private per-user offset of the tower input (the release's private user embeddings)
-    use_user_bias: bool = False      # FedPA: private per-user logit offsets beside the shared head, calibrated on-device
-    item_bias_fields: str = ""       # FedPA: shared item-side logit offsets keyed by these item fields (comma-separated), averaged per row
-    item_bias_lr: float = 0.0        # their local learning rate (decays with lr-decay); 0 = lr
-    item_bias_prior: float = 0.0     # phantom readers per table row in its server-side mean: shrinks rarely read rows
-    foundation_logit_scale: float = 1.0  # multiplies the frozen foundation's logits before personalization adds to them
-    head: str = ""                   # prediction head: "" = the algorithm's (FedPA: shared) | shared | private | frozen
-    ditto_lambda: float = 0.1
-    split: str = "by-day"
-    negatives: int = 99
-    seed: int = 0
-    eval_every: int = 1
-    min_reply_fraction: float = 0.5
-    round_timeout: float = 600.0
-    max_clients: int = 0             # 0 = every private user is a client
-    federate_open_users: bool = False  # open users are clients too (MRFF's protocol scores every user)
-    partition_seed: int = 0          # which users are open / private; fixed across seeds so that the
-                                     # foundation (pre-trained on the open users of this seed) never saw a client
-    active_top_fraction: float = 0.2
-    open_active_fraction: float = 0.8
-    open_rest_fraction: float = 0.2
-    activity_attribute: str = ""
-    active_values: str = ""          # comma-separated ints
-    min_nodes: int = 1
-    dp_noise_multiplier: float = 0.0  # client-level DP noise multiplier z: 0 = off
-    dp_mode: str = "central"         # central (server adds noise) | distributed (clients, needs secagg) | local
-    dp_clip: float = 1.0             # L2 bound of one user's shared update
-    dp_delta: float = 0.0            # 0 = 1 / number of clients
-    dp_max_epsilon: float = 0.0      # privacy budget: stop before a round would exceed it (0 = none)
-    robust_aggregation: str = "none"  # none | trimmed-mean | median (per user; not with secagg)
-    trim_fraction: float = 0.1       # trimmed mean: share of the largest and of the smallest values dropped
-    norm_bound: float = 0.0          # server-side L2 bound of each user's update (0 = none; not with secagg)
-    secagg: bool = False             # SecAgg+ over the nodes' contributions (the server sees only the sum)
-    personal_store: str = ""         # directory of the encrypted personal store ("" = keep state in memory)
-    personal_store_key_file: str = ""
-    resume: bool = False             # continue run-dir from its last checkpoint (same configuration)
-    feature_cache: str = ""          # root of the simulation's cached tower inputs ("" = ~/.cache/fedpa/features, "none" = off)
-    cohort_engine: str = "vectorized"  # a node serving several users trains them: vectorized (recmodels.cohort) | loop
-    stage: str = ""                  # personalize a funnel stage head (retrieval | prerank | rank) instead of the foundation's tower
-    stage_models: str = ""           # the `fedpa funnel` run directory whose trained stage heads are personalized
-    stage_negatives: int = 4         # per request: the stage's own negatives added to a user's rows (recdata.stage_rows)
+    # -- data
+    data_dir: str = setting("data/small", "dataset directory (canonical format)", "data", option="--data")
+    split: str = setting("by-day", "train / validation / test split: by-day (RecFlow), chrono (60/20/20 per user), "
+                         "loo (leave one out, sampled negatives), last (MRFF: last pair per user)", "data",
+                         choices=SPLITS)
+    negatives: int = setting(99, "sampled negatives per validation / test case (split loo)", "data", at_least=1)
+    max_clients: int = setting(0, "use at most this many private users (0 = all)", "data", at_least=0)
+    federate_open_users: bool = setting(False, "open users (the foundation's pre-training users) join the "
+                                        "federation as clients too, as MRFF's protocol has it", "data")
+    partition_seed: int = setting(0, "which users are open / private; fixed across seeds so that the foundation "
+                                  "(pre-trained on the open users of this seed) never saw a client", "data", at_least=0)
+    active_top_fraction: float = setting(0.2, "share of users (by exposures) counted as highly active", "data")
+    open_active_fraction: float = setting(0.8, "share of the highly active users that are open", "data")
+    open_rest_fraction: float = setting(0.2, "share of the other users that are open", "data")
+    activity_attribute: str = setting("", "profile field that marks highly active users (\"\" = by exposures)",
+                                      "data")
+    active_values: str = setting("", "comma-separated values of activity-attribute that count as highly active",
+                                 "data")
+    # -- model
+    foundation: str = setting("runs/foundation", "foundation checkpoint directory", "model")
+    algorithm: str = setting("fedpa", "the federated algorithm", "model", choices=tuple(ALGORITHMS))
+    rank: int = setting(4, "adapter rank", "model", at_least=1)
+    group_attributes: str = setting("", "comma-separated profile fields with group adapters (\"\" = the "
+                                    "foundation's default)", "model")
+    use_user_adapter: bool = setting(True, "FedPA: the private user adapter (ablation when off)", "model")
+    use_group_adapters: bool = setting(True, "FedPA: the shared group adapters (ablation when off)", "model")
+    use_gate: bool = setting(True, "FedPA: the adaptive gate over paths (off: their mean)", "model")
+    use_user_shift: bool = setting(False, "FedPA: a private per-user offset of the tower input (the release's "
+                                   "client-side user embeddings)", "model")
+    use_user_bias: bool = setting(False, "FedPA: private per-user logit offsets beside the shared head, "
+                                  "calibrated on the device", "model")
+    item_bias_fields: str = setting("", "FedPA: shared item-side logit offsets keyed by these item fields "
+                                    "(comma-separated), averaged per row over their readers", "model")
+    item_bias_lr: float = setting(0.0, "local learning rate of the item-side tables (decays with lr-decay; "
+                                  "0 = lr)", "model", at_least=0)
+    item_bias_prior: float = setting(0.0, "phantom readers per item-side table row in its server-side mean: "
+                                     "shrinks rarely read rows", "model", runtime=False, at_least=0)
+    foundation_logit_scale: float = setting(1.0, "multiplies the frozen foundation's logits before "
+                                            "personalization adds to them (temperature)", "model", above=0)
+    head: str = setting("", "prediction head: \"\" = the algorithm's, shared, private or frozen", "model",
+                        choices=HEADS)
+    ditto_lambda: float = setting(0.1, "Ditto: weight of the proximal term", "model")
+    stage: str = setting("", "personalize this funnel stage's head instead of the foundation's tower", "model",
+                         choices=("",) + tuple(FEDERATED_STAGES), cli=False)
+    stage_models: str = setting("", "the `fedpa funnel` run directory whose trained stage heads are personalized",
+                                "model", cli=False)
+    stage_negatives: int = setting(4, "per request: the stage's own negatives added to a user's rows", "model",
+                                   at_least=0)
+    # -- training
+    num_rounds: int = setting(10, "federated rounds", "training", option="--rounds", runtime=False, at_least=0)
+    clients_per_round: float = setting(1.0, "clients per round: a fraction (<= 1) or a count (> 1)", "training",
+                                       runtime=False, above=0)
+    local_epochs: int = setting(1, "local epochs per round", "training", at_least=0)
+    lr: float = setting(0.01, "local learning rate (Adam)", "training", above=0)
+    lr_decay: float = setting(1.0, "round r trains at lr * lr-decay^(r-1) (1 = constant)", "training")
+    batch_size: int = setting(64, "local batch size", "training", at_least=1)
+    seed: int = setting(0, "random seed (sampling, initialisation, every client's seed)", "training", at_least=0)
+    eval_every: int = setting(1, "evaluate every N rounds (and after the last)", "training", runtime=False, at_least=1)
+    # -- privacy and robustness
+    secagg: bool = setting(False, "SecAgg+ over the nodes' updates: the server sees only the sum (needs >= 3 "
+                           "nodes)", "privacy", runtime=False)
+    dp_noise_multiplier: float = setting(0.0, "client-level DP noise multiplier z (0 = off)", "privacy",
+                                         runtime=False, at_least=0)
+    dp_mode: str = setting("central", "where DP noise is added: central (server), distributed (clients, needs "
+                           "secagg) or local", "privacy", choices=DP_MODES, runtime=False)
+    dp_clip: float = setting(1.0, "L2 bound C of one user's shared update", "privacy", runtime=False, above=0)
+    dp_delta: float = setting(0.0, "δ of the reported (ε, δ) (0 = 1 / number of clients)", "privacy",
+                              runtime=False)
+    dp_max_epsilon: float = setting(0.0, "privacy budget: stop before a round would exceed it (0 = none)",
+                                    "privacy", runtime=False, at_least=0)
+    robust_aggregation: str = setting("none", "per-user robust aggregation (not with secagg)", "privacy",
+                                      choices=tuple(ROBUST_METHODS), runtime=False)
+    trim_fraction: float = setting(0.1, "trimmed mean: share of the largest and of the smallest values dropped",
+                                   "privacy", runtime=False)
+    norm_bound: float = setting(0.0, "server-side L2 bound of each user's update (0 = none; not with secagg)",
+                                "privacy", runtime=False, at_least=0)
+    # -- runtime
+    run_dir: str = setting("runs/simulate", "run directory to write", "runtime", runtime=False)
+    min_nodes: int = setting(1, "nodes to wait for before round 1", "runtime", runtime=False, at_least=1)
+    min_reply_fraction: float = setting(0.5, "a round fails below this share of valid replies (and sets the "
+                                        "quorum of distributed DP)", "runtime", runtime=False)
+    round_timeout: float = setting(600.0, "seconds to wait for a round's replies", "runtime", runtime=False, above=0)
+    personal_store: str = setting("", "directory of the encrypted personal store (\"\" = keep private state in "
+                                  "memory)", "runtime", runtime=False, node=True)
+    personal_store_key_file: str = setting("", "key file of the personal store (else $FEDPA_STORE_KEY)",
+                                           "runtime", runtime=False, node=True)
+    keep_checkpoints: int = setting(2, "round checkpoints kept in the run directory (the newest ones; resuming "
+                                    "needs the last)", "runtime", runtime=False, at_least=1)
+    resume: bool = setting(False, "continue run-dir from its last checkpoint (same configuration)", "runtime",
+                           runtime=False, cli=False)
+    feature_cache: str = setting("", "root of the simulation's cached tower inputs (\"\" = "
+                                 "~/.cache/fedpa/features, none = off)", "runtime")
+    cohort_engine: str = setting("vectorized", "how a node serving several users trains them: vectorized (all "
+                                 "at once) or loop (one after another)", "runtime", choices=COHORT_ENGINES,
+                                 runtime=False)
+
+    # ------------------------------------------------------------------ run config <-> dataclass
 
     @classmethod
-    def from_run_config(cls, rc: dict[str, Any]) -> "FederationConfig":
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        unknown = sorted(k for k in rc if k not in known)
+    def from_run_config(cls, rc: dict[str, Any]) -> FederationConfig:
+        """Parse and validate Flower's run config (dashed keys); keys it does not name keep their defaults."""
+        unknown = sorted(k for k in rc if k not in FIELDS)
         if unknown:
             raise ConfigValueError(f"unknown configuration key(s): {', '.join(unknown)}")
-        kw = {}
-        for key, value in rc.items():
-            f = known[key]
-            kw[f.name] = _coerce(key, value, f.type)
-        cfg = cls(**kw)
+        cfg = cls(**{FIELDS[k].name: _coerce(k, v, FIELDS[k].type) for k, v in rc.items()})
         cfg.validate()
         return cfg
 
@@ -109,7 +175,7 @@ class FederationConfig:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path) -> "FederationConfig":
+    def from_run_dir(cls, run_dir: str | Path) -> FederationConfig:
         """The configuration a run directory was written with (its config.json)."""
         path = Path(run_dir) / "config.json"
         try:
@@ -118,8 +184,7 @@ class FederationConfig:
             raise ConfigValueError(f"{run_dir}: not a run directory (no config.json)") from None
         except ValueError as e:
             raise ConfigValueError(f"{path}: not valid JSON ({e})") from None
-        known = {f.name.replace("_", "-") for f in fields(cls)}
-        return cls.from_run_config({k: v for k, v in written.items() if k in known})
+        return cls.from_run_config({k: v for k, v in written.items() if k in FIELDS})
 
     def differences(self, written: dict[str, Any], ignore: frozenset[str] | set[str] = frozenset()) -> list[str]:
         """Keys (dashed) whose value in ``written`` (a run's config.json) differs from this configuration;
@@ -128,78 +193,49 @@ class FederationConfig:
         return sorted(k for k, v in self.to_run_config().items()
                       if k not in ignore and written.get(k, defaults[k]) != v)
 
+    def runtime_key(self) -> tuple:
+        """The values that decide what a client process builds for this run (every field not marked
+        ``runtime=False``): a process reuses its runtime only while all of them are unchanged."""
+        return tuple(getattr(self, f.name) for f in fields(self) if f.metadata["runtime"])
+
+    # ------------------------------------------------------------------ validation
+
     def validate(self) -> None:
         def bad(msg):
             raise ConfigValueError(msg)
-        if self.algorithm not in ALGORITHMS:
-            bad(f"unknown algorithm '{self.algorithm}' (one of {', '.join(ALGORITHMS)})")
-        if self.num_rounds < 0:
-            bad(f"num-rounds must be >= 0, got {self.num_rounds}")
-        if not self.clients_per_round > 0:
-            bad(f"clients-per-round must be > 0, got {self.clients_per_round}")
-        if self.clients_per_round > 1 and self.clients_per_round != int(self.clients_per_round):
-            bad(f"clients-per-round above 1 is a count and must be whole, got {self.clients_per_round}")
-        if self.local_epochs < 0:
-            bad(f"local-epochs must be >= 0, got {self.local_epochs}")
-        if not self.lr > 0:
-            bad(f"lr must be > 0, got {self.lr}")
-        if not 0 < self.lr_decay <= 1:
-            bad(f"lr-decay must be in (0, 1], got {self.lr_decay}")
-        if self.batch_size < 1:
-            bad(f"batch-size must be >= 1, got {self.batch_size}")
-        if self.rank < 1:
-            bad(f"rank must be >= 1, got {self.rank}")
-        if self.eval_every < 1:
-            bad(f"eval-every must be >= 1, got {self.eval_every}")
-        if not 0 < self.min_reply_fraction <= 1:
-            bad(f"min-reply-fraction must be in (0, 1], got {self.min_reply_fraction}")
-        if self.max_clients < 0:
-            bad(f"max-clients must be >= 0, got {self.max_clients}")
-        if not self.round_timeout > 0:
-            bad(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
-        if self.min_nodes < 1:
-            bad(f"min-nodes must be >= 1, got {self.min_nodes}")
-        if self.seed < 0 or self.partition_seed < 0:
-            bad(f"seed and partition-seed must be >= 0, got {self.seed}, {self.partition_seed}")
-        if self.negatives < 1:
-            bad(f"negatives must be >= 1, got {self.negatives}")
+
+        for f in fields(self):
+            key, value, meta = f.name.replace("_", "-"), getattr(self, f.name), f.metadata
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f"{key} must be a finite number, got {value}")
+            if meta["choices"] is not None and value not in meta["choices"]:
+                shown = ", ".join(repr(c) if c == "" else str(c) for c in meta["choices"])
+                bad(f"unknown {key} '{value}' ({shown})")
+            if meta["at_least"] is not None and not value >= meta["at_least"]:
+                bad(f"{key} must be >= {meta['at_least']:g}, got {value}")
+            if meta["above"] is not None and not value > meta["above"]:
+                bad(f"{key} must be > {meta['above']:g}, got {value}")
         for name in ("active_top_fraction", "open_active_fraction", "open_rest_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(f"{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-        if self.dp_noise_multiplier < 0 or not self.dp_clip > 0 or not 0 <= self.dp_delta < 1 \
-                or self.dp_max_epsilon < 0:
-            bad("dp-noise-multiplier and dp-max-epsilon must be >= 0, dp-clip > 0 and dp-delta in [0, 1)")
-        if self.dp_mode not in DP_MODES:
-            bad(f"unknown dp-mode '{self.dp_mode}' ({', '.join(DP_MODES)})")
+        if self.clients_per_round > 1 and self.clients_per_round != int(self.clients_per_round):
+            bad(f"clients-per-round above 1 is a count and must be whole, got {self.clients_per_round}")
+        if not 0 < self.lr_decay <= 1:
+            bad(f"lr-decay must be in (0, 1], got {self.lr_decay}")
+        if not 0 < self.min_reply_fraction <= 1:
+            bad(f"min-reply-fraction must be in (0, 1], got {self.min_reply_fraction}")
+        if not 0 <= self.dp_delta < 1:
+            bad(f"dp-delta must be in [0, 1), got {self.dp_delta}")
+        if not 0 <= self.trim_fraction < 0.5:
+            bad(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.dp_mode == "distributed" and self.dp_noise_multiplier > 0 and not self.secagg:
             bad("dp-mode 'distributed' needs secagg: without it the server sees each node's update with only "
                 "a fraction of the noise (use dp-mode 'central' or 'local', or turn secagg on)")
-        if self.robust_aggregation not in ROBUST_METHODS:
-            bad(f"unknown robust-aggregation '{self.robust_aggregation}' ({', '.join(ROBUST_METHODS)})")
-        if not 0 <= self.trim_fraction < 0.5:
-            bad(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
-        if self.norm_bound < 0:
-            bad(f"norm-bound must be >= 0, got {self.norm_bound}")
         if self.secagg and (self.robust_aggregation != "none" or self.norm_bound > 0):
             bad("robust aggregation and norm bounds need each user's update, and under secure aggregation the "
                 "server sees only the sum: turn secagg off, or bound norms on the clients (dp-clip)")
-        if self.head not in ("", "shared", "private", "frozen"):
-            bad(f"unknown head '{self.head}' (shared, private, frozen; empty = the algorithm's own)")
-        if self.cohort_engine not in COHORT_ENGINES:
-            bad(f"unknown cohort-engine '{self.cohort_engine}' ({', '.join(COHORT_ENGINES)})")
-        if self.stage and self.stage not in FEDERATED_STAGES:
-            bad(f"unknown stage '{self.stage}' ({', '.join(FEDERATED_STAGES)}; re-ranking reads whole lists and "
-                "stays as trained)")
-        if self.stage_negatives < 0:
-            bad(f"stage-negatives must be >= 0, got {self.stage_negatives}")
         if self.stage and not self.stage_models:
             bad("stage needs stage-models: the `fedpa funnel` run directory holding the trained stage heads")
-        if self.item_bias_lr < 0:
-            bad(f"item-bias-lr must be >= 0 (0 = lr), got {self.item_bias_lr}")
-        if not self.item_bias_prior >= 0:
-            bad(f"item-bias-prior must be >= 0, got {self.item_bias_prior}")
-        if not 0 < self.foundation_logit_scale < math.inf:
-            bad(f"foundation-logit-scale must be a positive number, got {self.foundation_logit_scale}")
         if self.stage and self.foundation_logit_scale != 1.0:
             bad("foundation-logit-scale scales the foundation's own head; a funnel stage is scored by its own head")
         if self.item_bias_fields:
@@ -215,8 +251,8 @@ class FederationConfig:
                     "tables' per-row counts are the items a user read (use dp-mode central or distributed)")
             if self.robust_aggregation != "none" or self.norm_bound > 0:
                 bad("item-bias-fields cannot run with robust aggregation (its tables are averaged per row)")
-        if self.split not in ("by-day", "chrono", "loo", "last"):
-            bad(f"unknown split '{self.split}' (by-day, chrono, loo, last)")
+
+    # ------------------------------------------------------------------ derived values
 
     @property
     def item_bias_list(self) -> tuple[str, ...]:
@@ -235,32 +271,28 @@ class FederationConfig:
             return max(1, math.ceil(self.clients_per_round * num_clients))
         return min(num_clients, int(self.clients_per_round))
 
-    def personal_model(self, algorithm: str | None = None, *, user_slots: int = 1,
-                       foundation: Any = None) -> PersonalModel:
-        """The model clients train for this run: the foundation's tower, or with ``stage`` that stage's
-        trained head over the same tower inputs, with the algorithm's adapters."""
-        foundation = foundation if foundation is not None else load_foundation(self.foundation)
-        if self.foundation_logit_scale != 1.0:
-            foundation.scale_logits(self.foundation_logit_scale)
-        host = load_stage_host(foundation, self.stage_models, self.stage) if self.stage else None
-        return PersonalModel(foundation, get_algorithm(algorithm or self.algorithm), seed=self.seed,
-                             user_slots=user_slots, host=host, **self.model_options())
 
-    def model_options(self) -> dict[str, Any]:
-        """`PersonalModel`'s keyword arguments for this run: adapter overrides and item-side tables."""
-        kw: dict[str, Any] = {"r": self.rank, "lora_alpha": self.rank}
-        if self.head:
-            kw["head"] = self.head
-        if self.algorithm in ("fedpa", "centralized"):
-            kw.update(use_user_adapter=self.use_user_adapter, use_group_adapters=self.use_group_adapters,
-                      use_gate=self.use_gate, use_user_shift=self.use_user_shift and self.use_user_adapter)
-            if self.use_user_bias and self.algorithm == "fedpa":
-                kw["use_user_bias"] = True
-            if self.item_bias_fields and self.algorithm == "fedpa":
-                kw["item_bias_fields"] = self.item_bias_list
-            if self.group_attributes:
-                kw["group_attributes"] = [a.strip() for a in self.group_attributes.split(",") if a.strip()]
-        return kw
+assert all(f.default is not MISSING for f in fields(FederationConfig))
+# dashed key -> field
+FIELDS = {f.name.replace("_", "-"): f for f in fields(FederationConfig)}
+# what a SuperNode may set for itself in its --node-config (never sent to the server)
+NODE_KEYS = tuple(k for k, f in FIELDS.items() if f.metadata["node"])
+
+
+@lru_cache(maxsize=8)
+def _parsed(items: tuple) -> FederationConfig:
+    return FederationConfig.from_run_config(dict(items))
+
+
+def parse_run_config(rc: dict[str, Any]) -> FederationConfig:
+    """`FederationConfig.from_run_config`, parsed once per distinct run config in a process (every message of
+    a run carries the same one); returns a copy, so callers may change it."""
+    cfg = _parsed(tuple(sorted(rc.items())))
+    return FederationConfig(**asdict(cfg))
+
+
+def field_type(f) -> type:
+    return f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -281,5 +313,81 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 raise ValueError
             return int(value)
         return typ(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigValueError(f"configuration '{key}': {value!r} is not a valid {typ.__name__}") from None
+
+
+# ---------------------------------------------------------------------- generated files
+
+
+def pyproject_table() -> str:
+    """The ``[tool.flwr.app.config]`` table: every key with its default (Flower accepts only declared keys)."""
+    lines = ["[tool.flwr.app.config]"]
+    for key, f in FIELDS.items():
+        lines.append(f"{key} = {_toml(f.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every key by section, with its default, choices and meaning."""
+    out = ["# Configuration reference", "",
+           "Generated from `common/config.py` by `python -m fedpa.common.config --write` (`make config`; a test",
+           "keeps it in sync). Every key is spelled the same in a TOML file (`fedpa simulate --config run.toml`),",
+           "after `--set KEY=VALUE`, in Flower's run config (`flwr run . --run-config \"KEY=VALUE\"`) and, as",
+           "`--KEY VALUE`, as a command-line option of `fedpa simulate` (the few exceptions are listed). Keys",
+           "marked *node* may also be set by a SuperNode for itself in its `--node-config`.", ""]
+    for section, title in SECTIONS.items():
+        out += [f"## {title}", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        for key, f in FIELDS.items():
+            m = f.metadata
+            if m["section"] != section:
+                continue
+            text = m["help"].replace("|", "\\|")
+            if m["choices"] is not None:
+                text += " (one of: " + ", ".join(f"`{c}`" if c else '`""`' for c in m["choices"]) + ")"
+            if m["at_least"] is not None:
+                text += f" (>= {m['at_least']:g})"
+            if m["above"] is not None:
+                text += f" (> {m['above']:g})"
+            if m["option"]:
+                text += f"; option `{m['option']}`"
+            if not m["cli"]:
+                text += "; set by fedpa, not an option"
+            if m["node"]:
+                text += "; *node*"
+            out.append(f"| `{key}` | `{_toml(f.default)}` | {text} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import re
+
+    ap = argparse.ArgumentParser(description="Print or rewrite the files generated from FederationConfig.")
+    ap.add_argument("--write", action="store_true", help="rewrite pyproject.toml's table and docs/configuration.md")
+    ap.add_argument("--root", default=".", help="the repository root")
+    args = ap.parse_args(argv)
+    root = Path(args.root)
+    if not args.write:
+        print(pyproject_table())
+        return 0
+    pyproject = root / "pyproject.toml"
+    text = pyproject.read_text()
+    new = re.sub(r"\[tool\.flwr\.app\.config\]\n(?:[^\[\n][^\n]*\n|\n)*", lambda _: pyproject_table() + "\n", text)
+    pyproject.write_text(new.rstrip() + "\n")
+    (root / "docs" / "configuration.md").write_text(reference_markdown())
+    print(f"wrote {pyproject} and {root / 'docs' / 'configuration.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-
 from collections.abc import Mapping
 
 import numpy as np
@@ -107,30 +106,6 @@ def private_contribution(delta: dict[str, np.ndarray], spec: list[SharedTensor],
         std = distributed_share_std(noise_multiplier, clip, n_count_terms, min_reply_fraction, cohort)
         contrib = add_noise(contrib, spec, std, clamp=False)
     return contrib
-
-
-def event_multiplier(mode: str, noise_multiplier: float) -> float:
-    """Noise multiplier of the Gaussian event one round is, under add-or-remove-one."""
-    return noise_multiplier / 2.0 if mode == "local" else noise_multiplier
-
-
-def make_accountant(population: int, delta: float):
-    from flwr.serverapp import PrivacyConfig
-    from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
-    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
-
-    logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting warns about orders it skips
-    cfg = PrivacyConfig(target_delta=delta, population_size=population,
-                        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                        sampling_method=SamplingMethod.NO_AMPLIFICATION)
-    return RdpAccountant(cfg)
-
-
-def round_event(noise_multiplier: float, sample_size: int, population: int):
-    from flwr.serverapp import GaussianPrivacyEvent
-
-    return GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=sample_size,
-                                population_size=population)
 
 
 def cohort_contribution(deltas: Mapping[str, tuple[np.ndarray, np.ndarray]], n_users: int, spec: list[SharedTensor],

@@ -15,6 +15,8 @@ from __future__ import annotations
 ITEM_FIELDS = ("video_id", "author_id", "category_level_one", "category_level_two",
                "upload_type", "duration")
 """Item feature order in ``item`` and ``hist_items`` (duration in raw ms)."""
+CATEGORICAL_ITEM_FIELDS = tuple(f for f in ITEM_FIELDS if f != "duration")
+"""Item fields embedded by (bounded) id; ``duration`` is bucketized instead."""
 
 TASKS = ("effective_view", "long_view", "like", "follow", "forward", "comment")
 """Label order in ``labels``; effective_view is the primary task."""

@@ -29,12 +29,10 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from .batch import CONTEXT_FIELDS, ITEM_FIELDS, TASKS
+from .batch import CATEGORICAL_ITEM_FIELDS, CONTEXT_FIELDS, ITEM_FIELDS, TASKS  # noqa: F401
 from .errors import FedpaError
 
 ARCHS = ("transformer", "mlp")
-CATEGORICAL_ITEM_FIELDS = tuple(f for f in ITEM_FIELDS if f != "duration")
-"""Item fields embedded by (bounded) id; ``duration`` is bucketized instead."""
 
 
 class ConfigError(FedpaError):
@@ -107,7 +105,8 @@ class FoundationConfig(PretrainedConfig):
     # ------------------------------------------------------------------ helpers
 
     @classmethod
-    def from_dataset_vocab(cls, vocab: Mapping[str, int], user_fields: Sequence[str], **overrides: Any) -> FoundationConfig:
+    def from_dataset_vocab(cls, vocab: Mapping[str, int], user_fields: Sequence[str],
+                           **overrides: Any) -> FoundationConfig:
         """Build a config from a dataset manifest's ``vocab`` (column -> max id + 1).
 
         ``user_fields`` picks the profile columns (their order is the order of

@@ -303,7 +303,7 @@ class FoundationModel(PreTrainedModel):
                                 user_embedding=user_emb, item_embedding=item_emb)
 
     @torch.no_grad()
-    def scale_logits(self, factor: float) -> "FoundationModel":
+    def scale_logits(self, factor: float) -> FoundationModel:
         """Multiply every logit by ``factor`` (the head's weight and bias, in place): temperature
         scaling of the frozen model. Personalization adds its own offsets to these logits; where they
         carry a user's and an item's base rates, the foundation's logit at full weight counts part of
@@ -386,7 +386,8 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def load_foundation(path: str | Path, *, config: FoundationConfig | None = None, frozen: bool = True) -> FoundationModel:
+def load_foundation(path: str | Path, *, config: FoundationConfig | None = None,
+                    frozen: bool = True) -> FoundationModel:
     """Load a foundation checkpoint directory (strict, local); frozen and in eval mode by default."""
     kw = {"config": config} if config is not None else {}
     model = FoundationModel.from_pretrained(path, **kw)
@@ -443,7 +444,8 @@ def _check_weights_match(cls, config: FoundationConfig, weights: Path, config_fi
     if missing or unexpected or shapes:
         parts = []
         if shapes:
-            parts.append("shape mismatch: " + "; ".join(shapes[:5]) + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else ""))
+            parts.append("shape mismatch: " + "; ".join(shapes[:5])
+                         + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else ""))
         if missing:
             parts.append("missing: " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
         if unexpected:
@@ -453,7 +455,8 @@ def _check_weights_match(cls, config: FoundationConfig, weights: Path, config_fi
 
 def _check_checkpoint_dir(path: Path) -> None:
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a foundation checkpoint directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+        raise CheckpointError(f"{path}: not a foundation checkpoint directory (expected {CONFIG_NAME} + "
+                              f"{WEIGHTS_NAME})")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing from the foundation checkpoint")

@@ -34,7 +34,7 @@ class Lookups:
     user_fields: list[str]
 
     @classmethod
-    def build(cls, ds: Dataset) -> "Lookups":
+    def build(cls, ds: Dataset) -> Lookups:
         items = ds.items(["video_id", *ITEM_FIELDS[1:]])
         vid = items.column("video_id").to_numpy()
         n_items = max(int(ds.vocab.get("video_id", 0)), int(vid.max()) + 1 if len(vid) else 0)
@@ -67,7 +67,7 @@ class Views:
     video_id: np.ndarray
 
     @classmethod
-    def from_tables(cls, history: pa.Table, exposures: pa.Table) -> "Views":
+    def from_tables(cls, history: pa.Table, exposures: pa.Table) -> Views:
         eff = exposures.column("effective_view").to_numpy() == 1
         u = np.concatenate([history.column("user_id").to_numpy(),
                             exposures.column("user_id").to_numpy()[eff]])
@@ -111,7 +111,7 @@ class Examples:
 
     @classmethod
     def from_rows(cls, user_id, request_timestamp, video_id, labels, views: Views,
-                  lookups: Lookups, request_id=None) -> "Examples":
+                  lookups: Lookups, request_id=None) -> Examples:
         user_id = np.asarray(user_id, dtype=np.int64)
         ts = np.asarray(request_timestamp, dtype=np.int64)
         lo, hi = views.windows(user_id, ts)
@@ -119,7 +119,7 @@ class Examples:
                    lo, hi, views, lookups, None if request_id is None else np.asarray(request_id))
 
     @classmethod
-    def from_exposures(cls, exposures: pa.Table, views: Views, lookups: Lookups) -> "Examples":
+    def from_exposures(cls, exposures: pa.Table, views: Views, lookups: Lookups) -> Examples:
         labels = np.stack([exposures.column(lab).to_numpy() for lab in LABELS], axis=1) \
             if exposures.num_rows else np.zeros((0, len(LABELS)), np.int8)
         return cls.from_rows(exposures.column("user_id").to_numpy(),
@@ -127,7 +127,7 @@ class Examples:
                              exposures.column("video_id").to_numpy(), labels, views, lookups,
                              exposures.column("request_id").to_numpy())
 
-    def subset(self, idx: np.ndarray) -> "Examples":
+    def subset(self, idx: np.ndarray) -> Examples:
         return Examples(self.user_id[idx], self.request_timestamp[idx], self.video_id[idx],
                         self.labels[idx], self.view_lo[idx], self.view_hi[idx], self.views,
                         self.lookups, None if self.request_id is None else self.request_id[idx])

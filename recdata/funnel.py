@@ -60,7 +60,7 @@ class RequestPools:
         out[~inside] = fill
         return out
 
-    def subset(self, rows: np.ndarray) -> "RequestPools":
+    def subset(self, rows: np.ndarray) -> RequestPools:
         rows = np.asarray(rows, dtype=np.int64)
         parts = [np.arange(self.offsets[r], self.offsets[r + 1]) for r in rows]
         idx = np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -147,7 +147,8 @@ def load_request_pools(ds: Dataset, days: list[str], *, views: Views, lookups: L
     all_play = np.concatenate([c_play, np.full(n_random * len(rid), -1, np.int64)])
     # random items that are already in the pool are dropped (the pool is a set)
     order_a = np.lexsort((-all_level.astype(np.int64), all_vid, all_req))
-    all_req, all_vid, all_level, all_lab, all_play = (a[order_a] for a in (all_req, all_vid, all_level, all_lab, all_play))
+    all_req, all_vid, all_level, all_lab, all_play = (a[order_a] for a in (all_req, all_vid, all_level, all_lab,
+                                                                           all_play))
     keep = np.ones(len(all_req), bool)
     keep[1:] = (all_req[1:] != all_req[:-1]) | (all_vid[1:] != all_vid[:-1])
     all_req, all_vid, all_level, all_lab, all_play = (a[keep] for a in (all_req, all_vid, all_level, all_lab, all_play))

@@ -48,7 +48,7 @@ class Mapping:
             raise FedpaError(f"unknown label(s) {', '.join(unknown)} in the mapping (labels: {', '.join(LABELS)})")
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "Mapping":
+    def from_toml(cls, path: str | Path) -> Mapping:
         p = Path(path)
         try:
             raw = tomllib.loads(p.read_text())
@@ -72,7 +72,8 @@ class Mapping:
         return m
 
 
-KUAISAR_R = Mapping(user="user_id", item="video_id", timestamp="timestamp", time_unit="ms", user_id="user_id", item_id="video_id",
+KUAISAR_R = Mapping(user="user_id", item="video_id", timestamp="timestamp", time_unit="ms", user_id="user_id",
+                    item_id="video_id",
                     labels={"effective_view": "is_click"},
                     user_features=["onehot_feat1", "onehot_feat2", "search_active_level", "reco_active_level"],
                     item_columns={"upload_type": "upload_type", "category_level_one": "first_level_category_name",
@@ -191,7 +192,8 @@ def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapp
         v = _integers(_column(log, column, src, f"label {canonical}"), column, src, f"label {canonical}")
         bad = (v != 0) & (v != 1)
         if bad.any():
-            raise DatasetError(f"{src}: column '{column}' (label {canonical}) holds {int(v[bad][0])}; labels must be 0 or 1")
+            raise DatasetError(f"{src}: column '{column}' (label {canonical}) holds {int(v[bad][0])}; labels must be "
+                               f"0 or 1")
         labels[canonical] = v.astype(np.int8)
 
     user_table, user_orig = _users(users, mapping, u_orig)

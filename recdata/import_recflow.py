@@ -108,7 +108,7 @@ class _Release:
         self.realshow, self.all_stage, self.sequences = realshow, all_stage, sequences
 
     @classmethod
-    def scan(cls, root: Path, days: Iterable[str] | None) -> "_Release":
+    def scan(cls, root: Path, days: Iterable[str] | None) -> _Release:
         if not root.is_dir():
             raise DatasetError(f"{root}: RecFlow release directory is missing")
         realshow = _day_files(root / "realshow", ".feather")

@@ -30,10 +30,9 @@ import numpy as np
 import pyarrow as pa
 
 from .examples import Examples, Lookups, Views
-from .schema import LABELS
+from .schema import LABELS, SPLITS
 from .store import Dataset, DatasetError
 
-SPLITS = ("by-day", "chrono", "loo", "last")
 TRAIN_NEGATIVES = 4  # PFedRec: 4 sampled negatives per training positive
 EPOCH = date(1970, 1, 1)
 
@@ -110,7 +109,7 @@ class Partition:
         Path(path).write_text(json.dumps(self.to_json()))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Partition":
+    def load(cls, path: str | Path) -> Partition:
         d = json.loads(Path(path).read_text())
         cfg = d["config"]
         cfg["active_values"] = tuple(cfg.get("active_values", ()))

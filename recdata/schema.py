@@ -125,3 +125,7 @@ TABLES: dict[str, list[Column]] = {
 }
 DAY_TABLES = ("requests", "exposures", "stage_samples")
 SCHEMAS: dict[str, pa.Schema] = {name: _schema(cols) for name, cols in TABLES.items()}
+
+# How a user's rows split into train / validation / test (`recdata.partition`): by-day (RecFlow's protocol),
+# chrono (60/20/20 per user), loo (leave one out against sampled negatives), last (MRFF: last pair per user).
+SPLITS = ("by-day", "chrono", "loo", "last")

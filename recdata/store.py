@@ -145,7 +145,7 @@ class DatasetWriter:
         self.has_history = False
         self._done = False
 
-    def __enter__(self) -> "DatasetWriter":
+    def __enter__(self) -> DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -19,9 +19,8 @@ from fedpa.foundation.adapters import ditto_penalty, parameter_kinds, set_active
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import masked_bce
 
-from .item_bias import MISSING_ITEMS
+from .item_bias import MISSING_ITEMS, ItemBias
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
-from .item_bias import ItemBias
 from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which PersonalModel uses
@@ -199,7 +198,8 @@ class CohortEngine:
 
     def _group_rows(self, users: Sequence[CohortUser]) -> np.ndarray:
         cols = self.pm.group_columns
-        return np.array([[int(u.profile[c]) for c in cols] for u in users], dtype=np.int64).reshape(len(users), len(cols))
+        return np.array([[int(u.profile[c]) for c in cols] for u in users],
+                        dtype=np.int64).reshape(len(users), len(cols))
 
     def _stack(self, users: Sequence[CohortUser], groups: np.ndarray,
                chunk_rows: _ChunkRows | None) -> dict[str, torch.Tensor]:
@@ -288,7 +288,8 @@ class CohortEngine:
         if local.epochs == 0 or sizes.sum() == 0:
             return params, np.full(c, np.nan), sizes.astype(np.float64)
         feats = torch.cat([u.train.features for u in users] + [users[0].train.features.new_zeros(1, self.pm.tower_in)])
-        labels = torch.cat([u.train.labels for u in users] + [users[0].train.labels.new_full((1, users[0].train.labels.shape[1]), -1.0)])
+        labels = torch.cat([u.train.labels for u in users]
+                           + [users[0].train.labels.new_full((1, users[0].train.labels.shape[1]), -1.0)])
         items = self._items([u.train for u in users], chunk_rows, pad_rows=1)
         pad = len(feats) - 1
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])

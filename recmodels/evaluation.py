@@ -47,7 +47,7 @@ class MetricSums:
     def get(self, name: str) -> float:
         return float(self.v[2 * BINS + _SCALARS.index(name)])
 
-    def __iadd__(self, other: "MetricSums") -> "MetricSums":
+    def __iadd__(self, other: MetricSums) -> MetricSums:
         self.v += other.v
         return self
 

@@ -39,7 +39,7 @@ MISSING_ITEMS = ("this model has item-side offsets (item-bias-fields) and needs 
                  "were cached without them (rebuild the feature cache)")
 
 PER_ROW = "per-row"
-"""The aggregation group of these entries (`server.aggregation`): averaged per row over its readers."""
+"""The aggregation group of these entries (`common.aggregation`): averaged per row over its readers."""
 
 
 class ItemBias(nn.Module):
@@ -50,7 +50,8 @@ class ItemBias(nn.Module):
         fields = list(dict.fromkeys(fields))
         bad = [f for f in fields if f not in CATEGORICAL_ITEM_FIELDS]
         if bad or not fields:
-            raise ConfigError(f"item-bias fields must be categorical item fields ({', '.join(CATEGORICAL_ITEM_FIELDS)}), "
+            raise ConfigError(f"item-bias fields must be categorical item fields "
+                              f"({', '.join(CATEGORICAL_ITEM_FIELDS)}), "
                               f"got {', '.join(bad) if bad else 'none'}")
         self.fields = fields
         self.columns = [ITEM_FIELDS.index(f) for f in fields]

@@ -18,44 +18,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedpa.foundation.adapters import adapter_config, attach_adapters, ditto_penalty, parameter_kinds, set_active_paths, use_routing
+from fedpa.foundation.adapters import (
+    adapter_config,
+    attach_adapters,
+    ditto_penalty,
+    parameter_kinds,
+    set_active_paths,
+    use_routing,
+)
 from fedpa.foundation.batch import ITEM_FIELDS
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import FoundationModel, masked_bce
 
+from .algorithms import ALGORITHMS, Algorithm, get_algorithm  # noqa: F401  (re-exported)
 from .item_bias import MISSING_ITEMS, PER_ROW, ItemBias
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    name: str
-    preset: str | None            # adapter preset in foundation.adapters.PRESETS; None = no adapters
-    communicates: bool = True     # exchanges shared parameters with the server
-    ditto: bool = False           # personal path trained with a proximal term to the global path
-    finetune_before_eval: bool = False  # PFedRec-style: fine-tune the received shared part locally, then score
-    centralized: bool = False     # pooled training outside the federation (upper bound)
-    description: str = ""
-
-
-ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
-    Algorithm("fedpa", "fedpa", description="private user adapter + shared group adapters + shared gate and head"),
-    Algorithm("local", "local", communicates=False, description="private LoRA + private head, no communication"),
-    Algorithm("fedavg-lora", "fedavg-lora", description="one shared LoRA and head, averaged (FedAvg)"),
-    Algorithm("fedper", "fedper", description="shared LoRA body, private head (FedPer)"),
-    Algorithm("pfedrec", "fedper", finetune_before_eval=True,
-              description="shared LoRA fine-tuned locally before scoring, private head (PFedRec's dual personalization)"),
-    Algorithm("ditto", "ditto", ditto=True, description="global LoRA (FedAvg) + personal LoRA with a proximal term"),
-    Algorithm("foundation", None, communicates=False, description="the frozen foundation, no adaptation"),
-    Algorithm("centralized", "fedpa", communicates=False, centralized=True,
-              description="FedPA's model trained on pooled private data (upper bound)"),
-]}
-
-
-def get_algorithm(name: str) -> Algorithm:
-    if name not in ALGORITHMS:
-        raise FedpaError(f"unknown algorithm '{name}' (one of {', '.join(ALGORITHMS)})")
-    return ALGORITHMS[name]
 
 
 @dataclass(frozen=True)
@@ -65,6 +42,7 @@ class LocalTraining:
     batch_size: int = 64
     ditto_lambda: float = 0.1
     item_bias_lr: float | None = None  # the item-side tables' own learning rate (None: lr)
+    round: int = 1                     # the federated round these settings train (schedules that depend on it)
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -89,7 +67,7 @@ class UserTensors:
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def rows(self, idx) -> "UserTensors":
+    def rows(self, idx) -> UserTensors:
         return UserTensors(self.features[idx], self.labels[idx], None if self.items is None else self.items[idx])
 
 
@@ -208,7 +186,7 @@ class PersonalModel:
     @property
     def count_terms(self) -> int:
         """Counts beside the global one that a user's contribution moves by a unit norm each: one per
-        group attribute, one per item-side table (`server.privacy.sensitivity`)."""
+        group attribute, one per item-side table (`common.privacy.sensitivity`)."""
         return len(self.group_attributes) + (len(self.item_bias.fields) if self.item_bias is not None else 0)
 
     def group_values(self, profile: np.ndarray) -> dict[str, int]:

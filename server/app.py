@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedpa.common.config import FederationConfig
 from fedpa.foundation.errors import FedpaError
 
-from fedpa.common.config import FederationConfig
 from .federation import Federation
 
 log = logging.getLogger("fedpa.server")

@@ -1,11 +1,12 @@
 """The server's round loop on Flower's Message API.
 
-One round: sample clients, send each node the global shared state and the list
-of its sampled clients, receive one summed contribution per node, validate it
-(keys, shapes, dtypes, finite values, counts), drop what is invalid with the
-reason logged, aggregate the rest as sums, evaluate, checkpoint, log a line of
-metrics. A round with too few valid clients fails with a clear error and leaves
-the last checkpoint as it was.
+A training round is a sequence of named steps, each a method that can be read and tested alone:
+`sample` the clients, `configure` one train message per node, `collect` the replies (validating each:
+keys, shapes, dtypes, finite values, counts; what is invalid is dropped with its reason), `secure_sum`
+under SecAgg+, `check_quorum`, `aggregate` the plain updates (sums, or robust per-user statistics),
+`add_noise` (central DP), `account` the round's privacy event, `apply` the sums to the shared state. Then
+the round is evaluated, checkpointed and logged. A round with too few valid clients fails with a clear
+error and leaves the last checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -14,47 +15,67 @@ import logging
 import math
 import time
 import uuid
-from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.serde import message_to_proto
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedpa.common.aggregation import (
+    InvalidUpdate,
+    RoundFailed,
+    apply_sums,
+    expected_shapes,
+    spec_from,
+    sum_updates,
+    validate_update,
+)
+from fedpa.common.config import FederationConfig
+from fedpa.common.models import build_personal_model
+from fedpa.common.privacy import add_noise, clamp_counts, distributed_share_std, sensitivity
+from fedpa.common.records import arrays_to_record, message_bytes, record_to_arrays
+from fedpa.common.secagg import QuantConfig, SecAggError, split_sum
+from fedpa.common.secagg.transport import pack, unpack
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import count_parameters, load_foundation
 from fedpa.recmodels.evaluation import MetricSums
 from fedpa.recmodels.personalization import get_algorithm
 
-from fedpa.common.aggregation import (InvalidUpdate, RoundFailed, apply_sums, expected_shapes, robust_sums, spec_from,
-                          sum_updates, validate_update)
-from fedpa.common.secagg.protocol import QuantConfig, SecAggError, split_sum
-from .secagg import SecAggServer
-from fedpa.common.secagg.transport import pack, unpack
-from fedpa.common.config import FederationConfig
-from fedpa.common.privacy import (add_noise, clamp_counts, distributed_share_std, event_multiplier, make_accountant, round_event,
-                      sensitivity)
+from .accounting import event_multiplier, make_accountant, round_event
+from .robust import robust_sums
 from .rundir import RunDir, plot_curves
+from .secagg import SecAggServer
 
 log = logging.getLogger("fedpa.server")
 
 
-def message_bytes(msg: Message) -> int:
-    """Bytes of the serialized message (protobuf), i.e. what travels on the wire."""
-    return message_to_proto(msg).ByteSize()
-
-
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(array_dict=OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
-
-
-def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: record[k].numpy() for k in record.keys()}
-
-
 def primary_metric(split: str) -> str:
     return "hr@10" if split == "loo" else "auc"
+
+
+@dataclass
+class RoundReplies:
+    """What one round's train replies brought (`Federation.collect`), and what the round then sent and spent."""
+
+    updates: list[dict[str, np.ndarray]] = field(default_factory=list)  # valid plain updates (no SecAgg)
+    trained: dict[int, int] = field(default_factory=dict)               # node -> users in its valid reply
+    users_ok: int = 0
+    loss_sum: float = 0.0
+    n_examples: int = 0
+    problems: list[str] = field(default_factory=list)
+    bytes_up: list[int] = field(default_factory=list)
+    bytes_down: list[int] = field(default_factory=list)
+    secagg_bytes: float = 0.0
+
+    def stats(self, selected: int, communicates: bool) -> dict[str, Any]:
+        down = float(np.mean(self.bytes_down)) if self.bytes_down else 0.0
+        up = (float(np.mean(self.bytes_up)) if self.bytes_up else 0.0) + self.secagg_bytes
+        return {"selected": selected, "clients_ok": self.users_ok,
+                "train_loss": self.loss_sum / max(self.n_examples, 1),
+                "problems": self.problems,
+                "bytes_down_per_client": down if communicates else 0.0,
+                "bytes_up_per_client": up if communicates else 0.0}
 
 
 class Federation:
@@ -68,7 +89,7 @@ class Federation:
         self.progress = progress or (lambda *a, **k: None)
         foundation = load_foundation(cfg.foundation)
         foundation_params = count_parameters(foundation)  # before peft injects the adapters into it
-        self.model = cfg.personal_model(foundation=foundation)
+        self.model = build_personal_model(cfg, foundation=foundation)
         self.spec = spec_from(self.model.shared_spec())
         self.state = self.model.get_shared()
         self.model_sizes = {
@@ -91,7 +112,7 @@ class Federation:
                          "round": ConfigRecord({"round": round_, "clients": clients or [], "final": final,
                                                 "cohort": cohort, "run-id": self.run_id})})
         if with_state and self.state:
-            rd["arrays"] = to_record(self.state)
+            rd["arrays"] = arrays_to_record(self.state)
         return rd
 
     def discover(self) -> dict[int, list[int]]:
@@ -157,87 +178,119 @@ class Federation:
 
     def train_round(self, round_: int, final: bool) -> dict[str, Any]:
         selected = self.sample(round_)
+        by_node = self.assign(selected)
+        msgs = self.configure(round_, by_node, final, cohort=len(selected))
+        got = self.collect(round_, self._send(msgs), by_node)
+        got.bytes_down = [message_bytes(m) for m in msgs]
+        secure = self.cfg.secagg and self.algorithm.communicates
+        if secure:
+            secure_sums, included, got.secagg_bytes = self.secure_sum(
+                round_, [n for n, k in got.trained.items() if k > 0], got.problems, cohort=len(selected))
+            got.users_ok = sum(got.trained[n] for n in included)
+        for p in got.problems:
+            log.warning("round %d: %s", round_, p)
+        self.check_quorum(round_, got, len(selected))
+        if self.algorithm.communicates and (secure or got.updates):
+            sums = secure_sums if secure else self.aggregate(round_, got.updates, by_node)
+            sums = self.add_noise(sums)
+            self.account(len(selected))
+            self.state = self.apply(sums)
+        return got.stats(len(selected), self.algorithm.communicates)
+
+    def assign(self, selected: list[int]) -> dict[int, list[int]]:
+        """The sampled clients grouped by the node that serves them."""
         by_node: dict[int, list[int]] = {}
         for c in selected:
             by_node.setdefault(self.client_node[c], []).append(c)
-        msgs = [Message(content=self._content(round_, cs, final, cohort=len(selected)), message_type=MessageType.TRAIN,
+        return by_node
+
+    def configure(self, round_: int, by_node: dict[int, list[int]], final: bool, cohort: int) -> list[Message]:
+        """One train message per node: the global shared state, the run config, the node's sampled clients."""
+        return [Message(content=self._content(round_, cs, final, cohort=cohort), message_type=MessageType.TRAIN,
                         dst_node_id=n, group_id=str(round_)) for n, cs in by_node.items()]
-        down = [message_bytes(m) for m in msgs]
-        replies = self._send(msgs)
+
+    def collect(self, round_: int, replies: list[Message], by_node: dict[int, list[int]]) -> RoundReplies:
+        """Validate every train reply; keep the valid plain updates, drop the rest with the reason."""
+        got = RoundReplies()
         answered = {r.metadata.src_node_id for r in replies}
-        problems = [f"node {n}: no reply within {self.cfg.round_timeout:g}s ({len(by_node[n])} client(s))"
-                    for n in by_node if n not in answered]
-        valid, up, users_ok, loss_sum, n_ex = [], [], 0, 0.0, 0
-        trained: dict[int, int] = {}
+        got.problems += [f"node {n}: no reply within {self.cfg.round_timeout:g}s ({len(by_node[n])} client(s))"
+                         for n in by_node if n not in answered]
+        plain = self.algorithm.communicates and not self.cfg.secagg
         for rep in self._ordered(replies):
             src = rep.metadata.src_node_id
-            up.append(message_bytes(rep))
+            got.bytes_up.append(message_bytes(rep))
             if rep.has_error():
-                problems.append(f"node {src}: client error: {_reason(rep)}")
+                got.problems.append(f"node {src}: client error: {_reason(rep)}")
                 continue
             try:
                 m = rep.content["metrics"]
                 reasons = [r for r in rep.content["excluded"]["reasons"] if r] if "excluded" in rep.content else []
-                problems += [f"node {src}: {r}" for r in reasons]
-                plain = self.algorithm.communicates and not self.cfg.secagg
+                got.problems += [f"node {src}: {r}" for r in reasons]
                 if plain:
                     if "arrays" not in rep.content:
                         raise InvalidUpdate("reply has no 'arrays' record")
-                    update = from_record(rep.content["arrays"])
+                    update = record_to_arrays(rep.content["arrays"])
                     validate_update(update, self.spec)
                 n_users = min(int(m["num-users"]), len(by_node.get(src, [])))
                 if plain and float(update["count/global"][0]) != n_users:
                     raise InvalidUpdate(f"count/global {float(update['count/global'][0]):g} does not match "
                                         f"num-users {n_users}")
-                users_ok += n_users
-                trained[src] = n_users
+                got.users_ok += n_users
+                got.trained[src] = n_users
                 if plain:
-                    valid.append(update)
-                loss_sum += float(m["loss-sum"])
-                n_ex += int(m["num-examples"])
+                    got.updates.append(update)
+                got.loss_sum += float(m["loss-sum"])
+                got.n_examples += int(m["num-examples"])
             except (InvalidUpdate, KeyError, TypeError, ValueError) as e:
-                problems.append(f"node {src}: excluded ({len(by_node.get(src, []))} client(s)): {e}")
-        for p in problems:
-            log.warning("round %d: %s", round_, p)
-        secagg_bytes = 0.0
-        if self.cfg.secagg and self.algorithm.communicates:
-            sums, included, secagg_bytes = self._secure_sum(round_, [n for n, k in trained.items() if k > 0], problems,
-                                                            cohort=len(selected))
-            users_ok = sum(trained[n] for n in included)
-        need = math.ceil(self.cfg.min_reply_fraction * len(selected))
-        if users_ok < need:
-            raise RoundFailed(f"round {round_}: only {users_ok} of {len(selected)} sampled clients returned a valid "
-                              f"update ({need} needed); last checkpoint kept. Problems: " + "; ".join(problems[:5]))
-        if self.algorithm.communicates and (self.cfg.secagg or valid):
-            if not self.cfg.secagg:
-                if self.cfg.robust_aggregation != "none" or self.cfg.norm_bound > 0:
-                    crowded = [n for n, cs in by_node.items() if len(cs) > 1]
-                    if crowded:
-                        raise RoundFailed(f"round {round_}: robust aggregation needs one user per node, node "
-                                          f"{crowded[0]} served {len(by_node[crowded[0]])} (simulate with "
-                                          "--cohort-size 1); last checkpoint kept")
-                    sums = robust_sums(valid, self.spec, method=self.cfg.robust_aggregation,
-                                       trim_fraction=self.cfg.trim_fraction, norm_bound=self.cfg.norm_bound)
-                else:
-                    sums = sum_updates(valid, self.spec)
-            if self.cfg.dp_noise_multiplier > 0:
-                if self.cfg.dp_mode == "central":
-                    std = self.cfg.dp_noise_multiplier * sensitivity(self.cfg.dp_clip, self.model.count_terms)
-                    sums = add_noise(sums, self.spec, std)
-                elif self.cfg.dp_mode == "distributed":  # the clients' noise is already in the sum
-                    sums = clamp_counts(sums, self.spec)
-                event = self._dp_event(len(selected))
-                self.accountant.compose(event)
-                self.privacy_events.append((event.noise_multiplier, event.sample_size))
-            self.state = apply_sums(self.state, sums, self.spec, row_prior=self.cfg.item_bias_prior)
-        per_client_down = float(np.mean(down)) if down else 0.0
-        per_client_up = (float(np.mean(up)) if up else 0.0) + secagg_bytes
-        return {"selected": len(selected), "clients_ok": users_ok, "train_loss": loss_sum / max(n_ex, 1),
-                "problems": problems,
-                "bytes_down_per_client": per_client_down if self.algorithm.communicates else 0.0,
-                "bytes_up_per_client": per_client_up if self.algorithm.communicates else 0.0}
+                got.problems.append(f"node {src}: excluded ({len(by_node.get(src, []))} client(s)): {e}")
+        return got
 
-    def _secure_sum(self, round_: int, participants: list[int], problems: list[str], cohort: int):
+    def check_quorum(self, round_: int, got: RoundReplies, sampled: int) -> None:
+        """Fail the round (the last checkpoint stays) when fewer than min-reply-fraction of the sampled
+        clients returned a valid update."""
+        need = math.ceil(self.cfg.min_reply_fraction * sampled)
+        if got.users_ok < need:
+            raise RoundFailed(f"round {round_}: only {got.users_ok} of {sampled} sampled clients returned a valid "
+                              f"update ({need} needed); last checkpoint kept. Problems: " + "; ".join(got.problems[:5]))
+
+    def aggregate(self, round_: int, updates: list[dict[str, np.ndarray]],
+                  by_node: dict[int, list[int]]) -> dict[str, np.ndarray]:
+        """The plain updates' sums, or robust per-user statistics expressed as sums."""
+        if self.cfg.robust_aggregation == "none" and self.cfg.norm_bound <= 0:
+            return sum_updates(updates, self.spec)
+        crowded = [n for n, cs in by_node.items() if len(cs) > 1]
+        if crowded:
+            raise RoundFailed(f"round {round_}: robust aggregation needs one user per node, node "
+                              f"{crowded[0]} served {len(by_node[crowded[0]])} (simulate with "
+                              "--cohort-size 1); last checkpoint kept")
+        return robust_sums(updates, self.spec, method=self.cfg.robust_aggregation,
+                           trim_fraction=self.cfg.trim_fraction, norm_bound=self.cfg.norm_bound)
+
+    def add_noise(self, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Central DP: Gaussian noise calibrated to one user's contribution. Distributed DP: the clients'
+        noise is already in the sum, only the counts are clamped. Local DP and no DP: unchanged."""
+        if self.cfg.dp_noise_multiplier <= 0:
+            return sums
+        if self.cfg.dp_mode == "central":
+            std = self.cfg.dp_noise_multiplier * sensitivity(self.cfg.dp_clip, self.model.count_terms)
+            return add_noise(sums, self.spec, std)
+        if self.cfg.dp_mode == "distributed":
+            return clamp_counts(sums, self.spec)
+        return sums
+
+    def account(self, sampled: int) -> None:
+        """Compose this round's Gaussian event into the accountant (a round released under DP)."""
+        if self.cfg.dp_noise_multiplier <= 0:
+            return
+        event = self._dp_event(sampled)
+        self.accountant.compose(event)
+        self.privacy_events.append((event.noise_multiplier, event.sample_size))
+
+    def apply(self, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The new shared state: old + Σ deltas / Σ counts per entry (per group, per row)."""
+        return apply_sums(self.state, sums, self.spec, row_prior=self.cfg.item_bias_prior)
+
+    def secure_sum(self, round_: int, participants: list[int], problems: list[str], cohort: int):
         """SecAgg+ over the nodes that trained: four message exchanges, then only the sum is known.
         Returns (named sums, nodes included, SecAgg bytes sent per participant)."""
         shapes = expected_shapes(self.spec)
@@ -289,7 +342,7 @@ class Federation:
                 log.warning("round %d evaluation: node %s: %s", round_, src, _reason(rep))
                 continue
             try:
-                arrays = from_record(rep.content["arrays"])
+                arrays = record_to_arrays(rep.content["arrays"])
                 v, t = MetricSums(arrays["val"]), MetricSums(arrays["test"])
                 m = MetricSums(arrays["mia"]) if final else MetricSums()
                 if not (np.isfinite(v.v).all() and np.isfinite(t.v).all() and np.isfinite(m.v).all()):
@@ -379,7 +432,7 @@ class Federation:
                 "privacy_events": [list(e) for e in self.privacy_events],
                 # sampling and every client's seed derive from (seed, round): no RNG stream to save
                 "sampling": "numpy default_rng([seed, round])"})
-            self.run.keep_last_checkpoints(2)
+            self.run.keep_last_checkpoints(cfg.keep_checkpoints)
             history.append(rec)
             self.progress(r, cfg.num_rounds, rec.get("eval"))
         return self.summarize(history, time.time() - t0)
@@ -389,7 +442,8 @@ class Federation:
         if self.accountant is not None:
             privacy = {"epsilon": self.accountant.get_epsilon(self.dp_delta), "delta": self.dp_delta,
                        "mode": self.cfg.dp_mode,
-                       "epsilon_is": "per user, local reports" if self.cfg.dp_mode == "local" else "client-level, released sums",
+                       "epsilon_is": ("per user, local reports" if self.cfg.dp_mode == "local"
+                                      else "client-level, released sums"),
                        "noise_multiplier": self.cfg.dp_noise_multiplier, "clip": self.cfg.dp_clip,
                        "rounds_accounted": self.accountant.num_releases,
                        "stopped_by_budget_at_round": self.stopped_by_budget}
@@ -414,7 +468,8 @@ def write_summary(run: RunDir, cfg: FederationConfig, history: list[dict], wall:
         "val": best["eval"]["val"], "test": best["eval"]["test"],
         "final": evals[-1]["eval"], "wall_s": wall,
         "seconds_per_round": wall / max(cfg.num_rounds, 1),
-        "bytes_down_per_client_round": float(np.mean([h["bytes_down_per_client"] for h in trained])) if trained else 0.0,
+        "bytes_down_per_client_round": (float(np.mean([h["bytes_down_per_client"] for h in trained]))
+                                        if trained else 0.0),
         "bytes_up_per_client_round": float(np.mean([h["bytes_up_per_client"] for h in trained])) if trained else 0.0,
         "model": model_sizes,
         "clients": evals[-1]["eval"].get("users"),

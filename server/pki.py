@@ -58,7 +58,7 @@ def make_server_files(directory: str | Path, *, hosts: tuple[str, ...] = ("127.0
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     files = ServerFiles(d / "ca.crt", d / "ca.key", d / "server.pem", d / "server.key")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if files.ca_cert.exists() and files.ca_key.exists():
         try:
             ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
@@ -67,7 +67,8 @@ def make_server_files(directory: str | Path, *, hosts: tuple[str, ...] = ("127.0
             raise FedpaError(f"{d}: unreadable CA files ({e}); move them away to start a new CA") from None
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_cert = (x509.CertificateBuilder().subject_name(_name("fedpa deployment CA")).issuer_name(_name("fedpa deployment CA"))
+        ca_cert = (x509.CertificateBuilder().subject_name(_name("fedpa deployment CA"))
+                   .issuer_name(_name("fedpa deployment CA"))
                    .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
                    .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
                    .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)

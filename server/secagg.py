@@ -1,23 +1,24 @@
 """The server half of SecAgg+: a message-passing state machine, one object per round.
 
     server = SecAggServer(participants, dim, round_id=r)
-    reqs = server.advertise_requests()            # stage 0 (setup) -> stage-1 requests
-    reqs = server.receive_keys(replies)           # stage 1 replies -> stage-2 requests
-    reqs = server.receive_shares(replies)         # stage 2 replies -> stage-3 requests
-    reqs = server.receive_masked(replies)         # stage 3 replies -> stage-4 requests
-    result = server.receive_unmask(replies)       # stage 4 replies -> SecAggResult
+    reqs = server.advertise_requests()            # phase 0 (setup) -> phase-1 requests
+    reqs = server.receive_keys(replies)           # phase 1 replies -> phase-2 requests
+    reqs = server.receive_shares(replies)         # phase 2 replies -> phase-3 requests
+    reqs = server.receive_masked(replies)         # phase 3 replies -> phase-4 requests
+    result = server.receive_unmask(replies)       # phase 4 replies -> SecAggResult
 
 `replies` are (channel node id, message) pairs, the channel being who the
 transport says sent it (Flower: `msg.metadata.src_node_id`); a dict
 {node id: message} also works. Requests are {node id: message}. A participant
 that does not reply is dropped; a reply that breaks the protocol is rejected
 (`server.rejections`, logged) and its sender is dropped. Too few clients or
-share holders raise SecAggError; at stage 3 this happens before any unmask
+share holders raise SecAggError; at phase 3 this happens before any unmask
 request exists, so no share is revealed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,15 +26,50 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedpa.common.secagg.protocol import (
-    ENVELOPE_BYTES, KEY_BYTES, MAX_NODE_ID, MAX_ROUND_ID, NONCE_BYTES, SERVER_ID, SHARE_BYTES,
-    STAGE_ADVERTISE, STAGE_MASKED, STAGE_NAMES, STAGE_SHARE, STAGE_UNMASK,
-    MessageRejected, QuantConfig, RandBytes, Rejection, SecAggError, SecAggParams,
-    agree, as_pairs, check_header, decode_share, dequantize_sum, effective_graph_params,
-    envelope_parties, get_bytes, get_bytes_list, get_ids, graph_seed, header, log, mask_sign,
-    neighbour_graph, packed_length, pair_mask_key, prg_u64, seed_commitment, self_mask_key,
-    shamir_reconstruct, share_x, unpack_bits,
+from fedpa.common.secagg import (
+    ENVELOPE_BYTES,
+    KEY_BYTES,
+    MAX_NODE_ID,
+    MAX_ROUND_ID,
+    NONCE_BYTES,
+    PHASE_ADVERTISE,
+    PHASE_MASKED,
+    PHASE_NAMES,
+    PHASE_SHARE,
+    PHASE_UNMASK,
+    SERVER_ID,
+    SHARE_BYTES,
+    MessageRejected,
+    QuantConfig,
+    RandBytes,
+    Rejection,
+    SecAggError,
+    SecAggParams,
+    agree,
+    as_pairs,
+    check_header,
+    decode_share,
+    dequantize_sum,
+    effective_graph_params,
+    envelope_parties,
+    get_bytes,
+    get_bytes_list,
+    get_ids,
+    graph_seed,
+    header,
+    mask_sign,
+    neighbour_graph,
+    packed_length,
+    pair_mask_key,
+    prg_u64,
+    seed_commitment,
+    self_mask_key,
+    shamir_reconstruct,
+    share_x,
+    unpack_bits,
 )
+
+log = logging.getLogger("fedpa.secagg")
 
 
 @dataclass
@@ -43,7 +79,7 @@ class SecAggResult:
     round_id: int
     sum: np.ndarray                       # uint64, < 2^mod_bits
     included: list[int]                   # whose vectors are in the sum
-    dropped: dict[int, list[int]]         # stage -> clients lost at that stage (not replying or rejected)
+    dropped: dict[int, list[int]]         # phase -> clients lost at that phase (not replying or rejected)
     quant: QuantConfig
     degree: int
     threshold: int
@@ -72,13 +108,13 @@ class SecAggServer:
         self.dim = int(dim)
         self.params = params
         self.rejections: list[Rejection] = []
-        self.dropped: dict[int, list[int]] = {s: [] for s in (STAGE_ADVERTISE, STAGE_SHARE, STAGE_MASKED, STAGE_UNMASK)}
+        self.dropped: dict[int, list[int]] = {s: [] for s in (PHASE_ADVERTISE, PHASE_SHARE, PHASE_MASKED, PHASE_UNMASK)}
         self._need(len(ids), "participants")
         self.quant = quant.for_clients(len(ids))
         self.nonce = randbytes(NONCE_BYTES)
         self.nominal_degree = params.degree_for(len(ids))
         self.degree = self.threshold = 0
-        self._stage = STAGE_ADVERTISE
+        self._phase = PHASE_ADVERTISE
         self._failed: str | None = None
         self._keys: dict[int, tuple[bytes, bytes]] = {}           # u -> (c_pk, s_pk)
         self._graph: dict[int, tuple[int, ...]] = {}
@@ -113,71 +149,72 @@ class SecAggServer:
         log.error("secagg round %d failed: %s", getattr(self, "round_id", -1), why)
         raise SecAggError(f"secure aggregation round {getattr(self, 'round_id', -1)} failed: {why}")
 
-    def _enter(self, stage: int) -> None:
+    def _enter(self, phase: int) -> None:
         if self._failed:
             raise SecAggError(f"secure aggregation round {self.round_id} already failed: {self._failed}")
-        if self._stage != stage:
-            raise SecAggError(f"server expects stage {self._stage} ({STAGE_NAMES.get(self._stage, 'done')}) replies, "
-                              f"got a call for stage {stage}")
+        if self._phase != phase:
+            raise SecAggError(f"server expects phase {self._phase} ({PHASE_NAMES.get(self._phase, 'done')}) replies, "
+                              f"got a call for phase {phase}")
 
-    def _reject(self, stage: int, client: int | None, reason: str) -> None:
-        r = Rejection(stage, client, reason)
+    def _reject(self, phase: int, client: int | None, reason: str) -> None:
+        r = Rejection(phase, client, reason)
         self.rejections.append(r)
         log.warning("secagg round %d: rejected %s", self.round_id, r)
 
-    def _collect(self, stage: int, replies, expected: set[int], parse: Callable[[int, Mapping], object]) -> dict:
+    def _collect(self, phase: int, replies, expected: set[int], parse: Callable[[int, Mapping], object]) -> dict:
         """Validated replies {client: parse(client, msg)}; rejected senders, replays and silent clients drop."""
         accepted: dict[int, object] = {}
         seen: set[int] = set()
         bad: set[int] = set()
         for channel, msg in as_pairs(replies):
             if not isinstance(channel, (int, np.integer)) or isinstance(channel, bool):
-                self._reject(stage, None, f"message from a channel with a non-integer id {channel!r}")
+                self._reject(phase, None, f"message from a channel with a non-integer id {channel!r}")
                 continue
             channel = int(channel)
             if channel not in expected:
                 known = channel in self.participants
-                self._reject(stage, channel if known else None,
+                self._reject(phase, channel if known else None,
                              f"message from {'client' if known else 'unknown sender'} {channel!r}, "
-                             f"which is not expected at stage {stage}")
+                             f"which is not expected at phase {phase}")
                 continue
             if channel in seen:
                 bad.add(channel)
-                self._reject(stage, channel, f"replay: second message from client {channel} in stage {stage}")
+                self._reject(phase, channel, f"replay: second message from client {channel} in phase {phase}")
                 continue
             seen.add(channel)
             try:
-                check_header(msg, round_id=self.round_id, nonce=self.nonce, stage=stage, sender=channel,
+                check_header(msg, round_id=self.round_id, nonce=self.nonce, phase=phase, sender=channel,
                              recipient=SERVER_ID)
                 accepted[channel] = parse(channel, msg)
             except MessageRejected as e:
                 bad.add(channel)
-                self._reject(stage, channel, str(e))
+                self._reject(phase, channel, str(e))
         for c in bad:
             accepted.pop(c, None)
         lost = sorted(expected - set(accepted))
-        self.dropped[stage].extend(lost)
+        self.dropped[phase].extend(lost)
         if lost:
-            log.info("secagg round %d stage %d: %d of %d clients dropped", self.round_id, stage, len(lost), len(expected))
+            log.info("secagg round %d phase %d: %d of %d clients dropped", self.round_id, phase, len(lost),
+                     len(expected))
         return accepted
 
-    def _request(self, stage: int, to: int, **fields) -> dict:
-        return {**header(self.round_id, self.nonce, stage, SERVER_ID, to), **fields}
+    def _request(self, phase: int, to: int, **fields) -> dict:
+        return {**header(self.round_id, self.nonce, phase, SERVER_ID, to), **fields}
 
-    # ------------------------------------------------------------------ stage 0 -> 1
+    # ------------------------------------------------------------------ phase 0 -> 1
 
     def advertise_requests(self) -> dict[int, dict]:
         """Setup: the round's config for every participant, asking for its two public keys."""
-        self._enter(STAGE_ADVERTISE)
+        self._enter(PHASE_ADVERTISE)
         q = self.quant
-        return {u: self._request(STAGE_ADVERTISE, u, dim=self.dim, mod_bits=q.mod_bits, frac_bits=q.frac_bits,
+        return {u: self._request(PHASE_ADVERTISE, u, dim=self.dim, mod_bits=q.mod_bits, frac_bits=q.frac_bits,
                                  clip=float(q.clip), degree=self.nominal_degree)
                 for u in self.participants}
 
-    # ------------------------------------------------------------------ stage 1 -> 2
+    # ------------------------------------------------------------------ phase 1 -> 2
 
     def receive_keys(self, replies) -> dict[int, dict]:
-        self._enter(STAGE_ADVERTISE)
+        self._enter(PHASE_ADVERTISE)
         probe = X25519PrivateKey.generate()
 
         def parse(u: int, msg: Mapping) -> tuple[bytes, bytes]:
@@ -188,7 +225,7 @@ class SecAggServer:
             agree(probe, s_pk)
             return c_pk, s_pk
 
-        keys = self._collect(STAGE_ADVERTISE, replies, set(self.participants), parse)
+        keys = self._collect(PHASE_ADVERTISE, replies, set(self.participants), parse)
         owner: dict[bytes, int] = {}
         clash: set[int] = set()
         for u in sorted(keys):
@@ -197,22 +234,22 @@ class SecAggServer:
                     clash |= {u, owner[pk]}
                 owner.setdefault(pk, u)
         for u in sorted(clash):
-            self._reject(STAGE_ADVERTISE, u, "public key duplicates another client's")
+            self._reject(PHASE_ADVERTISE, u, "public key duplicates another client's")
             del keys[u]
-            self.dropped[STAGE_ADVERTISE].append(u)
+            self.dropped[PHASE_ADVERTISE].append(u)
         self._keys = keys
         self._need(len(keys), "clients advertised keys")
         self.degree, self.threshold = effective_graph_params(self.params, self.nominal_degree, len(keys))
         self._graph = neighbour_graph(sorted(keys), self.degree, graph_seed(self.nonce, self.round_id))
-        self._stage = STAGE_SHARE
-        return {u: self._request(STAGE_SHARE, u, threshold=self.threshold, neighbours=list(nb),
+        self._phase = PHASE_SHARE
+        return {u: self._request(PHASE_SHARE, u, threshold=self.threshold, neighbours=list(nb),
                                  c_pks=[keys[v][0] for v in nb], s_pks=[keys[v][1] for v in nb])
                 for u, nb in self._graph.items()}
 
-    # ------------------------------------------------------------------ stage 2 -> 3
+    # ------------------------------------------------------------------ phase 2 -> 3
 
     def receive_shares(self, replies) -> dict[int, dict]:
-        self._enter(STAGE_SHARE)
+        self._enter(PHASE_SHARE)
 
         def parse(u: int, msg: Mapping) -> tuple[dict[int, bytes], bytes]:
             nb = set(self._graph[u])
@@ -231,26 +268,26 @@ class SecAggServer:
                     raise MessageRejected(f"share listed for client {v} is labelled {envelope_parties(env)}")
             return dict(zip(recipients, envs)), get_bytes(msg, "b_commit", 32)
 
-        got = self._collect(STAGE_SHARE, replies, set(self._graph), parse)
+        got = self._collect(PHASE_SHARE, replies, set(self._graph), parse)
         self._need(len(got), "clients shared keys")
         self._u2 = set(got)
         self._envelopes = {u: e for u, (e, _) in got.items()}
         self._commit = {u: c for u, (_, c) in got.items()}
-        self._stage = STAGE_MASKED
+        self._phase = PHASE_MASKED
         reqs = {}
         for v in sorted(self._u2):
             senders = [w for w in self._graph[v] if w in self._u2]
             self._forwarded[v] = senders
             self._forwarded_set[v] = set(senders)
-            reqs[v] = self._request(STAGE_MASKED, v, senders=senders,
+            reqs[v] = self._request(PHASE_MASKED, v, senders=senders,
                                     ciphertexts=[self._envelopes[w][v] for w in senders])
         return reqs
 
-    # ------------------------------------------------------------------ stage 3 -> 4
+    # ------------------------------------------------------------------ phase 3 -> 4
 
     def receive_masked(self, replies) -> dict[int, dict]:
         """Masked inputs in; feasibility checked *before* any unmask request is made."""
-        self._enter(STAGE_MASKED)
+        self._enter(PHASE_MASKED)
         nbytes = packed_length(self.dim, self.quant.mod_bits)
 
         def parse(v: int, msg: Mapping) -> tuple[np.ndarray, list[int], list[str]]:
@@ -269,16 +306,16 @@ class SecAggServer:
                 raise MessageRejected("field 'rejected_reasons' must be one string per rejected share")
             return np.array(y, copy=True), rejected, [x[:200] for x in why]
 
-        got = self._collect(STAGE_MASKED, replies, set(self._u2), parse)
+        got = self._collect(PHASE_MASKED, replies, set(self._u2), parse)
         blamed: dict[int, tuple[int, str]] = {}
         for v in sorted(got):
             for w, why in zip(got[v][1], got[v][2]):
                 blamed.setdefault(w, (v, why))
         for w, (v, why) in sorted(blamed.items()):
-            self._reject(STAGE_MASKED, w, f"client {v} could not open the share from client {w} ({why}): "
+            self._reject(PHASE_MASKED, w, f"client {v} could not open the share from client {w} ({why}): "
                                           "treated as dropped")
             if w in got:
-                self.dropped[STAGE_MASKED].append(w)
+                self.dropped[PHASE_MASKED].append(w)
         self._rejected_by = {v: set(r) for v, (_, r, _) in got.items()}
         u3 = set(got) - set(blamed)
         self._u3 = u3
@@ -305,14 +342,14 @@ class SecAggServer:
         if problems:
             self._fail("; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
                        + "; no share was requested")
-        self._stage = STAGE_UNMASK
+        self._phase = PHASE_UNMASK
         reqs = {}
         for v in sorted(u3):
             held = [w for w in self._forwarded[v] if w not in self._rejected_by[v]]
             survivors = [w for w in held if w in u3]
             dropped = [w for w in held if w in self._lost]
             self._asked[v] = (frozenset(survivors), frozenset(dropped))
-            reqs[v] = self._request(STAGE_UNMASK, v, survivors=survivors, dropped=dropped)
+            reqs[v] = self._request(PHASE_UNMASK, v, survivors=survivors, dropped=dropped)
         return reqs
 
     def _holders(self, u: int) -> list[int]:
@@ -339,10 +376,10 @@ class SecAggServer:
             sizes.append(size)
         return sorted(sizes, reverse=True)
 
-    # ------------------------------------------------------------------ stage 4 -> result
+    # ------------------------------------------------------------------ phase 4 -> result
 
     def receive_unmask(self, replies) -> SecAggResult:
-        self._enter(STAGE_UNMASK)
+        self._enter(PHASE_UNMASK)
 
         def parse(v: int, msg: Mapping) -> tuple[dict[int, int], dict[int, int]]:
             want_b, want_s = self._asked[v]
@@ -355,7 +392,7 @@ class SecAggServer:
                 out.append({w: decode_share(s) for w, s in zip(owners, shares)})
             return out[0], out[1]
 
-        got = self._collect(STAGE_UNMASK, replies, set(self._u3), parse)
+        got = self._collect(PHASE_UNMASK, replies, set(self._u3), parse)
         t = self.threshold
         b_points: dict[int, list[tuple[int, int]]] = {u: [] for u in self._u3}
         s_points: dict[int, list[tuple[int, int]]] = {w: [] for w in self._lost}
@@ -391,7 +428,7 @@ class SecAggServer:
                 else:
                     total += mask
         total &= np.uint64(2**m - 1)
-        self._stage = STAGE_UNMASK + 1
+        self._phase = PHASE_UNMASK + 1
         log.info("secagg round %d: summed %d clients (dropped %s)", self.round_id, len(self._u3),
                  {s: len(v) for s, v in self.dropped.items() if v})
         return SecAggResult(self.round_id, total, sorted(self._u3), {s: sorted(v) for s, v in self.dropped.items()},

@@ -16,15 +16,16 @@ import torch
 
 from fedpa.client.personal_store import open_store
 from fedpa.client.runtime import ensure_feature_cache, partition_config, user_splits
-from fedpa.foundation.model import count_parameters, load_foundation
-from fedpa.recmodels.evaluation import MetricSums
-from fedpa.recmodels.personalization import LocalTraining, PersonalModel, UserTensors
 from fedpa.common.config import FederationConfig
-from fedpa.server.federation import write_summary
-from fedpa.server.rundir import RunDir
+from fedpa.common.models import build_personal_model
+from fedpa.foundation.model import count_parameters, load_foundation
 from fedpa.recdata.examples import Examples, Lookups
 from fedpa.recdata.partition import make_partition
 from fedpa.recdata.store import Dataset
+from fedpa.recmodels.evaluation import MetricSums
+from fedpa.recmodels.personalization import LocalTraining, PersonalModel, UserTensors
+from fedpa.server.federation import write_summary
+from fedpa.server.rundir import RunDir
 
 BATCH = 1024
 POOLED_BATCH_FACTOR = 4
@@ -57,7 +58,7 @@ def run_centralized(cfg: FederationConfig, progress=None) -> dict:
     splits = user_splits(cfg, ds, users, lookups)
     foundation = load_foundation(cfg.foundation)
     foundation_params = count_parameters(foundation)  # before peft injects the adapters into it
-    pm = cfg.personal_model("centralized", user_slots=len(users), foundation=foundation)
+    pm = build_personal_model(cfg, "centralized", user_slots=len(users), foundation=foundation)
     sizes = {"foundation_params": foundation_params,
              "shared_params": int(sum(np.prod(s) for _, s, _ in pm.shared_spec())),
              "private_params_per_user": int(sum(v.size for v in pm.initial_private.values()))}
@@ -83,7 +84,7 @@ def run_centralized(cfg: FederationConfig, progress=None) -> dict:
         rec["wall_s"] = time.time() - t0
         if r > 0:
             run.save_checkpoint(r, pm.get_shared(), {"algorithm": "centralized"})
-            run.keep_last_checkpoints(2)
+            run.keep_last_checkpoints(cfg.keep_checkpoints)
         run.append_metrics(rec)
         history.append(rec)
         if progress:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedpa.common.config import FederationConfig
-from fedpa.server.rundir import atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
 
 # Ablations of FedPA: name -> config overrides
 ABLATIONS: dict[str, dict[str, Any]] = {

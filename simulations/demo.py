@@ -14,11 +14,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedpa.recmodels.personalization import ALGORITHMS
 from fedpa.common.config import FederationConfig
-from fedpa.simulations.compare import compare
 from fedpa.recdata.inspect import dataset_stats
 from fedpa.recdata.store import Dataset
+from fedpa.recmodels.personalization import ALGORITHMS
+from fedpa.simulations.compare import compare
+from fedpa.simulations.progress import day_progress, progress_bar, round_progress
 
 DEMO_ALGORITHMS = ["fedpa", "local", "fedavg-lora", "fedper", "pfedrec", "ditto", "foundation", "centralized"]
 
@@ -31,7 +32,6 @@ def demo_config(data: Path, foundation: Path, rounds: int) -> FederationConfig:
 
 
 def run_demo(out: Path, data: Path, *, rounds: int = 8, seeds: int = 1, console: Console | None = None) -> Path:
-    from fedpa.simulations.cli import _day_progress, _round_progress, progress_bar
     from fedpa.recdata.synth import generate
     from fedpa.simulations.pretraining import pretrain_foundation
 
@@ -42,7 +42,7 @@ def run_demo(out: Path, data: Path, *, rounds: int = 8, seeds: int = 1, console:
     if not (data / "manifest.json").exists():
         console.print(f"[bold]1/3[/] synthesizing the `small` RecFlow world into {data}")
         with progress_bar() as p:
-            generate("small", data, seed=0, progress=_day_progress(p, "synth small"))
+            generate("small", data, seed=0, progress=day_progress(p, "synth small"))
     else:
         console.print(f"[bold]1/3[/] using the dataset at {data}")
         stale = _stale_world(Dataset(data))
@@ -73,7 +73,7 @@ def run_demo(out: Path, data: Path, *, rounds: int = 8, seeds: int = 1, console:
         def on_start(variant, seed):
             if "task" in state:
                 p.remove_task(state["task"])
-            state["update"] = _round_progress(p, f"{variant} seed {seed}", rounds)
+            state["update"] = round_progress(p, f"{variant} seed {seed}", rounds)
             state["task"] = p.task_ids[-1]
 
         result = compare(base, DEMO_ALGORITHMS, list(range(seeds)), out / "compare", on_start=on_start,
@@ -88,7 +88,8 @@ def _stale_world(ds: Dataset) -> str:
     """How a reused `small` dataset differs from the preset as defined now ("" = it does not)."""
     from fedpa.recdata.synth import preset_differences
 
-    return ", ".join(f"{k} {mine} here, {now} now" for k, (mine, now) in preset_differences(ds.manifest, "small").items())
+    return ", ".join(f"{k} {mine} here, {now} now"
+                     for k, (mine, now) in preset_differences(ds.manifest, "small").items())
 
 
 def write_report(out: Path, ds: Dataset, pre: dict, result: dict, base: FederationConfig, timings: dict) -> Path:
@@ -141,8 +142,9 @@ def write_report(out: Path, ds: Dataset, pre: dict, result: dict, base: Federati
         others = {n: r for n, r in table.items() if n not in ("fedpa", "centralized")}
         beaten = [n for n, r in others.items() if fedpa["gauc"][0] >= r["gauc"][0]]
         lines += ["", f"FedPA's test GAUC {fedpa['gauc'][0]:.4f} is at least that of {len(beaten)} of the "
-                  f"{len(others)} federated/local baselines" + (f" (not: {', '.join(sorted(set(others) - set(beaten)))})"
-                                                               if len(beaten) < len(others) else "") + ".",
+                  f"{len(others)} federated/local baselines"
+                  + (f" (not: {', '.join(sorted(set(others) - set(beaten)))})"
+                     if len(beaten) < len(others) else "") + ".",
                   f"FedPA shares {fedpa['shared_params']:,} parameters per round "
                   f"({fedpa['bytes_up_per_client_round'] / 1024:.1f} KB up per client) and keeps "
                   f"{fedpa['private_params_per_user']:,} private parameters per user; the frozen foundation has "

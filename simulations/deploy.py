@@ -135,7 +135,7 @@ class LocalDeployment:
             self._stop(proc)
         self._procs.clear()
 
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> LocalDeployment:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -287,7 +287,8 @@ def deploy(*, workdir: str | Path, run_config: dict, nodes: int = 3, tls: bool =
         run_id = d.submit({**run_config, "min-nodes": nodes})
         st = d.wait(run_id, timeout, on_poll=on_poll)
         if st.get("status") != "finished:completed":
-            detail = (run_dir / "error.txt").read_text() if (run_dir / "error.txt").exists() else st.get("status-details")
+            detail = ((run_dir / "error.txt").read_text() if (run_dir / "error.txt").exists()
+                      else st.get("status-details"))
             raise DeployError(f"run {run_id} ended as {st.get('status')}: {detail} (logs: {d.logs})")
         summary = json.loads((run_dir / "summary.json").read_text())
         return {"summary": summary, "run_id": run_id, "status": st, "superlink": f"127.0.0.1:{d.port}",

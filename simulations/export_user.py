@@ -17,15 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedpa.common.config import FederationConfig
+from fedpa.common.files import atomic_write_json
+from fedpa.common.models import build_personal_model
 from fedpa.foundation.adapters import merge_for_user
 from fedpa.foundation.errors import FedpaError
-from fedpa.foundation.export import (export_onnx, onnx_probabilities, quantize_onnx, scoring_latency,
-                               torch_probabilities)
+from fedpa.foundation.export import export_onnx, onnx_probabilities, quantize_onnx, scoring_latency, torch_probabilities
 from fedpa.foundation.metrics import auc
 from fedpa.recmodels.item_bias import WithItemBias
 from fedpa.recmodels.personalization import get_algorithm
-from fedpa.common.config import FederationConfig
-from fedpa.server.rundir import RunDir, atomic_write_json
+from fedpa.server.rundir import RunDir
 
 PARITY_TOLERANCE = 1e-4
 CANDIDATES = 120  # RecFlow's re-ranking input size: one request's candidates, scored in one call
@@ -85,7 +86,7 @@ def export_user(run_dir: str | Path, user: int, out: str | Path, *, store_dir: s
     if cfg.stage:
         raise FedpaError(f"{run_dir} personalized the '{cfg.stage}' stage head; export writes the foundation's "
                          "scorer (a run without --stages)")
-    pm = cfg.personal_model()
+    pm = build_personal_model(cfg)
     test, request, profile = user_batches(cfg, user)
     if pm.model is None:
         model = pm.foundation

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from fedpa.common.config import FederationConfig
-from fedpa.server.rundir import RunDir, atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.server.rundir import RunDir
 
 from .compare import mean_std
 
@@ -246,7 +247,8 @@ def plain_report(rows: list[dict], base: FederationConfig, seeds: list[int], md:
         "strong, above ~10 is weak in theory even when attacks fail in practice. ∞ means no DP."
         if delta is not None else "- **ε**: ∞ everywhere — no point of this sweep used DP.",
         f"- **test {metric.upper()}**: recommendation quality on the users' held-out test data at the best "
-        "validation round (GAUC: the chance that, for the same user, a clicked item is scored above a non-clicked one). "
+        "validation round (GAUC: the chance that, for the same user, a clicked item is scored above a "
+        "non-clicked one). "
         "**best round** 0 means the noisy training never beat the starting model on validation, so the starting "
         f"model is what you would ship; **final-round {metric}** shows what the noisy training itself reached.",
         "- **model attack AUC**: a membership-inference attack on each user's personalized model: can someone "

@@ -69,6 +69,9 @@ class PlainProgress:
         if t.completed != before and self._worth_a_line(t, before):
             self._print(t)
 
+    def remove_task(self, task_id: int) -> None:
+        self.tasks.pop(task_id, None)
+
     def advance(self, task_id: int, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
 

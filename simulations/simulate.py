@@ -10,9 +10,9 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from fedpa.common.config import FederationConfig
 from fedpa.foundation.errors import FedpaError
 from fedpa.recmodels.personalization import get_algorithm
-from fedpa.common.config import FederationConfig
 
 log = logging.getLogger("fedpa")
 

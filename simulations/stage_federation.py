@@ -12,7 +12,7 @@ Then the funnel runs end to end on the funnel run's test-day requests of the fed
 request through *its user's* personalized heads: the final shared state of each stage run plus the
 user's private adapters from the store (a user never selected keeps the initial private state: the
 shared part alone). Heads that were not federated, and re-ranking, stay as trained. The metrics are
-the funnel's (`simulations.stages.funnel_metrics`): per stage Recall@K / NDCG@K of the effective
+the funnel's (`simulations.funnel.funnel_metrics`): per stage Recall@K / NDCG@K of the effective
 views, re-ranking diversity, end-to-end effective-view rate, watch time and oracle utility.
 
 `compare_stages` repeats this for several algorithms and seeds into one table.
@@ -33,13 +33,15 @@ import numpy as np
 import torch
 
 from fedpa.client.personal_store import PersonalStore, generate_key_file
+from fedpa.common.config import FederationConfig
+from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.common.models import build_personal_model
 from fedpa.foundation.adapters import set_active_paths, use_routing
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import load_foundation
 from fedpa.recmodels.stages.features import StageEncoder
 from fedpa.recmodels.stages.pointwise import FEDERATED_STAGES
-from fedpa.common.config import FederationConfig
-from fedpa.server.rundir import RunDir, atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.server.rundir import RunDir
 from fedpa.simulations.compare import mean_std
 
 KEY_FILE = "personal-store.key"
@@ -62,7 +64,7 @@ def parse_stages(text: str) -> list[str]:
 
 def funnel_config(funnel_dir: str | Path, cfg: FederationConfig):
     """The `fedpa funnel` run's configuration, checked against the federation's data and foundation."""
-    from fedpa.simulations.stages import FunnelConfig
+    from fedpa.simulations.funnel import FunnelConfig
 
     path = Path(funnel_dir) / "config.json"
     try:
@@ -132,7 +134,13 @@ def evaluate_personalized_funnel(cfg: FederationConfig, stages: list[str], funne
     """The funnel on the test-day requests of the federation's users, each with its own personalized heads."""
     from fedpa.client.runtime import partition_config
     from fedpa.recdata.partition import make_partition
-    from fedpa.simulations.stages import funnel_kept, funnel_metrics, load_funnel_data, load_stage_models, request_tensors
+    from fedpa.simulations.funnel import (
+        funnel_kept,
+        funnel_metrics,
+        load_funnel_data,
+        load_stage_models,
+        request_tensors,
+    )
 
     fc = funnel_config(funnel_dir, cfg)
     ds, lookups, _, pools = load_funnel_data(fc, with_train=False)
@@ -151,7 +159,8 @@ def evaluate_personalized_funnel(cfg: FederationConfig, stages: list[str], funne
     users = pools.requests.user_id
     sizes = fc.sizes()
     kept = {name: torch.full((len(test), size), -1, dtype=torch.long) for name, size in
-            zip(("retrieval", "prerank", "rank", "exposed"), (sizes.retrieval, sizes.prerank, sizes.rank, sizes.exposed))}
+            zip(("retrieval", "prerank", "rank", "exposed"),
+                (sizes.retrieval, sizes.prerank, sizes.rank, sizes.exposed))}
     for uid in np.unique(users):
         rows = torch.from_numpy(np.nonzero(users == uid)[0])
         with contextlib.ExitStack() as stack:
@@ -171,7 +180,7 @@ class _PersonalizedStage:
 
     def __init__(self, cfg: FederationConfig, foundation):
         self.stage = cfg.stage
-        self.pm = cfg.personal_model(foundation=foundation)
+        self.pm = build_personal_model(cfg, foundation=foundation)
         self.head = self.pm.host.stage_head
         self.loaded = 0
         self.store = None

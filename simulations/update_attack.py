@@ -30,11 +30,11 @@ import torch
 
 from fedpa.client.app import dp_settings
 from fedpa.client.runtime import ClientRuntime
-from fedpa.foundation.metrics import auc
-from fedpa.recmodels.personalization import UserTensors
 from fedpa.common.aggregation import apply_sums, spec_from
 from fedpa.common.config import FederationConfig
 from fedpa.common.privacy import private_contribution
+from fedpa.foundation.metrics import auc
+from fedpa.recmodels.personalization import UserTensors
 
 
 @dataclass

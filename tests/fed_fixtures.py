@@ -188,7 +188,8 @@ def faulty_client_app(faults: dict[int, str], *, rounds: Iterable[int] | None = 
     default every round) as follows:
 
     nan / inf: one value of one shared tensor; shape: that tensor one element longer; missing: drop it;
-    float64: send it as float64; boost: every shared delta x1000 (well-formed poison); raise: the handler raises; sleep: sleep ``sleep_s`` before training;
+    float64: send it as float64; boost: every shared delta x1000 (well-formed poison); raise: the handler raises;
+    sleep: sleep ``sleep_s`` before training;
     eval-shape: the evaluate reply's metric vector is one element short.
 
     With ``node_dir``, every node writes ``node_dir/<partition-id>`` = its node id at discovery.

@@ -21,7 +21,7 @@ from the tables below:
 from __future__ import annotations
 
 import pickle
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ SEQ_COLUMNS = 10
 
 def day_start_ms(day: str) -> int:
     d = date.fromisoformat(day)
-    return int(datetime(d.year, d.month, d.day, tzinfo=timezone.utc).timestamp() * 1000)
+    return int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp() * 1000)
 
 
 def request_ms(request_id: int) -> int:

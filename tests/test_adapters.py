@@ -143,7 +143,8 @@ def test_exchange_names_kinds_and_round_trip():
     assert kinds["tower.fc1.lora_user_A"].kind == "private"
     assert kinds["tower.fc1.lora_group_A.age=2"] == A.Kind("shared", group=("age", 2),
                                                            param=kinds["tower.fc1.lora_group_A.age=2"].param, row=2)
-    assert kinds["tower.fc1.lora_gate_fc1.weight"].kind == "shared" and kinds["tower.head.modules_to_save.weight"].group is None
+    assert (kinds["tower.fc1.lora_gate_fc1.weight"].kind == "shared"
+            and kinds["tower.head.modules_to_save.weight"].group is None)
     assert kinds["tower.head.weight"].kind == "frozen"
     assert kinds["tower.fc1.weight"].kind == "frozen"  # foundation params under their own names
     profile = torch.tensor([3, 1, 5])  # age=3, gender=1, province=5

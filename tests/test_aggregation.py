@@ -1,4 +1,4 @@
-"""Aggregation as sums (`server.aggregation`): what a client contributes, what the server derives,
+"""Aggregation as sums (`common.aggregation`): what a client contributes, what the server derives,
 and which replies it refuses. Pure numpy, no Flower."""
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def test_group_entries_are_the_mean_over_their_holders(setup):
         want = state[t.name] + np.mean([deltas[i][t.name] for i in holders], axis=0)
         np.testing.assert_allclose(new[t.name], want, rtol=1e-6, atol=1e-6, err_msg=t.name)
     # spot checks: age=0 held by clients 0 and 2, gender=1 by 0, 1 and 3
-    np.testing.assert_allclose(new["grp_A.age=0"], state["grp_A.age=0"] + (deltas[0]["grp_A.age=0"] + deltas[2]["grp_A.age=0"]) / 2,
+    np.testing.assert_allclose(new["grp_A.age=0"],
+                               state["grp_A.age=0"] + (deltas[0]["grp_A.age=0"] + deltas[2]["grp_A.age=0"]) / 2,
                                rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(new["grp_A.gender=1"],
                                state["grp_A.gender=1"] + sum(deltas[i]["grp_A.gender=1"] for i in (0, 1, 3)) / 3,
@@ -239,7 +240,7 @@ def test_row_prior_shrinks_rarely_read_rows_and_leaves_global_entries_alone():
 
 
 def test_per_row_contributions_need_the_rows_read_and_a_count_per_row():
-    from fedpa.common.aggregation import robust_sums
+    from fedpa.server.robust import robust_sums
 
     delta = {"head.b": np.zeros(2, np.float32), "item_bias.category": np.zeros((5, 2), np.float32)}
     with pytest.raises(ValueError, match="item_bias.category"):

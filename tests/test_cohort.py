@@ -14,7 +14,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from fed_fixtures import fed_config
 
 ADAPTED = ("fedpa", "local", "fedavg-lora", "fedper", "pfedrec", "ditto")
@@ -115,7 +114,8 @@ def test_per_user_table_copies_hold_just_the_rows_their_chunk_reads(tiny, tiny_f
     table = rt.model.item_bias
     items = torch.cat([u.train.items for u in users])
     for j, f in enumerate(table.fields):
-        read = set(table.rows(items)[j].tolist()) | set(table.rows(torch.zeros(1, items.shape[1], dtype=torch.long))[j].tolist())
+        read = (set(table.rows(items)[j].tolist())
+                | set(table.rows(torch.zeros(1, items.shape[1], dtype=torch.long))[j].tolist()))
         assert set(chunk_rows.rows[f].tolist()) == read
         assert len(read) < table.tables[f].shape[0] // 10 or f == "category_level_one"
         local = chunk_rows.local(items)[:, j]

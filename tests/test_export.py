@@ -5,10 +5,10 @@ import json
 import numpy as np
 import onnx
 import pytest
+from fed_fixtures import fed_config
 from typer.testing import CliRunner
 
 from fedpa.client.personal_store import generate_key_file
-from fed_fixtures import fed_config
 from fedpa.foundation.export import ExportError, export_onnx, onnx_probabilities, torch_probabilities
 from fedpa.simulations.cli import app
 from fedpa.simulations.export_user import user_batches

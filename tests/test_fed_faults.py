@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fed_fixtures import faulty_client_app, fed_config, node_ids, read_metrics, target_key_of
 
 import fedpa.client.app as client_app_module
-from fed_fixtures import faulty_client_app, fed_config, node_ids, read_metrics, target_key_of
-from fedpa.foundation.errors import FedpaError
 from fedpa.common.config import ConfigValueError, FederationConfig
+from fedpa.common.models import model_options
+from fedpa.foundation.errors import FedpaError
 from fedpa.server.rundir import RunDir
 
 
@@ -34,7 +35,7 @@ def shared_names(cfg) -> list[str]:
     from fedpa.recmodels.personalization import PersonalModel, get_algorithm
 
     pm = PersonalModel(load_foundation(cfg.foundation), get_algorithm(cfg.algorithm), seed=cfg.seed,
-                       **cfg.model_options())
+                       **model_options(cfg))
     return [n for n, _, _ in pm.shared_spec()]
 
 

@@ -17,9 +17,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from fed_fixtures import fed_config, read_metrics, recording_server_app_factory
 
 import fedpa.server.app as server_app_module
-from fed_fixtures import fed_config, read_metrics, recording_server_app_factory
 from fedpa.common.aggregation import count_keys, spec_from
 from fedpa.server.rundir import RunDir
 
@@ -39,9 +39,10 @@ def run_recorded(cfg, cohort_size: int = COHORT) -> SimpleNamespace:
 
 
 def personal_model(cfg, foundation):
+    from fedpa.common.models import build_personal_model
     from fedpa.foundation.model import load_foundation
 
-    return cfg.personal_model(foundation=load_foundation(str(foundation)))
+    return build_personal_model(cfg, foundation=load_foundation(str(foundation)))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from fed_fixtures import read_metrics
 
 pytestmark = pytest.mark.slow

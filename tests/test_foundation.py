@@ -241,7 +241,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert [e["val"]["auc"] for e in resumed["epochs"]] == [e["val"]["auc"] for e in full["epochs"]]
     assert resumed["best_epoch"] == full["best_epoch"]
     with pytest.raises(CheckpointError, match="different run"):
-        pretrain(build(seed=cfg_seed, dropout=0.1), lambda e: train, lambda: val, tmp_path / "resumed", epochs=4, lr=1e-3, seed=7)
+        pretrain(build(seed=cfg_seed, dropout=0.1), lambda e: train, lambda: val, tmp_path / "resumed", epochs=4,
+                 lr=1e-3, seed=7)
 
 
 # ---------------------------------------------------------------- int8

@@ -71,7 +71,7 @@ def test_each_stage_keeps_a_subset_of_the_previous_one(pools, tiny_foundation):
     from fedpa.foundation.model import load_foundation
     from fedpa.recmodels.stages.features import StageEncoder
     from fedpa.recmodels.stages.funnel import FunnelSizes, run_funnel
-    from fedpa.simulations.stages import FunnelConfig, build_models, request_tensors
+    from fedpa.simulations.funnel import FunnelConfig, build_models, request_tensors
 
     _, lookups, _, p = pools
     data = request_tensors(p.subset(np.arange(16)), lookups)
@@ -95,7 +95,7 @@ def test_each_stage_keeps_a_subset_of_the_previous_one(pools, tiny_foundation):
 
 
 def test_funnel_experiment_writes_every_metric(tiny, tiny_foundation, tmp_path):
-    from fedpa.simulations.stages import FunnelConfig, run_funnel_experiment
+    from fedpa.simulations.funnel import FunnelConfig, run_funnel_experiment
 
     cfg = FunnelConfig(data_dir=str(tiny), foundation=str(tiny_foundation), out_dir=str(tmp_path / "f"),
                        train_requests=300, test_requests=120, epochs=1, random_per_request=40,
@@ -117,7 +117,7 @@ def test_funnel_experiment_writes_every_metric(tiny, tiny_foundation, tmp_path):
     # the saved heads reproduce the run's funnel exactly, and a damaged file is named
     from fedpa.foundation.model import load_foundation
     from fedpa.recmodels.stages.features import StageEncoder
-    from fedpa.simulations.stages import evaluate_funnel, load_funnel_data, load_stage_models, request_tensors
+    from fedpa.simulations.funnel import evaluate_funnel, load_funnel_data, load_stage_models, request_tensors
 
     encoder = StageEncoder(load_foundation(tiny_foundation))
     models = load_stage_models(encoder, cfg, tmp_path / "f" / "models")
@@ -146,8 +146,8 @@ def test_funnel_cli_rejects_bad_input(tiny, tiny_foundation, tmp_path):
 
 
 def test_funnel_names_a_foundation_or_dataset_it_cannot_use(tiny, tiny_foundation, tmp_path):
-    from fedpa.simulations.cli import app
     from fedpa.recdata.synth import generate
+    from fedpa.simulations.cli import app
     from fedpa.simulations.pretraining import pretrain_foundation
 
     mlp = tmp_path / "mlp"
@@ -172,7 +172,7 @@ def test_sampled_requests_are_the_only_ones_read(pools):
 
 
 def test_kept_positions_become_scores_in_order():
-    from fedpa.simulations.stages import kept_scores
+    from fedpa.simulations.funnel import kept_scores
 
     s = kept_scores(torch.tensor([[2, 0, -1, -1], [1, -1, -1, -1]]), (2, 3))
     inf = float("-inf")
@@ -183,7 +183,7 @@ def test_a_stage_larger_than_the_pool_keeps_every_view(pools, tiny_foundation):
     """Stage sizes above the pool size: every stage keeps the whole pool, so every recall is exactly 1."""
     from fedpa.foundation.model import load_foundation
     from fedpa.recmodels.stages.features import StageEncoder
-    from fedpa.simulations.stages import FunnelConfig, build_models, evaluate_funnel, request_tensors
+    from fedpa.simulations.funnel import FunnelConfig, build_models, evaluate_funnel, request_tensors
 
     ds, lookups, _, p = pools
     sub = p.subset(np.arange(24))

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from fedpa.simulations.cli import app
 from fedpa.recdata.import_interactions import KUAISAR_R, Mapping, import_interactions
 from fedpa.recdata.store import Dataset, DatasetError
+from fedpa.simulations.cli import app
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,8 @@ def _write(tmp: Path, *, fmt: str = "csv", log=None, users=None, items=None) -> 
                   "ts": [T0, T0, T0 + 10, T0 + 5, T0 + DAY, T0 + DAY + 1.0], "click": [1, 0, 1, 0, 1, 1],
                   "like": [0, 0, 1, 0, 0, 1]}
     users = users or {"uid": [7, 20, 33], "level": [1, 3, 2], "seg": [0, 1, 1]}
-    items = items or {"vid": [500, 501, 502, 503, 504, 505], "cat1": [1, 1, 2, 3, 2, 4], "cat2": [10, 11, 20, 30, 21, 40],
+    items = items or {"vid": [500, 501, 502, 503, 504, 505], "cat1": [1, 1, 2, 3, 2, 4],
+                      "cat2": [10, 11, 20, 30, 21, 40],
                       "kind": [0, 1, 0, 0, 1, 1]}
     paths = {}
     for name, cols in (("log", log), ("users", users), ("items", items)):
@@ -104,7 +105,8 @@ def test_iso_timestamps_and_unparsable_ones(tmp_path):
 def test_cli_with_flags_and_without_feature_tables(tmp_path):
     f = _write(tmp_path)
     r = runner.invoke(app, ["data", "import-interactions", str(f["log"]), "--out", str(tmp_path / "d"),
-                            "--user-col", "uid", "--item-col", "vid", "--time-col", "ts", "--label", "effective_view=click"])
+                            "--user-col", "uid", "--item-col", "vid", "--time-col", "ts",
+                            "--label", "effective_view=click"])
     assert r.exit_code == 0, r.output
     ds = Dataset(tmp_path / "d")
     assert ds.users().num_rows == 2 and ds.items().num_rows == 5  # only those that interacted
@@ -116,9 +118,10 @@ def test_cli_with_flags_and_without_feature_tables(tmp_path):
 
 def test_sequences_of_imported_users_never_see_the_future(tmp_path):
     """MRFF's protocol (split 'last'): a user's test row sees only clicks strictly before it."""
+    from toy_data import assert_sequences_precede_requests
+
     from fedpa.recdata.partition import SplitConfig, split_users
     from fedpa.recdata.schema import SEQ_LEN
-    from toy_data import assert_sequences_precede_requests
 
     rng = np.random.default_rng(0)
     n = 60

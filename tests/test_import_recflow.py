@@ -7,13 +7,13 @@ import pickle
 import re
 import shutil
 
+import fixtures_release as rel
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.feather as feather
 import pytest
 
-import fixtures_release as rel
 from fedpa.recdata.import_recflow import import_recflow
 from fedpa.recdata.safe_pickle import UnsafePickleError
 from fedpa.recdata.schema import STAGE_CODE, STAGES

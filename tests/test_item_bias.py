@@ -5,11 +5,9 @@ Flower round in test_federation.py."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-
 from fed_fixtures import fed_config
 
 FIELDS = "category_level_one,upload_type,video_id"
@@ -103,13 +101,14 @@ def test_the_configuration_refuses_what_the_tables_cannot_do(change, words):
 def test_the_other_algorithms_ignore_the_fedpa_option():
     """As with FedPA's other options: a compare run's shared configuration serves every baseline."""
     from fedpa.common.config import FederationConfig
+    from fedpa.common.models import model_options
 
     for algorithm in ("fedper", "ditto", "centralized"):
         cfg = FederationConfig(algorithm=algorithm, item_bias_fields="upload_type", dp_noise_multiplier=1.0,
                                dp_mode="local")
         cfg.validate()
-        assert "item_bias_fields" not in cfg.model_options()
-    assert FederationConfig(item_bias_fields="upload_type").model_options()["item_bias_fields"] == ("upload_type",)
+        assert "item_bias_fields" not in model_options(cfg)
+    assert model_options(FederationConfig(item_bias_fields="upload_type"))["item_bias_fields"] == ("upload_type",)
     assert FederationConfig(lr=0.01, lr_decay=0.5, item_bias_lr=0.3).round_item_bias_lr(3) == pytest.approx(0.075)
 
 
@@ -176,7 +175,8 @@ def test_foundation_logit_scale_multiplies_the_frozen_logits_every_client_starts
     from fedpa.client.runtime import ClientRuntime
 
     def start_scores(scale):
-        rt = ClientRuntime(fed_config(tiny, tiny_foundation, tmp_path / f"run{scale}", algorithm=algorithm, max_clients=4,
+        rt = ClientRuntime(fed_config(tiny, tiny_foundation, tmp_path / f"run{scale}", algorithm=algorithm,
+                                      max_clients=4,
                                       feature_cache="none", foundation_logit_scale=scale))
         data = rt.user(1)
         return rt.model.predict(data.test, data.profile).astype(np.float64)

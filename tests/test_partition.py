@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
+from toy_data import assert_sequences_precede_requests, write_toy_dataset
 
 from fedpa.recdata.examples import Lookups
-from fedpa.recdata.partition import (Partition, PartitionConfig, SplitConfig, make_partition,
-                                        split_users)
+from fedpa.recdata.partition import Partition, PartitionConfig, SplitConfig, make_partition, split_users
 from fedpa.recdata.store import Dataset, DatasetError
-from toy_data import assert_sequences_precede_requests, write_toy_dataset
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +128,9 @@ def test_an_open_client_trains_on_its_own_earlier_rows_and_is_scored_on_its_held
                                                                                           tmp_path):
     """MRFF's protocol with open users federated: an open user's client holds exactly its rows of the
     split, and the rows it is scored on are not among those the foundation was pre-trained on."""
-    from fedpa.client.runtime import ClientRuntime, partition_config
     from fed_fixtures import fed_config
+
+    from fedpa.client.runtime import ClientRuntime, partition_config
 
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", split="last", max_clients=4, feature_cache="none",
                      federate_open_users=True)

@@ -3,9 +3,9 @@
 from dataclasses import replace
 
 import numpy as np
+from fed_fixtures import fed_config
 
 from fedpa.client.personal_store import PersonalStore, generate_key_file
-from fed_fixtures import fed_config
 from fedpa.simulations.simulate import simulate
 
 

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fed_fixtures import fed_config
-from fedpa.foundation.model import load_foundation
-from fedpa.recmodels.personalization import PersonalModel, get_algorithm
+
 from fedpa.common.aggregation import SharedTensor
 from fedpa.common.config import ConfigValueError, FederationConfig
-from fedpa.common.privacy import (add_local_noise, add_noise, clip_delta, distributed_share_std, event_multiplier,
-                            make_accountant, quorum, round_event, sensitivity)
+from fedpa.common.models import model_options
+from fedpa.common.privacy import add_local_noise, add_noise, clip_delta, distributed_share_std, quorum, sensitivity
+from fedpa.foundation.model import load_foundation
+from fedpa.recmodels.personalization import PersonalModel, get_algorithm
+from fedpa.server.accounting import event_multiplier, make_accountant, round_event
 from fedpa.server.rundir import RunDir
 from fedpa.simulations.simulate import simulate
 
@@ -120,7 +121,7 @@ def test_noise_in_the_aggregate_has_the_stated_scale(mode, tiny, tiny_foundation
     summary = simulate(cfg, cohort_size=3)
     assert summary["differential_privacy"]["mode"] == mode
     before = PersonalModel(load_foundation(cfg.foundation), get_algorithm("fedpa"), seed=cfg.seed,
-                           **cfg.model_options())
+                           **model_options(cfg))
     spec = before.shared_spec()
     start = before.get_shared()
     _, after, _ = RunDir(cfg.run_dir).load_checkpoint()

@@ -4,10 +4,11 @@ import json
 import math
 
 import pytest
+from fed_fixtures import fed_config
 from typer.testing import CliRunner
 
 from fedpa.client.runtime import ClientRuntime
-from fed_fixtures import fed_config
+from fedpa.common.models import model_options
 from fedpa.foundation.model import load_foundation
 from fedpa.recmodels.personalization import PersonalModel, get_algorithm
 from fedpa.simulations.cli import app
@@ -22,7 +23,7 @@ def _attack(tiny, tiny_foundation, tmp_path, **kw):
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "attack", algorithm="fedavg-lora", max_clients=40,
                      local_epochs=10, lr=0.05, feature_cache="none", **kw)
     start = PersonalModel(load_foundation(cfg.foundation), get_algorithm(cfg.algorithm), seed=0,
-                          **cfg.model_options()).get_shared()
+                          **model_options(cfg)).get_shared()
     return run_update_attack(cfg, start, targets=32, runtime=ClientRuntime(cfg))
 
 

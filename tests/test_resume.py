@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fed_fixtures import fed_config
 
 from fedpa.client.personal_store import generate_key_file
-from fed_fixtures import fed_config
 from fedpa.foundation.errors import FedpaError
 from fedpa.server.rundir import RunDir
 from fedpa.simulations.simulate import simulate

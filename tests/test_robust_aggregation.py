@@ -4,12 +4,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
 from fed_fixtures import faulty_client_app, fed_config
+
+from fedpa.common.aggregation import InvalidUpdate, SharedTensor, apply_sums, client_contribution
+from fedpa.common.config import ConfigValueError
 from fedpa.foundation.model import load_foundation
 from fedpa.recmodels.personalization import PersonalModel, get_algorithm
-from fedpa.common.aggregation import InvalidUpdate, SharedTensor, apply_sums, client_contribution, robust_sums
-from fedpa.common.config import ConfigValueError
+from fedpa.server.robust import robust_sums
 from fedpa.server.rundir import RunDir
 
 SPEC = [SharedTensor("g", (4,)), SharedTensor("a0", (2,), "age=0"), SharedTensor("a1", (2,), "age=1")]

@@ -12,12 +12,28 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedpa.client.secagg import SecAggClient
-from fedpa.server.secagg import SecAggServer
-from fedpa.common.secagg.protocol import (
-    MessageRejected, QuantConfig, SecAggError, SecAggParams, choose_degree, dequantize_sum, quantize,
-    ENVELOPE_BYTES, PRIME, SERVER_ID, generate_keypair, graph_seed, lagrange_at_zero, pack_bits, prg_u64,
-    shamir_reconstruct, shamir_share, share_x, unpack_bits,
+from fedpa.common.secagg import (
+    ENVELOPE_BYTES,
+    PRIME,
+    SERVER_ID,
+    MessageRejected,
+    QuantConfig,
+    SecAggError,
+    SecAggParams,
+    choose_degree,
+    dequantize_sum,
+    generate_keypair,
+    graph_seed,
+    lagrange_at_zero,
+    pack_bits,
+    prg_u64,
+    quantize,
+    shamir_reconstruct,
+    shamir_share,
+    share_x,
+    unpack_bits,
 )
+from fedpa.server.secagg import SecAggServer
 
 D = 1000
 
@@ -36,8 +52,8 @@ def _flower_friendly(msg: dict) -> None:
 
 
 class Round:
-    """Drives one round in process. drop(stage, server) -> clients that send nothing at that stage;
-    tamper_requests / tamper_replies(stage, ...) rewrite what goes to clients / to the server."""
+    """Drives one round in process. drop(phase, server) -> clients that send nothing at that phase;
+    tamper_requests / tamper_replies(phase, ...) rewrite what goes to clients / to the server."""
 
     def __init__(self, vectors: dict[int, np.ndarray], *, params=SecAggParams(), quant=QuantConfig(), seed=0,
                  round_id=7, drop=None, tamper_requests=None, tamper_replies=None, via_state=False,
@@ -46,9 +62,9 @@ class Round:
         self.server = SecAggServer(sorted(vectors), len(next(iter(vectors.values()))), round_id=round_id,
                                    quant=quant, params=params, randbytes=drbg(seed, "server"))
         self.clients = {u: SecAggClient(u, randbytes=drbg(seed, u), **(client_kwargs or {})) for u in vectors}
-        self.drop = drop or (lambda stage, server: set())
-        self.tamper_requests = tamper_requests or (lambda stage, reqs: reqs)
-        self.tamper_replies = tamper_replies or (lambda stage, pairs: pairs)
+        self.drop = drop or (lambda phase, server: set())
+        self.tamper_requests = tamper_requests or (lambda phase, reqs: reqs)
+        self.tamper_replies = tamper_replies or (lambda phase, pairs: pairs)
         self.via_state = via_state
         self.replies: dict[int, list] = {}
         self.refused: dict[int, list[int]] = {}
@@ -61,25 +77,25 @@ class Round:
                  (3, lambda c, m, u: c.masked_input(m, self.vectors[u]), srv.receive_masked),
                  (4, lambda c, m, u: c.unmask(m), srv.receive_unmask)]
         out = None
-        for stage, act, receive in steps:
-            reqs = self.tamper_requests(stage, reqs)
-            gone = set(self.drop(stage, srv))
+        for phase, act, receive in steps:
+            reqs = self.tamper_requests(phase, reqs)
+            gone = set(self.drop(phase, srv))
             pairs = []
             for u, m in reqs.items():
                 _flower_friendly(m)
                 if u in gone:
                     continue
                 if self.via_state:
-                    self.clients[u] = SecAggClient.from_state(self.clients[u].export_state(), randbytes=drbg(u, stage))
+                    self.clients[u] = SecAggClient.from_state(self.clients[u].export_state(), randbytes=drbg(u, phase))
                 try:
                     reply = act(self.clients[u], m, u)
                 except MessageRejected:
-                    self.refused.setdefault(stage, []).append(u)
+                    self.refused.setdefault(phase, []).append(u)
                     continue
                 _flower_friendly(reply)
                 pairs.append((u, reply))
-            pairs = self.tamper_replies(stage, pairs)
-            self.replies[stage] = pairs
+            pairs = self.tamper_replies(phase, pairs)
+            self.replies[phase] = pairs
             out = receive(pairs)
             reqs = out
         return out
@@ -133,7 +149,7 @@ def test_sparse_graph_sum_and_per_client_cost_is_k():
     graph = r.server._graph
     assert all(len(nb) == 6 for nb in graph.values())
     assert all(u in graph[v] for u in graph for v in graph[u])          # symmetric
-    for u, m in r.replies[2]:
+    for _u, m in r.replies[2]:
         assert len(m["ciphertexts"]) == 6                                 # O(k) shares, not O(n)
     check_sum(res, vecs, list(vecs))
 
@@ -144,19 +160,19 @@ def test_client_state_survives_export_between_every_stage():
     check_sum(res, vecs, list(vecs))
 
 
-@pytest.mark.parametrize("stage,included_after", [
+@pytest.mark.parametrize("phase,included_after", [
     (1, False),   # drop before advertising keys
     (2, False),   # after advertising, before sharing keys
     (3, False),   # after sharing keys, before the masked input: its pairwise masks are removed
     (4, True),    # after the masked input: its vector counts, its self-mask is rebuilt from shares
 ])
-def test_dropout_at_each_stage(stage, included_after):
-    vecs = vectors(12, seed=stage)
+def test_dropout_at_each_stage(phase, included_after):
+    vecs = vectors(12, seed=phase)
     victims = {13, 73}
-    r = Round(vecs, params=SecAggParams(degree=6), drop=lambda s, srv: victims if s == stage else set())
+    r = Round(vecs, params=SecAggParams(degree=6), drop=lambda s, srv: victims if s == phase else set())
     res = r.run()
-    assert res.dropped[stage] == sorted(victims)
-    assert all(not v for s, v in res.dropped.items() if s != stage)
+    assert res.dropped[phase] == sorted(victims)
+    assert all(not v for s, v in res.dropped.items() if s != phase)
     included = list(vecs) if included_after else [u for u in vecs if u not in victims]
     check_sum(res, vecs, included)
 
@@ -175,14 +191,15 @@ def test_dropouts_at_several_stages_at_once():
 def test_too_many_neighbours_drop_fails_before_any_share_is_requested():
     vecs = vectors(10, seed=4)
 
-    def drop(stage, srv):
-        if stage != 3:
+    def drop(phase, srv):
+        if phase != 3:
             return set()
         victim_nb = srv._graph[3]       # client 3 has 4 neighbours, t = 3: two of them leave
         return set(victim_nb[:2])
 
     r = Round(vecs, params=SecAggParams(degree=4), drop=drop)
-    with pytest.raises(SecAggError, match="client 3's self-mask seed has 2 surviving share holder.*no share was requested"):
+    with pytest.raises(SecAggError,
+                       match="client 3's self-mask seed has 2 surviving share holder.*no share was requested"):
         r.run()
     assert r.server.failed
     assert 4 not in r.replies                                 # no unmask request was ever made
@@ -196,8 +213,8 @@ def test_survivors_split_into_groups_fails_before_any_share_is_requested():
     # secret with enough holders, but the survivors form two groups whose sums would each be learnable
     vecs = vectors(10, seed=6)
 
-    def drop(stage, srv):
-        if stage != 3:
+    def drop(phase, srv):
+        if phase != 3:
             return set()
         ids = sorted(srv._graph)
         order = [ids[i] for i in np.argsort(prg_u64(graph_seed(srv.nonce, srv.round_id), len(ids)), kind="stable")]
@@ -205,7 +222,8 @@ def test_survivors_split_into_groups_fails_before_any_share_is_requested():
 
     r = Round(vecs, params=SecAggParams(degree=4, threshold=2), drop=drop,
               client_kwargs={"require_majority": False})
-    with pytest.raises(SecAggError, match=r"split into 2 unconnected groups \(sizes \[3, 3\]\).*no share was requested"):
+    with pytest.raises(SecAggError,
+                       match=r"split into 2 unconnected groups \(sizes \[3, 3\]\).*no share was requested"):
         r.run()
     assert all(c.revealed == {"b": [], "s": []} for c in r.clients.values())
 
@@ -249,9 +267,9 @@ def test_masked_vector_is_indistinguishable_from_uniform():
 # --------------------------------------------------------------------------- rejections
 
 
-def _mutate(stage, victim, fn):
+def _mutate(phase, victim, fn):
     def tamper(s, pairs):
-        if s != stage:
+        if s != phase:
             return pairs
         out = []
         for u, m in pairs:
@@ -273,7 +291,7 @@ def _flip(env: bytes) -> bytes:
 REJECTIONS = {
     "wrong round": (1, lambda m: {**m, "round": m["round"] + 1}, "wrong round", 1),
     "other nonce": (2, lambda m: {**m, "nonce": bytes(32)}, "another nonce", 2),
-    "wrong stage": (2, lambda m: {**m, "stage": 3}, "wrong stage", 2),
+    "wrong phase": (2, lambda m: {**m, "phase": 3}, "wrong phase", 2),
     "wrong sender": (3, lambda m: {**m, "sender": 3}, "wrong sender", 3),
     "replay": (2, lambda m: [(13, m), (13, m)], "replay", 2),
     "share to a non-neighbour": (2, lambda m: {**m, "recipients": [m["recipients"][0]] + [99999] + m["recipients"][2:]},
@@ -289,10 +307,10 @@ REJECTIONS = {
 
 @pytest.mark.parametrize("case", sorted(REJECTIONS))
 def test_bad_message_is_rejected_and_round_completes_for_the_others(case):
-    stage, fn, reason, dropped_at = REJECTIONS[case]
+    phase, fn, reason, dropped_at = REJECTIONS[case]
     vecs = vectors(10, seed=20)
     victim = 13
-    r = Round(vecs, params=SecAggParams(degree=6), tamper_replies=_mutate(stage, victim, fn))
+    r = Round(vecs, params=SecAggParams(degree=6), tamper_replies=_mutate(phase, victim, fn))
     res = r.run()
     assert any(reason in x.reason and x.client == victim for x in r.server.rejections), r.server.reasons
     assert any(reason in s for s in r.server.reasons)
@@ -304,8 +322,8 @@ def test_share_forwarded_to_the_wrong_client_is_detected_by_the_client():
     vecs = vectors(8, seed=21)
     w, victims = 13, {}
 
-    def tamper(stage, reqs):
-        if stage != 3:
+    def tamper(phase, reqs):
+        if phase != 3:
             return reqs
         # swap w's envelopes between two of its neighbours: each now holds a share addressed to the other
         a, b = [v for v, m in reqs.items() if w in m["senders"]][:2]
@@ -337,8 +355,8 @@ def _client_at_unmask():
     vecs = vectors(6, seed=23)
     captured = {}
 
-    def tamper(stage, reqs):
-        if stage == 4:
+    def tamper(phase, reqs):
+        if phase == 4:
             captured.update(reqs)
             return {}
         return reqs
@@ -368,7 +386,7 @@ def test_client_answers_unmask_once_and_refuses_too_few_survivors():
     client2, req2 = _client_at_unmask()
     reply = client2.unmask(req2)
     assert reply["b_owners"] == req2["survivors"]
-    with pytest.raises(MessageRejected, match="after stage 4"):
+    with pytest.raises(MessageRejected, match="after phase 4"):
         client2.unmask(req2)
 
 
@@ -380,8 +398,8 @@ def test_client_checks_round_sender_recipient_and_threshold():
         c.advertise(reqs[2])
     with pytest.raises(MessageRejected, match="wrong sender"):
         c.advertise({**reqs[1], "sender": 5})
-    with pytest.raises(MessageRejected, match="stage 3"):
-        c.handle({**reqs[1], "stage": 3}, np.zeros(10))
+    with pytest.raises(MessageRejected, match="phase 3"):
+        c.handle({**reqs[1], "phase": 3}, np.zeros(10))
     others = {u: SecAggClient(u, randbytes=drbg(u)) for u in (1, 2, 3, 4, 5)}
     reqs2 = srv.receive_keys({u: others[u].advertise(reqs[u]) for u in others})
     with pytest.raises(MessageRejected, match="wrong round"):
@@ -407,7 +425,7 @@ def test_shamir_any_t_of_k_shares_reconstruct_and_fewer_do_not():
     t = 4  # of k = 7 holders
     holders = [5, 9, 17, 2**64 - 1, 0, 33, 1000]
     xs = [share_x(h) for h in holders]
-    for trial in range(5):
+    for _trial in range(5):
         secret = int.from_bytes(rand(32), "big")
         ys = shamir_share(secret, t, xs, rand)
         pts = list(zip(xs, ys))

@@ -3,8 +3,8 @@
 from dataclasses import replace
 
 import numpy as np
-
 from fed_fixtures import fed_config
+
 from fedpa.server.rundir import RunDir
 from fedpa.simulations.simulate import simulate
 

@@ -9,7 +9,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from fed_fixtures import fed_config
 
 STAGES = ("retrieval", "prerank", "rank")
@@ -114,8 +113,8 @@ def test_a_multi_interest_retrieval_head_is_refused(pair_setup):
 
 @pytest.fixture(scope="module")
 def tiny_splits(tiny):
-    from fedpa.common.config import FederationConfig
     from fedpa.client.runtime import partition_config
+    from fedpa.common.config import FederationConfig
     from fedpa.recdata.examples import Lookups
     from fedpa.recdata.partition import make_partition
     from fedpa.recdata.store import Dataset
@@ -190,7 +189,7 @@ def test_bad_stage_configurations_are_named(tiny, tiny_foundation, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_funnel(tiny, tiny_foundation, tmp_path_factory):
-    from fedpa.simulations.stages import FunnelConfig, run_funnel_experiment
+    from fedpa.simulations.funnel import FunnelConfig, run_funnel_experiment
 
     out = tmp_path_factory.mktemp("stage_fed") / "funnel"
     cfg = FunnelConfig(data_dir=str(tiny), foundation=str(tiny_foundation), out_dir=str(out), train_requests=300,
@@ -270,12 +269,18 @@ def test_stage_federation_personalizes_the_funnel_end_to_end(tiny, tiny_foundati
 
 
 def test_foundation_evaluation_equals_the_plain_funnel(tiny, tiny_foundation, tmp_path, tiny_funnel):
-    from fedpa.foundation.model import load_foundation
-    from fedpa.recmodels.stages.features import StageEncoder
-    from fedpa.simulations.stage_federation import evaluate_personalized_funnel, funnel_config
-    from fedpa.simulations.stages import funnel_kept, funnel_metrics, load_funnel_data, load_stage_models, request_tensors
     from fedpa.client.runtime import partition_config
+    from fedpa.foundation.model import load_foundation
     from fedpa.recdata.partition import make_partition
+    from fedpa.recmodels.stages.features import StageEncoder
+    from fedpa.simulations.funnel import (
+        funnel_kept,
+        funnel_metrics,
+        load_funnel_data,
+        load_stage_models,
+        request_tensors,
+    )
+    from fedpa.simulations.stage_federation import evaluate_personalized_funnel, funnel_config
 
     cfg = _stage_cfg(tiny, tiny_foundation, tmp_path, tiny_funnel, algorithm="foundation")
     got = evaluate_personalized_funnel(cfg, ["retrieval", "prerank", "rank"], tiny_funnel)

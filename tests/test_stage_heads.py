@@ -20,8 +20,13 @@ from torch import nn
 from fedpa.foundation.batch import TASKS
 from fedpa.foundation.metrics import auc
 from fedpa.recmodels.stages.ranking import HoMERanker
-from fedpa.recmodels.stages.rerank import (CDMReranker, category_coverage, intra_list_distance, mmr_select,
-                                     mmr_select_batch)
+from fedpa.recmodels.stages.rerank import (
+    CDMReranker,
+    category_coverage,
+    intra_list_distance,
+    mmr_select,
+    mmr_select_batch,
+)
 
 IN_DIM = 12
 WATCH = ("effective_view", "long_view")

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from toy_data import write_toy_dataset
 
 from fedpa.recdata.store import Dataset, DatasetError, DatasetWriter
-from toy_data import write_toy_dataset
 
 
 def test_round_trip_and_user_slices(tmp_path):

@@ -4,7 +4,7 @@ against the oracle it stores."""
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +45,7 @@ def utility_of(ds: Dataset, table: pa.Table) -> np.ndarray:
     out = np.empty(table.num_rows)
     day_of_row = (column(table, "request_timestamp") // 86_400_000)
     for day in ds.days:
-        epoch_day = int(datetime.fromisoformat(day).replace(tzinfo=timezone.utc).timestamp()) // 86_400
+        epoch_day = int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp()) // 86_400
         rows = day_of_row == epoch_day
         out[rows] = oracle_utility(ds, column(table, "user_id")[rows], column(table, "video_id")[rows], day)
     return out
@@ -104,14 +104,14 @@ def test_tables_conform_to_the_schema(tiny):
     # Level two is nested in level one: each level-two category has one parent.
     pairs = np.unique(np.stack([column(items, "category_level_two"), column(items, "category_level_one")]), axis=1)
     assert len(np.unique(pairs[0])) == pairs.shape[1] == TINY.n_categories_l2
-    start = int(datetime(2024, 1, 13, tzinfo=timezone.utc).timestamp())
+    start = int(datetime(2024, 1, 13, tzinfo=UTC).timestamp())
     assert column(items, "upload_timestamp").max() < start
 
     requests = concat_days(tiny, "requests")
     request_ids = column(requests, "request_id")
     assert len(np.unique(request_ids)) == len(request_ids)
     for day, table in tiny.iter_days("requests"):
-        day_start = int(datetime.fromisoformat(day).replace(tzinfo=timezone.utc).timestamp()) * 1000
+        day_start = int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp()) * 1000
         ts = column(table, "request_timestamp")
         assert ts.min() >= day_start and ts.max() < day_start + 86_400_000
 
@@ -285,7 +285,9 @@ def test_oracle_utility_reads_the_stored_world(tiny):
 
 def test_oracle_utility_is_the_utility_the_funnel_ranked_by(tiny):
     """White box: rebuild the generator's world from the seed and compare its utility."""
-    from fedpa.recdata.synth import _utility, _World, resolve_config
+    from fedpa.recdata.synth import resolve_config
+    from fedpa.recdata.synth.funnel import _utility
+    from fedpa.recdata.synth.world import _World
 
     world = _World(resolve_config("tiny"), SEED)
     rng = np.random.default_rng(2)

@@ -21,3 +21,6 @@ Labels follow `foundation.batch.TASKS`; -1 marks an unobserved label. Stage code
 Every trainable layer of a stage head is an ``nn.Linear`` attribute with a stable name, listed in the
 head's ``adapter_targets``, so that FedPA adapters can be injected into it like into the foundation.
 """
+
+# The stages whose heads a federation personalizes (re-ranking reads whole lists and stays as trained).
+FEDERATED_STAGES = ("retrieval", "prerank", "rank")

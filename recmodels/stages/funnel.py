@@ -45,7 +45,7 @@ class StageModels:
     rerank_weight: float = 1.0          # CDM: final = rank score + weight * student
     mmr_lambda: float = 0.7
 
-    def eval(self) -> "StageModels":
+    def eval(self) -> StageModels:
         for m in (self.retrieval, self.prerank, self.rank, self.rerank):
             if m is not None:
                 m.eval()

@@ -34,11 +34,10 @@ from fedpa.foundation.config import FoundationConfig
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import FoundationModel
 
+from . import FEDERATED_STAGES  # noqa: F401  (re-exported)
 from .features import user_width
 from .ranking import HoMERanker
 from .towers import PrerankDSSM, RetrievalTwoTower
-
-FEDERATED_STAGES = ("retrieval", "prerank", "rank")
 
 
 class PairLayout:
@@ -151,7 +150,7 @@ class StageHost(nn.Module):
 
 
 def build_stage_head(stage: str, config: FoundationConfig, interests: int = 1) -> nn.Module:
-    """An untrained head of ``stage`` with the shapes `simulations.stages.build_models` gives it."""
+    """An untrained head of ``stage`` with the shapes `simulations.funnel.build_models` gives it."""
     d = config.d_model
     user_dim = user_width(config)
     pair_dim = PairLayout(config).width

@@ -51,7 +51,7 @@ class RequestTensors:
     def __len__(self) -> int:
         return self.mask.shape[0]
 
-    def rows(self, idx: torch.Tensor) -> "RequestTensors":
+    def rows(self, idx: torch.Tensor) -> RequestTensors:
         return RequestTensors({k: v[idx] for k, v in self.requests.items()}, self.items[idx], self.mask[idx],
                               self.level[idx], self.labels[idx], self.category[idx])
 

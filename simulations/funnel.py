@@ -22,24 +22,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
 from fedpa.foundation.batch import TASKS
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.metrics import auc, gauc
 from fedpa.foundation.model import load_foundation
+from fedpa.recdata.examples import Lookups
+from fedpa.recdata.funnel import RequestPools, load_request_pools, sample_requests
+from fedpa.recdata.partition import read_exposures, read_views
+from fedpa.recdata.schema import LEVEL_CLICK
+from fedpa.recdata.store import Dataset
 from fedpa.recmodels.stages.features import StageEncoder
 from fedpa.recmodels.stages.funnel import FunnelSizes, StageModels, pair_batch, run_funnel
 from fedpa.recmodels.stages.pointwise import build_stage_head
 from fedpa.recmodels.stages.ranking import HoMERanker
 from fedpa.recmodels.stages.rerank import CDMReranker, category_coverage, intra_list_distance
 from fedpa.recmodels.stages.towers import recall_ndcg_at_k
-from fedpa.recmodels.stages.training import (RequestTensors, StageTraining, train_prerank, train_ranking,
-                                       train_rerank, train_retrieval)
-from fedpa.server.rundir import atomic_write_bytes, atomic_write_json, save_figure
-from fedpa.recdata.examples import Lookups
-from fedpa.recdata.funnel import RequestPools, load_request_pools, sample_requests
-from fedpa.recdata.partition import read_exposures, read_views
-from fedpa.recdata.schema import LEVEL_CLICK
-from fedpa.recdata.store import Dataset
+from fedpa.recmodels.stages.training import (
+    RequestTensors,
+    StageTraining,
+    train_prerank,
+    train_ranking,
+    train_rerank,
+    train_retrieval,
+)
 
 STAGE_NAMES = ("retrieval", "prerank", "rank", "exposed")
 

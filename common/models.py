@@ -1,0 +1,43 @@
+"""The model a run trains, built from its configuration: the same on the server (to know the shared state),
+on every client, in the centralized baseline and in export, so that all of them agree on its parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedpa.foundation.model import load_foundation
+from fedpa.recmodels.personalization import PersonalModel, get_algorithm
+from fedpa.recmodels.stages.pointwise import load_stage_host
+
+from .config import FederationConfig
+
+
+def build_personal_model(cfg: FederationConfig, algorithm: str | None = None, *, user_slots: int = 1,
+                         foundation: Any = None) -> PersonalModel:
+    """The foundation's tower (or, with ``stage``, that stage's trained head over the same tower inputs) with
+    the algorithm's adapters and options."""
+    foundation = foundation if foundation is not None else load_foundation(cfg.foundation)
+    alg = get_algorithm(algorithm or cfg.algorithm)
+    if cfg.foundation_logit_scale != 1.0:
+        foundation.scale_logits(cfg.foundation_logit_scale)
+    host = load_stage_host(foundation, cfg.stage_models, cfg.stage) if cfg.stage else None
+    return PersonalModel(foundation, alg, seed=cfg.seed,
+                         user_slots=user_slots, host=host, **model_options(cfg))
+
+
+def model_options(cfg: FederationConfig) -> dict[str, Any]:
+    """`PersonalModel`'s keyword arguments for this run: adapter overrides and FedPA's options (the other
+    algorithms ignore FedPA's options, so that one configuration serves a whole comparison)."""
+    kw: dict[str, Any] = {"r": cfg.rank, "lora_alpha": cfg.rank}
+    if cfg.head:
+        kw["head"] = cfg.head
+    if cfg.algorithm in ("fedpa", "centralized"):
+        kw.update(use_user_adapter=cfg.use_user_adapter, use_group_adapters=cfg.use_group_adapters,
+                  use_gate=cfg.use_gate, use_user_shift=cfg.use_user_shift and cfg.use_user_adapter)
+        if cfg.use_user_bias and cfg.algorithm == "fedpa":
+            kw["use_user_bias"] = True
+        if cfg.item_bias_fields and cfg.algorithm == "fedpa":
+            kw["item_bias_fields"] = cfg.item_bias_list
+        if cfg.group_attributes:
+            kw["group_attributes"] = [a.strip() for a in cfg.group_attributes.split(",") if a.strip()]
+    return kw

@@ -1,0 +1,3 @@
+from fedpa.simulations.cli import app
+
+app()
