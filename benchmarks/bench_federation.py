@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from fedpa.common.config import FederationConfig  # noqa: E402
 from fedpa.simulations.simulate import simulate  # noqa: E402
 
-ALGORITHMS = ["fedpa", "local", "fedavg-lora", "fedper", "pfedrec", "ditto"]
+ALGORITHMS = ["fedpa", "local", "fedavg-lora", "fedper", "fedper-ft", "ditto"]
 ENGINES = {"stock": 1, "cohort": 0}   # name -> cohort_size
 
 

@@ -180,7 +180,7 @@ class _TrainJob:
                 pm.set_shared(self.global_state)
             pm.set_private(self._private_before(data.user_id))
             stats = pm.train_user(data.train, data.profile, self.local,
-                                  seed=user_seed(self.cfg.seed, self.round, data.user_id))
+                                  seed=user_seed(self.cfg.seed, self.round, data.user_id), exclude=held_out(data))
             private = pm.get_private()
             if not all(np.all(np.isfinite(v)) for v in private.values()):
                 self.excluded.append(f"user {data.user_id}: non-finite private state after training "
@@ -215,6 +215,13 @@ class _TrainJob:
             if rt.algorithm.communicates:
                 self._add(cohort_contribution(chunk.deltas, len(chunk.users), self.spec, keep=chunk.finite,
                                               rows=chunk.rows, **self.dp))
+
+
+def held_out(data) -> np.ndarray:
+    """The items of the user's validation and test positives: what a model sampling its own negatives must not
+    draw (on a device, the user's whole log is known; only these rows are kept out of training)."""
+    return np.concatenate([d.items[d.labels[:, 0] == 1, 0].numpy() for d in (data.val, data.test)
+                           if d.items is not None]) if data.val.items is not None else np.zeros(0, np.int64)
 
 
 def _vectorized(cfg: FederationConfig, rt: ClientRuntime, users) -> bool:
@@ -268,8 +275,9 @@ def evaluate(msg: Message, context: Context) -> Message:
             splits = [data.val, data.test] + ([data.train] if attack else [])
             scores = pm.personalized_scores(data.train, splits, data.profile, local,
                                             seed=user_seed(cfg.seed, round_, data.user_id))
-        val.add_user(data.val.labels[:, 0].numpy(), scores[0], data.group_size)
-        test.add_user(data.test.labels[:, 0].numpy(), scores[1], data.group_size)
+        ref = rt.reference(data) or [None, None]
+        val.add_user(data.val.labels[:, 0].numpy(), scores[0], data.group_size, reference=ref[0])
+        test.add_user(data.test.labels[:, 0].numpy(), scores[1], data.group_size, reference=ref[1])
         if attack:
             mia.add_user(*membership_attack(data.train.labels[:, 0].numpy(), scores[2],
                                             data.test.labels[:, 0].numpy(), scores[1]))

@@ -55,6 +55,7 @@ class UserData:
     val: UserTensors
     test: UserTensors
     group_size: int
+    reference: list[np.ndarray] | None = None  # val / test scored by the frozen foundation (computed once)
 
 
 class ClientRuntime:
@@ -93,6 +94,14 @@ class ClientRuntime:
     @property
     def num_clients(self) -> int:
         return self.partition.num_clients
+
+    def reference(self, data: UserData) -> list[np.ndarray] | None:
+        """The user's validation and test rows scored by the frozen foundation, computed once per process (the
+        foundation never changes); None when the algorithm has no foundation to compare with."""
+        if data.reference is None:
+            ref = [self.model.reference_scores(d) for d in (data.val, data.test)]
+            data.reference = None if ref[0] is None else ref
+        return data.reference
 
     def user(self, client_index: int) -> UserData:
         uid = self.partition.user_of(client_index)

@@ -10,6 +10,7 @@ its runtime. Adding a key is one field here plus its use.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -96,6 +97,12 @@ class FederationConfig:
                                   "calibrated on the device", "model")
     item_bias_fields: str = setting("", "FedPA: shared item-side logit offsets keyed by these item fields "
                                     "(comma-separated), averaged per row over their readers", "model")
+    item_embedding_dim: int = setting(0, "FedPA: shared item embeddings (per-row averaged like the item-side "
+                                      "tables) and a private user vector of this width; 0 = off", "model",
+                                      at_least=0)
+    item_rows: int = setting(0, "FedPA: rows of the video-id keyed item tables and embeddings (ids hashed into "
+                             "them; 0 = the foundation's): bounds the upload, masked under secagg", "model",
+                             at_least=0)
     item_bias_lr: float = setting(0.0, "local learning rate of the item-side tables (decays with lr-decay; "
                                   "0 = lr)", "model", at_least=0)
     item_bias_prior: float = setting(0.0, "phantom readers per item-side table row in its server-side mean: "
@@ -105,6 +112,8 @@ class FederationConfig:
     head: str = setting("", "prediction head: \"\" = the algorithm's, shared, private or frozen", "model",
                         choices=HEADS)
     ditto_lambda: float = setting(0.1, "Ditto: weight of the proximal term", "model")
+    embedding_dim: int = setting(32, "width of the item and user embeddings of the id-based algorithms (fedmf, "
+                                 "pfedrec, fedrap)", "model", at_least=1)
     stage: str = setting("", "personalize this funnel stage's head instead of the foundation's tower", "model",
                          choices=("",) + tuple(FEDERATED_STAGES), cli=False)
     stage_models: str = setting("", "the `fedpa funnel` run directory whose trained stage heads are personalized",
@@ -243,14 +252,15 @@ class FederationConfig:
             if unknown or not self.item_bias_list:
                 bad(f"item-bias-fields: {', '.join(unknown) or 'none given'} (categorical item fields: "
                     f"{', '.join(CATEGORICAL_ITEM_FIELDS)})")
-        if self.item_bias_fields and self.algorithm == "fedpa":  # a FedPA option: the others ignore it
+        if (self.item_bias_fields or self.item_embedding_dim) and self.algorithm == "fedpa":  # FedPA options
+            what = "item-bias-fields" if self.item_bias_fields else "item-embedding-dim"
             if self.stage:
-                bad("item-bias-fields applies to the foundation's scorer, not to a funnel stage's head")
+                bad(f"{what} applies to the foundation's scorer, not to a funnel stage's head")
             if self.dp_noise_multiplier > 0 and self.dp_mode == "local":
-                bad("item-bias-fields cannot run under local DP: local mode sends counts in the clear, and the "
+                bad(f"{what} cannot run under local DP: local mode sends counts in the clear, and the "
                     "tables' per-row counts are the items a user read (use dp-mode central or distributed)")
             if self.robust_aggregation != "none" or self.norm_bound > 0:
-                bad("item-bias-fields cannot run with robust aggregation (its tables are averaged per row)")
+                bad(f"{what} cannot run with robust aggregation (its tables are averaged per row)")
 
     # ------------------------------------------------------------------ derived values
 
@@ -277,6 +287,18 @@ assert all(f.default is not MISSING for f in fields(FederationConfig))
 FIELDS = {f.name.replace("_", "-"): f for f in fields(FederationConfig)}
 # what a SuperNode may set for itself in its --node-config (never sent to the server)
 NODE_KEYS = tuple(k for k, f in FIELDS.items() if f.metadata["node"])
+
+
+def with_recipe(cfg: FederationConfig, given: set[str] | frozenset[str] = frozenset()) -> FederationConfig:
+    """``cfg`` with its algorithm's own settings (`Algorithm.recipe`: what the paper's official code uses) for
+    every key the user did not give (``given``: dashed keys set on the command line, in a file or a run
+    config)."""
+    recipe = {k: v for k, v in ALGORITHMS[cfg.algorithm].recipe if k not in given}
+    if not recipe:
+        return cfg
+    out = FederationConfig(**{**dataclasses.asdict(cfg), **{FIELDS[k].name: v for k, v in recipe.items()}})
+    out.validate()
+    return out
 
 
 @lru_cache(maxsize=8)

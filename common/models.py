@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedpa.foundation.model import load_foundation
+from fedpa.recmodels.collaborative import CFOptions, CollaborativeModel
 from fedpa.recmodels.personalization import PersonalModel, get_algorithm
 from fedpa.recmodels.stages.pointwise import load_stage_host
 
@@ -13,11 +14,14 @@ from .config import FederationConfig
 
 
 def build_personal_model(cfg: FederationConfig, algorithm: str | None = None, *, user_slots: int = 1,
-                         foundation: Any = None) -> PersonalModel:
+                         foundation: Any = None) -> PersonalModel | CollaborativeModel:
     """The foundation's tower (or, with ``stage``, that stage's trained head over the same tower inputs) with
     the algorithm's adapters and options."""
     foundation = foundation if foundation is not None else load_foundation(cfg.foundation)
     alg = get_algorithm(algorithm or cfg.algorithm)
+    if alg.collaborative:  # scores items by id: the foundation only tells the catalogue's size
+        return CollaborativeModel(alg, foundation.config.item_vocab["video_id"], seed=cfg.seed,
+                                  options=CFOptions(dim=cfg.embedding_dim, resample_negatives=cfg.split == "loo"))
     if cfg.foundation_logit_scale != 1.0:
         foundation.scale_logits(cfg.foundation_logit_scale)
     host = load_stage_host(foundation, cfg.stage_models, cfg.stage) if cfg.stage else None
@@ -38,6 +42,10 @@ def model_options(cfg: FederationConfig) -> dict[str, Any]:
             kw["use_user_bias"] = True
         if cfg.item_bias_fields and cfg.algorithm == "fedpa":
             kw["item_bias_fields"] = cfg.item_bias_list
+        if cfg.item_embedding_dim and cfg.algorithm == "fedpa":
+            kw["item_embedding_dim"] = cfg.item_embedding_dim
+        if cfg.item_rows and cfg.algorithm == "fedpa" and (cfg.item_bias_fields or cfg.item_embedding_dim):
+            kw["item_rows"] = cfg.item_rows
         if cfg.group_attributes:
             kw["group_attributes"] = [a.strip() for a in cfg.group_attributes.split(",") if a.strip()]
     return kw

@@ -183,8 +183,11 @@ def pretrain(
     seed: int = 0,
     progress: Progress | None = None,
     resume: bool = True,
+    patience: int = 0,
 ) -> dict:
-    """Train ``model`` epoch by epoch, keep the best (val AUC) checkpoint in ``out_dir``; see module docstring."""
+    """Train ``model`` epoch by epoch, keep the best (val AUC) checkpoint in ``out_dir``; see module docstring.
+    ``patience`` > 0 stops early, after that many epochs without a better validation AUC (``epochs`` is then
+    the most it trains)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(model)
@@ -235,5 +238,7 @@ def pretrain(
         })
         if progress is not None:
             progress(epoch, steps, total if total is not None else steps, {f"val_{k}": v for k, v in val.items()})
+        if patience > 0 and best_epoch is not None and epoch - best_epoch >= patience:
+            break
     return {"epochs": history, "best_epoch": best_epoch,
             "best_auc": None if math.isinf(best_auc) else best_auc, "out_dir": str(out)}

@@ -6,6 +6,7 @@ Design notes: docs/design/import-interactions.md
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -173,10 +174,30 @@ def _lookup(orig: np.ndarray, known: np.ndarray, where: Path, what: str, table: 
 # ----------------------------------------------------------------------------- the import
 
 
+@dataclass(frozen=True)
+class RowFilter:
+    """Which interactions to keep, for implicit-feedback protocols (PFedRec's: clicks only, users with at least
+    three, the catalogue = the clicked items)."""
+
+    positives_only: bool = False    # keep the rows whose primary label is 1 (the other rows are dropped)
+    min_user_positives: int = 0     # drop users with fewer positive rows
+    interacted_only: bool = False   # users and items = those in the kept rows (renumbered 0..n-1)
+
+    def apply(self, primary: np.ndarray, u_orig: np.ndarray, i_orig: np.ndarray) -> np.ndarray:
+        """A boolean mask of the rows to keep."""
+        keep = primary == 1 if self.positives_only else np.ones(len(primary), bool)
+        if self.min_user_positives > 0:
+            users, counts = np.unique(u_orig[primary == 1], return_counts=True)
+            keep &= np.isin(u_orig, users[counts >= self.min_user_positives])
+        return keep
+
+
 def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapping, *,
                         users: str | Path | None = None, items: str | Path | None = None,
-                        overwrite: bool = False, progress: Progress | None = None) -> Path:
-    """Convert the files into a canonical dataset at ``out``; return its path."""
+                        overwrite: bool = False, progress: Progress | None = None,
+                        rows: RowFilter | None = None) -> Path:
+    """Convert the files into a canonical dataset at ``out``; return its path. ``rows`` keeps a subset of the
+    interactions (and, with ``interacted_only``, of the users and items)."""
     mapping.validate()
     report = progress or (lambda *step: None)
     src = Path(interactions)
@@ -195,20 +216,33 @@ def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapp
             raise DatasetError(f"{src}: column '{column}' (label {canonical}) holds {int(v[bad][0])}; labels must be "
                                f"0 or 1")
         labels[canonical] = v.astype(np.int8)
+    rows = rows or RowFilter()
+    if rows != RowFilter():
+        primary = labels.get(LABELS[0], next(iter(labels.values())))
+        keep = rows.apply(primary, u_orig, i_orig)
+        if not keep.any():
+            raise DatasetError(f"{src}: no interaction is left after the row filter ({rows})")
+        u_orig, i_orig, ts = u_orig[keep], i_orig[keep], ts[keep]
+        labels = {k: v[keep] for k, v in labels.items()}
 
     user_table, user_orig = _users(users, mapping, u_orig)
     item_table, item_orig = _items(items, mapping, i_orig)
+    if rows.interacted_only:
+        user_table, user_orig = _restrict(user_table, user_orig, u_orig, "user_id")
+        item_table, item_orig = _restrict(item_table, item_orig, i_orig, "video_id")
     uid = _lookup(u_orig, user_orig, src, "user", Path(users) if users else src)
     vid = _lookup(i_orig, item_orig, src, "item", Path(items) if items else src)
     durations = item_table.column("duration").to_numpy()[vid]
 
     # requests: one per (user, timestamp), numbered in (time, original user id) order
     order = np.lexsort((i_orig, u_orig, ts))
+    file_row = order.copy()  # each row's place in the file, which lists a request's items in the order shown
     uid, vid, ts, u_orig, durations = uid[order], vid[order], ts[order], u_orig[order], durations[order]
     labels = {k: v[order] for k, v in labels.items()}
     # unique (time, original user) pairs, in that order, are the requests
     _, request_of_row = np.unique(np.stack([ts, u_orig], axis=1), axis=0, return_inverse=True)
     request_of_row = request_of_row.reshape(-1)
+    position = _positions(request_of_row, file_row)
     day = ts // 86_400_000
     days, starts = np.unique(day, return_index=True)
     bounds = [*starts.tolist(), len(day)]
@@ -224,15 +258,35 @@ def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapp
             m = hi - lo
             exposures = pa.table({
                 "request_id": rid, "user_id": uid[lo:hi], "request_timestamp": ts[lo:hi], "video_id": vid[lo:hi],
-                "rank_index": np.full(m, -1, np.int32), "rerank_index": np.full(m, -1, np.int32),
+                "rank_index": np.full(m, -1, np.int32), "rerank_index": position[lo:hi],
                 "playing_time": np.full(m, -1, np.int64), "duration": durations[lo:hi].astype(np.int64),
                 **{lab: (labels[lab][lo:hi] if lab in labels else np.full(m, -1, np.int8)) for lab in LABELS}})
             writer.write_day(iso, requests=requests, exposures=exposures)
             report(f"{iso}: {m:,} interaction(s)", n, len(days))
         return writer.commit(mapping={"user": mapping.user, "item": mapping.item, "timestamp": mapping.timestamp,
                                       "time_unit": mapping.time_unit, "labels": mapping.labels,
+                                      "row_filter": dataclasses.asdict(rows),
                                       "user_features": user_table.column_names[2:],
                                       "item_columns": mapping.item_columns})
+
+
+def _positions(request_of_row: np.ndarray, file_row: np.ndarray) -> np.ndarray:
+    """Each row's position within its request in the file's order (0 = listed first): the list position the
+    canonical format keeps as ``rerank_index`` (what was shown last before exposure)."""
+    by = np.lexsort((file_row, request_of_row))
+    starts = np.r_[0, np.nonzero(np.diff(request_of_row[by]))[0] + 1]
+    pos = np.arange(len(by)) - np.repeat(starts, np.diff(np.r_[starts, len(by)]))
+    out = np.empty(len(by), np.int32)
+    out[by] = pos
+    return out
+
+
+def _restrict(table: pa.Table, orig: np.ndarray, seen: np.ndarray, new_id: str) -> tuple[pa.Table, np.ndarray]:
+    """The rows of a feature table whose original id occurs in ``seen``, renumbered 0..n-1 in id order."""
+    keep = np.isin(orig, np.unique(seen))
+    table = table.filter(pa.array(keep))
+    return table.set_column(table.column_names.index(new_id), new_id,
+                            pa.array(np.arange(table.num_rows, dtype=np.int64))), orig[keep]
 
 
 def _feature_table(path, id_col: str, columns: dict[str, str] | None, *, what: str, new_id: str,

@@ -158,7 +158,7 @@ def make_partition(ds: Dataset, config: PartitionConfig = PartitionConfig()) -> 
 # ----------------------------------------------------------------------------- loading users' data
 
 
-EXPOSURE_COLS = ["request_id", "user_id", "request_timestamp", "video_id", *LABELS]
+EXPOSURE_COLS = ["request_id", "user_id", "request_timestamp", "video_id", "rerank_index", *LABELS]
 
 
 def read_exposures(ds: Dataset, users: np.ndarray, days: list[str] | None = None) -> pa.Table:
@@ -242,15 +242,17 @@ def split_users(ds: Dataset, users: np.ndarray, split: SplitConfig, *,
         va = np.array([b - 2 for _, b in keep], dtype=np.int64)
         te = np.array([b - 1 for _, b in keep], dtype=np.int64)
         return UserSplits(ex.subset(tr), ex.subset(va), ex.subset(te))
-    return _leave_one_out(ex, starts, ends, split, lookups, seed)
+    return _leave_one_out(ex, starts, ends, split, lookups, seed, exposures.column("rerank_index").to_numpy())
 
 
 def _leave_one_out(ex: Examples, starts, ends, split: SplitConfig, lookups: Lookups,
-                   seed: int) -> UserSplits:
+                   seed: int, position: np.ndarray) -> UserSplits:
     """PFedRec's protocol: per user, the last positive is the test case and the second-last the
     validation case, each ranked against ``split.negatives`` items the user never interacted with; the
     other positives train, each with ``TRAIN_NEGATIVES`` sampled unseen items as negatives (drawn once
-    per seed, at the positive's time, so the training set is fixed and reproducible)."""
+    per seed, at the positive's time, so the training set is fixed and reproducible). Among clicks of one
+    request (same time), the one listed first (``rerank_index``) counts as the latest, as PFedRec's official
+    split ranks ties (pandas' rank(method="first") over the log's order)."""
     primary = ex.labels[:, 0]
     n_items = len(lookups.item_table)
     rows = {"train": [], "val": [], "test": []}
@@ -258,6 +260,7 @@ def _leave_one_out(ex: Examples, starts, ends, split: SplitConfig, lookups: Look
         pos = a + np.nonzero(primary[a:b] == 1)[0]
         if len(pos) < 3:
             continue
+        pos = pos[np.lexsort((-position[pos], ex.request_timestamp[pos]))]
         u = int(ex.user_id[a])
         seen = np.unique(ex.video_id[a:b])
         train_pos = pos[:-2]
@@ -303,5 +306,8 @@ def sample_unseen(n_items: int, seen: np.ndarray, k: int, rng: np.random.Generat
     while len(out) < k:
         cand = rng.integers(0, n_items, size=2 * (k - len(out)) + 8)
         cand = cand[~np.isin(cand, seen) & ~np.isin(cand, out)]
-        out = np.r_[out, np.unique(cand)[: k - len(out)]]
+        _, first = np.unique(cand, return_index=True)
+        # distinct, in the order drawn: np.unique alone sorts, and keeping its smallest ids would favour
+        # low ids (in an import renumbered by original id, the oldest and most popular items)
+        out = np.r_[out, cand[np.sort(first)][: k - len(out)]]
     return out[:k]

@@ -18,6 +18,10 @@ class Algorithm:
     finetune_before_eval: bool = False  # PFedRec-style: fine-tune the received shared part locally, then score
     centralized: bool = False     # pooled training outside the federation (upper bound)
     description: str = ""
+    collaborative: bool = False   # a published id-based recommender (recmodels.collaborative): no foundation
+    # the algorithm's own settings (dashed configuration keys), as its paper's official code sets them: they
+    # replace the configuration's defaults, never a value the user gave (`common.config.with_recipe`)
+    recipe: tuple[tuple[str, object], ...] = ()
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
@@ -25,13 +29,25 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
     Algorithm("local", "local", communicates=False, description="private LoRA + private head, no communication"),
     Algorithm("fedavg-lora", "fedavg-lora", description="one shared LoRA and head, averaged (FedAvg)"),
     Algorithm("fedper", "fedper", description="shared LoRA body, private head (FedPer)"),
-    Algorithm("pfedrec", "fedper", finetune_before_eval=True,
-              description="shared LoRA fine-tuned locally before scoring, private head (PFedRec's dual "
-                          "personalization)"),
+    Algorithm("fedper-ft", "fedper", finetune_before_eval=True,
+              description="FedPer whose shared LoRA body is fine-tuned locally before scoring (PFedRec's dual "
+                          "personalization on adapters; fedpa called it pfedrec before 2026-12)"),
     Algorithm("ditto", "ditto", ditto=True, description="global LoRA (FedAvg) + personal LoRA with a proximal term"),
     Algorithm("foundation", None, communicates=False, description="the frozen foundation, no adaptation"),
     Algorithm("centralized", "fedpa", communicates=False, centralized=True,
               description="FedPA's model trained on pooled private data (upper bound)"),
+    # the published federated recommenders, without a foundation (recmodels/collaborative.py)
+    Algorithm("fedmf", None, collaborative=True, recipe=(("lr", 0.01), ("batch-size", 256)),
+              description="FedMF / FedNCF's GMF: private user embedding, shared item embeddings and biases averaged "
+                          "per row over their readers"),
+    Algorithm("pfedrec", None, collaborative=True, finetune_before_eval=True,
+              recipe=(("lr", 0.1), ("batch-size", 256), ("local-epochs", 1)),
+              description="PFedRec (IJCAI'23): shared item embeddings averaged over the round's clients, private "
+                          "score function, item table fine-tuned locally before scoring"),
+    Algorithm("fedrap", None, collaborative=True,
+              recipe=(("lr", 0.1), ("batch-size", 2048), ("local-epochs", 10), ("lr-decay", 0.97)),
+              description="FedRAP (ICLR'24): shared item commonality, private additive item personality and score "
+                          "function"),
 ]}
 
 

@@ -19,7 +19,7 @@ from fedpa.foundation.adapters import ditto_penalty, parameter_kinds, set_active
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import masked_bce
 
-from .item_bias import MISSING_ITEMS, ItemBias
+from .item_bias import EMBEDDING, MISSING_ITEMS, USER_VECTOR, ItemBias
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
 
@@ -95,6 +95,9 @@ class _ScorerLoss(nn.Module):
         return loss
 
 
+EMBEDDING_KEY = "embedding"  # the item embeddings among a chunk's tables (`_ChunkRows`)
+
+
 class _ChunkRows:
     """The item-side table rows a chunk of users reads, and the rows' item features as positions in them.
 
@@ -105,31 +108,43 @@ class _ChunkRows:
 
     def __init__(self, item_bias: ItemBias, items: Sequence[torch.Tensor]):
         self.item_bias = item_bias
+        self.keys = list(item_bias.fields) + ([EMBEDDING_KEY] if item_bias.embedding_dim else [])
         zero = items[0].new_zeros(1, items[0].shape[-1])  # padding rows: a zero item, whose rows must exist
         per_data = [item_bias.rows(t) for t in [*items, zero]]
         self.rows = {f: torch.unique(torch.cat([r[j].reshape(-1) for r in per_data]))
-                     for j, f in enumerate(item_bias.fields)}
+                     for j, f in enumerate(self.keys)}
 
     def local(self, items: torch.Tensor) -> torch.Tensor:
-        """[..., F] raw item features -> [..., tables] positions into each table's rows read."""
+        """[..., F] raw item features -> [..., tables] positions into each table's rows read (the embeddings'
+        last)."""
         return torch.stack([torch.searchsorted(self.rows[f], r)
-                            for f, r in zip(self.item_bias.fields, self.item_bias.rows(items))], dim=-1)
+                            for f, r in zip(self.keys, self.item_bias.rows(items))], dim=-1)
 
 
 class _CompactTables(nn.Module):
-    """Item-side offsets read from tables compacted to a chunk's rows (the per-user copies are passed in
-    by `functional_call` under the names `ItemBias` uses)."""
+    """Item-side offsets (and item embeddings times the user's vector) read from tables compacted to a chunk's
+    rows (the per-user copies are passed in by `functional_call` under the names `ItemBias` uses)."""
 
-    def __init__(self, fields: Sequence[str], n_out: int):
+    def __init__(self, item_bias: ItemBias):
         super().__init__()
-        self.fields = list(fields)
-        self.tables = nn.ParameterDict({f: nn.Parameter(torch.zeros(1, n_out)) for f in self.fields})
+        self.fields = list(item_bias.fields)
+        self.n_out = item_bias.n_out
+        self.tables = nn.ParameterDict({f: nn.Parameter(torch.zeros(1, self.n_out)) for f in self.fields})
+        self.embedding_dim = item_bias.embedding_dim
+        if self.embedding_dim:
+            self.embedding = nn.Parameter(torch.zeros(1, self.embedding_dim))
+            self.user = nn.Parameter(torch.zeros(1, self.embedding_dim))   # one user's vector (slot 0)
 
     def forward(self, local: torch.Tensor) -> torch.Tensor:
         out = None
         for j, f in enumerate(self.fields):
             v = self.tables[f][local[..., j]]
             out = v if out is None else out + v
+        if self.embedding_dim:
+            dot = (self.embedding[local[..., -1]] * self.user[0]).sum(-1)
+            if out is None:
+                out = dot.new_zeros(*dot.shape, self.n_out)
+            out = torch.cat([out[..., :1] + dot.unsqueeze(-1), out[..., 1:]], dim=-1)
         return out
 
 
@@ -139,7 +154,7 @@ class _CompactScorer(nn.Module):
     def __init__(self, tower: nn.Module, item_bias: ItemBias):
         super().__init__()
         self.tower = tower
-        self.item_bias = _CompactTables(item_bias.fields, next(iter(item_bias.tables.values())).shape[1])
+        self.item_bias = _CompactTables(item_bias)
 
     def forward(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         return self.tower(x) + self.item_bias(local)
@@ -184,6 +199,11 @@ class CohortEngine:
             for f, tensor in self.pm.item_bias.tables.items():
                 local = f"item_bias.tables.{f}"
                 by_param[local] = _Param(local, tensor, "rows", shared_key=ITEM_BIAS_PREFIX + f, field=f)
+            if self.pm.item_bias.embedding_dim:
+                by_param["item_bias.embedding"] = _Param("item_bias.embedding", self.pm.item_bias.embedding, "rows",
+                                                         shared_key=EMBEDDING, field=EMBEDDING_KEY)
+                by_param["item_bias.user"] = _Param("item_bias.user", self.pm.item_bias.user, "slot",
+                                                    private_key=USER_VECTOR)
         trainable = {n for n, p in self.pm.scorer.named_parameters() if p.requires_grad}
         missing = trainable - set(by_param)
         if missing:

@@ -9,7 +9,11 @@ sums (`MetricSums`); the server adds the vectors of all clients and derives:
 - GAUC: mean of per-user AUCs (exact, computed by each client) over users with
   both classes, and the impression-weighted variant,
 - LogLoss, precision/recall/F1 at 0.5 (sklearn 'weighted', from the confusion counts),
-- HR@10 / NDCG@10 for leave-one-out ranking cases (exact, per case).
+- HR@K / NDCG@K / MRR@K for K in `RANK_KS`, for leave-one-out ranking cases (exact, per case; a negative
+  scored equal to the held-out item ranks above it, as PFedRec's scorer counts ties),
+- the spread over users: a histogram of each user's own metric (AUC, or NDCG@10 for ranking cases) and,
+  when the client passes the frozen foundation's scores as a reference, of each user's change against it
+  (quantiles and the share of users who lose or gain).
 
 No score or label leaves a client individually: only counts and sums.
 """
@@ -23,9 +27,17 @@ from fedpa.foundation import metrics as M
 BINS = 8192
 LOGIT_RANGE = 16.0
 EPS = 1e-7
+RANK_KS = (5, 10, 20)
+USER_BINS = 100    # per-user metric in [0, 1]
+DELTA_BINS = 200   # per-user change against the reference in [-1, 1]
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 _SCALARS = ("n", "logloss_sum", "gauc_sum", "gauc_users", "gauc_wsum", "gauc_weight",
-            "tp", "fp", "fn", "tn", "cases", "hr_sum", "ndcg_sum")
-SIZE = 2 * BINS + len(_SCALARS)
+            "tp", "fp", "fn", "tn", "cases",
+            *(f"{m}@{k}_sum" for k in RANK_KS for m in ("hr", "ndcg", "mrr")),
+            "users_ranked", "users_referenced", "users_worse", "users_better", "delta_sum")
+_USERS = 2 * BINS + len(_SCALARS)            # histogram of per-user metric
+_DELTAS = _USERS + USER_BINS                 # histogram of per-user change against the reference
+SIZE = _DELTAS + DELTA_BINS
 
 
 def _bin(probs: np.ndarray) -> np.ndarray:
@@ -51,17 +63,25 @@ class MetricSums:
         self.v += other.v
         return self
 
-    def add_user(self, labels: np.ndarray, probs: np.ndarray, group_size: int = 1) -> None:
+    def add_user(self, labels: np.ndarray, probs: np.ndarray, group_size: int = 1,
+                 reference: np.ndarray | None = None) -> None:
         """One user's rows: binary labels (rows with label < 0 are ignored) and predicted probabilities.
-        ``group_size`` > 1: rows come in ranking cases of one target followed by sampled negatives."""
+        ``group_size`` > 1: rows come in ranking cases of one target followed by sampled negatives.
+        ``reference``: the same rows scored by a reference model (the frozen foundation), for the
+        distribution of per-user changes."""
         labels = np.asarray(labels)
         probs = np.asarray(probs, np.float64)
         if group_size > 1 and len(probs):
             cases = probs.reshape(-1, group_size)
-            r = M.hit_ndcg_at_k(cases[:, 0], cases[:, 1:], k=10)
+            ranks = (cases[:, 1:] >= cases[:, :1]).sum(axis=1)
             self._add("cases", len(cases))
-            self._add("hr_sum", r["hr"] * len(cases))
-            self._add("ndcg_sum", r["ndcg"] * len(cases))
+            for k in RANK_KS:
+                hit = ranks < k
+                self._add(f"hr@{k}_sum", float(hit.sum()))
+                self._add(f"ndcg@{k}_sum", float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).sum()))
+                self._add(f"mrr@{k}_sum", float(np.where(hit, 1.0 / (ranks + 1.0), 0.0).sum()))
+            mine = _user_ranking(probs, group_size)
+            self._add_user_value(mine, None if reference is None else _user_ranking(reference, group_size))
         seen = labels >= 0
         y, p = labels[seen].astype(np.int64), probs[seen]
         if not len(y):
@@ -78,11 +98,43 @@ class MetricSums:
             self._add("gauc_users", 1)
             self._add("gauc_wsum", a * len(y))
             self._add("gauc_weight", len(y))
+            if group_size <= 1:
+                ref = None if reference is None else M.auc(y, np.asarray(reference, np.float64)[seen])
+                self._add_user_value(a, ref)
         pred = p >= 0.5
         self._add("tp", float(np.sum(pred & (y == 1))))
         self._add("fp", float(np.sum(pred & (y == 0))))
         self._add("fn", float(np.sum(~pred & (y == 1))))
         self._add("tn", float(np.sum(~pred & (y == 0))))
+
+    def _add_user_value(self, value: float, reference: float | None) -> None:
+        self._add("users_ranked", 1)
+        self.v[_USERS + min(int(value * USER_BINS), USER_BINS - 1)] += 1
+        if reference is not None:
+            d = value - reference
+            self._add("users_referenced", 1)
+            self._add("delta_sum", d)
+            self._add("users_worse", float(d < -1e-12))
+            self._add("users_better", float(d > 1e-12))
+            self.v[_DELTAS + min(int((d + 1.0) / 2.0 * DELTA_BINS), DELTA_BINS - 1)] += 1
+
+    def per_user(self) -> dict[str, float]:
+        """The spread over users: quantiles of each user's own metric and of its change against the
+        reference (from histograms: exact to the bin width, 0.01), the share of users who lose or gain."""
+        out: dict[str, float] = {}
+        n = self.get("users_ranked")
+        if n:
+            hist = self.v[_USERS:_USERS + USER_BINS]
+            out.update({f"p{round(q * 100)}": _quantile(hist, q, 0.0, 1.0) for q in QUANTILES})
+            out["users"] = n
+        m = self.get("users_referenced")
+        if m:
+            hist = self.v[_DELTAS:_DELTAS + DELTA_BINS]
+            out.update({f"change_p{round(q * 100)}": _quantile(hist, q, -1.0, 1.0) for q in QUANTILES})
+            out["change_mean"] = self.get("delta_sum") / m
+            out["share_worse"] = self.get("users_worse") / m
+            out["share_better"] = self.get("users_better") / m
+        return out
 
     def finalize(self) -> dict[str, float]:
         pos, neg = self.v[:BINS], self.v[BINS:2 * BINS]
@@ -103,10 +155,35 @@ class MetricSums:
         out.update(prf)
         cases = self.get("cases")
         if cases:
-            out["hr@10"] = self.get("hr_sum") / cases
-            out["ndcg@10"] = self.get("ndcg_sum") / cases
+            for k in RANK_KS:
+                for m in ("hr", "ndcg", "mrr"):
+                    out[f"{m}@{k}"] = self.get(f"{m}@{k}_sum") / cases
             out["cases"] = cases
+        spread = self.per_user()
+        if spread:
+            out["per_user"] = spread
         return out
+
+
+def _user_ranking(probs: np.ndarray, group_size: int) -> float:
+    """A user's NDCG@10 over its ranking cases (the per-user metric of leave-one-out)."""
+    cases = np.asarray(probs, np.float64).reshape(-1, group_size)
+    ranks = (cases[:, 1:] >= cases[:, :1]).sum(axis=1)
+    return float(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+
+
+def _quantile(hist: np.ndarray, q: float, lo: float, hi: float) -> float:
+    """The q-quantile of values binned uniformly over [lo, hi], interpolated linearly within its bin."""
+    total = hist.sum()
+    if not total:
+        return float("nan")
+    cum = np.cumsum(hist)
+    target = q * total
+    b = int(np.searchsorted(cum, target, side="left"))
+    before = cum[b - 1] if b else 0.0
+    frac = (target - before) / hist[b] if hist[b] else 0.0
+    width = (hi - lo) / len(hist)
+    return float(lo + (b + frac) * width)
 
 
 def _weighted_prf(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:

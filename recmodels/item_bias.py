@@ -18,6 +18,12 @@ server learns which categories a one-user node saw; with it, only per-row sums.
 Rows follow the foundation's own embedding tables (`foundation.model.bounded_rows`: the id when it
 fits, a hash otherwise), so a field means the same rows here as in the foundation. A user's merged
 model carries its tables in `WithItemBias` (what `fedpa export` traces). Plain PyTorch.
+
+*Item representations* (``embedding_dim`` > 0, FedPA option ``item-embedding-dim``): beside the offsets,
+shared item embeddings E keyed by the video id (aggregated per row like the tables) and a private user
+vector p (one per user slot, never leaving the client) add p·E[item] to the primary task's logit: the
+collaborative signal of federated matrix factorisation (FedMF, PFedRec) inside FedPA. E starts small and
+random, p at zero, so an untrained model scores exactly as the foundation does.
 """
 
 from __future__ import annotations
@@ -33,7 +39,11 @@ from fedpa.foundation.config import CATEGORICAL_ITEM_FIELDS, ConfigError, Founda
 from fedpa.foundation.model import FoundationModel, FoundationOutput, bounded_rows
 
 PREFIX = "item_bias."
-"""Shared entry names: ``item_bias.<field>``."""
+"""Shared entry names: ``item_bias.<field>``; the item embeddings ``item_bias.embedding``."""
+EMBEDDING = PREFIX + "embedding"
+USER_VECTOR = PREFIX + "user"
+"""The private entry of a user's vector (per user slot)."""
+EMBEDDING_FIELD = "video_id"
 
 MISSING_ITEMS = ("this model has item-side offsets (item-bias-fields) and needs the rows' item features; the rows "
                  "were cached without them (rebuild the feature cache)")
@@ -43,40 +53,78 @@ PER_ROW = "per-row"
 
 
 class ItemBias(nn.Module):
-    """Σ over ``fields`` of table_f[row of the item's f value]: logit offsets [..., n_out], zero at init."""
+    """Σ over ``fields`` of table_f[row of the item's f value] (logit offsets [..., n_out], zero at init), plus
+    with ``embedding_dim`` > 0 the user vector times the item's embedding on the first output."""
 
-    def __init__(self, config: FoundationConfig, fields: Sequence[str], n_out: int):
+    def __init__(self, config: FoundationConfig, fields: Sequence[str], n_out: int, *, embedding_dim: int = 0,
+                 user_slots: int = 1, seed: int = 0, max_rows: int = 0):
+        """``max_rows`` > 0 bounds the tables keyed by the video id (ids hashed into that many rows), so that
+        what a client uploads, masked under secure aggregation, stays small."""
         super().__init__()
         fields = list(dict.fromkeys(fields))
         bad = [f for f in fields if f not in CATEGORICAL_ITEM_FIELDS]
-        if bad or not fields:
+        if bad or not (fields or embedding_dim > 0):
             raise ConfigError(f"item-bias fields must be categorical item fields "
                               f"({', '.join(CATEGORICAL_ITEM_FIELDS)}), "
                               f"got {', '.join(bad) if bad else 'none'}")
         self.fields = fields
         self.columns = [ITEM_FIELDS.index(f) for f in fields]
-        self.sizes = [config.table_size(f) for f in fields]
-        self.hash_all = [config.hashes_all(f) for f in fields]
+        def size(f: str) -> int:
+            n = config.table_size(f)
+            return min(n, int(max_rows)) if max_rows and f == EMBEDDING_FIELD else n
+
+        def hash_all(f: str) -> bool:
+            return config.hashes_all(f) or size(f) < config.table_size(f)
+
+        self.sizes = [size(f) for f in fields]
+        self.hash_all = [hash_all(f) for f in fields]
         self.tables = nn.ParameterDict({f: nn.Parameter(torch.zeros(n, n_out)) for f, n in zip(fields, self.sizes)})
+        self.n_out = int(n_out)
+        self.embedding_dim = int(embedding_dim)
+        if self.embedding_dim > 0:
+            self.emb_column = ITEM_FIELDS.index(EMBEDDING_FIELD)
+            self.emb_size = size(EMBEDDING_FIELD)
+            self.emb_hash_all = hash_all(EMBEDDING_FIELD)
+            g = torch.Generator().manual_seed(int(seed) + 7_777)
+            scale = 0.1 / self.embedding_dim ** 0.5
+            self.embedding = nn.Parameter(scale * torch.randn(self.emb_size, self.embedding_dim, generator=g))
+            self.user = nn.Parameter(torch.zeros(int(user_slots), self.embedding_dim))
+
+    @property
+    def table_names(self) -> list[str]:
+        """Every per-row entry: the offset tables, then the embeddings."""
+        return [PREFIX + f for f in self.fields] + ([EMBEDDING] if self.embedding_dim else [])
 
     def rows(self, items: torch.Tensor) -> list[torch.Tensor]:
-        """Per field, the table row each item reads (``items``: [..., len(ITEM_FIELDS)] raw values)."""
-        return [bounded_rows(items[..., c], n, h) for c, n, h in zip(self.columns, self.sizes, self.hash_all)]
+        """Per field, the table row each item reads (``items``: [..., len(ITEM_FIELDS)] raw values); the
+        embedding rows last."""
+        out = [bounded_rows(items[..., c], n, h) for c, n, h in zip(self.columns, self.sizes, self.hash_all)]
+        if self.embedding_dim:
+            out.append(bounded_rows(items[..., self.emb_column], self.emb_size, self.emb_hash_all))
+        return out
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
+    def forward(self, items: torch.Tensor, slot: torch.Tensor | int = 0) -> torch.Tensor:
+        rows = self.rows(items)
         out = None
-        for f, r in zip(self.fields, self.rows(items)):
+        for f, r in zip(self.fields, rows):
             v = self.tables[f][r]
             out = v if out is None else out + v
+        if self.embedding_dim:
+            u = self.user[slot] if isinstance(slot, torch.Tensor) else self.user[int(slot)]
+            dot = (self.embedding[rows[-1]] * u).sum(-1)
+            if out is None:
+                out = dot.new_zeros(*dot.shape, self.n_out)
+            out = torch.cat([out[..., :1] + dot.unsqueeze(-1), out[..., 1:]], dim=-1)
         return out
 
     def touched_rows(self, items: torch.Tensor) -> dict[str, np.ndarray]:
         """Shared entry name -> [rows] float32, 1 where these items read the row: one user's row counts."""
         out = {}
-        for f, n, r in zip(self.fields, self.sizes, self.rows(items)):
+        sizes = self.sizes + ([self.emb_size] if self.embedding_dim else [])
+        for name, n, r in zip(self.table_names, sizes, self.rows(items)):
             seen = np.zeros(n, np.float32)
             seen[r.reshape(-1).numpy()] = 1.0
-            out[PREFIX + f] = seen
+            out[name] = seen
         return out
 
 

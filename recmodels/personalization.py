@@ -31,7 +31,7 @@ from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import FoundationModel, masked_bce
 
 from .algorithms import ALGORITHMS, Algorithm, get_algorithm  # noqa: F401  (re-exported)
-from .item_bias import MISSING_ITEMS, PER_ROW, ItemBias
+from .item_bias import EMBEDDING, MISSING_ITEMS, PER_ROW, USER_VECTOR, ItemBias
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 
 
@@ -79,12 +79,12 @@ class Scorer(torch.nn.Module):
         self.tower = tower
         self.item_bias = item_bias
 
-    def forward(self, x: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, items: torch.Tensor | None = None, slot: torch.Tensor | int = 0) -> torch.Tensor:
         logits = self.tower(x)
         if self.item_bias is not None:
             if items is None:
                 raise FedpaError(MISSING_ITEMS)
-            logits = logits + self.item_bias(items)
+            logits = logits + self.item_bias(items, slot)
         return logits
 
 
@@ -98,11 +98,13 @@ class PersonalModel:
 
     def __init__(self, foundation: FoundationModel, algorithm: Algorithm, *, seed: int = 0,
                  user_slots: int = 1, host: torch.nn.Module | None = None,
-                 item_bias_fields: tuple[str, ...] | list[str] = (), **adapter_overrides):
+                 item_bias_fields: tuple[str, ...] | list[str] = (), item_embedding_dim: int = 0,
+                 item_rows: int = 0, **adapter_overrides):
         """``host``: personalize a stage head instead of the foundation's tower
         (`recmodels.stages.pointwise.StageHost`, scoring the same cached tower inputs).
         ``item_bias_fields``: shared item-side logit offsets keyed by these item fields
-        (`recmodels.item_bias`; FedPA's model only)."""
+        (`recmodels.item_bias`; FedPA's model only). ``item_embedding_dim`` > 0: shared item embeddings and
+        a private user vector beside them (the same module)."""
         self.algorithm = algorithm
         self.foundation = foundation
         self.host = host
@@ -124,13 +126,18 @@ class PersonalModel:
             self.group_attributes = list(cfg.group_attributes)
             self._index_parameters()
         self.item_bias = None
-        if item_bias_fields:
+        if item_bias_fields or item_embedding_dim:
             if algorithm.preset != "fedpa" or host is not None:
-                raise FedpaError(f"item-bias-fields is a FedPA option for the foundation's scorer (algorithm "
+                raise FedpaError(f"item-side tables are a FedPA option for the foundation's scorer (algorithm "
                                  f"'{algorithm.name}'{', a stage head' if host is not None else ''})")
-            self.item_bias = ItemBias(foundation.config, item_bias_fields, len(self.task_columns))
+            self.item_bias = ItemBias(foundation.config, item_bias_fields, len(self.task_columns),
+                                      embedding_dim=item_embedding_dim, user_slots=user_slots, seed=seed,
+                                      max_rows=item_rows)
             for f, p in self.item_bias.tables.items():
                 self._shared[ITEM_BIAS_PREFIX + f] = (p, None, PER_ROW)
+            if item_embedding_dim:
+                self._shared[EMBEDDING] = (self.item_bias.embedding, None, PER_ROW)
+                self._private[USER_VECTOR] = (self.item_bias.user, True)
         self.scorer = Scorer(self.tower, self.item_bias)
         self.group_columns = [foundation.config.user_fields.index(a) for a in self.group_attributes]
         self.initial_private = self.get_private(0) if self._private else {}
@@ -187,7 +194,7 @@ class PersonalModel:
     def count_terms(self) -> int:
         """Counts beside the global one that a user's contribution moves by a unit norm each: one per
         group attribute, one per item-side table (`common.privacy.sensitivity`)."""
-        return len(self.group_attributes) + (len(self.item_bias.fields) if self.item_bias is not None else 0)
+        return len(self.group_attributes) + (len(self.item_bias.table_names) if self.item_bias is not None else 0)
 
     def group_values(self, profile: np.ndarray) -> dict[str, int]:
         return {a: int(profile[c]) for a, c in zip(self.group_attributes, self.group_columns)}
@@ -232,7 +239,7 @@ class PersonalModel:
 
     def _loss(self, data: UserTensors, groups, slot) -> torch.Tensor:
         with self._route(len(data), groups, slot):
-            logits = self.scorer(data.features, data.items)
+            logits = self.scorer(data.features, data.items, slot)
         return masked_bce(logits, data.labels[:, self.task_columns])
 
     def _optimizer(self, train: LocalTraining) -> torch.optim.Adam:
@@ -250,8 +257,9 @@ class PersonalModel:
         return self.item_bias.touched_rows(data.items)
 
     def train_user(self, data: UserTensors, profile: np.ndarray, train: LocalTraining, *,
-                   seed: int, slot: int = 0) -> dict[str, float]:
-        """Local epochs for one user; returns the mean training loss and the example count."""
+                   seed: int, slot: int = 0, exclude: np.ndarray | None = None) -> dict[str, float]:
+        """Local epochs for one user; returns the mean training loss and the example count. (``exclude``: items
+        a model that samples its own negatives must not draw; these rows come with theirs.)"""
         if self.model is None or train.epochs == 0 or len(data) == 0:
             return {"loss": float("nan"), "n": float(len(data))}
         groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
@@ -268,7 +276,7 @@ class PersonalModel:
     @torch.no_grad()
     def _calibrate_user_bias(self, data: UserTensors, groups, slot: int) -> None:
         with self._route(len(data), groups, slot):
-            logits = self.scorer(data.features, data.items)
+            logits = self.scorer(data.features, data.items, slot)
         bias, per_slot = self._private[self.user_bias_key]
         (bias[slot] if per_slot else bias).copy_(
             calibrated_bias(logits, data.labels[:, self.task_columns]).to(bias.dtype))
@@ -306,11 +314,22 @@ class PersonalModel:
             set_active_paths(self.model, paths)
         try:
             with self._route(len(data), groups, slot):
-                logits = self.scorer(data.features, data.items)
+                logits = self.scorer(data.features, data.items, slot)
         finally:
             if self.model is not None:
                 set_active_paths(self.model, None)
         return torch.sigmoid(logits[:, 0]).numpy()
+
+    @torch.no_grad()
+    def reference_scores(self, data: UserTensors) -> np.ndarray:
+        """Probability of the primary task by the frozen foundation alone (adapters and item tables off):
+        the reference each user's personalized scores are compared with."""
+        if len(data) == 0:
+            return np.zeros(0, np.float32)
+        if self.model is None:
+            return torch.sigmoid(self.tower(data.features)[:, 0]).numpy()
+        with self.model.disable_adapter():
+            return torch.sigmoid(self.tower(data.features)[:, 0]).numpy()
 
     @torch.no_grad()
     def example_losses(self, data: UserTensors, profile: np.ndarray, slot: int = 0) -> np.ndarray:
@@ -319,7 +338,7 @@ class PersonalModel:
             return np.zeros(0, np.float32)
         groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
         with self._route(len(data), groups, slot):
-            logits = self.scorer(data.features, data.items)
+            logits = self.scorer(data.features, data.items, slot)
         y = data.labels[:, self.task_columns]
         seen = y >= 0
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.clamp(min=0), reduction="none")
@@ -368,7 +387,7 @@ class PersonalModel:
             sl = slice(s, s + 4096)
             part = data.rows(sl)
             with self._route(len(part), groups[sl], slots[sl]):
-                out.append(torch.sigmoid(self.scorer(part.features, part.items)[:, 0]))
+                out.append(torch.sigmoid(self.scorer(part.features, part.items, slots[sl])[:, 0]))
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 

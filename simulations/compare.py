@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpa.common.config import FederationConfig
+from fedpa.common.config import FederationConfig, with_recipe
 from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
 
 # Ablations of FedPA: name -> config overrides
@@ -43,14 +43,19 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fedpa-private-head": {"algorithm": "fedpa", "head": "private"},
 }
 TABLE_METRICS = ("auc", "gauc", "logloss", "f1")
-RANK_METRICS = ("hr@10", "ndcg@10")
+RANK_METRICS = ("hr@10", "ndcg@10", "mrr@10")
+SPREAD = ("p10", "p50", "p90", "share_worse")  # per-user metric quantiles; share of users below the foundation
 
 
-def variant_config(base: FederationConfig, variant: str, seed: int, root: Path) -> FederationConfig:
+def variant_config(base: FederationConfig, variant: str, seed: int, root: Path,
+                   given: set[str] | frozenset[str] = frozenset()) -> FederationConfig:
+    """The configuration of one run: the base, the variant's overrides, and the algorithm's recipe for the keys
+    the user did not give (``given``)."""
     overrides = dict(ABLATIONS.get(variant, {"algorithm": variant}))
     if variant.startswith("fedpa-rank"):
         overrides = {"algorithm": "fedpa", "rank": int(variant.removeprefix("fedpa-rank"))}
-    return replace(base, seed=seed, run_dir=str(root / variant / f"seed-{seed}"), **overrides)
+    cfg = replace(base, seed=seed, run_dir=str(root / variant / f"seed-{seed}"), **overrides)
+    return with_recipe(cfg, set(given) | {k.replace("_", "-") for k in overrides})
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -67,6 +72,8 @@ def aggregate(summaries: dict[str, list[dict]]) -> dict[str, dict]:
         metrics = TABLE_METRICS + (RANK_METRICS if any("hr@10" in r["test"] for r in runs) else ())
         for m in metrics:
             row[m] = mean_std([r["test"].get(m) for r in runs])
+        for q in SPREAD:
+            row[f"user_{q}"] = mean_std([r["test"].get("per_user", {}).get(q) for r in runs])
         row["best_round"] = [r["best_round"] for r in runs]
         row["bytes_up_per_client_round"] = mean_std([r["bytes_up_per_client_round"] for r in runs])[0]
         row["bytes_down_per_client_round"] = mean_std([r["bytes_down_per_client_round"] for r in runs])[0]
@@ -87,10 +94,16 @@ def _fmt(ms: tuple[float, float], digits: int = 4) -> str:
 def markdown_table(table: dict[str, dict]) -> str:
     rank = any("hr@10" in row for row in table.values())
     metrics = TABLE_METRICS + (RANK_METRICS if rank else ())
-    head = ["algorithm", *[f"test {m}" for m in metrics], "KB up / client / round", "s / round", "best round"]
+    per_user = "NDCG@10" if rank else "AUC"
+    head = ["algorithm", *[f"test {m}" for m in metrics], f"per-user {per_user} p10 / p50 / p90",
+            "users below foundation", "KB up / client / round", "s / round", "best round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, row in table.items():
-        cells = [variant, *[_fmt(row[m]) for m in metrics], f"{row['bytes_up_per_client_round'] / 1024:.1f}",
+        spread = " / ".join("n/a" if math.isnan(row[f"user_{q}"][0]) else f"{row[f'user_{q}'][0]:.3f}"
+                            for q in ("p10", "p50", "p90"))
+        worse = row["user_share_worse"][0]
+        cells = [variant, *[_fmt(row[m]) for m in metrics], spread, "–" if math.isnan(worse) else f"{worse:.1%}",
+                 f"{row['bytes_up_per_client_round'] / 1024:.1f}",
                  f"{row['seconds_per_round']:.1f}", ",".join(str(b) for b in row["best_round"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -130,9 +143,11 @@ def plot_comparison(table: dict[str, dict], summaries: dict[str, list[dict]], ou
 
 
 def compare(base: FederationConfig, variants: list[str], seeds: list[int], root: str | Path, *,
-            cohort_size: int = 0, run_one=None, on_start=None, progress=None) -> dict[str, Any]:
+            cohort_size: int = 0, run_one=None, on_start=None, progress=None,
+            given: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
     """Run every (variant, seed); write ROOT/compare.{md,json,png}. ``run_one(cfg)`` runs one configuration
-    (defaults to `simulations.simulate.simulate`)."""
+    (defaults to `simulations.simulate.simulate`). ``given``: the keys the user set, which no algorithm's
+    recipe replaces."""
     from fedpa.simulations.simulate import simulate
 
     root = Path(root)
@@ -140,7 +155,7 @@ def compare(base: FederationConfig, variants: list[str], seeds: list[int], root:
     summaries: dict[str, list[dict]] = {}
     for variant in variants:
         for seed in seeds:
-            cfg = variant_config(base, variant, seed, root)
+            cfg = variant_config(base, variant, seed, root, given)
             if on_start:
                 on_start(variant, seed)
             s = run_one(cfg) if run_one else simulate(cfg, cohort_size=cohort_size, progress=progress)

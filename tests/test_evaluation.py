@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from fedpa.foundation import metrics as M
 from fedpa.recmodels.evaluation import MetricSums
@@ -48,3 +49,42 @@ def test_membership_attack_scores_confidence_in_the_true_label():
     s = MetricSums()
     s.add_user(is_member, score)
     assert s.finalize()["auc"] == 1.0
+
+
+def test_ranking_metrics_for_several_k_with_ties_counted_against_the_target():
+    from fedpa.recmodels.evaluation import RANK_KS
+
+    s = MetricSums()
+    # case 1: target first; case 2: three negatives above, one tied (counts above: rank 4); case 3: rank 12
+    cases = [[.9] + [.1] * 19, [.5, .6, .7, .8, .5] + [.1] * 15, [.3] + [.9] * 12 + [.1] * 7]
+    probs = np.concatenate(cases)
+    s.add_user(np.tile([1] + [0] * 19, 3), probs, group_size=20)
+    out = s.finalize()
+    ranks = np.array([0, 4, 12])
+    for k in RANK_KS:
+        hit = ranks < k
+        assert out[f"hr@{k}"] == pytest.approx(hit.mean())
+        assert out[f"ndcg@{k}"] == pytest.approx(np.where(hit, 1 / np.log2(ranks + 2), 0).mean())
+        assert out[f"mrr@{k}"] == pytest.approx(np.where(hit, 1 / (ranks + 1), 0).mean())
+
+
+def test_per_user_spread_and_change_against_a_reference():
+    users = MetricSums()
+    rng = np.random.default_rng(0)
+    own, ref = [], []
+    for i in range(200):
+        y = np.r_[np.ones(5, np.int64), np.zeros(15, np.int64)]
+        p = rng.random(20)
+        r = rng.random(20)
+        users.add_user(y, p, reference=r)
+        own.append(M.auc(y, p))
+        ref.append(M.auc(y, r))
+    spread = users.finalize()["per_user"]
+    own, change = np.array(own), np.array(own) - np.array(ref)
+    for q in (10, 50, 90):
+        assert abs(spread[f"p{q}"] - np.quantile(own, q / 100)) < 0.02           # histogram bins of 0.01
+        assert abs(spread[f"change_p{q}"] - np.quantile(change, q / 100)) < 0.03
+    assert spread["share_worse"] == pytest.approx((change < 0).mean())
+    assert spread["share_better"] == pytest.approx((change > 0).mean())
+    assert spread["change_mean"] == pytest.approx(change.mean())
+    assert spread["users"] == 200

@@ -264,3 +264,13 @@ def test_int8_quantized_model_stays_close():
     assert "DynamicQuantizedLinear" in repr(int8.tower)
     a32, a8 = evaluate(fp32, val)["auc"], evaluate(int8, val)["auc"]
     assert abs(a32 - a8) < 0.01
+
+
+def test_pretraining_stops_after_patience_epochs_without_a_better_validation_auc(tmp_path):
+    m = build("transformer")
+    train, val = _data(m.config)
+    # a learning rate this large overfits the tiny data at once: validation stops improving early
+    hist = pretrain(m, lambda e: train, lambda: val, tmp_path, epochs=30, lr=0.05, seed=0, patience=2)
+    epochs = len(hist["epochs"])
+    assert epochs < 30 and epochs - 1 - hist["best_epoch"] == 2
+    assert all(e["val"]["auc"] <= hist["best_auc"] for e in hist["epochs"])

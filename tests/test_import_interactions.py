@@ -136,3 +136,29 @@ def test_sequences_of_imported_users_never_see_the_future(tmp_path):
     # the test row (the last interaction) sees every earlier click, up to the sequence length
     earlier_clicks = sum(log["click"][:-1])
     assert int(s.test.batch()["hist_mask"].sum()) == min(SEQ_LEN, earlier_clicks)
+
+
+def test_implicit_feedback_filter_and_list_positions(tmp_path):
+    """PFedRec's protocol: clicks only, users with at least two here, the catalogue = the clicked items; each
+    row keeps its place within its request in the file, and leave-one-out holds out the one listed first."""
+    from fedpa.recdata.import_interactions import RowFilter
+    from fedpa.recdata.partition import SplitConfig, split_users
+
+    log = {"uid": [20, 20, 20, 20, 20, 7, 7, 9, 9],
+           "vid": [504, 501, 502, 500, 503, 507, 508, 505, 506],
+           "ts": [T0, T0 + 10, T0 + 20, T0 + 20, T0 + 20, T0, T0 + 1, T0, T0 + 5],
+           "click": [1, 1, 1, 1, 1, 1, 0, 1, 1], "like": [0] * 9}
+    items = {"vid": list(range(500, 510)), "cat1": [1] * 10, "cat2": [10] * 10, "kind": [0] * 10}
+    f = _write(tmp_path, log=log, users={"uid": [7, 9, 20, 33], "level": [1, 1, 3, 2], "seg": [0, 0, 1, 1]},
+               items=items)
+    ds = Dataset(import_interactions(f["log"], tmp_path / "out", MAP, users=f["users"], items=f["items"],
+                                     rows=RowFilter(positives_only=True, min_user_positives=2, interacted_only=True)))
+    assert ds.users().column("orig_user_id").to_pylist() == [9, 20]            # 7 has one click, 33 none
+    assert ds.items().column("orig_video_id").to_pylist() == [500, 501, 502, 503, 504, 505, 506]  # clicked ones
+    ex = ds.day("exposures", "2023-05-25").to_pylist()
+    assert all(r["effective_view"] == 1 for r in ex) and len(ex) == 7
+    last = {r["video_id"]: r["rerank_index"] for r in ex if r["user_id"] == 1 and r["request_timestamp"] == T0 + 20}
+    assert last == {2: 0, 0: 1, 3: 2}                          # file order 502, 500, 503 within the request
+    s = split_users(ds, np.array([1]), SplitConfig("loo", negatives=1), seed=0)
+    assert s.test.video_id[0] == 2 and s.val.video_id[0] == 0  # the request listed 502 first, then 500
+    assert sorted(s.train.video_id[s.train.labels[:, 0] == 1].tolist()) == [1, 3, 4]

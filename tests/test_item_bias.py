@@ -124,7 +124,8 @@ def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_found
     """A central-DP run with item-side tables (per-row weights 1/sqrt(rows read), their unit-norm counts
     covered by the sensitivity; tested in test_cohort.py) completes with ε reported and the tables
     learned; `fedpa export` of it: the ONNX model equals the user's PyTorch scorer (cached-row path:
-    tower + tables), and the tables change its scores."""
+    tower + tables), and the tables change its scores. With item embeddings (bounded to 512 hashed rows)
+    and each user's private vector beside them."""
     from fedpa.client.personal_store import generate_key_file
     from fedpa.client.runtime import ClientRuntime
     from fedpa.foundation.export import onnx_probabilities
@@ -135,6 +136,7 @@ def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_found
     key = generate_key_file(tmp_path / "store.key")
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=1, max_clients=8, use_user_bias=True,
                      item_bias_fields="category_level_one,upload_type", item_bias_lr=0.3,
+                     item_embedding_dim=4, item_rows=512,
                      foundation_logit_scale=0.5,  # the export must carry the scaled head too
                      # small noise: at z = 0.5 the noise on the 8 users' shared head alone can saturate a
                      # user's scores at p = 1, where no comparison of probabilities can see the tables
@@ -151,10 +153,14 @@ def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_found
     _, shared, _ = RunDir(cfg.run_dir).load_checkpoint()
     for entry in ("item_bias.category_level_one", "item_bias.upload_type"):
         assert np.all(np.isfinite(shared[entry])) and float(np.abs(shared[entry]).max()) > 1e-2
+    assert shared["item_bias.embedding"].shape == (512, 4)
+    assert np.abs(shared["item_bias.embedding"] - pm.get_shared()["item_bias.embedding"]).max() > 1e-3
     pm.set_shared(shared)
     from fedpa.client.personal_store import PersonalStore
 
-    pm.set_private(PersonalStore.from_key_file(cfg.personal_store, key).load(user)[0])
+    private = PersonalStore.from_key_file(cfg.personal_store, key).load(user)[0]
+    assert np.abs(private["item_bias.user"]).max() > 1e-3      # the user's own vector moved, and stayed home
+    pm.set_private(private)
     data = rt.user(0)
     test, _, _ = user_batches(cfg, user)
     got = onnx_probabilities(tmp_path / "out" / "model.onnx", test)

@@ -150,3 +150,18 @@ def test_an_open_client_trains_on_its_own_earlier_rows_and_is_scored_on_its_held
     assert len(pretrained_rows) == len(mine.train)
     for held_out in (mine.val, mine.test):
         assert (int(held_out.request_timestamp[0]), int(held_out.video_id[0])) not in pretrained_rows
+
+
+def test_sampled_negatives_are_uniform_over_the_unseen_items():
+    """A regression: the distinct draw used to keep the smallest ids of each batch of candidates, so negatives
+    favoured low ids (in an import renumbered by original id, the oldest and most popular items)."""
+    from fedpa.recdata.partition import sample_unseen
+
+    rng = np.random.default_rng(0)
+    seen = np.array([3, 500, 9_000])
+    draws = np.concatenate([sample_unseen(10_000, seen, 99, rng) for _ in range(300)])
+    assert not np.isin(draws, seen).any()
+    assert abs(draws.mean() - 5_000) < 150                 # uniform over [0, 10,000): mean 5,000, s.e. ~ 17
+    assert abs((draws < 5_000).mean() - 0.5) < 0.02
+    case = sample_unseen(10_000, seen, 99, np.random.default_rng(1))
+    assert len(np.unique(case)) == 99 and not (np.diff(case) > 0).all()   # distinct, in the order drawn

@@ -30,3 +30,20 @@ def test_trained_on_open_users_only_and_loads_frozen(tiny, report_and_dir):
     assert 1 <= report["best_epoch"] + 1 <= 3
     model = load_foundation(out)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_count_popularity_ranks_items_by_their_training_clicks_with_ties_against_the_held_out_item():
+    import numpy as np
+
+    from fedpa.simulations.pretraining import count_scores, metrics_of
+
+    class Rows:  # the two fields count_scores reads
+        def __init__(self, video_id, labels):
+            self.video_id, self.labels = np.array(video_id), np.array(labels, np.int8).reshape(-1, 1)
+
+    train = Rows([1, 1, 1, 2, 3, 3], [1, 1, 0, 1, 0, 1])
+    held = Rows([1, 2, 3, 4], [1, 0, 0, 0])
+    assert count_scores(train, held).tolist() == [2.0, 1.0, 1.0, 0.0]
+    held.user_id = np.zeros(4, np.int64)
+    cases = metrics_of(held, np.array([1.0, 1.0, 0.5, 0.2]), group_size=4)   # a tie with one negative
+    assert cases["hr@10"] == 1.0 and cases["ndcg@10"] == pytest.approx(1 / np.log2(3))   # ranked second

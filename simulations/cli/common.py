@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedpa.common.config import FIELDS, SECTIONS, ConfigValueError, FederationConfig, field_type
+from fedpa.common.config import FIELDS, SECTIONS, ConfigValueError, FederationConfig, field_type, with_recipe
 from fedpa.foundation.errors import FedpaError
 from fedpa.simulations.progress import console
 
@@ -124,6 +124,15 @@ class Settings:
         self.config_file, self.set_items, self.options = config_file, set_items, options
 
     @property
+    def keys(self) -> set[str]:
+        """The configuration keys the user set (dashed), wherever: what an algorithm's recipe never replaces."""
+        keys = set(self.options)
+        if self.config_file is not None:
+            keys |= set(read_toml(self.config_file))
+        keys |= {item.partition("=")[0].strip() for item in self.set_items}
+        return keys
+
+    @property
     def given(self) -> list[str]:
         """The command-line options given (as typed), for commands that refuse them in some modes."""
         out = [f"--{k}" for k in self.options]
@@ -133,9 +142,9 @@ class Settings:
             out.append("--set")
         return out
 
-    def resolve(self, **defaults: Any) -> FederationConfig:
+    def resolve(self, recipe: bool = True, **defaults: Any) -> FederationConfig:
         """The validated configuration; ``defaults`` (dashed or underscored keys) sit below everything the
-        user gave."""
+        user gave, and with ``recipe`` the algorithm's own settings (`with_recipe`) below that too."""
         base = {k.replace("_", "-"): v for k, v in defaults.items() if v is not None}
         if self.config_file is not None:
             base.update(read_toml(self.config_file))
@@ -145,7 +154,8 @@ class Settings:
                 raise ConfigValueError(f"--set takes KEY=VALUE, got '{item}'")
             base[key.strip()] = _toml_value(value.strip())
         base.update(self.options)
-        return FederationConfig.from_run_config(base)
+        cfg = FederationConfig.from_run_config(base)
+        return with_recipe(cfg, self.keys | {k.replace("_", "-") for k in defaults}) if recipe else cfg
 
 
 def read_toml(path: Path) -> dict:
@@ -172,8 +182,19 @@ def print_summary(summary: dict, run_dir: str) -> None:
     t.add_column("metric")
     t.add_column("value")
     for k, v in summary["test"].items():
+        if isinstance(v, dict):
+            continue
         whole = k in ("n", "gauc_users", "cases")
         t.add_row(k, f"{v:,.0f}" if whole else f"{v:.4f}" if isinstance(v, float) else str(v))
+    spread = summary["test"].get("per_user")
+    if spread and "p50" in spread:
+        metric = "NDCG@10" if "hr@10" in summary["test"] else "AUC"
+        t.add_row(f"per-user {metric} p10 / p50 / p90",
+                  f"{spread['p10']:.4f} / {spread['p50']:.4f} / {spread['p90']:.4f} ({spread['users']:,.0f} users)")
+    if spread and "share_worse" in spread:
+        t.add_row("users worse / better than the foundation",
+                  f"{spread['share_worse']:.1%} / {spread['share_better']:.1%} "
+                  f"(mean change {spread['change_mean']:+.4f})")
     t.add_row("bytes up / client / round", f"{summary['bytes_up_per_client_round']:,.0f}")
     t.add_row("bytes down / client / round", f"{summary['bytes_down_per_client_round']:,.0f}")
     t.add_row("seconds / round", f"{summary['seconds_per_round']:.2f}")

@@ -37,7 +37,7 @@ def compare_cmd(
 
     if seeds < 1:
         raise FedpaError(f"--seeds must be at least 1, got {seeds}")
-    cfg = settings.resolve()
+    cfg = settings.resolve(recipe=False)  # each variant gets its algorithm's recipe in compare()
     variants = [a.strip() for a in algorithms.split(",") if a.strip()]
     check_variants(variants)
     if stages is not None:
@@ -54,7 +54,7 @@ def compare_cmd(
             state["task"] = p.task_ids[-1]
 
         result = compare(cfg, variants, list(range(seeds)), out_dir, cohort_size=cohort_size, on_start=on_start,
-                         progress=lambda *a: state["progress"](*a))
+                         progress=lambda *a: state["progress"](*a), given=settings.keys)
         p.advance(overall)
     out.print(result["markdown"])
     out.print(f"table: [bold]{out_dir / 'compare.md'}[/]  plot: [bold]{out_dir / 'compare.png'}[/]")

@@ -86,11 +86,18 @@ def data_import_interactions(
     time_unit: Annotated[str | None, typer.Option(help="ms | s | iso")] = None,
     label: Annotated[list[str] | None,
                      typer.Option(help="canonical=column, e.g. effective_view=is_click (repeatable)")] = None,
+    positives_only: Annotated[bool, typer.Option(help="keep only the rows whose primary label is 1 (implicit "
+                                                      "feedback, as PFedRec's protocol has it)")] = False,
+    min_user_positives: Annotated[int, typer.Option(help="drop users with fewer positive rows")] = 0,
+    interacted_only: Annotated[bool, typer.Option(help="users and items = those in the kept rows (the catalogue "
+                                                       "sampled negatives come from)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing dataset")] = False,
 ):
     """Convert a generic interaction log (+ optional user / item feature tables) with a column mapping."""
-    from fedpa.recdata.import_interactions import Mapping, import_interactions
+    from fedpa.recdata.import_interactions import Mapping, RowFilter, import_interactions
 
+    if min_user_positives < 0:
+        raise FedpaError(f"--min-user-positives must be >= 0, got {min_user_positives}")
     m = Mapping.from_toml(mapping) if mapping else Mapping()
     for attr, value in (("user", user_col), ("item", item_col), ("timestamp", time_col), ("time_unit", time_unit)):
         if value is not None:
@@ -102,7 +109,8 @@ def data_import_interactions(
         m.labels = dict(pairs)
     with progress_bar() as p:
         path = import_interactions(interactions, out_dir, m, users=users, items=items, overwrite=overwrite,
-                                   progress=day_progress(p, "import interactions"))
+                                   progress=day_progress(p, "import interactions"),
+                                   rows=RowFilter(positives_only, min_user_positives, interacted_only))
     _print_stats(path)
 
 

@@ -20,7 +20,9 @@ def pretrain_cmd(
     data: Annotated[Path, typer.Option(help="dataset directory")] = Path("data/small"),
     out_dir: Annotated[Path, typer.Option("--out", help="checkpoint directory to write")] = Path("runs/foundation"),
     arch: Annotated[str, typer.Option(help="transformer | mlp (FedPA's released foundation)")] = "transformer",
-    epochs: Annotated[int, typer.Option(help="passes over the open users' training rows")] = 1,
+    epochs: Annotated[int, typer.Option(help="at most this many passes over the open users' training rows")] = 20,
+    patience: Annotated[int, typer.Option(help="stop after this many epochs without a better validation AUC "
+                                               "(0 = train every epoch; the best epoch is kept either way)")] = 2,
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="examples per step")] = 1024,
     split: Annotated[str, typer.Option(help="by-day | chrono | last | loo")] = "by-day",
@@ -46,6 +48,8 @@ def pretrain_cmd(
         partition = PartitionConfig(seed=seed, activity_attribute=activity_attribute, active_values=values)
     if epochs < 1:
         raise FedpaError(f"--epochs must be at least 1, got {epochs}")
+    if patience < 0:
+        raise FedpaError(f"--patience must be >= 0, got {patience}")
     with progress_bar() as p:
         task = p.add_task("pretrain", total=None)
 
@@ -54,17 +58,21 @@ def pretrain_cmd(
                      description=f"pretrain epoch {epoch + 1}/{epochs} " + " ".join(
                          f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
-        report = pretrain_foundation(data, out_dir, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size,
+        report = pretrain_foundation(data, out_dir, arch=arch, epochs=epochs, patience=patience, lr=lr,
+                                     batch_size=batch_size,
                                      seed=seed, split=split, partition=partition, progress=on_step)
     _print_pretrain(report)
 
 
 def _print_pretrain(report: dict) -> None:
+    ranked = any("hr@10" in m for rows in report["evaluation"].values() for m in rows.values())
     t = Table(title=f"foundation ({report['arch']}, {report['parameters']:,} parameters, "
-                    f"{report['samples_per_second']:.0f} samples/s)")
-    for c in ("held-out rows", "model", "AUC", "GAUC", "LogLoss", "n"):
+                    f"{report['samples_per_second']:.0f} samples/s, best of {report.get('epochs_trained', '?')} "
+                    f"epoch(s): {report['best_epoch'] + 1 if report['best_epoch'] is not None else '-'})")
+    for c in ("held-out rows", "model", "AUC", "GAUC", "LogLoss", *(("HR@10", "NDCG@10") if ranked else ()), "n"):
         t.add_column(c)
     for split, rows in report["evaluation"].items():
         for name, m in rows.items():
-            t.add_row(split, name, f"{m['auc']:.4f}", f"{m['gauc']:.4f}", f"{m['logloss']:.4f}", f"{m['n']:,}")
+            rank = (f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}") if ranked else ()
+            t.add_row(split, name, f"{m['auc']:.4f}", f"{m['gauc']:.4f}", f"{m['logloss']:.4f}", *rank, f"{m['n']:,}")
     out.print(t)

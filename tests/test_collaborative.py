@@ -1,0 +1,143 @@
+"""The published federated recommenders (recmodels/collaborative.py): their update rules as the official code
+has them, their state, and that each learns a small two-taste world through fedpa's own aggregation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedpa.common.aggregation import apply_sums, client_contribution, spec_from, sum_updates
+from fedpa.common.config import FederationConfig, with_recipe
+from fedpa.foundation import metrics as M
+from fedpa.recmodels.algorithms import get_algorithm
+from fedpa.recmodels.collaborative import CFOptions, CollaborativeModel, _normals
+from fedpa.recmodels.personalization import LocalTraining, UserTensors
+
+N_ITEMS, N_USERS = 60, 40
+
+
+def _rows(items: list[int], labels: list[float]) -> UserTensors:
+    it = torch.zeros(len(items), 6, dtype=torch.long)
+    it[:, 0] = torch.tensor(items)
+    lab = torch.full((len(items), 6), -1.0)
+    lab[:, 0] = torch.tensor(labels)
+    return UserTensors(torch.zeros(len(items), 0), lab, it)
+
+
+def two_tastes(seed: int = 0):
+    """Users 0..19 click items 0..29, users 20..39 items 30..59, the first items of a taste most often
+    (popularity 1 / rank); per user 6 training clicks and a held-out one, ranked against 19 items the user never
+    clicked."""
+    rng = np.random.default_rng(seed)
+    popularity = 1.0 / np.arange(1, 31)
+    popularity /= popularity.sum()
+    train, test = {}, {}
+    for u in range(N_USERS):
+        own = np.arange(30) + (30 if u >= 20 else 0)
+        clicks = rng.choice(own, 7, replace=False, p=popularity)
+        unseen = np.setdiff1d(np.arange(N_ITEMS), clicks)
+        train[u] = _rows(clicks[:6].tolist(), [1.0] * 6)
+        test[u] = _rows([int(clicks[6]), *rng.choice(unseen, 19, replace=False).tolist()], [1.0] + [0.0] * 19)
+    return train, test
+
+
+def federate(model: CollaborativeModel, train, test, rounds: int, local: LocalTraining) -> float:
+    """FedAvg rounds through fedpa's aggregation (client_contribution / apply_sums), every user every round;
+    returns the test HR@5."""
+    spec = spec_from(model.shared_spec())
+    state, private = model.get_shared(), {}
+    for r in range(1, rounds + 1):
+        contributions = []
+        for u in range(N_USERS):
+            model.set_shared(state)
+            model.set_private(private.get(u))
+            model.train_user(train[u], None, LocalTraining(**{**local.__dict__, "round": r}), seed=1000 * r + u,
+                             exclude=test[u].items[:1, 0].numpy())
+            private[u] = model.get_private()
+            delta = {k: v - state[k] for k, v in model.get_shared().items()}
+            contributions.append(client_contribution(delta, spec, set(), rows=model.touched_rows(train[u])))
+        state = apply_sums(state, sum_updates(contributions, spec), spec)
+    scores = []
+    for u in range(N_USERS):
+        model.set_shared(state)
+        model.set_private(private[u])
+        scores.append(model.personalized_scores(train[u], [test[u]], None, local, seed=u)[0])
+    s = np.array(scores)
+    return M.hit_ndcg_at_k(s[:, 0], s[:, 1:], 5)["hr"]
+
+
+@pytest.mark.parametrize("name, options, local, rounds", [
+    ("fedmf", {}, LocalTraining(epochs=5, lr=0.05, batch_size=64), 10),
+    ("pfedrec", {}, LocalTraining(epochs=1, lr=0.1, batch_size=256), 20),        # the official settings
+    ("fedrap", {"fedrap_item_lr": 10.0}, LocalTraining(epochs=10, lr=0.1, batch_size=2048), 15),
+])
+def test_each_learns_the_two_tastes(name, options, local, rounds):
+    train, test = two_tastes()
+    model = CollaborativeModel(get_algorithm(name), N_ITEMS, seed=0, options=CFOptions(dim=8, **options))
+    hr = federate(model, train, test, rounds, local)
+    assert hr >= 0.55, hr   # random ranking of 20 candidates: HR@5 = 0.25
+
+
+def test_pfedrec_steps_the_score_function_then_the_items_at_lr_times_items_times_eta():
+    model = CollaborativeModel(get_algorithm("pfedrec"), N_ITEMS, seed=0, options=CFOptions(dim=4, pfedrec_eta=2.0))
+    before_shared, before_private = model.get_shared(), model.get_private()
+    data = _rows([3], [1.0])
+    model.o = CFOptions(dim=4, pfedrec_eta=2.0, resample_negatives=False)   # one positive row, no negatives
+    model.train_user(data, None, LocalTraining(epochs=1, lr=0.1, batch_size=8), seed=0)
+    e0, w0, b0 = (torch.from_numpy(before_shared["cf.item_emb"][3]), torch.from_numpy(before_private["cf.score_w"]),
+                  torch.from_numpy(before_private["cf.score_b"]))
+    p0 = torch.sigmoid(e0 @ w0 + b0[0])
+    w1 = w0 - 0.1 * (p0 - 1) * e0                       # BCE gradient wrt w is (p - y) e
+    b1 = b0 - 0.1 * (p0 - 1)
+    p1 = torch.sigmoid(e0 @ w1 + b1[0])
+    e1 = e0 - 0.1 * N_ITEMS * 2.0 * (p1 - 1) * w1       # then the item, from a fresh forward, at lr * n * eta
+    got_shared, got_private = model.get_shared(), model.get_private()
+    np.testing.assert_allclose(got_private["cf.score_w"], w1.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_shared["cf.item_emb"][3], e1.numpy(), rtol=1e-5, atol=1e-5)
+    untouched = np.delete(np.arange(N_ITEMS), 3)
+    assert np.array_equal(got_shared["cf.item_emb"][untouched], before_shared["cf.item_emb"][untouched])
+
+
+def test_pfedrec_and_fedrap_average_over_the_round_clients_fedmf_over_each_row_readers():
+    assert [g for _, _, g in CollaborativeModel(get_algorithm("pfedrec"), N_ITEMS).shared_spec()] == [None]
+    assert [g for _, _, g in CollaborativeModel(get_algorithm("fedrap"), N_ITEMS).shared_spec()] == [None]
+    fedmf = CollaborativeModel(get_algorithm("fedmf"), N_ITEMS, options=CFOptions(resample_negatives=True))
+    assert {g for _, _, g in fedmf.shared_spec()} == {"per-row"}
+    fedmf.train_user(_rows([1, 2], [1.0, 1.0]), None, LocalTraining(epochs=1, lr=0.01), seed=3)
+    rows = fedmf.touched_rows(_rows([1, 2], [1.0, 1.0]))["cf.item_emb"]
+    assert rows[1] == rows[2] == 1 and rows.sum() == 2 + len(np.unique(fedmf._last_negatives))
+
+
+def test_fedrap_keeps_only_the_trained_personality_rows_and_a_fixed_init_elsewhere():
+    model = CollaborativeModel(get_algorithm("fedrap"), N_ITEMS, seed=5, options=CFOptions(dim=4))
+    model.train_user(_rows([7, 9], [1.0, 1.0]), None, LocalTraining(epochs=2, lr=0.1, batch_size=16, round=3),
+                     seed=0)
+    state = model.get_private()
+    trained = state["cf.personal_rows"]
+    assert 7 in trained and 9 in trained and len(trained) <= 2 + 8 and (np.diff(trained) > 0).all()
+    untouched = np.setdiff1d(np.arange(N_ITEMS), trained)[:3]
+    init = _normals(int(state["cf.personal_key"][0]), untouched, 4)
+    np.testing.assert_array_equal(model._personal_rows(untouched, model.private).numpy(), init)
+    # the init is N(0, 1) and a pure function of (key, row)
+    big = _normals(1, np.arange(20_000), 8)
+    assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
+    np.testing.assert_array_equal(_normals(1, np.array([42, 7]), 8), big[[42, 7]])
+
+
+def test_personal_state_round_trips_and_a_wrong_one_is_refused():
+    model = CollaborativeModel(get_algorithm("fedmf"), N_ITEMS)
+    state = model.get_private()
+    model.set_private(state)
+    assert model.get_private().keys() == state.keys()
+    with pytest.raises(Exception, match="lacks 'cf.user_emb'"):
+        model.set_private({"cf.score_w": np.zeros(32, np.float32)})
+    with pytest.raises(Exception, match="outside the model's 60 items"):
+        model.predict(_rows([60], [1.0]))
+
+
+def test_an_algorithm_recipe_fills_only_what_the_user_did_not_give():
+    cfg = FederationConfig(algorithm="pfedrec", lr=0.5)
+    got = with_recipe(cfg, given={"lr"})
+    assert got.lr == 0.5 and got.batch_size == 256 and got.local_epochs == 1
+    assert with_recipe(FederationConfig(algorithm="fedpa"), set()) == FederationConfig(algorithm="fedpa")
