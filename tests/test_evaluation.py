@@ -72,7 +72,7 @@ def test_per_user_spread_and_change_against_a_reference():
     users = MetricSums()
     rng = np.random.default_rng(0)
     own, ref = [], []
-    for i in range(200):
+    for _ in range(200):
         y = np.r_[np.ones(5, np.int64), np.zeros(15, np.int64)]
         p = rng.random(20)
         r = rng.random(20)
