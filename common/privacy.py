@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,49 +109,70 @@ def private_contribution(delta: dict[str, np.ndarray], spec: list[SharedTensor],
     return contrib
 
 
-def cohort_contribution(deltas: Mapping[str, tuple[np.ndarray, np.ndarray]], n_users: int, spec: list[SharedTensor],
+def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[SharedTensor],
                         *, keep: np.ndarray | None = None, noise_multiplier: float, clip: float, mode: str,
                         n_count_terms: int, min_reply_fraction: float, cohort: int,
                         rng: np.random.Generator | None = None,
-                        rows: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                        rows: Mapping[str, Sequence[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
     """The sum over ``n_users`` users of `private_contribution`, computed on stacked deltas.
 
     ``deltas``: shared entry -> (positions of the users contributing to it, their deltas [k, *shape]);
     an entry a user is absent from is zero for that user, and the groups a user contributes to are the
-    groups of the entries it appears in (as `client_contribution`'s ``groups``). ``keep``: the users to
+    groups of the entries it appears in (as `client_contribution`'s ``groups``). A per-row entry comes sparse
+    instead (`recmodels.cohort.RowDeltas`: per user, its rows and their deltas). ``keep``: the users to
     include (default all). Each user is clipped to ``clip`` on its own (joint norm of its entries) and,
     in local mode, noised on its own; in distributed mode the users' independent shares N(0, s^2) are
-    drawn as their sum, N(0, k s^2) for k users: the same distribution. ``rows``: per-row entry ->
-    [n_users, rows] 0/1, the rows each user read (its per-row counts)."""
+    drawn as their sum, N(0, k s^2) for k users: the same distribution. ``rows``: per-row entry -> per user,
+    the rows it read (its per-row counts)."""
     keep = np.ones(n_users, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     scale = np.ones(n_users, dtype=np.float64)
     if noise_multiplier > 0:
         sq = np.zeros(n_users, dtype=np.float64)
-        for pos, vals in deltas.values():
-            np.add.at(sq, pos, np.square(vals.reshape(len(pos), -1), dtype=np.float64).sum(axis=1))
+        for d in deltas.values():
+            if _sparse(d):
+                for u, v in zip(d.users, d.values):
+                    sq[u] += float(np.square(v, dtype=np.float64).sum())
+            else:
+                pos, vals = d
+                np.add.at(sq, pos, np.square(vals.reshape(len(pos), -1), dtype=np.float64).sum(axis=1))
         norm = np.sqrt(sq)
         scale = np.where(norm > 0, np.minimum(1.0, clip / np.where(norm > 0, norm, 1.0)), 1.0)
     rng = rng or (noise_rng() if noise_multiplier > 0 else None)
     out = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
     out[COUNT_PREFIX + GLOBAL][0] = float(keep.sum())
     for t in spec:
-        pos, vals = deltas.get(t.name, (np.zeros(0, np.int64), np.zeros((0, *t.shape), np.float32)))
-        sel = keep[pos]
-        user_scale = scale
         if t.per_row:
             if rows is None or t.name not in rows:
                 raise ValueError(f"per-row entry '{t.name}' needs the rows each user read")
-            weight = row_weights(rows[t.name]) if noise_multiplier > 0 else np.ones(n_users)
-            user_scale = scale * weight
-            out[t.count_key] = (np.asarray(rows[t.name], np.float32)[keep]
-                                * weight[keep, None].astype(np.float32)).sum(axis=0, dtype=np.float32)
-        v = vals[sel].astype(np.float32) * user_scale[pos[sel]].astype(np.float32).reshape((-1,) + (1,) * len(t.shape))
+            read = rows[t.name]
+            lengths = np.array([len(r) for r in read], np.float64)
+            weight = (np.where(lengths > 0, 1.0 / np.sqrt(np.maximum(lengths, 1.0)), 0.0) if noise_multiplier > 0
+                      else np.ones(n_users))
+            counts = out[t.count_key]
+            total = np.zeros(t.shape, np.float32)
+            d = deltas.get(t.name)
+            for u in np.nonzero(keep)[0]:
+                np.add.at(counts, read[u], np.float32(weight[u]))
+            if d is not None:
+                for u, r, v in zip(d.users, d.rows, d.values):
+                    if keep[u]:
+                        np.add.at(total, r, v.astype(np.float32) * np.float32(scale[u] * weight[u]))
+            out[t.name] = total
+            continue
+        pos, vals = deltas.get(t.name, (np.zeros(0, np.int64), np.zeros((0, *t.shape), np.float32)))
+        sel = keep[pos]
+        v = vals[sel].astype(np.float32) * scale[pos[sel]].astype(np.float32).reshape((-1,) + (1,) * len(t.shape))
         if noise_multiplier > 0 and mode == "local" and len(v):
             v = v + rng.normal(0.0, noise_multiplier * clip, size=v.shape).astype(np.float32)
         out[t.name] = v.sum(axis=0, dtype=np.float32) if len(v) else np.zeros(t.shape, np.float32)
-        if t.group is not None and not t.per_row:
+        if t.group is not None:
             out[t.count_key][0] = float(sel.sum())
     if noise_multiplier > 0 and mode == "distributed" and keep.any():
         std = distributed_share_std(noise_multiplier, clip, n_count_terms, min_reply_fraction, cohort)
         out = add_noise(out, spec, std * math.sqrt(float(keep.sum())), rng=rng, clamp=False)
     return out
+
+
+def _sparse(d: Any) -> bool:
+    """A per-row entry's sparse deltas (`recmodels.cohort.RowDeltas`) rather than (positions, stacked deltas)."""
+    return hasattr(d, "values") and hasattr(d, "rows")

@@ -46,7 +46,8 @@ class ChunkResult:
     ``deltas``: shared entry name -> (positions into ``users`` of the users who contribute to it,
     their deltas local − global stacked [k, *shape]); group entries list only that group's members,
     global entries every user. ``finite[k]``: False if user k's private state or update is not finite.
-    ``rows``: per-row (item-side) entry -> [users, rows] 0/1, the rows each user's training items read.
+    Per-row (item-side) entries come as `RowDeltas`: each user's own rows and their deltas.
+    ``rows``: per-row entry -> per user, the rows its training items read (its per-row counts).
     """
 
     users: np.ndarray
@@ -56,7 +57,23 @@ class ChunkResult:
     n: np.ndarray
     finite: np.ndarray
     groups: list[set[str]] = field(default_factory=list)
-    rows: dict[str, np.ndarray] | None = None
+    rows: dict[str, list[np.ndarray]] | None = None
+
+
+@dataclass
+class RowDeltas:
+    """A per-row entry's deltas, sparse: for each user (``users``: positions in the chunk), the rows it holds
+    and their deltas [len(rows), *row shape]; every other row of the table did not move for that user."""
+
+    users: np.ndarray
+    rows: list[np.ndarray]
+    values: list[np.ndarray]
+
+    def dense(self, k: int, shape: tuple[int, ...]) -> np.ndarray:
+        """User k's delta as the whole table (tests, one-user comparisons)."""
+        out = np.zeros(shape, self.values[k].dtype)
+        out[self.rows[k]] = self.values[k]
+        return out
 
 
 @dataclass
@@ -99,26 +116,42 @@ EMBEDDING_KEY = "embedding"  # the item embeddings among a chunk's tables (`_Chu
 
 
 class _ChunkRows:
-    """The item-side table rows a chunk of users reads, and the rows' item features as positions in them.
+    """Per user of a chunk, the item-side table rows its own data reads, and the rows' positions in them.
 
-    A user's copy of a table needs only the rows the chunk reads: a row no user of the chunk reads gets
-    no gradient, and Adam leaves a row that never had a gradient exactly where it was. So the engine
-    copies each table per user over these rows only, [users, rows read, tasks] instead of
-    [users, all rows, tasks] (a video-id table has 131,072 rows; a chunk reads a few thousand)."""
+    A user's copy of a table needs only the rows that user reads: a row it never reads gets no gradient, and
+    Adam leaves a row that never had a gradient exactly where it was. So the engine copies each table per user
+    over its own rows only, [users, widest user's rows, ...] instead of [users, all rows, ...] (a video-id
+    table has 131,072 rows; a user reads a few hundred). Position 0 of every user is the zero item's row,
+    which padding rows read; the user's other rows follow in ascending order; a user with fewer rows than the
+    widest repeats its last one (never read, never written back)."""
 
-    def __init__(self, item_bias: ItemBias, items: Sequence[torch.Tensor]):
+    def __init__(self, item_bias: ItemBias, per_user: Sequence[Sequence[torch.Tensor]]):
         self.item_bias = item_bias
         self.keys = list(item_bias.fields) + ([EMBEDDING_KEY] if item_bias.embedding_dim else [])
-        zero = items[0].new_zeros(1, items[0].shape[-1])  # padding rows: a zero item, whose rows must exist
-        per_data = [item_bias.rows(t) for t in [*items, zero]]
-        self.rows = {f: torch.unique(torch.cat([r[j].reshape(-1) for r in per_data]))
-                     for j, f in enumerate(self.keys)}
+        n_fields = next(t for ts in per_user for t in ts).shape[-1]
+        self.zero = {k: int(r.reshape(-1)[0])
+                     for k, r in zip(self.keys, item_bias.rows(torch.zeros(1, n_fields, dtype=torch.long)))}
+        self.rows: dict[str, list[torch.Tensor]] = {k: [] for k in self.keys}
+        for tensors in per_user:
+            read = [item_bias.rows(t) for t in tensors]
+            for j, k in enumerate(self.keys):
+                mine = torch.unique(torch.cat([r[j].reshape(-1) for r in read])) if read else torch.zeros(0,
+                                                                                                       dtype=torch.long)
+                mine = mine[mine != self.zero[k]]
+                self.rows[k].append(torch.cat([torch.tensor([self.zero[k]]), mine]))
+        self.index = {}
+        for k in self.keys:
+            width = max(len(r) for r in self.rows[k])
+            self.index[k] = torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in self.rows[k]])
 
-    def local(self, items: torch.Tensor) -> torch.Tensor:
-        """[..., F] raw item features -> [..., tables] positions into each table's rows read (the embeddings'
-        last)."""
-        return torch.stack([torch.searchsorted(self.rows[f], r)
-                            for f, r in zip(self.keys, self.item_bias.rows(items))], dim=-1)
+    def local(self, items: torch.Tensor, user: int) -> torch.Tensor:
+        """[..., F] raw item features of chunk user ``user`` -> [..., tables] positions into its own rows."""
+        out = []
+        for k, r in zip(self.keys, self.item_bias.rows(items)):
+            others = self.rows[k][user][1:]
+            pos = 1 + torch.searchsorted(others, r) if len(others) else torch.ones_like(r)
+            out.append(torch.where(r == self.zero[k], torch.zeros_like(pos), pos))
+        return torch.stack(out, dim=-1)
 
 
 class _CompactTables(nn.Module):
@@ -229,7 +262,7 @@ class CohortEngine:
         for p in self.params:
             base = p.tensor.detach()
             if p.mode == "rows":
-                out[p.name] = base[chunk_rows.rows[p.field]].unsqueeze(0).expand(c, -1, -1).clone()
+                out[p.name] = base[chunk_rows.index[p.field]].clone()
             elif p.mode == "group":
                 out[p.name] = base[torch.from_numpy(groups[:, p.group_column])].unsqueeze(1).clone()
             elif p.private_key is not None:
@@ -251,28 +284,30 @@ class CohortEngine:
                 out[p.name] = base.unsqueeze(0).expand(c, *base.shape).clone()
         return out
 
-    def _chunk_rows(self, data: Sequence[UserTensors]) -> _ChunkRows | None:
-        """The table rows ``data`` reads (None without item-side tables)."""
+    def _chunk_rows(self, data: Sequence[Sequence[UserTensors]]) -> _ChunkRows | None:
+        """The table rows each user's ``data`` (its splits) reads (None without item-side tables)."""
         if self.pm.item_bias is None:
             return None
-        if any(d.items is None for d in data):
+        if any(d.items is None for ds in data for d in ds):
             raise FedpaError(MISSING_ITEMS)
-        return _ChunkRows(self.pm.item_bias, [d.items for d in data])
+        return _ChunkRows(self.pm.item_bias, [[d.items for d in ds] for ds in data])
 
-    def _items(self, data: Sequence[UserTensors], chunk_rows: _ChunkRows | None, *, pad_rows: int = 0,
-               width: int | None = None):
-        """The rows' positions in the chunk's table rows (None without tables): concatenated with
-        ``pad_rows`` zero rows, or padded per user to [users, width, tables] (``width``)."""
+    def _items(self, data: Sequence[UserTensors], chunk_rows: _ChunkRows | None, *, users: Sequence[int] | None = None,
+               pad_rows: int = 0, width: int | None = None):
+        """The rows' positions in their users' table rows (None without tables; ``users``: each data's chunk
+        position, default 0..n-1): concatenated with ``pad_rows`` zero rows, or padded per user to
+        [users, width, tables] (``width``)."""
         if chunk_rows is None:
             return None
-        n_fields = data[0].items.shape[1]
+        users = list(range(len(data))) if users is None else list(users)
+        n_keys = len(chunk_rows.keys)
         if width is None:
-            raw = torch.cat([d.items for d in data] + [torch.zeros(pad_rows, n_fields, dtype=torch.long)])
-        else:
-            raw = torch.zeros(len(data), width, n_fields, dtype=torch.long)
-            for k, d in enumerate(data):
-                raw[k, :len(d)] = d.items
-        return chunk_rows.local(raw)
+            parts = [chunk_rows.local(d.items, u) for d, u in zip(data, users)]
+            return torch.cat(parts + [torch.zeros(pad_rows, n_keys, dtype=torch.long)])
+        out = torch.zeros(len(data), width, n_keys, dtype=torch.long)
+        for k, (d, u) in enumerate(zip(data, users)):
+            out[k, :len(d)] = chunk_rows.local(d.items, u)
+        return out
 
     # ------------------------------------------------------------------ training
 
@@ -285,7 +320,7 @@ class CohortEngine:
         for chunk in self._chunks(users, local):
             sub = [users[i] for i in chunk]
             groups = self._group_rows(sub)
-            chunk_rows = self._chunk_rows([u.train for u in sub])
+            chunk_rows = self._chunk_rows([[u.train] for u in sub])
             params, loss, n = self._fit(sub, groups, local, chunk_rows)
             yield self._result(chunk, sub, groups, params, loss, n, chunk_rows)
 
@@ -436,11 +471,11 @@ class CohortEngine:
         for p in self.params:
             val = params[p.name].detach()
             finite &= torch.isfinite(val.reshape(c, -1)).all(dim=1).numpy()
-            if p.mode == "rows":  # back to the whole table: rows the chunk did not read did not move
-                read = chunk_rows.rows[p.field]
-                full = val.new_zeros((c, *p.tensor.shape))
-                full[:, read] = val - p.tensor.detach()[read]
-                deltas[p.shared_key] = (everyone, full.numpy())
+            if p.mode == "rows":  # each user's own rows: the others did not move
+                base = p.tensor.detach()
+                held = chunk_rows.rows[p.field]
+                deltas[p.shared_key] = RowDeltas(everyone, [r.numpy() for r in held],
+                                                 [(val[k, :len(r)] - base[r]).numpy() for k, r in enumerate(held)])
             elif p.private_key is not None:
                 arr = (val[:, 0] if p.mode == "slot" else val).numpy()
                 for k in range(c):
@@ -458,8 +493,9 @@ class CohortEngine:
         group_sets = [{f"{a}={int(g)}" for a, g in zip(self.pm.group_attributes, row)} for row in groups]
         rows = None
         if self.pm.item_bias is not None:
-            touched = [self.pm.touched_rows(u.train) for u in users]
-            rows = {key: np.stack([t[key] for t in touched]) for key in touched[0]}
+            names = self.pm.item_bias.table_names
+            read = [self.pm.item_bias.rows(u.train.items) for u in users]
+            rows = {name: [np.unique(r[j].reshape(-1).numpy()) for r in read] for j, name in enumerate(names)}
         return ChunkResult(users=np.asarray(chunk), private=private, deltas=deltas, loss=loss, n=n,
                            finite=finite, groups=group_sets, rows=rows)
 
@@ -479,8 +515,7 @@ class CohortEngine:
             sub = [users[i] for i in chunk]
             groups = self._group_rows(sub)
             # the tables' rows scoring reads, and fine-tuning's (PFedRec) when it trains first
-            chunk_rows = self._chunk_rows([d for i in chunk
-                                           for d in ((users[i].train,) if finetune else ()) + tuple(evals[i])])
+            chunk_rows = self._chunk_rows([((users[i].train,) if finetune else ()) + tuple(evals[i]) for i in chunk])
             if finetune:
                 with torch.enable_grad():
                     params, _, _ = self._fit(sub, groups, local, chunk_rows)
@@ -517,7 +552,8 @@ class CohortEngine:
                 group = order[start:stop]
                 width = int(sizes[group[-1]])
                 x = data[group[0]].features.new_zeros(len(group), width, self.pm.tower_in)
-                items = self._items([data[i] for i in group], chunk_rows, width=width) if with_items else None
+                items = (self._items([data[i] for i in group], chunk_rows, users=group, width=width)
+                         if with_items else None)
                 for k, i in enumerate(group):
                     x[k, :sizes[i]] = data[i].features
                 sel = torch.as_tensor(group)

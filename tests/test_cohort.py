@@ -16,6 +16,8 @@ import pytest
 import torch
 from fed_fixtures import fed_config
 
+from fedpa.recmodels.cohort import RowDeltas
+
 ADAPTED = ("fedpa", "local", "fedavg-lora", "fedper", "fedper-ft", "ditto")
 
 
@@ -65,12 +67,17 @@ def _worst_difference(rt, users, shared0, reference, max_users: int) -> float:
             assert set(chunk.private[k]) == set(private)
             for key, v in chunk.private[k].items():
                 worst = max(worst, float(np.abs(v - private[key]).max()))
-            contributes = {key for key, (pos, _) in chunk.deltas.items() if k in pos}
+            contributes = {key for key, d in chunk.deltas.items()
+                           if k in (d.users if isinstance(d, RowDeltas) else d[0])}
             for key in shared:
                 moved = shared[key] - shared0[key]
                 if key in contributes:
-                    pos, vals = chunk.deltas[key]
-                    worst = max(worst, float(np.abs(vals[list(pos).index(k)] - moved).max()))
+                    d = chunk.deltas[key]
+                    if isinstance(d, RowDeltas):   # a per-row entry: the user's own rows, sparse
+                        got = d.dense(list(d.users).index(k), moved.shape)
+                    else:
+                        got = d[1][list(d[0]).index(k)]
+                    worst = max(worst, float(np.abs(got - moved).max()))
                 else:  # another group's row: the one-user path leaves it exactly as it was
                     assert not moved.any(), key
             if stats["n"]:
@@ -103,29 +110,32 @@ def test_engine_matches_one_user_training_in_float64(tiny, tiny_foundation, tmp_
         assert _worst_difference(rt, users, shared0, reference, max_users) < 1e-9
 
 
-def test_per_user_table_copies_hold_just_the_rows_their_chunk_reads(tiny, tiny_foundation, tmp_path):
-    """The engine copies an item-side table per user only over the rows the chunk's items read (a video-id
-    table has far more rows than a chunk reads); positions into them read the same rows as the item features."""
+def test_per_user_table_copies_hold_just_the_rows_each_user_reads(tiny, tiny_foundation, tmp_path):
+    """The engine copies an item-side table per user only over the rows that user's items read (a video-id
+    table has far more rows than a user reads); positions into them read the same rows as the item features."""
     from fedpa.recmodels.cohort import CohortEngine, CohortUser
 
     rt = _runtime(tiny, tiny_foundation, "fedpa", tmp_path, use_user_bias=True,
-                  item_bias_fields="category_level_one,video_id")
+                  item_bias_fields="category_level_one,video_id", item_embedding_dim=4)
     users = _users(rt, double=False)[:5]
     engine = CohortEngine(rt.model)
-    chunk_rows = engine._chunk_rows([u.train for u in users])
+    chunk_rows = engine._chunk_rows([[u.train] for u in users])
     table = rt.model.item_bias
-    items = torch.cat([u.train.items for u in users])
-    for j, f in enumerate(table.fields):
-        read = (set(table.rows(items)[j].tolist())
-                | set(table.rows(torch.zeros(1, items.shape[1], dtype=torch.long))[j].tolist()))
-        assert set(chunk_rows.rows[f].tolist()) == read
-        assert len(read) < table.tables[f].shape[0] // 10 or f == "category_level_one"
-        local = chunk_rows.local(items)[:, j]
-        assert torch.equal(chunk_rows.rows[f][local], table.rows(items)[j])
+    zero = table.rows(torch.zeros(1, users[0].train.items.shape[1], dtype=torch.long))
+    for k, u in enumerate(users):
+        for j, key in enumerate(chunk_rows.keys):
+            mine = chunk_rows.rows[key][k]
+            read = set(table.rows(u.train.items)[j].tolist()) | {int(zero[j][0])}
+            assert set(mine.tolist()) == read and int(mine[0]) == int(zero[j][0])   # the padding row first
+            local = chunk_rows.local(u.train.items, k)[:, j]
+            assert torch.equal(mine[local], table.rows(u.train.items)[j])
+    assert len(chunk_rows.rows["video_id"][0]) < table.tables["video_id"].shape[0] // 10
     members = [CohortUser(u.train, u.profile, None, 0) for u in users]
     params = engine._stack(members, engine._group_rows(members), chunk_rows)
-    assert params["item_bias.tables.video_id"].shape == (5, len(chunk_rows.rows["video_id"]),
-                                                         table.tables["video_id"].shape[1])
+    width = max(len(r) for r in chunk_rows.rows["video_id"])
+    assert params["item_bias.tables.video_id"].shape == (5, width, table.tables["video_id"].shape[1])
+    assert params["item_bias.embedding"].shape == (5, max(len(r) for r in chunk_rows.rows["embedding"]), 4)
+    assert params["item_bias.user"].shape == (5, 1, 4)
 
 
 def test_engine_matches_one_user_training_in_float32_defaults(tiny, tiny_foundation, tmp_path):
@@ -207,15 +217,16 @@ def test_cohort_contribution_is_the_sum_of_user_contributions():
     per_user = [{"g": rng.normal(size=3).astype(np.float32), "a0": rng.normal(size=2).astype(np.float32),
                  "a1": rng.normal(size=2).astype(np.float32),
                  "t": (rng.normal(size=(4, 2)) * r[:, None]).astype(np.float32)} for r in reads]
+    held = [np.nonzero(r)[0] for r in reads]   # per-row entries travel sparse: each user's own rows
     stacked = {"g": (np.arange(4), np.stack([d["g"] for d in per_user])),
-               "t": (np.arange(4), np.stack([d["t"] for d in per_user]))}
+               "t": RowDeltas(np.arange(4), held, [d["t"][h] for d, h in zip(per_user, held)])}
     for key, group in (("a0", "age=0"), ("a1", "age=1")):
         pos = np.array([i for i, g in enumerate(groups) if group in g])
         stacked[key] = (pos, np.stack([per_user[i][key] for i in pos]))
     keep = np.array([True, True, False, True])
     dp = dict(mode="central", n_count_terms=2, min_reply_fraction=0.5, cohort=4)
     for z, clip in ((0.0, 1.0), (1.0, 0.5)):  # without DP, and clipped (central noise is the server's)
-        got = cohort_contribution(stacked, 4, spec, keep=keep, noise_multiplier=z, clip=clip, rows={"t": reads}, **dp)
+        got = cohort_contribution(stacked, 4, spec, keep=keep, noise_multiplier=z, clip=clip, rows={"t": held}, **dp)
         want = None
         for i in np.nonzero(keep)[0]:
             c = (private_contribution(per_user[i], spec, groups[i], noise_multiplier=z, clip=clip,
