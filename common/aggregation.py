@@ -8,7 +8,9 @@ group "global"; FedPA's group adapters have one entry per (attribute, value),
 counted in group "attribute=value", and a client contributes only to its own
 groups' entries (zeros elsewhere). Item-side tables (`recmodels.item_bias`, group "per-row") are
 averaged per *row*: their count is a vector with one entry per row, and a client counts only in the
-rows its training items read. Sums are exactly what
+rows its training items read. The click tally (group "tally", `recmodels.item_bias.CLICKS`) is not an
+average but a count: each client adds 1 in the rows of its training clicks, and the new state is the
+round's sum scaled to the population (every client: the sum itself). Sums are exactly what
 secure aggregation reveals, so the same code aggregates with and without it;
 under secure aggregation the server learns per-group averages without learning
 who is in which group.
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedpa.foundation.errors import FedpaError
-from fedpa.recmodels.item_bias import PER_ROW
+from fedpa.recmodels.item_bias import PER_ROW, TALLY
 
 log = logging.getLogger("fedpa.server")
 
@@ -50,8 +52,13 @@ class SharedTensor:
         return self.group == PER_ROW
 
     @property
+    def tally(self) -> bool:
+        return self.group == TALLY
+
+    @property
     def count_key(self) -> str:
-        return COUNT_PREFIX + (f"rows:{self.name}" if self.per_row else self.group or GLOBAL)
+        return COUNT_PREFIX + (f"rows:{self.name}" if self.per_row else GLOBAL if self.tally
+                               else self.group or GLOBAL)
 
     @property
     def count_shape(self) -> tuple[int, ...]:
@@ -59,7 +66,7 @@ class SharedTensor:
 
     def contributed_by(self, groups: set[str]) -> bool:
         """Does a client in ``groups`` contribute to this entry (per-row entries: every client, in its rows)?"""
-        return self.group is None or self.per_row or self.group in groups
+        return self.group is None or self.per_row or self.tally or self.group in groups
 
 
 def spec_from(entries: list[tuple[str, tuple[int, ...], str | None]]) -> list[SharedTensor]:
@@ -106,15 +113,26 @@ def sum_updates(updates: list[Mapping[str, np.ndarray]], spec: list[SharedTensor
 
 
 def apply_sums(state: Mapping[str, np.ndarray], sums: Mapping[str, np.ndarray],
-               spec: list[SharedTensor], row_prior: float = 0.0) -> dict[str, np.ndarray]:
+               spec: list[SharedTensor], row_prior: float = 0.0, population: int = 0) -> dict[str, np.ndarray]:
     """New shared state: old + summed deltas / summed counts; entries nobody contributed to stay.
 
     ``row_prior`` adds that many phantom readers to every read row of a per-row entry, each leaving
     the row as it was: a row read by few users moves by a fraction of their mean (a row read by one
     user with prior k moves 1/(1+k) of its delta), a row read by many moves by nearly their mean.
-    That is the shrinkage a smoothed click rate applies to a rarely seen item."""
+    That is the shrinkage a smoothed click rate applies to a rarely seen item.
+
+    A tally entry becomes the round's sum scaled by ``population`` / contributors (0: the sum itself),
+    the whole population's count estimated from the sampled clients."""
     new = {}
     for t in spec:
+        if t.tally:
+            c = float(sums[t.count_key][0])
+            if c > 0:
+                new[t.name] = (np.asarray(sums[t.name], np.float64) * (population / c if population else 1.0)
+                               ).astype(np.float32)
+            else:
+                new[t.name] = np.asarray(state[t.name], np.float32)
+            continue
         if t.per_row:
             c = np.asarray(sums[t.count_key], dtype=np.float64)
             c = c.reshape(c.shape + (1,) * (len(t.shape) - 1))

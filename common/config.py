@@ -100,6 +100,9 @@ class FederationConfig:
     item_embedding_dim: int = setting(0, "FedPA: shared item embeddings (per-row averaged like the item-side "
                                       "tables) and a private user vector of this width; 0 = off", "model",
                                       at_least=0)
+    item_popularity: bool = setting(False, "FedPA: how many clients clicked each item, tallied over the federation "
+                                    "(under secagg only the sum), scores as w*log(1 + clicks) with a shared "
+                                    "learned w", "model")
     item_rows: int = setting(0, "FedPA: rows of the video-id keyed item tables and embeddings (ids hashed into "
                              "them; 0 = the foundation's): bounds the upload, masked under secagg", "model",
                              at_least=0)
@@ -252,8 +255,9 @@ class FederationConfig:
             if unknown or not self.item_bias_list:
                 bad(f"item-bias-fields: {', '.join(unknown) or 'none given'} (categorical item fields: "
                     f"{', '.join(CATEGORICAL_ITEM_FIELDS)})")
-        if (self.item_bias_fields or self.item_embedding_dim) and self.algorithm == "fedpa":  # FedPA options
-            what = "item-bias-fields" if self.item_bias_fields else "item-embedding-dim"
+        if self.item_tables and self.algorithm == "fedpa":  # FedPA options: the others ignore them
+            what = ("item-bias-fields" if self.item_bias_fields else "item-embedding-dim" if self.item_embedding_dim
+                    else "item-popularity")
             if self.stage:
                 bad(f"{what} applies to the foundation's scorer, not to a funnel stage's head")
             if self.dp_noise_multiplier > 0 and self.dp_mode == "local":
@@ -263,6 +267,11 @@ class FederationConfig:
                 bad(f"{what} cannot run with robust aggregation (its tables are averaged per row)")
 
     # ------------------------------------------------------------------ derived values
+
+    @property
+    def item_tables(self) -> bool:
+        """Any of FedPA's item-side options (tables, embeddings, the click tally)."""
+        return bool(self.item_bias_fields or self.item_embedding_dim or self.item_popularity)
 
     @property
     def item_bias_list(self) -> tuple[str, ...]:

@@ -44,7 +44,9 @@ def model_options(cfg: FederationConfig) -> dict[str, Any]:
             kw["item_bias_fields"] = cfg.item_bias_list
         if cfg.item_embedding_dim and cfg.algorithm == "fedpa":
             kw["item_embedding_dim"] = cfg.item_embedding_dim
-        if cfg.item_rows and cfg.algorithm == "fedpa" and (cfg.item_bias_fields or cfg.item_embedding_dim):
+        if cfg.item_popularity and cfg.algorithm == "fedpa":
+            kw["item_popularity"] = True
+        if cfg.item_rows and cfg.algorithm == "fedpa" and cfg.item_tables:
             kw["item_rows"] = cfg.item_rows
         if cfg.group_attributes:
             kw["group_attributes"] = [a.strip() for a in cfg.group_attributes.split(",") if a.strip()]

@@ -20,8 +20,9 @@ log = logging.getLogger("fedpa.server")
 
 def clip_delta(delta: dict[str, np.ndarray], spec: list[SharedTensor], groups: set[str],
                clip: float) -> tuple[dict[str, np.ndarray], float]:
-    """Scale the entries a user contributes so that their joint L2 norm is at most ``clip``."""
-    mine = [t.name for t in spec if t.contributed_by(groups)]
+    """Scale the entries a user contributes so that their joint L2 norm is at most ``clip`` (the click tally
+    is a count, weighted like the per-row counts instead)."""
+    mine = [t.name for t in spec if t.contributed_by(groups) and not t.tally]
     norm = math.sqrt(sum(float(np.sum(np.square(delta[n], dtype=np.float64))) for n in mine))
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     return {k: (v * np.float32(scale) if k in mine else v) for k, v in delta.items()}, norm
@@ -128,7 +129,10 @@ def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[Shar
     scale = np.ones(n_users, dtype=np.float64)
     if noise_multiplier > 0:
         sq = np.zeros(n_users, dtype=np.float64)
-        for d in deltas.values():
+        tallies = {t.name for t in spec if t.tally}
+        for name, d in deltas.items():
+            if name in tallies:
+                continue
             if _sparse(d):
                 for u, v in zip(d.users, d.values):
                     sq[u] += float(np.square(v, dtype=np.float64).sum())
@@ -141,6 +145,17 @@ def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[Shar
     out = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
     out[COUNT_PREFIX + GLOBAL][0] = float(keep.sum())
     for t in spec:
+        if t.tally:   # each user's clicks, weighted to unit norm under DP (one more count term)
+            clicked = rows[t.name] if rows is not None and t.name in rows else None
+            if clicked is None:
+                raise ValueError(f"tally entry '{t.name}' needs the rows each user clicked")
+            total = np.zeros(t.shape, np.float32)
+            for u in np.nonzero(keep)[0]:
+                if len(clicked[u]):
+                    w = 1.0 / math.sqrt(len(clicked[u])) if noise_multiplier > 0 else 1.0
+                    np.add.at(total, clicked[u], np.float32(w))
+            out[t.name] = total
+            continue
         if t.per_row:
             if rows is None or t.name not in rows:
                 raise ValueError(f"per-row entry '{t.name}' needs the rows each user read")

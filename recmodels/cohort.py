@@ -19,7 +19,7 @@ from fedpa.foundation.adapters import ditto_penalty, parameter_kinds, set_active
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import masked_bce
 
-from .item_bias import EMBEDDING, MISSING_ITEMS, USER_VECTOR, ItemBias
+from .item_bias import CLICKS, EMBEDDING, MISSING_ITEMS, POPULARITY, USER_VECTOR, ItemBias
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
 
@@ -112,7 +112,7 @@ class _ScorerLoss(nn.Module):
         return loss
 
 
-EMBEDDING_KEY = "embedding"  # the item embeddings among a chunk's tables (`_ChunkRows`)
+VIDEO_KEY = "video"  # the video-id rows of the embeddings and the click tally among a chunk's tables (`_ChunkRows`)
 
 
 class _ChunkRows:
@@ -127,7 +127,7 @@ class _ChunkRows:
 
     def __init__(self, item_bias: ItemBias, per_user: Sequence[Sequence[torch.Tensor]]):
         self.item_bias = item_bias
-        self.keys = list(item_bias.fields) + ([EMBEDDING_KEY] if item_bias.embedding_dim else [])
+        self.keys = list(item_bias.fields) + ([VIDEO_KEY] if item_bias.reads_video_rows else [])
         n_fields = next(t for ts in per_user for t in ts).shape[-1]
         self.zero = {k: int(r.reshape(-1)[0])
                      for k, r in zip(self.keys, item_bias.rows(torch.zeros(1, n_fields, dtype=torch.long)))}
@@ -144,14 +144,16 @@ class _ChunkRows:
             width = max(len(r) for r in self.rows[k])
             self.index[k] = torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in self.rows[k]])
 
+    def positions(self, key: str, user: int, rows: torch.Tensor) -> torch.Tensor:
+        """Table rows of chunk user ``user`` -> their positions in its own copy of table ``key``."""
+        others = self.rows[key][user][1:]
+        pos = 1 + torch.searchsorted(others, rows) if len(others) else torch.ones_like(rows)
+        return torch.where(rows == self.zero[key], torch.zeros_like(pos), pos)
+
     def local(self, items: torch.Tensor, user: int) -> torch.Tensor:
         """[..., F] raw item features of chunk user ``user`` -> [..., tables] positions into its own rows."""
-        out = []
-        for k, r in zip(self.keys, self.item_bias.rows(items)):
-            others = self.rows[k][user][1:]
-            pos = 1 + torch.searchsorted(others, r) if len(others) else torch.ones_like(r)
-            out.append(torch.where(r == self.zero[k], torch.zeros_like(pos), pos))
-        return torch.stack(out, dim=-1)
+        return torch.stack([self.positions(k, user, r) for k, r in zip(self.keys, self.item_bias.rows(items))],
+                           dim=-1)
 
 
 class _CompactTables(nn.Module):
@@ -167,12 +169,19 @@ class _CompactTables(nn.Module):
         if self.embedding_dim:
             self.embedding = nn.Parameter(torch.zeros(1, self.embedding_dim))
             self.user = nn.Parameter(torch.zeros(1, self.embedding_dim))   # one user's vector (slot 0)
+        self.popularity = item_bias.popularity
+        if self.popularity:
+            self.clicks = nn.Parameter(torch.zeros(1), requires_grad=False)
+            self.popularity_weight = nn.Parameter(torch.zeros(self.n_out))
 
     def forward(self, local: torch.Tensor) -> torch.Tensor:
         out = None
         for j, f in enumerate(self.fields):
             v = self.tables[f][local[..., j]]
             out = v if out is None else out + v
+        if self.popularity:   # the tally is read, never trained (detached: its gradient is zero)
+            pop = torch.log1p(self.clicks.detach()[local[..., -1]].clamp(min=0)).unsqueeze(-1) * self.popularity_weight
+            out = pop if out is None else out + pop
         if self.embedding_dim:
             dot = (self.embedding[local[..., -1]] * self.user[0]).sum(-1)
             if out is None:
@@ -234,9 +243,14 @@ class CohortEngine:
                 by_param[local] = _Param(local, tensor, "rows", shared_key=ITEM_BIAS_PREFIX + f, field=f)
             if self.pm.item_bias.embedding_dim:
                 by_param["item_bias.embedding"] = _Param("item_bias.embedding", self.pm.item_bias.embedding, "rows",
-                                                         shared_key=EMBEDDING, field=EMBEDDING_KEY)
+                                                         shared_key=EMBEDDING, field=VIDEO_KEY)
                 by_param["item_bias.user"] = _Param("item_bias.user", self.pm.item_bias.user, "slot",
                                                     private_key=USER_VECTOR)
+            if self.pm.item_bias.popularity:
+                by_param["item_bias.clicks"] = _Param("item_bias.clicks", self.pm.item_bias.clicks, "rows",
+                                                      shared_key=CLICKS, field=VIDEO_KEY)
+                by_param["item_bias.popularity_weight"] = _Param(
+                    "item_bias.popularity_weight", self.pm.item_bias.popularity_weight, "whole", shared_key=POPULARITY)
         trainable = {n for n, p in self.pm.scorer.named_parameters() if p.requires_grad}
         missing = trainable - set(by_param)
         if missing:
@@ -350,6 +364,8 @@ class CohortEngine:
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         if self.pm.user_bias_key:
             self._calibrate_fresh(users, params, feats, items, offsets)
+        if self.pm.item_bias is not None and self.pm.item_bias.popularity:
+            self._count_clicks(users, params, chunk_rows)
         gens = [torch.Generator().manual_seed(int(u.seed)) for u in users]
         loss_phase0 = None
         for k, (paths, prox) in enumerate(self._phases()):
@@ -380,6 +396,19 @@ class CohortEngine:
                 logits = functional_call(self.scorer, {k: v[i] for k, v in params.items()},
                                          (feats[rows], None if items is None else items[rows]))
             params[name][i, 0] = calibrated_bias(logits, u.train.labels[:, self.pm.task_columns])
+
+    @torch.no_grad()
+    def _count_clicks(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
+                      chunk_rows: _ChunkRows) -> None:
+        """Each user's copy of the click tally gets its own clicks (its contribution), as
+        `PersonalModel.train_user` adds them before training."""
+        table = self.pm.item_bias
+        for k, u in enumerate(users):
+            if len(u.train) == 0:
+                continue
+            rows = torch.from_numpy(table.click_rows(u.train.items, u.train.labels))
+            if len(rows):
+                params["item_bias.clicks"][k, chunk_rows.positions(VIDEO_KEY, k, rows)] += 1.0
 
     @staticmethod
     def _schedule(sizes, offsets, gens, local: LocalTraining, pad: int):
@@ -493,9 +522,12 @@ class CohortEngine:
         group_sets = [{f"{a}={int(g)}" for a, g in zip(self.pm.group_attributes, row)} for row in groups]
         rows = None
         if self.pm.item_bias is not None:
-            names = self.pm.item_bias.table_names
-            read = [self.pm.item_bias.rows(u.train.items) for u in users]
-            rows = {name: [np.unique(r[j].reshape(-1).numpy()) for r in read] for j, name in enumerate(names)}
+            table = self.pm.item_bias
+            read = [table.rows(u.train.items) for u in users]
+            rows = {name: [np.unique(r[j].reshape(-1).numpy()) for r in read]
+                    for j, name in enumerate(table.table_names)}
+            if table.popularity:
+                rows[CLICKS] = [table.click_rows(u.train.items, u.train.labels) for u in users]
         return ChunkResult(users=np.asarray(chunk), private=private, deltas=deltas, loss=loss, n=n,
                            finite=finite, groups=group_sets, rows=rows)
 

@@ -24,6 +24,11 @@ shared item embeddings E keyed by the video id (aggregated per row like the tabl
 vector p (one per user slot, never leaving the client) add p·E[item] to the primary task's logit: the
 collaborative signal of federated matrix factorisation (FedMF, PFedRec) inside FedPA. E starts small and
 random, p at zero, so an untrained model scores exactly as the foundation does.
+
+*Item popularity* (``popularity``, FedPA option ``item-popularity``): how many clients clicked each item, a
+*tally* the server keeps from the round's sums (every client adds 1 to each item row of its training clicks;
+`common.aggregation`), enters the primary logit as w·log(1 + clicks) with a shared learned weight w (zero at
+init). A per-row average cannot learn popularity: it normalises away how many users read a row.
 """
 
 from __future__ import annotations
@@ -51,19 +56,24 @@ MISSING_ITEMS = ("this model has item-side offsets (item-bias-fields) and needs 
 PER_ROW = "per-row"
 """The aggregation group of these entries (`common.aggregation`): averaged per row over its readers."""
 
+TALLY = "tally"
+"""The aggregation group of the click tally: the round's sum over clients (scaled to the population)."""
+CLICKS = PREFIX + "clicks"
+POPULARITY = PREFIX + "popularity"
+
 
 class ItemBias(nn.Module):
     """Σ over ``fields`` of table_f[row of the item's f value] (logit offsets [..., n_out], zero at init), plus
     with ``embedding_dim`` > 0 the user vector times the item's embedding on the first output."""
 
     def __init__(self, config: FoundationConfig, fields: Sequence[str], n_out: int, *, embedding_dim: int = 0,
-                 user_slots: int = 1, seed: int = 0, max_rows: int = 0):
+                 user_slots: int = 1, seed: int = 0, max_rows: int = 0, popularity: bool = False):
         """``max_rows`` > 0 bounds the tables keyed by the video id (ids hashed into that many rows), so that
         what a client uploads, masked under secure aggregation, stays small."""
         super().__init__()
         fields = list(dict.fromkeys(fields))
         bad = [f for f in fields if f not in CATEGORICAL_ITEM_FIELDS]
-        if bad or not (fields or embedding_dim > 0):
+        if bad or not (fields or embedding_dim > 0 or popularity):
             raise ConfigError(f"item-bias fields must be categorical item fields "
                               f"({', '.join(CATEGORICAL_ITEM_FIELDS)}), "
                               f"got {', '.join(bad) if bad else 'none'}")
@@ -81,10 +91,15 @@ class ItemBias(nn.Module):
         self.tables = nn.ParameterDict({f: nn.Parameter(torch.zeros(n, n_out)) for f, n in zip(fields, self.sizes)})
         self.n_out = int(n_out)
         self.embedding_dim = int(embedding_dim)
-        if self.embedding_dim > 0:
+        self.popularity = bool(popularity)
+        if self.embedding_dim > 0 or self.popularity:   # the video-id rows both read
             self.emb_column = ITEM_FIELDS.index(EMBEDDING_FIELD)
             self.emb_size = size(EMBEDDING_FIELD)
             self.emb_hash_all = hash_all(EMBEDDING_FIELD)
+        if self.popularity:
+            self.clicks = nn.Parameter(torch.zeros(self.emb_size), requires_grad=False)
+            self.popularity_weight = nn.Parameter(torch.zeros(self.n_out))
+        if self.embedding_dim > 0:
             g = torch.Generator().manual_seed(int(seed) + 7_777)
             scale = 0.1 / self.embedding_dim ** 0.5
             self.embedding = nn.Parameter(scale * torch.randn(self.emb_size, self.embedding_dim, generator=g))
@@ -95,13 +110,25 @@ class ItemBias(nn.Module):
         """Every per-row entry: the offset tables, then the embeddings."""
         return [PREFIX + f for f in self.fields] + ([EMBEDDING] if self.embedding_dim else [])
 
+    @property
+    def reads_video_rows(self) -> bool:
+        return bool(self.embedding_dim or self.popularity)
+
     def rows(self, items: torch.Tensor) -> list[torch.Tensor]:
         """Per field, the table row each item reads (``items``: [..., len(ITEM_FIELDS)] raw values); the
-        embedding rows last."""
+        video-id rows of the embeddings and the click tally last."""
         out = [bounded_rows(items[..., c], n, h) for c, n, h in zip(self.columns, self.sizes, self.hash_all)]
-        if self.embedding_dim:
+        if self.reads_video_rows:
             out.append(bounded_rows(items[..., self.emb_column], self.emb_size, self.emb_hash_all))
         return out
+
+    def click_rows(self, items: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """The video-id rows of a user's positive training rows (``labels``: [n, tasks], primary first): what
+        it adds to the click tally."""
+        pos = labels[:, 0] == 1
+        if not bool(pos.any()):
+            return np.zeros(0, np.int64)
+        return np.unique(self.rows(items[pos])[-1].reshape(-1).numpy())
 
     def forward(self, items: torch.Tensor, slot: torch.Tensor | int = 0) -> torch.Tensor:
         rows = self.rows(items)
@@ -109,6 +136,9 @@ class ItemBias(nn.Module):
         for f, r in zip(self.fields, rows):
             v = self.tables[f][r]
             out = v if out is None else out + v
+        if self.popularity:   # noise under central DP can leave a tally slightly negative: clamp it
+            pop = torch.log1p(self.clicks[rows[-1]].clamp(min=0)).unsqueeze(-1) * self.popularity_weight
+            out = pop if out is None else out + pop
         if self.embedding_dim:
             u = self.user[slot] if isinstance(slot, torch.Tensor) else self.user[int(slot)]
             dot = (self.embedding[rows[-1]] * u).sum(-1)

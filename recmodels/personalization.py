@@ -31,7 +31,7 @@ from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import FoundationModel, masked_bce
 
 from .algorithms import ALGORITHMS, Algorithm, get_algorithm  # noqa: F401  (re-exported)
-from .item_bias import EMBEDDING, MISSING_ITEMS, PER_ROW, USER_VECTOR, ItemBias
+from .item_bias import CLICKS, EMBEDDING, MISSING_ITEMS, PER_ROW, POPULARITY, TALLY, USER_VECTOR, ItemBias
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 
 
@@ -99,7 +99,7 @@ class PersonalModel:
     def __init__(self, foundation: FoundationModel, algorithm: Algorithm, *, seed: int = 0,
                  user_slots: int = 1, host: torch.nn.Module | None = None,
                  item_bias_fields: tuple[str, ...] | list[str] = (), item_embedding_dim: int = 0,
-                 item_rows: int = 0, **adapter_overrides):
+                 item_rows: int = 0, item_popularity: bool = False, **adapter_overrides):
         """``host``: personalize a stage head instead of the foundation's tower
         (`recmodels.stages.pointwise.StageHost`, scoring the same cached tower inputs).
         ``item_bias_fields``: shared item-side logit offsets keyed by these item fields
@@ -126,18 +126,21 @@ class PersonalModel:
             self.group_attributes = list(cfg.group_attributes)
             self._index_parameters()
         self.item_bias = None
-        if item_bias_fields or item_embedding_dim:
+        if item_bias_fields or item_embedding_dim or item_popularity:
             if algorithm.preset != "fedpa" or host is not None:
                 raise FedpaError(f"item-side tables are a FedPA option for the foundation's scorer (algorithm "
                                  f"'{algorithm.name}'{', a stage head' if host is not None else ''})")
             self.item_bias = ItemBias(foundation.config, item_bias_fields, len(self.task_columns),
                                       embedding_dim=item_embedding_dim, user_slots=user_slots, seed=seed,
-                                      max_rows=item_rows)
+                                      max_rows=item_rows, popularity=item_popularity)
             for f, p in self.item_bias.tables.items():
                 self._shared[ITEM_BIAS_PREFIX + f] = (p, None, PER_ROW)
             if item_embedding_dim:
                 self._shared[EMBEDDING] = (self.item_bias.embedding, None, PER_ROW)
                 self._private[USER_VECTOR] = (self.item_bias.user, True)
+            if item_popularity:
+                self._shared[CLICKS] = (self.item_bias.clicks, None, TALLY)
+                self._shared[POPULARITY] = (self.item_bias.popularity_weight, None, None)
         self.scorer = Scorer(self.tower, self.item_bias)
         self.group_columns = [foundation.config.user_fields.index(a) for a in self.group_attributes]
         self.initial_private = self.get_private(0) if self._private else {}
@@ -194,7 +197,8 @@ class PersonalModel:
     def count_terms(self) -> int:
         """Counts beside the global one that a user's contribution moves by a unit norm each: one per
         group attribute, one per item-side table (`common.privacy.sensitivity`)."""
-        return len(self.group_attributes) + (len(self.item_bias.table_names) if self.item_bias is not None else 0)
+        tables = len(self.item_bias.table_names) + int(self.item_bias.popularity) if self.item_bias is not None else 0
+        return len(self.group_attributes) + tables
 
     def group_values(self, profile: np.ndarray) -> dict[str, int]:
         return {a: int(profile[c]) for a, c in zip(self.group_attributes, self.group_columns)}
@@ -249,12 +253,18 @@ class PersonalModel:
         return torch.optim.Adam(groups, lr=train.lr, foreach=True)
 
     def touched_rows(self, data: UserTensors) -> dict[str, np.ndarray] | None:
-        """Per-row counts this user contributes to the item-side tables (None without them)."""
+        """Per-row counts this user contributes to the item-side tables, and the rows it adds to the click
+        tally (None without them)."""
         if self.item_bias is None:
             return None
         if data.items is None:
             raise FedpaError(MISSING_ITEMS)
-        return self.item_bias.touched_rows(data.items)
+        out = self.item_bias.touched_rows(data.items)
+        if self.item_bias.popularity:
+            clicked = np.zeros(self.item_bias.emb_size, np.float32)
+            clicked[self.item_bias.click_rows(data.items, data.labels)] = 1.0
+            out[CLICKS] = clicked
+        return out
 
     def train_user(self, data: UserTensors, profile: np.ndarray, train: LocalTraining, *,
                    seed: int, slot: int = 0, exclude: np.ndarray | None = None) -> dict[str, float]:
@@ -266,6 +276,10 @@ class PersonalModel:
         if self.user_bias_key and slot in self._fresh:
             self._calibrate_user_bias(data, groups, slot)
         gen = torch.Generator().manual_seed(int(seed))
+        if self.item_bias is not None and self.item_bias.popularity:
+            # the tally is not trained: the user's contribution is its clicks, added to its copy
+            with torch.no_grad():
+                self.item_bias.clicks[torch.from_numpy(self.item_bias.click_rows(data.items, data.labels))] += 1.0
         if self.algorithm.ditto:
             # Ditto: the personal path with a proximal term to the received global path, then the global path.
             loss = self._epochs(data, groups, train, gen, slot, paths=("user",), prox=train.ditto_lambda)

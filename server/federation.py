@@ -288,7 +288,8 @@ class Federation:
 
     def apply(self, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The new shared state: old + Σ deltas / Σ counts per entry (per group, per row)."""
-        return apply_sums(self.state, sums, self.spec, row_prior=self.cfg.item_bias_prior)
+        return apply_sums(self.state, sums, self.spec, row_prior=self.cfg.item_bias_prior,
+                          population=self.num_clients)
 
     def secure_sum(self, round_: int, participants: list[int], problems: list[str], cohort: int):
         """SecAgg+ over the nodes that trained: four message exchanges, then only the sum is known.

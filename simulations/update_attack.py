@@ -81,9 +81,10 @@ def run_update_attack(cfg: FederationConfig, state: dict[str, np.ndarray], *, ta
     rt = runtime or ClientRuntime(cfg)
     if not rt.algorithm.communicates:
         raise ValueError(f"'{cfg.algorithm}' sends no updates: there is nothing for the server to attack")
-    if cfg.item_bias_fields:
-        raise ValueError("the update attack replays runs without item-side tables (item-bias-fields): their "
-                         "per-row counts already tell a server without secure aggregation which items a user read")
+    if cfg.item_tables and cfg.algorithm == "fedpa":
+        raise ValueError("the update attack replays runs without item-side tables (item-bias-fields, "
+                         "item-embedding-dim, item-popularity): their per-row counts and click tally already tell "
+                         "a server without secure aggregation which items a user read")
     pm = rt.model
     spec = spec_from(pm.shared_spec())
     rng = np.random.default_rng([seed, 0xA77])
