@@ -33,6 +33,7 @@ from fedpa.common.privacy import cohort_contribution, private_contribution
 from fedpa.common.records import arrays_to_record, record_to_arrays
 from fedpa.common.secagg import PHASE_ADVERTISE, PHASE_MASKED, concat_update
 from fedpa.common.secagg.transport import is_secagg, pack, unpack
+from fedpa.foundation.errors import FedpaError
 from fedpa.recmodels.cohort import CohortUser
 from fedpa.recmodels.evaluation import MetricSums, membership_attack
 
@@ -53,6 +54,41 @@ def dp_settings(cfg: FederationConfig, pm, cohort: int) -> dict:
     return dict(noise_multiplier=cfg.dp_noise_multiplier, clip=cfg.dp_clip, mode=cfg.dp_mode,
                 n_count_terms=pm.count_terms, min_reply_fraction=cfg.min_reply_fraction,
                 cohort=cohort)
+
+
+# What a node may require of every round it takes part in (its --node-config), whatever the server sends: the
+# noise and clip bound its users are protected by, and how large a cohort it believes a round can have (a
+# server announcing a huge cohort would shrink every client's share of distributed noise to nothing).
+NODE_PRIVACY_KEYS = ("dp-min-noise-multiplier", "dp-max-clip", "dp-max-cohort")
+
+
+class NodePolicyError(FedpaError):
+    """A round asks for less privacy than this node requires (its --node-config)."""
+
+
+def check_node_policy(node_config, cfg: FederationConfig, cohort: int) -> None:
+    """Refuse a round whose privacy settings fall short of what the node pinned for itself."""
+    def number(key: str) -> float | None:
+        if key not in node_config:
+            return None
+        try:
+            value = float(node_config[key])
+        except (TypeError, ValueError):
+            raise NodePolicyError(f"node config '{key}': {node_config[key]!r} is not a number") from None
+        if not np.isfinite(value):
+            raise NodePolicyError(f"node config '{key}' must be finite, got {value}")
+        return value
+
+    z, clip, most = number("dp-min-noise-multiplier"), number("dp-max-clip"), number("dp-max-cohort")
+    if z is not None and not cfg.dp_noise_multiplier >= z:
+        raise NodePolicyError(f"this node requires a DP noise multiplier of at least {z:g}; the round asks "
+                              f"{cfg.dp_noise_multiplier:g}: refused")
+    if clip is not None and (cfg.dp_noise_multiplier <= 0 or not cfg.dp_clip <= clip):
+        raise NodePolicyError(f"this node requires updates clipped to at most {clip:g}; the round asks "
+                              f"{cfg.dp_clip:g}{'' if cfg.dp_noise_multiplier > 0 else ' without DP'}: refused")
+    if most is not None and cohort > most:
+        raise NodePolicyError(f"the round announces a cohort of {cohort}, more than the {most:g} this node allows "
+                              "(a larger claimed cohort shrinks each client's share of distributed noise): refused")
 
 
 def _node_clients(context: Context, rt: ClientRuntime) -> range:
@@ -104,8 +140,9 @@ def train(msg: Message, context: Context) -> Message:
     if is_secagg(msg.content):
         return _secagg_phase(msg, context)
     cfg = _config(msg, context)
-    rt = get_runtime(cfg)
     rnd = msg.content["round"]
+    check_node_policy(context.node_config, cfg, int(rnd["cohort"]))
+    rt = get_runtime(cfg)
     round_ = int(rnd["round"])
     served = _node_clients(context, rt)
     wanted = [int(c) for c in rnd["clients"]]
@@ -117,6 +154,10 @@ def train(msg: Message, context: Context) -> Message:
     global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
     spec = spec_from(pm.shared_spec())
     store = _store(cfg)
+    if bool(rnd.get("resumed", False)) and store is None and pm.initial_private:
+        raise FedpaError("this run was resumed, and this node kept its users' private state in memory only: "
+                         "training on would restart every user's private adapter (give the node a personal "
+                         "store, personal-store in its node config or the run config)")
     job = _TrainJob(cfg, rt, context, store, round_, str(rnd.get("run-id", "")), global_state, spec,
                     dp_settings(cfg, pm, int(rnd["cohort"])))
     if _vectorized(cfg, rt, wanted):

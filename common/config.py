@@ -141,7 +141,8 @@ class FederationConfig:
     dp_mode: str = setting("central", "where DP noise is added: central (server), distributed (clients, needs "
                            "secagg) or local", "privacy", choices=DP_MODES, runtime=False)
     dp_clip: float = setting(1.0, "L2 bound C of one user's shared update", "privacy", runtime=False, above=0)
-    dp_delta: float = setting(0.0, "δ of the reported (ε, δ) (0 = 1 / number of clients)", "privacy",
+    dp_delta: float = setting(0.0, "δ of the reported (ε, δ) (0 = min(N^-1.1, 1e-5) for N clients: well below 1/N, "
+                              "which would allow publishing one random user's data)", "privacy",
                               runtime=False)
     dp_max_epsilon: float = setting(0.0, "privacy budget: stop before a round would exceed it (0 = none)",
                                     "privacy", runtime=False, at_least=0)
@@ -243,6 +244,10 @@ class FederationConfig:
         if self.dp_mode == "distributed" and self.dp_noise_multiplier > 0 and not self.secagg:
             bad("dp-mode 'distributed' needs secagg: without it the server sees each node's update with only "
                 "a fraction of the noise (use dp-mode 'central' or 'local', or turn secagg on)")
+        if self.dp_noise_multiplier > 0 and self.robust_aggregation != "none":
+            bad("robust aggregation cannot run under DP: the noise is calibrated for a sum, and a median or "
+                "trimmed mean scaled by the count moves by about count * clip / 2 when one user leaves (use "
+                "norm-bound with DP, or robust aggregation without it)")
         if self.secagg and (self.robust_aggregation != "none" or self.norm_bound > 0):
             bad("robust aggregation and norm bounds need each user's update, and under secure aggregation the "
                 "server sees only the sum: turn secagg off, or bound norms on the clients (dp-clip)")

@@ -19,7 +19,7 @@ from fedpa.foundation.adapters import ditto_penalty, parameter_kinds, set_active
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import masked_bce
 
-from .item_bias import CLICKS, EMBEDDING, MISSING_ITEMS, POPULARITY, USER_VECTOR, ItemBias
+from .item_bias import CLICKS, EMBEDDING, MISSING_ITEMS, POPULARITY, POPULARITY_SCALE, USER_VECTOR, ItemBias
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
 
@@ -180,7 +180,8 @@ class _CompactTables(nn.Module):
             v = self.tables[f][local[..., j]]
             out = v if out is None else out + v
         if self.popularity:   # the tally is read, never trained (detached: its gradient is zero)
-            pop = torch.log1p(self.clicks.detach()[local[..., -1]].clamp(min=0)).unsqueeze(-1) * self.popularity_weight
+            pop = (torch.log1p(self.clicks.detach()[local[..., -1]].clamp(min=0)).unsqueeze(-1)
+                   * (POPULARITY_SCALE * self.popularity_weight))
             out = pop if out is None else out + pop
         if self.embedding_dim:
             dot = (self.embedding[local[..., -1]] * self.user[0]).sum(-1)
@@ -452,8 +453,10 @@ class CohortEngine:
             return functional_call(self.loss_module, {f"scorer.{n}": val for n, val in p.items()}, (x, k, y, prox))
 
         step_fn = vmap(grad_and_value(one_user), in_dims=(0, 0, None if items is None else 0, 0))
-        tables = [j for j, n in enumerate(names) if n.startswith("item_bias.")]
-        main = [j for j, n in enumerate(names) if not n.startswith("item_bias.")]
+        # the item-side tables step at their own learning rate; the adapters and the popularity weight at lr
+        on_tables = [n.startswith("item_bias.") and n != "item_bias.popularity_weight" for n in names]
+        tables = [j for j, t in enumerate(on_tables) if t]
+        main = [j for j, t in enumerate(on_tables) if not t]
         items_lr = local.item_bias_lr if tables and local.item_bias_lr is not None else None
         set_active_paths(self.pm.model, paths)
         try:

@@ -49,6 +49,10 @@ EMBEDDING = PREFIX + "embedding"
 USER_VECTOR = PREFIX + "user"
 """The private entry of a user's vector (per user slot)."""
 EMBEDDING_FIELD = "video_id"
+POPULARITY_SCALE = 30.0
+"""The popularity weight is stored divided by this, so that it steps this much faster than the adapters: one
+scalar per task, shared by everyone, with a clear optimum and nothing to overfit (Adam's step is the learning
+rate whatever the gradient's size)."""
 
 MISSING_ITEMS = ("this model has item-side offsets (item-bias-fields) and needs the rows' item features; the rows "
                  "were cached without them (rebuild the feature cache)")
@@ -137,7 +141,8 @@ class ItemBias(nn.Module):
             v = self.tables[f][r]
             out = v if out is None else out + v
         if self.popularity:   # noise under central DP can leave a tally slightly negative: clamp it
-            pop = torch.log1p(self.clicks[rows[-1]].clamp(min=0)).unsqueeze(-1) * self.popularity_weight
+            pop = (torch.log1p(self.clicks[rows[-1]].clamp(min=0)).unsqueeze(-1)
+                   * (POPULARITY_SCALE * self.popularity_weight))
             out = pop if out is None else out + pop
         if self.embedding_dim:
             u = self.user[slot] if isinstance(slot, torch.Tensor) else self.user[int(slot)]

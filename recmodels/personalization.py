@@ -247,9 +247,15 @@ class PersonalModel:
         return masked_bce(logits, data.labels[:, self.task_columns])
 
     def _optimizer(self, train: LocalTraining) -> torch.optim.Adam:
-        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        """Adam over the adapters (and the popularity weight) at lr, the item-side tables at their own lr."""
+        main = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": main}]
         if self.item_bias is not None:
-            groups.append({"params": list(self.item_bias.parameters()), "lr": train.item_bias_lr or train.lr})
+            weight = self.item_bias.popularity_weight if self.item_bias.popularity else None
+            main += [weight] if weight is not None else []
+            tables = [p for p in self.item_bias.parameters() if p.requires_grad and p is not weight]
+            if tables:
+                groups.append({"params": tables, "lr": train.item_bias_lr or train.lr})
         return torch.optim.Adam(groups, lr=train.lr, foreach=True)
 
     def touched_rows(self, data: UserTensors) -> dict[str, np.ndarray] | None:

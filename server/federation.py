@@ -50,6 +50,12 @@ from .secagg import SecAggServer
 log = logging.getLogger("fedpa.server")
 
 
+def default_delta(num_clients: int) -> float:
+    """δ when the configuration leaves it at 0: min(N^-1.1, 1e-5), well below 1/N (a mechanism that publishes
+    one random user's data outright is (0, 1/N)-DP, so δ ~ 1/N makes ε meaningless)."""
+    return min(max(num_clients, 1) ** -1.1, 1e-5)
+
+
 def primary_metric(split: str) -> str:
     return "hr@10" if split == "loo" else "auc"
 
@@ -103,14 +109,18 @@ class Federation:
 
     # ------------------------------------------------------------------ messaging
 
-    def _send(self, msgs: list[Message]) -> list[Message]:
-        return list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
+    def _send(self, msgs: list[Message], deadline: float | None = None) -> list[Message]:
+        """Send and wait for the replies until ``deadline`` (time.time(); default: round-timeout from now): a
+        round's exchanges share one timeout, however many SecAgg+ phases it takes."""
+        timeout = self.cfg.round_timeout if deadline is None else max(deadline - time.time(), 1.0)
+        return list(self.grid.send_and_receive(msgs, timeout=timeout))
 
     def _content(self, round_: int, clients: list[int] | None = None, final: bool = False,
                  with_state: bool = True, cohort: int = 0) -> RecordDict:
         rd = RecordDict({"run": ConfigRecord(self.run_config),
                          "round": ConfigRecord({"round": round_, "clients": clients or [], "final": final,
-                                                "cohort": cohort, "run-id": self.run_id})})
+                                                "cohort": cohort, "run-id": self.run_id,
+                                                "resumed": bool(self.cfg.resume)})})
         if with_state and self.state:
             rd["arrays"] = arrays_to_record(self.state)
         return rd
@@ -154,7 +164,7 @@ class Federation:
         self.client_node = {c: n for n, cs in nodes.items() for c in cs}
         self.accountant = None
         if self.cfg.dp_noise_multiplier > 0 and self.algorithm.communicates:
-            self.dp_delta = self.cfg.dp_delta or 1.0 / num_clients
+            self.dp_delta = self.cfg.dp_delta or default_delta(num_clients)
             self.accountant = make_accountant(num_clients, self.dp_delta)
         self.nodes = nodes
         return nodes
@@ -177,24 +187,32 @@ class Federation:
         return sorted(rng.choice(clients, size=k, replace=False).tolist())
 
     def train_round(self, round_: int, final: bool) -> dict[str, Any]:
+        deadline = time.time() + self.cfg.round_timeout
         selected = self.sample(round_)
         by_node = self.assign(selected)
         msgs = self.configure(round_, by_node, final, cohort=len(selected))
-        got = self.collect(round_, self._send(msgs), by_node)
+        got = self.collect(round_, self._send(msgs, deadline), by_node)
         got.bytes_down = [message_bytes(m) for m in msgs]
         secure = self.cfg.secagg and self.algorithm.communicates
         if secure:
             secure_sums, included, got.secagg_bytes = self.secure_sum(
-                round_, [n for n, k in got.trained.items() if k > 0], got.problems, cohort=len(selected))
-            got.users_ok = sum(got.trained[n] for n in included)
+                round_, [n for n, k in got.trained.items() if k > 0], got.problems, cohort=len(selected),
+                deadline=deadline)
+            # the users that really reached the sum: its own count, never more than the nodes claimed
+            counted = int(round(float(secure_sums["count/global"][0])))
+            got.users_ok = min(sum(got.trained[n] for n in included), counted)
         for p in got.problems:
             log.warning("round %d: %s", round_, p)
         self.check_quorum(round_, got, len(selected))
         if self.algorithm.communicates and (secure or got.updates):
             sums = secure_sums if secure else self.aggregate(round_, got.updates, by_node)
             sums = self.add_noise(sums)
-            self.account(len(selected))
-            self.state = self.apply(sums)
+            self.account(round_, len(selected))
+            new = self.apply(sums)
+            bad = sorted(k for k, v in new.items() if not np.all(np.isfinite(v)))
+            if bad:
+                raise RoundFailed(f"round {round_}: the aggregate made '{bad[0]}' NaN or inf; last checkpoint kept")
+            self.state = new
         return got.stats(len(selected), self.algorithm.communicates)
 
     def assign(self, selected: list[int]) -> dict[int, list[int]]:
@@ -278,11 +296,15 @@ class Federation:
             return clamp_counts(sums, self.spec)
         return sums
 
-    def account(self, sampled: int) -> None:
-        """Compose this round's Gaussian event into the accountant (a round released under DP)."""
+    def account(self, round_: int, sampled: int) -> None:
+        """Compose this round's Gaussian event into the accountant, and write it to the run's privacy ledger
+        before the noisy state leaves the server (a crash after the release and before the checkpoint makes
+        the round run again with fresh noise: both releases are charged)."""
         if self.cfg.dp_noise_multiplier <= 0:
             return
         event = self._dp_event(sampled)
+        self.run.append_privacy_event({"round": round_, "run-id": self.run_id,
+                                       "noise_multiplier": event.noise_multiplier, "sample_size": event.sample_size})
         self.accountant.compose(event)
         self.privacy_events.append((event.noise_multiplier, event.sample_size))
 
@@ -291,7 +313,8 @@ class Federation:
         return apply_sums(self.state, sums, self.spec, row_prior=self.cfg.item_bias_prior,
                           population=self.num_clients)
 
-    def secure_sum(self, round_: int, participants: list[int], problems: list[str], cohort: int):
+    def secure_sum(self, round_: int, participants: list[int], problems: list[str], cohort: int,
+                   deadline: float | None = None):
         """SecAgg+ over the nodes that trained: four message exchanges, then only the sum is known.
         Returns (named sums, nodes included, SecAgg bytes sent per participant)."""
         shapes = expected_shapes(self.spec)
@@ -315,7 +338,7 @@ class Federation:
                 msgs = [Message(content=pack(req), message_type=MessageType.TRAIN, dst_node_id=n,
                                 group_id=f"{round_}-secagg") for n, req in requests.items()]
                 pairs = []
-                for rep in self._ordered(self._send(msgs)):
+                for rep in self._ordered(self._send(msgs, deadline)):
                     src = rep.metadata.src_node_id
                     if rep.has_error():
                         problems.append(f"node {src}: secure aggregation: {_reason(rep)}")
@@ -379,6 +402,7 @@ class Federation:
             self.run.append_metrics(rec)
             self.progress(0, cfg.num_rounds, ev)
             return 1, [rec], 0.0
+        # everything is checked before anything is changed: a resume that fails leaves the run as it was
         written = self.run.read_config()
         changed = cfg.differences(written, self.RESUMABLE_CHANGES)
         if changed:
@@ -390,16 +414,21 @@ class Federation:
         if missing or meta.get("algorithm") != cfg.algorithm:
             raise FedpaError(f"{cfg.run_dir}: the checkpoint of round {last} does not match this configuration "
                              f"({'missing ' + missing[0] if missing else 'algorithm ' + str(meta.get('algorithm'))})")
+        history = [r for r in self.run.read_metrics() if r.get("round", 0) <= last]
+        ledger = self.run.read_privacy_ledger()
         self.state = {k: state[k] for k in self.state}
         self.run_id = meta.get("run-id") or uuid.uuid4().hex
-        (self.run.path / "summary.json").unlink(missing_ok=True)  # rewritten when the resumed run ends
         self.discover()
+        # every release is charged, the rounds a crash made run twice included (the ledger is written before
+        # a noisy state leaves the server; the checkpoint's list predates the ledger)
+        events = ([(e["noise_multiplier"], e["sample_size"]) for e in ledger] if ledger
+                  else [tuple(e) for e in meta.get("privacy_events", [])])
         if self.accountant is not None:
-            for multiplier, sample_size in meta.get("privacy_events", []):
+            for multiplier, sample_size in events:
                 self.accountant.compose(round_event(multiplier, sample_size, self.num_clients))
-        self.privacy_events = [tuple(e) for e in meta.get("privacy_events", [])]
+        self.privacy_events = list(events)
         self.run.truncate_metrics(last)
-        history = self.run.read_metrics()
+        (self.run.path / "summary.json").unlink(missing_ok=True)  # rewritten when the resumed run ends
         log.info("resuming %s after round %d", cfg.run_dir, last)
         self.progress(last, cfg.num_rounds, None)
         return last + 1, history, float(history[-1].get("wall_s", 0.0)) if history else 0.0

@@ -16,6 +16,7 @@ at any moment leaves the last completed round readable.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -25,7 +26,10 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fedpa.common.files import atomic_write_bytes, atomic_write_json, jsonable, save_figure  # noqa: F401
+from fedpa.foundation.checkpoint import CheckpointError, seal_safetensors, verify_safetensors
 from fedpa.foundation.errors import FedpaError
+
+log = logging.getLogger("fedpa.server")
 
 
 class RunDirError(FedpaError):
@@ -53,16 +57,46 @@ class RunDir:
             os.fsync(f.fileno())
 
     def read_metrics(self) -> list[dict]:
+        """The metrics lines; a last line cut short (a crash in the middle of an append: no newline at its end)
+        is left out, a malformed line anywhere else is an error."""
         p = self.path / "metrics.jsonl"
         if not p.exists():
             return []
+        text = p.read_text()
+        lines = text.split("\n")
+        partial = lines.pop()          # the text after the last newline: "" when the last append completed
         rows = []
-        for i, line in enumerate(p.read_text().splitlines(), 1):
+        for i, line in enumerate(lines, 1):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 raise RunDirError(f"{p}:{i}: malformed metrics line") from None
+        if partial:
+            log.warning("%s: the last line is incomplete (an interrupted append): it is left out", p)
         return rows
+
+    def append_privacy_event(self, event: dict) -> None:
+        """One DP release (appended, flushed, fsynced before the release)."""
+        with open(self.path / "privacy_ledger.jsonl", "a") as f:
+            f.write(json.dumps(event, sort_keys=True, default=jsonable) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_privacy_ledger(self) -> list[dict]:
+        p = self.path / "privacy_ledger.jsonl"
+        if not p.exists():
+            return []
+        lines = p.read_text().split("\n")
+        partial = lines.pop()
+        out = []
+        for i, line in enumerate(lines, 1):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RunDirError(f"{p}:{i}: malformed privacy ledger line") from None
+        if partial:  # cut short by a crash before the release it would have preceded: nothing was released
+            log.warning("%s: the last line is incomplete: it is left out", p)
+        return out
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop lines of rounds after ``last_round`` (a resumed run recomputes them)."""
@@ -81,8 +115,7 @@ class RunDir:
         os.close(fd)
         try:
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            seal_safetensors(tmp)   # the SHA-256 of the tensor data, checked when the run resumes
             os.replace(tmp, self.ckpt / f"{name}.safetensors")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -101,10 +134,18 @@ class RunDir:
                 raise RunDirError(f"{self.path}: no checkpoint to resume from")
         name = f"round-{round_:04d}"
         tensors = self.ckpt / f"{name}.safetensors"
+        if not tensors.is_file():
+            raise RunDirError(f"{tensors}: missing (the checkpoint latest.json names)")
         try:
+            verify_safetensors(tensors)
             arrays = load_file(str(tensors))
+        except CheckpointError as e:
+            raise RunDirError(str(e)) from None
         except Exception as e:  # safetensors raises several types for damaged files
             raise RunDirError(f"{tensors}: cannot read checkpoint ({e})") from None
+        bad = sorted(k for k, v in arrays.items() if not np.all(np.isfinite(v)))
+        if bad:
+            raise RunDirError(f"{tensors}: entry '{bad[0]}' holds NaN or inf")
         return round_, arrays, self._read_json(self.ckpt / f"{name}.json")
 
     def keep_last_checkpoints(self, n: int) -> None:

@@ -69,7 +69,10 @@ def test_a_user_contributes_its_clicks_and_learns_the_weight(tiny, tiny_foundati
     pm.set_shared(state)
     pm.set_private(private)
     np.testing.assert_allclose(pm.predict(data.test, data.profile), before)   # w = 0: the tally changes nothing yet
-    weighted = dict(state, **{"item_bias.popularity": np.ones_like(state["item_bias.popularity"])})
+    from fedpa.recmodels.item_bias import POPULARITY_SCALE
+
+    weighted = dict(state, **{"item_bias.popularity": np.full_like(state["item_bias.popularity"],
+                                                                   1 / POPULARITY_SCALE)})   # w = 1
     pm.set_shared(weighted)
     rows = pm.item_bias.rows(data.test.items)[-1]
     logit = torch.logit(torch.from_numpy(before).double())
