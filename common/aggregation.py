@@ -160,6 +160,10 @@ def client_contribution(delta: Mapping[str, np.ndarray], spec: list[SharedTensor
                 raise ValueError(f"per-row entry '{t.name}' needs the rows the client read")
             out[t.name] = np.asarray(delta[t.name], dtype=np.float32) * np.float32(weight)
             out[t.count_key] = np.asarray(rows[t.name], dtype=np.float32) * np.float32(weight)
+        elif t.tally:   # the client's clicks (its rows of the tally), not a parameter delta
+            if rows is None or t.name not in rows:
+                raise ValueError(f"tally entry '{t.name}' needs the rows the client clicked")
+            out[t.name] = np.asarray(rows[t.name], dtype=np.float32) * np.float32(weight)
         elif t.contributed_by(groups):
             out[t.name] = np.asarray(delta[t.name], dtype=np.float32) * np.float32(weight)
             out[t.count_key][0] = weight

@@ -365,8 +365,9 @@ class CohortEngine:
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         if self.pm.user_bias_key:
             self._calibrate_fresh(users, params, feats, items, offsets)
-        if self.pm.item_bias is not None and self.pm.item_bias.popularity:
-            self._count_clicks(users, params, chunk_rows)
+        popularity = self.pm.item_bias is not None and self.pm.item_bias.popularity
+        if popularity:
+            self._count_clicks(users, params, chunk_rows, -1.0)
         gens = [torch.Generator().manual_seed(int(u.seed)) for u in users]
         loss_phase0 = None
         for k, (paths, prox) in enumerate(self._phases()):
@@ -375,6 +376,8 @@ class CohortEngine:
                                        local.ditto_lambda if prox else 0.0)
             if k == 0:
                 loss_phase0 = loss_sum
+        if popularity:
+            self._count_clicks(users, params, chunk_rows, +1.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             loss = np.where(sizes > 0, loss_phase0 / (sizes * local.epochs), np.nan)
         return params, loss, sizes.astype(np.float64)
@@ -400,16 +403,16 @@ class CohortEngine:
 
     @torch.no_grad()
     def _count_clicks(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
-                      chunk_rows: _ChunkRows) -> None:
-        """Each user's copy of the click tally gets its own clicks (its contribution), as
-        `PersonalModel.train_user` adds them before training."""
+                      chunk_rows: _ChunkRows, sign: float) -> None:
+        """Each user's copy of the click tally without its own clicks while it trains (``sign`` -1), and with
+        them again afterwards (+1), as `PersonalModel.train_user` reads it."""
         table = self.pm.item_bias
         for k, u in enumerate(users):
             if len(u.train) == 0:
                 continue
             rows = torch.from_numpy(table.click_rows(u.train.items, u.train.labels))
             if len(rows):
-                params["item_bias.clicks"][k, chunk_rows.positions(VIDEO_KEY, k, rows)] += 1.0
+                params["item_bias.clicks"][k, chunk_rows.positions(VIDEO_KEY, k, rows)] += sign
 
     @staticmethod
     def _schedule(sizes, offsets, gens, local: LocalTraining, pad: int):

@@ -12,6 +12,7 @@ low-rank paths: a local round costs milliseconds, not a transformer pass.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -282,16 +283,31 @@ class PersonalModel:
         if self.user_bias_key and slot in self._fresh:
             self._calibrate_user_bias(data, groups, slot)
         gen = torch.Generator().manual_seed(int(seed))
-        if self.item_bias is not None and self.item_bias.popularity:
-            # the tally is not trained: the user's contribution is its clicks, added to its copy
+        with self._others_clicks(data):
+            if self.algorithm.ditto:
+                # Ditto: the personal path with a proximal term to the received global path, then the global path.
+                loss = self._epochs(data, groups, train, gen, slot, paths=("user",), prox=train.ditto_lambda)
+                self._epochs(data, groups, train, gen, slot, paths=("global",))
+                return {"loss": loss, "n": float(len(data))}
+            return {"loss": self._epochs(data, groups, train, gen, slot), "n": float(len(data))}
+
+    @contextlib.contextmanager
+    def _others_clicks(self, data: UserTensors):
+        """While a user trains, the click tally it reads leaves out its own clicks (the tally counts them from
+        its earlier rounds): otherwise "I clicked it" would teach the popularity weight that clicked rows are
+        popular. The tally is restored afterwards; what the user adds to it travels as its click rows
+        (`touched_rows`), not as a delta."""
+        if self.item_bias is None or not self.item_bias.popularity:
+            yield
+            return
+        own = torch.from_numpy(self.item_bias.click_rows(data.items, data.labels))
+        with torch.no_grad():
+            self.item_bias.clicks[own] -= 1.0
+        try:
+            yield
+        finally:
             with torch.no_grad():
-                self.item_bias.clicks[torch.from_numpy(self.item_bias.click_rows(data.items, data.labels))] += 1.0
-        if self.algorithm.ditto:
-            # Ditto: the personal path with a proximal term to the received global path, then the global path.
-            loss = self._epochs(data, groups, train, gen, slot, paths=("user",), prox=train.ditto_lambda)
-            self._epochs(data, groups, train, gen, slot, paths=("global",))
-            return {"loss": loss, "n": float(len(data))}
-        return {"loss": self._epochs(data, groups, train, gen, slot), "n": float(len(data))}
+                self.item_bias.clicks[own] += 1.0
 
     @torch.no_grad()
     def _calibrate_user_bias(self, data: UserTensors, groups, slot: int) -> None:

@@ -63,8 +63,10 @@ def test_a_user_contributes_its_clicks_and_learns_the_weight(tiny, tiny_foundati
     pm.train_user(data.train, data.profile, rt.local, seed=0)
     after = pm.get_shared()
     clicked = pm.item_bias.click_rows(data.train.items, data.train.labels)
-    added = after["item_bias.clicks"] - state["item_bias.clicks"]
-    assert set(np.nonzero(added)[0]) == set(clicked.tolist()) and np.all(added[clicked] == 1)
+    # the tally is read, never changed: the user's contribution is its click rows
+    np.testing.assert_array_equal(after["item_bias.clicks"], state["item_bias.clicks"])
+    contribution = pm.touched_rows(data.train)["item_bias.clicks"]
+    assert set(np.nonzero(contribution)[0]) == set(clicked.tolist()) and np.all(contribution[clicked] == 1)
     assert np.abs(after["item_bias.popularity"]).max() > 0                 # the weight learned from zero
     pm.set_shared(state)
     pm.set_private(private)
@@ -89,3 +91,21 @@ def test_the_configuration_refuses_what_the_tally_cannot_do(change, words):
 
     with pytest.raises(ConfigValueError, match=words):
         FederationConfig(**change).validate()
+
+
+def test_a_user_trains_against_the_others_clicks_not_its_own(tiny, tiny_foundation, tmp_path):
+    """Its own earlier clicks are in the tally; while it trains they are left out, so that "I clicked it" does
+    not teach the weight that clicked rows are popular."""
+    from fedpa.client.runtime import ClientRuntime
+
+    rt = ClientRuntime(fed_config(tiny, tiny_foundation, tmp_path / "run", max_clients=4, feature_cache="none",
+                                  item_popularity=True))
+    pm = rt.model
+    data = rt.user(0)
+    clicked = torch.from_numpy(pm.item_bias.click_rows(data.train.items, data.train.labels))
+    state = pm.get_shared()
+    state["item_bias.clicks"][clicked.numpy()] = 1.0          # only this user ever clicked them
+    pm.set_shared(state)
+    with pm._others_clicks(data.train):
+        assert float(pm.item_bias.clicks[clicked].abs().max()) == 0.0
+    assert float(pm.item_bias.clicks[clicked].min()) == 1.0
