@@ -13,29 +13,25 @@ Messages (all on the Message API):
 
 Private state lives in ``context.state`` within a run and, when the run config
 names a personal store, in the encrypted on-disk store across runs.
+
+This module stays light (no torch, no models): it dispatches, checks the node's own privacy policy and runs
+the SecAgg+ phases; what training and evaluation need lives in `client.training`, imported on first use.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpa.client.personal_store import PersonalStore, open_store
-from fedpa.client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
 from fedpa.client.secagg import SecAggClient
-from fedpa.common.aggregation import count_keys, expected_shapes, spec_from
 from fedpa.common.config import NODE_KEYS, FederationConfig, parse_run_config
-from fedpa.common.privacy import cohort_contribution, private_contribution
-from fedpa.common.records import arrays_to_record, record_to_arrays
-from fedpa.common.secagg import PHASE_ADVERTISE, PHASE_MASKED, concat_update
+from fedpa.common.secagg import PHASE_ADVERTISE, PHASE_MASKED, MessageRejected
+from fedpa.common.secagg.identity import Identity
 from fedpa.common.secagg.transport import is_secagg, pack, unpack
 from fedpa.foundation.errors import FedpaError
-from fedpa.recmodels.cohort import CohortUser
-from fedpa.recmodels.evaluation import MetricSums, membership_attack
 
 log = logging.getLogger("fedpa.client")
 app = ClientApp()
@@ -47,13 +43,6 @@ def _config(msg: Message, context: Context) -> FederationConfig:
     run = dict(msg.content["run"])
     run.update({k: context.node_config[k] for k in NODE_KEYS if k in context.node_config})
     return parse_run_config(run)
-
-
-def dp_settings(cfg: FederationConfig, pm, cohort: int) -> dict:
-    """The keyword arguments of `common.privacy.private_contribution` for this run and round."""
-    return dict(noise_multiplier=cfg.dp_noise_multiplier, clip=cfg.dp_clip, mode=cfg.dp_mode,
-                n_count_terms=pm.count_terms, min_reply_fraction=cfg.min_reply_fraction,
-                cohort=cohort)
 
 
 # What a node may require of every round it takes part in (its --node-config), whatever the server sends: the
@@ -91,239 +80,75 @@ def check_node_policy(node_config, cfg: FederationConfig, cohort: int) -> None:
                               "(a larger claimed cohort shrinks each client's share of distributed noise): refused")
 
 
-def _node_clients(context: Context, rt: ClientRuntime) -> range:
-    pid = int(context.node_config.get("partition-id", 0))
-    n = int(context.node_config.get("num-partitions", 1))
-    return clients_of_node(pid, n, rt.num_clients)
-
-
-def _private_state(context: Context, rt: ClientRuntime, uid: int, run_id: str = "",
-                   before_round: int | None = None, cfg: FederationConfig | None = None,
-                   store: PersonalStore | None = None) -> dict[str, np.ndarray] | None:
-    """The user's private state: from this node's memory within a run, else from the personal store.
-    Training round r of run ``run_id`` wants the state from before r: a resumed run redoing r skips
-    what the interrupted attempt saved at r (the store keeps the version before it)."""
-    key = f"private/{uid}"
-    if key in context.state:
-        return record_to_arrays(context.state[key])
-    cfg = cfg or rt.cfg
-    store = store if store is not None else _store(cfg)  # callers looping over users open it once
-    if store is not None:
-        def redone(meta: dict) -> bool:
-            return (before_round is not None and bool(run_id) and meta.get("run-id") == run_id
-                    and int(meta.get("round", 0)) >= before_round)
-        loaded = store.load(uid, skip=redone)
-        if loaded is not None:
-            arrays, meta = loaded
-            if meta.get("algorithm") == cfg.algorithm:
-                return arrays
-            log.warning("personal state of user %s was saved by '%s', not '%s': starting fresh",
-                        uid, meta.get("algorithm"), cfg.algorithm)
-    return None
-
-
-def _store(cfg: FederationConfig) -> PersonalStore | None:
-    return open_store(cfg.personal_store, cfg.personal_store_key_file)
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    cfg = _config(msg, context)
-    rt = get_runtime(cfg)
-    clients = list(_node_clients(context, rt))
-    info = ConfigRecord({"clients": clients, "num-clients": rt.num_clients, "pid": os.getpid()})
-    return Message(content=RecordDict({"info": info}), reply_to=msg)
+    from fedpa.client import training
+
+    return training.query(msg, context, _config(msg, context))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     if is_secagg(msg.content):
-        return _secagg_phase(msg, context)
+        return _secagg_phase(msg, context)   # no torch, no model: a SecAgg+ phase is quick to start
     cfg = _config(msg, context)
-    rnd = msg.content["round"]
-    check_node_policy(context.node_config, cfg, int(rnd["cohort"]))
-    rt = get_runtime(cfg)
-    round_ = int(rnd["round"])
-    served = _node_clients(context, rt)
-    wanted = [int(c) for c in rnd["clients"]]
-    foreign = [c for c in wanted if c not in served]
-    if foreign:
-        raise ValueError(f"clients {foreign[:5]} are not served by this node "
-                         f"(serves {served.start}..{served.stop - 1})")
-    pm = rt.model
-    global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
-    spec = spec_from(pm.shared_spec())
-    store = _store(cfg)
-    if bool(rnd.get("resumed", False)) and store is None and pm.initial_private:
-        raise FedpaError("this run was resumed, and this node kept its users' private state in memory only: "
-                         "training on would restart every user's private adapter (give the node a personal "
-                         "store, personal-store in its node config or the run config)")
-    job = _TrainJob(cfg, rt, context, store, round_, str(rnd.get("run-id", "")), global_state, spec,
-                    dp_settings(cfg, pm, int(rnd["cohort"])))
-    if _vectorized(cfg, rt, wanted):
-        job.train_vectorized(wanted)
-    else:
-        job.train_one_by_one(wanted)
-    total, loss_sum, n_examples, excluded = job.total, job.loss_sum, job.n_examples, job.excluded
-    contributed = len(wanted) - len(excluded)
-    metrics = MetricRecord({"num-examples": int(n_examples), "num-users": contributed,
-                            "loss-sum": float(loss_sum)})
-    content = RecordDict({"metrics": metrics, "excluded": ConfigRecord({"reasons": excluded or [""]})})
-    if rt.algorithm.communicates:
-        if total is None:  # every user excluded: an empty contribution (zero counts)
-            total = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
-        if cfg.secagg:
-            # kept on the node; only its masked form leaves, in the SecAgg+ phases that follow
-            vector = concat_update(total, expected_shapes(spec))
-            context.state["secagg-vector"] = arrays_to_record({"v": vector})
-        else:
-            content["arrays"] = arrays_to_record(total)
-    return Message(content=content, reply_to=msg)
+    check_node_policy(context.node_config, cfg, int(msg.content["round"]["cohort"]))
+    from fedpa.client import training
 
-
-class _TrainJob:
-    """One train instruction for this node's selected users: their contributions summed, their private
-    states kept (context.state and the personal store), the users left out and why."""
-
-    def __init__(self, cfg: FederationConfig, rt: ClientRuntime, context: Context, store: PersonalStore | None,
-                 round_: int, run_id: str, global_state: dict[str, np.ndarray], spec, dp: dict):
-        self.cfg, self.rt, self.context, self.store = cfg, rt, context, store
-        self.round, self.run_id, self.global_state, self.spec, self.dp = round_, run_id, global_state, spec, dp
-        self.local = rt.local_for(round_)
-        self.total: dict[str, np.ndarray] | None = None
-        self.loss_sum = self.n_examples = 0.0
-        self.excluded: list[str] = []
-
-    def _private_before(self, uid: int) -> dict[str, np.ndarray] | None:
-        return _private_state(self.context, self.rt, uid, self.run_id, before_round=self.round, cfg=self.cfg,
-                              store=self.store)
-
-    def _keep_private(self, uid: int, private: dict[str, np.ndarray]) -> None:
-        if private:
-            self.context.state[f"private/{uid}"] = arrays_to_record(private)
-            if self.store is not None:
-                self.store.save(uid, private, {"algorithm": self.cfg.algorithm, "round": self.round,
-                                               "foundation": self.cfg.foundation, "run-id": self.run_id})
-
-    def _add(self, contribution: dict[str, np.ndarray]) -> None:
-        self.total = contribution if self.total is None else {k: self.total[k] + contribution[k] for k in self.total}
-
-    def _count(self, loss: float, n: float) -> None:
-        if n:
-            self.loss_sum += loss * n
-            self.n_examples += n
-
-    def train_one_by_one(self, clients: list[int]) -> None:
-        rt, pm = self.rt, self.rt.model
-        for c in clients:
-            data = rt.user(c)
-            if self.global_state:
-                pm.set_shared(self.global_state)
-            pm.set_private(self._private_before(data.user_id))
-            stats = pm.train_user(data.train, data.profile, self.local,
-                                  seed=user_seed(self.cfg.seed, self.round, data.user_id), exclude=held_out(data))
-            private = pm.get_private()
-            if not all(np.all(np.isfinite(v)) for v in private.values()):
-                self.excluded.append(f"user {data.user_id}: non-finite private state after training "
-                                     "(kept the previous one)")
-                continue
-            if rt.algorithm.communicates:
-                local = pm.get_shared()
-                delta = {k: local[k] - self.global_state[k] for k in local}
-                if not all(np.all(np.isfinite(v)) for v in delta.values()):
-                    self.excluded.append(f"user {data.user_id}: non-finite update")
-                    continue
-                self._add(private_contribution(delta, self.spec, pm.groups_of(data.profile),
-                                               rows=pm.touched_rows(data.train), **self.dp))
-            self._keep_private(data.user_id, private)
-            self._count(stats["loss"], stats["n"])
-
-    def train_vectorized(self, clients: list[int]) -> None:
-        """All users at once (recmodels.cohort): the same training, per-user clipping and noise."""
-        rt = self.rt
-        users = [rt.user(c) for c in clients]
-        cohort = [CohortUser(d.train, d.profile, self._private_before(d.user_id),
-                             user_seed(self.cfg.seed, self.round, d.user_id), d.user_id) for d in users]
-        for chunk in rt.cohort_engine.train(cohort, self.global_state, self.local):
-            for k, i in enumerate(chunk.users):
-                uid = users[i].user_id
-                if not chunk.finite[k]:
-                    self.excluded.append(f"user {uid}: non-finite private state or update after training "
-                                         "(kept the previous one)")
-                    continue
-                self._keep_private(uid, chunk.private[k])
-                self._count(float(chunk.loss[k]), float(chunk.n[k]))
-            if rt.algorithm.communicates:
-                self._add(cohort_contribution(chunk.deltas, len(chunk.users), self.spec, keep=chunk.finite,
-                                              rows=chunk.rows, **self.dp))
-
-
-def held_out(data) -> np.ndarray:
-    """The items of the user's validation and test positives: what a model sampling its own negatives must not
-    draw (on a device, the user's whole log is known; only these rows are kept out of training)."""
-    return np.concatenate([d.items[d.labels[:, 0] == 1, 0].numpy() for d in (data.val, data.test)
-                           if d.items is not None]) if data.val.items is not None else np.zeros(0, np.int64)
-
-
-def _vectorized(cfg: FederationConfig, rt: ClientRuntime, users) -> bool:
-    """Train / score this node's users with the cohort engine (several users, an adapted model)."""
-    return cfg.cohort_engine == "vectorized" and len(users) > 1 and rt.model.model is not None
-
-
-def _secagg_phase(msg: Message, context: Context) -> Message:
-    """One SecAgg+ phase for this node; its protocol state lives in context.state between phases."""
-    request = unpack(msg.content)
-    if request.get("phase") == PHASE_ADVERTISE:
-        client = SecAggClient(int(context.node_id))
-    else:
-        client = SecAggClient.from_state(dict(context.state["secagg-state"]))
-    vector = None
-    if request.get("phase") == PHASE_MASKED:
-        vector = context.state["secagg-vector"]["v"].numpy()
-    reply = client.handle(request, vector)
-    context.state["secagg-state"] = ConfigRecord(client.export_state())
-    return Message(content=pack(reply), reply_to=msg)
+    return training.train(msg, context, cfg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = _config(msg, context)
-    rt = get_runtime(cfg)
-    pm = rt.model
-    round_ = int(msg.content["round"]["round"])
-    local = rt.local_for(round_)  # PFedRec fine-tunes before scoring at this round's learning rate
-    global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
-    attack = bool(msg.content["round"].get("final", False))
-    store = _store(cfg)
-    val, test, mia = MetricSums(), MetricSums(), MetricSums()
-    users = 0
-    clients = list(_node_clients(context, rt))
-    vectorized = _vectorized(cfg, rt, clients)
-    if vectorized:
-        data_of = [rt.user(c) for c in clients]
-        cohort = [CohortUser(d.train, d.profile, _private_state(context, rt, d.user_id, cfg=cfg, store=store),
-                             user_seed(cfg.seed, round_, d.user_id), d.user_id) for d in data_of]
-        all_scores = rt.cohort_engine.predict(
-            cohort, [[d.val, d.test] + ([d.train] if attack else []) for d in data_of], global_state, local)
-    for j, c in enumerate(clients):
-        data = rt.user(c)
-        if vectorized:
-            scores = all_scores[j]
-        else:
-            if global_state:
-                pm.set_shared(global_state)
-            pm.set_private(_private_state(context, rt, data.user_id, cfg=cfg, store=store))
-            splits = [data.val, data.test] + ([data.train] if attack else [])
-            scores = pm.personalized_scores(data.train, splits, data.profile, local,
-                                            seed=user_seed(cfg.seed, round_, data.user_id))
-        ref = rt.reference(data) or [None, None]
-        val.add_user(data.val.labels[:, 0].numpy(), scores[0], data.group_size, reference=ref[0])
-        test.add_user(data.test.labels[:, 0].numpy(), scores[1], data.group_size, reference=ref[1])
-        if attack:
-            mia.add_user(*membership_attack(data.train.labels[:, 0].numpy(), scores[2],
-                                            data.test.labels[:, 0].numpy(), scores[1]))
-        users += 1
-    arrays = {"val": val.v, "test": test.v, **({"mia": mia.v} if attack else {})}
-    content = RecordDict({"arrays": arrays_to_record(arrays),
-                          "metrics": MetricRecord({"num-users": users, "num-examples": int(val.get("n"))})})
-    return Message(content=content, reply_to=msg)
+    from fedpa.client import training
+
+    return training.evaluate(msg, context, _config(msg, context))
+
+
+SECAGG_IDENTITY_KEYS = ("secagg-identity-key", "secagg-certificate", "secagg-ca")
+"""Node config: the node's signing key (its SuperNode authentication key), the certificate the deployment's CA
+issued for it, and that CA. With them the node signs its SecAgg+ keys and survivor sets and checks its
+neighbours'; without them it takes part against an honest-but-curious server only."""
+
+
+def _secagg_identity(context: Context) -> Identity | None:
+    given = [k for k in SECAGG_IDENTITY_KEYS if k in context.node_config]
+    if not given:
+        return None
+    if len(given) < len(SECAGG_IDENTITY_KEYS):
+        missing = sorted(set(SECAGG_IDENTITY_KEYS) - set(given))
+        raise FedpaError(f"node config sets {', '.join(given)} but not {', '.join(missing)}: a SecAgg+ identity "
+                         "needs the key, its certificate and the CA")
+    try:
+        return Identity.load(*(str(context.node_config[k]) for k in SECAGG_IDENTITY_KEYS), node_id=context.node_id)
+    except MessageRejected as e:
+        raise FedpaError(f"{context.node_config['secagg-certificate']}: {e}") from None
+
+
+def _secagg_phase(msg: Message, context: Context) -> Message:
+    """One SecAgg+ phase for this node; its protocol state lives in context.state between phases. The vector a
+    train request left is masked at most once: a second phase-1 request for a round is refused, and the vector
+    is gone once its masked form left."""
+    request = unpack(msg.content)
+    identity = _secagg_identity(context)
+    if request.get("phase") == PHASE_ADVERTISE:
+        round_id = request.get("round")
+        seen = [int(r) for r in context.state["secagg-rounds"]["ids"]] if "secagg-rounds" in context.state else []
+        if round_id in seen:
+            raise FedpaError(f"a second SecAgg+ setup for round {round_id}: refused (its vector is masked once)")
+        context.state["secagg-rounds"] = ConfigRecord({"ids": (seen + [int(round_id)])[-64:]})
+        client = SecAggClient(int(context.node_id), identity=identity)
+    else:
+        client = SecAggClient.from_state(dict(context.state["secagg-state"]), identity=identity)
+    vector = None
+    if request.get("phase") == PHASE_MASKED:
+        if "secagg-vector" not in context.state:
+            raise FedpaError("no update to mask: it was masked already, or no train request came first")
+        vector = context.state["secagg-vector"]["v"].numpy()
+    try:
+        reply = client.handle(request, vector)
+    finally:
+        if vector is not None:
+            del context.state["secagg-vector"]
+        context.state["secagg-state"] = ConfigRecord(client.export_state())
+    return Message(content=pack(reply), reply_to=msg)

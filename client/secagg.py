@@ -7,7 +7,8 @@ One `SecAggClient` per client and round; each phase takes the server's request
     reply = client.advertise(req1)               # two X25519 public keys
     reply = client.share_keys(req2)              # encrypted Shamir shares for each neighbour
     reply = client.masked_input(req3, vector)    # the masked, quantized vector
-    reply = client.unmask(req4)                  # shares of survivors' seeds / dropped clients' keys
+    reply = client.consistency(req4)             # signs the survivor set the server shows it
+    reply = client.unmask(req5)                  # shares of survivors' seeds / dropped clients' keys
 
 `handle(req, vector)` dispatches on the request's phase. Between Flower
 messages the client lives in `context.state`: `export_state()` gives a dict of
@@ -15,12 +16,22 @@ ints, floats, bytes and lists of them (it holds this round's private keys: keep
 it in memory only), `SecAggClient.from_state(d)` restores it.
 
 A request that breaks the protocol (wrong round, phase, sender or recipient,
-malformed fields, a threshold below a majority, an unmask request that asks
-for both secrets of one neighbour or leaves fewer than t of its neighbours in
-the sum) raises `MessageRejected` (a SecAggError) and is recorded in
-`rejections`; the client sends nothing for it. An unmask refusal ends the
-client's part in the round. Shares that fail to open are reported to the
-server in the masked-input reply (their sender is then treated as dropped).
+malformed fields, a threshold below a majority, fewer than t neighbours at any
+phase, a survivor set that leaves fewer than t of its neighbours in the sum or
+that its neighbours did not sign as they were shown it, a value outside the
+fixed-point range) raises `MessageRejected` (a SecAggError) and is recorded in
+`rejections`; the client sends nothing for it, and leaves the round. Shares that
+fail to open are reported to the server in the masked-input reply (their sender
+is then treated as dropped). Which shares it reveals the client decides itself,
+from the survivor set it signed: a seed share for a neighbour in the set, a key
+share for one outside it, never both.
+
+With an `Identity` (a key certified by the deployment's CA) the client signs
+its keys and the survivor set, and refuses neighbours whose keys or survivor
+sets do not carry a valid signature: the server can neither substitute keys nor
+show one neighbourhood different survivor sets. Without one, the protocol
+protects against an honest-but-curious server only (docs/design/secagg.md has
+the threat model and its limits).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from fedpa.common.secagg import (
     MAX_DIM,
     MAX_NODE_ID,
     PHASE_ADVERTISE,
+    PHASE_CONSISTENCY,
     PHASE_MASKED,
     PHASE_NAMES,
     PHASE_SHARE,
@@ -70,12 +82,14 @@ from fedpa.common.secagg import (
     share_key,
     share_x,
 )
+from fedpa.common.secagg.identity import Identity, advertise_message, consistency_message, verify
 
 log = logging.getLogger("fedpa.secagg")
 
 
 class SecAggClient:
-    def __init__(self, node_id: int, *, randbytes: RandBytes = os.urandom, require_majority: bool = True):
+    def __init__(self, node_id: int, *, randbytes: RandBytes = os.urandom, require_majority: bool = True,
+                 identity: Identity | None = None):
         if not 0 <= int(node_id) <= MAX_NODE_ID:
             raise SecAggError(f"node id {node_id} out of range 0..2^64-1")
         self.node_id = int(node_id)
@@ -99,6 +113,9 @@ class SecAggClient:
         self._held: dict[int, tuple[int, int]] = {}         # neighbour -> (b share, s share)
         self._bad: list[int] = []                           # neighbours whose share failed to open
         self._bad_why: list[str] = []
+        self.identity = identity
+        self._certs: dict[int, bytes] = {}                  # neighbour -> its certificate (with an identity)
+        self._u3: list[int] = []                            # the survivor set this client signed
 
     # ------------------------------------------------------------------ helpers
 
@@ -141,6 +158,8 @@ class SecAggClient:
             if vector is None:
                 raise SecAggError("the masked-input phase needs the vector to aggregate")
             return self.masked_input(msg, vector)
+        if phase == PHASE_CONSISTENCY:
+            return self.consistency(msg)
         if phase == PHASE_UNMASK:
             return self.unmask(msg)
         raise self._refuse(f"request for unknown phase {phase!r}")
@@ -161,7 +180,11 @@ class SecAggClient:
         self.dim, self.quant = dim, quant
         self._c_sk, c_pk = generate_keypair(self._rand)
         self._s_sk, s_pk = generate_keypair(self._rand)
-        return self._reply(PHASE_ADVERTISE, c_pk=c_pk, s_pk=s_pk)
+        signature, certificate = b"", b""
+        if self.identity is not None:
+            signature = self.identity.sign(advertise_message(self.round_id, self.nonce, self.node_id, c_pk, s_pk))
+            certificate = self.identity.certificate
+        return self._reply(PHASE_ADVERTISE, c_pk=c_pk, s_pk=s_pk, signature=signature, certificate=certificate)
 
     # ------------------------------------------------------------------ phase 2
 
@@ -178,11 +201,18 @@ class SecAggClient:
                 raise MessageRejected(f"threshold {t} must be within 2..{len(nbs)} neighbours")
             if self.require_majority and 2 * t <= len(nbs):
                 raise MessageRejected(f"threshold {t} is not a majority of {len(nbs)} neighbours")
+            if self.identity is not None:  # every neighbour's keys signed by a key the CA certified
+                sigs = get_bytes_list(msg, "signatures", len(nbs))
+                certs = get_bytes_list(msg, "certificates", len(nbs))
+                for v, c, sk, sig, cert in zip(nbs, c_pks, s_pks, sigs, certs):
+                    verify(self.identity.peer_key(cert, v), advertise_message(self.round_id, self.nonce, v, c, sk), sig,
+                           f"keys of neighbour {v}")
+                self._certs = dict(zip(nbs, certs))
             # X25519(c_me, c_v) keys both directions of share encryption; X25519(s_me, s_v) the pairwise mask
             shared = [agree(self._c_sk, pk) for pk in c_pks]
             mask_shared = [agree(self._s_sk, pk) for pk in s_pks]
         except MessageRejected as e:
-            raise self._refuse(str(e)) from None
+            raise self._refuse(str(e), abort=True) from None
         self.threshold = t
         self._nb = {v: (c, s) for v, c, s in zip(nbs, c_pks, s_pks)}
         self._shared = {v: (c, s) for v, c, s in zip(nbs, shared, mask_shared)}
@@ -206,15 +236,21 @@ class SecAggClient:
             stray = [w for w in senders if w not in self._nb]
             if stray:
                 raise MessageRejected(f"forwards shares from non-neighbours {stray[:5]}")
+            if len(set(senders)) < self.threshold:
+                # with fewer, the server could leave this client's input masked by little but its self-mask,
+                # whose seed its neighbours reveal for any survivor (Bonawitz et al.; Flower's client refuses too)
+                raise MessageRejected(f"shares from only {len(set(senders))} neighbour(s), fewer than "
+                                      f"t={self.threshold}")
         except MessageRejected as e:
-            raise self._refuse(str(e)) from None
+            raise self._refuse(str(e), abort=True) from None
         x = np.asarray(vector).reshape(-1)
         if x.size != self.dim:
             raise SecAggError(f"vector has {x.size} values, the round aggregates {self.dim}")
-        clipped = count_clipped(x, self.quant)
-        if clipped:
-            log.warning("secagg client %d: %d value(s) outside [-%g, %g] clipped", self.node_id, clipped,
-                        self.quant.clip, self.quant.clip)
+        outside = count_clipped(x, self.quant)
+        if outside or not np.all(np.isfinite(x)):
+            raise self._refuse(f"{outside} value(s) of the update lie outside the round's fixed-point range "
+                               f"[-{self.quant.clip:g}, {self.quant.clip:g}] (or are not finite): the client sends "
+                               "nothing rather than a clipped update", abort=True)
         y = quantize(x, self.quant)
         for w, env in zip(senders, envs):
             key = share_key(self._shared[w][0], self.nonce, self.round_id, w, self.node_id)
@@ -239,24 +275,50 @@ class SecAggClient:
 
     # ------------------------------------------------------------------ phase 4
 
-    def unmask(self, msg: Mapping) -> dict:
-        self._check(msg, PHASE_UNMASK)
+    def consistency(self, msg: Mapping) -> dict:
+        """Phase 4: the server shows the survivor set U3 (whose masked inputs it has); the client checks that
+        enough of its neighbours are in it and signs it as shown."""
+        self._check(msg, PHASE_CONSISTENCY)
         try:
             survivors = get_ids(msg, "survivors")
-            dropped = get_ids(msg, "dropped")
         except MessageRejected as e:
             raise self._refuse(str(e), abort=True) from None
-        both = sorted(set(survivors) & set(dropped))
-        if both:
-            raise self._refuse(f"unmask request asks for both secrets of client(s) {both[:5]}", abort=True)
-        unknown = sorted((set(survivors) | set(dropped)) - set(self._held))
-        if unknown:
-            raise self._refuse(f"unmask request names client(s) {unknown[:5]} whose shares this client does not hold",
-                               abort=True)
-        if len(survivors) < self.threshold:
-            raise self._refuse(f"only {len(survivors)} of its neighbours said to survive, fewer than "
-                               f"t={self.threshold}",
-                               abort=True)
+        if self.node_id not in survivors:
+            raise self._refuse("the survivor set leaves out this client, whose masked input was sent", abort=True)
+        mine = [w for w in self._held if w in set(survivors)]
+        if len(mine) < self.threshold:
+            raise self._refuse(f"only {len(mine)} of its neighbours are in the survivor set, fewer than "
+                               f"t={self.threshold}", abort=True)
+        self._u3 = sorted(set(survivors))
+        signature = b""
+        if self.identity is not None:
+            signature = self.identity.sign(consistency_message(self.round_id, self.nonce, self._u3))
+        return self._reply(PHASE_CONSISTENCY, signature=signature)
+
+    def unmask(self, msg: Mapping) -> dict:
+        """Phase 5: the neighbours' signatures on the survivor set; the client reveals, for each neighbour whose
+        shares it holds, the seed share if that neighbour is in the set it signed, the key share if not."""
+        self._check(msg, PHASE_UNMASK)
+        try:
+            signers = get_ids(msg, "signers")
+            signatures = get_bytes_list(msg, "signatures", len(signers))
+            if self.identity is not None:
+                message = consistency_message(self.round_id, self.nonce, self._u3)
+                valid = set()
+                for v, sig in zip(signers, signatures):
+                    if v not in self._certs:
+                        raise MessageRejected(f"a survivor-set signature from client {v}, not a neighbour")
+                    verify(self.identity.peer_key(self._certs[v], v), message, sig,
+                           f"neighbour {v}'s survivor set (not the one this client was shown)")
+                    valid.add(v)
+                if len(valid & set(self._u3)) < self.threshold:
+                    raise MessageRejected(f"only {len(valid & set(self._u3))} neighbours signed the survivor set, "
+                                          f"fewer than t={self.threshold}")
+        except MessageRejected as e:
+            raise self._refuse(str(e), abort=True) from None
+        u3 = set(self._u3)
+        survivors = sorted(w for w in self._held if w in u3)
+        dropped = sorted(w for w in self._held if w not in u3)
         self.revealed = {"b": list(survivors), "s": list(dropped)}
         return self._reply(PHASE_UNMASK,
                            b_owners=survivors, b_shares=[encode_share(self._held[u][0]) for u in survivors],
@@ -284,11 +346,14 @@ class SecAggClient:
             "held": held, "held_b": [encode_share(self._held[w][0]) for w in held],
             "held_s": [encode_share(self._held[w][1]) for w in held],
             "revealed_b": list(self.revealed["b"]), "revealed_s": list(self.revealed["s"]),
+            "certs_of": list(self._certs), "certs": [self._certs[v] for v in self._certs], "u3": list(self._u3),
         }
 
     @classmethod
-    def from_state(cls, st: Mapping, *, randbytes: RandBytes = os.urandom) -> SecAggClient:
-        c = cls(int(st["node_id"]), randbytes=randbytes, require_majority=bool(st["require_majority"]))
+    def from_state(cls, st: Mapping, *, randbytes: RandBytes = os.urandom,
+                   identity: Identity | None = None) -> SecAggClient:
+        c = cls(int(st["node_id"]), randbytes=randbytes, require_majority=bool(st["require_majority"]),
+                identity=identity)
         c.done, c.aborted = int(st["done"]), (st["aborted"] or None)
         c.round_id = None if int(st["round"]) < 0 else int(st["round"])
         c.nonce, c.dim, c.threshold = st["nonce"], int(st["dim"]), int(st["threshold"])
@@ -304,4 +369,6 @@ class SecAggClient:
         c._held = {int(w): (int.from_bytes(b, "big"), int.from_bytes(s, "big"))
                    for w, b, s in zip(st["held"], st["held_b"], st["held_s"])}
         c.revealed = {"b": [int(v) for v in st["revealed_b"]], "s": [int(v) for v in st["revealed_s"]]}
+        c._certs = {int(v): cert for v, cert in zip(st.get("certs_of", []), st.get("certs", []))}
+        c._u3 = [int(v) for v in st.get("u3", [])]
         return c

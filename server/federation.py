@@ -73,6 +73,7 @@ class RoundReplies:
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
     secagg_bytes: float = 0.0
+    secagg_signed: int | None = None   # nodes in the secure sum that signed their keys (None: no SecAgg)
 
     def stats(self, selected: int, communicates: bool) -> dict[str, Any]:
         down = float(np.mean(self.bytes_down)) if self.bytes_down else 0.0
@@ -81,7 +82,8 @@ class RoundReplies:
                 "train_loss": self.loss_sum / max(self.n_examples, 1),
                 "problems": self.problems,
                 "bytes_down_per_client": down if communicates else 0.0,
-                "bytes_up_per_client": up if communicates else 0.0}
+                "bytes_up_per_client": up if communicates else 0.0,
+                **({} if self.secagg_signed is None else {"secagg_signed_nodes": self.secagg_signed})}
 
 
 class Federation:
@@ -195,7 +197,7 @@ class Federation:
         got.bytes_down = [message_bytes(m) for m in msgs]
         secure = self.cfg.secagg and self.algorithm.communicates
         if secure:
-            secure_sums, included, got.secagg_bytes = self.secure_sum(
+            secure_sums, included, got.secagg_bytes, got.secagg_signed = self.secure_sum(
                 round_, [n for n, k in got.trained.items() if k > 0], got.problems, cohort=len(selected),
                 deadline=deadline)
             # the users that really reached the sum: its own count, never more than the nodes claimed
@@ -315,8 +317,8 @@ class Federation:
 
     def secure_sum(self, round_: int, participants: list[int], problems: list[str], cohort: int,
                    deadline: float | None = None):
-        """SecAgg+ over the nodes that trained: four message exchanges, then only the sum is known.
-        Returns (named sums, nodes included, SecAgg bytes sent per participant)."""
+        """SecAgg+ over the nodes that trained: five message exchanges, then only the sum is known.
+        Returns (named sums, nodes included, SecAgg bytes sent per participant, how many of them signed)."""
         shapes = expected_shapes(self.spec)
         dim = int(sum(np.prod(s) for s in shapes.values()))
         # a node's vector is a sum over its users: counts reach the cohort size, so the fixed-point
@@ -334,11 +336,16 @@ class Federation:
             sa = SecAggServer(participants, dim, round_id=round_, quant=QuantConfig(clip=clip))
             requests = sa.advertise_requests()
             sent = {n: 0 for n in participants}
-            for receive in (sa.receive_keys, sa.receive_shares, sa.receive_masked, sa.receive_unmask):
+            for phase, receive in enumerate((sa.receive_keys, sa.receive_shares, sa.receive_masked,
+                                             sa.receive_consistency, sa.receive_unmask), start=1):
                 msgs = [Message(content=pack(req), message_type=MessageType.TRAIN, dst_node_id=n,
                                 group_id=f"{round_}-secagg") for n, req in requests.items()]
                 pairs = []
-                for rep in self._ordered(self._send(msgs, deadline)):
+                replies = self._send(msgs, deadline)
+                answered = {rep.metadata.src_node_id for rep in replies}
+                problems += [f"node {n}: no secure-aggregation reply (phase {phase}) before the round's deadline"
+                             for n in requests if n not in answered]
+                for rep in self._ordered(replies):
                     src = rep.metadata.src_node_id
                     if rep.has_error():
                         problems.append(f"node {src}: secure aggregation: {_reason(rep)}")
@@ -348,10 +355,13 @@ class Federation:
                 requests = receive(pairs)
             result = requests
         except SecAggError as e:
-            raise RoundFailed(f"round {round_}: secure aggregation failed: {e}; last checkpoint kept") from None
+            why = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+            raise RoundFailed(f"round {round_}: secure aggregation failed: {e}; last checkpoint kept"
+                              + (f" (nodes: {why})" if why else "")) from None
         problems += [f"secure aggregation: {r}" for r in sa.reasons]
         sums = split_sum(result.dequantize(), shapes)
-        return sums, result.included, float(np.mean([sent[n] for n in result.included])) if result.included else 0.0
+        per_node = float(np.mean([sent[n] for n in result.included])) if result.included else 0.0
+        return sums, result.included, per_node, len(result.signed)
 
     def evaluate(self, round_: int, final: bool = False) -> dict[str, dict[str, float]]:
         """Validation and test metrics; in the final evaluation also a membership-inference attack

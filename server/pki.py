@@ -117,3 +117,34 @@ def make_node_key(directory: str | Path, name: str) -> NodeKey:
     nk.public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                          serialization.PublicFormat.OpenSSH) + b"\n")
     return nk
+
+
+def issue_node_certificate(ca: ServerFiles, node: NodeKey, name: str, node_id: int, *, days: int = 30) -> Path:
+    """A certificate, signed by the deployment's CA, for a node's authentication key and its node id (the
+    one the SuperLink assigned when the key was registered): its SecAgg+ identity
+    (`fedpa.common.secagg.identity`). Peers check their neighbours' signed keys and survivor sets against
+    it, so the CA, not the server, decides who takes part (whoever holds the CA key can add participants),
+    and one certified key speaks for one node id only. Re-issued on every call; the key is never touched."""
+    from fedpa.common.secagg.identity import node_name
+    try:
+        ca_key = serialization.load_pem_private_key(ca.ca_key.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(ca.ca_cert.read_bytes())
+        key = serialization.load_ssh_private_key(node.private.read_bytes(), password=None)
+    except (OSError, ValueError) as e:
+        raise FedpaError(f"cannot issue a certificate for {node.private}: {e}") from None
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(node_name(name, node_id)).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    path = node.private.with_name(f"{name}.crt")
+    tmp = path.with_suffix(".crt.tmp")
+    tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, path)
+    return path

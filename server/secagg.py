@@ -4,8 +4,9 @@
     reqs = server.advertise_requests()            # phase 0 (setup) -> phase-1 requests
     reqs = server.receive_keys(replies)           # phase 1 replies -> phase-2 requests
     reqs = server.receive_shares(replies)         # phase 2 replies -> phase-3 requests
-    reqs = server.receive_masked(replies)         # phase 3 replies -> phase-4 requests
-    result = server.receive_unmask(replies)       # phase 4 replies -> SecAggResult
+    reqs = server.receive_masked(replies)         # phase 3 replies -> phase-4 requests (the survivor set)
+    reqs = server.receive_consistency(replies)    # phase 4 replies -> phase-5 requests (its signatures)
+    result = server.receive_unmask(replies)       # phase 5 replies -> SecAggResult
 
 `replies` are (channel node id, message) pairs, the channel being who the
 transport says sent it (Flower: `msg.metadata.src_node_id`); a dict
@@ -33,6 +34,7 @@ from fedpa.common.secagg import (
     MAX_ROUND_ID,
     NONCE_BYTES,
     PHASE_ADVERTISE,
+    PHASE_CONSISTENCY,
     PHASE_MASKED,
     PHASE_NAMES,
     PHASE_SHARE,
@@ -68,8 +70,17 @@ from fedpa.common.secagg import (
     share_x,
     unpack_bits,
 )
+from fedpa.common.secagg.identity import MAX_CERTIFICATE_BYTES, MAX_SIGNATURE_BYTES
 
 log = logging.getLogger("fedpa.secagg")
+
+
+def _optional_bytes(msg: Mapping, key: str, limit: int) -> bytes:
+    """A bytes field that may be empty (a client without an identity) but not longer than ``limit``."""
+    v = msg.get(key, b"")
+    if not isinstance(v, bytes) or len(v) > limit:
+        raise MessageRejected(f"field '{key}' must be at most {limit} bytes")
+    return v
 
 
 @dataclass
@@ -84,6 +95,7 @@ class SecAggResult:
     degree: int
     threshold: int
     rejections: list[Rejection] = field(default_factory=list)
+    signed: list[int] = field(default_factory=list)   # included clients that signed their keys (an identity)
 
     def dequantize(self) -> np.ndarray:
         """Float64 sum; |error| <= len(included) * 2^-(f+1) per coordinate (plus clipping)."""
@@ -108,7 +120,8 @@ class SecAggServer:
         self.dim = int(dim)
         self.params = params
         self.rejections: list[Rejection] = []
-        self.dropped: dict[int, list[int]] = {s: [] for s in (PHASE_ADVERTISE, PHASE_SHARE, PHASE_MASKED, PHASE_UNMASK)}
+        self.dropped: dict[int, list[int]] = {s: [] for s in (PHASE_ADVERTISE, PHASE_SHARE, PHASE_MASKED,
+                                                              PHASE_CONSISTENCY, PHASE_UNMASK)}
         self._need(len(ids), "participants")
         self.quant = quant.for_clients(len(ids))
         self.nonce = randbytes(NONCE_BYTES)
@@ -128,6 +141,8 @@ class SecAggServer:
         self._lost: set[int] = set()                              # in U2, not in the sum
         self._rejected_by: dict[int, set[int]] = {}               # v -> senders whose shares v could not open
         self._asked: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
+        self._signed: dict[int, tuple[bytes, bytes]] = {}         # u -> (signature, certificate) of its keys
+        self._u4: set[int] = set()                                # signed the survivor set
 
     # ------------------------------------------------------------------ helpers
 
@@ -217,15 +232,21 @@ class SecAggServer:
         self._enter(PHASE_ADVERTISE)
         probe = X25519PrivateKey.generate()
 
+        signed: dict[int, tuple[bytes, bytes]] = {}
+
         def parse(u: int, msg: Mapping) -> tuple[bytes, bytes]:
             c_pk, s_pk = get_bytes(msg, "c_pk", KEY_BYTES), get_bytes(msg, "s_pk", KEY_BYTES)
             if c_pk == s_pk:
                 raise MessageRejected("c and s public keys are equal (revealing s would expose its shares)")
             agree(probe, c_pk)  # rejects low-order points
             agree(probe, s_pk)
+            # relayed as they came: the neighbours check them against the deployment's CA
+            signed[u] = (_optional_bytes(msg, "signature", MAX_SIGNATURE_BYTES),
+                         _optional_bytes(msg, "certificate", MAX_CERTIFICATE_BYTES))
             return c_pk, s_pk
 
         keys = self._collect(PHASE_ADVERTISE, replies, set(self.participants), parse)
+        self._signed = {u: signed[u] for u in keys}
         owner: dict[bytes, int] = {}
         clash: set[int] = set()
         for u in sorted(keys):
@@ -243,7 +264,9 @@ class SecAggServer:
         self._graph = neighbour_graph(sorted(keys), self.degree, graph_seed(self.nonce, self.round_id))
         self._phase = PHASE_SHARE
         return {u: self._request(PHASE_SHARE, u, threshold=self.threshold, neighbours=list(nb),
-                                 c_pks=[keys[v][0] for v in nb], s_pks=[keys[v][1] for v in nb])
+                                 c_pks=[keys[v][0] for v in nb], s_pks=[keys[v][1] for v in nb],
+                                 signatures=[self._signed[v][0] for v in nb],
+                                 certificates=[self._signed[v][1] for v in nb])
                 for u, nb in self._graph.items()}
 
     # ------------------------------------------------------------------ phase 2 -> 3
@@ -342,14 +365,34 @@ class SecAggServer:
         if problems:
             self._fail("; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
                        + "; no share was requested")
-        self._phase = PHASE_UNMASK
-        reqs = {}
+        self._phase = PHASE_CONSISTENCY
         for v in sorted(u3):
             held = [w for w in self._forwarded[v] if w not in self._rejected_by[v]]
-            survivors = [w for w in held if w in u3]
-            dropped = [w for w in held if w in self._lost]
-            self._asked[v] = (frozenset(survivors), frozenset(dropped))
-            reqs[v] = self._request(PHASE_UNMASK, v, survivors=survivors, dropped=dropped)
+            self._asked[v] = (frozenset(w for w in held if w in u3), frozenset(w for w in held if w in self._lost))
+        return {v: self._request(PHASE_CONSISTENCY, v, survivors=sorted(u3)) for v in sorted(u3)}
+
+    # ------------------------------------------------------------------ phase 4 -> 5
+
+    def receive_consistency(self, replies) -> dict[int, dict]:
+        """Each survivor's signature on the survivor set it was shown, relayed to its neighbours, which refuse to
+        reveal any share unless t of theirs signed the same set (the consistency check)."""
+        self._enter(PHASE_CONSISTENCY)
+
+        def parse(v: int, msg: Mapping) -> bytes:
+            return _optional_bytes(msg, "signature", MAX_SIGNATURE_BYTES)
+
+        got = self._collect(PHASE_CONSISTENCY, replies, set(self._u3), parse)
+        self._u4 = set(got)
+        short = [u for u in sorted(self._u2) if (u in self._u3 or any(v in self._u3 for v in self._graph[u]))
+                 and len([v for v in self._holders(u) if v in self._u4]) < self.threshold]
+        if short:
+            self._fail(f"too few share holders signed the survivor set for client(s) {short[:5]} "
+                       f"(need t={self.threshold}); no share was requested")
+        self._phase = PHASE_UNMASK
+        reqs = {}
+        for v in sorted(self._u4):
+            signers = [w for w in self._graph[v] if w in self._u4]
+            reqs[v] = self._request(PHASE_UNMASK, v, signers=signers, signatures=[got[w] for w in signers])
         return reqs
 
     def _holders(self, u: int) -> list[int]:
@@ -392,7 +435,7 @@ class SecAggServer:
                 out.append({w: decode_share(s) for w, s in zip(owners, shares)})
             return out[0], out[1]
 
-        got = self._collect(PHASE_UNMASK, replies, set(self._u3), parse)
+        got = self._collect(PHASE_UNMASK, replies, set(self._u4), parse)
         t = self.threshold
         b_points: dict[int, list[tuple[int, int]]] = {u: [] for u in self._u3}
         s_points: dict[int, list[tuple[int, int]]] = {w: [] for w in self._lost}
@@ -432,7 +475,8 @@ class SecAggServer:
         log.info("secagg round %d: summed %d clients (dropped %s)", self.round_id, len(self._u3),
                  {s: len(v) for s, v in self.dropped.items() if v})
         return SecAggResult(self.round_id, total, sorted(self._u3), {s: sorted(v) for s, v in self.dropped.items()},
-                            self.quant, self.degree, self.threshold, list(self.rejections))
+                            self.quant, self.degree, self.threshold, list(self.rejections),
+                            sorted(u for u in self._u3 if all(self._signed.get(u, (b"", b"")))))
 
     def _reconstruct(self, points: list[tuple[int, int]], owner: int, what: str) -> bytes:
         value = shamir_reconstruct(sorted(points), self.threshold)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedpa.foundation.errors import FedpaError
-from fedpa.server.pki import NodeKey, ServerFiles, make_node_key, make_server_files
+from fedpa.server.pki import NodeKey, ServerFiles, issue_node_certificate, make_node_key, make_server_files
 
 CONNECTION = "fedpa-deploy"
 APP_DIR = Path(__file__).resolve().parents[1]   # the Flower app: pyproject.toml + the packages
@@ -70,6 +70,7 @@ class Node:
     store: Path
     store_key: Path
     node_id: int | None = None
+    certificate: Path | None = None      # the CA's certificate for its key: its SecAgg+ identity
     proc: subprocess.Popen | None = None
     log: Path | None = None
 
@@ -191,6 +192,7 @@ class LocalDeployment:
                 out = json.loads(self._cli("supernode", "register", str(node.key.public), CONNECTION,
                                            "--format", "json"))
                 node.node_id = int(out["node-id"])
+                node.certificate = issue_node_certificate(self.server, node.key, f"node-{i}", node.node_id)
             self.node_list.append(node)
         return self.node_list
 
@@ -216,9 +218,18 @@ class LocalDeployment:
                                    key=node.key.private if self.auth else None,
                                    root_certificates=self.server.ca_cert if self.tls else None,
                                    extra_config={"personal-store": str(node.store),
-                                                 "personal-store-key-file": str(node.store_key)})
+                                                 "personal-store-key-file": str(node.store_key),
+                                                 **self.secagg_identity(node)})
         node.proc = self._spawn(args, node.log)
         return node.proc
+
+    def secagg_identity(self, node: Node) -> dict:
+        """Node config naming the node's SecAgg+ identity (its authentication key, certified by the CA): with it
+        the node signs its keys and survivor sets and checks its neighbours' (client/app.py)."""
+        if node.certificate is None:
+            return {}
+        return {"secagg-identity-key": str(node.key.private), "secagg-certificate": str(node.certificate),
+                "secagg-ca": str(self.server.ca_cert)}
 
     def kill_node(self, node: Node) -> None:
         """SIGKILL, as a crashing device: no goodbye to the SuperLink."""

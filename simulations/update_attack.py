@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedpa.client.app import dp_settings
 from fedpa.client.runtime import ClientRuntime
+from fedpa.client.training import dp_settings
 from fedpa.common.aggregation import apply_sums, spec_from
 from fedpa.common.config import FederationConfig
 from fedpa.common.privacy import private_contribution

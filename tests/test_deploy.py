@@ -33,7 +33,7 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
             d.start_node(node)
         run_id = d.submit({"data-dir": str(tiny), "foundation": str(tiny_foundation), "run-dir": str(run_dir),
                            "num-rounds": 2, "max-clients": 8, "secagg": True, "min-nodes": 4,
-                           "round-timeout": 30.0, "feature-cache": "none"})
+                           "round-timeout": 90.0, "feature-cache": "none"})
 
         # strangers, while the run goes on: an unregistered key, and a node that does not trust the CA
         rogue = make_node_key(tmp_path / "rogue", "rogue")
@@ -58,6 +58,8 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["clients_ok"] == 8 and rows[2]["clients_ok"] == 6, [r.get("clients_ok") for r in rows]
+    # every node in the sum signed its keys with its CA-certified identity (the malicious-server protocol)
+    assert rows[1]["secagg_signed_nodes"] == 4 and rows[2]["secagg_signed_nodes"] == 3
     assert any("no reply" in p or "secure aggregation" in p or "error" in p for p in rows[2]["problems"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["secure_aggregation"] is True and 0 < summary["test"]["auc"] < 1

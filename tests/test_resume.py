@@ -84,8 +84,8 @@ def test_a_redone_round_reads_the_state_from_before_it(tmp_path):
     killed attempt saved at r; another run (or evaluation) takes the latest."""
     from flwr.app import Context, RecordDict
 
-    from fedpa.client.app import _private_state
     from fedpa.client.personal_store import PersonalStore
+    from fedpa.client.training import _private_state
 
     key = generate_key_file(tmp_path / "k")
     store = PersonalStore.from_key_file(tmp_path / "store", key)

@@ -52,16 +52,20 @@ def _flower_friendly(msg: dict) -> None:
 
 
 class Round:
-    """Drives one round in process. drop(phase, server) -> clients that send nothing at that phase;
-    tamper_requests / tamper_replies(phase, ...) rewrite what goes to clients / to the server."""
+    """Drives one round in process: the server's five requests, each client's replies. drop(phase, server) ->
+    clients that send nothing at that phase; tamper_requests / tamper_replies(phase, ...) rewrite what goes to
+    clients / to the server (a scripted malicious server); identities: node id -> Identity (signed keys and
+    survivor sets)."""
 
     def __init__(self, vectors: dict[int, np.ndarray], *, params=SecAggParams(), quant=QuantConfig(), seed=0,
                  round_id=7, drop=None, tamper_requests=None, tamper_replies=None, via_state=False,
-                 client_kwargs=None):
+                 client_kwargs=None, identities=None):
         self.vectors = vectors
+        self.identities = identities or {}
         self.server = SecAggServer(sorted(vectors), len(next(iter(vectors.values()))), round_id=round_id,
                                    quant=quant, params=params, randbytes=drbg(seed, "server"))
-        self.clients = {u: SecAggClient(u, randbytes=drbg(seed, u), **(client_kwargs or {})) for u in vectors}
+        self.clients = {u: SecAggClient(u, randbytes=drbg(seed, u), identity=self.identities.get(u),
+                                        **(client_kwargs or {})) for u in vectors}
         self.drop = drop or (lambda phase, server: set())
         self.tamper_requests = tamper_requests or (lambda phase, reqs: reqs)
         self.tamper_replies = tamper_replies or (lambda phase, pairs: pairs)
@@ -75,7 +79,8 @@ class Round:
         steps = [(1, lambda c, m, u: c.advertise(m), srv.receive_keys),
                  (2, lambda c, m, u: c.share_keys(m), srv.receive_shares),
                  (3, lambda c, m, u: c.masked_input(m, self.vectors[u]), srv.receive_masked),
-                 (4, lambda c, m, u: c.unmask(m), srv.receive_unmask)]
+                 (4, lambda c, m, u: c.consistency(m), srv.receive_consistency),
+                 (5, lambda c, m, u: c.unmask(m), srv.receive_unmask)]
         out = None
         for phase, act, receive in steps:
             reqs = self.tamper_requests(phase, reqs)
@@ -86,7 +91,8 @@ class Round:
                 if u in gone:
                     continue
                 if self.via_state:
-                    self.clients[u] = SecAggClient.from_state(self.clients[u].export_state(), randbytes=drbg(u, phase))
+                    self.clients[u] = SecAggClient.from_state(self.clients[u].export_state(), randbytes=drbg(u, phase),
+                                                              identity=self.identities.get(u))
                 try:
                     reply = act(self.clients[u], m, u)
                 except MessageRejected:
@@ -99,6 +105,35 @@ class Round:
             out = receive(pairs)
             reqs = out
         return out
+
+    def revealed_both(self) -> set[int]:
+        """Clients of which the server received a self-mask seed share from one holder and a mask-key share
+        from another: with t of each it learns that client's input."""
+        seeds = {w for c in self.clients.values() for w in c.revealed["b"]}
+        keys = {w for c in self.clients.values() for w in c.revealed["s"]}
+        return seeds & keys
+
+
+IDENTITY_IDS = [10 * i + 3 for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory):
+    """Node id -> Identity, from real key files: the deployment's CA (server.pki) certifying each node's
+    authentication key; plus one identity certified by another CA (a server minting its own participants)."""
+    from fedpa.common.secagg.identity import Identity
+    from fedpa.server.pki import issue_node_certificate, make_node_key, make_server_files
+
+    d = tmp_path_factory.mktemp("pki")
+    ca = make_server_files(d / "certs")
+    out = {}
+    for u in IDENTITY_IDS:
+        key = make_node_key(d / "keys", f"node-{u}")
+        out[u] = Identity.load(key.private, issue_node_certificate(ca, key, f"node-{u}", u), ca.ca_cert)
+    rogue_ca = make_server_files(d / "rogue")
+    key = make_node_key(d / "rogue-keys", "mallory")
+    out["rogue"] = Identity.load(key.private, issue_node_certificate(rogue_ca, key, "mallory", 13), rogue_ca.ca_cert)
+    return out
 
 
 def vectors(n, d=D, seed=0, ids=None):
@@ -160,27 +195,31 @@ def test_client_state_survives_export_between_every_stage():
     check_sum(res, vecs, list(vecs))
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["plain", "identities"])
 @pytest.mark.parametrize("phase,included_after", [
     (1, False),   # drop before advertising keys
     (2, False),   # after advertising, before sharing keys
     (3, False),   # after sharing keys, before the masked input: its pairwise masks are removed
-    (4, True),    # after the masked input: its vector counts, its self-mask is rebuilt from shares
+    (4, True),    # after the masked input, before signing the survivor set: its vector counts
+    (5, True),    # after signing: its self-mask is rebuilt from its neighbours' shares
 ])
-def test_dropout_at_each_stage(phase, included_after):
+def test_dropout_at_each_stage(phase, included_after, signed, identities):
     vecs = vectors(12, seed=phase)
     victims = {13, 73}
-    r = Round(vecs, params=SecAggParams(degree=6), drop=lambda s, srv: victims if s == phase else set())
+    r = Round(vecs, params=SecAggParams(degree=6), drop=lambda s, srv: victims if s == phase else set(),
+              identities=identities if signed else None)
     res = r.run()
     assert res.dropped[phase] == sorted(victims)
     assert all(not v for s, v in res.dropped.items() if s != phase)
     included = list(vecs) if included_after else [u for u in vecs if u not in victims]
     check_sum(res, vecs, included)
+    assert not r.revealed_both() and not r.refused
 
 
-def test_dropouts_at_several_stages_at_once():
+def test_dropouts_at_several_stages_at_once(identities):
     vecs = vectors(16, seed=9)
-    plan = {1: {3}, 2: {23}, 3: {53, 63}, 4: {93}}
-    r = Round(vecs, params=SecAggParams(degree=10), drop=lambda s, srv: plan.get(s, set()))
+    plan = {1: {3}, 2: {23}, 3: {53, 63}, 4: {93}, 5: {113}}
+    r = Round(vecs, params=SecAggParams(degree=10), drop=lambda s, srv: plan.get(s, set()), identities=identities)
     res = r.run()
     check_sum(res, vecs, [u for u in vecs if u not in {3, 23, 53, 63}])
 
@@ -351,12 +390,13 @@ def test_message_from_a_stranger_is_ignored():
 # --------------------------------------------------------------------------- client refusals
 
 
-def _client_at_unmask():
+def _client_at(phase_wanted):
+    """A client that has answered every phase before ``phase_wanted``, and the request it gets there."""
     vecs = vectors(6, seed=23)
     captured = {}
 
     def tamper(phase, reqs):
-        if phase == 4:
+        if phase == phase_wanted:
             captured.update(reqs)
             return {}
         return reqs
@@ -365,29 +405,244 @@ def _client_at_unmask():
     with pytest.raises(SecAggError):
         r.run()
     u = next(iter(captured))
-    return r.clients[u], captured[u]
+    return r.clients[u], captured[u], r
 
 
-def test_client_refuses_to_reveal_both_secrets_of_a_neighbour():
-    client, req = _client_at_unmask()
-    w = req["survivors"][0]
-    with pytest.raises(MessageRejected, match=f"both secrets of client\\(s\\) \\[{w}\\]"):
-        client.unmask({**req, "dropped": req["dropped"] + [w]})
-    assert client.revealed == {"b": [], "s": []}
-    with pytest.raises(MessageRejected, match="already left"):     # and it will not answer again
+def test_client_decides_what_to_reveal_from_the_set_it_signed():
+    # an unmask request cannot name which secrets to reveal: the client reveals the seed share of each
+    # neighbour in the survivor set it signed and the key share of each one outside it, never both
+    client, req, r = _client_at(4)
+    survivors = [u for u in req["survivors"] if u != 43]
+    reply4 = client.consistency({**req, "survivors": survivors})
+    assert reply4["signature"] == b""
+    reply = client.unmask(r.server._request(5, client.node_id, signers=[], signatures=[]) | {
+        "survivors": req["survivors"], "dropped": [43], "b_owners": [43]})
+    held = sorted(client._held)
+    assert reply["b_owners"] == [w for w in held if w in survivors]
+    assert reply["s_owners"] == [w for w in held if w not in survivors]
+    assert not set(reply["b_owners"]) & set(reply["s_owners"])
+    with pytest.raises(MessageRejected, match="after phase 5"):     # and it answers once
         client.unmask(req)
 
 
-def test_client_answers_unmask_once_and_refuses_too_few_survivors():
-    client, req = _client_at_unmask()
+def test_client_refuses_a_survivor_set_with_too_few_neighbours_or_without_itself():
+    client, req, _ = _client_at(4)
     with pytest.raises(MessageRejected, match="fewer than t"):
-        client.unmask({**req, "survivors": req["survivors"][:1], "dropped": req["dropped"] + req["survivors"][1:]})
-    assert client.revealed == {"b": [], "s": []}
-    client2, req2 = _client_at_unmask()
-    reply = client2.unmask(req2)
-    assert reply["b_owners"] == req2["survivors"]
-    with pytest.raises(MessageRejected, match="after phase 4"):
-        client2.unmask(req2)
+        client.consistency({**req, "survivors": [client.node_id]})
+    assert client.aborted and client.revealed == {"b": [], "s": []}
+    client, req, _ = _client_at(4)
+    with pytest.raises(MessageRejected, match="leaves out this client"):
+        client.consistency({**req, "survivors": [u for u in req["survivors"] if u != client.node_id]})
+
+
+# --------------------------------------------------------------------------- a malicious server
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2], ids=["no senders", "one sender", "t-1 senders"])
+def test_masked_input_refused_when_the_server_forwards_fewer_than_t_shares(keep):
+    # with few pairwise masks the target's input would be hidden by its self-mask alone, whose seed its
+    # neighbours reveal for any survivor: the target refuses to send it
+    vecs = vectors(10, seed=30)
+    target = 23
+
+    def tamper(phase, reqs):
+        if phase != 3:
+            return reqs
+        m = reqs[target]
+        return {**reqs, target: {**m, "senders": m["senders"][:keep], "ciphertexts": m["ciphertexts"][:keep]}}
+
+    r = Round(vecs, params=SecAggParams(degree=6), tamper_requests=tamper)
+    res = r.run()
+    assert r.refused[3] == [target]
+    assert any("fewer than t=4" in x for x in r.clients[target].rejections)
+    assert target not in dict(r.replies[3])                     # its masked input never left
+    assert target in res.dropped[3]
+    check_sum(res, vecs, [u for u in vecs if u != target])      # the others' sum is still exact
+
+
+def _inconsistent_survivors(target: int, victim: int):
+    """Phase 4 as a malicious server plays it: ``victim`` is a survivor, but ``target`` (a neighbour holding
+    its shares) is told it dropped, so that ``target`` reveals its mask-key share while the others reveal its
+    self-mask seed share: with both, the server would unmask the victim's input."""
+    def tamper(phase, reqs):
+        if phase != 4:
+            return reqs
+        m = reqs[target]
+        return {**reqs, target: {**m, "survivors": [u for u in m["survivors"] if u != victim]}}
+    return tamper
+
+
+def test_survivor_sets_that_differ_between_clients_are_refused(identities):
+    vecs = vectors(10, seed=31)
+    target, victim = 3, None
+    probe = Round(vecs, params=SecAggParams(degree=6))
+    probe.run()
+    victim = probe.server._graph[target][0]
+    r = Round(vecs, params=SecAggParams(degree=6), identities=identities,
+              tamper_requests=_inconsistent_survivors(target, victim))
+    with pytest.raises(SecAggError):
+        r.run()
+    assert any("not the one this client was shown" in x and "does not verify" in x
+               for x in r.clients[target].rejections)
+    assert r.clients[target].revealed == {"b": [], "s": []}
+    assert victim not in r.revealed_both()
+    assert not r.revealed_both()
+
+
+def test_without_identities_the_same_attack_succeeds():
+    # the threat model without identities is an honest-but-curious server (docs/design/secagg.md): this test
+    # pins that limit, so that the docs and the code cannot drift apart
+    vecs = vectors(10, seed=31)
+    probe = Round(vecs, params=SecAggParams(degree=6))
+    probe.run()
+    victim = probe.server._graph[3][0]
+    r = Round(vecs, params=SecAggParams(degree=6), tamper_requests=_inconsistent_survivors(3, victim))
+    try:
+        r.run()
+    except SecAggError:
+        pass
+    assert victim in r.revealed_both()
+
+
+def test_substituted_keys_are_refused(identities):
+    # a server in the middle hands client 3 its own key for a neighbour: the neighbour's signature over its
+    # keys no longer verifies
+    vecs = vectors(10, seed=32)
+    attacker, _ = generate_keypair(drbg("mitm"))
+
+    def tamper(phase, reqs):
+        if phase != 2:
+            return reqs
+        m = reqs[3]
+        return {**reqs, 3: {**m, "c_pks": [generate_keypair(drbg("mitm"))[1]] + m["c_pks"][1:]}}
+
+    r = Round(vecs, params=SecAggParams(degree=6), identities=identities, tamper_requests=tamper)
+    res = r.run()
+    assert r.refused[2] == [3]
+    assert any("signature does not verify" in x for x in r.clients[3].rejections)
+    check_sum(res, vecs, [u for u in vecs if u != 3])
+
+
+def test_keys_signed_by_an_identity_from_another_ca_are_refused(identities):
+    # a server minting its own participant: a valid signature under a certificate the deployment never issued
+    from fedpa.common.secagg.identity import advertise_message
+
+    vecs = vectors(10, seed=33)
+    rogue = identities["rogue"]
+
+    def tamper(phase, pairs):
+        if phase != 1:
+            return pairs
+        out = []
+        for u, m in pairs:
+            if u == 13:
+                msg = advertise_message(m["round"], r.server.nonce, 13, m["c_pk"], m["s_pk"])
+                m = {**m, "signature": rogue.sign(msg), "certificate": rogue.certificate}
+            out.append((u, m))
+        return out
+
+    r = Round(vecs, params=SecAggParams(degree=6), identities=identities, tamper_replies=tamper)
+    with pytest.raises(SecAggError, match="no share was requested"):   # a server can stop a round, no more
+        r.run()
+    neighbours = r.server._graph[13]
+    assert sorted(r.refused[2]) == sorted(neighbours)
+    assert all(any("not issued by the deployment's CA" in x for x in r.clients[v].rejections) for v in neighbours)
+    assert all(c.revealed == {"b": [], "s": []} for c in r.clients.values())
+
+
+def test_a_certified_key_cannot_sign_for_another_node(identities):
+    # a client colluding with the server signs keys for node 13 with its own (valid) identity: one
+    # certified key could otherwise fill a victim's neighbourhood with Sybils
+    from fedpa.common.secagg.identity import advertise_message
+
+    vecs = vectors(10, seed=36)
+    mallory = identities[153]
+
+    def tamper(phase, pairs):
+        if phase != 1:
+            return pairs
+        out = []
+        for u, m in pairs:
+            if u == 13:
+                msg = advertise_message(m["round"], r.server.nonce, 13, m["c_pk"], m["s_pk"])
+                m = {**m, "signature": mallory.sign(msg), "certificate": mallory.certificate}
+            out.append((u, m))
+        return out
+
+    r = Round(vecs, params=SecAggParams(degree=6), identities=identities, tamper_replies=tamper)
+    with pytest.raises(SecAggError):
+        r.run()
+    assert all(any("certificate is for node 153, not node 13" in x for x in r.clients[v].rejections)
+               for v in r.server._graph[13])
+
+
+def test_identity_files_are_checked_when_loaded(identities, tmp_path):
+    from fedpa.common.secagg.identity import Identity, IdentityError
+    from fedpa.server.pki import issue_node_certificate, make_node_key, make_server_files
+
+    ca = make_server_files(tmp_path / "certs")
+    a, b = make_node_key(tmp_path / "keys", "a"), make_node_key(tmp_path / "keys", "b")
+    cert_a = issue_node_certificate(ca, a, "a", 5)
+    assert Identity.load(a.private, cert_a, ca.ca_cert, node_id=5).node_id == 5
+    with pytest.raises(MessageRejected, match="certificate is for node 5, not node 6"):
+        Identity.load(a.private, cert_a, ca.ca_cert, node_id=6)
+    with pytest.raises(IdentityError, match="not for the key"):
+        Identity.load(b.private, cert_a, ca.ca_cert)
+    with pytest.raises(IdentityError, match="no such file"):
+        Identity.load(a.private, tmp_path / "missing.crt", ca.ca_cert)
+    (tmp_path / "junk.crt").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with pytest.raises(IdentityError, match="not an X.509 certificate"):
+        Identity.load(a.private, tmp_path / "junk.crt", ca.ca_cert)
+
+
+def test_unsigned_keys_are_refused_by_a_client_with_an_identity(identities):
+    vecs = vectors(6, seed=34)
+    ids = {u: identities[u] for u in vecs if u != 13}    # client 13 has no identity
+    r = Round(vecs, identities=ids)
+    with pytest.raises(SecAggError):
+        r.run()
+    assert all(any("missing or oversized" in x for x in r.clients[u].rejections) for u in ids)
+
+
+def test_values_outside_the_fixed_point_range_are_refused_not_clipped():
+    vecs = vectors(8, seed=35)
+    vecs[13] = vecs[13].copy()
+    vecs[13][5] = 9.0                                  # the range is [-8, 8]
+    vecs[23] = vecs[23].copy()
+    vecs[23][7] = np.nan
+    r = Round(vecs)
+    res = r.run()
+    assert sorted(r.refused[3]) == [13, 23]
+    assert any("outside the round's fixed-point range" in x for x in r.clients[13].rejections)
+    check_sum(res, vecs, [u for u in vecs if u not in (13, 23)])
+
+
+def test_a_client_masks_its_vector_once_per_round(tmp_path):
+    # a second setup request would let the server collect two maskings of one vector: the node refuses it
+    import time
+
+    from flwr.app import ConfigRecord, Context, Metadata, RecordDict
+    from flwr.app import Message as FlwrMessage
+
+    from fedpa.client.app import _secagg_phase
+    from fedpa.common.records import arrays_to_record
+    from fedpa.common.secagg.transport import pack
+    from fedpa.foundation.errors import FedpaError
+
+    srv = SecAggServer([1, 2, 3, 4], 10, round_id=5, randbytes=drbg("once"))
+    req = srv.advertise_requests()[1]
+    state = RecordDict({"secagg-vector": arrays_to_record({"v": np.zeros(10, np.float32)})})
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=state, run_config={})
+
+    def ask(r):
+        meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                        group_id="5-secagg", created_at=time.time(), ttl=60.0, message_type="train")
+        return _secagg_phase(FlwrMessage(content=pack(r), metadata=meta), ctx)
+
+    ask(req)
+    with pytest.raises(FedpaError, match=r"second SecAgg\+ setup for round 5"):
+        ask(req)
+    assert isinstance(ctx.state["secagg-rounds"], ConfigRecord)
 
 
 def test_client_checks_round_sender_recipient_and_threshold():
@@ -406,7 +661,9 @@ def test_client_checks_round_sender_recipient_and_threshold():
         others[1].share_keys({**reqs2[1], "round": 4})
     with pytest.raises(MessageRejected, match="not a majority"):
         others[1].share_keys({**reqs2[1], "threshold": 2})
-    assert others[1].share_keys(reqs2[1])["recipients"] == reqs2[1]["neighbours"]
+    with pytest.raises(MessageRejected, match="already left the round"):    # a refusal ends its part
+        others[1].share_keys(reqs2[1])
+    assert others[2].share_keys(reqs2[2])["recipients"] == reqs2[2]["neighbours"]
 
 
 def test_client_rejects_wrong_vector_length():

@@ -24,6 +24,9 @@ def test_secure_round_matches_plain_aggregation(tiny, tiny_foundation, tmp_path)
     assert abs(s_plain["test"]["auc"] - s_secure["test"]["auc"]) < 1e-3
     # masked fixed-point vector (bit-packed) + keys and shares: the same order as the plain float32 reply
     assert 0.5 < s_secure["bytes_up_per_client_round"] / s_plain["bytes_up_per_client_round"] < 2.0
+    # simulated nodes have no CA-certified identity: the honest-but-curious protocol, and the metrics say so
+    rows = RunDir(secure.run_dir).read_metrics()
+    assert [r.get("secagg_signed_nodes") for r in rows[1:]] == [0, 0]
 
 
 def test_item_side_row_counts_survive_secure_aggregation(tiny, tiny_foundation, tmp_path):

@@ -2,6 +2,7 @@
 what both halves share, split the way Flower splits `flwr.common.secure_aggregation`.
 
 - `messages`     constants, the phases, the message header and typed field readers, errors
+- `identity`     signing keys certified by the deployment's CA: signed keys and the consistency check
 - `crypto`       X25519 agreement, round-bound HKDF keys, AES-CTR masks, AES-GCM share envelopes
 - `shamir`       Shamir sharing over GF(2^521 - 1)
 - `graph`        degree and threshold (Bell et al.'s bounds), the neighbour graph
@@ -50,6 +51,7 @@ from .messages import (
                      MAX_ROUND_ID,
                      NONCE_BYTES,
                      PHASE_ADVERTISE,
+                     PHASE_CONSISTENCY,
                      PHASE_MASKED,
                      PHASE_NAMES,
                      PHASE_SETUP,
@@ -77,7 +79,8 @@ from .shamir import decode_share, encode_share, lagrange_at_zero, shamir_reconst
 
 __all__ = [
     "ENVELOPE_BYTES", "ENVELOPE_HEADER", "GCM_NONCE_BYTES", "KEY_BYTES", "MAX_DIM", "MAX_NODE_ID", "MAX_ROUND_ID",
-    "NONCE_BYTES", "PHASE_ADVERTISE", "PHASE_MASKED", "PHASE_NAMES", "PHASE_SETUP", "PHASE_SHARE", "PHASE_UNMASK",
+    "NONCE_BYTES", "PHASE_ADVERTISE", "PHASE_CONSISTENCY", "PHASE_MASKED", "PHASE_NAMES", "PHASE_SETUP",
+    "PHASE_SHARE", "PHASE_UNMASK",
     "PRIME", "PROTOCOL", "SERVER_ID", "SHARE_BYTES", "MessageRejected", "QuantConfig", "RandBytes", "Rejection",
     "SecAggError", "SecAggParams", "agree", "as_pairs", "associated_data", "check_header", "choose_degree",
     "concat_update", "count_clipped", "decode_share", "default_threshold", "dequantize_sum", "effective_graph_params",

@@ -16,8 +16,9 @@ RandBytes = Callable[[int], bytes]
 
 PROTOCOL = b"fedpa-secagg+/v1"
 SERVER_ID = -1
-PHASE_SETUP, PHASE_ADVERTISE, PHASE_SHARE, PHASE_MASKED, PHASE_UNMASK = 0, 1, 2, 3, 4
-PHASE_NAMES = {0: "setup", 1: "advertise-keys", 2: "share-keys", 3: "masked-input", 4: "unmask"}
+PHASE_SETUP, PHASE_ADVERTISE, PHASE_SHARE, PHASE_MASKED, PHASE_CONSISTENCY, PHASE_UNMASK = 0, 1, 2, 3, 4, 5
+PHASE_NAMES = {0: "setup", 1: "advertise-keys", 2: "share-keys", 3: "masked-input", 4: "consistency-check",
+               5: "unmask"}
 
 MAX_NODE_ID = 2**64 - 1
 MAX_ROUND_ID = 2**63 - 1

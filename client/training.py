@@ -1,0 +1,252 @@
+"""What a train, evaluate or query message runs on a node: local training of the users it serves, their
+scoring, and their private state (context.state within a run, the encrypted personal store across runs).
+
+`client.app` imports this module only for those messages: the SecAgg+ phases between them need neither
+torch nor the models, which keeps each phase's ClientApp process small and quick to start on a device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedpa.client.personal_store import PersonalStore, open_store
+from fedpa.client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
+from fedpa.common.aggregation import count_keys, expected_shapes, spec_from
+from fedpa.common.config import FederationConfig
+from fedpa.common.privacy import cohort_contribution, private_contribution
+from fedpa.common.records import arrays_to_record, record_to_arrays
+from fedpa.common.secagg import concat_update
+from fedpa.foundation.errors import FedpaError
+from fedpa.recmodels.cohort import CohortUser
+from fedpa.recmodels.evaluation import MetricSums, membership_attack
+
+log = logging.getLogger("fedpa.client")
+
+
+def dp_settings(cfg: FederationConfig, pm, cohort: int) -> dict:
+    """The keyword arguments of `common.privacy.private_contribution` for this run and round."""
+    return dict(noise_multiplier=cfg.dp_noise_multiplier, clip=cfg.dp_clip, mode=cfg.dp_mode,
+                n_count_terms=pm.count_terms, min_reply_fraction=cfg.min_reply_fraction,
+                cohort=cohort)
+
+
+def _node_clients(context: Context, rt: ClientRuntime) -> range:
+    pid = int(context.node_config.get("partition-id", 0))
+    n = int(context.node_config.get("num-partitions", 1))
+    return clients_of_node(pid, n, rt.num_clients)
+
+
+def _private_state(context: Context, rt: ClientRuntime, uid: int, run_id: str = "",
+                   before_round: int | None = None, cfg: FederationConfig | None = None,
+                   store: PersonalStore | None = None) -> dict[str, np.ndarray] | None:
+    """The user's private state: from this node's memory within a run, else from the personal store.
+    Training round r of run ``run_id`` wants the state from before r: a resumed run redoing r skips
+    what the interrupted attempt saved at r (the store keeps the version before it)."""
+    key = f"private/{uid}"
+    if key in context.state:
+        return record_to_arrays(context.state[key])
+    cfg = cfg or rt.cfg
+    store = store if store is not None else _store(cfg)  # callers looping over users open it once
+    if store is not None:
+        def redone(meta: dict) -> bool:
+            return (before_round is not None and bool(run_id) and meta.get("run-id") == run_id
+                    and int(meta.get("round", 0)) >= before_round)
+        loaded = store.load(uid, skip=redone)
+        if loaded is not None:
+            arrays, meta = loaded
+            if meta.get("algorithm") == cfg.algorithm:
+                return arrays
+            log.warning("personal state of user %s was saved by '%s', not '%s': starting fresh",
+                        uid, meta.get("algorithm"), cfg.algorithm)
+    return None
+
+
+def _store(cfg: FederationConfig) -> PersonalStore | None:
+    return open_store(cfg.personal_store, cfg.personal_store_key_file)
+
+
+def query(msg: Message, context: Context, cfg: FederationConfig) -> Message:
+    rt = get_runtime(cfg)
+    clients = list(_node_clients(context, rt))
+    info = ConfigRecord({"clients": clients, "num-clients": rt.num_clients, "pid": os.getpid()})
+    return Message(content=RecordDict({"info": info}), reply_to=msg)
+
+
+def train(msg: Message, context: Context, cfg: FederationConfig) -> Message:
+    """A train instruction: the selected users train; the reply (or, with SecAgg, the vector kept for the
+    phases that follow) holds the sum of their contributions."""
+    rnd = msg.content["round"]
+    rt = get_runtime(cfg)
+    round_ = int(rnd["round"])
+    served = _node_clients(context, rt)
+    wanted = [int(c) for c in rnd["clients"]]
+    foreign = [c for c in wanted if c not in served]
+    if foreign:
+        raise ValueError(f"clients {foreign[:5]} are not served by this node "
+                         f"(serves {served.start}..{served.stop - 1})")
+    pm = rt.model
+    global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    spec = spec_from(pm.shared_spec())
+    store = _store(cfg)
+    if bool(rnd.get("resumed", False)) and store is None and pm.initial_private:
+        raise FedpaError("this run was resumed, and this node kept its users' private state in memory only: "
+                         "training on would restart every user's private adapter (give the node a personal "
+                         "store, personal-store in its node config or the run config)")
+    job = _TrainJob(cfg, rt, context, store, round_, str(rnd.get("run-id", "")), global_state, spec,
+                    dp_settings(cfg, pm, int(rnd["cohort"])))
+    if _vectorized(cfg, rt, wanted):
+        job.train_vectorized(wanted)
+    else:
+        job.train_one_by_one(wanted)
+    total, loss_sum, n_examples, excluded = job.total, job.loss_sum, job.n_examples, job.excluded
+    contributed = len(wanted) - len(excluded)
+    metrics = MetricRecord({"num-examples": int(n_examples), "num-users": contributed,
+                            "loss-sum": float(loss_sum)})
+    content = RecordDict({"metrics": metrics, "excluded": ConfigRecord({"reasons": excluded or [""]})})
+    if rt.algorithm.communicates:
+        if total is None:  # every user excluded: an empty contribution (zero counts)
+            total = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
+        if cfg.secagg:
+            # kept on the node; only its masked form leaves, in the SecAgg+ phases that follow
+            vector = concat_update(total, expected_shapes(spec))
+            context.state["secagg-vector"] = arrays_to_record({"v": vector})
+        else:
+            content["arrays"] = arrays_to_record(total)
+    return Message(content=content, reply_to=msg)
+
+
+class _TrainJob:
+    """One train instruction for this node's selected users: their contributions summed, their private
+    states kept (context.state and the personal store), the users left out and why."""
+
+    def __init__(self, cfg: FederationConfig, rt: ClientRuntime, context: Context, store: PersonalStore | None,
+                 round_: int, run_id: str, global_state: dict[str, np.ndarray], spec, dp: dict):
+        self.cfg, self.rt, self.context, self.store = cfg, rt, context, store
+        self.round, self.run_id, self.global_state, self.spec, self.dp = round_, run_id, global_state, spec, dp
+        self.local = rt.local_for(round_)
+        self.total: dict[str, np.ndarray] | None = None
+        self.loss_sum = self.n_examples = 0.0
+        self.excluded: list[str] = []
+
+    def _private_before(self, uid: int) -> dict[str, np.ndarray] | None:
+        return _private_state(self.context, self.rt, uid, self.run_id, before_round=self.round, cfg=self.cfg,
+                              store=self.store)
+
+    def _keep_private(self, uid: int, private: dict[str, np.ndarray]) -> None:
+        if private:
+            self.context.state[f"private/{uid}"] = arrays_to_record(private)
+            if self.store is not None:
+                self.store.save(uid, private, {"algorithm": self.cfg.algorithm, "round": self.round,
+                                               "foundation": self.cfg.foundation, "run-id": self.run_id})
+
+    def _add(self, contribution: dict[str, np.ndarray]) -> None:
+        self.total = contribution if self.total is None else {k: self.total[k] + contribution[k] for k in self.total}
+
+    def _count(self, loss: float, n: float) -> None:
+        if n:
+            self.loss_sum += loss * n
+            self.n_examples += n
+
+    def train_one_by_one(self, clients: list[int]) -> None:
+        rt, pm = self.rt, self.rt.model
+        for c in clients:
+            data = rt.user(c)
+            if self.global_state:
+                pm.set_shared(self.global_state)
+            pm.set_private(self._private_before(data.user_id))
+            stats = pm.train_user(data.train, data.profile, self.local,
+                                  seed=user_seed(self.cfg.seed, self.round, data.user_id), exclude=held_out(data))
+            private = pm.get_private()
+            if not all(np.all(np.isfinite(v)) for v in private.values()):
+                self.excluded.append(f"user {data.user_id}: non-finite private state after training "
+                                     "(kept the previous one)")
+                continue
+            if rt.algorithm.communicates:
+                local = pm.get_shared()
+                delta = {k: local[k] - self.global_state[k] for k in local}
+                if not all(np.all(np.isfinite(v)) for v in delta.values()):
+                    self.excluded.append(f"user {data.user_id}: non-finite update")
+                    continue
+                self._add(private_contribution(delta, self.spec, pm.groups_of(data.profile),
+                                               rows=pm.touched_rows(data.train), **self.dp))
+            self._keep_private(data.user_id, private)
+            self._count(stats["loss"], stats["n"])
+
+    def train_vectorized(self, clients: list[int]) -> None:
+        """All users at once (recmodels.cohort): the same training, per-user clipping and noise."""
+        rt = self.rt
+        users = [rt.user(c) for c in clients]
+        cohort = [CohortUser(d.train, d.profile, self._private_before(d.user_id),
+                             user_seed(self.cfg.seed, self.round, d.user_id), d.user_id) for d in users]
+        for chunk in rt.cohort_engine.train(cohort, self.global_state, self.local):
+            for k, i in enumerate(chunk.users):
+                uid = users[i].user_id
+                if not chunk.finite[k]:
+                    self.excluded.append(f"user {uid}: non-finite private state or update after training "
+                                         "(kept the previous one)")
+                    continue
+                self._keep_private(uid, chunk.private[k])
+                self._count(float(chunk.loss[k]), float(chunk.n[k]))
+            if rt.algorithm.communicates:
+                self._add(cohort_contribution(chunk.deltas, len(chunk.users), self.spec, keep=chunk.finite,
+                                              rows=chunk.rows, **self.dp))
+
+
+def held_out(data) -> np.ndarray:
+    """The items of the user's validation and test positives: what a model sampling its own negatives must not
+    draw (on a device, the user's whole log is known; only these rows are kept out of training)."""
+    return np.concatenate([d.items[d.labels[:, 0] == 1, 0].numpy() for d in (data.val, data.test)
+                           if d.items is not None]) if data.val.items is not None else np.zeros(0, np.int64)
+
+
+def _vectorized(cfg: FederationConfig, rt: ClientRuntime, users) -> bool:
+    """Train / score this node's users with the cohort engine (several users, an adapted model)."""
+    return cfg.cohort_engine == "vectorized" and len(users) > 1 and rt.model.model is not None
+
+
+def evaluate(msg: Message, context: Context, cfg: FederationConfig) -> Message:
+    """Every user this node serves, scored on validation and test (and, in the final round, the membership
+    attack): metric sums, never a score."""
+    rt = get_runtime(cfg)
+    pm = rt.model
+    round_ = int(msg.content["round"]["round"])
+    local = rt.local_for(round_)  # PFedRec fine-tunes before scoring at this round's learning rate
+    global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    attack = bool(msg.content["round"].get("final", False))
+    store = _store(cfg)
+    val, test, mia = MetricSums(), MetricSums(), MetricSums()
+    users = 0
+    clients = list(_node_clients(context, rt))
+    vectorized = _vectorized(cfg, rt, clients)
+    if vectorized:
+        data_of = [rt.user(c) for c in clients]
+        cohort = [CohortUser(d.train, d.profile, _private_state(context, rt, d.user_id, cfg=cfg, store=store),
+                             user_seed(cfg.seed, round_, d.user_id), d.user_id) for d in data_of]
+        all_scores = rt.cohort_engine.predict(
+            cohort, [[d.val, d.test] + ([d.train] if attack else []) for d in data_of], global_state, local)
+    for j, c in enumerate(clients):
+        data = rt.user(c)
+        if vectorized:
+            scores = all_scores[j]
+        else:
+            if global_state:
+                pm.set_shared(global_state)
+            pm.set_private(_private_state(context, rt, data.user_id, cfg=cfg, store=store))
+            splits = [data.val, data.test] + ([data.train] if attack else [])
+            scores = pm.personalized_scores(data.train, splits, data.profile, local,
+                                            seed=user_seed(cfg.seed, round_, data.user_id))
+        ref = rt.reference(data) or [None, None]
+        val.add_user(data.val.labels[:, 0].numpy(), scores[0], data.group_size, reference=ref[0])
+        test.add_user(data.test.labels[:, 0].numpy(), scores[1], data.group_size, reference=ref[1])
+        if attack:
+            mia.add_user(*membership_attack(data.train.labels[:, 0].numpy(), scores[2],
+                                            data.test.labels[:, 0].numpy(), scores[1]))
+        users += 1
+    arrays = {"val": val.v, "test": test.v, **({"mia": mia.v} if attack else {})}
+    content = RecordDict({"arrays": arrays_to_record(arrays),
+                          "metrics": MetricRecord({"num-users": users, "num-examples": int(val.get("n"))})})
+    return Message(content=content, reply_to=msg)
