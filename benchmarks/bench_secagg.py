@@ -43,7 +43,7 @@ def make_identities(ids: list[int]) -> dict:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from fedpa.common.secagg.identity import Identity
+    from fedpa.common.secagg.identity import Identity, node_name
 
     def name(cn):
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -57,7 +57,7 @@ def make_identities(ids: list[int]) -> dict:
     out = {}
     for u in ids:
         key = ec.generate_private_key(ec.SECP384R1())
-        cert = (x509.CertificateBuilder().subject_name(name(f"node-{u}")).issuer_name(ca.subject)
+        cert = (x509.CertificateBuilder().subject_name(node_name(f"node-{u}", u)).issuer_name(ca.subject)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
                 .sign(ca_key, hashes.SHA256()))

@@ -104,8 +104,16 @@ def train(msg: Message, context: Context, cfg: FederationConfig) -> Message:
         job.train_one_by_one(wanted)
     total, loss_sum, n_examples, excluded = job.total, job.loss_sum, job.n_examples, job.excluded
     contributed = len(wanted) - len(excluded)
-    metrics = MetricRecord({"num-examples": int(n_examples), "num-users": contributed,
-                            "loss-sum": float(loss_sum)})
+    if cfg.dp_noise_multiplier > 0:
+        # under DP only the noised sums are released: the loss and example counts (per user, with one user per
+        # node) stay on the node, and excluded users are counted, not named (log them here instead)
+        for why in excluded:
+            log.warning("round %d: %s", round_, why)
+        metrics = MetricRecord({"num-users": contributed})
+        excluded = [f"{len(excluded)} user(s) left out (reasons kept on the node under DP)"] if excluded else []
+    else:
+        metrics = MetricRecord({"num-examples": int(n_examples), "num-users": contributed,
+                                "loss-sum": float(loss_sum)})
     content = RecordDict({"metrics": metrics, "excluded": ConfigRecord({"reasons": excluded or [""]})})
     if rt.algorithm.communicates:
         if total is None:  # every user excluded: an empty contribution (zero counts)
@@ -246,6 +254,11 @@ def evaluate(msg: Message, context: Context, cfg: FederationConfig) -> Message:
             mia.add_user(*membership_attack(data.train.labels[:, 0].numpy(), scores[2],
                                             data.test.labels[:, 0].numpy(), scores[1]))
         users += 1
+    if cfg.secagg:
+        # kept on the node; the server learns only the sum over nodes, in the SecAgg+ phases that follow
+        vector = np.concatenate([val.v, test.v] + ([mia.v] if attack else [])).astype(np.float64)
+        context.state["secagg-vector"] = arrays_to_record({"v": vector})
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-users": users})}), reply_to=msg)
     arrays = {"val": val.v, "test": test.v, **({"mia": mia.v} if attack else {})}
     content = RecordDict({"arrays": arrays_to_record(arrays),
                           "metrics": MetricRecord({"num-users": users, "num-examples": int(val.get("n"))})})

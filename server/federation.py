@@ -39,6 +39,7 @@ from fedpa.common.secagg import QuantConfig, SecAggError, split_sum
 from fedpa.common.secagg.transport import pack, unpack
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import count_parameters, load_foundation
+from fedpa.recmodels.evaluation import SIZE as METRIC_SIZE
 from fedpa.recmodels.evaluation import MetricSums
 from fedpa.recmodels.personalization import get_algorithm
 
@@ -79,11 +80,18 @@ class RoundReplies:
         down = float(np.mean(self.bytes_down)) if self.bytes_down else 0.0
         up = (float(np.mean(self.bytes_up)) if self.bytes_up else 0.0) + self.secagg_bytes
         return {"selected": selected, "clients_ok": self.users_ok,
-                "train_loss": self.loss_sum / max(self.n_examples, 1),
+                "train_loss": self.loss_sum / self.n_examples if self.n_examples else None,
                 "problems": self.problems,
                 "bytes_down_per_client": down if communicates else 0.0,
                 "bytes_up_per_client": up if communicates else 0.0,
                 **({} if self.secagg_signed is None else {"secagg_signed_nodes": self.secagg_signed})}
+
+
+EVAL_SECAGG_ROUND = 2**62
+"""SecAgg+ round ids of evaluations: this plus the round (training's secure sums use the round itself; a node
+masks one vector per round id)."""
+EVAL_QUANT = QuantConfig(clip=2.0**32, frac_bits=12)
+"""Metric sums are counts and sums of per-row values: up to 2^32 per node, 2^-13 resolution."""
 
 
 class Federation:
@@ -259,8 +267,9 @@ class Federation:
                 got.trained[src] = n_users
                 if plain:
                     got.updates.append(update)
-                got.loss_sum += float(m["loss-sum"])
-                got.n_examples += int(m["num-examples"])
+                if "loss-sum" in m:   # absent under DP: the node keeps it (client/training.py)
+                    got.loss_sum += float(m["loss-sum"])
+                    got.n_examples += int(m["num-examples"])
             except (InvalidUpdate, KeyError, TypeError, ValueError) as e:
                 got.problems.append(f"node {src}: excluded ({len(by_node.get(src, []))} client(s)): {e}")
         return got
@@ -333,62 +342,90 @@ class Federation:
             reach += 8.0 * share * math.sqrt(biggest)
         clip = float(2 ** math.ceil(math.log2(max(8.0, reach))))
         try:
-            sa = SecAggServer(participants, dim, round_id=round_, quant=QuantConfig(clip=clip))
-            requests = sa.advertise_requests()
-            sent = {n: 0 for n in participants}
-            for phase, receive in enumerate((sa.receive_keys, sa.receive_shares, sa.receive_masked,
-                                             sa.receive_consistency, sa.receive_unmask), start=1):
-                msgs = [Message(content=pack(req), message_type=MessageType.TRAIN, dst_node_id=n,
-                                group_id=f"{round_}-secagg") for n, req in requests.items()]
-                pairs = []
-                replies = self._send(msgs, deadline)
-                answered = {rep.metadata.src_node_id for rep in replies}
-                problems += [f"node {n}: no secure-aggregation reply (phase {phase}) before the round's deadline"
-                             for n in requests if n not in answered]
-                for rep in self._ordered(replies):
-                    src = rep.metadata.src_node_id
-                    if rep.has_error():
-                        problems.append(f"node {src}: secure aggregation: {_reason(rep)}")
-                        continue
-                    sent[src] = sent.get(src, 0) + message_bytes(rep)
-                    pairs.append((src, unpack(rep.content)))
-                requests = receive(pairs)
-            result = requests
+            result, sent = self._secagg_exchange(round_, participants, dim, QuantConfig(clip=clip), problems,
+                                                 deadline)
         except SecAggError as e:
             why = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
             raise RoundFailed(f"round {round_}: secure aggregation failed: {e}; last checkpoint kept"
                               + (f" (nodes: {why})" if why else "")) from None
-        problems += [f"secure aggregation: {r}" for r in sa.reasons]
         sums = split_sum(result.dequantize(), shapes)
         per_node = float(np.mean([sent[n] for n in result.included])) if result.included else 0.0
         return sums, result.included, per_node, len(result.signed)
 
+    def _secagg_exchange(self, round_id: int, participants: list[int], dim: int, quant: QuantConfig,
+                         problems: list[str], deadline: float | None = None):
+        """The five SecAgg+ message exchanges with ``participants`` (each holding a vector of ``dim`` values in
+        its context.state); returns the `SecAggResult` and the bytes each node sent. Raises SecAggError."""
+        sa = SecAggServer(participants, dim, round_id=round_id, quant=quant)
+        requests = sa.advertise_requests()
+        sent = {n: 0 for n in participants}
+        for phase, receive in enumerate((sa.receive_keys, sa.receive_shares, sa.receive_masked,
+                                         sa.receive_consistency, sa.receive_unmask), start=1):
+            msgs = [Message(content=pack(req), message_type=MessageType.TRAIN, dst_node_id=n,
+                            group_id=f"{round_id}-secagg") for n, req in requests.items()]
+            pairs = []
+            replies = self._send(msgs, deadline)
+            answered = {rep.metadata.src_node_id for rep in replies}
+            problems += [f"node {n}: no secure-aggregation reply (phase {phase}) before the round's deadline"
+                         for n in requests if n not in answered]
+            for rep in self._ordered(replies):
+                src = rep.metadata.src_node_id
+                if rep.has_error():
+                    problems.append(f"node {src}: secure aggregation: {_reason(rep)}")
+                    continue
+                sent[src] = sent.get(src, 0) + message_bytes(rep)
+                pairs.append((src, unpack(rep.content)))
+            requests = receive(pairs)
+        problems += [f"secure aggregation: {r}" for r in sa.reasons]
+        return requests, sent
+
     def evaluate(self, round_: int, final: bool = False) -> dict[str, dict[str, float]]:
         """Validation and test metrics; in the final evaluation also a membership-inference attack
-        against every user's personalized model (`recmodels.evaluation.membership_attack`)."""
+        against every user's personalized model (`recmodels.evaluation.membership_attack`). With SecAgg the
+        nodes' metric sums are securely summed too: the server sees only their total."""
         msgs = [Message(content=self._content(round_, final=final), message_type=MessageType.EVALUATE,
                         dst_node_id=n, group_id=f"eval-{round_}") for n in self.nodes]
         val, test, mia = MetricSums(), MetricSums(), MetricSums()
         users = 0
+        masked: list[int] = []          # nodes holding their metric sums for the secure sum
         for rep in self._ordered(self._send(msgs)):
             src = rep.metadata.src_node_id
             if rep.has_error():
                 log.warning("round %d evaluation: node %s: %s", round_, src, _reason(rep))
                 continue
             try:
-                arrays = record_to_arrays(rep.content["arrays"])
-                v, t = MetricSums(arrays["val"]), MetricSums(arrays["test"])
-                m = MetricSums(arrays["mia"]) if final else MetricSums()
-                if not (np.isfinite(v.v).all() and np.isfinite(t.v).all() and np.isfinite(m.v).all()):
-                    raise ValueError("non-finite metric sums")
                 n = min(int(rep.content["metrics"]["num-users"]), len(self.nodes.get(src, [])))
+                if self.cfg.secagg:
+                    masked.append(src)
+                else:
+                    arrays = record_to_arrays(rep.content["arrays"])
+                    v, t = MetricSums(arrays["val"]), MetricSums(arrays["test"])
+                    m = MetricSums(arrays["mia"]) if final else MetricSums()
+                    if not (np.isfinite(v.v).all() and np.isfinite(t.v).all() and np.isfinite(m.v).all()):
+                        raise ValueError("non-finite metric sums")
+                    val += v
+                    test += t
+                    mia += m
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("round %d evaluation: node %s: reply dropped: %s", round_, src, e)
                 continue
-            val += v
-            test += t
-            mia += m
             users += n
+        if self.cfg.secagg:
+            parts = 3 if final else 2
+            problems: list[str] = []
+            try:
+                result, _ = self._secagg_exchange(EVAL_SECAGG_ROUND + round_, masked, parts * METRIC_SIZE,
+                                                  EVAL_QUANT, problems, time.time() + self.cfg.round_timeout)
+                total = result.dequantize()
+                val, test = MetricSums(total[:METRIC_SIZE]), MetricSums(total[METRIC_SIZE:2 * METRIC_SIZE])
+                mia = MetricSums(total[2 * METRIC_SIZE:]) if final else MetricSums()
+                users = min(users, sum(len(self.nodes.get(n, [])) for n in result.included))
+            except SecAggError as e:
+                log.warning("round %d evaluation: secure aggregation failed (%s); %s; no metrics this round",
+                            round_, e, "; ".join(problems[:3]))
+                users = 0
+            for p in problems:
+                log.warning("round %d evaluation: %s", round_, p)
         out = {"val": val.finalize(), "test": test.finalize(), "users": users}
         if final:
             attack = mia.finalize()

@@ -68,7 +68,9 @@ def test_noisy_federation_logs_epsilon_and_respects_the_budget(tiny, tiny_founda
     rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     eps = [r["epsilon"] for r in rows if "epsilon" in r]
     assert len(eps) == 3 and eps[0] < eps[1] < eps[2]
-    ref = _independent_epsilon(1.0, 3, 1 / 12)
+    delta = rows[-1]["delta"]
+    assert delta == min(12 ** -1.1, 1e-5)          # δ well below 1/N by default
+    ref = _independent_epsilon(1.0, 3, delta)
     assert abs(eps[-1] - ref) / ref < 0.02
     assert summary["differential_privacy"]["epsilon"] == eps[-1]
     mia = summary["membership_inference"]  # attack on the personalized models, final evaluation only
@@ -135,6 +137,10 @@ def test_noise_in_the_aggregate_has_the_stated_scale(mode, tiny, tiny_foundation
         expected = z * clip * math.sqrt(n) / n
     assert change.size > 500
     assert 0.8 < change.std() / expected < 1.25, (mode, change.std(), expected)
+    # under DP only the noised sums leave a node: no training loss or example count reached the server
+    rows = RunDir(cfg.run_dir).read_metrics()
+    assert rows[1]["train_loss"] is None and rows[1]["clients_ok"] == 12
+    assert 0 < rows[1]["eval"]["test"]["auc"] < 1    # evaluation still reports (securely summed with SecAgg)
 
 
 def test_distributed_noise_without_secure_aggregation_is_refused():
