@@ -82,7 +82,13 @@ from fedpa.common.secagg import (
     share_key,
     share_x,
 )
-from fedpa.common.secagg.identity import Identity, advertise_message, consistency_message, verify
+from fedpa.common.secagg.identity import (
+    Identity,
+    advertise_message,
+    certified_key,
+    consistency_message,
+    verify,
+)
 
 log = logging.getLogger("fedpa.secagg")
 
@@ -308,7 +314,7 @@ class SecAggClient:
                 for v, sig in zip(signers, signatures):
                     if v not in self._certs:
                         raise MessageRejected(f"a survivor-set signature from client {v}, not a neighbour")
-                    verify(self.identity.peer_key(self._certs[v], v), message, sig,
+                    verify(certified_key(self._certs[v]), message, sig,   # checked against the CA in phase 2
                            f"neighbour {v}'s survivor set (not the one this client was shown)")
                     valid.add(v)
                 if len(valid & set(self._u3)) < self.threshold:

@@ -132,6 +132,11 @@ class Identity:
         return key
 
 
+def certified_key(certificate: bytes) -> ec.EllipticCurvePublicKey:
+    """The key of a certificate this client already checked (`Identity.peer_key`) and kept in its own state."""
+    return x509.load_der_x509_certificate(certificate).public_key()
+
+
 def verify(key: ec.EllipticCurvePublicKey, message: bytes, signature: bytes, what: str) -> None:
     if not isinstance(signature, bytes) or not 0 < len(signature) <= MAX_SIGNATURE_BYTES:
         raise MessageRejected(f"{what}: missing or oversized signature")
