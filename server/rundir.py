@@ -140,7 +140,7 @@ class RunDir:
             verify_safetensors(tensors)
             arrays = load_file(str(tensors))
         except CheckpointError as e:
-            raise RunDirError(str(e)) from None
+            raise RunDirError(f"cannot read checkpoint: {e}") from None
         except Exception as e:  # safetensors raises several types for damaged files
             raise RunDirError(f"{tensors}: cannot read checkpoint ({e})") from None
         bad = sorted(k for k, v in arrays.items() if not np.all(np.isfinite(v)))

@@ -134,7 +134,7 @@ def test_per_user_table_copies_hold_just_the_rows_each_user_reads(tiny, tiny_fou
     params = engine._stack(members, engine._group_rows(members), chunk_rows)
     width = max(len(r) for r in chunk_rows.rows["video_id"])
     assert params["item_bias.tables.video_id"].shape == (5, width, table.tables["video_id"].shape[1])
-    assert params["item_bias.embedding"].shape == (5, max(len(r) for r in chunk_rows.rows["embedding"]), 4)
+    assert params["item_bias.embedding"].shape == (5, max(len(r) for r in chunk_rows.rows["video"]), 4)
     assert params["item_bias.user"].shape == (5, 1, 4)
 
 

@@ -30,6 +30,7 @@ def task_identity():
 def federation(tiny, tiny_foundation, tmp_path_factory):
     fed = Federation(None, fed_config(tiny, tiny_foundation, tmp_path_factory.mktemp("steps") / "run"))
     fed.nodes = {1: [0, 1], 2: [2]}
+    fed.num_clients = 3                      # what discovery would have found
     return fed
 
 
