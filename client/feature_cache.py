@@ -43,8 +43,15 @@ def cache_key(foundation_dir: str, data_dir: str, split: str, negatives: int, se
     h = hashlib.sha256()
     weights = Path(foundation_dir) / "model.safetensors"
     h.update(hashlib.sha256(weights.read_bytes()).digest())
+    config = Path(foundation_dir) / "config.json"   # same shapes, other features: other rows
+    h.update(config.read_bytes() if config.exists() else b"")
     manifest = Path(data_dir) / "manifest.json"
     h.update(manifest.read_bytes())
+    # every data file by name, size and modification time (a full digest of a RecFlow-sized dataset on every
+    # start would cost more than the cache saves): a file rewritten in place gives another key
+    for f in sorted(Path(data_dir).rglob("*.arrow")):
+        st = f.stat()
+        h.update(f"{f.relative_to(data_dir)}:{st.st_size}:{st.st_mtime_ns};".encode())
     h.update(str(Path(data_dir).resolve()).encode())
     h.update(json.dumps([split, negatives, seed, FORMAT] + ([rows] if rows else [])).encode())
     h.update(np.ascontiguousarray(private_users, dtype=np.int64).tobytes())

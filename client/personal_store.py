@@ -378,12 +378,16 @@ class PersonalStore:
         raise StoreCorruptError(f"cannot load the personal state of user {uid!r} (wrong key or corrupted store): "
                                 f"no file authenticates. {detail}")
 
-    def save(self, user_id: str | int, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    def save(self, user_id: str | int, arrays: dict[str, np.ndarray], meta: dict, supersedes=None) -> None:
         """Atomically make (arrays, meta) the user's current state, keeping the previous one as ``.prev``.
 
         The new version is committed when this returns (see the invariant in
         the module docstring). Refuses (StoreWrongKeyError) to overwrite state
-        that exists but was encrypted with another key.
+        that exists but was encrypted with another key. ``supersedes(meta)``
+        True for the current version: it is an attempt the new one redoes (a
+        round a crash interrupted before its checkpoint), so it is replaced in
+        place and ``.prev`` (the version that round started from) is kept;
+        rotating it out would lose the user's state on a second crash.
         """
         uid = _canonical_id(user_id)
         blob = self._seal(uid, arrays, meta)
@@ -392,6 +396,8 @@ class PersonalStore:
             self._remove_stale_tmp(current)
             cur = self._check(uid, current)
             rotate = cur == "valid"
+            if rotate and supersedes is not None and self._check(uid, prev) == "valid":
+                rotate = not supersedes(self._read(uid, current)[1])
             if not rotate:  # first save, interrupted save, or a damaged current: never evict prev
                 old = self._check(uid, prev)
                 if old != "valid" and any(isinstance(c, _BadFile) and c.foreign_key for c in (cur, old)):

@@ -148,8 +148,12 @@ class _TrainJob:
         if private:
             self.context.state[f"private/{uid}"] = arrays_to_record(private)
             if self.store is not None:
+                def redone(meta: dict) -> bool:     # what an interrupted attempt at this round saved
+                    return bool(self.run_id) and meta.get("run-id") == self.run_id and \
+                        int(meta.get("round", 0)) >= self.round
                 self.store.save(uid, private, {"algorithm": self.cfg.algorithm, "round": self.round,
-                                               "foundation": self.cfg.foundation, "run-id": self.run_id})
+                                               "foundation": self.cfg.foundation, "run-id": self.run_id},
+                                supersedes=redone)
 
     def _add(self, contribution: dict[str, np.ndarray]) -> None:
         self.total = contribution if self.total is None else {k: self.total[k] + contribution[k] for k in self.total}

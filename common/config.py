@@ -21,7 +21,7 @@ from typing import Any
 from fedpa.foundation.batch import CATEGORICAL_ITEM_FIELDS
 from fedpa.foundation.errors import FedpaError
 from fedpa.recdata.schema import SPLITS
-from fedpa.recmodels.algorithms import ALGORITHMS
+from fedpa.recmodels.algorithms import ALGORITHMS, ITEM_SIDE_KEYS
 from fedpa.recmodels.stages import FEDERATED_STAGES
 
 
@@ -279,6 +279,13 @@ class FederationConfig:
         return bool(self.item_bias_fields or self.item_embedding_dim or self.item_popularity)
 
     @property
+    def carries_item_side(self) -> bool:
+        """Whether FedPA's item-side options can run with the rest of this configuration (`validate` names
+        why not): not on a funnel stage's head, not under local DP, not with robust aggregation."""
+        local_dp = self.dp_noise_multiplier > 0 and self.dp_mode == "local"
+        return not (self.stage or local_dp or self.robust_aggregation != "none" or self.norm_bound > 0)
+
+    @property
     def item_bias_list(self) -> tuple[str, ...]:
         return tuple(f.strip() for f in self.item_bias_fields.split(",") if f.strip())
 
@@ -308,6 +315,8 @@ def with_recipe(cfg: FederationConfig, given: set[str] | frozenset[str] = frozen
     every key the user did not give (``given``: dashed keys set on the command line, in a file or a run
     config)."""
     recipe = {k: v for k, v in ALGORITHMS[cfg.algorithm].recipe if k not in given}
+    if not cfg.carries_item_side:   # FedPA's item-side parts cannot run here: its recipe leaves them out
+        recipe = {k: v for k, v in recipe.items() if k not in ITEM_SIDE_KEYS}
     if not recipe:
         return cfg
     out = FederationConfig(**{**dataclasses.asdict(cfg), **{FIELDS[k].name: v for k, v in recipe.items()}})

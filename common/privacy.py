@@ -42,7 +42,13 @@ def row_weights(rows: np.ndarray) -> np.ndarray:
 
 
 def noise_rng() -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence())  # fresh OS entropy, see the module docstring
+    """The generator every DP noise draw uses: ChaCha20 (20 rounds, randomgen), a cryptographically secure
+    stream keyed from fresh OS entropy, never from the run's seed (a seeded or a state-recoverable generator
+    such as PCG64 would let whoever sees some outputs subtract the rest). Gaussians come from numpy's ziggurat
+    in float64; the noised value is rounded to float32 only after the addition (post-processing)."""
+    from randomgen import ChaCha
+
+    return np.random.Generator(ChaCha(np.random.SeedSequence(), rounds=20))
 
 
 def add_noise(sums: dict[str, np.ndarray], spec: list[SharedTensor], std: float,
@@ -81,7 +87,7 @@ def add_local_noise(delta: dict[str, np.ndarray], spec: list[SharedTensor], grou
     """Local DP: N(0, std^2) on the entries this user contributes (std = z * C)."""
     rng = rng or noise_rng()
     mine = {t.name for t in spec if t.contributed_by(groups)}
-    return {k: (v + rng.normal(0.0, std, size=v.shape).astype(np.float32) if k in mine else v)
+    return {k: ((v + rng.normal(0.0, std, size=v.shape)).astype(np.float32) if k in mine else v)
             for k, v in delta.items()}
 
 
@@ -178,7 +184,7 @@ def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[Shar
         sel = keep[pos]
         v = vals[sel].astype(np.float32) * scale[pos[sel]].astype(np.float32).reshape((-1,) + (1,) * len(t.shape))
         if noise_multiplier > 0 and mode == "local" and len(v):
-            v = v + rng.normal(0.0, noise_multiplier * clip, size=v.shape).astype(np.float32)
+            v = (v + rng.normal(0.0, noise_multiplier * clip, size=v.shape)).astype(np.float32)
         out[t.name] = v.sum(axis=0, dtype=np.float32) if len(v) else np.zeros(t.shape, np.float32)
         if t.group is not None:
             out[t.count_key][0] = float(sel.sum())

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from fedpa.foundation.errors import FedpaError
 
-from .schema import DAY_TABLES, FORMAT_VERSION, ITEM_COLUMNS, SCHEMAS, STAGES, USER_COLUMNS
+from .schema import DAY_TABLES, FORMAT_VERSION, ITEM_COLUMNS, LABELS, SCHEMAS, STAGES, USER_COLUMNS
 
 # Extra columns named orig_* carry a source's original ids: kept, never used as features.
 CARRIED_PREFIX = "orig_"
@@ -158,7 +158,7 @@ class DatasetWriter:
 
     def write_users(self, table: pa.Table) -> None:
         table = conform("users", table, "users")
-        _unique(table, "user_id", "users")
+        check_values("users", table, "users")
         table = table.sort_by("user_id")
         self.user_features = [c for c in table.column_names
                               if c != "user_id" and not c.startswith(CARRIED_PREFIX)]
@@ -168,7 +168,7 @@ class DatasetWriter:
 
     def write_items(self, table: pa.Table) -> None:
         table = conform("items", table, "items")
-        _unique(table, "video_id", "items")
+        check_values("items", table, "items")
         table = table.sort_by("video_id")
         self.item_features = [c for c in table.column_names
                               if c != "video_id" and not c.startswith(CARRIED_PREFIX)]
@@ -189,6 +189,7 @@ class DatasetWriter:
         for name, t in parts.items():
             t = conform(name, t, f"{name}/{day}")
             t = t.sort_by([("user_id", "ascending"), ("request_timestamp", "ascending")])
+            check_values(name, t, f"{name}/{day}")
             self.stats.add_rows(name, t.num_rows)
             self.stats.see_max(t, ["user_id", "video_id", "request_id"])
             if name == "stage_samples" and t.num_rows:
@@ -202,6 +203,7 @@ class DatasetWriter:
     def write_history(self, table: pa.Table) -> None:
         table = conform("history", table, "history")
         table = table.sort_by([("user_id", "ascending"), ("timestamp", "ascending")])
+        check_values("history", table, "history")
         self.stats.add_rows("history", table.num_rows)
         _write_ipc(self.tmp / "history.arrow", table)
         self.has_history = True
@@ -246,6 +248,44 @@ class DatasetWriter:
             shutil.rmtree(old, ignore_errors=True)
         self._done = True
         return self.out
+
+
+def check_values(name: str, table: pa.Table, where: str, vocab: dict[str, int] | None = None) -> None:
+    """Refuse what the canonical format forbids and a cast cannot see: negative ids (or ids beyond the
+    manifest's vocabulary, which would size an embedding table), labels outside -1/0/1, unknown stage
+    codes, a day or history table not sorted by user (a user's rows would be found in another user's
+    slice), duplicate ids in users/items and duplicate exposures of one item in one request."""
+    if not table.num_rows:
+        return
+    cols = set(table.column_names)
+    for c in sorted(cols & {"user_id", "video_id", "request_id", "author_id", "device_id"}):
+        lo, hi = pc.min_max(table.column(c)).values()
+        if lo.as_py() < 0:
+            raise DatasetError(f"{where}: column '{c}' holds a negative id ({lo.as_py()})")
+        if vocab and c in vocab and hi.as_py() >= vocab[c]:
+            raise DatasetError(f"{where}: column '{c}' holds id {hi.as_py()}, beyond the manifest's vocabulary "
+                               f"of {vocab[c]} (the file was changed after the dataset was written)")
+    for c in sorted(cols & set(LABELS)):
+        lo, hi = pc.min_max(table.column(c)).values()
+        if lo.as_py() < -1 or hi.as_py() > 1:
+            raise DatasetError(f"{where}: label '{c}' must be -1 (not observed), 0 or 1, found "
+                               f"{lo.as_py() if lo.as_py() < -1 else hi.as_py()}")
+    if "stage" in cols:
+        lo, hi = pc.min_max(table.column("stage")).values()
+        if lo.as_py() < 0 or hi.as_py() >= len(STAGES):
+            raise DatasetError(f"{where}: stage code outside 0..{len(STAGES) - 1}")
+    if name in ("users", "items"):
+        _unique(table, "user_id" if name == "users" else "video_id", where)
+    if name in DAY_TABLES or name == "history":
+        uid = table.column("user_id").to_numpy()
+        if np.any(uid[1:] < uid[:-1]):
+            raise DatasetError(f"{where}: rows are not sorted by user_id (row {int(np.argmax(uid[1:] < uid[:-1])) + 1}"
+                               "); the canonical format keeps each user's rows together")
+    if name == "exposures":
+        pairs = table.select(["request_id", "video_id"]).group_by(["request_id", "video_id"]).aggregate([]).num_rows
+        if pairs != table.num_rows:
+            raise DatasetError(f"{where}: {table.num_rows - pairs} duplicate exposure(s) (one item twice in one "
+                               "request)")
 
 
 def _unique(table: pa.Table, col: str, where: str) -> None:
@@ -368,6 +408,11 @@ class Dataset:
                 missing = [c for c in SCHEMAS[name].names if c not in t.column_names]
                 if missing:
                     raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
+                wrong = [f"'{f.name}' is {t.schema.field(f.name).type}, expected {f.type}" for f in SCHEMAS[name]
+                         if t.schema.field(f.name).type != f.type]
+                if wrong:
+                    raise DatasetError(f"{path}: column {wrong[0]}")
+                check_values(name, t, str(path), self.vocab if name != "history" else None)
             self._tables[key] = t
         if columns:
             bad = [c for c in columns if c not in t.column_names]

@@ -19,28 +19,19 @@ from fedpa.common.config import FederationConfig, with_recipe
 from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
 
 # Ablations of FedPA: name -> config overrides
+# `fedpa` runs its recipe (`recmodels.algorithms.FEDPA_RECIPE`); each ablation below takes one part of it
+# away (the item-side ones as a group with their settings), or one part of FedPA's own architecture.
 ABLATIONS: dict[str, dict[str, Any]] = {
+    "fedpa-release": {"algorithm": "fedpa", "use_user_bias": False, "item_popularity": False, "item_bias_fields": "",
+                      "item_bias_prior": 0.0, "item_bias_lr": 0.0, "lr_decay": 1.0},   # FedPA as released
+    "fedpa-no-popularity": {"algorithm": "fedpa", "item_popularity": False},
+    "fedpa-no-item-table": {"algorithm": "fedpa", "item_bias_fields": "", "item_bias_prior": 0.0,
+                            "item_bias_lr": 0.0},
+    "fedpa-no-user-bias": {"algorithm": "fedpa", "use_user_bias": False},
+    "fedpa-no-decay": {"algorithm": "fedpa", "lr_decay": 1.0},
     "fedpa-user-only": {"algorithm": "fedpa", "use_group_adapters": False, "use_gate": True},
     "fedpa-groups-only": {"algorithm": "fedpa", "use_user_adapter": False},
     "fedpa-no-gate": {"algorithm": "fedpa", "use_gate": False},
-    "fedpa-user-shift": {"algorithm": "fedpa", "use_user_shift": True},
-    "fedpa-user-bias": {"algorithm": "fedpa", "use_user_bias": True},
-    # + shared item-side offsets per category / upload type (recmodels.item_bias); their learning rate
-    # chosen on KuaiSAR-R's validation AUC (0.01 / 0.1 / 0.3 / 1.0)
-    "fedpa-item-bias": {"algorithm": "fedpa", "use_user_bias": True, "item_bias_lr": 0.3,
-                        "item_bias_fields": "category_level_one,category_level_two,upload_type"},
-    # + the frozen foundation's logit scaled by 0.1 (foundation-logit-scale): beside per-user and per-item
-    # rates its logit at full weight counts their evidence twice; the scale chosen on KuaiSAR-R's
-    # validation AUC (1, 0.7, 0.4, 0.2, 0.1; 3 seeds each)
-    "fedpa-item-bias-scaled": {"algorithm": "fedpa", "use_user_bias": True, "item_bias_lr": 0.3,
-                               "item_bias_fields": "category_level_one,category_level_two,upload_type",
-                               "foundation_logit_scale": 0.1},
-    # + a video-id table whose rows shrink by 3 phantom readers (item-bias-prior, from 3 / 10 / 30 on
-    # validation): the best validation AUC measured on KuaiSAR-R, at 2 MB up per client per round
-    "fedpa-item-bias-scaled-vid": {"algorithm": "fedpa", "use_user_bias": True, "item_bias_lr": 0.3,
-                                   "item_bias_fields": "video_id,category_level_one,category_level_two,upload_type",
-                                   "item_bias_prior": 3.0, "foundation_logit_scale": 0.1},
-    "fedpa-private-head": {"algorithm": "fedpa", "head": "private"},
 }
 TABLE_METRICS = ("auc", "gauc", "logloss", "f1")
 RANK_METRICS = ("hr@10", "ndcg@10", "mrr@10")

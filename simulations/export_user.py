@@ -46,6 +46,10 @@ def _private_state(cfg: FederationConfig, user: int, store_dir: str | None, key_
         raise FedpaError(f"user {user} has no personal state in {directory} (not a client of this run, or the run "
                          f"has not finished its last round); key from {key or 'the environment variable ' + ENV_VAR}")
     arrays, meta = found
+    if store.last_recovery is not None:   # training may fall back; an export pairs the run's final shared state
+        raise FedpaError(f"user {user}'s current personal state is unusable ({store.last_recovery}); the export "
+                         f"refuses to pair the previous version (round {meta.get('round')}) with the run's final "
+                         "shared state: restore the file, or let the user train another round")
     if meta.get("algorithm") not in (None, cfg.algorithm):
         raise FedpaError(f"user {user}'s personal state was trained with '{meta.get('algorithm')}', "
                          f"the run with '{cfg.algorithm}'")

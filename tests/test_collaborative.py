@@ -140,4 +140,15 @@ def test_an_algorithm_recipe_fills_only_what_the_user_did_not_give():
     cfg = FederationConfig(algorithm="pfedrec", lr=0.5)
     got = with_recipe(cfg, given={"lr"})
     assert got.lr == 0.5 and got.batch_size == 256 and got.local_epochs == 1
-    assert with_recipe(FederationConfig(algorithm="fedpa"), set()) == FederationConfig(algorithm="fedpa")
+    assert with_recipe(FederationConfig(algorithm="fedper"), set()) == FederationConfig(algorithm="fedper")
+
+
+def test_fedpa_runs_its_recipe_and_leaves_out_what_a_configuration_cannot_carry():
+    got = with_recipe(FederationConfig(algorithm="fedpa"), set())
+    assert (got.use_user_bias, got.item_popularity, got.item_bias_fields, got.lr_decay) == (True, True, "video_id", 0.8)
+    assert with_recipe(FederationConfig(algorithm="fedpa"), {"item-popularity"}).item_popularity is False
+    # local DP sends counts in the clear, robust aggregation needs each update: the item side is left out,
+    # the private user offset and the schedule stay
+    for kw in (dict(dp_noise_multiplier=1.0, dp_mode="local"), dict(robust_aggregation="median")):
+        got = with_recipe(FederationConfig(algorithm="fedpa", **kw), set())
+        assert not got.item_tables and got.use_user_bias and got.lr_decay == 0.8, kw

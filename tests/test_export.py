@@ -83,6 +83,21 @@ def test_export_refuses_what_it_cannot_do(fedpa_run, tmp_path):
     r = runner.invoke(app, ["export", "--run", fedpa_run.run_dir, "--user", str(user), "--key-file", str(other_key),
                             "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and not (tmp_path / "x" / "model.onnx").exists()
+    import shutil
+
+    from fedpa.client.personal_store import PersonalStore
+
+    store = tmp_path / "store"                                   # a copy whose current file was tampered with
+    shutil.copytree(fedpa_run.personal_store, store)
+    current, prev = PersonalStore(store, b"\0" * 32).paths(user)
+    assert prev.exists()
+    blob = bytearray(current.read_bytes())
+    blob[-5] ^= 1
+    current.write_bytes(bytes(blob))
+    r = runner.invoke(app, ["export", "--run", fedpa_run.run_dir, "--user", str(user), "--store", str(store),
+                            "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "refuses to pair the previous version" in r.output, r.output
+    assert not (tmp_path / "y" / "model.onnx").exists()
     with pytest.raises(ExportError, match="lacks"):
         export_onnx(None, {"item": np.zeros(1)}, tmp_path / "m.onnx")
 

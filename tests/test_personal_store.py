@@ -176,6 +176,23 @@ def test_damaged_current_never_evicts_a_good_previous(tmp_path):
     assert store.load("alice")[1]["round"] == 1
 
 
+def test_a_redone_round_never_rotates_out_the_version_it_started_from(tmp_path):
+    """Round 2 crashes after the save and before its checkpoint, twice: the version from round 1 survives."""
+    store = PersonalStore(tmp_path, KEY)
+    store.save("alice", *state(1))
+    store.save("alice", *state(2))                               # attempt 1 of round 2; prev = round 1
+
+    def redoes_2(meta):
+        return meta["round"] >= 2
+
+    for _ in range(2):                                           # attempts 2 and 3 of round 2
+        assert store.load("alice", skip=redoes_2)[1]["round"] == 1
+        store.save("alice", *state(2), supersedes=redoes_2)
+    assert store.load("alice", skip=redoes_2)[1]["round"] == 1
+    store.save("alice", *state(3), supersedes=lambda m: m["round"] >= 3)   # round 2 committed: rotates
+    assert store.load("alice", skip=lambda m: m["round"] >= 3)[1]["round"] == 2
+
+
 def test_wrong_key_is_a_clear_error_and_save_refuses(tmp_path):
     PersonalStore(tmp_path, KEY).save("alice", *state(1))
     PersonalStore(tmp_path, KEY).save("alice", *state(2))

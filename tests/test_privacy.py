@@ -109,6 +109,14 @@ def test_dp_noise_is_not_predictable_from_the_seed():
     sums = {"g": np.zeros(50), "count/global": np.array([10.0])}
     a, b = add_noise(sums, spec, 1.0), add_noise(sums, spec, 1.0)
     assert not np.allclose(a["g"], b["g"])
+    from randomgen import ChaCha
+
+    from fedpa.common.privacy import noise_rng
+
+    rng = noise_rng()
+    assert isinstance(rng.bit_generator, ChaCha)                 # a cryptographically secure stream
+    draws = rng.normal(0.0, 2.0, 200_000)
+    assert abs(draws.mean()) < 0.03 and abs(draws.std() - 2.0) < 0.02
 
 
 @pytest.mark.parametrize("mode", ["central", "distributed", "local"])

@@ -124,3 +124,30 @@ def test_a_resumed_run_without_a_store_is_refused_by_the_nodes(tiny, tiny_founda
         simulate(replace(cfg, resume=True), cohort_size=2)
     error = json.dumps((tmp_path / "run" / "error.txt").read_text())
     assert "personal store" in error
+
+
+def test_the_feature_cache_key_follows_the_foundation_config_and_every_data_file(tiny, tiny_foundation, tmp_path):
+    """A foundation whose config changed without its shapes, or a day file rewritten in place, must not
+    reuse the features computed before."""
+    import os
+    import shutil
+
+    from fedpa.client.feature_cache import cache_key
+
+    fd, data = tmp_path / "fd", tmp_path / "data"
+    shutil.copytree(tiny_foundation, fd)
+    shutil.copytree(tiny, data)
+    users = np.arange(4)
+
+    def key():
+        return cache_key(str(fd), str(data), "by-day", 99, 0, users)
+
+    first = key()
+    assert key() == first
+    (fd / "config.json").write_text((fd / "config.json").read_text() + "\n")
+    second = key()
+    assert second != first
+    day = sorted((data / "exposures").glob("*.arrow"))[0]
+    st = day.stat()
+    os.utime(day, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert key() != second

@@ -91,3 +91,43 @@ def test_overwrite_replaces_atomically(tmp_path):
     write_toy_dataset(path, n_users=7, overwrite=True)
     assert Dataset(path).manifest["rows"]["users"] == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def _rewrite(path, change):
+    """Replace an Arrow file with ``change(table)``, as a hand edit or another tool would."""
+    t = pa.ipc.open_file(pa.BufferReader(path.read_bytes())).read_all()   # in memory: the file is rewritten
+    t = change(t)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+        w.write_table(t)
+
+
+def _set(col, values):
+    return lambda t: t.set_column(t.schema.get_field_index(col), col, pa.array(values, t.schema.field(col).type))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.take(np.arange(t.num_rows)[::-1].copy()), "not sorted by user_id"),
+    (lambda t: _set("like", [2] + [0] * (t.num_rows - 1))(t), "label 'like' must be -1"),
+    (lambda t: t.set_column(t.schema.get_field_index("like"), "like",
+                            pa.array(np.zeros(t.num_rows, np.float32))), "'like' is float, expected int8"),
+    (lambda t: _set("video_id", [-1] + t.column("video_id").to_pylist()[1:])(t), "negative id"),
+    (lambda t: _set("video_id", [2 ** 40] + t.column("video_id").to_pylist()[1:])(t), "beyond the manifest"),
+    (lambda t: pa.concat_tables([t.slice(0, 1), t]), "duplicate exposure"),
+])
+def test_a_day_file_changed_after_writing_is_refused_when_read(tmp_path, change, message):
+    path = write_toy_dataset(tmp_path / "ds")
+    f = path / "exposures" / "2024-01-14.arrow"
+    _rewrite(f, change)
+    with pytest.raises(DatasetError, match=message) as e:
+        Dataset(path).day("exposures", "2024-01-14")
+    assert str(f) in str(e.value)
+
+
+def test_the_writer_refuses_labels_and_ids_out_of_range(tmp_path):
+    path = write_toy_dataset(tmp_path / "ds")
+    ex = Dataset(path).day("exposures", "2024-01-14")
+    with DatasetWriter(tmp_path / "x", source="t") as w:
+        for bad, message in ((_set("like", [5] * ex.num_rows)(ex), "label 'like'"),
+                             (_set("user_id", [-3] * ex.num_rows)(ex), "negative id")):
+            with pytest.raises(DatasetError, match=message):
+                w.write_day("2024-01-01", requests=Dataset(path).day("requests", "2024-01-14"), exposures=bad)

@@ -21,9 +21,10 @@ DEFAULT_ALGORITHMS = "fedpa,local,fedavg-lora,fedper,pfedrec,ditto,foundation,ce
 @config_options(exclude=("algorithm", "seed", "run-dir"))
 def compare_cmd(
     settings: Settings,
-    algorithms: Annotated[str, typer.Option(help="comma-separated algorithms and ablations (fedpa-user-only, "
-                                                 "fedpa-groups-only, fedpa-no-gate, fedpa-user-shift, "
-                                                 "fedpa-user-bias, fedpa-rankR, ...)")] = DEFAULT_ALGORITHMS,
+    algorithms: Annotated[str, typer.Option(help="comma-separated algorithms and ablations (fedpa-release, "
+                                                 "fedpa-no-popularity, fedpa-no-item-table, fedpa-no-user-bias, "
+                                                 "fedpa-no-decay, fedpa-user-only, fedpa-groups-only, "
+                                                 "fedpa-no-gate, fedpa-rankR)")] = DEFAULT_ALGORITHMS,
     seeds: Annotated[int, typer.Option(help="seeds 0..N-1")] = 3,
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the runs and the table")] = Path("runs/compare"),
     cohort_size: Annotated[int, typer.Option(help="users per virtual SuperNode (0 = one node per core)")] = 0,
