@@ -157,7 +157,8 @@ class FederationConfig:
     min_nodes: int = setting(1, "nodes to wait for before round 1", "runtime", runtime=False, at_least=1)
     min_reply_fraction: float = setting(0.5, "a round fails below this share of valid replies (and sets the "
                                         "quorum of distributed DP)", "runtime", runtime=False)
-    round_timeout: float = setting(600.0, "seconds to wait for a round's replies", "runtime", runtime=False, above=0)
+    round_timeout: float = setting(600.0, "seconds to wait for a round's training replies, and again for its SecAgg+ "
+                                  "phases together", "runtime", runtime=False, above=0)
     personal_store: str = setting("", "directory of the encrypted personal store (\"\" = keep private state in "
                                   "memory)", "runtime", runtime=False, node=True)
     personal_store_key_file: str = setting("", "key file of the personal store (else $FEDPA_STORE_KEY)",
@@ -282,7 +283,7 @@ class FederationConfig:
     def carries_item_side(self) -> bool:
         """Whether FedPA's item-side options can run with the rest of this configuration (`validate` names
         why not): not on a funnel stage's head, not under local DP, not with robust aggregation."""
-        local_dp = self.dp_noise_multiplier > 0 and self.dp_mode == "local"
+        local_dp = self.dp_mode == "local"   # also before a sweep sets the noise
         return not (self.stage or local_dp or self.robust_aggregation != "none" or self.norm_bound > 0)
 
     @property

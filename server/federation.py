@@ -120,8 +120,8 @@ class Federation:
     # ------------------------------------------------------------------ messaging
 
     def _send(self, msgs: list[Message], deadline: float | None = None) -> list[Message]:
-        """Send and wait for the replies until ``deadline`` (time.time(); default: round-timeout from now): a
-        round's exchanges share one timeout, however many SecAgg+ phases it takes."""
+        """Send and wait for the replies until ``deadline`` (time.time(); default: round-timeout from now): the
+        SecAgg+ phases of a round share one timeout, however many there are."""
         timeout = self.cfg.round_timeout if deadline is None else max(deadline - time.time(), 1.0)
         return list(self.grid.send_and_receive(msgs, timeout=timeout))
 
@@ -205,9 +205,12 @@ class Federation:
         got.bytes_down = [message_bytes(m) for m in msgs]
         secure = self.cfg.secagg and self.algorithm.communicates
         if secure:
+            # a budget of its own: a node that died mid-round can hold the training replies up to the deadline
+            # (until the SuperLink notices it), and the live nodes' five phases must still fit. A round waits
+            # at most twice the round timeout.
             secure_sums, included, got.secagg_bytes, got.secagg_signed = self.secure_sum(
                 round_, [n for n, k in got.trained.items() if k > 0], got.problems, cohort=len(selected),
-                deadline=deadline)
+                deadline=time.time() + self.cfg.round_timeout)
             # the users that really reached the sum: its own count, never more than the nodes claimed
             counted = int(round(float(secure_sums["count/global"][0])))
             got.users_ok = min(sum(got.trained[n] for n in included), counted)

@@ -13,6 +13,7 @@ same architecture untrained. Leave-one-out rows are also ranked (HR@10, NDCG@10)
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 
 from fedpa.foundation import metrics as M
 from fedpa.foundation.config import FoundationConfig
+from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import FoundationModel, count_parameters, load_foundation
 from fedpa.foundation.pretrain import pretrain
 from fedpa.recdata.examples import Examples, Lookups
@@ -90,6 +92,11 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
                         lr: float = 1e-3, batch_size: int = 256, seed: int = 0, split: str = "by-day",
                         partition: PartitionConfig | None = None, max_private_eval_users: int = 500,
                         patience: int = 0, progress=None, **model_overrides) -> dict:
+    for name, value, least in (("batch size", batch_size, 1), ("epochs", epochs, 1), ("patience", patience, 0)):
+        if not isinstance(value, int) or value < least:
+            raise FedpaError(f"pretrain: {name} must be a whole number >= {least}, got {value}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise FedpaError(f"pretrain: learning rate must be a finite number > 0, got {lr}")
     torch.manual_seed(seed)
     ds = Dataset(data_dir)
     lookups = Lookups.build(ds)

@@ -46,6 +46,10 @@ def check_inputs(cfg: FederationConfig) -> None:
     Dataset(cfg.data_dir)  # raises a clear error if it is not a dataset
     if not (Path(cfg.foundation) / "config.json").exists():
         raise FedpaError(f"{cfg.foundation}: no foundation checkpoint (run `fedpa pretrain` first)")
+    if not get_algorithm(cfg.algorithm).collaborative:   # before any process starts: a damaged file fails here
+        from fedpa.foundation.checkpoint import verify_safetensors
+
+        verify_safetensors(Path(cfg.foundation) / "model.safetensors")
 
 
 def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, encode_progress=None) -> dict:

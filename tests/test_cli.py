@@ -61,6 +61,15 @@ def test_simulate_names_missing_inputs(tiny_dir, tmp_path):
     assert "no foundation checkpoint" in res.output and "fedpa pretrain" in res.output
     res = runner.invoke(app, ["simulate", "--data", str(tmp_path), "--foundation", str(tmp_path)])
     assert res.exit_code == 2 and "not a fedpa dataset" in res.output
+    (tmp_path / "fd").mkdir()
+    (tmp_path / "fd" / "config.json").write_text("{}")              # model.safetensors deleted
+    res = runner.invoke(app, ["simulate", "--data", str(tiny_dir), "--foundation", str(tmp_path / "fd"),
+                              "--run-dir", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "model.safetensors: missing" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()                            # refused before anything was written
+    res = runner.invoke(app, ["pretrain", "--data", str(tiny_dir), "--out", str(tmp_path / "p"), "--batch-size", "0"])
+    assert res.exit_code == 2 and "batch size must be a whole number >= 1, got 0" in res.output
+    assert not (tmp_path / "p").exists()
 
 
 def test_synth_overrides_reach_the_world(tmp_path):
