@@ -21,7 +21,7 @@ from typing import Any
 from fedpa.foundation.batch import CATEGORICAL_ITEM_FIELDS
 from fedpa.foundation.errors import FedpaError
 from fedpa.recdata.schema import SPLITS
-from fedpa.recmodels.algorithms import ALGORITHMS, ITEM_SIDE_KEYS
+from fedpa.recmodels.algorithms import ALGORITHMS, FOUNDATION_HEAD_KEYS, ITEM_SIDE_KEYS
 from fedpa.recmodels.stages import FEDERATED_STAGES
 
 
@@ -318,6 +318,8 @@ def with_recipe(cfg: FederationConfig, given: set[str] | frozenset[str] = frozen
     recipe = {k: v for k, v in ALGORITHMS[cfg.algorithm].recipe if k not in given}
     if not cfg.carries_item_side:   # FedPA's item-side parts cannot run here: its recipe leaves them out
         recipe = {k: v for k, v in recipe.items() if k not in ITEM_SIDE_KEYS}
+    if cfg.stage:
+        recipe = {k: v for k, v in recipe.items() if k not in FOUNDATION_HEAD_KEYS}
     if not recipe:
         return cfg
     out = FederationConfig(**{**dataclasses.asdict(cfg), **{FIELDS[k].name: v for k, v in recipe.items()}})

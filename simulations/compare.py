@@ -23,12 +23,14 @@ from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figur
 # away (the item-side ones as a group with their settings), or one part of FedPA's own architecture.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "fedpa-release": {"algorithm": "fedpa", "use_user_bias": False, "item_popularity": False, "item_bias_fields": "",
-                      "item_bias_prior": 0.0, "item_bias_lr": 0.0, "lr_decay": 1.0},   # FedPA as released
+                      "item_bias_prior": 0.0, "item_bias_lr": 0.0, "lr_decay": 1.0,
+                      "foundation_logit_scale": 1.0},                                   # FedPA as released
     "fedpa-no-popularity": {"algorithm": "fedpa", "item_popularity": False},
     "fedpa-no-item-table": {"algorithm": "fedpa", "item_bias_fields": "", "item_bias_prior": 0.0,
                             "item_bias_lr": 0.0},
     "fedpa-no-user-bias": {"algorithm": "fedpa", "use_user_bias": False},
     "fedpa-no-decay": {"algorithm": "fedpa", "lr_decay": 1.0},
+    "fedpa-no-scale": {"algorithm": "fedpa", "foundation_logit_scale": 1.0},
     "fedpa-user-only": {"algorithm": "fedpa", "use_group_adapters": False, "use_gate": True},
     "fedpa-groups-only": {"algorithm": "fedpa", "use_user_adapter": False},
     "fedpa-no-gate": {"algorithm": "fedpa", "use_gate": False},

@@ -145,10 +145,13 @@ def test_an_algorithm_recipe_fills_only_what_the_user_did_not_give():
 
 def test_fedpa_runs_its_recipe_and_leaves_out_what_a_configuration_cannot_carry():
     got = with_recipe(FederationConfig(algorithm="fedpa"), set())
-    assert (got.use_user_bias, got.item_popularity, got.item_bias_fields, got.lr_decay) == (True, True, "video_id", 0.8)
+    assert (got.use_user_bias, got.item_popularity, got.item_bias_fields, got.lr_decay, got.foundation_logit_scale) \
+        == (True, True, "video_id", 0.8, 0.1)
     assert with_recipe(FederationConfig(algorithm="fedpa"), {"item-popularity"}).item_popularity is False
     # local DP sends counts in the clear, robust aggregation needs each update: the item side is left out,
     # the private user offset and the schedule stay
     for kw in (dict(dp_noise_multiplier=1.0, dp_mode="local"), dict(robust_aggregation="median")):
         got = with_recipe(FederationConfig(algorithm="fedpa", **kw), set())
         assert not got.item_tables and got.use_user_bias and got.lr_decay == 0.8, kw
+    stage = with_recipe(FederationConfig(algorithm="fedpa", stage="rank", stage_models="runs/funnel"), set())
+    assert not stage.item_tables and stage.foundation_logit_scale == 1.0 and stage.use_user_bias
