@@ -254,7 +254,8 @@ def check_values(name: str, table: pa.Table, where: str, vocab: dict[str, int] |
     """Refuse what the canonical format forbids and a cast cannot see: negative ids (or ids beyond the
     manifest's vocabulary, which would size an embedding table), labels outside -1/0/1, unknown stage
     codes, a day or history table not sorted by user (a user's rows would be found in another user's
-    slice), duplicate ids in users/items and duplicate exposures of one item in one request."""
+    slice), duplicate ids in users/items. (One item twice in one request is kept: an interaction log may hold
+    it, and nothing downstream assumes otherwise.)"""
     if not table.num_rows:
         return
     cols = set(table.column_names)
@@ -281,11 +282,6 @@ def check_values(name: str, table: pa.Table, where: str, vocab: dict[str, int] |
         if np.any(uid[1:] < uid[:-1]):
             raise DatasetError(f"{where}: rows are not sorted by user_id (row {int(np.argmax(uid[1:] < uid[:-1])) + 1}"
                                "); the canonical format keeps each user's rows together")
-    if name == "exposures":
-        pairs = table.select(["request_id", "video_id"]).group_by(["request_id", "video_id"]).aggregate([]).num_rows
-        if pairs != table.num_rows:
-            raise DatasetError(f"{where}: {table.num_rows - pairs} duplicate exposure(s) (one item twice in one "
-                               "request)")
 
 
 def _unique(table: pa.Table, col: str, where: str) -> None:

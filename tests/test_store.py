@@ -112,7 +112,6 @@ def _set(col, values):
                             pa.array(np.zeros(t.num_rows, np.float32))), "'like' is float, expected int8"),
     (lambda t: _set("video_id", [-1] + t.column("video_id").to_pylist()[1:])(t), "negative id"),
     (lambda t: _set("video_id", [2 ** 40] + t.column("video_id").to_pylist()[1:])(t), "beyond the manifest"),
-    (lambda t: pa.concat_tables([t.slice(0, 1), t]), "duplicate exposure"),
 ])
 def test_a_day_file_changed_after_writing_is_refused_when_read(tmp_path, change, message):
     path = write_toy_dataset(tmp_path / "ds")
