@@ -311,12 +311,13 @@ FIELDS = {f.name.replace("_", "-"): f for f in fields(FederationConfig)}
 NODE_KEYS = tuple(k for k, f in FIELDS.items() if f.metadata["node"])
 
 
-def with_recipe(cfg: FederationConfig, given: set[str] | frozenset[str] = frozenset()) -> FederationConfig:
+def with_recipe(cfg: FederationConfig, given: set[str] | frozenset[str] = frozenset(),
+                item_side: bool = True) -> FederationConfig:
     """``cfg`` with its algorithm's own settings (`Algorithm.recipe`: what the paper's official code uses) for
     every key the user did not give (``given``: dashed keys set on the command line, in a file or a run
-    config)."""
+    config). ``item_side`` False: FedPA's item-side parts are left out too (a caller that cannot run them)."""
     recipe = {k: v for k, v in ALGORITHMS[cfg.algorithm].recipe if k not in given}
-    if not cfg.carries_item_side:   # FedPA's item-side parts cannot run here: its recipe leaves them out
+    if not (item_side and cfg.carries_item_side):   # FedPA's item-side parts cannot run here: left out
         recipe = {k: v for k, v in recipe.items() if k not in ITEM_SIDE_KEYS}
     if cfg.stage:
         recipe = {k: v for k, v in recipe.items() if k not in FOUNDATION_HEAD_KEYS}

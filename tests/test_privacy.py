@@ -147,7 +147,9 @@ def test_noise_in_the_aggregate_has_the_stated_scale(mode, tiny, tiny_foundation
     assert 0.8 < change.std() / expected < 1.25, (mode, change.std(), expected)
     # under DP only the noised sums leave a node: no training loss or example count reached the server
     rows = RunDir(cfg.run_dir).read_metrics()
-    assert rows[1]["train_loss"] is None and rows[1]["clients_ok"] == 12
+    # with SecAgg the users counted are the sum's own count, which distributed noise perturbs (std ≈ 0.5 here)
+    assert rows[1]["train_loss"] is None and (rows[1]["clients_ok"] == 12 if mode != "distributed"
+                                              else 10 <= rows[1]["clients_ok"] <= 12)
     assert 0 < rows[1]["eval"]["test"]["auc"] < 1    # evaluation still reports (securely summed with SecAgg)
 
 

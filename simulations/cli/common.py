@@ -142,7 +142,7 @@ class Settings:
             out.append("--set")
         return out
 
-    def resolve(self, recipe: bool = True, **defaults: Any) -> FederationConfig:
+    def resolve(self, recipe: bool = True, item_side: bool = True, **defaults: Any) -> FederationConfig:
         """The validated configuration; ``defaults`` (dashed or underscored keys) sit below everything the
         user gave, and with ``recipe`` the algorithm's own settings (`with_recipe`) below that too."""
         base = {k.replace("_", "-"): v for k, v in defaults.items() if v is not None}
@@ -155,7 +155,7 @@ class Settings:
             base[key.strip()] = _toml_value(value.strip())
         base.update(self.options)
         cfg = FederationConfig.from_run_config(base)
-        return with_recipe(cfg, self.keys | {k.replace("_", "-") for k in defaults}) if recipe else cfg
+        return with_recipe(cfg, self.keys | {k.replace("_", "-") for k in defaults}, item_side) if recipe else cfg
 
 
 def read_toml(path: Path) -> dict:

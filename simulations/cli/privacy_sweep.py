@@ -47,7 +47,9 @@ def privacy_sweep_cmd(
         raise FedpaError(f"bad grid (--noise '{noise}', --clip '{clip}', --secagg '{secagg}'): {e}") from None
     if not points:
         raise FedpaError("the grid is empty (distributed noise needs --secagg on)")
-    cfg = settings.resolve()
+    # the update attack replays rounds without FedPA's item-side tables (their per-row counts already name the
+    # items a user read): the sweep runs the recipe without them unless they are asked for
+    cfg = settings.resolve(item_side=not attack_targets)
     with progress_bar() as p:
         overall = p.add_task("privacy sweep", total=len(points) * seeds)
         state = {"task": None}
