@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpa.common.config import FederationConfig
+from fedpa.common.config import FederationConfig, with_recipe
 from fedpa.foundation import metrics as M
 from fedpa.recdata.examples import Lookups, user_table
 from fedpa.recdata.import_interactions import KUAISAR_R, RowFilter, import_interactions
@@ -114,8 +114,11 @@ def main() -> None:
     if a.secagg:
         from fedpa.simulations.simulate import simulate
 
-        runs = [simulate(replace(base, seed=s, secagg=True, run_dir=str(out / "fedpa-secagg" / f"seed-{s}")),
-                         cohort_size=-(-ds.users().num_rows // 3)) for s in seeds]
+        def secure(s: int) -> FederationConfig:   # fedpa's recipe, as the table's fedpa row runs it
+            cfg = replace(base, seed=s, secagg=True, run_dir=str(out / "fedpa-secagg" / f"seed-{s}"))
+            return with_recipe(cfg, given | {"secagg", "seed", "run-dir"})
+
+        runs = [simulate(secure(s), cohort_size=-(-ds.users().num_rows // 3)) for s in seeds]
         table["fedpa (secagg, 3 nodes)"] = {
             **{m: mean_std([r["test"][m] for r in runs]) for m in ("hr@10", "ndcg@10", "mrr@10")},
             "bytes_up_per_client_round": mean_std([r["bytes_up_per_client_round"] for r in runs])[0],
