@@ -42,8 +42,8 @@ from fedpa.server.rundir import RunDir  # noqa: E402
 from fedpa.simulations.compare import compare, variant_config  # noqa: E402
 from fedpa.simulations.pretraining import pretrain_foundation  # noqa: E402
 
-ALGORITHMS = ("fedpa,fedpa-user-bias,fedpa-item-bias,fedpa-item-bias-scaled,local,fedavg-lora,fedper,pfedrec,ditto,"
-              "foundation,centralized")
+ALGORITHMS = ("fedpa,fedpa-release,local,fedavg-lora,fedper,fedper-ft,ditto,foundation,centralized,fedmf,pfedrec,"
+              "fedrap")
 ABLATION = ("fedpa", "fedpa-user-only", "fedpa-groups-only", "fedpa-no-gate", "fedpa-rank1", "fedpa-rank16")
 
 
@@ -213,7 +213,7 @@ def main() -> None:
              f"Compare wall time: {wall / 60:.1f} min"
              + ("" if a.report_only else f" (whole benchmark {(time.time() - t0) / 60:.1f} min)") + ".", "",
              "![curves](curves_vs_rounds_and_time.png)", ""]
-    for variant in ("fedpa", "fedpa-item-bias", "fedpa-item-bias-scaled"):
+    for variant in ("fedpa", "fedpa-release"):
         if variant in variants:
             cfg = variant_config(base, variant, 0, out)
             norms = adapter_norms(cfg, out / variant / "seed-0", out / "stores" / variant, key)
