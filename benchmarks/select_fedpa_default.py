@@ -1,0 +1,112 @@
+"""How FedPA's recipe (`recmodels.algorithms.FEDPA_RECIPE`) was chosen: candidates x data sets x seeds, on
+validation only; test is printed beside it and never used to choose.
+
+    .venv/bin/python benchmarks/select_fedpa_default.py --datasets small,loo,last --seeds 0,1 \
+        [--candidates release,tally,user-offset,video-table,recipe,recipe+categories] [--out runs/select]
+
+Data sets (import them first with the benchmark named, or point the options at your own copies):
+- ``small``: `make demo`'s `data/small` and `runs/demo/foundation`, by-day split, 5 rounds, validation GAUC;
+- ``loo``: KuaiSAR-R under PFedRec's protocol (`benchmarks/bench_quality_loo.py` imports it into
+  `data/kuaisar-r-loo` and pre-trains `runs/loo/pretrained`), 12 rounds, every user a client, validation HR@10;
+- ``last``: KuaiSAR-R under MRFF's protocol (`benchmarks/bench_quality_kuaisar.py` imports it into
+  `data/kuaisar-r`), its foundation pre-trained as the other two are, stopping on validation:
+  `fedpa pretrain --data data/kuaisar-r --split last --epochs 20 --patience 2 --batch-size 1024
+  --activity-attribute reco_active_level --active-values 3 --out runs/kuaisar-last/pretrained`; 10 rounds,
+  every user a client, group adapters on onehot_feat1 and reco_active_level, validation AUC.
+
+Each candidate adds one part to the one before it. The rule: the highest mean relative validation gain over
+``release`` (FedPA as released), and below it on no data set. Prints one JSON line per run, then the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from fedpa.common.config import FederationConfig
+from fedpa.simulations.simulate import simulate
+
+RELEASE = dict(use_user_bias=False, item_popularity=False, item_bias_fields="", item_bias_prior=0.0,
+               item_bias_lr=0.0, lr_decay=1.0, foundation_logit_scale=1.0)
+CANDIDATES: dict[str, dict] = {
+    "release": {},
+    "tally": dict(item_popularity=True),
+    "user-offset": dict(item_popularity=True, use_user_bias=True),
+    "video-table": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id",
+                        item_bias_prior=100.0, item_bias_lr=0.3, lr_decay=0.8),
+    "recipe": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
+                   item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1),
+    "recipe+categories": dict(item_popularity=True, use_user_bias=True,
+                              item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
+                              item_bias_prior=100.0, item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1),
+}
+
+
+def datasets(a: argparse.Namespace) -> dict[str, tuple[FederationConfig, str]]:
+    kuaisar = dict(federate_open_users=True, activity_attribute="reco_active_level", active_values="3")
+    return {
+        "small": (FederationConfig(data_dir=a.small_data, foundation=a.small_foundation, num_rounds=5), "gauc"),
+        "loo": (FederationConfig(data_dir=a.loo_data, foundation=a.loo_foundation, split="loo", num_rounds=12,
+                                 **kuaisar), "hr@10"),
+        "last": (FederationConfig(data_dir=a.last_data, foundation=a.last_foundation, split="last", num_rounds=10,
+                                  group_attributes="onehot_feat1,reco_active_level", **kuaisar), "auc"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="small,loo,last")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--out", default="runs/select")
+    ap.add_argument("--small-data", default="data/small")
+    ap.add_argument("--small-foundation", default="runs/demo/foundation")
+    ap.add_argument("--loo-data", default="data/kuaisar-r-loo")
+    ap.add_argument("--loo-foundation", default="runs/loo/pretrained")
+    ap.add_argument("--last-data", default="data/kuaisar-r")
+    ap.add_argument("--last-foundation", default="runs/kuaisar-last/pretrained")
+    a = ap.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    names = [c for c in a.candidates.split(",") if c]
+    unknown = [c for c in names if c not in CANDIDATES]
+    if unknown:
+        raise SystemExit(f"unknown candidate(s) {unknown} (one of {', '.join(CANDIDATES)})")
+    sets = datasets(a)
+    got: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for ds in [d for d in a.datasets.split(",") if d]:
+        base, key = sets[ds]
+        for c in names:
+            for s in seeds:
+                cfg = replace(base, seed=s, run_dir=str(Path(a.out) / ds / c / f"seed-{s}"),
+                              **{**RELEASE, **CANDIDATES[c]})
+                t = time.time()
+                summary = simulate(cfg)
+                val, test = summary["val"].get(key), summary["test"].get(key)
+                got.setdefault((c, ds), []).append((val, test))
+                print(json.dumps({"dataset": ds, "candidate": c, "seed": s, "metric": key, "val": val, "test": test,
+                                  "best_round": summary["best_round"], "s": round(time.time() - t, 1)}), flush=True)
+    dss = [d for d in a.datasets.split(",") if d]
+    print("\n| candidate | " + " | ".join(f"{d} val {sets[d][1]} (test)" for d in dss) + " | mean gain |")
+    print("|---|" + "---|" * (len(dss) + 1))
+    for c in names:
+        cells, gains = [], []
+        for d in dss:
+            runs = got.get((c, d))
+            if not runs:
+                cells.append("–")
+                continue
+            val, test = statistics.mean(r[0] for r in runs), statistics.mean(r[1] for r in runs)
+            cells.append(f"{val:.4f} ({test:.4f})")
+            ref = got.get(("release", d))
+            if ref:
+                gains.append(val / statistics.mean(r[0] for r in ref) - 1)
+        mean_gain = f"{100 * statistics.mean(gains):+.2f} %" if gains and len(gains) == len(dss) else "–"
+        print(f"| {c} | " + " | ".join(cells) + f" | {mean_gain} |")
+
+
+if __name__ == "__main__":
+    main()
