@@ -50,53 +50,43 @@ class RunDir:
         return self._read_json(self.path / "config.json")
 
     def append_metrics(self, record: dict) -> None:
-        line = json.dumps(record, sort_keys=True, default=jsonable)
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._append_line("metrics.jsonl", record)
 
     def read_metrics(self) -> list[dict]:
         """The metrics lines; a last line cut short (a crash in the middle of an append: no newline at its end)
         is left out, a malformed line anywhere else is an error."""
-        p = self.path / "metrics.jsonl"
+        return self._read_lines("metrics.jsonl", "metrics line")
+
+    def append_privacy_event(self, event: dict) -> None:
+        """One DP release (appended, flushed, fsynced before the release)."""
+        self._append_line("privacy_ledger.jsonl", event)
+
+    def read_privacy_ledger(self) -> list[dict]:
+        # a last line cut short by a crash came before the release it would have preceded: nothing was released
+        return self._read_lines("privacy_ledger.jsonl", "privacy ledger line")
+
+    def _append_line(self, name: str, record: dict) -> None:
+        """One JSON line, flushed and fsynced: on disk before the caller goes on."""
+        with open(self.path / name, "a") as f:
+            f.write(json.dumps(record, sort_keys=True, default=jsonable) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _read_lines(self, name: str, what: str) -> list[dict]:
+        p = self.path / name
         if not p.exists():
             return []
-        text = p.read_text()
-        lines = text.split("\n")
+        lines = p.read_text().split("\n")
         partial = lines.pop()          # the text after the last newline: "" when the last append completed
         rows = []
         for i, line in enumerate(lines, 1):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                raise RunDirError(f"{p}:{i}: malformed metrics line") from None
+                raise RunDirError(f"{p}:{i}: malformed {what}") from None
         if partial:
             log.warning("%s: the last line is incomplete (an interrupted append): it is left out", p)
         return rows
-
-    def append_privacy_event(self, event: dict) -> None:
-        """One DP release (appended, flushed, fsynced before the release)."""
-        with open(self.path / "privacy_ledger.jsonl", "a") as f:
-            f.write(json.dumps(event, sort_keys=True, default=jsonable) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def read_privacy_ledger(self) -> list[dict]:
-        p = self.path / "privacy_ledger.jsonl"
-        if not p.exists():
-            return []
-        lines = p.read_text().split("\n")
-        partial = lines.pop()
-        out = []
-        for i, line in enumerate(lines, 1):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise RunDirError(f"{p}:{i}: malformed privacy ledger line") from None
-        if partial:  # cut short by a crash before the release it would have preceded: nothing was released
-            log.warning("%s: the last line is incomplete: it is left out", p)
-        return out
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop lines of rounds after ``last_round`` (a resumed run recomputes them)."""

@@ -523,12 +523,13 @@ def test_substituted_keys_are_refused(identities):
     check_sum(res, vecs, [u for u in vecs if u != 3])
 
 
-def test_keys_signed_by_an_identity_from_another_ca_are_refused(identities):
-    # a server minting its own participant: a valid signature under a certificate the deployment never issued
+def _keys_of_13_signed_by(signer):
+    """A server's phase-1 tampering: client 13's advertised keys re-signed by ``signer``, its certificate
+    attached. Returns the tamper hook and a one-slot list where the test puts its `Round` (the signature binds
+    the round's nonce, known once the round exists)."""
     from fedpa.common.secagg.identity import advertise_message
 
-    vecs = vectors(10, seed=33)
-    rogue = identities["rogue"]
+    rounds: list = [None]
 
     def tamper(phase, pairs):
         if phase != 1:
@@ -536,12 +537,19 @@ def test_keys_signed_by_an_identity_from_another_ca_are_refused(identities):
         out = []
         for u, m in pairs:
             if u == 13:
-                msg = advertise_message(m["round"], r.server.nonce, 13, m["c_pk"], m["s_pk"])
-                m = {**m, "signature": rogue.sign(msg), "certificate": rogue.certificate}
+                msg = advertise_message(m["round"], rounds[0].server.nonce, 13, m["c_pk"], m["s_pk"])
+                m = {**m, "signature": signer.sign(msg), "certificate": signer.certificate}
             out.append((u, m))
         return out
 
-    r = Round(vecs, params=SecAggParams(degree=6), identities=identities, tamper_replies=tamper)
+    return tamper, rounds
+
+
+def test_keys_signed_by_an_identity_from_another_ca_are_refused(identities):
+    # a server minting its own participant: a valid signature under a certificate the deployment never issued
+    vecs = vectors(10, seed=33)
+    tamper, rounds = _keys_of_13_signed_by(identities["rogue"])
+    r = rounds[0] = Round(vecs, params=SecAggParams(degree=6), identities=identities, tamper_replies=tamper)
     with pytest.raises(SecAggError, match="no share was requested"):   # a server can stop a round, no more
         r.run()
     neighbours = r.server._graph[13]
@@ -553,23 +561,9 @@ def test_keys_signed_by_an_identity_from_another_ca_are_refused(identities):
 def test_a_certified_key_cannot_sign_for_another_node(identities):
     # a client colluding with the server signs keys for node 13 with its own (valid) identity: one
     # certified key could otherwise fill a victim's neighbourhood with Sybils
-    from fedpa.common.secagg.identity import advertise_message
-
     vecs = vectors(10, seed=36)
-    mallory = identities[153]
-
-    def tamper(phase, pairs):
-        if phase != 1:
-            return pairs
-        out = []
-        for u, m in pairs:
-            if u == 13:
-                msg = advertise_message(m["round"], r.server.nonce, 13, m["c_pk"], m["s_pk"])
-                m = {**m, "signature": mallory.sign(msg), "certificate": mallory.certificate}
-            out.append((u, m))
-        return out
-
-    r = Round(vecs, params=SecAggParams(degree=6), identities=identities, tamper_replies=tamper)
+    tamper, rounds = _keys_of_13_signed_by(identities[153])
+    r = rounds[0] = Round(vecs, params=SecAggParams(degree=6), identities=identities, tamper_replies=tamper)
     with pytest.raises(SecAggError):
         r.run()
     assert all(any("certificate is for node 153, not node 13" in x for x in r.clients[v].rejections)
