@@ -394,10 +394,14 @@ class PersonalStore:
         current, prev = self.paths(uid)
         with self._lock():
             self._remove_stale_tmp(current)
-            cur = self._check(uid, current)
+            try:                                 # the current version, decrypted once
+                state = self._read(uid, current)
+                cur = "absent" if state is None else "valid"
+            except _BadFile as e:
+                state, cur = None, e
             rotate = cur == "valid"
-            if rotate and supersedes is not None and self._check(uid, prev) == "valid":
-                rotate = not supersedes(self._read(uid, current)[1])
+            if rotate and supersedes is not None and supersedes(state[1]) and self._check(uid, prev) == "valid":
+                rotate = False
             if not rotate:  # first save, interrupted save, or a damaged current: never evict prev
                 old = self._check(uid, prev)
                 if old != "valid" and any(isinstance(c, _BadFile) and c.foreign_key for c in (cur, old)):
