@@ -26,6 +26,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedpa.client.device_data import DeviceData
 from fedpa.client.secagg import SecAggClient
 from fedpa.common.config import NODE_KEYS, FederationConfig, parse_run_config
 from fedpa.common.secagg import PHASE_ADVERTISE, PHASE_MASKED, MessageRejected
@@ -39,10 +40,16 @@ app = ClientApp()
 
 def _config(msg: Message, context: Context) -> FederationConfig:
     """The run's configuration, with what this SuperNode sets for itself in its --node-config (`NODE_KEYS`:
-    where its personal state lives and the key that opens it, never sent to the server)."""
+    where its personal state lives and the key that opens it, its device data; never sent to the server)."""
     run = dict(msg.content["run"])
     run.update({k: context.node_config[k] for k in NODE_KEYS if k in context.node_config})
-    return parse_run_config(run)
+    cfg = parse_run_config(run)
+    if cfg.device_data:   # a device: its own data and foundation, whatever paths the run names
+        return DeviceData.open(cfg.device_data).apply(cfg)
+    if cfg.nodes_hold_data:
+        raise FedpaError("this run's nodes hold their own data, and this SuperNode names none: give it "
+                         "device-data=DIR in its --node-config (a directory made by `fedpa device provision`)")
+    return cfg
 
 
 # What a node may require of every round it takes part in (its --node-config), whatever the server sends: the

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedpa.client.device_data import DeviceData
 from fedpa.client.feature_cache import FeatureCache, build, cache_key, default_root
 from fedpa.common.config import FederationConfig
 from fedpa.common.models import build_personal_model
@@ -66,13 +67,16 @@ class ClientRuntime:
         self.dataset = Dataset(path)
         self.profiles = user_table(self.dataset)
         self._lookups: Lookups | None = None  # item tables: only built when a user's rows must be encoded
-        self.partition = make_partition(self.dataset, partition_config(cfg))
+        # a device knows its own users (client index -> user id) and the population size, nothing else; a
+        # simulated node derives both from the partition of the whole dataset
+        self.device = DeviceData.open(cfg.device_data) if cfg.device_data else None
+        self.partition = None if self.device else make_partition(self.dataset, partition_config(cfg))
         self.model = build_personal_model(cfg)
         self.local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                    ditto_lambda=cfg.ditto_lambda)
         self._users: dict[int, UserData] = {}
         self._engine: CohortEngine | None = None
-        self.cache = open_feature_cache(cfg, self.partition.clients)
+        self.cache = None if self.device else open_feature_cache(cfg, self.partition.clients)
 
     def local_for(self, round_: int) -> LocalTraining:
         """Local training settings of one round (the learning rate decays over rounds with lr-decay)."""
@@ -93,7 +97,21 @@ class ClientRuntime:
 
     @property
     def num_clients(self) -> int:
-        return self.partition.num_clients
+        return self.device.num_clients if self.device else self.partition.num_clients
+
+    def node_clients(self, partition_id: int, num_partitions: int) -> list[int]:
+        """The client indices this node serves: a device's own, else its share of the partition."""
+        if self.device:
+            return sorted(self.device.clients)
+        return list(clients_of_node(partition_id, num_partitions, self.num_clients))
+
+    def user_of(self, client_index: int) -> int:
+        if self.device:
+            if client_index not in self.device.clients:
+                raise FedpaError(f"client {client_index} is not held by this device (holds "
+                                 f"{sorted(self.device.clients)})")
+            return self.device.clients[client_index]
+        return self.partition.user_of(client_index)
 
     def reference(self, data: UserData) -> list[np.ndarray] | None:
         """The user's validation and test rows scored by the frozen foundation, computed once per process (the
@@ -104,7 +122,7 @@ class ClientRuntime:
         return data.reference
 
     def user(self, client_index: int) -> UserData:
-        uid = self.partition.user_of(client_index)
+        uid = self.user_of(client_index)
         data = self._users.get(uid)
         if data is None:
             if self.cache is not None:

@@ -14,7 +14,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedpa.client.personal_store import PersonalStore, open_store
-from fedpa.client.runtime import ClientRuntime, clients_of_node, get_runtime, user_seed
+from fedpa.client.runtime import ClientRuntime, get_runtime, user_seed
 from fedpa.common.aggregation import count_keys, expected_shapes, spec_from
 from fedpa.common.config import FederationConfig
 from fedpa.common.privacy import cohort_contribution, private_contribution
@@ -34,10 +34,9 @@ def dp_settings(cfg: FederationConfig, pm, cohort: int) -> dict:
                 cohort=cohort)
 
 
-def _node_clients(context: Context, rt: ClientRuntime) -> range:
-    pid = int(context.node_config.get("partition-id", 0))
-    n = int(context.node_config.get("num-partitions", 1))
-    return clients_of_node(pid, n, rt.num_clients)
+def _node_clients(context: Context, rt: ClientRuntime) -> list[int]:
+    return rt.node_clients(int(context.node_config.get("partition-id", 0)),
+                           int(context.node_config.get("num-partitions", 1)))
 
 
 def _private_state(context: Context, rt: ClientRuntime, uid: int, run_id: str = "",
@@ -84,10 +83,10 @@ def train(msg: Message, context: Context, cfg: FederationConfig) -> Message:
     round_ = int(rnd["round"])
     served = _node_clients(context, rt)
     wanted = [int(c) for c in rnd["clients"]]
-    foreign = [c for c in wanted if c not in served]
+    foreign = sorted(set(wanted) - set(served))
     if foreign:
         raise ValueError(f"clients {foreign[:5]} are not served by this node "
-                         f"(serves {served.start}..{served.stop - 1})")
+                         + (f"(serves {served[0]}..{served[-1]})" if served else "(it serves none)"))
     pm = rt.model
     global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
     spec = spec_from(pm.shared_spec())

@@ -163,6 +163,15 @@ class FederationConfig:
                                   "memory)", "runtime", runtime=False, node=True)
     personal_store_key_file: str = setting("", "key file of the personal store (else $FEDPA_STORE_KEY)",
                                            "runtime", runtime=False, node=True)
+    device_data: str = setting("", "a device directory (`fedpa device provision`): the node reads its users' rows "
+                               "and the foundation from it alone, never a path of the server's", "runtime",
+                               node=True, cli=False)
+    nodes_hold_data: bool = setting(False, "every node holds its own data (device-data in its node config): the "
+                                    "server sends no data or foundation path, only the foundation's digest",
+                                    "runtime", runtime=False, cli=False)
+    foundation_digest: str = setting("", "SHA-256 of the run's foundation artifact (set by the server; a device "
+                                     "refuses a run whose foundation differs from its copy)", "runtime",
+                                     runtime=False, cli=False)
     keep_checkpoints: int = setting(2, "round checkpoints kept in the run directory (the newest ones; resuming "
                                     "needs the last)", "runtime", runtime=False, at_least=1)
     resume: bool = setting(False, "continue run-dir from its last checkpoint (same configuration)", "runtime",

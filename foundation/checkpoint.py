@@ -6,6 +6,7 @@ Public API::
     seal_safetensors(path)          # add a SHA-256 of the data region to the file's own header metadata
     verify_safetensors(path)        # CheckpointError (naming the file) if truncated, corrupted or unreadable
     replace_dir(tmp, dst)           # move a fully written directory into place (old one removed after)
+    artifact_digest(dir)            # the SHA-256 naming a foundation artifact (its config and weights)
     fsync_path(path)
 
 Why the hash lives in the safetensors header: safetensors validates its header
@@ -100,6 +101,26 @@ def verify_safetensors(path: str | Path) -> None:
         if actual != expected:
             raise CheckpointError(f"{path}: corrupted (SHA-256 of the tensor data {actual[:12]}... differs from "
                                   f"the recorded {expected[:12]}...)")
+
+
+ARTIFACT_FILES = ("config.json", "model.safetensors")
+"""What a foundation artifact is: the files `load_foundation` reads (reports and resume state are not part)."""
+
+
+def artifact_digest(path: str | Path) -> str:
+    """SHA-256 over a foundation directory's artifact files, names included: the version a device checks its copy
+    against (the server sends it with every run)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for name in ARTIFACT_FILES:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: no {name} (not a foundation checkpoint)")
+        h.update(f"{name}:{f.stat().st_size}\0".encode())   # names and sizes: no two artifacts hash alike
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def fsync_path(path: str | Path) -> None:

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from fedpa.common.privacy import add_noise, clamp_counts, distributed_share_std,
 from fedpa.common.records import arrays_to_record, message_bytes, record_to_arrays
 from fedpa.common.secagg import QuantConfig, SecAggError, split_sum
 from fedpa.common.secagg.transport import pack, unpack
+from fedpa.foundation.checkpoint import artifact_digest
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import count_parameters, load_foundation
 from fedpa.recmodels.evaluation import SIZE as METRIC_SIZE
@@ -94,6 +96,15 @@ EVAL_QUANT = QuantConfig(clip=2.0**32, frac_bits=12)
 """Metric sums are counts and sums of per-row values: up to 2^32 per node, 2^-13 resolution."""
 
 
+def run_message_config(cfg: FederationConfig) -> dict[str, Any]:
+    """The run configuration every message carries: with the foundation's digest (a device checks its copy against
+    it), and, when nodes hold their own data, without the server's data and foundation paths."""
+    rc = {**cfg.to_run_config(), "foundation-digest": artifact_digest(cfg.foundation)}
+    if cfg.nodes_hold_data:
+        rc.update({"data-dir": "", "foundation": "", "feature-cache": "none"})
+    return rc
+
+
 class Federation:
     def __init__(self, grid: Grid, cfg: FederationConfig, progress=None):
         self.grid = grid
@@ -113,7 +124,7 @@ class Federation:
             "shared_params": int(sum(np.prod(t.shape) for t in self.spec)),
             "private_params_per_user": int(sum(v.size for v in self.model.initial_private.values())),
         }
-        self.run_config = {**cfg.to_run_config()}
+        self.run_config = run_message_config(cfg)
         self.run_id = ""            # set when the run starts (or is resumed): personal-store versions carry it
         self.privacy_events: list[tuple[float, int]] = []
 
@@ -161,12 +172,19 @@ class Federation:
                 continue
             info = rep.content["info"]
             nodes[src] = [int(c) for c in info["clients"]]
+            if num_clients is not None and int(info["num-clients"]) != num_clients:
+                raise RoundFailed(f"nodes disagree on the number of clients ({num_clients} and "
+                                  f"{int(info['num-clients'])}): were they provisioned from different partitions?")
             num_clients = int(info["num-clients"])
         if not nodes:
             raise RoundFailed("no node answered the discovery query"
                               + (f" (e.g. {failures[0]})" if failures else ""))
         self.num_clients = num_clients
         served = sorted(c for cs in nodes.values() for c in cs)
+        twice = sorted(c for c, n in Counter(served).items() if n > 1)
+        if twice:
+            raise RoundFailed(f"client(s) {twice[:5]} are served by more than one node: each user's data must live "
+                              "on one node only")
         if served != list(range(num_clients)):
             missing = sorted(set(range(num_clients)) - set(served))
             log.warning("%d of %d clients have no node (e.g. %s): they will not take part",

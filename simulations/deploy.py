@@ -7,7 +7,9 @@ Everything runs as separate processes of Flower's deployment runtime and binds t
 2. ``flower-superlink`` with TLS and SuperNode authentication (runtime dependency installation
    off: the nodes use this environment);
 3. ``flwr supernode register`` of every node's public key;
-4. N ``flower-supernode`` processes, node i serving partition i of N with its own personal store;
+4. N device directories (`client.device_data`: node i holds the rows of partition i of N and the foundation,
+   nothing else) and N ``flower-supernode`` processes, each reading its own device directory and keeping its
+   users' private state in its own personal store; the run sends no data path, only the foundation's digest;
 5. ``flwr run <this app> <connection>`` with the run configuration, then polling ``flwr ls``
    until the run is finished;
 6. every process is stopped (SIGTERM, then SIGKILL) whatever happened.
@@ -71,6 +73,7 @@ class Node:
     store_key: Path
     node_id: int | None = None
     certificate: Path | None = None      # the CA's certificate for its key: its SecAgg+ identity
+    device: Path | None = None           # its own users' data and the foundation (client.device_data)
     proc: subprocess.Popen | None = None
     log: Path | None = None
 
@@ -196,6 +199,21 @@ class LocalDeployment:
             self.node_list.append(node)
         return self.node_list
 
+    def provision_devices(self, cfg) -> None:
+        """Give every node a device directory with its own users' rows and the foundation (node i: clients
+        i*C .. of the partition `cfg` defines) — the only data a node then reads; the run sends no path."""
+        from fedpa.client.device_data import provision
+        from fedpa.client.runtime import clients_of_node
+        from fedpa.simulations.simulate import count_clients
+
+        n = count_clients(cfg)
+        for node in self.node_list:
+            clients = list(clients_of_node(node.index, self.nodes, n))
+            if not clients:
+                raise DeployError(f"{self.nodes} nodes for {n} clients: node {node.index} would hold no user")
+            node.device = provision(cfg, clients, self.workdir / "devices" / f"node-{node.index}",
+                                    overwrite=True).path
+
     def supernode_args(self, partition: int, num_partitions: int, port: int, *, key: Path | None,
                        root_certificates: Path | None, extra_config: dict | None = None,
                        max_retries: int | None = None) -> list[str]:
@@ -219,6 +237,7 @@ class LocalDeployment:
                                    root_certificates=self.server.ca_cert if self.tls else None,
                                    extra_config={"personal-store": str(node.store),
                                                  "personal-store-key-file": str(node.store_key),
+                                                 **({"device-data": str(node.device)} if node.device else {}),
                                                  **self.secagg_identity(node)})
         node.proc = self._spawn(args, node.log)
         return node.proc
@@ -288,14 +307,18 @@ class LocalDeployment:
 
 def deploy(*, workdir: str | Path, run_config: dict, nodes: int = 3, tls: bool = True, auth: bool = True,
            timeout: float = 3600, on_poll=None) -> dict:
-    """The whole sequence; returns the run's summary.json plus the deployment's facts."""
+    """The whole sequence; returns the run's summary.json plus the deployment's facts. Every node holds its own
+    users' data (a device directory provisioned here from the run's dataset); the run sends no data path."""
+    from fedpa.common.config import FederationConfig
+
     run_dir = Path(run_config["run-dir"])
     with LocalDeployment(Path(workdir), nodes=nodes, tls=tls, auth=auth) as d:
         d.start_superlink()
         d.enroll()
+        d.provision_devices(FederationConfig.from_run_config(run_config))
         for node in d.node_list:
             d.start_node(node)
-        run_id = d.submit({**run_config, "min-nodes": nodes})
+        run_id = d.submit({**run_config, "min-nodes": nodes, "nodes-hold-data": True})
         st = d.wait(run_id, timeout, on_poll=on_poll)
         if st.get("status") != "finished:completed":
             detail = ((run_dir / "error.txt").read_text() if (run_dir / "error.txt").exists()
@@ -303,8 +326,8 @@ def deploy(*, workdir: str | Path, run_config: dict, nodes: int = 3, tls: bool =
             raise DeployError(f"run {run_id} ended as {st.get('status')}: {detail} (logs: {d.logs})")
         summary = json.loads((run_dir / "summary.json").read_text())
         return {"summary": summary, "run_id": run_id, "status": st, "superlink": f"127.0.0.1:{d.port}",
-                "tls": tls, "auth": auth, "nodes": [{"index": n.index, "node_id": n.node_id, "store": str(n.store)}
-                                                    for n in d.node_list],
+                "tls": tls, "auth": auth, "nodes": [{"index": n.index, "node_id": n.node_id, "store": str(n.store),
+                                                     "device": str(n.device)} for n in d.node_list],
                 "network_traffic": st.get("network-traffic"), "workdir": str(d.workdir),
                 "command": shlex.join(["flwr", "run", str(APP_DIR), CONNECTION, "--run-config",
                                        config_string(run_config)])}

@@ -1,5 +1,6 @@
 """Flower's deployment runtime on loopback: 1 SuperLink + 4 SuperNodes, TLS, SuperNode authentication,
-secure aggregation, FedPA, 2 rounds — with one node killed mid-run, and strangers refused.
+secure aggregation, FedPA, 2 rounds — each node reading only its own users' data, one node killed mid-run,
+strangers refused.
 
 This is the one end-to-end test of a real deployment (separate processes, real certificates);
 each message costs seconds (SuperNodes poll every 3 s and start a fresh ClientApp process per
@@ -9,6 +10,7 @@ message), so it takes a few minutes.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedpa.common.config import FederationConfig
+from fedpa.recdata.store import Dataset
 from fedpa.server.pki import make_node_key, make_server_files
 from fedpa.server.rundir import RunDir
 from fedpa.simulations.deploy import LocalDeployment
@@ -25,15 +29,22 @@ pytestmark = pytest.mark.timeout(900)
 
 def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_foundation, tmp_path):
     run_dir = tmp_path / "run"
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    run_config = {"data-dir": str(data), "foundation": str(tiny_foundation), "run-dir": str(run_dir),
+                  "num-rounds": 2, "max-clients": 8, "secagg": True, "min-nodes": 4, "round-timeout": 90.0,
+                  "feature-cache": "none"}
     with LocalDeployment(tmp_path / "deploy", nodes=4) as d:
         d.start_superlink()
         d.enroll()
         assert all(n.node_id is not None for n in d.node_list)
+        # every node holds its own two users' rows; the dataset they came from is gone before the run starts
+        d.provision_devices(FederationConfig.from_run_config(run_config))
+        shutil.rmtree(data)
         for node in d.node_list:
+            assert len(Dataset(node.device / "data").users()) == 2
             d.start_node(node)
-        run_id = d.submit({"data-dir": str(tiny), "foundation": str(tiny_foundation), "run-dir": str(run_dir),
-                           "num-rounds": 2, "max-clients": 8, "secagg": True, "min-nodes": 4,
-                           "round-timeout": 90.0, "feature-cache": "none"})
+        run_id = d.submit({**run_config, "nodes-hold-data": True})
 
         # strangers, while the run goes on: an unregistered key, and a node that does not trust the CA
         rogue = make_node_key(tmp_path / "rogue", "rogue")
