@@ -15,16 +15,27 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from fedpa.client.device_data import DeviceData
+from fedpa.client.event_log import LOG_FILE, EventLog
 from fedpa.client.feature_cache import FeatureCache, build, cache_key, default_root
 from fedpa.common.config import FederationConfig
 from fedpa.common.models import build_personal_model
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import load_foundation
-from fedpa.recdata.examples import Lookups, user_table
-from fedpa.recdata.partition import PartitionConfig, SplitConfig, UserSplits, make_partition, split_users
+from fedpa.recdata.examples import Examples, Lookups, user_table
+from fedpa.recdata.partition import (
+    PartitionConfig,
+    SplitConfig,
+    UserSplits,
+    make_partition,
+    read_exposures,
+    read_views,
+    split_users,
+)
+from fedpa.recdata.schema import LABELS
 from fedpa.recdata.stage_rows import with_stage_negatives
 from fedpa.recdata.store import Dataset
 from fedpa.recmodels.cohort import CohortEngine
@@ -75,6 +86,9 @@ class ClientRuntime:
         self.local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                    ditto_lambda=cfg.ditto_lambda)
         self._users: dict[int, UserData] = {}
+        self._base: dict[int, UserData] = {}    # a device's users before their logged events
+        self._log_seq: dict[int, int] = {}      # the event log's sequence number their rows were read at
+        self._log: EventLog | None = None
         self._engine: CohortEngine | None = None
         self.cache = None if self.device else open_feature_cache(cfg, self.partition.clients)
 
@@ -123,17 +137,76 @@ class ClientRuntime:
 
     def user(self, client_index: int) -> UserData:
         uid = self.user_of(client_index)
+        if self.device is not None:
+            return self._with_logged_events(uid)
         data = self._users.get(uid)
         if data is None:
-            if self.cache is not None:
-                data = UserData(uid, self.profiles[uid], *self.cache.user(uid),
-                                group_size=self.cache.group_size)
-            else:
-                s = user_splits(self.cfg, self.dataset, np.array([uid]), self.lookups)
-                feats = [self.model.features(ex.iter_batches(EVAL_BATCH)) for ex in (s.train, s.val, s.test)]
-                data = UserData(uid, self.profiles[uid], *feats, group_size=s.group_size)
+            data = self._provisioned(uid)
             self._users[uid] = data
         return data
+
+    def _provisioned(self, uid: int) -> UserData:
+        """The user's rows as the dataset holds them (a simulated node's whole dataset, or a device's own)."""
+        if self.cache is not None:
+            return UserData(uid, self.profiles[uid], *self.cache.user(uid), group_size=self.cache.group_size)
+        s = user_splits(self.cfg, self.dataset, np.array([uid]), self.lookups)
+        feats = [self.model.features(ex.iter_batches(EVAL_BATCH)) for ex in (s.train, s.val, s.test)]
+        return UserData(uid, self.profiles[uid], *feats, group_size=s.group_size)
+
+    # ------------------------------------------------------------------ a device's event log
+
+    def event_log(self) -> EventLog | None:
+        """The device's interaction log (client/event_log.py), when it has one."""
+        if self.device is None or not (self.device.path / LOG_FILE).exists():
+            return None
+        if self._log is None:
+            self._log = EventLog(self.device.path / LOG_FILE, next(iter(self.device.clients.values())),
+                                 num_items=len(self.lookups.item_table))
+        return self._log
+
+    def _with_logged_events(self, uid: int) -> UserData:
+        """A device's user: the provisioned rows, and for training every logged impression whose labels had
+        arrived when this round read the log (one read per round: a later label counts in the next)."""
+        base = self._base.get(uid)
+        if base is None:
+            base = self._base[uid] = self._provisioned(uid)
+        log = self.event_log()
+        snap = log.snapshot() if log is not None and len(self.device.clients) == 1 else None
+        if snap is None or not snap.labelled:
+            self._users[uid] = base
+            return base
+        cached = self._users.get(uid)
+        if cached is not None and self._log_seq.get(uid) == snap.seq:
+            return cached
+        ex = Examples.from_exposures(snap.exposures, self._views(uid, snap.exposures), self.lookups)
+        logged = self.model.features(ex.iter_batches(EVAL_BATCH))
+        train = UserTensors(*(None if a is None else torch.cat([a, b]) for a, b in
+                              zip((base.train.features, base.train.labels, base.train.items),
+                                  (logged.features, logged.labels, logged.items))))
+        data = replace(base, train=train)
+        self._users[uid], self._log_seq[uid] = data, snap.seq
+        return data
+
+    def _views(self, uid: int, logged: pa.Table | None = None):
+        """The user's effective views: the provisioned ones and those in the log."""
+        rows = read_exposures(self.dataset, np.array([uid]))
+        if logged is not None and logged.num_rows:
+            rows = pa.concat_tables([rows.select(logged.column_names), logged])
+        return read_views(self.dataset, np.array([uid]), rows)
+
+    def candidate_rows(self, uid: int, candidates: np.ndarray, now_ms: int) -> UserTensors:
+        """Tower inputs of ``candidates`` shown to the user at ``now_ms`` (what a device recommends from)."""
+        return self.model.features(self.candidate_examples(uid, candidates, now_ms).iter_batches(EVAL_BATCH))
+
+    def candidate_examples(self, uid: int, candidates: np.ndarray, now_ms: int) -> Examples:
+        """Rows of ``candidates`` shown to the user at ``now_ms``, their sequence read from the data and the log."""
+        log = self.event_log()
+        snap = log.snapshot() if log is not None else None
+        views = self._views(uid, snap.exposures if snap is not None else None)
+        n = len(candidates)
+        labels = np.full((n, len(LABELS)), -1, np.int8)
+        return Examples.from_rows(np.full(n, uid, np.int64), np.full(n, now_ms, np.int64), candidates, labels,
+                                  views, self.lookups)
 
 
 def user_splits(cfg: FederationConfig, ds: Dataset, users: np.ndarray, lookups: Lookups) -> UserSplits:

@@ -13,6 +13,7 @@ import os
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedpa.client.on_device import keep_global_state
 from fedpa.client.personal_store import PersonalStore, open_store
 from fedpa.client.runtime import ClientRuntime, get_runtime, user_seed
 from fedpa.common.aggregation import count_keys, expected_shapes, spec_from
@@ -89,6 +90,8 @@ def train(msg: Message, context: Context, cfg: FederationConfig) -> Message:
                          + (f"(serves {served[0]}..{served[-1]})" if served else "(it serves none)"))
     pm = rt.model
     global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    if rt.device is not None:   # what the device recommends with until the next round
+        keep_global_state(rt.device, cfg, global_state, round_ - 1)
     spec = spec_from(pm.shared_spec())
     store = _store(cfg)
     if bool(rnd.get("resumed", False)) and store is None and pm.initial_private:
@@ -227,6 +230,8 @@ def evaluate(msg: Message, context: Context, cfg: FederationConfig) -> Message:
     round_ = int(msg.content["round"]["round"])
     local = rt.local_for(round_)  # PFedRec fine-tunes before scoring at this round's learning rate
     global_state = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    if rt.device is not None:
+        keep_global_state(rt.device, cfg, global_state, round_)
     attack = bool(msg.content["round"].get("final", False))
     store = _store(cfg)
     val, test, mia = MetricSums(), MetricSums(), MetricSums()

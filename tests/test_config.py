@@ -60,8 +60,8 @@ def test_the_runtime_key_holds_every_field_that_builds_the_runtime():
         assert (changed.runtime_key() != base.runtime_key()) == f.metadata["runtime"], f.name
 
 
-def test_node_keys_are_the_personal_store_and_its_key():
-    assert NODE_KEYS == ("personal-store", "personal-store-key-file")
+def test_node_keys_are_the_personal_store_its_key_and_the_device_data():
+    assert NODE_KEYS == ("personal-store", "personal-store-key-file", "device-data")
 
 
 @pytest.mark.parametrize("key", ["lr", "dp-noise-multiplier", "dp-clip", "clients-per-round", "round-timeout",

@@ -37,3 +37,73 @@ def provision_cmd(
     users = ", ".join(f"client {c} = user {u}" for c, u in sorted(dev.clients.items()))
     out.print(f"device [bold]{dev.path}[/]: {users} of {dev.num_clients}; {rows:,} exposures, "
               f"{len(ds.items()):,} catalogue items, foundation included; {size / 2**20:.1f} MiB")
+
+
+@device_app.command("log")
+@user_errors
+def log_cmd(
+    device: Annotated[Path, typer.Option(help="the device directory")],
+    item: Annotated[int | None, typer.Option(help="log an impression of this video id")] = None,
+    event: Annotated[int | None, typer.Option(help="label this earlier impression (its event id) instead")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="NAME=0|1, e.g. effective_view=1 (repeatable)")] = None,
+):
+    """Append to the device's event log: an impression (--item, labels optional) or labels that arrived later
+    for an impression (--event). Labels written while a round runs count in the next round."""
+    from fedpa.client.device_data import DeviceData
+    from fedpa.client.event_log import LOG_FILE, EventLog, EventLogError
+    from fedpa.recdata.store import Dataset
+
+    labels = {}
+    for entry in label or []:
+        name, _, value = entry.partition("=")
+        if value not in ("0", "1"):
+            raise EventLogError(f"--label {entry!r}: expected NAME=0 or NAME=1")
+        labels[name] = int(value)
+    if (item is None) == (event is None):
+        raise EventLogError("give --item (a new impression) or --event (labels for an earlier one)")
+    dev = DeviceData.open(device)
+    if len(dev.clients) != 1:
+        raise EventLogError(f"{device} holds {len(dev.clients)} users: an event log belongs to a one-user device")
+    ds = Dataset(dev.data_dir)
+    with EventLog(dev.path / LOG_FILE, next(iter(dev.clients.values())), num_items=int(ds.vocab["video_id"])) as log:
+        if item is not None:
+            eid = log.impression(item, **labels)
+            out.print(f"event {eid}: impression of video {item}{' ' + str(labels) if labels else ''}")
+        else:
+            log.label(event, **labels)
+            out.print(f"event {event}: {labels}")
+        out.print(f"{len(log)} events in {log.path}")
+
+
+@device_app.command("recommend")
+@user_errors
+def recommend_cmd(
+    device: Annotated[Path, typer.Option(help="the device directory")],
+    candidates: Annotated[str, typer.Option(help="comma-separated video ids to rank")],
+    k: Annotated[int, typer.Option(help="how many to return")] = 10,
+    store: Annotated[Path | None, typer.Option(help="the node's personal store (its private adapters)")] = None,
+    key_file: Annotated[Path | None, typer.Option(help="the store's key file (else $FEDPA_STORE_KEY)")] = None,
+):
+    """Rank candidates for the device's user with its current personalized model (the last global state the
+    device received, its private state from the encrypted store)."""
+    from rich.table import Table
+
+    from fedpa.client.on_device import DeviceRecommender
+    from fedpa.client.personal_store import open_store
+    from fedpa.foundation.errors import FedpaError
+
+    try:
+        ids = [int(x) for x in candidates.split(",") if x.strip()]
+    except ValueError:
+        raise FedpaError(f"--candidates {candidates!r}: expected comma-separated integers") from None
+    if not ids or k < 1:
+        raise FedpaError("give at least one candidate and --k >= 1")
+    rec = DeviceRecommender(device, open_store(str(store) if store else "", str(key_file) if key_file else ""))
+    t = Table(title=f"user {rec.user_id}, model of round {rec.round}"
+                    f"{'' if rec.private is not None else ' (no private state: shared part only)'}")
+    t.add_column("rank")
+    t.add_column("video")
+    t.add_column("p(effective view)")
+    for i, (vid, p) in enumerate(rec.recommend(ids, k), 1):
+        t.add_row(str(i), str(vid), f"{p:.4f}")
+    out.print(t)
