@@ -18,6 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedpa.client.device_data import DeviceData
+from fedpa.client.event_log import LOG_FILE, EventLog
+from fedpa.client.on_device import DeviceRecommender
+from fedpa.client.personal_store import PersonalStore
 from fedpa.common.config import FederationConfig
 from fedpa.recdata.store import Dataset
 from fedpa.server.pki import make_node_key, make_server_files
@@ -32,18 +36,23 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
     data = tmp_path / "data"
     shutil.copytree(tiny, data)
     run_config = {"data-dir": str(data), "foundation": str(tiny_foundation), "run-dir": str(run_dir),
-                  "num-rounds": 2, "max-clients": 8, "secagg": True, "min-nodes": 4, "round-timeout": 90.0,
+                  "num-rounds": 2, "max-clients": 4, "secagg": True, "min-nodes": 4, "round-timeout": 90.0,
                   "feature-cache": "none"}
     with LocalDeployment(tmp_path / "deploy", nodes=4) as d:
         d.start_superlink()
         d.enroll()
         assert all(n.node_id is not None for n in d.node_list)
-        # every node holds its own two users' rows; the dataset they came from is gone before the run starts
+        # every node is a phone: its own user's rows only; the dataset they came from is gone before the run starts
         d.provision_devices(FederationConfig.from_run_config(run_config))
         shutil.rmtree(data)
         for node in d.node_list:
-            assert len(Dataset(node.device / "data").users()) == 2
+            assert len(Dataset(node.device / "data").users()) == 1
             d.start_node(node)
+        phone = d.node_list[0]
+        with EventLog(phone.device / LOG_FILE, DeviceData.open(phone.device).clients[0]) as log:
+            for i in range(12):      # what the user watched since provisioning: trained on from round 1
+                log.impression(i * 7, timestamp_ms=1_900_000_000_000 + i, effective_view=i % 2)
+            log.impression(99, timestamp_ms=1_900_000_000_100)   # no feedback yet: not trained on
         run_id = d.submit({**run_config, "nodes-hold-data": True})
 
         # strangers, while the run goes on: an unregistered key, and a node that does not trust the CA
@@ -71,7 +80,7 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert rows[1]["clients_ok"] == 8 and rows[2]["clients_ok"] == 6, [r.get("clients_ok") for r in rows]
+    assert rows[1]["clients_ok"] == 4 and rows[2]["clients_ok"] == 3, [r.get("clients_ok") for r in rows]
     # every node in the sum signed its keys with its CA-certified identity (the malicious-server protocol)
     assert rows[1]["secagg_signed_nodes"] == 4 and rows[2]["secagg_signed_nodes"] == 3
     assert any("no reply" in p or "secure aggregation" in p or "error" in p for p in rows[2]["problems"])
@@ -88,3 +97,10 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
     # each surviving device kept its users' private state, encrypted, in its own store
     stores = sorted(Path(tmp_path / "deploy" / "stores").glob("node-*/*"))
     assert stores and not any(b"lora" in p.read_bytes() for p in stores if p.is_file())
+    # the phone recommends with the model of the last round it took part in, as its exported ONNX model ranks
+    rec = DeviceRecommender(phone.device, PersonalStore.from_key_file(phone.store, phone.store_key))
+    assert rec.round == 2 and rec.private is not None
+    candidates = np.arange(50) * 3
+    top = [v for v, _ in rec.recommend(candidates, k=10, now_ms=1_900_000_001_000)]
+    onnx = rec.export_onnx(tmp_path / "phone.onnx", candidates, 1_900_000_001_000)
+    assert set(top) == {int(candidates[i]) for i in np.argsort(-onnx)[:10]}
