@@ -134,6 +134,8 @@ class MetricSums:
             out["change_mean"] = self.get("delta_sum") / m
             out["share_worse"] = self.get("users_worse") / m
             out["share_better"] = self.get("users_better") / m
+            # the whole distribution (counts per 0.01 of change over [-1, 1]): what a report draws
+            out["change_hist"] = [int(c) for c in hist]
         return out
 
     def finalize(self) -> dict[str, float]:

@@ -77,6 +77,7 @@ class RoundReplies:
     bytes_down: list[int] = field(default_factory=list)
     secagg_bytes: float = 0.0
     secagg_signed: int | None = None   # nodes in the secure sum that signed their keys (None: no SecAgg)
+    seconds: dict[str, float] = field(default_factory=dict)   # wall time of the round's stages
 
     def stats(self, selected: int, communicates: bool) -> dict[str, Any]:
         down = float(np.mean(self.bytes_down)) if self.bytes_down else 0.0
@@ -86,7 +87,8 @@ class RoundReplies:
                 "problems": self.problems,
                 "bytes_down_per_client": down if communicates else 0.0,
                 "bytes_up_per_client": up if communicates else 0.0,
-                **({} if self.secagg_signed is None else {"secagg_signed_nodes": self.secagg_signed})}
+                **({} if self.secagg_signed is None else {"secagg_signed_nodes": self.secagg_signed}),
+                "stage_s": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
 EVAL_SECAGG_ROUND = 2**62
@@ -219,16 +221,20 @@ class Federation:
         selected = self.sample(round_)
         by_node = self.assign(selected)
         msgs = self.configure(round_, by_node, final, cohort=len(selected))
+        t = time.time()
         got = self.collect(round_, self._send(msgs, deadline), by_node)
+        got.seconds["train"] = time.time() - t
         got.bytes_down = [message_bytes(m) for m in msgs]
         secure = self.cfg.secagg and self.algorithm.communicates
         if secure:
             # a budget of its own: a node that died mid-round can hold the training replies up to the deadline
             # (until the SuperLink notices it), and the live nodes' five phases must still fit. A round waits
             # at most twice the round timeout.
+            t = time.time()
             secure_sums, included, got.secagg_bytes, got.secagg_signed = self.secure_sum(
                 round_, [n for n, k in got.trained.items() if k > 0], got.problems, cohort=len(selected),
                 deadline=time.time() + self.cfg.round_timeout)
+            got.seconds["secagg"] = time.time() - t
             # the users that really reached the sum: its own count, never more than the nodes claimed
             counted = int(round(float(secure_sums["count/global"][0])))
             got.users_ok = min(sum(got.trained[n] for n in included), counted)
@@ -520,7 +526,9 @@ class Federation:
                 rec["epsilon"] = self.accountant.get_epsilon(self.dp_delta)
                 rec["delta"] = self.dp_delta
             if r % cfg.eval_every == 0 or r == cfg.num_rounds:
+                te = time.time()
                 rec["eval"] = self.evaluate(r, final=(r == cfg.num_rounds))
+                rec["stage_s"]["evaluate"] = round(time.time() - te, 3)
             rec["wall_s"] = time.time() - t0
             # metrics first, then the checkpoint: a kill in between leaves a line that resuming drops
             self.run.append_metrics(rec)

@@ -17,6 +17,7 @@ import numpy as np
 
 from fedpa.common.config import FederationConfig, with_recipe
 from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.simulations.html_report import compare_page
 
 # Ablations of FedPA: name -> config overrides
 # `fedpa` runs its recipe (`recmodels.algorithms.FEDPA_RECIPE`); each ablation below takes one part of it
@@ -138,7 +139,7 @@ def plot_comparison(table: dict[str, dict], summaries: dict[str, list[dict]], ou
 def compare(base: FederationConfig, variants: list[str], seeds: list[int], root: str | Path, *,
             cohort_size: int = 0, run_one=None, on_start=None, progress=None,
             given: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Run every (variant, seed); write ROOT/compare.{md,json,png}. ``run_one(cfg)`` runs one configuration
+    """Run every (variant, seed); write ROOT/compare.{md,json,png,html}. ``run_one(cfg)`` runs one configuration
     (defaults to `simulations.simulate.simulate`). ``given``: the keys the user set, which no algorithm's
     recipe replaces."""
     from fedpa.simulations.simulate import simulate
@@ -160,4 +161,5 @@ def compare(base: FederationConfig, variants: list[str], seeds: list[int], root:
                                               "config": base.to_run_config()})
     atomic_write_bytes(root / "compare.md", (md + "\n").encode())
     plot_comparison(table, summaries, root / "compare.png")
+    compare_page(table, summaries, base.to_run_config(), root / "compare.html")
     return {"table": table, "markdown": md, "root": str(root)}

@@ -131,6 +131,8 @@ def write_report(out: Path, ds: Dataset, pre: dict, result: dict, base: Federati
         f"(mean ± std over seeds).", "",
         result["markdown"], "",
         "![comparison](compare/compare.png)", "",
+        "The same as one page (tables, curves, who gains and who loses per user, the configuration): "
+        "[compare/compare.html](compare/compare.html).", "",
         "![FedPA learning curves](compare/fedpa/seed-0/curves.png)", "",
         "### What each algorithm is", "",
     ]

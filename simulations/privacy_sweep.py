@@ -22,6 +22,7 @@ import numpy as np
 from fedpa.common.config import FederationConfig
 from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
 from fedpa.server.rundir import RunDir
+from fedpa.simulations.html_report import sweep_page
 
 from .compare import mean_std
 
@@ -290,5 +291,6 @@ def privacy_sweep(base: FederationConfig, points: list[SweepPoint], seeds: list[
                                            "epsilon_null_means": "no differential privacy (ε = ∞)"})
     atomic_write_bytes(out / "sweep.md", (md + "\n").encode())
     plot_sweep(rows, base.split, out)
+    sweep_page(rows, utility_metrics(base.split), base.to_run_config(), out / "sweep.html")
     atomic_write_bytes(out / "report.md", plain_report(rows, base, seeds, md).encode())
     return {"rows": rows, "markdown": md, "root": str(out)}

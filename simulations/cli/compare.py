@@ -59,7 +59,8 @@ def compare_cmd(
                          progress=lambda *a: state["progress"](*a), given=settings.keys)
         p.advance(overall)
     out.print(result["markdown"])
-    out.print(f"table: [bold]{out_dir / 'compare.md'}[/]  plot: [bold]{out_dir / 'compare.png'}[/]")
+    out.print(f"page: [bold]{out_dir / 'compare.html'}[/]  table: [bold]{out_dir / 'compare.md'}[/]  "
+              f"plot: [bold]{out_dir / 'compare.png'}[/]")
 
 
 def _compare_stages(cfg: FederationConfig, variants: list[str], seeds: int, stages: str, funnel: Path,

@@ -65,5 +65,5 @@ def privacy_sweep_cmd(
                                progress=lambda *a: state["progress"](*a))
         p.advance(overall)
     out.print(result["markdown"])
-    out.print(f"report: [bold]{out_dir / 'report.md'}[/]  plots: [bold]{out_dir}/utility_vs_epsilon.png, "
-              f"attack_vs_epsilon.png[/]")
+    out.print(f"page: [bold]{out_dir / 'sweep.html'}[/]  report: [bold]{out_dir / 'report.md'}[/]  plots: "
+              f"[bold]{out_dir}/utility_vs_epsilon.png, attack_vs_epsilon.png[/]")

@@ -1,0 +1,134 @@
+"""The one-page HTML reports of `fedpa compare` and `fedpa privacy-sweep` (simulations/html_report.py).
+
+The claims: the page is self-contained (no URL to fetch, no script), every chart is there, the numbers on the
+page are the JSON's, each sweep point carries its settings as a tooltip; and in a real headless browser (Debian's
+chromium, when installed: `apt-get install chromium`) the page loads without console errors and renders
+something that is not blank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedpa.simulations.cli import app
+
+runner = CliRunner()
+
+
+class Cells(HTMLParser):
+    """Every table row's name and its cells' data-value attributes; the page's external references."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[tuple[str, str], list[float]] = {}
+        self.table = ""
+        self.row = None
+        self.external: list[str] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.table = a.get("class", "")
+        if tag == "tr" and "data-row" in a:
+            self.row = (self.table, a["data-row"])
+            self.rows[self.row] = []
+        if tag == "td" and self.row and "data-value" in a:
+            self.rows[self.row].append(float(a["data-value"]))
+        if tag == "script":
+            self.scripts += 1
+        for k in ("src", "href"):
+            if k in a and re.match(r"(https?:)?//", a[k] or ""):
+                self.external.append(a[k])
+
+
+def _parse(path: Path) -> Cells:
+    p = Cells()
+    p.feed(path.read_text())
+    return p
+
+
+@pytest.fixture(scope="module")
+def compared(tiny, tiny_foundation, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    r = runner.invoke(app, ["compare", "--data", str(tiny), "--foundation", str(tiny_foundation), "--out", str(out),
+                            "--algorithms", "fedpa,local", "--seeds", "1", "--rounds", "2", "--max-clients", "10"])
+    assert r.exit_code == 0, r.output
+    assert "compare.html" in r.output
+    return out
+
+
+def test_the_compare_page_shows_the_jsons_numbers_every_chart_and_who_gains(compared):
+    page = compared / "compare.html"
+    cells = _parse(page)
+    table = json.loads((compared / "compare.json").read_text())["table"]
+    assert not cells.external and cells.scripts == 0             # self-contained, nothing runs
+    for name in ("fedpa", "local"):
+        got = cells.rows[("results", name)]
+        row = table[name]
+        for j, m in enumerate(("auc", "gauc", "logloss", "f1")):
+            assert math.isclose(got[j], row[m][0], rel_tol=1e-12), (name, m)
+    text = page.read_text()
+    assert text.count("<svg") == 3                               # test metric, learning curves, per-user change
+    summary = json.loads((compared / "fedpa" / "seed-0" / "summary.json").read_text())
+    spread = summary["test"]["per_user"]
+    per_user = cells.rows[("per-user", "fedpa")]
+    assert math.isclose(per_user[0], spread["share_better"]) and math.isclose(per_user[1], spread["share_worse"])
+    assert per_user[-1] == sum(spread["change_hist"]) == spread["users"] > 0
+    assert "configuration (" in text and "<code>algorithm</code>" in text and "<code>num-rounds</code>" in text
+
+
+def test_the_sweep_page_shows_every_point_with_its_settings(tiny, tiny_foundation, tmp_path):
+    out = tmp_path / "sweep"
+    r = runner.invoke(app, ["privacy-sweep", "--data", str(tiny), "--foundation", str(tiny_foundation),
+                            "--out", str(out), "--noise", "0,1", "--clip", "0.5", "--secagg", "off", "--rounds", "1",
+                            "--max-clients", "10", "--attack-targets", "6"])
+    assert r.exit_code == 0, r.output
+    page = out / "sweep.html"
+    cells = _parse(page)
+    rows = {row["point"]: row for row in json.loads((out / "sweep.json").read_text())["rows"]}
+    assert {name for _, name in cells.rows} == set(rows) and not cells.external and cells.scripts == 0
+    for name, row in rows.items():
+        got = cells.rows[("sweep", name)]
+        eps = math.inf if row["epsilon"] is None else row["epsilon"]
+        # ε, δ, z, clip, then (secagg and DP mode are words) the utility metrics, the attacks, the upload
+        assert got[0] == eps and math.isclose(got[4], row["gauc"][0]) and math.isclose(got[5], row["auc"][0])
+        assert math.isclose(got[6], row["server_view_attack_auc"][0])
+    text = page.read_text()
+    assert text.count("<svg") == 2
+    # every point of both charts has its settings as a hover title
+    for name in rows:
+        assert len(re.findall(rf"<title>{re.escape(name)}: ", text)) == 4, name
+
+
+chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(chromium is None, reason="no chromium here (apt-get install chromium)")
+def test_the_compare_page_loads_in_a_real_browser(compared, tmp_path):
+    page = compared / "compare.html"
+    shot = tmp_path / "page.png"
+    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+            "--window-size=1200,2400"]
+    r = subprocess.run([*args, f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000, r.stderr[-2000:]
+    console = [line for line in r.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    dom = subprocess.run([*args, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<svg") == 3 and "data-row=\"fedpa\"" in dom
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    lo, hi = img.getextrema()
+    assert hi - lo > 100                                    # not a blank page: text and charts drawn
+    # the charts are drawn: many distinct grey levels in the page's lower part, where the figures are
+    assert len(set(img.crop((0, 600, 1200, 2400)).getdata())) > 20
