@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev,edge]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,edge,analysis]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

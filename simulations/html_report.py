@@ -148,7 +148,8 @@ def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], confi
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"validation {sel.upper()} per round (first seed)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_lines():
+        ax.legend(fontsize=7)
     body += ["<h2>Learning curves</h2>", f"<figure>{svg(fig)}</figure>"]
 
     spread = [(n, summaries[n][0]["test"].get("per_user", {})) for n in names]
