@@ -172,6 +172,9 @@ class FederationConfig:
     foundation_digest: str = setting("", "SHA-256 of the run's foundation artifact (set by the server; a device "
                                      "refuses a run whose foundation differs from its copy)", "runtime",
                                      runtime=False, cli=False)
+    track: str = setting("", "also log the configuration, per-round metrics and the summary to an experiment tracker: "
+                         "tensorboard (RUN/tensorboard; view with `tensorboard --logdir RUN`)", "runtime",
+                         runtime=False, choices=("", "tensorboard"))
     keep_checkpoints: int = setting(2, "round checkpoints kept in the run directory (the newest ones; resuming "
                                     "needs the last)", "runtime", runtime=False, at_least=1)
     resume: bool = setting(False, "continue run-dir from its last checkpoint (same configuration)", "runtime",

@@ -114,7 +114,7 @@ class Federation:
         self.algorithm = get_algorithm(cfg.algorithm)
         if self.algorithm.centralized:
             raise FedpaError("'centralized' is not a federation: run it with `fedpa simulate` (pooled training)")
-        self.run = RunDir(cfg.run_dir)
+        self.run = RunDir(cfg.run_dir, track=cfg.track)
         self.progress = progress or (lambda *a, **k: None)
         foundation = load_foundation(cfg.foundation)
         foundation_params = count_parameters(foundation)  # before peft injects the adapters into it
@@ -461,7 +461,7 @@ class Federation:
 
     # settings that may differ between an interrupted run and its resumption
     RESUMABLE_CHANGES = frozenset({"resume", "run-dir", "min-nodes", "round-timeout", "feature-cache",
-                                   "cohort-engine"})
+                                   "cohort-engine", "track"})
 
     def _start(self) -> tuple[int, list[dict], float]:
         """(first round to train, history so far, wall seconds so far): a fresh run evaluates round 0;

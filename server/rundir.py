@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 from fedpa.common.files import atomic_write_bytes, atomic_write_json, jsonable, save_figure  # noqa: F401
 from fedpa.foundation.checkpoint import CheckpointError, seal_safetensors, verify_safetensors
 from fedpa.foundation.errors import FedpaError
+from fedpa.server.tracking import make_tracker
 
 log = logging.getLogger("fedpa.server")
 
@@ -37,20 +38,26 @@ class RunDirError(FedpaError):
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, track: str = ""):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.ckpt = self.path / "checkpoints"
+        # an experiment tracker (server/tracking.py) gets what the run directory gets, after it is written
+        self.tracker = make_tracker(track, self.path) if track else None
 
     # -- config / metrics / summary
     def write_config(self, config: dict) -> None:
         atomic_write_json(self.path / "config.json", config)
+        if self.tracker:
+            self.tracker.config(config)
 
     def read_config(self) -> dict:
         return self._read_json(self.path / "config.json")
 
     def append_metrics(self, record: dict) -> None:
         self._append_line("metrics.jsonl", record)
+        if self.tracker:
+            self.tracker.round(record)
 
     def read_metrics(self) -> list[dict]:
         """The metrics lines; a last line cut short (a crash in the middle of an append: no newline at its end)
@@ -96,6 +103,9 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.path / "summary.json", summary)
+        if self.tracker:
+            self.tracker.summary(summary)
+            self.tracker.close()
 
     # -- checkpoints
     def save_checkpoint(self, round_: int, arrays: dict[str, np.ndarray], meta: dict) -> None:

@@ -48,7 +48,7 @@ def _evaluate(pm, data: UserTensors, ex: Examples, groups, slots, group_size: in
 
 
 def run_centralized(cfg: FederationConfig, progress=None) -> dict:
-    run = RunDir(cfg.run_dir)
+    run = RunDir(cfg.run_dir, track=cfg.track)
     for name in ("metrics.jsonl", "summary.json"):
         (run.path / name).unlink(missing_ok=True)
     ds = Dataset(cfg.data_dir)

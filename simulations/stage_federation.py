@@ -186,7 +186,7 @@ class _PersonalizedStage:
         self.store = None
         if self.pm.model is None:
             return
-        run = RunDir(cfg.run_dir)
+        run = RunDir(cfg.run_dir, track=cfg.track)
         if self.pm.shared_spec():
             if run.latest_round() is None:
                 raise FedpaError(f"{cfg.run_dir}: no checkpoint of the {self.stage} federation to evaluate")

@@ -54,3 +54,22 @@ def test_bad_calls_are_named(tmp_path):
                        (api.load_sweep, "not a privacy sweep")):
         with pytest.raises(FedpaError, match=what):
             load(tmp_path)
+
+
+def test_track_tensorboard_logs_what_the_run_directory_holds(tiny, tiny_foundation, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = api.config(data_dir=str(tiny), foundation=str(tiny_foundation), run_dir=str(tmp_path / "run"),
+                     num_rounds=2, max_clients=8, algorithm="local", track="tensorboard")
+    summary = api.simulate(cfg)
+    rounds, _ = api.load_run(cfg.run_dir)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("val/gauc")}
+    assert sorted(logged) == [0, 1, 2]
+    for step, value in logged.items():
+        assert math.isclose(value, rounds.loc[step, "val.gauc"], rel_tol=1e-6)      # float32 in the event file
+    assert math.isclose(acc.Scalars("final/test/auc")[0].value, summary["test"]["auc"], rel_tol=1e-6)
+    assert {"config/text_summary", "summary/text_summary"} <= set(acc.Tags()["tensors"])
+    with pytest.raises(FedpaError, match="tensorboard"):
+        api.config(data_dir=str(tiny), track="wandb")
