@@ -33,7 +33,8 @@ def make_server_app(overrides: dict | None = None, progress=None) -> ServerApp:
             error_file.parent.mkdir(parents=True, exist_ok=True)
             error_file.write_text(str(e))
             raise
-        log.info("run finished: best round %s, test %s", summary["best_round"], summary["test"])
+        log.info("run finished: best round %s, test %s", summary["best_round"],
+                 {k: round(v, 4) for k, v in summary["test"].items() if isinstance(v, float)})
 
     return server_app
 

@@ -90,9 +90,40 @@ class PlainProgress:
         t.printed_at = t.completed
 
 
+VERBOSITY = {"level": 0}   # -1 quiet, 0 normal, 1 verbose (the CLI's --quiet / --verbose)
+
+
+def set_verbosity(level: int) -> None:
+    """-1: no progress at all; 1: Flower's and fedpa's log lines shown on stderr (INFO) as well."""
+    import logging
+
+    VERBOSITY["level"] = level
+    if level > 0:   # Flower's logger has its own handler; fedpa's gets one (other libraries stay as they are)
+        fedpa = logging.getLogger("fedpa")
+        if not fedpa.handlers:
+            h = logging.StreamHandler()
+            h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            fedpa.addHandler(h)
+        for name in ("flwr", "fedpa"):
+            logging.getLogger(name).setLevel(logging.INFO)
+
+
+def verbose() -> bool:
+    return VERBOSITY["level"] > 0
+
+
+class NullProgress(PlainProgress):
+    """--quiet: the same interface, nothing printed."""
+
+    def _print(self, *a, **k) -> None:
+        return None
+
+
 def progress_bar(out: Console | None = None) -> Progress | PlainProgress:
-    """Bars on a terminal, plain lines otherwise."""
+    """Bars on a terminal, plain lines otherwise, nothing with --quiet."""
     out = out or console
+    if VERBOSITY["level"] < 0:
+        return NullProgress(out)
     if not out.is_terminal:
         return PlainProgress(out)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

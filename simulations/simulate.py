@@ -18,16 +18,24 @@ log = logging.getLogger("fedpa")
 
 
 def backend_config(num_cpus: int | None = None) -> dict:
+    from fedpa.simulations.progress import verbose
+
     cpus = num_cpus or os.cpu_count() or 1
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {"num_cpus": cpus, "num_gpus": 0, "object_store_memory": 512 * 1024 ** 2,
-                          "logging_level": "error", "log_to_driver": False}}
+                          "logging_level": "info" if verbose() else "error", "log_to_driver": verbose()}}
 
 
 def quiet_flower() -> None:
+    """Flower's own log lines hidden (fedpa reports progress itself), unless the CLI runs with --verbose."""
+    from fedpa.simulations.progress import verbose
+
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if verbose():
+        logging.getLogger("flwr").setLevel(logging.INFO)
+        return
     logging.getLogger("flwr").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 

@@ -109,3 +109,24 @@ def test_bad_inputs_to_runs_name_what_is_wrong(tiny, tiny_foundation, tmp_path):
     res = runner.invoke(app, ["export", "--run", str(run), "--user", "1", "--out", str(tmp_path / "e")])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert not (tmp_path / "e" / "model.onnx").exists()
+
+
+def test_quiet_prints_no_progress_and_verbose_shows_the_log(tiny, tiny_foundation, tmp_path):
+    import subprocess
+    import sys
+
+    def fedpa(*args):
+        return subprocess.run([sys.executable, "-m", "fedpa.simulations.cli", *args], capture_output=True,
+                              text=True, timeout=300)
+
+    quiet = fedpa("--quiet", "data", "synth", "--preset", "tiny", "--out", str(tmp_path / "q"))
+    normal = fedpa("data", "synth", "--preset", "tiny", "--out", str(tmp_path / "n"))
+    assert quiet.returncode == normal.returncode == 0
+    assert "days: 1/4" in normal.stderr and quiet.stderr == ""           # not a terminal: plain progress lines
+    assert quiet.stdout.splitlines()[-1] == normal.stdout.splitlines()[-1]  # the result is printed either way
+    loud = fedpa("--verbose", "simulate", "--data", str(tiny), "--foundation", str(tiny_foundation), "--rounds", "1",
+                 "--max-clients", "4", "--run-dir", str(tmp_path / "run"), "--feature-cache", "none")
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "INFO fedpa.server: run finished: best round 1" in loud.stderr
+    both = fedpa("--quiet", "--verbose", "data", "inspect", str(tiny))
+    assert both.returncode == 2 and "contradict" in both.stderr

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from fedpa.common.config import FIELDS, SECTIONS, ConfigValueError, FederationConfig, field_type, with_recipe
 from fedpa.foundation.errors import FedpaError
-from fedpa.simulations.progress import console
+from fedpa.simulations.progress import console, set_verbosity
 
 app = typer.Typer(help="fedpa: federated personalization of recommenders with adapters.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -27,6 +27,17 @@ data_app = typer.Typer(help="Create, import and inspect canonical datasets.", no
 app.add_typer(data_app, name="data")
 
 out = Console()
+
+
+@app.callback()
+def _verbosity(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines, only results and errors")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also Flower's and fedpa's log lines")] = False,
+):
+    """fedpa: federated personalization of recommenders with adapters."""
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose contradict each other")
+    set_verbosity(-1 if quiet else 1 if verbose else 0)
 
 # OS and value errors a user's input can cause (an unwritable output, a file where a folder belongs, ...):
 # reported in one line like fedpa's own errors.
