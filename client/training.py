@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -72,8 +73,19 @@ def _store(cfg: FederationConfig) -> PersonalStore | None:
 def query(msg: Message, context: Context, cfg: FederationConfig) -> Message:
     rt = get_runtime(cfg)
     clients = list(_node_clients(context, rt))
-    info = ConfigRecord({"clients": clients, "num-clients": rt.num_clients, "pid": os.getpid()})
+    info = ConfigRecord({"clients": clients, "num-clients": rt.num_clients, "pid": os.getpid(),
+                         "ray-node": _ray_node()})
     return Message(content=RecordDict({"info": info}), reply_to=msg)
+
+
+def _ray_node() -> str:
+    """The Ray node this process runs on, when it is a simulation's Ray actor ("" elsewhere: a device never
+    imports Ray for this)."""
+    ray = sys.modules.get("ray")
+    try:
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
+    except Exception:   # noqa: BLE001 - a diagnostic only
+        return ""
 
 
 def train(msg: Message, context: Context, cfg: FederationConfig) -> Message:

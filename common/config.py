@@ -181,6 +181,9 @@ class FederationConfig:
                            runtime=False, cli=False)
     feature_cache: str = setting("", "root of the simulation's cached tower inputs (\"\" = "
                                  "~/.cache/fedpa/features, none = off)", "runtime")
+    ray_address: str = setting("", "simulation: join this Ray cluster (\"auto\", or the head's HOST:PORT) instead of "
+                               "starting a local Ray instance; data, foundation and feature cache must be at the "
+                               "same paths on every machine", "runtime", runtime=False)
     cohort_engine: str = setting("vectorized", "how a node serving several users trains them: vectorized (all "
                                  "at once) or loop (one after another)", "runtime", choices=COHORT_ENGINES,
                                  runtime=False)

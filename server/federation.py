@@ -164,6 +164,7 @@ class Federation:
         msgs = [Message(content=RecordDict({"run": ConfigRecord(self.run_config)}), message_type=MessageType.QUERY,
                         dst_node_id=n, group_id="discover") for n in ids]
         nodes: dict[int, list[int]] = {}
+        self.node_processes: dict[int, dict] = {}
         num_clients = None
         failures = []
         for rep in self._send(msgs):
@@ -174,6 +175,7 @@ class Federation:
                 continue
             info = rep.content["info"]
             nodes[src] = [int(c) for c in info["clients"]]
+            self.node_processes[src] = {"pid": int(info.get("pid", 0)), "ray_node": str(info.get("ray-node", ""))}
             if num_clients is not None and int(info["num-clients"]) != num_clients:
                 raise RoundFailed(f"nodes disagree on the number of clients ({num_clients} and "
                                   f"{int(info['num-clients'])}): were they provisioned from different partitions?")
@@ -558,7 +560,10 @@ class Federation:
         cohorts = {"nodes": len(sizes), "users_per_node_max": most,
                    "engine": (self.cfg.cohort_engine if most > 1 else "one user per node"),
                    # what secure aggregation hides behind its sum: one user's update, or a node's sum
-                   "secagg_participant": "user" if most <= 1 else f"node (sum of up to {most} users)"}
+                   "secagg_participant": "user" if most <= 1 else f"node (sum of up to {most} users)",
+                   # where each node ran: its process, and in a simulation its Ray node (a cluster spreads them)
+                   "processes": [{"node": int(n), "clients": len(cs), **self.node_processes.get(n, {})}
+                                 for n, cs in sorted(getattr(self, "nodes", {}).items())]}
         return write_summary(self.run, self.cfg, history, wall, self.model_sizes, privacy, cohorts)
 
 

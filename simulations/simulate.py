@@ -18,12 +18,35 @@ log = logging.getLogger("fedpa")
 
 
 def backend_config(num_cpus: int | None = None) -> dict:
+    """Flower's Ray backend: one CPU per virtual node's actor; a local Ray instance sized to this machine (when
+    the simulation joins a cluster, `join_ray_cluster` has connected already and Flower reuses that)."""
     from fedpa.simulations.progress import verbose
 
     cpus = num_cpus or os.cpu_count() or 1
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {"num_cpus": cpus, "num_gpus": 0, "object_store_memory": 512 * 1024 ** 2,
                           "logging_level": "info" if verbose() else "error", "log_to_driver": verbose()}}
+
+
+def join_ray_cluster(address: str) -> int:
+    """Connect this driver to an existing Ray cluster (Flower's backend then uses the connection: it starts Ray
+    only when none is initialised) and return the cluster's CPUs, one virtual node's actor each. The workers get
+    this driver's import path, as Flower gives them on a local instance."""
+    import sys
+
+    import ray
+
+    from fedpa.simulations.progress import verbose
+
+    if ray.is_initialized():
+        ray.shutdown()
+    pythonpath = os.pathsep.join(p for p in [*sys.path, os.environ.get("PYTHONPATH", "")] if p)
+    try:
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
+                 logging_level="info" if verbose() else "error", log_to_driver=verbose())
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise FedpaError(f"cannot join the Ray cluster at '{address}': {e}") from None
+    return max(int(ray.cluster_resources().get("CPU", 1)), 1)
 
 
 def quiet_flower() -> None:
@@ -82,8 +105,10 @@ def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, enco
         raise FedpaError(f"{cfg.data_dir}: no private users to federate (check the partition options)")
     if cohort_size < 0:
         raise FedpaError(f"cohort size must be >= 0, got {cohort_size}")
-    # default: one node per core; SecAgg+ needs >= 3 participants and hides little among 3, so >= 8
-    default_nodes = max(os.cpu_count() or 1, 8 if cfg.secagg else 1)
+    # default: one node per core (of the Ray cluster, when joining one); SecAgg+ needs >= 3 participants and
+    # hides little among 3, so >= 8
+    cores = join_ray_cluster(cfg.ray_address) if cfg.ray_address else (os.cpu_count() or 1)
+    default_nodes = max(cores, 8 if cfg.secagg else 1)
     per_node = cohort_size or math.ceil(num_clients / default_nodes)
     num_nodes = math.ceil(num_clients / per_node)
     if cfg.resume and not cohort_size and cfg.min_nodes > 1:

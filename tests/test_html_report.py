@@ -87,12 +87,9 @@ def test_the_compare_page_shows_the_jsons_numbers_every_chart_and_who_gains(comp
     assert "configuration (" in text and "<code>algorithm</code>" in text and "<code>num-rounds</code>" in text
 
 
-def test_the_sweep_page_shows_every_point_with_its_settings(tiny, tiny_foundation, tmp_path):
-    out = tmp_path / "sweep"
-    r = runner.invoke(app, ["privacy-sweep", "--data", str(tiny), "--foundation", str(tiny_foundation),
-                            "--out", str(out), "--noise", "0,1", "--clip", "0.5", "--secagg", "off", "--rounds", "1",
-                            "--max-clients", "10", "--attack-targets", "6"])
-    assert r.exit_code == 0, r.output
+def check_sweep_page(out: Path) -> None:
+    """The sweep page of a finished `fedpa privacy-sweep` (called by its command's test in test_privacy_eval.py,
+    which runs the sweep once for both): every point, the JSON's numbers, a tooltip per point and chart."""
     page = out / "sweep.html"
     cells = _parse(page)
     rows = {row["point"]: row for row in json.loads((out / "sweep.json").read_text())["rows"]}
@@ -105,8 +102,7 @@ def test_the_sweep_page_shows_every_point_with_its_settings(tiny, tiny_foundatio
         assert math.isclose(got[6], row["server_view_attack_auc"][0])
     text = page.read_text()
     assert text.count("<svg") == 2
-    # every point of both charts has its settings as a hover title
-    for name in rows:
+    for name in rows:        # every point of both charts has its settings as a hover title
         assert len(re.findall(rf"<title>{re.escape(name)}: ", text)) == 4, name
 
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 from fed_fixtures import fed_config
+from test_html_report import check_sweep_page
 from typer.testing import CliRunner
 
 from fedpa.client.runtime import ClientRuntime
@@ -75,6 +76,7 @@ def test_privacy_sweep_command_writes_table_plots_and_report(tiny, tiny_foundati
         assert (out / name).stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "What the numbers mean" in report and "distributed" in report and "∞" in report
+    check_sweep_page(out)                                  # the one-page report (tests/test_html_report.py)
     # a second call reuses the finished runs instead of training again
     summary = out / "no-dp-plain" / "seed-0" / "summary.json"
     before = summary.stat().st_mtime_ns
