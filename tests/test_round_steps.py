@@ -79,3 +79,36 @@ def test_aggregate_noise_and_apply_give_the_next_state(federation):
     name = next(t.name for t in fed.spec if t.group is None and not t.per_row)
     np.testing.assert_allclose(after[name] - before[name], (2 * 0.01 + 0.04) / 3, rtol=1e-5)
     assert set(after) == set(before) and set(count_keys(fed.spec)) <= set(sums)
+
+
+class _Nodes:
+    """A grid of nodes that answer discovery with the given infos (the messages' own replies)."""
+
+    def __init__(self, infos: dict[int, dict]):
+        self.infos = infos
+
+    def get_node_ids(self):
+        return list(self.infos)
+
+    def send_and_receive(self, msgs, timeout):
+        return [_reply(m.metadata.dst_node_id, RecordDict({"info": ConfigRecord(self.infos[m.metadata.dst_node_id])}))
+                for m in msgs]
+
+
+@pytest.mark.parametrize("infos, message", [
+    ({1: {"clients": [0], "num-clients": 3}, 2: {"clients": [1], "num-clients": 4}},
+     "nodes disagree on the number of clients"),
+    ({1: {"clients": [0, 1], "num-clients": 3}, 2: {"clients": [1, 2], "num-clients": 3}},
+     r"client\(s\) \[1\] are served by more than one node"),
+])
+def test_discovery_refuses_devices_provisioned_inconsistently(tiny, tiny_foundation, tmp_path, infos, message):
+    from dataclasses import replace
+
+    cfg = replace(fed_config(tiny, tiny_foundation, tmp_path / "run"), min_nodes=2, round_timeout=5.0)
+    fed = Federation(_Nodes(infos), cfg)
+    with pytest.raises(RoundFailed, match=message):
+        fed.discover()
+    fine = Federation(_Nodes({1: {"clients": [0, 1], "num-clients": 3, "pid": 7, "ray-node": "a"},
+                              2: {"clients": [2], "num-clients": 3, "pid": 8}}), cfg)
+    assert fine.discover() == {1: [0, 1], 2: [2]}
+    assert fine.node_processes == {1: {"pid": 7, "ray_node": "a"}, 2: {"pid": 8, "ray_node": ""}}
