@@ -127,4 +127,4 @@ def test_the_compare_page_loads_in_a_real_browser(compared, tmp_path):
     lo, hi = img.getextrema()
     assert hi - lo > 100                                    # not a blank page: text and charts drawn
     # the charts are drawn: many distinct grey levels in the page's lower part, where the figures are
-    assert len(set(img.crop((0, 600, 1200, 2400)).getdata())) > 20
+    assert sum(1 for c in img.crop((0, 600, 1200, 2400)).histogram() if c) > 20
