@@ -19,6 +19,7 @@ from fedpa.recdata.inspect import dataset_stats
 from fedpa.recdata.store import Dataset
 from fedpa.recmodels.personalization import ALGORITHMS
 from fedpa.simulations.compare import compare
+from fedpa.simulations.html_report import markdown_page
 from fedpa.simulations.progress import day_progress, progress_bar, round_progress
 
 DEMO_ALGORITHMS = ["fedpa", "local", "fedavg-lora", "fedper", "pfedrec", "ditto", "foundation", "centralized"]
@@ -155,4 +156,5 @@ def write_report(out: Path, ds: Dataset, pre: dict, result: dict, base: Federati
     lines += [f"| {k.removesuffix('_s')} | {v:.0f} |" for k, v in timings.items()]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    markdown_page(path.read_text(), out, "fedpa demo report", out / "report.html")   # the same, one page
     return path

@@ -99,6 +99,32 @@ def _metrics_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- a report
+
+def markdown_page(markdown: str, base_dir: Path, title: str, out: Path) -> Path:
+    """A Markdown report (the demo's) as one page: rendered by markdown-it (rich's own Markdown parser), every
+    local PNG it shows inlined as a data URI, so the page still opens alone."""
+    import base64
+    import re
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+
+    def inline(m: re.Match) -> str:
+        path = base_dir / html.unescape(m.group(1))
+        if path.suffix.lower() != ".png" or not path.is_file():
+            return m.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="([^"]+)"', inline, body)
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{CSS} img {{ max-width: 100%; }}</style></head><body>\n"
+            + body + "\n</body></html>\n")
+    atomic_write_bytes(out, page.encode())
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- compare
 
 def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], config: dict, out: Path) -> Path:

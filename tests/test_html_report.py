@@ -128,3 +128,16 @@ def test_the_compare_page_loads_in_a_real_browser(compared, tmp_path):
     assert hi - lo > 100                                    # not a blank page: text and charts drawn
     # the charts are drawn: many distinct grey levels in the page's lower part, where the figures are
     assert sum(1 for c in img.crop((0, 600, 1200, 2400)).histogram() if c) > 20
+
+
+def test_the_demo_report_page_inlines_its_images(tmp_path):
+    from PIL import Image
+
+    from fedpa.simulations.html_report import markdown_page
+
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "plot.png")
+    md = ("# report\n\n| algorithm | GAUC |\n|---|---|\n| fedpa | 0.6450 |\n\n"
+          "![plot](plot.png)\n\n![gone](missing.png)\n")
+    page = markdown_page(md, tmp_path, "demo", tmp_path / "report.html").read_text()
+    assert "<table>" in page and "<td>0.6450</td>" in page
+    assert page.count('src="data:image/png;base64,') == 1 and 'src="missing.png"' in page   # kept, named
