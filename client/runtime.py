@@ -89,6 +89,7 @@ class ClientRuntime:
         self._base: dict[int, UserData] = {}    # a device's users before their logged events
         self._log_seq: dict[int, int] = {}      # the event log's sequence number their rows were read at
         self._log: EventLog | None = None
+        self._exposures: dict[int, pa.Table] = {}   # a device user's provisioned exposures (its views' source)
         self._engine: CohortEngine | None = None
         self.cache = None if self.device else open_feature_cache(cfg, self.partition.clients)
 
@@ -189,7 +190,9 @@ class ClientRuntime:
 
     def _views(self, uid: int, logged: pa.Table | None = None):
         """The user's effective views: the provisioned ones and those in the log."""
-        rows = read_exposures(self.dataset, np.array([uid]))
+        rows = self._exposures.get(uid)
+        if rows is None:   # the provisioned rows never change: read once, not at every recommendation
+            rows = self._exposures[uid] = read_exposures(self.dataset, np.array([uid]))
         if logged is not None and logged.num_rows:
             rows = pa.concat_tables([rows.select(logged.column_names), logged])
         return read_views(self.dataset, np.array([uid]), rows)

@@ -91,12 +91,10 @@ def load_run(path: str | Path):
     metrics = path / "metrics.jsonl"
     if not metrics.exists():
         raise FedpaError(f"{path}: not a run directory (no metrics.jsonl)")
+    from fedpa.server.rundir import RunDir
+
     rows = []
-    for line in metrics.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue                   # a torn last line (a crash mid-append), as resume tolerates
+    for rec in RunDir(path).read_metrics():      # a torn last line (a crash mid-append) left out, as resume does
         flat: dict[str, Any] = {}
         _flat("", {k: v for k, v in rec.items() if k != "eval"}, flat)
         _flat("", rec.get("eval", {}), flat)

@@ -7,7 +7,6 @@ mean ± std over seeds (std over seeds, ddof=1; 0 for one seed).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +16,8 @@ import numpy as np
 
 from fedpa.common.config import FederationConfig, with_recipe
 from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
-from fedpa.simulations.html_report import compare_page
+from fedpa.server.rundir import RunDir
+from fedpa.simulations.html_report import compare_page, metric_bars
 
 # Ablations of FedPA: name -> config overrides
 # `fedpa` runs its recipe (`recmodels.algorithms.FEDPA_RECIPE`); each ablation below takes one part of it
@@ -112,19 +112,10 @@ def plot_comparison(table: dict[str, dict], summaries: dict[str, list[dict]], ou
     names = list(table)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, m in zip(axes[:2], ("gauc", "auc")):
-        means = [table[n][m][0] for n in names]
-        stds = [table[n][m][1] for n in names]
-        ax.bar(range(len(names)), means, yerr=stds, capsize=3, color=["C3" if n == "fedpa" else "C0" for n in names])
-        finite = [v for v in means if not math.isnan(v)]
-        if finite:
-            ax.set_ylim(min(finite) - 0.03, max(finite) + 0.03)
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
-        ax.set_title(f"test {m.upper()} (mean ± std over seeds)")
-        ax.grid(axis="y", alpha=0.3)
+        metric_bars(ax, table, m, margin=0.03)
     ax = axes[2]
     for n in names:
-        run_dir = Path(summaries[n][0]["run_dir"])
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = RunDir(summaries[n][0]["run_dir"]).read_metrics()
         pts = [(r["round"], r["eval"]["val"].get("gauc")) for r in rows if "eval" in r]
         if len(pts) > 1:
             ax.plot(*zip(*pts), marker="o", markersize=3, label=n)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedpa.common.files import atomic_write_bytes
+from fedpa.server.rundir import RunDir
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -86,19 +87,6 @@ def _page(title: str, body: list[str]) -> str:
             f"<h1>{html.escape(title)}</h1>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def _metrics_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue   # a torn last line (a crash mid-append): the report skips it, as resume does
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------- a report
 
 def markdown_page(markdown: str, base_dir: Path, title: str, out: Path) -> Path:
@@ -127,6 +115,22 @@ def markdown_page(markdown: str, base_dir: Path, title: str, out: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------- compare
 
+def metric_bars(ax, table: dict[str, dict], metric: str, margin: float = 0.02) -> None:
+    """One bar per algorithm: the test metric's mean over seeds, its std as the error bar, FedPA in red."""
+    names = list(table)
+    means = [table[n][metric][0] for n in names]
+    bars = ax.bar(range(len(names)), means, yerr=[table[n][metric][1] for n in names], capsize=3,
+                  color=["C3" if n == "fedpa" else "C0" for n in names])
+    for b, n in zip(bars, names):
+        b.set_gid(f"bar-{n}")
+    finite = [v for v in means if not math.isnan(v)]
+    if finite:
+        ax.set_ylim(min(finite) - margin, max(finite) + margin)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_title(f"test {metric.upper()} (mean ± std over seeds)")
+    ax.grid(axis="y", alpha=0.3)
+
+
 def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], config: dict, out: Path) -> Path:
     """ROOT/compare.html for `fedpa compare` (and `fedpa demo`)."""
     plt = _figure()
@@ -150,23 +154,13 @@ def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], confi
     names = list(table)
     key = "ndcg@10" if rank else "gauc"
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names)), 3.5))
-    means = [table[n][key][0] for n in names]
-    bars = ax.bar(range(len(names)), means, yerr=[table[n][key][1] for n in names], capsize=3,
-                  color=["C3" if n == "fedpa" else "C0" for n in names])
-    for b, n in zip(bars, names):
-        b.set_gid(f"bar-{n}")
-    finite = [v for v in means if not math.isnan(v)]
-    if finite:
-        ax.set_ylim(min(finite) - 0.02, max(finite) + 0.02)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_title(f"test {key.upper()} (mean ± std over seeds)")
-    ax.grid(axis="y", alpha=0.3)
+    metric_bars(ax, table, key)
     body += ["<h2>Test metric</h2>", f"<figure>{svg(fig)}</figure>"]
 
     fig, ax = plt.subplots(figsize=(8, 3.8))
     sel = "hr@10" if rank else "gauc"
     for n in names:
-        pts = [(r["round"], r["eval"]["val"].get(sel)) for r in _metrics_rows(Path(summaries[n][0]["run_dir"]))
+        pts = [(r["round"], r["eval"]["val"].get(sel)) for r in RunDir(summaries[n][0]["run_dir"]).read_metrics()
                if "eval" in r and r["eval"]["val"].get(sel) is not None]
         if len(pts) > 1:
             ax.plot(*zip(*pts), marker="o", markersize=3, label=n)
