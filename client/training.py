@@ -268,8 +268,10 @@ def evaluate(msg: Message, context: Context, cfg: FederationConfig) -> Message:
             scores = pm.personalized_scores(data.train, splits, data.profile, local,
                                             seed=user_seed(cfg.seed, round_, data.user_id))
         ref = rt.reference(data) or [None, None]
-        val.add_user(data.val.labels[:, 0].numpy(), scores[0], data.group_size, reference=ref[0])
-        test.add_user(data.test.labels[:, 0].numpy(), scores[1], data.group_size, reference=ref[1])
+        rows = len(data.train)
+        val.add_user(data.val.labels[:, 0].numpy(), scores[0], data.group_size, reference=ref[0], training_rows=rows)
+        test.add_user(data.test.labels[:, 0].numpy(), scores[1], data.group_size, reference=ref[1],
+                      training_rows=rows)
         if attack:
             mia.add_user(*membership_attack(data.train.labels[:, 0].numpy(), scores[2],
                                             data.test.labels[:, 0].numpy(), scores[1]))

@@ -13,7 +13,8 @@ sums (`MetricSums`); the server adds the vectors of all clients and derives:
   scored equal to the held-out item ranks above it, as PFedRec's scorer counts ties),
 - the spread over users: a histogram of each user's own metric (AUC, or NDCG@10 for ranking cases) and,
   when the client passes the frozen foundation's scores as a reference, of each user's change against it
-  (quantiles and the share of users who lose or gain).
+  (quantiles and the share of users who lose or gain), overall and by activity group (how many training
+  rows the user has: personalization should help the active users and must not hurt the sparse ones).
 
 No score or label leaves a client individually: only counts and sums.
 """
@@ -31,13 +32,24 @@ RANK_KS = (5, 10, 20)
 USER_BINS = 100    # per-user metric in [0, 1]
 DELTA_BINS = 200   # per-user change against the reference in [-1, 1]
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+# activity groups by the user's number of training rows: fixed edges, because the server only adds vectors
+ACTIVITY_EDGES = (10, 50, 200)
+ACTIVITY_GROUPS = ("1-9", "10-49", "50-199", "200+")
+_GROUP_SCALARS = ("users", "value_sum", "referenced", "worse", "better", "delta_sum")
+_GROUP_SIZE = len(_GROUP_SCALARS) + DELTA_BINS
 _SCALARS = ("n", "logloss_sum", "gauc_sum", "gauc_users", "gauc_wsum", "gauc_weight",
             "tp", "fp", "fn", "tn", "cases",
             *(f"{m}@{k}_sum" for k in RANK_KS for m in ("hr", "ndcg", "mrr")),
             "users_ranked", "users_referenced", "users_worse", "users_better", "delta_sum")
 _USERS = 2 * BINS + len(_SCALARS)            # histogram of per-user metric
 _DELTAS = _USERS + USER_BINS                 # histogram of per-user change against the reference
-SIZE = _DELTAS + DELTA_BINS
+_GROUPS = _DELTAS + DELTA_BINS               # per activity group: scalars, then its histogram of changes
+SIZE = _GROUPS + len(ACTIVITY_GROUPS) * _GROUP_SIZE
+
+
+def activity_group(training_rows: int) -> int:
+    """The index into ACTIVITY_GROUPS of a user with this many training rows."""
+    return int(np.searchsorted(ACTIVITY_EDGES, training_rows, side="right"))
 
 
 def _bin(probs: np.ndarray) -> np.ndarray:
@@ -64,11 +76,12 @@ class MetricSums:
         return self
 
     def add_user(self, labels: np.ndarray, probs: np.ndarray, group_size: int = 1,
-                 reference: np.ndarray | None = None) -> None:
+                 reference: np.ndarray | None = None, training_rows: int | None = None) -> None:
         """One user's rows: binary labels (rows with label < 0 are ignored) and predicted probabilities.
         ``group_size`` > 1: rows come in ranking cases of one target followed by sampled negatives.
         ``reference``: the same rows scored by a reference model (the frozen foundation), for the
-        distribution of per-user changes."""
+        distribution of per-user changes. ``training_rows``: how many rows the user trained on, for the
+        spread by activity group."""
         labels = np.asarray(labels)
         probs = np.asarray(probs, np.float64)
         if group_size > 1 and len(probs):
@@ -81,7 +94,8 @@ class MetricSums:
                 self._add(f"ndcg@{k}_sum", float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).sum()))
                 self._add(f"mrr@{k}_sum", float(np.where(hit, 1.0 / (ranks + 1.0), 0.0).sum()))
             mine = _user_ranking(probs, group_size)
-            self._add_user_value(mine, None if reference is None else _user_ranking(reference, group_size))
+            self._add_user_value(mine, None if reference is None else _user_ranking(reference, group_size),
+                                 training_rows)
         seen = labels >= 0
         y, p = labels[seen].astype(np.int64), probs[seen]
         if not len(y):
@@ -100,23 +114,53 @@ class MetricSums:
             self._add("gauc_weight", len(y))
             if group_size <= 1:
                 ref = None if reference is None else M.auc(y, np.asarray(reference, np.float64)[seen])
-                self._add_user_value(a, ref)
+                self._add_user_value(a, ref, training_rows)
         pred = p >= 0.5
         self._add("tp", float(np.sum(pred & (y == 1))))
         self._add("fp", float(np.sum(pred & (y == 0))))
         self._add("fn", float(np.sum(~pred & (y == 1))))
         self._add("tn", float(np.sum(~pred & (y == 0))))
 
-    def _add_user_value(self, value: float, reference: float | None) -> None:
+    def _add_user_value(self, value: float, reference: float | None, training_rows: int | None) -> None:
         self._add("users_ranked", 1)
         self.v[_USERS + min(int(value * USER_BINS), USER_BINS - 1)] += 1
+        g = None
+        if training_rows is not None:
+            g = _GROUPS + activity_group(training_rows) * _GROUP_SIZE
+            self.v[g + _GROUP_SCALARS.index("users")] += 1
+            self.v[g + _GROUP_SCALARS.index("value_sum")] += value
         if reference is not None:
             d = value - reference
+            delta_bin = min(int((d + 1.0) / 2.0 * DELTA_BINS), DELTA_BINS - 1)
             self._add("users_referenced", 1)
             self._add("delta_sum", d)
             self._add("users_worse", float(d < -1e-12))
             self._add("users_better", float(d > 1e-12))
-            self.v[_DELTAS + min(int((d + 1.0) / 2.0 * DELTA_BINS), DELTA_BINS - 1)] += 1
+            self.v[_DELTAS + delta_bin] += 1
+            if g is not None:
+                for name, x in (("referenced", 1.0), ("worse", float(d < -1e-12)), ("better", float(d > 1e-12)),
+                                ("delta_sum", d)):
+                    self.v[g + _GROUP_SCALARS.index(name)] += x
+                self.v[g + len(_GROUP_SCALARS) + delta_bin] += 1
+
+    def by_activity(self) -> list[dict]:
+        """Per activity group with users: its size, mean metric and, against the reference, the share of its
+        users who gain or lose and the quantiles of their change."""
+        out = []
+        for j, name in enumerate(ACTIVITY_GROUPS):
+            g = self.v[_GROUPS + j * _GROUP_SIZE:_GROUPS + (j + 1) * _GROUP_SIZE]
+            val = dict(zip(_GROUP_SCALARS, map(float, g[:len(_GROUP_SCALARS)])))
+            if not val["users"]:
+                continue
+            row = {"group": name, "users": val["users"], "metric_mean": val["value_sum"] / val["users"]}
+            m = val["referenced"]
+            if m:
+                hist = g[len(_GROUP_SCALARS):]
+                row.update({"change_mean": val["delta_sum"] / m, "share_worse": val["worse"] / m,
+                            "share_better": val["better"] / m,
+                            **{f"change_p{round(q * 100)}": _quantile(hist, q, -1.0, 1.0) for q in (0.1, 0.5, 0.9)}})
+            out.append(row)
+        return out
 
     def per_user(self) -> dict[str, float]:
         """The spread over users: quantiles of each user's own metric and of its change against the
@@ -136,6 +180,9 @@ class MetricSums:
             out["share_better"] = self.get("users_better") / m
             # the whole distribution (counts per 0.01 of change over [-1, 1]): what a report draws
             out["change_hist"] = [int(c) for c in hist]
+        groups = self.by_activity()
+        if groups:
+            out["by_activity"] = groups
         return out
 
     def finalize(self) -> dict[str, float]:

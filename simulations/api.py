@@ -118,10 +118,27 @@ def load_compare(path: str | Path):
             if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) or x is None for x in v) \
                     and k not in ("seeds", "best_round"):
                 flat[k], flat[f"{k}_std"] = (math.nan if x is None else x for x in v)
-            else:
+            elif k != "by_activity":       # a table of its own: load_by_activity
                 flat[k] = v
         rows[name] = flat
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def load_by_activity(path: str | Path):
+    """`fedpa compare`'s per-user change against the foundation by activity group (training rows per user):
+    one row per (algorithm, group), each value's mean over seeds and ``<m>_std``."""
+    pd = _pandas()
+    f = Path(path) / "compare.json"
+    if not f.exists():
+        raise FedpaError(f"{path}: not a comparison (no compare.json)")
+    rows = []
+    for name, row in json.loads(f.read_text())["table"].items():
+        for group, v in row.get("by_activity", {}).items():
+            flat: dict[str, Any] = {"algorithm": name, "group": group, "users": v["users"]}
+            for k in ("metric", "share_better", "share_worse", "change_mean"):
+                flat[k], flat[f"{k}_std"] = v[k]
+            rows.append(flat)
+    return pd.DataFrame(rows).set_index(["algorithm", "group"]) if rows else pd.DataFrame()
 
 
 def load_sweep(path: str | Path):

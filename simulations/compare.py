@@ -16,8 +16,9 @@ import numpy as np
 
 from fedpa.common.config import FederationConfig, with_recipe
 from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.recmodels.evaluation import ACTIVITY_GROUPS
 from fedpa.server.rundir import RunDir
-from fedpa.simulations.html_report import compare_page, metric_bars
+from fedpa.simulations.html_report import activity_figure, change_figure, compare_page, metric_bars
 
 # Ablations of FedPA: name -> config overrides
 # `fedpa` runs its recipe (`recmodels.algorithms.FEDPA_RECIPE`); each ablation below takes one part of it
@@ -68,6 +69,9 @@ def aggregate(summaries: dict[str, list[dict]]) -> dict[str, dict]:
             row[m] = mean_std([r["test"].get(m) for r in runs])
         for q in SPREAD:
             row[f"user_{q}"] = mean_std([r["test"].get("per_user", {}).get(q) for r in runs])
+        by_activity = _by_activity(runs)
+        if by_activity:
+            row["by_activity"] = by_activity
         row["best_round"] = [r["best_round"] for r in runs]
         row["bytes_up_per_client_round"] = mean_std([r["bytes_up_per_client_round"] for r in runs])[0]
         row["bytes_down_per_client_round"] = mean_std([r["bytes_down_per_client_round"] for r in runs])[0]
@@ -78,6 +82,55 @@ def aggregate(summaries: dict[str, list[dict]]) -> dict[str, dict]:
         row["foundation_params"] = runs[0]["model"]["foundation_params"]
         table[variant] = row
     return table
+
+
+def _by_activity(runs: list[dict]) -> dict[str, dict]:
+    """Per activity group (ACTIVITY_GROUPS' order): users, the mean own metric and, against the foundation, the
+    share of users who gain or lose and the mean change, each as (mean, std) over the seeds."""
+    per_seed = [{g["group"]: g for g in r["test"].get("per_user", {}).get("by_activity", [])} for r in runs]
+    out = {}
+    for name in ACTIVITY_GROUPS:
+        rows = [s[name] for s in per_seed if name in s]
+        if not rows or "change_mean" not in rows[0]:
+            continue
+        out[name] = {"users": int(round(float(np.mean([g["users"] for g in rows])))),
+                     "metric": mean_std([g["metric_mean"] for g in rows]),
+                     **{k: mean_std([g.get(k) for g in rows]) for k in ("share_better", "share_worse", "change_mean")}}
+    return out
+
+
+def markdown_by_activity(table: dict[str, dict]) -> str:
+    """compare.md's second table: the per-user change against the foundation by activity group."""
+    rows = [(n, g, v) for n, row in table.items() for g, v in row.get("by_activity", {}).items()]
+    if not rows:
+        return ""
+    lines = ["| algorithm | training rows per user | users | share better | share worse | mean change |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {g} | {v['users']:,} | {v['share_better'][0]:.1%} | {v['share_worse'][0]:.1%} | "
+              f"{v['change_mean'][0]:+.4f} ± {v['change_mean'][1]:.4f} |" for n, g, v in rows]
+    return "\n".join(lines)
+
+
+def plot_per_user(table: dict[str, dict], summaries: dict[str, list[dict]], out: Path) -> Path | None:
+    """ROOT/per_user.png: who gains and who loses against the foundation (first seed), and by activity group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spread = [(n, summaries[n][0]["test"].get("per_user", {})) for n in table]
+    spread = [(n, s) for n, s in spread if s.get("change_hist")]
+    groups = {n: row["by_activity"] for n, row in table.items() if row.get("by_activity")}
+    if not spread:
+        return None
+    fig = change_figure(plt, spread)
+    fig.tight_layout()
+    save_figure(fig, out)
+    if groups:
+        fig = activity_figure(plt, groups)
+        fig.tight_layout()
+        save_figure(fig, out.with_name(out.stem + "_by_activity.png"))
+    return out
 
 
 def _fmt(ms: tuple[float, float], digits: int = 4) -> str:
@@ -148,9 +201,13 @@ def compare(base: FederationConfig, variants: list[str], seeds: list[int], root:
             summaries.setdefault(variant, []).append(s)
     table = aggregate(summaries)
     md = markdown_table(table)
+    by_activity = markdown_by_activity(table)
     atomic_write_json(root / "compare.json", {"variants": variants, "seeds": seeds, "table": table,
                                               "config": base.to_run_config()})
-    atomic_write_bytes(root / "compare.md", (md + "\n").encode())
+    atomic_write_bytes(root / "compare.md", (md + "\n" + (
+        "\nPer-user change against the frozen foundation, by activity group (test, mean over seeds):\n\n"
+        + by_activity + "\n" if by_activity else "")).encode())
     plot_comparison(table, summaries, root / "compare.png")
+    plot_per_user(table, summaries, root / "per_user.png")
     compare_page(table, summaries, base.to_run_config(), root / "compare.html")
-    return {"table": table, "markdown": md, "root": str(root)}
+    return {"table": table, "markdown": md, "by_activity_markdown": by_activity, "root": str(root)}

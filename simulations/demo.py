@@ -135,6 +135,7 @@ def write_report(out: Path, ds: Dataset, pre: dict, result: dict, base: Federati
         "The same as one page (tables, curves, who gains and who loses per user, the configuration): "
         "[compare/compare.html](compare/compare.html).", "",
         "![FedPA learning curves](compare/fedpa/seed-0/curves.png)", "",
+        *_per_user_section(result, out),
         "### What each algorithm is", "",
     ]
     for name in table:
@@ -158,3 +159,18 @@ def write_report(out: Path, ds: Dataset, pre: dict, result: dict, base: Federati
     path.write_text("\n".join(lines) + "\n")
     markdown_page(path.read_text(), out, "fedpa demo report", out / "report.html")   # the same, one page
     return path
+
+
+def _per_user_section(result: dict, out: Path) -> list[str]:
+    """Who gains and who loses against the frozen foundation, overall and by activity group."""
+    if not (out / "compare" / "per_user.png").exists():
+        return []
+    lines = ["### Who gains, who loses", "",
+             "Each user's own test AUC minus the frozen foundation's on the same rows (first seed; red: the user "
+             "loses). Counted on the nodes and summed: the server sees no user's value.", "",
+             "![per-user change](compare/per_user.png)", ""]
+    if result.get("by_activity_markdown"):
+        lines += ["By activity (how many rows the user trained on, mean over seeds):", "",
+                  result["by_activity_markdown"], "",
+                  "![by activity](compare/per_user_by_activity.png)", ""]
+    return lines

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedpa.common.files import atomic_write_bytes
+from fedpa.recmodels.evaluation import ACTIVITY_GROUPS
 from fedpa.server.rundir import RunDir
 
 CSS = """
@@ -131,6 +132,50 @@ def metric_bars(ax, table: dict[str, dict], metric: str, margin: float = 0.02) -
     ax.grid(axis="y", alpha=0.3)
 
 
+def change_figure(plt, spread: list[tuple[str, dict]]):
+    """One histogram per algorithm of each user's change against the frozen foundation (red: loses)."""
+    fig, axes = plt.subplots(1, len(spread), figsize=(3.2 * len(spread), 3), sharey=True, squeeze=False)
+    for ax, (n, s) in zip(axes[0], spread):
+        hist = np.asarray(s["change_hist"], float)
+        centers = -1 + (np.arange(len(hist)) + 0.5) * 2 / len(hist)
+        nz = np.nonzero(hist)[0]
+        lo, hi = (centers[nz[0]] - 0.02, centers[nz[-1]] + 0.02) if len(nz) else (-0.1, 0.1)
+        ax.bar(centers, hist, width=2 / len(hist), color=np.where(centers < 0, "C3", "C2"))
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlim(lo, hi)
+        ax.set_title(n, fontsize=9)
+        ax.set_xlabel("change vs foundation", fontsize=8)
+    axes[0][0].set_ylabel("users")
+    return fig
+
+
+def activity_figure(plt, groups: dict[str, dict[str, dict]]):
+    """Mean change against the foundation per activity group, one bar per algorithm (error bar: std over
+    seeds), and the share of users who lose as a marker."""
+    names = list(groups)
+    order = [g for g in ACTIVITY_GROUPS if any(g in by for by in groups.values())]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
+    width = 0.8 / max(len(names), 1)
+    for j, n in enumerate(names):
+        by = groups[n]
+        xs = [i + (j - (len(names) - 1) / 2) * width for i, g in enumerate(order) if g in by]
+        present = [g for g in order if g in by]
+        ax.bar(xs, [by[g]["change_mean"][0] for g in present], width,
+               yerr=[by[g]["change_mean"][1] for g in present], capsize=2, label=n,
+               color="C3" if n == "fedpa" else f"C{j % 10}")
+        ax2.bar(xs, [by[g]["share_worse"][0] for g in present], width, label=n,
+                color="C3" if n == "fedpa" else f"C{j % 10}")
+    users = {g: max(by[g]["users"] for by in groups.values() if g in by) for g in order}
+    for a, title in ((ax, "mean change vs foundation"), (ax2, "share of users who lose")):
+        a.set_xticks(range(len(order)), [f"{g}\n({users[g]:,.0f} users)" for g in order], fontsize=8)
+        a.set_xlabel("training rows per user", fontsize=8)
+        a.set_title(title, fontsize=10)
+        a.axhline(0, color="k", lw=0.8)
+        a.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], config: dict, out: Path) -> Path:
     """ROOT/compare.html for `fedpa compare` (and `fedpa demo`)."""
     plt = _figure()
@@ -175,28 +220,25 @@ def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], confi
     spread = [(n, summaries[n][0]["test"].get("per_user", {})) for n in names]
     spread = [(n, s) for n, s in spread if s.get("change_hist")]
     if spread:
-        fig, axes = plt.subplots(1, len(spread), figsize=(3.2 * len(spread), 3), sharey=True, squeeze=False)
-        lines = []
-        for ax, (n, s) in zip(axes[0], spread):
-            hist = np.asarray(s["change_hist"], float)
-            centers = -1 + (np.arange(len(hist)) + 0.5) * 2 / len(hist)
-            nz = np.nonzero(hist)[0]
-            lo, hi = (centers[nz[0]] - 0.02, centers[nz[-1]] + 0.02) if len(nz) else (-0.1, 0.1)
-            ax.bar(centers, hist, width=2 / len(hist), color=np.where(centers < 0, "C3", "C2"))
-            ax.axvline(0, color="k", lw=0.8)
-            ax.set_xlim(lo, hi)
-            ax.set_title(n, fontsize=9)
-            ax.set_xlabel("change vs foundation", fontsize=8)
-            lines.append((n, [s.get("share_better", float("nan")), s.get("share_worse", float("nan")),
-                              s.get("change_mean", float("nan")), s.get("change_p10", float("nan")),
-                              s.get("change_p90", float("nan")), int(sum(s["change_hist"]))]))
-        axes[0][0].set_ylabel("users")
+        lines = [(n, [s.get("share_better", float("nan")), s.get("share_worse", float("nan")),
+                      s.get("change_mean", float("nan")), s.get("change_p10", float("nan")),
+                      s.get("change_p90", float("nan")), int(sum(s["change_hist"]))]) for n, s in spread]
         body += ["<h2>Who gains, who loses (per user, first seed)</h2>",
                  '<p class="note">Each user\'s test metric minus the frozen foundation\'s on the same rows '
                  "(histograms of 0.01 bins, summed over the nodes: the server sees no user's value).</p>",
-                 f"<figure>{svg(fig)}</figure>",
+                 f"<figure>{svg(change_figure(plt, spread))}</figure>",
                  _table(["algorithm", "share better", "share worse", "mean change", "change p10", "change p90",
                          "users"], lines, "per-user")]
+    groups = [(n, row["by_activity"]) for n, row in table.items() if row.get("by_activity")]
+    if groups:
+        rows = [(f"{n} · {g}", [v["users"], v["metric"], v["share_better"], v["share_worse"], v["change_mean"]])
+                for n, by in groups for g, v in by.items()]
+        body += ["<h2>By activity (training rows per user)</h2>",
+                 '<p class="note">The same change, by how many rows a user trained on (mean ± std over seeds): '
+                 "personalization should lift the active users and must not sink the sparse ones.</p>",
+                 f"<figure>{svg(activity_figure(plt, dict(groups)))}</figure>",
+                 _table(["algorithm · group", "users", "own metric", "share better", "share worse", "mean change"],
+                        rows, "by-activity")]
     body.append(_config_table(config))
     page = _page("fedpa compare", body)
     atomic_write_bytes(out, page.encode())

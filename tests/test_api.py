@@ -73,3 +73,29 @@ def test_track_tensorboard_logs_what_the_run_directory_holds(tiny, tiny_foundati
     assert {"config/text_summary", "summary/text_summary"} <= set(acc.Tags()["tensors"])
     with pytest.raises(FedpaError, match="tensorboard"):
         api.config(data_dir=str(tiny), track="wandb")
+
+
+def test_the_readmes_python_example_runs_as_it_stands(tiny, tiny_foundation, tmp_path, monkeypatch):
+    """The README's "From Python" block, executed in a directory where its paths name this test's small data
+    (two rounds instead of five, to stay fast)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"### From Python\n+```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "data" / "small").symlink_to(tiny)
+    (tmp_path / "runs" / "foundation").symlink_to(tiny_foundation)
+    monkeypatch.chdir(tmp_path)
+    assert "num_rounds=5" in block
+    scope: dict = {}
+    exec(compile(block.replace("num_rounds=5", "num_rounds=2"), "README.md", "exec"), scope)
+    assert list(scope["rounds"].index) == [0, 1, 2] and scope["summary"]["rounds"] == 2
+    assert list(scope["table"].index) == ["fedpa", "local"]
+    groups = scope["groups"]
+    stored = json.loads((tmp_path / "runs" / "nb-compare" / "compare.json").read_text())["table"]
+    for (name, group), row in groups.iterrows():
+        assert math.isclose(row["share_worse"], stored[name]["by_activity"][group]["share_worse"][0])
+    seed0 = json.loads((tmp_path / "runs" / "nb-compare" / "fedpa" / "seed-0" / "summary.json").read_text())
+    assert groups["users"].groupby(level="algorithm").sum()["fedpa"] == seed0["test"]["per_user"]["users"] > 0

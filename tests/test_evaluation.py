@@ -88,3 +88,39 @@ def test_per_user_spread_and_change_against_a_reference():
     assert spread["share_better"] == pytest.approx((change > 0).mean())
     assert spread["change_mean"] == pytest.approx(change.mean())
     assert spread["users"] == 200
+
+
+def test_the_change_by_activity_group_is_each_groups_own_and_adds_up_over_nodes():
+    from fedpa.recmodels.evaluation import ACTIVITY_GROUPS, activity_group
+
+    rng = np.random.default_rng(1)
+    nodes = [MetricSums(), MetricSums()]
+    truth: dict[str, list[float]] = {}
+    for u in range(300):
+        rows = int(rng.choice([3, 9, 10, 49, 50, 120, 199, 200, 900]))
+        y = np.r_[np.ones(4, np.int64), np.zeros(12, np.int64)]
+        p, r = rng.random(16), rng.random(16)
+        # the active users (200+) are made to gain: their own scores rank every positive first
+        if rows >= 200:
+            p = np.r_[np.full(4, 0.99), rng.random(12) * 0.5]
+        nodes[u % 2].add_user(y, p, reference=r, training_rows=rows)
+        truth.setdefault(ACTIVITY_GROUPS[activity_group(rows)], []).append(M.auc(y, p) - M.auc(y, r))
+    total = MetricSums(nodes[0].v + nodes[1].v)
+    groups = {g["group"]: g for g in total.finalize()["per_user"]["by_activity"]}
+    assert list(groups) == list(ACTIVITY_GROUPS)                     # 3 and 9 -> "1-9", 10 and 49 -> "10-49", ...
+    assert sum(g["users"] for g in groups.values()) == 300
+    for name, change in truth.items():
+        change = np.array(change)
+        g = groups[name]
+        assert g["users"] == len(change)
+        assert g["change_mean"] == pytest.approx(change.mean())
+        assert g["share_worse"] == pytest.approx((change < -1e-12).mean())
+        assert g["share_better"] == pytest.approx((change > 1e-12).mean())
+        assert abs(g["change_p50"] - np.quantile(change, 0.5)) < 0.03
+    assert groups["200+"]["share_worse"] < 0.2 < groups["1-9"]["share_worse"]
+
+
+def test_without_training_rows_there_is_no_group_view():
+    s = MetricSums()
+    s.add_user(np.array([1, 0, 0]), np.array([0.9, 0.1, 0.2]), reference=np.array([0.1, 0.9, 0.2]))
+    assert "by_activity" not in s.finalize()["per_user"]

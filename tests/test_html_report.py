@@ -78,12 +78,20 @@ def test_the_compare_page_shows_the_jsons_numbers_every_chart_and_who_gains(comp
         for j, m in enumerate(("auc", "gauc", "logloss", "f1")):
             assert math.isclose(got[j], row[m][0], rel_tol=1e-12), (name, m)
     text = page.read_text()
-    assert text.count("<svg") == 3                               # test metric, learning curves, per-user change
+    assert text.count("<svg") == 4       # test metric, learning curves, per-user change, change by activity
     summary = json.loads((compared / "fedpa" / "seed-0" / "summary.json").read_text())
     spread = summary["test"]["per_user"]
     per_user = cells.rows[("per-user", "fedpa")]
     assert math.isclose(per_user[0], spread["share_better"]) and math.isclose(per_user[1], spread["share_worse"])
     assert per_user[-1] == sum(spread["change_hist"]) == spread["users"] > 0
+    groups = table["fedpa"]["by_activity"]
+    assert groups and sum(g["users"] for g in groups.values()) == spread["users"]
+    for name, g in groups.items():        # users, own metric, share better, share worse, mean change
+        got = cells.rows[("by-activity", f"fedpa · {name}")]
+        assert got[0] == g["users"] and math.isclose(got[3], g["share_worse"][0])
+        assert math.isclose(got[4], g["change_mean"][0])
+    assert (compared / "per_user.png").exists() and (compared / "per_user_by_activity.png").exists()
+    assert "training rows per user" in (compared / "compare.md").read_text()
     assert "configuration (" in text and "<code>algorithm</code>" in text and "<code>num-rounds</code>" in text
 
 
@@ -120,7 +128,7 @@ def test_the_compare_page_loads_in_a_real_browser(compared, tmp_path):
     console = [line for line in r.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     dom = subprocess.run([*args, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<svg") == 3 and "data-row=\"fedpa\"" in dom
+    assert dom.count("<svg") == 4 and "data-row=\"fedpa\"" in dom
     from PIL import Image
 
     img = Image.open(shot).convert("L")
@@ -141,3 +149,26 @@ def test_the_demo_report_page_inlines_its_images(tmp_path):
     page = markdown_page(md, tmp_path, "demo", tmp_path / "report.html").read_text()
     assert "<table>" in page and "<td>0.6450</td>" in page
     assert page.count('src="data:image/png;base64,') == 1 and 'src="missing.png"' in page   # kept, named
+
+
+def test_the_demo_report_shows_who_gains_by_activity(compared, tiny, tiny_foundation, tmp_path):
+    """`fedpa demo`'s report.md and report.html (write_report over a finished comparison): everything the
+    comparison's table shows, plus the per-user view by activity group, its images inlined."""
+    from fedpa.common.config import FederationConfig
+    from fedpa.recdata.store import Dataset
+    from fedpa.simulations.demo import write_report
+
+    (tmp_path / "compare").symlink_to(compared)
+    stored = json.loads((compared / "compare.json").read_text())
+    md = (compared / "compare.md").read_text()
+    result = {"table": stored["table"], "markdown": md.split("\n\n")[0],
+              "by_activity_markdown": md.split("\n\n")[-1].strip()}
+    pre = json.loads((tiny_foundation / "pretrain_report.json").read_text())
+    report = write_report(tmp_path, Dataset(tiny), pre, result, FederationConfig(data_dir=str(tiny)), {"total_s": 1.0})
+    text = report.read_text()
+    assert "### Who gains, who loses" in text and "![per-user change](compare/per_user.png)" in text
+    assert all(f"| fedpa | {g} |" in text for g in stored["table"]["fedpa"]["by_activity"])
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') >= 3     # comparison, per-user change, by activity
+    for group, g in stored["table"]["fedpa"]["by_activity"].items():
+        assert f"<td>fedpa</td>\n<td>{group}</td>\n<td>{g['users']:,}</td>" in page

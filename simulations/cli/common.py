@@ -206,6 +206,11 @@ def print_summary(summary: dict, run_dir: str) -> None:
         t.add_row("users worse / better than the foundation",
                   f"{spread['share_worse']:.1%} / {spread['share_better']:.1%} "
                   f"(mean change {spread['change_mean']:+.4f})")
+    for g in (spread or {}).get("by_activity", []):
+        if "share_worse" in g:
+            t.add_row(f"  users with {g['group']} training rows",
+                      f"{g['users']:,.0f}: worse / better {g['share_worse']:.1%} / {g['share_better']:.1%} "
+                      f"(mean change {g['change_mean']:+.4f})")
     t.add_row("bytes up / client / round", f"{summary['bytes_up_per_client_round']:,.0f}")
     t.add_row("bytes down / client / round", f"{summary['bytes_down_per_client_round']:,.0f}")
     t.add_row("seconds / round", f"{summary['seconds_per_round']:.2f}")
