@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 from fedpa.client.device_data import DeviceData
 from fedpa.client.secagg import SecAggClient
 from fedpa.common.config import NODE_KEYS, FederationConfig, parse_run_config
+from fedpa.common.privacy import DistributedNoise
 from fedpa.common.secagg import PHASE_ADVERTISE, PHASE_MASKED, MessageRejected
 from fedpa.common.secagg.identity import Identity
 from fedpa.common.secagg.transport import is_secagg, pack, unpack
@@ -147,13 +148,15 @@ def _secagg_phase(msg: Message, context: Context) -> Message:
         client = SecAggClient(int(context.node_id), identity=identity)
     else:
         client = SecAggClient.from_state(dict(context.state["secagg-state"]), identity=identity)
-    vector = None
+    vector = noise = None
     if request.get("phase") == PHASE_MASKED:
         if "secagg-vector" not in context.state:
             raise FedpaError("no update to mask: it was masked already, or no train request came first")
-        vector = context.state["secagg-vector"]["v"].numpy()
+        held = context.state["secagg-vector"]
+        vector = held["v"].numpy()
+        noise = DistributedNoise.from_array(held["dp-noise"].numpy()) if "dp-noise" in held else None
     try:
-        reply = client.handle(request, vector)
+        reply = client.handle(request, vector, noise)
     finally:
         if vector is not None:
             del context.state["secagg-vector"]

@@ -43,6 +43,7 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fedpa.common.privacy import DistributedNoise
 from fedpa.common.secagg import (
     KEY_BYTES,
     MAX_DIM,
@@ -154,7 +155,7 @@ class SecAggClient:
         self.done = phase
         return {**header(self.round_id, self.nonce, phase, self.node_id, SERVER_ID), **fields}
 
-    def handle(self, msg: Mapping, vector: np.ndarray | None = None) -> dict:
+    def handle(self, msg: Mapping, vector: np.ndarray | None = None, noise: DistributedNoise | None = None) -> dict:
         phase = msg.get("phase") if isinstance(msg, Mapping) else None
         if phase == PHASE_ADVERTISE:
             return self.advertise(msg)
@@ -163,7 +164,7 @@ class SecAggClient:
         if phase == PHASE_MASKED:
             if vector is None:
                 raise SecAggError("the masked-input phase needs the vector to aggregate")
-            return self.masked_input(msg, vector)
+            return self.masked_input(msg, vector, noise)
         if phase == PHASE_CONSISTENCY:
             return self.consistency(msg)
         if phase == PHASE_UNMASK:
@@ -234,7 +235,8 @@ class SecAggClient:
 
     # ------------------------------------------------------------------ phase 3
 
-    def masked_input(self, msg: Mapping, vector: np.ndarray) -> dict:
+    def masked_input(self, msg: Mapping, vector: np.ndarray, noise: DistributedNoise | None = None) -> dict:
+        """The vector in fixed point, plus ``noise``'s discrete Gaussian share (distributed DP), masked."""
         self._check(msg, PHASE_MASKED)
         try:
             senders = get_ids(msg, "senders")
@@ -257,7 +259,10 @@ class SecAggClient:
             raise self._refuse(f"{outside} value(s) of the update lie outside the round's fixed-point range "
                                f"[-{self.quant.clip:g}, {self.quant.clip:g}] (or are not finite): the client sends "
                                "nothing rather than a clipped update", abort=True)
-        y = quantize(x, self.quant)
+        try:
+            y = quantize(x, self.quant, None if noise is None else noise.draw(self.quant.frac_bits, self.dim))
+        except SecAggError as e:
+            raise self._refuse(f"{e}: the client sends nothing", abort=True) from None
         for w, env in zip(senders, envs):
             key = share_key(self._shared[w][0], self.nonce, self.round_id, w, self.node_id)
             try:

@@ -19,7 +19,13 @@ from fedpa.client.personal_store import PersonalStore, open_store
 from fedpa.client.runtime import ClientRuntime, get_runtime, user_seed
 from fedpa.common.aggregation import count_keys, expected_shapes, spec_from
 from fedpa.common.config import FederationConfig
-from fedpa.common.privacy import cohort_contribution, private_contribution
+from fedpa.common.privacy import (
+    DistributedNoise,
+    cohort_contribution,
+    distributed_share,
+    private_contribution,
+    sensitivity,
+)
 from fedpa.common.records import arrays_to_record, record_to_arrays
 from fedpa.common.secagg import concat_update
 from fedpa.foundation.errors import FedpaError
@@ -135,7 +141,13 @@ def train(msg: Message, context: Context, cfg: FederationConfig) -> Message:
         if cfg.secagg:
             # kept on the node; only its masked form leaves, in the SecAgg+ phases that follow
             vector = concat_update(total, expected_shapes(spec))
-            context.state["secagg-vector"] = arrays_to_record({"v": vector})
+            held = {"v": vector}
+            if cfg.dp_noise_multiplier > 0 and cfg.dp_mode == "distributed" and contributed:
+                # this node's users' share of the noise, added in fixed point when the vector is masked
+                held["dp-noise"] = DistributedNoise(
+                    cfg.dp_noise_multiplier, sensitivity(cfg.dp_clip, pm.count_terms),
+                    distributed_share(contributed, cfg.min_reply_fraction, int(rnd["cohort"]))).to_array()
+            context.state["secagg-vector"] = arrays_to_record(held)
         else:
             content["arrays"] = arrays_to_record(total)
     return Message(content=content, reply_to=msg)

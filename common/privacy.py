@@ -1,5 +1,7 @@
 """Client-level differential privacy mechanisms both halves use: per-user clipping, the sensitivity of the
-released sums, and Gaussian noise added centrally, distributed over a quorum, or locally.
+released sums, and Gaussian noise added centrally, distributed over a quorum, or locally. Central and
+distributed noise is the discrete Gaussian on the fixed point SecAgg+ sums (exact sampling, OpenDP); local noise
+is a float Gaussian from a ChaCha20 stream.
 
 Design notes: docs/design/differential-privacy.md
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,6 +54,85 @@ def noise_rng() -> np.random.Generator:
     return np.random.Generator(ChaCha(np.random.SeedSequence(), rounds=20))
 
 
+def discrete_gaussian(sigma: float, size: int) -> np.ndarray:
+    """``size`` independent draws of the discrete Gaussian N_Z(0, sigma^2) (Canonne, Kamath, Steinke 2020), as
+    int64. OpenDP's exact sampler: rejection sampling in rational arithmetic from the float ``sigma``, no
+    floating-point shortcut, bits from OpenDP's secure randomness source; what the distributed-DP literature
+    (Kairouz, Liu, Steinke 2021) adds to the integers secure aggregation sums."""
+    import opendp.prelude as dp
+
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"discrete Gaussian scale must be a positive number, got {sigma}")
+    dp.enable_features("contrib")    # OpenDP files its Gaussian over integers under contributed mechanisms
+    meas = dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T="i64"), size=size), dp.l2_distance(T="i64"),
+                              scale=float(sigma))
+    return np.asarray(meas([0] * size), dtype=np.int64)
+
+
+FRAC_BITS = 24   # the fixed point of the noise: SecAgg+'s own (common.secagg.QuantConfig's default)
+MIN_DISCRETE_SIGMA = 4.0
+"""Below this scale (in units of 2^-frac_bits) a sum of discrete Gaussians is refused: Kairouz, Liu, Steinke
+(2021, Thm. 4.9) bound how far such a sum is from one discrete Gaussian by tau = 10 sum_k exp(-2 pi^2 sigma^2
+k/(k+1)) <= 10 n exp(-pi^2 sigma^2), about 1e-68 n at 4, so the Gaussian's accounting holds as it is."""
+
+
+def integer_sensitivity(sens: float, frac_bits: int, dim: int) -> float:
+    """L2 sensitivity of a user's contribution once rounded to the fixed point 2^-frac_bits: rounding moves each
+    of ``dim`` coordinates of either neighbouring sum by at most 1/2 unit, so sqrt(dim) units more."""
+    return sens * 2.0 ** frac_bits + math.sqrt(dim)
+
+
+def discrete_noise_sigma(noise_multiplier: float, sens: float, frac_bits: int, dim: int, share: float = 1.0) -> float:
+    """Scale, in fixed-point units, of the discrete Gaussian that carries ``share`` of the noise variance
+    (z * integer sensitivity)^2 (1 = all of it; in distributed mode a node's k users' share of a quorum m, k/m)."""
+    sigma = noise_multiplier * integer_sensitivity(sens, frac_bits, dim) * math.sqrt(share)
+    if sigma < MIN_DISCRETE_SIGMA:
+        raise ValueError(f"discrete Gaussian scale {sigma:.3g} (fixed-point units) is below {MIN_DISCRETE_SIGMA}: "
+                         "raise the noise multiplier")
+    return sigma
+
+
+@dataclass(frozen=True)
+class DistributedNoise:
+    """What a node adds in distributed mode: the discrete Gaussian of ``share`` (its users over the quorum) of the
+    variance (z * integer sensitivity)^2, drawn at the masking step for the round's fixed point and length."""
+
+    multiplier: float
+    sensitivity: float
+    share: float
+
+    def draw(self, frac_bits: int, dim: int) -> np.ndarray:
+        return discrete_gaussian(discrete_noise_sigma(self.multiplier, self.sensitivity, frac_bits, dim, self.share),
+                                 dim)
+
+    def to_array(self) -> np.ndarray:
+        return np.array([self.multiplier, self.sensitivity, self.share], np.float64)
+
+    @classmethod
+    def from_array(cls, a: np.ndarray) -> DistributedNoise:
+        z, sens, share = (float(v) for v in np.asarray(a, np.float64).reshape(3))
+        if not all(math.isfinite(v) and v > 0 for v in (z, sens, share)):
+            raise ValueError(f"distributed noise settings must be positive numbers, got {z, sens, share}")
+        return cls(z, sens, share)
+
+
+def add_discrete_noise(sums: dict[str, np.ndarray], spec: list[SharedTensor], noise_multiplier: float, sens: float,
+                       frac_bits: int = FRAC_BITS) -> dict[str, np.ndarray]:
+    """Central DP, exactly: every released coordinate (deltas and counts) rounded to the fixed point 2^-frac_bits,
+    plus discrete Gaussian noise of scale z * integer_sensitivity, back to the sums' dtypes (post-processing);
+    counts then clamped to >= 1."""
+    keys = [t.name for t in spec] + list(count_keys(spec))
+    dim = int(sum(np.asarray(sums[k]).size for k in keys))
+    noise = discrete_gaussian(discrete_noise_sigma(noise_multiplier, sens, frac_bits, dim), dim)
+    out, at, unit = {}, 0, 2.0 ** frac_bits
+    for key in keys:
+        v = np.asarray(sums[key])
+        q = np.rint(v.astype(np.float64) * unit) + noise[at:at + v.size].reshape(v.shape)
+        at += v.size
+        out[key] = (q / unit).astype(v.dtype)
+    return clamp_counts(out, spec)
+
+
 def add_noise(sums: dict[str, np.ndarray], spec: list[SharedTensor], std: float,
               rng: np.random.Generator | None = None, clamp: bool = True) -> dict[str, np.ndarray]:
     """N(0, std^2) on every coordinate (deltas and counts), dtypes kept; on the server the counts
@@ -82,6 +164,12 @@ def distributed_share_std(noise_multiplier: float, clip: float, n_count_terms: i
     return s / math.sqrt(quorum(min_reply_fraction, cohort))
 
 
+def distributed_share(users: int, min_reply_fraction: float, cohort: int) -> float:
+    """The share of the noise variance a node adds in distributed mode for ``users`` users: users / quorum.
+    The node adds it, as one discrete Gaussian, to the fixed-point vector it masks (client.secagg)."""
+    return users / quorum(min_reply_fraction, cohort)
+
+
 def add_local_noise(delta: dict[str, np.ndarray], spec: list[SharedTensor], groups: set[str], std: float,
                     rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """Local DP: N(0, std^2) on the entries this user contributes (std = z * C)."""
@@ -96,7 +184,8 @@ def private_contribution(delta: dict[str, np.ndarray], spec: list[SharedTensor],
                          min_reply_fraction: float, cohort: int,
                          rows: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """What one user sends under client-level DP: its delta clipped to ``clip`` (local mode: plus its
-    own noise), as a contribution (`client_contribution`), plus its distributed-noise share.
+    own noise), as a contribution (`client_contribution`). Distributed mode adds nothing here: the node adds its
+    users' share of the noise to the fixed-point vector it masks (`client.secagg`, `distributed_share`).
     ``rows``: the rows the user read of each per-row entry (runs with item-side tables, never under DP)."""
     from .aggregation import client_contribution
 
@@ -110,10 +199,7 @@ def private_contribution(delta: dict[str, np.ndarray], spec: list[SharedTensor],
     if mode == "local":
         delta = add_local_noise(delta, spec, groups, noise_multiplier * clip)
     contrib = client_contribution(delta, spec, groups, rows=rows)
-    if mode == "distributed":
-        std = distributed_share_std(noise_multiplier, clip, n_count_terms, min_reply_fraction, cohort)
-        contrib = add_noise(contrib, spec, std, clamp=False)
-    return contrib
+    return contrib   # distributed mode: the node's SecAgg+ client adds the noise, in fixed point
 
 
 def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[SharedTensor],
@@ -128,9 +214,8 @@ def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[Shar
     groups of the entries it appears in (as `client_contribution`'s ``groups``). A per-row entry comes sparse
     instead (`recmodels.cohort.RowDeltas`: per user, its rows and their deltas). ``keep``: the users to
     include (default all). Each user is clipped to ``clip`` on its own (joint norm of its entries) and,
-    in local mode, noised on its own; in distributed mode the users' independent shares N(0, s^2) are
-    drawn as their sum, N(0, k s^2) for k users: the same distribution. ``rows``: per-row entry -> per user,
-    the rows it read (its per-row counts)."""
+    in local mode, noised on its own (distributed mode: see `private_contribution`). ``rows``: per-row
+    entry -> per user, the rows it read (its per-row counts)."""
     keep = np.ones(n_users, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     scale = np.ones(n_users, dtype=np.float64)
     if noise_multiplier > 0:
@@ -147,7 +232,7 @@ def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[Shar
                 np.add.at(sq, pos, np.square(vals.reshape(len(pos), -1), dtype=np.float64).sum(axis=1))
         norm = np.sqrt(sq)
         scale = np.where(norm > 0, np.minimum(1.0, clip / np.where(norm > 0, norm, 1.0)), 1.0)
-    rng = rng or (noise_rng() if noise_multiplier > 0 else None)
+    rng = rng or (noise_rng() if noise_multiplier > 0 and mode == "local" else None)
     out = {k: np.zeros(s, np.float32) for k, s in count_keys(spec).items()}
     out[COUNT_PREFIX + GLOBAL][0] = float(keep.sum())
     for t in spec:
@@ -188,10 +273,7 @@ def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[Shar
         out[t.name] = v.sum(axis=0, dtype=np.float32) if len(v) else np.zeros(t.shape, np.float32)
         if t.group is not None:
             out[t.count_key][0] = float(sel.sum())
-    if noise_multiplier > 0 and mode == "distributed" and keep.any():
-        std = distributed_share_std(noise_multiplier, clip, n_count_terms, min_reply_fraction, cohort)
-        out = add_noise(out, spec, std * math.sqrt(float(keep.sum())), rng=rng, clamp=False)
-    return out
+    return out   # distributed mode: the node's SecAgg+ client adds its users' noise, in fixed point
 
 
 def _sparse(d: Any) -> bool:

@@ -34,7 +34,7 @@ from fedpa.common.aggregation import (
 )
 from fedpa.common.config import FederationConfig
 from fedpa.common.models import build_personal_model
-from fedpa.common.privacy import add_noise, clamp_counts, distributed_share_std, sensitivity
+from fedpa.common.privacy import add_discrete_noise, clamp_counts, distributed_share_std, sensitivity
 from fedpa.common.records import arrays_to_record, message_bytes, record_to_arrays
 from fedpa.common.secagg import QuantConfig, SecAggError, split_sum
 from fedpa.common.secagg.transport import pack, unpack
@@ -325,13 +325,14 @@ class Federation:
                            trim_fraction=self.cfg.trim_fraction, norm_bound=self.cfg.norm_bound)
 
     def add_noise(self, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Central DP: Gaussian noise calibrated to one user's contribution. Distributed DP: the clients'
-        noise is already in the sum, only the counts are clamped. Local DP and no DP: unchanged."""
+        """Central DP: discrete Gaussian noise on the fixed point, calibrated to one user's contribution.
+        Distributed DP: the nodes' noise is already in the sum, only the counts are clamped. Local DP and no DP:
+        unchanged."""
         if self.cfg.dp_noise_multiplier <= 0:
             return sums
         if self.cfg.dp_mode == "central":
-            std = self.cfg.dp_noise_multiplier * sensitivity(self.cfg.dp_clip, self.model.count_terms)
-            return add_noise(sums, self.spec, std)
+            return add_discrete_noise(sums, self.spec, self.cfg.dp_noise_multiplier,
+                                      sensitivity(self.cfg.dp_clip, self.model.count_terms))
         if self.cfg.dp_mode == "distributed":
             return clamp_counts(sums, self.spec)
         return sums

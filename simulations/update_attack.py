@@ -32,7 +32,7 @@ from fedpa.client.runtime import ClientRuntime
 from fedpa.client.training import dp_settings
 from fedpa.common.aggregation import apply_sums, spec_from
 from fedpa.common.config import FederationConfig
-from fedpa.common.privacy import private_contribution
+from fedpa.common.privacy import add_noise, distributed_share_std, private_contribution
 from fedpa.foundation.metrics import auc
 from fedpa.recmodels.personalization import UserTensors
 
@@ -71,7 +71,14 @@ def _user_update(rt: ClientRuntime, cfg: FederationConfig, data, train: UserTens
     pm.train_user(train, data.profile, rt.local, seed=seed)
     local = pm.get_shared()
     delta = {k: local[k] - state[k] for k in local}
-    return private_contribution(delta, spec, pm.groups_of(data.profile), **dp_settings(cfg, pm, cohort))
+    dp = dp_settings(cfg, pm, cohort)
+    contrib = private_contribution(delta, spec, pm.groups_of(data.profile), **dp)
+    if cfg.dp_noise_multiplier > 0 and cfg.dp_mode == "distributed":
+        # what the user's node adds in fixed point before masking (client.secagg): its share of the noise, here
+        # as the float Gaussian of the same variance (the attack needs its distribution, not its exactness)
+        contrib = add_noise(contrib, spec, distributed_share_std(**{k: dp[k] for k in (
+            "noise_multiplier", "clip", "n_count_terms", "min_reply_fraction", "cohort")}), clamp=False)
+    return contrib
 
 
 def run_update_attack(cfg: FederationConfig, state: dict[str, np.ndarray], *, targets: int = 32,

@@ -11,28 +11,6 @@ from fedpa.foundation.errors import FedpaError
 from fedpa.simulations import api
 
 
-def test_simulate_compare_and_load_them_as_tables(tiny, tiny_foundation, tmp_path):
-    cfg = api.config(data_dir=str(tiny), foundation=str(tiny_foundation), run_dir=str(tmp_path / "run"),
-                     num_rounds=2, max_clients=8)
-    assert cfg.item_popularity and cfg.use_user_bias            # fedpa's recipe below what was given
-    assert api.config(data_dir=str(tiny), use_user_bias=False).use_user_bias is False   # given beats the recipe
-    summary = api.simulate(cfg)
-    rounds, loaded = api.load_run(cfg.run_dir)
-    assert list(rounds.index) == [0, 1, 2] and loaded == summary
-    assert math.isclose(rounds.loc[summary["best_round"], "test.gauc"], summary["test"]["gauc"])
-    assert rounds.loc[2, "clients_ok"] == 8 and rounds.loc[2, "stage_s.train"] > 0
-    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
-        f.write('{"round": 3, "ev')                               # a crash mid-append
-    assert len(api.load_run(cfg.run_dir)[0]) == 3
-
-    # the frozen foundation beside it: a comparison that trains nothing more (the compare page's own test trains)
-    result = api.compare(cfg, ["foundation"], seeds=[0, 1], out=tmp_path / "cmp")
-    table = api.load_compare(tmp_path / "cmp")
-    assert list(table.index) == ["foundation"] and (tmp_path / "cmp" / "compare.html").exists()
-    assert math.isclose(table.loc["foundation", "gauc"], result["table"]["foundation"]["gauc"][0])
-    assert table.loc["foundation", "gauc_std"] == 0.0 and table.loc["foundation", "seeds"] == [0, 1]
-
-
 def test_a_sweep_with_the_attack_asks_for_the_recipe_without_item_tables(tiny, tiny_foundation, tmp_path):
     base = dict(data_dir=str(tiny), foundation=str(tiny_foundation), num_rounds=1, max_clients=8)
     with pytest.raises(FedpaError, match="item_side=False"):
@@ -77,7 +55,7 @@ def test_track_tensorboard_logs_what_the_run_directory_holds(tiny, tiny_foundati
 
 def test_the_readmes_python_example_runs_as_it_stands(tiny, tiny_foundation, tmp_path, monkeypatch):
     """The README's "From Python" block, executed in a directory where its paths name this test's small data
-    (two rounds instead of five, to stay fast)."""
+    (two rounds of 12 clients instead of five rounds of all, to stay fast); then what its tables hold."""
     import re
     from pathlib import Path
 
@@ -90,11 +68,25 @@ def test_the_readmes_python_example_runs_as_it_stands(tiny, tiny_foundation, tmp
     monkeypatch.chdir(tmp_path)
     assert "num_rounds=5" in block
     scope: dict = {}
-    exec(compile(block.replace("num_rounds=5", "num_rounds=2"), "README.md", "exec"), scope)
-    assert list(scope["rounds"].index) == [0, 1, 2] and scope["summary"]["rounds"] == 2
-    assert list(scope["table"].index) == ["fedpa", "local"]
-    groups = scope["groups"]
+    exec(compile(block.replace("num_rounds=5", "num_rounds=2, max_clients=12"), "README.md", "exec"), scope)
+
+    cfg, summary, rounds = scope["cfg"], scope["summary"], scope["rounds"]
+    assert cfg.item_popularity and cfg.use_user_bias            # fedpa's recipe below what was given
+    assert api.config(data_dir=str(tiny), use_user_bias=False).use_user_bias is False   # given beats the recipe
+    assert list(rounds.index) == [0, 1, 2]
+    assert summary == json.loads((tmp_path / "runs" / "nb" / "summary.json").read_text())
+    assert math.isclose(rounds.loc[summary["best_round"], "test.gauc"], summary["test"]["gauc"])
+    assert rounds.loc[2, "clients_ok"] == 12 and rounds.loc[2, "stage_s.train"] > 0
+    with open(tmp_path / "runs" / "nb" / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "ev')                               # a crash mid-append
+    assert len(api.load_run("runs/nb")[0]) == 3
+
+    table = scope["table"]
     stored = json.loads((tmp_path / "runs" / "nb-compare" / "compare.json").read_text())["table"]
+    assert list(table.index) == ["fedpa", "local"] and (tmp_path / "runs" / "nb-compare" / "compare.html").exists()
+    assert math.isclose(table.loc["local", "gauc"], stored["local"]["gauc"][0])
+    assert table.loc["fedpa", "gauc_std"] == 0.0 and table.loc["fedpa", "seeds"] == [0]
+    groups = scope["groups"]
     for (name, group), row in groups.iterrows():
         assert math.isclose(row["share_worse"], stored[name]["by_activity"][group]["share_worse"][0])
     seed0 = json.loads((tmp_path / "runs" / "nb-compare" / "fedpa" / "seed-0" / "summary.json").read_text())

@@ -158,3 +158,37 @@ def test_distributed_noise_without_secure_aggregation_is_refused():
         FederationConfig(dp_mode="distributed", dp_noise_multiplier=1.0).validate()
     with pytest.raises(ConfigValueError, match="dp-mode"):
         FederationConfig(dp_mode="shuffle").validate()
+
+
+def test_discrete_gaussian_draws_integers_with_the_asked_variance():
+    from fedpa.common.privacy import discrete_gaussian, discrete_noise_sigma, integer_sensitivity
+
+    for sigma in (4.0, 1234.5):
+        x = discrete_gaussian(sigma, 40_000)
+        assert x.dtype == np.int64 and abs(x.std() / sigma - 1) < 0.02 and abs(x.mean()) < 4 * sigma / 200
+    small = discrete_gaussian(4.0, 40_000)
+    # the discrete Gaussian's probabilities: P(0) = 1 / sum_k exp(-k^2 / 2 sigma^2) (about 0.0997 at sigma 4)
+    p0 = 1 / sum(math.exp(-k * k / 32) for k in range(-60, 61))
+    assert abs((small == 0).mean() - p0) < 0.006
+    # rounding to the fixed point adds sqrt(dim) units to the sensitivity; below the scale where sums of
+    # discrete Gaussians stay close to one, the noise is refused
+    assert integer_sensitivity(1.0, 24, 10_000) == 2 ** 24 + 100
+    with pytest.raises(ValueError, match="below 4"):
+        discrete_noise_sigma(1e-9, 1.0, 24, 100)
+    with pytest.raises(ValueError, match="positive"):
+        discrete_gaussian(float("nan"), 3)
+
+
+def test_central_noise_is_discrete_on_the_fixed_point_with_the_calibrated_scale():
+    from fedpa.common.aggregation import count_keys
+    from fedpa.common.privacy import add_discrete_noise, integer_sensitivity
+
+    spec = [SharedTensor("g", (30_000,))]
+    sums = {"g": np.full(30_000, 0.5, np.float32), **{k: np.full(s, 100.0, np.float32)
+                                                       for k, s in count_keys(spec).items()}}
+    out = add_discrete_noise(sums, spec, 0.5, sensitivity(2.0, 0), frac_bits=12)
+    units = (out["g"].astype(np.float64) - 0.5) * 2 ** 12
+    assert np.allclose(units, np.rint(units))                     # whole fixed-point units: a discrete noise
+    expected = 0.5 * integer_sensitivity(sensitivity(2.0, 0), 12, 30_001)
+    assert abs(units.std() / expected - 1) < 0.03
+    assert out["g"].dtype == np.float32 and np.all(out["count/global"] >= 1)

@@ -59,8 +59,9 @@ class Round:
 
     def __init__(self, vectors: dict[int, np.ndarray], *, params=SecAggParams(), quant=QuantConfig(), seed=0,
                  round_id=7, drop=None, tamper_requests=None, tamper_replies=None, via_state=False,
-                 client_kwargs=None, identities=None):
+                 client_kwargs=None, identities=None, noise=None):
         self.vectors = vectors
+        self.noise = noise or {}        # node id -> its DistributedNoise share (distributed DP)
         self.identities = identities or {}
         self.server = SecAggServer(sorted(vectors), len(next(iter(vectors.values()))), round_id=round_id,
                                    quant=quant, params=params, randbytes=drbg(seed, "server"))
@@ -78,7 +79,7 @@ class Round:
         reqs = srv.advertise_requests()
         steps = [(1, lambda c, m, u: c.advertise(m), srv.receive_keys),
                  (2, lambda c, m, u: c.share_keys(m), srv.receive_shares),
-                 (3, lambda c, m, u: c.masked_input(m, self.vectors[u]), srv.receive_masked),
+                 (3, lambda c, m, u: c.masked_input(m, self.vectors[u], self.noise.get(u)), srv.receive_masked),
                  (4, lambda c, m, u: c.consistency(m), srv.receive_consistency),
                  (5, lambda c, m, u: c.unmask(m), srv.receive_unmask)]
         out = None
@@ -780,3 +781,29 @@ def test_server_rejects_bad_setup():
     with pytest.raises(SecAggError, match="too small"):
         SecAggServer(range(100), 10, round_id=1, quant=QuantConfig(mod_bits=16, frac_bits=8))
     assert SERVER_ID == -1 and ENVELOPE_BYTES == 176
+
+
+def test_distributed_noise_is_a_discrete_gaussian_on_the_fixed_point_and_sums_to_the_central_scale():
+    """Distributed DP under SecAgg+ (Kairouz, Liu, Steinke 2021): each client adds its share of the noise as
+    integers to its fixed-point vector before masking; the unmasked sum is the exact sum of the quantized inputs
+    plus the clients' integer noise, whose variance is the shares' total."""
+    from fedpa.common.privacy import DistributedNoise, integer_sensitivity
+
+    d = 20_000
+    vecs = {u: np.where(np.arange(d) % 2 == 0, 0.25, -0.25).astype(np.float32) for u in (3, 13, 23, 33)}
+    z, sens = 0.3, 1.2
+    noise = DistributedNoise(z, sens, share=1 / 4)                 # four clients carry a quarter each
+    quant = QuantConfig(clip=8.0, frac_bits=16)
+    plain = Round(vecs, quant=quant).run()
+    noisy = Round(vecs, quant=quant, noise=dict.fromkeys(vecs, noise)).run()
+    m = plain.quant.mod_bits
+    diff = (noisy.sum.astype(np.int64) - plain.sum.astype(np.int64)) % 2 ** m   # the four clients' noise, mod 2^m
+    diff = np.where(diff >= 2 ** (m - 1), diff - 2 ** m, diff)
+    sigma = z * integer_sensitivity(sens, 16, d)                    # the central scale, in units of 2^-16
+    assert abs(diff.std() / sigma - 1) < 0.03 and abs(diff.mean()) < 4 * sigma / math.sqrt(d)
+    assert np.array_equal(plain.dequantize(), np.where(np.arange(d) % 2 == 0, 1.0, -1.0))  # plain sum exact
+    # noise that would carry a value past the round's range is refused, never clipped
+    loud = Round(vecs, quant=quant, noise=dict.fromkeys(vecs, DistributedNoise(100.0, 1.0, 1.0)))
+    with pytest.raises(SecAggError):
+        loud.run()
+    assert all("outside the round's fixed-point range" in " ".join(c.rejections) for c in loud.clients.values())

@@ -68,14 +68,22 @@ def required_mod_bits(n: int, cfg: QuantConfig) -> int:
     return m
 
 
-def quantize(x: np.ndarray, cfg: QuantConfig) -> np.ndarray:
-    """Clip to [-c, c], round to multiples of 2^-f, return two's complement values mod 2^m as uint64."""
+def quantize(x: np.ndarray, cfg: QuantConfig, noise: np.ndarray | None = None) -> np.ndarray:
+    """Clip to [-c, c], round to multiples of 2^-f, add ``noise`` (integers, in units of 2^-f: distributed DP's
+    discrete Gaussian), return two's complement values mod 2^m as uint64. Noise that would carry a value
+    outside [-Q, Q] is refused (the sum could wrap; clipping it would remove noise)."""
     if cfg.mod_bits is None:
         raise SecAggError("mod_bits is not set; use QuantConfig.for_clients(n)")
     x = np.asarray(x, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(x)):
         raise SecAggError("vector to aggregate contains NaN or inf")
     q = np.rint(np.clip(x, -cfg.clip, cfg.clip) * 2.0**cfg.frac_bits).astype(np.int64)
+    if noise is not None:
+        q = q + np.asarray(noise, dtype=np.int64).reshape(-1)
+        outside = int(np.count_nonzero(np.abs(q) > cfg.q_max))
+        if outside:
+            raise SecAggError(f"{outside} noised value(s) lie outside the round's fixed-point range "
+                              f"[-{cfg.clip:g}, {cfg.clip:g}]")
     return q.view(np.uint64) & np.uint64(2**cfg.mod_bits - 1)
 
 
