@@ -33,6 +33,7 @@ from .batch import CATEGORICAL_ITEM_FIELDS, CONTEXT_FIELDS, ITEM_FIELDS, TASKS  
 from .errors import FedpaError
 
 ARCHS = ("transformer", "mlp")
+USER_ENCODERS = ("bert", "elastic")
 
 
 class ConfigError(FedpaError):
@@ -61,7 +62,10 @@ class FoundationConfig(PretrainedConfig):
       ``dropout`` (hidden dropout in the user encoder; default 0: pre-training is
       ~1 epoch over many open users, and CPU dropout halves throughput; attention
       dropout is always 0), ``id_dim`` (video id embedding width; author gets half),
-      ``field_dim`` (every other field), ``tower_hidden``.
+      ``field_dim`` (every other field), ``tower_hidden``; ``user_encoder``: ``bert`` (self-attention over
+      the last ``seq_len`` views, O(L^2)) or ``elastic`` (ELASTIC, foundation/elastic.py: ``interests``
+      experts by linear dispatcher attention, O(L K), and a memory of ``memory_keys``^2 interest prototypes
+      of which each expert reads ``memory_topk``; 0 keys: no memory).
     - mlp arch: ``field_dim`` for every field and ``mlp_hidden``.
     """
 
@@ -83,6 +87,10 @@ class FoundationConfig(PretrainedConfig):
     n_heads: int = 2
     ff_dim: int = 64
     seq_len: int = 50
+    user_encoder: str = "bert"
+    interests: int = 8
+    memory_keys: int = 16
+    memory_topk: int = 4
     dropout: float = 0.0
     id_dim: int = 32
     field_dim: int = 8
@@ -139,6 +147,13 @@ class FoundationConfig(PretrainedConfig):
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ConfigError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
+        if self.user_encoder not in USER_ENCODERS:
+            raise ConfigError(f"user_encoder must be one of {USER_ENCODERS}, got {self.user_encoder!r}")
+        if self.user_encoder == "elastic" and (self.interests < 1 or self.memory_keys < 0 or self.memory_topk < 1
+                                               or self.d_model % 2):
+            raise ConfigError("the elastic user encoder needs interests >= 1, memory_keys >= 0, memory_topk >= 1 "
+                              f"and an even d_model (got {self.interests}, {self.memory_keys}, {self.memory_topk}, "
+                              f"{self.d_model})")
         if self.arch == "transformer" and self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         for name in ("video_buckets", "author_buckets", "field_buckets", "duration_buckets"):

@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 from .batch import CONTEXT_FIELDS, ITEM_FIELDS, TASKS
 from .checkpoint import CheckpointError, seal_safetensors, verify_safetensors
 from .config import CATEGORICAL_ITEM_FIELDS, ConfigError, FoundationConfig
+from .elastic import ElasticEncoder, InterestMemory
 from .errors import FedpaError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -181,7 +182,10 @@ class FoundationModel(PreTrainedModel):
             dims = {f: fd for f in ITEM_FIELDS}
             dims.update(video_id=config.id_dim, author_id=max(fd, config.id_dim // 2))
             self.item_encoder = ItemEncoder(config, dims, project_to=d)
-            self.user_encoder = UserSequenceEncoder(config)
+            self.user_encoder = (UserSequenceEncoder(config) if config.user_encoder == "bert" else ElasticEncoder(
+                d, layers=config.n_layers, heads=config.n_heads, ff=config.ff_dim, seq_len=config.seq_len,
+                interests=config.interests, memory_keys=config.memory_keys, topk=config.memory_topk,
+                dropout=config.dropout))
             self.attn_query = nn.Linear(d, d, bias=False)
             self.context = nn.ModuleDict({f: nn.Embedding(config.table_size(f), fd) for f in CONTEXT_FIELDS})
             in_dim = 4 * d + fd * (len(config.user_fields) + len(CONTEXT_FIELDS))
@@ -212,6 +216,10 @@ class FoundationModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, UserSequenceEncoder):
             init.normal_(module.user_token, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, ElasticEncoder):
+            init.normal_(module.experts, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, InterestMemory):
+            init.normal_(module.keys, mean=0.0, std=1.0 / math.sqrt(module.keys.shape[-1]))
         elif isinstance(module, ItemEncoder):
             c = self.config
             bounds = torch.logspace(math.log10(c.duration_min_ms), math.log10(c.duration_max_ms),

@@ -32,9 +32,10 @@ class Lookups:
     item_table: np.ndarray  # [max_video_id + 1, F] in ITEM_FIELDS order
     user_table: np.ndarray  # [max_user_id + 1, P] in user_fields order
     user_fields: list[str]
+    seq_len: int = SEQ_LEN  # views per behaviour sequence: the foundation's config decides (ELASTIC reads 1,000+)
 
     @classmethod
-    def build(cls, ds: Dataset) -> Lookups:
+    def build(cls, ds: Dataset, seq_len: int = SEQ_LEN) -> Lookups:
         items = ds.items(["video_id", *ITEM_FIELDS[1:]])
         vid = items.column("video_id").to_numpy()
         n_items = max(int(ds.vocab.get("video_id", 0)), int(vid.max()) + 1 if len(vid) else 0)
@@ -42,7 +43,7 @@ class Lookups:
         item_table[:, 0] = np.arange(n_items)  # unknown items still get their own id
         for j, f in enumerate(ITEM_FIELDS[1:], start=1):
             item_table[vid, j] = items.column(f).to_numpy()
-        return cls(item_table, user_table(ds), list(ds.user_features))
+        return cls(item_table, user_table(ds), list(ds.user_features), int(seq_len))
 
 
 def user_table(ds: Dataset) -> np.ndarray:
@@ -143,7 +144,8 @@ class Examples:
         lk = self.lookups
         uid = self.user_id[idx]
         ts = self.request_timestamp[idx]
-        pos = self.view_hi[idx, None] - SEQ_LEN + np.arange(SEQ_LEN)[None, :]
+        length = lk.seq_len
+        pos = self.view_hi[idx, None] - length + np.arange(length)[None, :]
         mask = pos >= self.view_lo[idx, None]
         hist_vid = np.where(mask, self.views.video_id[np.clip(pos, 0, max(len(self.views.video_id) - 1, 0))]
                             if len(self.views.video_id) else 0, 0)

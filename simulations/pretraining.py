@@ -28,6 +28,7 @@ from fedpa.foundation.pretrain import pretrain
 from fedpa.recdata.examples import Examples, Lookups
 from fedpa.recdata.partition import PartitionConfig, SplitConfig, make_partition, split_users
 from fedpa.recdata.store import Dataset
+from fedpa.recdata.schema import SEQ_LEN
 
 EVAL_BATCH = 1024
 
@@ -99,7 +100,7 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
         raise FedpaError(f"pretrain: learning rate must be a finite number > 0, got {lr}")
     torch.manual_seed(seed)
     ds = Dataset(data_dir)
-    lookups = Lookups.build(ds)
+    lookups = Lookups.build(ds, seq_len=int(model_overrides.get("seq_len", SEQ_LEN)))
     part = make_partition(ds, partition or PartitionConfig(seed=seed))
     split_cfg = SplitConfig(split)
     opened = split_users(ds, part.open_users, split_cfg, lookups=lookups, seed=seed)

@@ -28,6 +28,10 @@ def pretrain_cmd(
     split: Annotated[str, typer.Option(help="by-day | chrono | last | loo")] = "by-day",
     seed: Annotated[int, typer.Option(help="random seed; also picks the open/private users (a federation's "
                                            "partition-seed must be the same)")] = 0,
+    user_encoder: Annotated[str, typer.Option(help="bert (self-attention over the history) | elastic (ELASTIC: "
+                                                   "interest experts in linear time, an interest memory)")] = "bert",
+    seq_len: Annotated[int, typer.Option(help="views per behaviour sequence (RecFlow keeps 50; ELASTIC reads "
+                                              "1,000+ in linear time)")] = 50,
     activity_attribute: Annotated[str | None, typer.Option(help="profile attribute that marks highly active users "
                                                                 "(default: the top 20% by exposures)")] = None,
     active_values: Annotated[str | None, typer.Option(help="comma-separated values of that attribute that count as "
@@ -50,6 +54,8 @@ def pretrain_cmd(
         raise FedpaError(f"--epochs must be at least 1, got {epochs}")
     if patience < 0:
         raise FedpaError(f"--patience must be >= 0, got {patience}")
+    if seq_len < 1:
+        raise FedpaError(f"--seq-len must be at least 1, got {seq_len}")
     with progress_bar() as p:
         task = p.add_task("pretrain", total=None)
 
@@ -60,7 +66,8 @@ def pretrain_cmd(
 
         report = pretrain_foundation(data, out_dir, arch=arch, epochs=epochs, patience=patience, lr=lr,
                                      batch_size=batch_size,
-                                     seed=seed, split=split, partition=partition, progress=on_step)
+                                     seed=seed, split=split, partition=partition, progress=on_step,
+                                     user_encoder=user_encoder, seq_len=seq_len)
     _print_pretrain(report)
 
 
