@@ -96,3 +96,16 @@ def test_an_elastic_foundation_learns_from_the_history_and_round_trips(tmp_path)
     assert best.config.user_encoder == "elastic" and after["auc"] == pytest.approx(hist["best_auc"])
     blind = evaluate(best, [dict(b, hist_mask=torch.zeros_like(b["hist_mask"])) for b in val])
     assert after["auc"] > 0.68 and after["auc"] > blind["auc"] + 0.08, (after["auc"], blind["auc"])
+
+
+def test_an_elastic_foundation_exports_to_onnx_with_parity(tmp_path):
+    """The device path: ONNX (top-k retrieval included) scores as PyTorch does, on a batch of another size."""
+    import numpy as np
+
+    from fedpa.foundation.export import export_onnx, onnx_probabilities, torch_probabilities
+
+    m = build(seq_len=60).eval()
+    m.dedupe_histories = False
+    path = export_onnx(m, random_batch(m.config, 32, 0), tmp_path / "m.onnx")
+    other = random_batch(m.config, 17, 5)
+    assert np.abs(onnx_probabilities(path, other) - torch_probabilities(m, other)).max() <= 1e-5
