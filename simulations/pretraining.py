@@ -27,8 +27,8 @@ from fedpa.foundation.model import FoundationModel, count_parameters, load_found
 from fedpa.foundation.pretrain import pretrain
 from fedpa.recdata.examples import Examples, Lookups
 from fedpa.recdata.partition import PartitionConfig, SplitConfig, make_partition, split_users
-from fedpa.recdata.store import Dataset
 from fedpa.recdata.schema import SEQ_LEN
+from fedpa.recdata.store import Dataset
 
 EVAL_BATCH = 1024
 

@@ -8,7 +8,7 @@ from fedpa.foundation.config import ConfigError
 from fedpa.foundation.elastic import ElasticEncoder, InterestMemory
 from fedpa.foundation.model import FoundationModel, load_foundation
 from fedpa.foundation.pretrain import evaluate, pretrain
-from fedpa.foundation.testing import batch_iter, random_batch, small_config
+from fedpa.foundation.testing import random_batch, small_config
 
 
 def build(seed=0, **kw):
