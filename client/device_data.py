@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedpa.common.config import FederationConfig
-from fedpa.foundation.checkpoint import ARTIFACT_FILES, artifact_digest, replace_dir
+from fedpa.foundation.checkpoint import ARTIFACT_FILES, OPTIONAL_ARTIFACT_FILES, artifact_digest, replace_dir
 from fedpa.foundation.errors import FedpaError
 
 DEVICE_FILE = "device.json"
@@ -41,7 +41,7 @@ _DIGESTS: dict[tuple, str] = {}
 def _foundation_digest(path: Path) -> str:
     """The artifact digest of the device's foundation, hashed once per process and file version."""
     key = tuple((str(path / f), (path / f).stat().st_size, (path / f).stat().st_mtime_ns)
-                for f in ARTIFACT_FILES if (path / f).exists())
+                for f in ARTIFACT_FILES + OPTIONAL_ARTIFACT_FILES if (path / f).exists())
     if key not in _DIGESTS:
         _DIGESTS[key] = artifact_digest(path)
     return _DIGESTS[key]
@@ -128,8 +128,9 @@ def provision(cfg: FederationConfig, clients: list[int], out: str | Path, *, ove
     try:
         write_user_subset(ds, list(users.values()), tmp / "data")
         (tmp / "foundation").mkdir()
-        for name in ARTIFACT_FILES:
-            shutil.copyfile(Path(cfg.foundation) / name, tmp / "foundation" / name)
+        for name in ARTIFACT_FILES + OPTIONAL_ARTIFACT_FILES:
+            if name in ARTIFACT_FILES or (Path(cfg.foundation) / name).exists():
+                shutil.copyfile(Path(cfg.foundation) / name, tmp / "foundation" / name)
         meta = {"format": FORMAT, "clients": {str(c): u for c, u in users.items()}, "num-clients": part.num_clients,
                 "foundation-digest": artifact_digest(tmp / "foundation")}
         (tmp / DEVICE_FILE).write_text(json.dumps(meta, indent=2))

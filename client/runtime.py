@@ -35,7 +35,7 @@ from fedpa.recdata.partition import (
     read_views,
     split_users,
 )
-from fedpa.recdata.schema import LABELS, SEQ_LEN
+from fedpa.recdata.schema import LABELS
 from fedpa.recdata.stage_rows import with_stage_negatives
 from fedpa.recdata.store import Dataset
 from fedpa.recmodels.cohort import CohortEngine
@@ -101,7 +101,7 @@ class ClientRuntime:
     @property
     def lookups(self) -> Lookups:
         if self._lookups is None:
-            self._lookups = Lookups.build(self.dataset, seq_len=history_length(self.cfg.foundation))
+            self._lookups = Lookups.for_foundation(self.dataset, self.cfg.foundation)
         return self._lookups
 
     @property
@@ -229,16 +229,6 @@ def _cache_path(cfg: FederationConfig, clients: np.ndarray) -> Path | None:
     return root / cache_key(cfg.foundation, cfg.data_dir, cfg.split, cfg.negatives, cfg.seed, clients, rows)
 
 
-def history_length(foundation: str | Path) -> int:
-    """Views per behaviour sequence the foundation at this path reads (its config.json's seq_len)."""
-    import json
-
-    try:
-        return int(json.loads((Path(foundation) / "config.json").read_text()).get("seq_len", SEQ_LEN))
-    except (OSError, ValueError) as e:
-        raise FedpaError(f"{foundation}: cannot read the foundation's config.json ({e})") from None
-
-
 def open_feature_cache(cfg: FederationConfig, clients: np.ndarray) -> FeatureCache | None:
     path = _cache_path(cfg, clients)
     return FeatureCache(path) if path is not None and (path / "meta.json").exists() else None
@@ -253,10 +243,9 @@ def ensure_feature_cache(cfg: FederationConfig, progress=None) -> FeatureCache |
         return None
     if (path / "meta.json").exists():
         return FeatureCache(path)
-    foundation = load_foundation(cfg.foundation)
-    lookups = Lookups.build(ds, seq_len=foundation.config.seq_len)
+    lookups = Lookups.for_foundation(ds, cfg.foundation)
     splits = user_splits(cfg, ds, part.clients, lookups)
-    model = PersonalModel(foundation, get_algorithm("foundation"))
+    model = PersonalModel(load_foundation(cfg.foundation), get_algorithm("foundation"))
     return build(path, model, splits, part.clients, progress=progress)
 
 

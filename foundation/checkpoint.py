@@ -104,6 +104,7 @@ def verify_safetensors(path: str | Path) -> None:
 
 
 ARTIFACT_FILES = ("config.json", "model.safetensors")
+OPTIONAL_ARTIFACT_FILES = ("interest_graph.npy",)   # recdata.interest_graph, when pre-trained with one
 """What a foundation artifact is: the files `load_foundation` reads (reports and resume state are not part)."""
 
 
@@ -120,6 +121,11 @@ def artifact_digest(path: str | Path) -> str:
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 20):
                 h.update(chunk)
+    for name in OPTIONAL_ARTIFACT_FILES:    # absent: the digest is what it was before such files existed
+        f = path / name
+        if f.is_file():
+            h.update(f"{name}:{f.stat().st_size}\0".encode())
+            h.update(f.read_bytes())
     return h.hexdigest()
 
 

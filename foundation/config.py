@@ -65,7 +65,8 @@ class FoundationConfig(PretrainedConfig):
       ``field_dim`` (every other field), ``tower_hidden``; ``user_encoder``: ``bert`` (self-attention over
       the last ``seq_len`` views, O(L^2)) or ``elastic`` (ELASTIC, foundation/elastic.py: ``interests``
       experts by linear dispatcher attention, O(L K), and a memory of ``memory_keys``^2 interest prototypes
-      of which each expert reads ``memory_topk``; 0 keys: no memory).
+      of which each expert reads ``memory_topk``; 0 keys: no memory). ``graph_expansion``: empty history
+      slots filled from the interest graph pre-training built (recdata.interest_graph; 0 = none).
     - mlp arch: ``field_dim`` for every field and ``mlp_hidden``.
     """
 
@@ -91,6 +92,7 @@ class FoundationConfig(PretrainedConfig):
     interests: int = 8
     memory_keys: int = 16
     memory_topk: int = 4
+    graph_expansion: int = 0
     dropout: float = 0.0
     id_dim: int = 32
     field_dim: int = 8
@@ -154,6 +156,8 @@ class FoundationConfig(PretrainedConfig):
             raise ConfigError("the elastic user encoder needs interests >= 1, memory_keys >= 0, memory_topk >= 1 "
                               f"and an even d_model (got {self.interests}, {self.memory_keys}, {self.memory_topk}, "
                               f"{self.d_model})")
+        if self.graph_expansion < 0:
+            raise ConfigError(f"graph_expansion must be >= 0, got {self.graph_expansion}")
         if self.arch == "transformer" and self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         for name in ("video_buckets", "author_buckets", "field_buckets", "duration_buckets"):

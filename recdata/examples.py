@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,7 @@ import torch
 
 from fedpa.foundation.batch import ITEM_FIELDS, TASKS
 
+from .interest_graph import expand_histories
 from .schema import LABELS, SEQ_LEN
 from .store import Dataset, DatasetError
 
@@ -33,6 +35,26 @@ class Lookups:
     user_table: np.ndarray  # [max_user_id + 1, P] in user_fields order
     user_fields: list[str]
     seq_len: int = SEQ_LEN  # views per behaviour sequence: the foundation's config decides (ELASTIC reads 1,000+)
+    graph: np.ndarray | None = None  # item -> co-viewed items (recdata.interest_graph), for sparse users
+    expand: int = 0                  # empty history slots filled from the graph (0 = none)
+
+    @classmethod
+    def for_foundation(cls, ds: Dataset, foundation: str | Path) -> Lookups:
+        """The tables for rows a foundation scores: its history length, and its interest graph if it has one."""
+        import json
+
+        from .interest_graph import load_graph
+
+        try:
+            config = json.loads((Path(foundation) / "config.json").read_text())
+            graph = load_graph(foundation)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{foundation}: cannot read the foundation's config or interest graph ({e})") from None
+        lk = cls.build(ds, seq_len=int(config.get("seq_len", SEQ_LEN)))
+        expand = int(config.get("graph_expansion", 0))
+        if expand and graph is not None:
+            lk.graph, lk.expand = graph, expand
+        return lk
 
     @classmethod
     def build(cls, ds: Dataset, seq_len: int = SEQ_LEN) -> Lookups:
@@ -149,6 +171,8 @@ class Examples:
         mask = pos >= self.view_lo[idx, None]
         hist_vid = np.where(mask, self.views.video_id[np.clip(pos, 0, max(len(self.views.video_id) - 1, 0))]
                             if len(self.views.video_id) else 0, 0)
+        if lk.graph is not None and lk.expand:
+            hist_vid, mask = expand_histories(hist_vid, mask, lk.graph, lk.expand)
         hist = self._item_rows(hist_vid)
         hist[~mask] = 0
         context = np.stack([(ts // MS_PER_HOUR) % 24, (ts // MS_PER_DAY + 3) % 7], axis=1)

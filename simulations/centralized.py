@@ -52,7 +52,7 @@ def run_centralized(cfg: FederationConfig, progress=None) -> dict:
     for name in ("metrics.jsonl", "summary.json"):
         (run.path / name).unlink(missing_ok=True)
     ds = Dataset(cfg.data_dir)
-    lookups = Lookups.build(ds)
+    lookups = Lookups.for_foundation(ds, cfg.foundation)
     part = make_partition(ds, partition_config(cfg))
     users = part.clients
     splits = user_splits(cfg, ds, users, lookups)

@@ -63,7 +63,7 @@ def user_batches(cfg: FederationConfig, user: int):
     from fedpa.recdata.store import Dataset
 
     ds = Dataset(cfg.data_dir)
-    lookups = Lookups.build(ds)
+    lookups = Lookups.for_foundation(ds, cfg.foundation)
     if not 0 <= user < len(lookups.user_table):
         raise FedpaError(f"user {user} is not in {cfg.data_dir} (user ids 0..{len(lookups.user_table) - 1})")
     splits = split_users(ds, np.array([user]), SplitConfig(cfg.split, negatives=cfg.negatives),

@@ -97,7 +97,7 @@ def load_funnel_data(cfg: FunnelConfig, with_train: bool = True
     test day's."""
     ds = Dataset(cfg.data_dir)
     train_days, test_day = _days(ds)
-    lookups = Lookups.build(ds)
+    lookups = Lookups.for_foundation(ds, cfg.foundation)
     users = ds.users(["user_id"]).column("user_id").to_numpy()
     views = read_views(ds, users, read_exposures(ds, users))
     # requests without an exposure are dropped after sampling, so a few more are drawn than asked for

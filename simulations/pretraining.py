@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from fedpa.foundation import metrics as M
+from fedpa.foundation.batch import TASKS
 from fedpa.foundation.config import FoundationConfig
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import FoundationModel, count_parameters, load_foundation
 from fedpa.foundation.pretrain import pretrain
 from fedpa.recdata.examples import Examples, Lookups
+from fedpa.recdata.interest_graph import build_interest_graph, save_graph
 from fedpa.recdata.partition import PartitionConfig, SplitConfig, make_partition, split_users
 from fedpa.recdata.schema import SEQ_LEN
 from fedpa.recdata.store import Dataset
@@ -109,6 +111,16 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
     if len(private_users) > max_private_eval_users:
         private_users = np.sort(rng.choice(private_users, max_private_eval_users, replace=False))
     private = split_users(ds, private_users, split_cfg, lookups=lookups, seed=seed)
+    graph_stats = None
+    expand = int(model_overrides.get("graph_expansion", 0))
+    if expand:   # from the open users' training views only (no private user, no held-out row)
+        train = opened.train
+        viewed = train.labels[:, TASKS.index("effective_view")] == 1
+        lookups.graph = build_interest_graph(train.user_id[viewed], train.request_timestamp[viewed],
+                                             train.video_id[viewed], len(lookups.item_table))
+        lookups.expand = expand
+        graph_stats = {"items_with_neighbours": int((lookups.graph[:, 0] >= 0).sum()),
+                       "neighbours": int((lookups.graph >= 0).sum()), "expand_slots": expand}
 
     config = FoundationConfig.from_dataset_vocab(ds.vocab, ds.user_features, arch=arch, **model_overrides)
     model = FoundationModel(config)
@@ -121,6 +133,8 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
         lambda: opened.val.iter_batches(EVAL_BATCH),
         out_dir, epochs=epochs, lr=lr, seed=seed, progress=progress, patience=patience)
     train_s = time.time() - t0
+    if lookups.graph is not None:
+        save_graph(lookups.graph, out_dir)
     best = load_foundation(out_dir)
     held_out = {"open_val": opened.val, "private_test": private.test, "private_val": private.val}
     report = {
@@ -130,7 +144,7 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
         "private_users": int(len(part.private_users)), "private_users_scored": int(len(private_users)),
         "train_rows": len(opened.train), "train_seconds": train_s,
         "samples_per_second": sum(e["samples"] for e in history["epochs"]) / max(train_s, 1e-9),
-        "best_epoch": history["best_epoch"], "history": history["epochs"],
+        "best_epoch": history["best_epoch"], "history": history["epochs"], "interest_graph": graph_stats,
         "evaluation": {},
     }
     groups = {"open_val": opened.group_size, "private_test": private.group_size, "private_val": private.group_size}

@@ -32,6 +32,10 @@ def pretrain_cmd(
                                                    "interest experts in linear time, an interest memory)")] = "bert",
     seq_len: Annotated[int, typer.Option(help="views per behaviour sequence (RecFlow keeps 50; ELASTIC reads "
                                               "1,000+ in linear time)")] = 50,
+    graph_expansion: Annotated[int, typer.Option(help="fill up to this many empty history slots of a sparse user "
+                                                      "with co-viewed items (MMBee's graph-guided interest "
+                                                      "expansion; the graph is built from the open users' "
+                                                      "training views and ships with the foundation; 0 = off)")] = 0,
     activity_attribute: Annotated[str | None, typer.Option(help="profile attribute that marks highly active users "
                                                                 "(default: the top 20% by exposures)")] = None,
     active_values: Annotated[str | None, typer.Option(help="comma-separated values of that attribute that count as "
@@ -54,6 +58,8 @@ def pretrain_cmd(
         raise FedpaError(f"--epochs must be at least 1, got {epochs}")
     if patience < 0:
         raise FedpaError(f"--patience must be >= 0, got {patience}")
+    if graph_expansion < 0:
+        raise FedpaError(f"--graph-expansion must be >= 0, got {graph_expansion}")
     if seq_len < 1:
         raise FedpaError(f"--seq-len must be at least 1, got {seq_len}")
     with progress_bar() as p:
@@ -67,7 +73,7 @@ def pretrain_cmd(
         report = pretrain_foundation(data, out_dir, arch=arch, epochs=epochs, patience=patience, lr=lr,
                                      batch_size=batch_size,
                                      seed=seed, split=split, partition=partition, progress=on_step,
-                                     user_encoder=user_encoder, seq_len=seq_len)
+                                     user_encoder=user_encoder, seq_len=seq_len, graph_expansion=graph_expansion)
     _print_pretrain(report)
 
 
