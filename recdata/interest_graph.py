@@ -91,17 +91,19 @@ def expand_histories(hist_vid: np.ndarray, mask: np.ndarray, graph: np.ndarray, 
     present = mask[todo, length - m:][:, ::-1]
     cand = graph[np.where(present, last, 0)]                            # [rows, m, k]
     cand = np.where(present[..., None], cand, -1).reshape(len(todo), m * k).astype(np.int64)
-    for j, r in enumerate(todo):                                        # rows with empty slots: the sparse users
-        seen = set(hist_vid[r, mask[r]].tolist())
-        picks = []
-        for c in cand[j]:
-            if c >= 0 and c not in seen:
-                seen.add(int(c))
-                picks.append(int(c))
-                if len(picks) == want[r]:
-                    break
-        if picks:
-            end = length - n_views[r]                                   # slots [end - len(picks), end)
-            hist_vid[r, end - len(picks):end] = picks[::-1]             # the strongest next to the real views
-            mask[r, end - len(picks):end] = True
+    # keep a candidate once (its first, strongest place), and never one the history already holds
+    order = np.argsort(cand, axis=1, kind="stable")
+    ranked = np.take_along_axis(cand, order, axis=1)
+    repeat = np.zeros_like(cand, dtype=bool)
+    np.put_along_axis(repeat, order, np.c_[np.zeros((len(todo), 1), bool), ranked[:, 1:] == ranked[:, :-1]], axis=1)
+    held = hist_vid[todo][:, None, :] == cand[:, :, None]               # [rows, m*k, length]
+    held = (held & mask[todo][:, None, :]).any(axis=2)
+    fresh = (cand >= 0) & ~repeat & ~held
+    rank = np.cumsum(fresh, axis=1) - 1                                 # the j-th usable candidate of its row
+    take = fresh & (rank < want[todo][:, None])
+    r, j = np.nonzero(take)
+    rows_ = todo[r]
+    slot = (length - n_views[rows_]) - 1 - rank[r, j]                   # the strongest next to the real views
+    hist_vid[rows_, slot] = cand[r, j]
+    mask[rows_, slot] = True
     return hist_vid, mask
