@@ -150,7 +150,8 @@ def plain_round(n: int, dim: int, seed: int, repeats: int = 3) -> dict:
 
 
 def compare_noise(dims: list[int]) -> None:
-    from fedpa.common.privacy import discrete_gaussian, noise_rng
+    from fedpa.common.discrete_noise import discrete_gaussian
+    from fedpa.common.privacy import noise_rng
 
     print(f"{'d':>9} | {'float Gaussian ms':>17} {'discrete ms':>11} {'ratio':>6} {'µs / coord':>10}")
     rng = noise_rng()

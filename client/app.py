@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from fedpa.client.device_data import DeviceData
 from fedpa.client.secagg import SecAggClient
 from fedpa.common.config import NODE_KEYS, FederationConfig, parse_run_config
-from fedpa.common.privacy import DistributedNoise
+from fedpa.common.discrete_noise import DistributedNoise
 from fedpa.common.secagg import PHASE_ADVERTISE, PHASE_MASKED, MessageRejected
 from fedpa.common.secagg.identity import Identity
 from fedpa.common.secagg.transport import is_secagg, pack, unpack

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedpa.common.privacy import DistributedNoise
+from fedpa.common.discrete_noise import DistributedNoise
 from fedpa.common.secagg import (
     KEY_BYTES,
     MAX_DIM,

@@ -19,13 +19,8 @@ from fedpa.client.personal_store import PersonalStore, open_store
 from fedpa.client.runtime import ClientRuntime, get_runtime, user_seed
 from fedpa.common.aggregation import count_keys, expected_shapes, spec_from
 from fedpa.common.config import FederationConfig
-from fedpa.common.privacy import (
-    DistributedNoise,
-    cohort_contribution,
-    distributed_share,
-    private_contribution,
-    sensitivity,
-)
+from fedpa.common.discrete_noise import DistributedNoise
+from fedpa.common.privacy import cohort_contribution, distributed_share, private_contribution, sensitivity
 from fedpa.common.records import arrays_to_record, record_to_arrays
 from fedpa.common.secagg import concat_update
 from fedpa.foundation.errors import FedpaError

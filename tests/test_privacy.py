@@ -161,7 +161,7 @@ def test_distributed_noise_without_secure_aggregation_is_refused():
 
 
 def test_discrete_gaussian_draws_integers_with_the_asked_variance():
-    from fedpa.common.privacy import discrete_gaussian, discrete_noise_sigma, integer_sensitivity
+    from fedpa.common.discrete_noise import discrete_gaussian, discrete_noise_sigma, integer_sensitivity
 
     for sigma in (4.0, 1234.5):
         x = discrete_gaussian(sigma, 40_000)
@@ -181,7 +181,8 @@ def test_discrete_gaussian_draws_integers_with_the_asked_variance():
 
 def test_central_noise_is_discrete_on_the_fixed_point_with_the_calibrated_scale():
     from fedpa.common.aggregation import count_keys
-    from fedpa.common.privacy import add_discrete_noise, integer_sensitivity
+    from fedpa.common.discrete_noise import integer_sensitivity
+    from fedpa.common.privacy import add_discrete_noise
 
     spec = [SharedTensor("g", (30_000,))]
     sums = {"g": np.full(30_000, 0.5, np.float32), **{k: np.full(s, 100.0, np.float32)

@@ -787,7 +787,7 @@ def test_distributed_noise_is_a_discrete_gaussian_on_the_fixed_point_and_sums_to
     """Distributed DP under SecAgg+ (Kairouz, Liu, Steinke 2021): each client adds its share of the noise as
     integers to its fixed-point vector before masking; the unmasked sum is the exact sum of the quantized inputs
     plus the clients' integer noise, whose variance is the shares' total."""
-    from fedpa.common.privacy import DistributedNoise, integer_sensitivity
+    from fedpa.common.discrete_noise import DistributedNoise, integer_sensitivity
 
     d = 20_000
     vecs = {u: np.where(np.arange(d) % 2 == 0, 0.25, -0.25).astype(np.float32) for u in (3, 13, 23, 33)}
@@ -807,3 +807,15 @@ def test_distributed_noise_is_a_discrete_gaussian_on_the_fixed_point_and_sums_to
     with pytest.raises(SecAggError):
         loud.run()
     assert all("outside the round's fixed-point range" in " ".join(c.rejections) for c in loud.clients.values())
+
+
+def test_a_secagg_phase_starts_without_torch():
+    """Each SecAgg+ message starts a fresh ClientApp process in a deployment: its imports decide how long a phase
+    takes (torch and transformers are about 3.5 s), so the app module and the phase's code must not load them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fedpa.client.app, fedpa.client.secagg, fedpa.common.discrete_noise; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
