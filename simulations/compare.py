@@ -119,7 +119,7 @@ def plot_per_user(table: dict[str, dict], summaries: dict[str, list[dict]], out:
     import matplotlib.pyplot as plt
 
     spread = [(n, summaries[n][0]["test"].get("per_user", {})) for n in table]
-    spread = [(n, s) for n, s in spread if s.get("change_hist")]
+    spread = [(n, s) for n, s in spread if s.get("change_hist") and n != "foundation"]   # its change is 0
     groups = {n: row["by_activity"] for n, row in table.items() if row.get("by_activity")}
     if not spread:
         return None

@@ -218,7 +218,7 @@ def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], confi
     body += ["<h2>Learning curves</h2>", f"<figure>{svg(fig)}</figure>"]
 
     spread = [(n, summaries[n][0]["test"].get("per_user", {})) for n in names]
-    spread = [(n, s) for n, s in spread if s.get("change_hist")]
+    spread = [(n, s) for n, s in spread if s.get("change_hist") and n != "foundation"]   # its change is 0
     if spread:
         lines = [(n, [s.get("share_better", float("nan")), s.get("share_worse", float("nan")),
                       s.get("change_mean", float("nan")), s.get("change_p10", float("nan")),
