@@ -153,12 +153,9 @@ class MetricSums:
             if not val["users"]:
                 continue
             row = {"group": name, "users": val["users"], "metric_mean": val["value_sum"] / val["users"]}
-            m = val["referenced"]
-            if m:
-                hist = g[len(_GROUP_SCALARS):]
-                row.update({"change_mean": val["delta_sum"] / m, "share_worse": val["worse"] / m,
-                            "share_better": val["better"] / m,
-                            **{f"change_p{round(q * 100)}": _quantile(hist, q, -1.0, 1.0) for q in (0.1, 0.5, 0.9)}})
+            if val["referenced"]:
+                row.update(_change_summary(val["referenced"], val["worse"], val["better"], val["delta_sum"],
+                                           g[len(_GROUP_SCALARS):], (0.1, 0.5, 0.9)))
             out.append(row)
         return out
 
@@ -174,10 +171,8 @@ class MetricSums:
         m = self.get("users_referenced")
         if m:
             hist = self.v[_DELTAS:_DELTAS + DELTA_BINS]
-            out.update({f"change_p{round(q * 100)}": _quantile(hist, q, -1.0, 1.0) for q in QUANTILES})
-            out["change_mean"] = self.get("delta_sum") / m
-            out["share_worse"] = self.get("users_worse") / m
-            out["share_better"] = self.get("users_better") / m
+            out.update(_change_summary(m, self.get("users_worse"), self.get("users_better"), self.get("delta_sum"),
+                                       hist, QUANTILES))
             # the whole distribution (counts per 0.01 of change over [-1, 1]): what a report draws
             out["change_hist"] = [int(c) for c in hist]
         groups = self.by_activity()
@@ -212,6 +207,13 @@ class MetricSums:
         if spread:
             out["per_user"] = spread
         return out
+
+
+def _change_summary(users: float, worse: float, better: float, delta_sum: float, hist: np.ndarray,
+                    quantiles) -> dict[str, float]:
+    """Of ``users`` users' changes against the reference: quantiles (from their histogram), mean, shares."""
+    return {**{f"change_p{round(q * 100)}": _quantile(hist, q, -1.0, 1.0) for q in quantiles},
+            "change_mean": delta_sum / users, "share_worse": worse / users, "share_better": better / users}
 
 
 def _user_ranking(probs: np.ndarray, group_size: int) -> float:

@@ -18,7 +18,7 @@ from fedpa.common.config import FederationConfig, with_recipe
 from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
 from fedpa.recmodels.evaluation import ACTIVITY_GROUPS
 from fedpa.server.rundir import RunDir
-from fedpa.simulations.html_report import activity_figure, change_figure, compare_page, metric_bars
+from fedpa.simulations.html_report import activity_figure, change_figure, changed_users, compare_page, metric_bars
 
 # Ablations of FedPA: name -> config overrides
 # `fedpa` runs its recipe (`recmodels.algorithms.FEDPA_RECIPE`); each ablation below takes one part of it
@@ -118,8 +118,7 @@ def plot_per_user(table: dict[str, dict], summaries: dict[str, list[dict]], out:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spread = [(n, summaries[n][0]["test"].get("per_user", {})) for n in table]
-    spread = [(n, s) for n, s in spread if s.get("change_hist") and n != "foundation"]   # its change is 0
+    spread = changed_users(table, summaries)
     groups = {n: row["by_activity"] for n, row in table.items() if row.get("by_activity")}
     if not spread:
         return None

@@ -132,6 +132,13 @@ def metric_bars(ax, table: dict[str, dict], metric: str, margin: float = 0.02) -
     ax.grid(axis="y", alpha=0.3)
 
 
+def changed_users(table: dict[str, dict], summaries: dict[str, list[dict]]) -> list[tuple[str, dict]]:
+    """(algorithm, its first seed's per-user spread) for each algorithm with a per-user change to draw; the
+    foundation's own change is 0 by definition, so it is left out."""
+    spread = [(n, summaries[n][0]["test"].get("per_user", {})) for n in table if n != "foundation"]
+    return [(n, s) for n, s in spread if s.get("change_hist")]
+
+
 def change_figure(plt, spread: list[tuple[str, dict]]):
     """One histogram per algorithm of each user's change against the frozen foundation (red: loses)."""
     fig, axes = plt.subplots(1, len(spread), figsize=(3.2 * len(spread), 3), sharey=True, squeeze=False)
@@ -150,8 +157,8 @@ def change_figure(plt, spread: list[tuple[str, dict]]):
 
 
 def activity_figure(plt, groups: dict[str, dict[str, dict]]):
-    """Mean change against the foundation per activity group, one bar per algorithm (error bar: std over
-    seeds), and the share of users who lose as a marker."""
+    """Two panels per activity group, one bar per algorithm: the mean change against the foundation (error bar:
+    std over seeds) and the share of users who lose."""
     names = list(groups)
     order = [g for g in ACTIVITY_GROUPS if any(g in by for by in groups.values())]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
@@ -217,8 +224,7 @@ def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], confi
         ax.legend(fontsize=7)
     body += ["<h2>Learning curves</h2>", f"<figure>{svg(fig)}</figure>"]
 
-    spread = [(n, summaries[n][0]["test"].get("per_user", {})) for n in names]
-    spread = [(n, s) for n, s in spread if s.get("change_hist") and n != "foundation"]   # its change is 0
+    spread = changed_users(table, summaries)
     if spread:
         lines = [(n, [s.get("share_better", float("nan")), s.get("share_worse", float("nan")),
                       s.get("change_mean", float("nan")), s.get("change_p10", float("nan")),
