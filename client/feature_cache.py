@@ -45,6 +45,8 @@ def cache_key(foundation_dir: str, data_dir: str, split: str, negatives: int, se
     h.update(hashlib.sha256(weights.read_bytes()).digest())
     config = Path(foundation_dir) / "config.json"   # same shapes, other features: other rows
     h.update(config.read_bytes() if config.exists() else b"")
+    graph = Path(foundation_dir) / "interest_graph.npy"   # widens sparse users' histories: other rows
+    h.update(graph.read_bytes() if graph.exists() else b"")
     manifest = Path(data_dir) / "manifest.json"
     h.update(manifest.read_bytes())
     # every data file by name, size and modification time (a full digest of a RecFlow-sized dataset on every

@@ -147,6 +147,12 @@ def test_the_feature_cache_key_follows_the_foundation_config_and_every_data_file
     (fd / "config.json").write_text((fd / "config.json").read_text() + "\n")
     second = key()
     assert second != first
+    from fedpa.recdata.interest_graph import save_graph  # an interest graph widens histories: other rows
+
+    save_graph(np.full((3, 2), -1, np.int32), fd)
+    assert key() != second
+    (fd / "interest_graph.npy").unlink()
+    assert key() == second
     day = sorted((data / "exposures").glob("*.arrow"))[0]
     st = day.stat()
     os.utime(day, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
