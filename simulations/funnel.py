@@ -34,7 +34,7 @@ from fedpa.recdata.schema import LEVEL_CLICK
 from fedpa.recdata.store import Dataset
 from fedpa.recmodels.stages.features import StageEncoder
 from fedpa.recmodels.stages.funnel import FunnelSizes, StageModels, pair_batch, run_funnel
-from fedpa.recmodels.stages.pointwise import build_stage_head
+from fedpa.recmodels.stages.pointwise import RETRIEVAL_KINDS, build_stage_head
 from fedpa.recmodels.stages.ranking import HoMERanker
 from fedpa.recmodels.stages.rerank import CDMReranker, category_coverage, intra_list_distance
 from fedpa.recmodels.stages.towers import recall_ndcg_at_k
@@ -61,6 +61,8 @@ class FunnelConfig:
     use_stage_samples: bool = True
     rerank: str = "cdm"                 # cdm | mmr
     interests: int = 1                  # retrieval: 1 = one user vector; > 1 = multi-interest
+    retrieval: str = "two-tower"        # two-tower | dimerec (DimeRec's diffusion-generated query; interests >= 2)
+    validation: bool = False            # evaluate on the last training day (trained on the days before it)
     epochs: int = 2
     seed: int = 0
     retrieval_size: int = 72
@@ -85,10 +87,14 @@ def request_tensors(pools: RequestPools, lookups: Lookups) -> RequestTensors:
                           torch.from_numpy(items[..., 2].copy()))  # ITEM_FIELDS[2] = category_level_one
 
 
-def _days(ds: Dataset) -> tuple[list[str], str]:
-    if len(ds.days) < 2:
-        raise FedpaError(f"{ds.path}: the funnel needs at least 2 days (training days, then a test day)")
-    return list(ds.days[:-1]), ds.days[-1]
+def _days(ds: Dataset, validation: bool = False) -> tuple[list[str], str]:
+    """Training days and the evaluated day: the last day, or (``validation``) the last training day,
+    with the days before it for training, so that settings are chosen without reading the test day."""
+    if len(ds.days) < 2 + validation:
+        raise FedpaError(f"{ds.path}: the funnel needs at least {2 + validation} days (training days, then "
+                         f"{'a validation day' if validation else 'a test day'})")
+    end = len(ds.days) - validation
+    return list(ds.days[:end - 1]), ds.days[end - 1]
 
 
 def load_funnel_data(cfg: FunnelConfig, with_train: bool = True
@@ -96,7 +102,7 @@ def load_funnel_data(cfg: FunnelConfig, with_train: bool = True
     """The dataset, its lookups, the sampled training requests' pools (None unless ``with_train``) and the
     test day's."""
     ds = Dataset(cfg.data_dir)
-    train_days, test_day = _days(ds)
+    train_days, test_day = _days(ds, cfg.validation)
     lookups = Lookups.for_foundation(ds, cfg.foundation)
     users = ds.users(["user_id"]).column("user_id").to_numpy()
     views = read_views(ds, users, read_exposures(ds, users))
@@ -122,7 +128,7 @@ def build_models(encoder: StageEncoder, cfg: FunnelConfig) -> StageModels:
     torch.manual_seed(cfg.seed)
     config = encoder.foundation.config
     return StageModels(
-        retrieval=build_stage_head("retrieval", config, cfg.interests),
+        retrieval=build_stage_head("retrieval", config, cfg.interests, cfg.retrieval),
         prerank=build_stage_head("prerank", config),
         rank=build_stage_head("rank", config),
         rerank=CDMReranker(encoder.item_dim) if cfg.rerank == "cdm" else None)
@@ -213,19 +219,19 @@ def funnel_metrics(kept: dict[str, torch.Tensor], encoder: StageEncoder, test: R
             cov.append(category_coverage(test.category[r, pick], n_categories))
     metrics["rerank"] = {"intra_list_distance": float(np.mean(ild)) if ild else float("nan"),
                          "category_coverage": float(np.mean(cov)) if cov else float("nan")}
-    oracle = _oracle(ds, pools, exposed, valid)
+    oracle = _oracle(ds, pools, exposed, valid, _days(ds, cfg.validation)[1])
     if oracle is not None:
         e2e["oracle_utility"] = oracle
     metrics["end_to_end"] = e2e
     return metrics
 
 
-def _oracle(ds: Dataset, pools: RequestPools, exposed: torch.Tensor, valid: torch.Tensor) -> float | None:
+def _oracle(ds: Dataset, pools: RequestPools, exposed: torch.Tensor, valid: torch.Tensor,
+            day: str) -> float | None:
     from fedpa.recdata.synth import oracle_utility
 
     if not (ds.path / "oracle" / "world.json").exists():
         return None
-    day = ds.days[-1]
     vid = np.take_along_axis(pools.padded(pools.video_id, 0), exposed.clamp(min=0).numpy(), axis=1)
     users = np.broadcast_to(pools.requests.user_id[:, None], vid.shape)
     util = oracle_utility(ds, users[valid.numpy()], vid[valid.numpy()], day)
@@ -265,6 +271,11 @@ def run_funnel_experiment(cfg: FunnelConfig, data=None, progress=None) -> dict:
     t0 = time.perf_counter()
     if cfg.rerank not in ("cdm", "mmr"):
         raise FedpaError(f"unknown re-ranker '{cfg.rerank}' (cdm, mmr)")
+    if cfg.retrieval not in RETRIEVAL_KINDS:
+        raise FedpaError(f"unknown retrieval head '{cfg.retrieval}' ({', '.join(RETRIEVAL_KINDS)})")
+    if cfg.retrieval == "dimerec" and cfg.interests < 2:
+        raise FedpaError(f"DimeRec's retrieval is guided by several interests: interests must be >= 2 "
+                         f"(got {cfg.interests}; fedpa funnel --retrieval dimerec --interests 4)")
     foundation = load_foundation(cfg.foundation)
     encoder = StageEncoder(foundation)
     _tick(progress, "data")

@@ -193,3 +193,48 @@ def test_a_stage_larger_than_the_pool_keeps_every_view(pools, tiny_foundation):
     assert m["requests_with_views"] > 0
     for stage, k in (("retrieval", 400), ("prerank", 300), ("rank", 200), ("exposed", 150)):
         assert m[stage][f"recall@{k}"] == 1.0, stage
+
+
+def test_dimerec_retrieval_on_the_validation_day_runs_saves_and_reloads(tiny, tiny_foundation, tmp_path):
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recdata.store import Dataset
+    from fedpa.recmodels.stages.dimerec import DimeRecRetrieval
+    from fedpa.recmodels.stages.features import StageEncoder
+    from fedpa.simulations.cli import app
+    from fedpa.simulations.funnel import (
+        FunnelConfig,
+        evaluate_funnel,
+        load_funnel_data,
+        load_stage_models,
+        request_tensors,
+    )
+
+    out = tmp_path / "d"
+    res = runner.invoke(app, ["funnel", "--data", str(tiny), "--foundation", str(tiny_foundation), "--out", str(out),
+                              "--retrieval", "dimerec", "--validation", "--train-requests", "200",
+                              "--test-requests", "80", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert "funnel on the validation day" in res.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["retrieval"] == "dimerec" and saved["interests"] == 4 and saved["validation"] is True
+    m = json.loads((out / "metrics.json").read_text())
+    cfg = FunnelConfig(**saved)
+    ds, lookups, train_pools, test_pools = load_funnel_data(cfg)
+    # validation: evaluated on the last training day, trained on the days before it; the test day unread
+    days_of = {d: set(Dataset(tiny).day("requests", d, ["request_id"]).column("request_id").to_pylist())
+               for d in ds.days}
+    assert set(test_pools.request_id.tolist()) <= days_of[ds.days[-2]]
+    assert not set(train_pools.request_id.tolist()) & (days_of[ds.days[-2]] | days_of[ds.days[-1]])
+    encoder = StageEncoder(load_foundation(tiny_foundation))
+    models = load_stage_models(encoder, cfg, out / "models")
+    assert isinstance(models.retrieval, DimeRecRetrieval)
+    again = evaluate_funnel(models, encoder, request_tensors(test_pools, lookups), test_pools, ds, cfg)
+    assert again["retrieval"]["ndcg@72"] == pytest.approx(m["retrieval"]["ndcg@72"], abs=1e-9)
+
+    res = runner.invoke(app, ["funnel", "--data", str(tiny), "--foundation", str(tiny_foundation),
+                              "--out", str(tmp_path / "x"), "--retrieval", "dimerec", "--interests", "1"])
+    assert res.exit_code == 2 and "interests must be >= 2" in res.output, res.output
+    res = runner.invoke(app, ["funnel", "--data", str(tiny), "--foundation", str(tiny_foundation),
+                              "--out", str(tmp_path / "x"), "--retrieval", "bm25"])
+    assert res.exit_code == 2 and "unknown retrieval head 'bm25'" in res.output, res.output
+    assert not (tmp_path / "x").exists()

@@ -35,6 +35,7 @@ from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import FoundationModel
 
 from . import FEDERATED_STAGES  # noqa: F401  (re-exported)
+from .dimerec import DimeRecRetrieval
 from .features import user_width
 from .ranking import HoMERanker
 from .towers import PrerankDSSM, RetrievalTwoTower
@@ -149,12 +150,21 @@ class StageHost(nn.Module):
         return self.tower(pair)
 
 
-def build_stage_head(stage: str, config: FoundationConfig, interests: int = 1) -> nn.Module:
-    """An untrained head of ``stage`` with the shapes `simulations.funnel.build_models` gives it."""
+RETRIEVAL_KINDS = ("two-tower", "dimerec")
+
+
+def build_stage_head(stage: str, config: FoundationConfig, interests: int = 1,
+                     retrieval: str = "two-tower") -> nn.Module:
+    """An untrained head of ``stage`` with the shapes `simulations.funnel.build_models` gives it;
+    ``retrieval`` picks the retrieval head (RecFlow's two-tower, or DimeRec's generated query)."""
     d = config.d_model
     user_dim = user_width(config)
     pair_dim = PairLayout(config).width
     if stage == "retrieval":
+        if retrieval == "dimerec":
+            return DimeRecRetrieval(user_dim, d, d, interests=interests)
+        if retrieval != "two-tower":
+            raise FedpaError(f"unknown retrieval head '{retrieval}' ({', '.join(RETRIEVAL_KINDS)})")
         return RetrievalTwoTower(user_dim, d, d, interests=interests)
     if stage == "prerank":
         return PrerankDSSM(user_dim, d)
@@ -178,7 +188,8 @@ def load_stage_host(foundation: FoundationModel, funnel_dir: str | Path, stage: 
                          "with `fedpa funnel --out DIR` first") from None
     except ValueError as e:
         raise FedpaError(f"{funnel_dir / 'config.json'}: not valid JSON ({e})") from None
-    head = build_stage_head(stage, foundation.config, int(funnel_cfg.get("interests", 1)))
+    head = build_stage_head(stage, foundation.config, int(funnel_cfg.get("interests", 1)),
+                            str(funnel_cfg.get("retrieval", "two-tower")))
     path = funnel_dir / "models" / f"{stage}.safetensors"
     try:
         head.load_state_dict(load_file(path))

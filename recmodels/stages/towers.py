@@ -92,7 +92,14 @@ class RetrievalTwoTower(nn.Module):
         Padded hard negatives (``hard_mask`` False) are zeroed before the item tower and their logits
         are -inf, so neither their values nor their gradients can leak into the loss.
         """
-        user_vecs = self.user_vectors(user, history, history_mask)                # [B, K, dim]
+        return self.sampled_softmax(self.user_vectors(user, history, history_mask), positives,
+                                    random_negatives, hard_negatives, hard_mask)
+
+    def sampled_softmax(self, user_vecs: torch.Tensor, positives: torch.Tensor,
+                        random_negatives: torch.Tensor | None = None, hard_negatives: torch.Tensor | None = None,
+                        hard_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`loss` for given user vectors [B, K, dim] (a subclass that makes its query another way, as
+        DimeRec does, scores it against the same negatives)."""
         batch = user_vecs.shape[0]
         parts = [self.score(user_vecs, self.item_vectors(positives))]            # [B, B]; target on the diagonal
         if random_negatives is not None and random_negatives.shape[0] > 0:
