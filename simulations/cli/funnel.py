@@ -36,7 +36,8 @@ def funnel_cmd(
     validation: Annotated[bool, typer.Option(
         "--validation", help="evaluate on the last training day instead of the test day (train on the days "
                              "before it): for choosing settings without reading the test day")] = False,
-    epochs: Annotated[int, typer.Option(help="epochs per stage")] = 2,
+    epochs: Annotated[int, typer.Option(
+        help="epochs per stage (10: the best of 2, 6, 10 on the validation day; docs/results.md)")] = 10,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     ablation_seeds: Annotated[int,
                               typer.Option(help="> 0: the stage-sample ablation (with / without) over this many "
