@@ -76,6 +76,9 @@ def funnel_config(funnel_dir: str | Path, cfg: FederationConfig):
     except ValueError as e:
         raise FedpaError(f"{path}: not valid JSON ({e})") from None
     fc = FunnelConfig(**{k: v for k, v in written.items() if k in FunnelConfig.__dataclass_fields__})
+    if fc.validation:
+        raise FedpaError(f"{funnel_dir} was trained with --validation (without the last training day, to choose "
+                         "settings): train the heads to federate without it")
     for what, theirs, ours in (("dataset", fc.data_dir, cfg.data_dir), ("foundation", fc.foundation, cfg.foundation)):
         if Path(theirs).resolve() != Path(ours).resolve():
             raise FedpaError(f"{funnel_dir} trained its stage heads on {what} {theirs}, this federation uses {ours}: "

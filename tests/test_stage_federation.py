@@ -182,6 +182,10 @@ def test_bad_stage_configurations_are_named(tiny, tiny_foundation, tmp_path):
     (other / "config.json").write_text(json.dumps({"data_dir": str(tmp_path), "foundation": str(tiny_foundation)}))
     with pytest.raises(FedpaError, match="same data and foundation"):
         funnel_config(other, cfg)
+    (other / "config.json").write_text(json.dumps({"data_dir": str(tiny), "foundation": str(tiny_foundation),
+                                                  "validation": True}))
+    with pytest.raises(FedpaError, match="trained with --validation"):
+        funnel_config(other, cfg)
 
 
 # ----------------------------------------------------------------------------- the federation, end to end
