@@ -13,12 +13,7 @@ from fedpa.recmodels.stages.towers import RetrievalTwoTower
 DU, DI, DH = 12, 8, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # a few hundred tiny steps
 
 
 def angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

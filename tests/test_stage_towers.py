@@ -12,13 +12,7 @@ from fedpa.recmodels.stages.towers import PrerankDSSM, RetrievalTwoTower, recall
 DU, DI, DH = 12, 8, 6  # user, item and history-state widths of the shape tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The training tests take a few hundred tiny steps: one thread avoids contention on a busy host."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # a few hundred tiny steps
 
 
 def linear_names(model: nn.Module) -> set[str]:
