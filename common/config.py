@@ -20,7 +20,7 @@ from typing import Any
 
 from fedpa.foundation.batch import CATEGORICAL_ITEM_FIELDS
 from fedpa.foundation.errors import FedpaError
-from fedpa.recdata.schema import SPLITS
+from fedpa.recdata.schema import EVAL_USERS, SPLITS
 from fedpa.recmodels.algorithms import ALGORITHMS, FOUNDATION_HEAD_KEYS, ITEM_SIDE_KEYS
 from fedpa.recmodels.stages import FEDERATED_STAGES
 
@@ -70,6 +70,14 @@ class FederationConfig:
                          "loo (leave one out, sampled negatives), last (MRFF: last pair per user)", "data",
                          choices=SPLITS)
     negatives: int = setting(99, "sampled negatives per validation / test case (split loo)", "data", at_least=1)
+    train_domains: str = setting("", "in a dataset of several domains (items.domain): train on the rows of these "
+                                 "only, comma-separated names ('' = all; the evaluated domain alone = single-domain "
+                                 "training)", "data")
+    eval_domains: str = setting("", "evaluate on the rows of these domains only (comma-separated names, '' = all)",
+                                "data")
+    eval_users: str = setting("all", "with eval-domains: evaluate every user, those with training rows in another "
+                                     "domain (cross-domain) or those without (single-domain)", "data",
+                              choices=EVAL_USERS)
     max_clients: int = setting(0, "use at most this many private users (0 = all)", "data", at_least=0)
     federate_open_users: bool = setting(False, "open users (the foundation's pre-training users) join the "
                                         "federation as clients too, as MRFF's protocol has it", "data")

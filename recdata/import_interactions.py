@@ -38,6 +38,7 @@ class Mapping:
     user_features: list[str] | None = None  # None: every other column
     item_id: str | None = None            # id column of the item table (default: `item`)
     item_columns: dict[str, str] = field(default_factory=dict)  # canonical or extra name -> source column
+    domains: dict[int, str] = field(default_factory=dict)  # items.domain code -> name (several surfaces)
 
     def validate(self) -> None:
         if self.time_unit not in TIME_UNITS:
@@ -66,7 +67,8 @@ class Mapping:
                     timestamp=inter.get("timestamp", "timestamp"), time_unit=inter.get("time_unit", "ms"),
                     labels=dict(inter.get("labels", {"effective_view": "label"})),
                     user_id=users.get("id"), user_features=users.get("features"),
-                    item_id=items.get("id"), item_columns=dict(items.get("columns", {})))
+                    item_id=items.get("id"), item_columns=dict(items.get("columns", {})),
+                    domains={int(k): str(v) for k, v in dict(items.get("domains", {})).items()})
         except (TypeError, ValueError) as e:
             raise FedpaError(f"{p}: malformed mapping ({e})") from None
         m.validate()
@@ -248,7 +250,7 @@ def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapp
     bounds = [*starts.tolist(), len(day)]
     with DatasetWriter(out, source=f"interactions:{src.name}", overwrite=overwrite) as writer:
         writer.write_users(user_table)
-        writer.write_items(item_table)
+        writer.write_items(item_table, domains=mapping.domains or None)
         for n, (d, lo, hi) in enumerate(zip(days, bounds[:-1], bounds[1:]), 1):
             iso = str(np.datetime64(int(d), "D"))
             rid = request_of_row[lo:hi].astype(np.int64)

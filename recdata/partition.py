@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from .examples import Examples, Lookups, Views
-from .schema import LABELS, SPLITS
+from .schema import EVAL_USERS, LABELS, SPLITS
 from .store import Dataset, DatasetError
 
 TRAIN_NEGATIVES = 4  # PFedRec: 4 sampled negatives per training positive
@@ -285,6 +285,48 @@ def _leave_one_out(ex: Examples, starts, ends, split: SplitConfig, lookups: Look
         order = np.lexsort((ts, uids)) if name == "train" else np.arange(len(y))  # ranking cases stay grouped
         out[name] = Examples.from_rows(uids[order], ts[order], vids[order], labels[order], ex.views, lookups)
     return UserSplits(out["train"], out["val"], out["test"], group_size=1 + split.negatives)
+
+
+def select_domains(ds: Dataset, splits: UserSplits, train_domains: str = "", eval_domains: str = "",
+                   eval_users: str = "all") -> UserSplits:
+    """The rows of a dataset of several domains that a run trains and evaluates on (names, comma-separated;
+    "" = every domain). ``eval_users`` keeps the evaluation of users who also have training rows in another
+    domain than the evaluated ones ("cross-domain": a dense-domain history to transfer from) or of those who
+    do not ("single-domain"); the others still train. Single-domain training is ``train_domains`` = the
+    evaluated domain; cross-domain training leaves it empty."""
+    if eval_users not in EVAL_USERS:
+        raise DatasetError(f"eval-users must be one of {', '.join(EVAL_USERS)} (got {eval_users!r})")
+    train_codes, eval_codes = ds.domain_codes(train_domains), ds.domain_codes(eval_domains)
+    if eval_users != "all" and not eval_codes:
+        raise DatasetError(f"eval-users {eval_users} needs eval-domains (the domain whose users are told apart "
+                           "by their rows in the others)")
+    if not (train_codes or eval_codes):
+        return splits
+    if eval_codes and splits.group_size > 1:
+        raise DatasetError("eval-domains chooses evaluation rows, but this split ranks cases of "
+                           f"{splits.group_size} rows (loo) that one domain filter would cut apart")
+    domain_of = ds.item_domains()
+
+    def domains(ex: Examples) -> np.ndarray:
+        vid = ex.video_id
+        return np.where(vid < len(domain_of), domain_of[np.minimum(vid, len(domain_of) - 1)], 0)
+
+    train, val, test = splits.train, splits.val, splits.test
+    if eval_codes:
+        # users with training rows (before train_domains) outside the evaluated domains
+        elsewhere = np.unique(train.user_id[~np.isin(domains(train), eval_codes)])
+
+        def evaluated(ex: Examples) -> Examples:
+            keep = np.isin(domains(ex), eval_codes)
+            if eval_users != "all":
+                has_history = np.isin(ex.user_id, elsewhere)
+                keep &= has_history if eval_users == "cross-domain" else ~has_history
+            return ex.subset(np.nonzero(keep)[0])
+
+        val, test = evaluated(val), evaluated(test)
+    if train_codes:
+        train = train.subset(np.nonzero(np.isin(domains(train), train_codes))[0])
+    return UserSplits(train, val, test, group_size=splits.group_size)
 
 
 def sample_unseen(n_items: int, seen: np.ndarray, k: int, rng: np.random.Generator,

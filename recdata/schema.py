@@ -68,6 +68,12 @@ ITEM_COLUMNS = [
     Column("duration", pa.int64(), "duration in ms (0 = unknown)"),
 ]
 
+DOMAIN_COLUMN = Column("domain", pa.int64(), "the surface the item is shown on (1, 2, ...: the manifest's "
+                       "`domains` names them), for a dataset of several surfaces", required=False)
+"""Optional item column of a dataset that spans surfaces (short video and live streaming, search and
+recommendation): the row-level key by which training and evaluation rows are chosen per domain. With it
+the manifest's ``domains`` maps each code to its name; a dataset without it is one domain."""
+
 REQUEST_COLUMNS = [
     Column("request_id", pa.int64(), "request id, unique in the dataset"),
     Column("user_id", pa.int64(), "who asked"),
@@ -129,3 +135,7 @@ SCHEMAS: dict[str, pa.Schema] = {name: _schema(cols) for name, cols in TABLES.it
 # How a user's rows split into train / validation / test (`recdata.partition`): by-day (RecFlow's protocol),
 # chrono (60/20/20 per user), loo (leave one out against sampled negatives), last (MRFF: last pair per user).
 SPLITS = ("by-day", "chrono", "loo", "last")
+
+# Whose evaluation a run of several domains keeps (`recdata.partition.select_domains`): every user's, or only
+# those with (cross-domain) or without (single-domain) training rows in a domain other than the evaluated ones.
+EVAL_USERS = ("all", "cross-domain", "single-domain")

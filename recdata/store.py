@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from fedpa.foundation.errors import FedpaError
 
-from .schema import DAY_TABLES, FORMAT_VERSION, ITEM_COLUMNS, LABELS, SCHEMAS, STAGES, USER_COLUMNS
+from .schema import DAY_TABLES, DOMAIN_COLUMN, FORMAT_VERSION, ITEM_COLUMNS, LABELS, SCHEMAS, STAGES, USER_COLUMNS
 
 # Extra columns named orig_* carry a source's original ids: kept, never used as features.
 CARRIED_PREFIX = "orig_"
@@ -143,6 +143,7 @@ class DatasetWriter:
         self.user_features: list[str] = []
         self.item_features: list[str] = []
         self.has_history = False
+        self.domains: dict[str, str] = {}
         self._done = False
 
     def __enter__(self) -> DatasetWriter:
@@ -166,9 +167,11 @@ class DatasetWriter:
         self.stats.add_rows("users", table.num_rows)
         _write_ipc(self.tmp / "users.arrow", table)
 
-    def write_items(self, table: pa.Table) -> None:
+    def write_items(self, table: pa.Table, domains: Mapping[int, str] | None = None) -> None:
+        """The item table; ``domains`` (code -> name) when its ``domain`` column tells surfaces apart."""
         table = conform("items", table, "items")
         check_values("items", table, "items")
+        self.domains = _check_domains(table, domains)
         table = table.sort_by("video_id")
         self.item_features = [c for c in table.column_names
                               if c != "video_id" and not c.startswith(CARRIED_PREFIX)]
@@ -234,6 +237,7 @@ class DatasetWriter:
             "rows": self.stats.rows,
             "stage_samples_per_stage": self.stats.stage_counts,
             "has_history": self.has_history,
+            **({"domains": self.domains} if self.domains else {}),
             **meta,
         }
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -248,6 +252,27 @@ class DatasetWriter:
             shutil.rmtree(old, ignore_errors=True)
         self._done = True
         return self.out
+
+
+def _check_domains(items: pa.Table, domains: Mapping[int, str] | None) -> dict[str, str]:
+    """The manifest's ``domains`` (code as text -> name) for an item table, refusing a ``domain`` column without
+    names, names without the column, and codes outside the named ones."""
+    col = DOMAIN_COLUMN.name
+    if not domains:
+        if col in items.column_names:
+            raise DatasetError(f"items: column '{col}' needs the names of its domains (code -> name)")
+        return {}
+    if col not in items.column_names:
+        raise DatasetError(f"items: domains {dict(domains)} are named but the table has no '{col}' column")
+    names = {int(k): str(v) for k, v in domains.items()}
+    if len(names) < 2 or min(names) < 1 or len(set(names.values())) != len(names):
+        raise DatasetError(f"items: domains must name at least two codes >= 1, each once (got {dict(domains)})")
+    codes = items.column(col).to_numpy()
+    unknown = np.setdiff1d(np.unique(codes), list(names))
+    if len(unknown):
+        raise DatasetError(f"items: column '{col}' has code(s) {unknown[:5].tolist()} that the domains "
+                           f"{names} do not name")
+    return {str(k): v for k, v in sorted(names.items())}
 
 
 def check_values(name: str, table: pa.Table, where: str, vocab: dict[str, int] | None = None) -> None:
@@ -339,6 +364,33 @@ class Dataset:
 
     def users(self, columns: list[str] | None = None) -> pa.Table:
         return self._table("users", "", columns)
+
+    @property
+    def domains(self) -> dict[str, int]:
+        """Domain name -> its code in ``items.domain`` (empty: a one-domain dataset)."""
+        return {name: int(code) for code, name in self.manifest.get("domains", {}).items()}
+
+    def domain_codes(self, names: str | Iterable[str]) -> list[int]:
+        """The codes of domains given by name (a comma-separated string or a list), refusing unknown names."""
+        names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+        if names and not self.domains:
+            raise DatasetError(f"{self.path}: has one domain (no items.domain): cannot choose domains "
+                               f"{', '.join(names)}")
+        unknown = [n for n in names if n not in self.domains]
+        if unknown:
+            raise DatasetError(f"{self.path}: unknown domain(s) {', '.join(unknown)} (it has "
+                               f"{', '.join(self.domains)})")
+        return [self.domains[n] for n in names]
+
+    def item_domains(self) -> np.ndarray:
+        """[max video_id + 1] domain code of every item (0 for an id the items table lacks)."""
+        if not self.domains:
+            raise DatasetError(f"{self.path}: has one domain (no items.domain)")
+        items = self.items(["video_id", DOMAIN_COLUMN.name])
+        vid = items.column("video_id").to_numpy()
+        out = np.zeros(max(int(self.vocab.get("video_id", 0)), int(vid.max()) + 1 if len(vid) else 0), np.int64)
+        out[vid] = items.column(DOMAIN_COLUMN.name).to_numpy()
+        return out
 
     def items(self, columns: list[str] | None = None) -> pa.Table:
         return self._table("items", "", columns)

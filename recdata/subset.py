@@ -37,7 +37,7 @@ def write_user_subset(ds: Dataset, users, out: str | Path, *, overwrite: bool = 
         raise DatasetError(f"{ds.path}: no user {int(users[~known][0])} in its users table")
     with DatasetWriter(out, source=ds.source, overwrite=overwrite) as w:
         w.write_users(_rows_of(table, users))
-        w.write_items(ds.items())
+        w.write_items(ds.items(), domains={code: name for name, code in ds.domains.items()} or None)
         for day in ds.days:
             w.write_day(day, **{name: pa.concat_tables([ds.user_rows(name, int(u), days=[day]) for u in users])
                                 for name in DAY_TABLES})

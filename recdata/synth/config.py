@@ -14,6 +14,7 @@ from ..schema import STAGES
 ProgressCallback = Callable[[str, int, int], None]
 
 INTERACTIONS = ("like", "follow", "forward", "comment")
+DOMAIN_NAMES = {1: "short-video", 2: "live"}  # the surfaces of a two-domain world, by their code in items.domain
 EFFECTIVE_VIEW_RATIO = 0.3  # RecFlow: effective_view = watched >= 30% of the duration; long_view >= 100%
 
 
@@ -82,6 +83,20 @@ class SynthConfig:
     mean_exposures: float = 4.08
     max_exposures: int = 6
 
+    # -- a second surface (UniCDR+, Moment&Cross: short video is dense, live streaming sparse). Off at 0.
+    second_domain_share: float = 0.0
+    """Share of the level-two categories whose items live on a second, sparse surface ("live"); 0 = one
+    surface. A request on that surface retrieves from its categories only."""
+    second_domain_activity: float = 0.1
+    """A user's requests on the second surface, as a share of its requests on the first."""
+    domain_transfer: float = 0.7
+    """Correlation of a user's interest on the second surface with its interest on the first (1 = the same
+    taste, 0 = unrelated): how much dense-surface behaviour can teach about the sparse one."""
+    second_domain_only_users: float = 0.15
+    """Share of users active on the second surface only (no dense-surface rows: nothing to transfer from)."""
+    first_domain_only_users: float = 0.3
+    """Share of users who never open the second surface."""
+
     # -- feedback. RecFlow publishes no label rates: these defaults are assumptions.
     effective_view_rate: float = 0.40
     """Target share of exposures watched >= 30% (keeps AUC on effective_view meaningful)."""
@@ -99,6 +114,14 @@ class SynthConfig:
     comment_rate: float = 0.004
     interaction_utility_slope: float = 1.0
     """How much the log-odds of an interaction (given an effective view) rise per unit of utility."""
+
+    @property
+    def two_domains(self) -> bool:
+        return self.second_domain_share > 0
+
+    def second_domain_categories(self) -> int:
+        """How many level-two categories the second surface has."""
+        return int(round(self.second_domain_share * self.n_categories_l2))
 
     def interaction_rate(self, label: str) -> float:
         return getattr(self, f"{label}_rate")
@@ -129,7 +152,8 @@ class SynthConfig:
         for name in non_negative:
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be a number >= 0")
-        for name in ("unknown_profile_rate", "quality_popularity_correlation", "interest_persistence"):
+        for name in ("unknown_profile_rate", "quality_popularity_correlation", "interest_persistence",
+                     "domain_transfer", "second_domain_only_users", "first_domain_only_users"):
             if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
                 raise bad(name, "must be in [0, 1]")
         for name in ("effective_view_rate", *(f"{lab}_rate" for lab in INTERACTIONS)):
@@ -148,6 +172,18 @@ class SynthConfig:
             raise bad("n_authors", "must be >= n_categories_l2 (every category has an author)")
         if self.n_items < self.n_categories_l2:
             raise bad("n_items", "must be >= n_categories_l2 (every category has an item)")
+
+        if not _is_number(self.second_domain_share) or not 0 <= self.second_domain_share < 1:
+            raise bad("second_domain_share", "must be in [0, 1) (0 = one surface)")
+        if not _is_number(self.second_domain_activity) or self.second_domain_activity <= 0:
+            raise bad("second_domain_activity", "must be a positive number")
+        if self.second_domain_only_users + self.first_domain_only_users > 1:
+            raise bad("second_domain_only_users", "plus first_domain_only_users must be at most 1")
+        if self.second_domain_share and self.second_domain_categories() < 1:
+            raise bad("second_domain_share", f"leaves no level-two category of {self.n_categories_l2} "
+                                             "on the second surface")
+        if self.second_domain_share and self.n_categories_l2 - self.second_domain_categories() < 1:
+            raise bad("second_domain_share", "leaves no level-two category on the first surface")
 
         sizes, stored = self.funnel_sizes, self.stored_samples
         if not isinstance(sizes, tuple) or len(sizes) != 5 or any(

@@ -65,11 +65,33 @@ def _schedule_requests(world: _World, users: np.ndarray, counts: np.ndarray, day
 
 def _simulate_day(world: _World, day_index: int, first_request_id: int,
                   calibration: _Calibration) -> _DayTables:
-    """All requests of one day through the funnel, with feedback: the day's three tables."""
+    """All requests of one day through the funnel, with feedback: the day's three tables (in a two-domain
+    world, each surface's requests through a funnel that retrieves from that surface's categories)."""
     c = world.config
     day = world.days[day_index]
     rng = _rng(world.seed, _STREAM_SCHEDULE, day_index)
-    schedule = _schedule_requests(world, np.arange(c.n_users), rng.poisson(world.activity), day, rng)
+    users = np.arange(c.n_users)
+    if world.item_domain is None:
+        schedule = _schedule_requests(world, users, rng.poisson(world.activity), day, rng)
+        return _simulate_requests(world, schedule, world.user_latents(), None, day_index, first_request_id,
+                                  calibration, ())
+    parts = []
+    for domain in (1, 2):
+        schedule = _schedule_requests(world, users, rng.poisson(world.activity_by_domain[domain]), day, rng)
+        parts.append(_simulate_requests(world, schedule, world.user_latents(domain), world.domain_categories(domain),
+                                        day_index, first_request_id, calibration, (domain,)))
+        first_request_id += parts[-1].requests.num_rows
+    # the writer sorts each table by (user, time)
+    return _DayTables(*(pa.concat_tables([getattr(p, name) for p in parts])
+                        for name in ("requests", "exposures", "stage_samples")))
+
+
+def _simulate_requests(world: _World, schedule: _Schedule, latents: np.ndarray, categories: np.ndarray | None,
+                       day_index: int, first_request_id: int, calibration: _Calibration,
+                       stream: tuple[int, ...]) -> _DayTables:
+    """``schedule``'s requests through the funnel (retrieving from ``categories`` only, when given), with
+    feedback. ``stream`` tells the random streams of the surfaces of one day apart."""
+    c = world.config
     n_requests = len(schedule.user)
     request_id = first_request_id + np.arange(n_requests, dtype=np.int64)
     stored = sum(c.stored_samples)
@@ -88,10 +110,9 @@ def _simulate_day(world: _World, day_index: int, first_request_id: int,
         "duration": np.empty(n_exposures, dtype=np.int64),
         **{lab: np.empty(n_exposures, dtype=np.int8) for lab in LABELS},
     }
-    latents = world.user_latents()
     for block, (lo, hi) in enumerate(_request_blocks(schedule.user)):
-        rng = _rng(world.seed, _STREAM_FUNNEL, day_index, block)
-        result = _run_funnel(world, latents, schedule.user[lo:hi], schedule.exposures[lo:hi], rng)
+        rng = _rng(world.seed, _STREAM_FUNNEL, day_index, block, *stream)
+        result = _run_funnel(world, latents, schedule.user[lo:hi], schedule.exposures[lo:hi], rng, categories)
         sample_video[lo:hi] = world.video_id[result.sample_items]
         sample_rank[lo:hi] = result.sample_rank_index
         sample_rerank[lo:hi] = result.sample_rerank_index
@@ -152,8 +173,9 @@ def _calibrate_feedback(world: _World) -> _Calibration:
     schedule = _schedule_requests(world, pilot, counts, world.days[0], rng)
     latents = world.user_latents()
     utility, duration = [], []
-    for lo, hi in _request_blocks(schedule.user):
-        result = _run_funnel(world, latents, schedule.user[lo:hi], schedule.exposures[lo:hi], rng)
+    for lo, hi in _request_blocks(schedule.user):  # (labels calibrate on the first surface)
+        result = _run_funnel(world, latents, schedule.user[lo:hi], schedule.exposures[lo:hi], rng,
+                             world.domain_categories(1))
         utility.append(result.exposed_utility.astype(np.float64))
         duration.append(world.duration[result.exposed_items])
     u = np.concatenate(utility)

@@ -103,8 +103,9 @@ class _CategorySampler:
 
 
 def _run_funnel(world: _World, latents: np.ndarray, request_user: np.ndarray, n_exposed: np.ndarray,
-                rng: np.random.Generator) -> _FunnelResult:
-    """One block of requests (sorted by user) through the six stages."""
+                rng: np.random.Generator, categories: np.ndarray | None = None) -> _FunnelResult:
+    """One block of requests (sorted by user) through the six stages; retrieval draws from the level-two
+    ``categories`` (a mask; None = all of them: a surface's catalogue in a two-domain world)."""
     c = world.config
     _, _, coarse, rank, rerank = c.funnel_sizes
     n_prerank_neg, n_coarse_neg, n_rank_neg, n_rank_pos, n_rerank_neg, n_rerank_pos = c.stored_samples
@@ -113,7 +114,7 @@ def _run_funnel(world: _World, latents: np.ndarray, request_user: np.ndarray, n_
     n_requests = len(request_user)
     n_dropped_early = n_prerank_neg + n_coarse_neg
 
-    samplers = _early_stage_samplers(world, latents[users])
+    samplers = _early_stage_samplers(world, latents[users], categories)
     items = _draw_candidates(world, samplers, (n_prerank_neg, n_coarse_neg, coarse), local_user, rng)
     candidates = items[:, n_dropped_early:]  # ranking's input
 
@@ -160,7 +161,8 @@ def _run_funnel(world: _World, latents: np.ndarray, request_user: np.ndarray, n_
     )
 
 
-def _early_stage_samplers(world: _World, user_latent: np.ndarray) -> list[_CategorySampler]:
+def _early_stage_samplers(world: _World, user_latent: np.ndarray,
+                          categories: np.ndarray | None = None) -> list[_CategorySampler]:
     """Category distributions of the candidates dropped at pre-ranking, dropped at coarse
     ranking, and kept by both (ranking's input), for each user.
 
@@ -173,6 +175,8 @@ def _early_stage_samplers(world: _World, user_latent: np.ndarray) -> list[_Categ
     retrieval, prerank, coarse, _, _ = c.funnel_sizes
     affinity = (user_latent @ world.category_latent.T).astype(np.float64)
     log_weight = np.log(world.category_mass) + affinity / c.retrieval_temperature
+    if categories is not None:  # another surface's categories are never retrieved
+        log_weight = np.where(categories[None, :], log_weight, -np.inf)
     retrieved = np.exp(log_weight - log_weight.max(axis=1, keepdims=True))
     retrieved /= retrieved.sum(axis=1, keepdims=True)
     scale_prerank, scale_coarse = (_logistic_scale(noise) for noise in c.stage_noise[:2])

@@ -30,7 +30,7 @@ def generate(preset: str, out: str | Path, *, seed: int = 0, days: int | None = 
     with DatasetWriter(out, source=f"synthetic:{preset}", overwrite=overwrite) as writer:
         world = _World(config, seed)
         writer.write_users(world.users_table())
-        writer.write_items(world.items_table())
+        writer.write_items(world.items_table(), domains=world.domain_names)
         _release_arrow_memory()
         writer.write_extra("oracle/items.arrow", table=world.oracle_items_table())
         _release_arrow_memory()

@@ -8,12 +8,12 @@ from datetime import UTC, date, datetime, timedelta
 import numpy as np
 import pyarrow as pa
 
-from .config import SynthConfig
+from .config import DOMAIN_NAMES, SynthConfig
 from .oracle import _latent_column
 
 # Random streams: every (stream, day, block) has its own generator, so the output
 # depends on the seed only (and on _REQUESTS_PER_BLOCK, which fixes the blocks).
-_STREAM_USERS, _STREAM_ITEMS, _STREAM_DRIFT, _STREAM_SCHEDULE, _STREAM_FUNNEL, _STREAM_PILOT = range(6)
+_STREAM_USERS, _STREAM_ITEMS, _STREAM_DRIFT, _STREAM_SCHEDULE, _STREAM_FUNNEL, _STREAM_PILOT, _STREAM_DOMAIN = range(7)
 _REQUESTS_PER_BLOCK = 4096
 _PILOT_USERS = 1_500
 _MAX_REDRAW_ROUNDS = 500
@@ -70,6 +70,10 @@ class _World:
         self.day_index = 0
         self._build_users(_rng(seed, _STREAM_USERS))
         self._build_catalogue(_rng(seed, _STREAM_ITEMS))
+        # the second surface draws from a stream of its own: a one-surface world is the same as before it existed
+        self.item_domain = None
+        if config.two_domains:
+            self._build_second_domain(_rng(seed, _STREAM_DOMAIN))
 
     # -- users
 
@@ -104,13 +108,39 @@ class _World:
         spread = c.activity_spread
         self.activity = c.requests_per_user_day * np.exp(spread * rng.standard_normal(n) - spread ** 2 / 2)
 
-    def user_latents(self) -> np.ndarray:
-        """(n_users, dim) float32 interest vectors of the current day, utility scale included."""
+    def user_latents(self, domain: int = 1) -> np.ndarray:
+        """(n_users, dim) float32 interest vectors of the current day on surface ``domain`` (1, or 2 in a
+        two-domain world), utility scale included."""
         c = self.config
         latent = c.individual_scale * self.individual
         for feature, vectors in self.group_vectors.items():
             latent = latent + self.group_scale[feature] * vectors[self.profile[feature]]
+        if domain == 2:
+            # the same taste up to a share of its own, at the same expected norm: transfer t is the correlation
+            norm = math.sqrt(c.individual_scale ** 2 + sum(s ** 2 for s in self.group_scale.values()))
+            t = c.domain_transfer
+            latent = t * latent + math.sqrt(1 - t ** 2) * norm * self.second_individual
         return (c.utility_scale * latent).astype(np.float32)
+
+    def _build_second_domain(self, rng: np.random.Generator) -> None:
+        """Which categories are on the second surface, each user's own share of taste there, and who is active
+        on which surface."""
+        c = self.config
+        n_l2 = c.n_categories_l2
+        self.category_domain = np.ones(n_l2, dtype=np.int32)
+        self.category_domain[rng.choice(n_l2, size=c.second_domain_categories(), replace=False)] = 2
+        self.item_domain = np.repeat(self.category_domain, self.category_size)
+        self.second_individual = _unit_vectors(rng, c.n_users, c.latent_dim)
+        draw = rng.random(c.n_users)
+        second_only = draw < c.second_domain_only_users
+        first_only = (draw >= c.second_domain_only_users) & (draw < c.second_domain_only_users
+                                                              + c.first_domain_only_users)
+        self.activity_by_domain = {1: np.where(second_only, 0.0, self.activity),
+                                   2: np.where(first_only, 0.0, c.second_domain_activity * self.activity)}
+
+    def domain_categories(self, domain: int) -> np.ndarray | None:
+        """Mask of the level-two categories of surface ``domain`` (None: a one-surface world, all of them)."""
+        return None if self.item_domain is None else self.category_domain == domain
 
     def advance_day(self) -> None:
         """Drift interests by one day: individual AR(1) walk plus a slow group random walk."""
@@ -205,25 +235,39 @@ class _World:
         columns = {"video_id": np.arange(self.config.n_items, dtype=np.int64)}
         columns.update((name, values[by_video]) for name, values in self._item_columns.items())
         columns["duration"] = self.duration[by_video]
+        if self.item_domain is not None:
+            columns["domain"] = self.item_domain[by_video]
         self._item_columns = {}
         return pa.table(columns)
 
+    @property
+    def domain_names(self) -> dict[int, str] | None:
+        return None if self.item_domain is None else dict(DOMAIN_NAMES)
+
     def oracle_items_table(self) -> pa.Table:
         by_video = self._internal_by_video()
-        return pa.table({
+        columns = {
             "video_id": np.arange(self.config.n_items, dtype=np.int64),
             "bias": self.item_bias[by_video],
             "latent": _latent_column(self.item_latent[by_video]),
-        })
+        }
+        if self.item_domain is not None:
+            columns["domain"] = self.item_domain[by_video]
+        return pa.table(columns)
 
     def oracle_user_table(self) -> pa.Table:
-        return pa.table({"user_id": np.arange(self.config.n_users, dtype=np.int64),
-                         "latent": _latent_column(self.user_latents())})
+        columns = {"user_id": np.arange(self.config.n_users, dtype=np.int64),
+                   "latent": _latent_column(self.user_latents())}
+        if self.item_domain is not None:
+            columns["latent_second"] = _latent_column(self.user_latents(2))
+        return pa.table(columns)
 
     def oracle_description(self) -> dict:
         return {
             "utility": "utility(user, video, day) = dot(user_latent/DAY.arrow[user].latent, "
-                       "items.arrow[video].latent) + items.arrow[video].bias",
+                       "items.arrow[video].latent) + items.arrow[video].bias"
+                       + ("; for an item with domain 2 the user's latent is latent_second" if self.item_domain
+                          is not None else ""),
             "latent_dim": self.config.latent_dim,
             "n_users": self.config.n_users,
             "n_items": self.config.n_items,

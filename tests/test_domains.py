@@ -1,0 +1,176 @@
+"""A dataset of two surfaces (UniCDR+, Moment&Cross): the synthetic two-domain world, the canonical format's
+``items.domain``, and the rows a run of several domains trains and evaluates on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fedpa.foundation.errors import FedpaError
+from fedpa.recdata.examples import Lookups
+from fedpa.recdata.partition import SplitConfig, select_domains, split_users
+from fedpa.recdata.store import Dataset, DatasetError, DatasetWriter
+from fedpa.recdata.synth import generate
+from fedpa.recdata.synth.config import resolve_config
+from fedpa.recdata.synth.oracle import oracle_utility
+
+TWO = dict(second_domain_share=0.25, second_domain_activity=0.3, domain_transfer=0.7,
+           second_domain_only_users=0.2, first_domain_only_users=0.3)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Dataset:
+    return Dataset(generate("tiny", tmp_path_factory.mktemp("domains") / "two", seed=3, n_users=300, **TWO))
+
+
+def exposures(ds: Dataset) -> pa.Table:
+    return pa.concat_tables(t for _, t in ds.iter_days("exposures"))
+
+
+def test_the_two_domain_world_keeps_surfaces_apart(world):
+    ds = world
+    assert ds.domains == {"short-video": 1, "live": 2}
+    domain_of = ds.item_domains()
+    items = ds.items(["video_id", "category_level_two", "domain"])
+    cat, dom = items.column("category_level_two").to_numpy(), items.column("domain").to_numpy()
+    # a category belongs to one surface, and the second surface holds its share of the categories
+    per_category = {c: set(dom[cat == c]) for c in np.unique(cat)}
+    assert all(len(v) == 1 for v in per_category.values())
+    assert sum(v == {2} for v in per_category.values()) == round(0.25 * 40)
+
+    e = exposures(ds)
+    rid, d = e.column("request_id").to_numpy(), domain_of[e.column("video_id").to_numpy()]
+    # a request is on one surface: its exposures (and every stage sample) come from that surface's catalogue
+    def one_surface_per_request(request: np.ndarray, domain: np.ndarray) -> dict:
+        pairs = np.unique(np.stack([request, domain]), axis=1)
+        assert len(np.unique(pairs[0])) == pairs.shape[1]
+        return dict(zip(pairs[0], pairs[1]))
+
+    exposed = one_surface_per_request(rid, d)
+    samples = pa.concat_tables(t for _, t in ds.iter_days("stage_samples"))
+    sampled = one_surface_per_request(samples.column("request_id").to_numpy(),
+                                      domain_of[samples.column("video_id").to_numpy()])
+    assert all(sampled[r] == exposed[r] for r in exposed)
+
+    # who is where: second-surface-only users have no first-surface row, first-only users no second
+    uid = e.column("user_id").to_numpy()
+    first, second = set(uid[d == 1]), set(uid[d == 2])
+    users = len(first | second)
+    assert 0.1 < len(second - first) / users < 0.3      # second_domain_only_users = 0.2
+    assert 0.2 < len(first - second) / users < 0.45     # first_domain_only_users = 0.3 (some never ask)
+    assert 0.03 < (d == 2).mean() < 0.25                 # the second surface is the sparse one
+
+
+def test_a_users_taste_transfers_across_surfaces_as_configured(world, tmp_path):
+    """The oracle's per-surface user vectors correlate by domain_transfer: what the dense surface can teach."""
+    def mean_cosine(ds: Dataset) -> float:
+        table = pa.ipc.open_file(str(ds.path / "oracle" / "user_latent" / f"{ds.days[0]}.arrow")).read_all()
+        a, b = (table.column(c).combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+                for c in ("latent", "latent_second"))
+        return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+    assert mean_cosine(world) == pytest.approx(0.7, abs=0.08)
+    unrelated = Dataset(generate("tiny", tmp_path / "t0", seed=3, n_users=300, days=1,
+                                **{**TWO, "domain_transfer": 0.0}))
+    assert abs(mean_cosine(unrelated)) < 0.1
+    # the oracle scores a second-surface item with the user's second-surface taste
+    e = exposures(world).slice(0, 2000)
+    vid, uid = e.column("video_id").to_numpy(), e.column("user_id").to_numpy()
+    on_second = world.item_domains()[vid] == 2
+    day = world.days[0]
+    table = pa.ipc.open_file(str(world.path / "oracle" / "user_latent" / f"{day}.arrow")).read_all()
+    second = table.column("latent_second").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    items = pa.ipc.open_file(str(world.path / "oracle" / "items.arrow")).read_all()
+    latent = items.column("latent").combine_chunks().flatten().to_numpy().reshape(items.num_rows, -1)
+    bias = items.column("bias").to_numpy()
+    k = np.nonzero(on_second)[0][:20]
+    expected = (second[uid[k]] * latent[vid[k]]).sum(1) + bias[vid[k]]
+    assert np.allclose(oracle_utility(world, uid[k], vid[k], day), expected, atol=1e-5)
+
+
+def test_a_one_surface_world_has_no_domains(tmp_path):
+    ds = Dataset(generate("tiny", tmp_path / "one", seed=3, n_users=50, days=1))
+    assert ds.domains == {} and "domain" not in ds.items().column_names
+    with pytest.raises(DatasetError, match="one domain"):
+        ds.domain_codes("live")
+    with pytest.raises(FedpaError, match="second_domain_share"):
+        resolve_config("tiny", second_domain_share=1.0)
+    with pytest.raises(FedpaError, match="first_domain_only_users"):
+        resolve_config("tiny", second_domain_share=0.2, second_domain_only_users=0.6, first_domain_only_users=0.6)
+
+
+def test_the_writer_refuses_domains_it_cannot_name(tmp_path):
+    items = pa.table({"video_id": np.arange(4), "author_id": np.ones(4, np.int64),
+                      "category_level_one": np.ones(4, np.int64), "category_level_two": np.ones(4, np.int64),
+                      "upload_type": np.ones(4, np.int64), "upload_timestamp": np.zeros(4, np.int64),
+                      "duration": np.ones(4, np.int64), "domain": np.array([1, 1, 2, 3])})
+    cases = [(items, None, "needs the names"),
+             (items.drop_columns(["domain"]), {1: "a", 2: "b"}, "no 'domain' column"),
+             (items, {1: "a", 2: "b"}, r"code\(s\) \[3\]"),
+             (items, {1: "a"}, "at least two")]
+    for table, names, message in cases:
+        with DatasetWriter(tmp_path / "ds", source="test", overwrite=True) as w:
+            with pytest.raises(DatasetError, match=message):
+                w.write_items(table, domains=names)
+    assert not (tmp_path / "ds").exists()  # nothing half-written
+
+
+def test_rows_are_chosen_per_domain_and_users_by_their_other_domain(world):
+    ds = world
+    users = np.arange(300)
+    lookups = Lookups.build(ds)
+    splits = split_users(ds, users, SplitConfig("by-day"), lookups=lookups)
+    domain_of = ds.item_domains()
+    live = ds.domains["live"]
+
+    single = select_domains(ds, splits, "live", "live")
+    assert len(single.train) and set(domain_of[single.train.video_id]) == {live}
+    assert set(domain_of[single.test.video_id]) == {live} and set(domain_of[single.val.video_id]) == {live}
+    assert len(single.test) == int(np.sum(domain_of[splits.test.video_id] == live))
+
+    cross = select_domains(ds, splits, "", "live")
+    assert len(cross.train) == len(splits.train)  # every training row stays
+    with_dense = select_domains(ds, splits, "", "live", "cross-domain")
+    without = select_domains(ds, splits, "", "live", "single-domain")
+    dense_users = set(splits.train.user_id[domain_of[splits.train.video_id] != live])
+    assert set(with_dense.test.user_id) <= dense_users
+    assert not set(without.test.user_id) & dense_users
+    assert len(with_dense.test) + len(without.test) == len(cross.test)  # the two segments split the users
+    assert len(with_dense.test) and len(without.test)
+
+    with pytest.raises(DatasetError, match="unknown domain.*tv"):
+        select_domains(ds, splits, "tv", "")
+    with pytest.raises(DatasetError, match="needs eval-domains"):
+        select_domains(ds, splits, "", "", "cross-domain")
+    loo = split_users(ds, users[:40], SplitConfig("loo", negatives=9), lookups=lookups)
+    with pytest.raises(DatasetError, match="ranks cases"):
+        select_domains(ds, loo, "", "live")
+    assert select_domains(ds, loo, "live", "").group_size == loo.group_size  # training rows alone: fine
+
+
+def test_an_imported_log_names_its_domains_and_a_device_subset_keeps_them(world, tmp_path):
+    import pyarrow.csv as pcsv
+
+    from fedpa.recdata.import_interactions import Mapping, import_interactions
+    from fedpa.recdata.subset import write_user_subset
+
+    log = pa.table({"uid": [1, 1, 2, 2], "vid": [10, 11, 10, 12], "ts": [1_685_000_000_000 + i for i in range(4)],
+                    "click": [1, 0, 1, 1]})
+    items = pa.table({"vid": [10, 11, 12], "surface": [1, 2, 2]})
+    pcsv.write_csv(log, tmp_path / "log.csv")
+    pcsv.write_csv(items, tmp_path / "items.csv")
+    mapping = Mapping(user="uid", item="vid", timestamp="ts", labels={"effective_view": "click"}, item_id="vid",
+                      item_columns={"domain": "surface"}, domains={1: "search", 2: "recommendation"})
+    ds = Dataset(import_interactions(tmp_path / "log.csv", tmp_path / "imported", mapping,
+                                     items=tmp_path / "items.csv"))
+    assert ds.domains == {"search": 1, "recommendation": 2}
+    assert sorted(ds.item_domains()[ds.items(["video_id"]).column("video_id").to_numpy()]) == [1, 2, 2]
+    unnamed = Mapping(user="uid", item="vid", timestamp="ts", labels={"effective_view": "click"}, item_id="vid",
+                      item_columns={"domain": "surface"})
+    with pytest.raises(DatasetError, match="needs the names of its domains"):
+        import_interactions(tmp_path / "log.csv", tmp_path / "unnamed", unnamed, items=tmp_path / "items.csv")
+    # what a device is provisioned with keeps the domains of the dataset it came from
+    sub = Dataset(write_user_subset(world, [5], tmp_path / "device"))
+    assert sub.domains == world.domains
+    assert np.array_equal(sub.item_domains(), world.item_domains()[:len(sub.item_domains())])
