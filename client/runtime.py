@@ -217,7 +217,7 @@ def user_splits(cfg: FederationConfig, ds: Dataset, users: np.ndarray, lookups: 
     """The rows ``users`` train and are evaluated on: their exposures, split, and when a funnel stage is
     personalized, each request's negatives for that stage."""
     splits = split_users(ds, users, SplitConfig(cfg.split, negatives=cfg.negatives), lookups=lookups, seed=cfg.seed)
-    splits = select_domains(ds, splits, cfg.train_domains, cfg.eval_domains, cfg.eval_users)
+    splits = select_domains(ds, splits, cfg.train_domains, cfg.eval_domains, cfg.eval_users, cfg.domains)
     if cfg.stage:
         splits = with_stage_negatives(ds, splits, users, cfg.stage, cfg.stage_negatives, cfg.seed, lookups)
     return splits
@@ -228,8 +228,8 @@ def _cache_path(cfg: FederationConfig, clients: np.ndarray) -> Path | None:
         return None
     root = Path(cfg.feature_cache) if cfg.feature_cache else default_root()
     rows = f"stage-negatives:{cfg.stage}:{cfg.stage_negatives}" if cfg.stage and cfg.stage_negatives else ""
-    if cfg.train_domains or cfg.eval_domains:
-        rows += f"|domains:{cfg.train_domains}:{cfg.eval_domains}:{cfg.eval_users}"
+    if cfg.domains or cfg.train_domains or cfg.eval_domains:
+        rows += f"|domains:{cfg.domains}:{cfg.train_domains}:{cfg.eval_domains}:{cfg.eval_users}"
     return root / cache_key(cfg.foundation, cfg.data_dir, cfg.split, cfg.negatives, cfg.seed, clients, rows)
 
 

@@ -70,9 +70,11 @@ class FederationConfig:
                          "loo (leave one out, sampled negatives), last (MRFF: last pair per user)", "data",
                          choices=SPLITS)
     negatives: int = setting(99, "sampled negatives per validation / test case (split loo)", "data", at_least=1)
-    train_domains: str = setting("", "in a dataset of several domains (items.domain): train on the rows of these "
-                                 "only, comma-separated names ('' = all; the evaluated domain alone = single-domain "
-                                 "training)", "data")
+    domains: str = setting("", "in a dataset of several domains (items.domain): the domains the run sees at all, "
+                           "rows and behaviour sequences (comma-separated names, '' = all; one = a single-domain "
+                           "platform)", "data")
+    train_domains: str = setting("", "train on the rows of these domains only (comma-separated names, '' = all; "
+                                 "the evaluated domain alone = single-domain training, sequences unchanged)", "data")
     eval_domains: str = setting("", "evaluate on the rows of these domains only (comma-separated names, '' = all)",
                                 "data")
     eval_users: str = setting("all", "with eval-domains: evaluate every user, those with training rows in another "

@@ -288,36 +288,47 @@ def _leave_one_out(ex: Examples, starts, ends, split: SplitConfig, lookups: Look
 
 
 def select_domains(ds: Dataset, splits: UserSplits, train_domains: str = "", eval_domains: str = "",
-                   eval_users: str = "all") -> UserSplits:
-    """The rows of a dataset of several domains that a run trains and evaluates on (names, comma-separated;
-    "" = every domain). ``eval_users`` keeps the evaluation of users who also have training rows in another
-    domain than the evaluated ones ("cross-domain": a dense-domain history to transfer from) or of those who
-    do not ("single-domain"); the others still train. Single-domain training is ``train_domains`` = the
-    evaluated domain; cross-domain training leaves it empty."""
+                   eval_users: str = "all", domains: str = "") -> UserSplits:
+    """The rows of a dataset of several domains that a run reads, trains and evaluates on (names,
+    comma-separated; "" = every domain).
+
+    ``domains`` is what the run sees at all: the other domains' rows are gone, from the training and evaluation
+    rows and from the behaviour sequences (a single-domain platform, as if the dataset held that domain only).
+    ``train_domains`` keeps the training rows of some domains (the sequences still hold every seen domain:
+    what personalization learns from the dense domain's rows, beside what the foundation reads of them);
+    ``eval_domains`` the evaluated rows. ``eval_users`` keeps the evaluation of users who have training rows in
+    a domain other than the evaluated ones ("cross-domain": a dense-domain history to transfer from) or of
+    those who do not ("single-domain"), told apart on the whole dataset, whatever the run sees; every user
+    still trains."""
     if eval_users not in EVAL_USERS:
         raise DatasetError(f"eval-users must be one of {', '.join(EVAL_USERS)} (got {eval_users!r})")
+    seen_codes = ds.domain_codes(domains)
     train_codes, eval_codes = ds.domain_codes(train_domains), ds.domain_codes(eval_domains)
     if eval_users != "all" and not eval_codes:
         raise DatasetError(f"eval-users {eval_users} needs eval-domains (the domain whose users are told apart "
                            "by their rows in the others)")
-    if not (train_codes or eval_codes):
+    if not (seen_codes or train_codes or eval_codes):
         return splits
-    if eval_codes and splits.group_size > 1:
-        raise DatasetError("eval-domains chooses evaluation rows, but this split ranks cases of "
-                           f"{splits.group_size} rows (loo) that one domain filter would cut apart")
+    if (eval_codes or seen_codes) and splits.group_size > 1:
+        raise DatasetError("a domain filter chooses evaluation rows, but this split ranks cases of "
+                           f"{splits.group_size} rows (loo) that it would cut apart")
     domain_of = ds.item_domains()
 
-    def domains(ex: Examples) -> np.ndarray:
-        vid = ex.video_id
-        return np.where(vid < len(domain_of), domain_of[np.minimum(vid, len(domain_of) - 1)], 0)
+    def domain(video_id: np.ndarray) -> np.ndarray:
+        return np.where(video_id < len(domain_of), domain_of[np.minimum(video_id, len(domain_of) - 1)], 0)
 
     train, val, test = splits.train, splits.val, splits.test
+    # users with training rows outside the evaluated domains, on the whole dataset
+    elsewhere = np.unique(train.user_id[~np.isin(domain(train.video_id), eval_codes)]) if eval_codes else None
+    if seen_codes:
+        views = train.views
+        keep = np.isin(domain(views.video_id), seen_codes)
+        seen = Views(views.user_id[keep], views.timestamp[keep], views.video_id[keep])
+        train, val, test = (_rewindowed(ex.subset(np.nonzero(np.isin(domain(ex.video_id), seen_codes))[0]), seen)
+                            for ex in (train, val, test))
     if eval_codes:
-        # users with training rows (before train_domains) outside the evaluated domains
-        elsewhere = np.unique(train.user_id[~np.isin(domains(train), eval_codes)])
-
         def evaluated(ex: Examples) -> Examples:
-            keep = np.isin(domains(ex), eval_codes)
+            keep = np.isin(domain(ex.video_id), eval_codes)
             if eval_users != "all":
                 has_history = np.isin(ex.user_id, elsewhere)
                 keep &= has_history if eval_users == "cross-domain" else ~has_history
@@ -325,8 +336,14 @@ def select_domains(ds: Dataset, splits: UserSplits, train_domains: str = "", eva
 
         val, test = evaluated(val), evaluated(test)
     if train_codes:
-        train = train.subset(np.nonzero(np.isin(domains(train), train_codes))[0])
+        train = train.subset(np.nonzero(np.isin(domain(train.video_id), train_codes))[0])
     return UserSplits(train, val, test, group_size=splits.group_size)
+
+
+def _rewindowed(ex: Examples, views: Views) -> Examples:
+    """``ex``'s rows with their behaviour sequences cut from ``views``."""
+    return Examples.from_rows(ex.user_id, ex.request_timestamp, ex.video_id, ex.labels, views, ex.lookups,
+                              ex.request_id)
 
 
 def sample_unseen(n_items: int, seen: np.ndarray, k: int, rng: np.random.Generator,

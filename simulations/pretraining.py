@@ -28,7 +28,7 @@ from fedpa.foundation.model import FoundationModel, count_parameters, load_found
 from fedpa.foundation.pretrain import pretrain
 from fedpa.recdata.examples import Examples, Lookups
 from fedpa.recdata.interest_graph import build_interest_graph, save_graph
-from fedpa.recdata.partition import PartitionConfig, SplitConfig, make_partition, split_users
+from fedpa.recdata.partition import PartitionConfig, SplitConfig, make_partition, select_domains, split_users
 from fedpa.recdata.schema import SEQ_LEN
 from fedpa.recdata.store import Dataset
 
@@ -94,7 +94,7 @@ class _Epoch:
 def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str = "transformer", epochs: int = 2,
                         lr: float = 1e-3, batch_size: int = 256, seed: int = 0, split: str = "by-day",
                         partition: PartitionConfig | None = None, max_private_eval_users: int = 500,
-                        patience: int = 0, progress=None, **model_overrides) -> dict:
+                        patience: int = 0, progress=None, domains: str = "", **model_overrides) -> dict:
     for name, value, least in (("batch size", batch_size, 1), ("epochs", epochs, 1), ("patience", patience, 0)):
         if not isinstance(value, int) or value < least:
             raise FedpaError(f"pretrain: {name} must be a whole number >= {least}, got {value}")
@@ -105,12 +105,15 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
     lookups = Lookups.build(ds, seq_len=int(model_overrides.get("seq_len", SEQ_LEN)))
     part = make_partition(ds, partition or PartitionConfig(seed=seed))
     split_cfg = SplitConfig(split)
-    opened = split_users(ds, part.open_users, split_cfg, lookups=lookups, seed=seed)
+    # ``domains``: a single-domain foundation reads that domain's rows and sequences only (recdata.partition)
+    opened = select_domains(ds, split_users(ds, part.open_users, split_cfg, lookups=lookups, seed=seed),
+                            domains=domains)
     rng = np.random.default_rng(seed)
     private_users = part.private_users
     if len(private_users) > max_private_eval_users:
         private_users = np.sort(rng.choice(private_users, max_private_eval_users, replace=False))
-    private = split_users(ds, private_users, split_cfg, lookups=lookups, seed=seed)
+    private = select_domains(ds, split_users(ds, private_users, split_cfg, lookups=lookups, seed=seed),
+                             domains=domains)
     graph_stats = None
     expand = int(model_overrides.get("graph_expansion", 0))
     if expand:   # from the open users' training views only (no private user, no held-out row)
@@ -139,7 +142,7 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
     held_out = {"open_val": opened.val, "private_test": private.test, "private_val": private.val}
     report = {
         "data": str(data_dir), "arch": arch, "epochs": epochs, "epochs_trained": len(history["epochs"]),
-        "patience": patience, "lr": lr, "batch_size": batch_size, "seed": seed,
+        "patience": patience, "lr": lr, "domains": domains, "batch_size": batch_size, "seed": seed,
         "parameters": count_parameters(best), "open_users": int(len(part.open_users)),
         "private_users": int(len(part.private_users)), "private_users_scored": int(len(private_users)),
         "train_rows": len(opened.train), "train_seconds": train_s,

@@ -139,6 +139,20 @@ def test_rows_are_chosen_per_domain_and_users_by_their_other_domain(world):
     assert len(with_dense.test) + len(without.test) == len(cross.test)  # the two segments split the users
     assert len(with_dense.test) and len(without.test)
 
+    # a single-domain platform: the other domain's rows are gone from the rows and from every behaviour sequence
+    seen = select_domains(ds, splits, domains="live", eval_domains="live", eval_users="cross-domain")
+    for ex in (seen.train, seen.val, seen.test):
+        assert set(domain_of[ex.video_id]) <= {live}
+        assert set(domain_of[ex.views.video_id]) == {live}
+        history = ex.batch()["hist_items"][:, :, 0].numpy()       # video ids of each row's sequence
+        mask = ex.batch()["hist_mask"].numpy()
+        assert set(domain_of[history[mask]]) <= {live}
+    # the users are told apart on the whole dataset: the same users as without the view
+    assert set(seen.test.user_id) == set(with_dense.test.user_id) and len(seen.test) == len(with_dense.test)
+    # and sequences of the full view do hold short-video views before those rows
+    full = with_dense.test.batch()
+    assert (domain_of[full["hist_items"][:, :, 0].numpy()[full["hist_mask"].numpy()]] != live).any()
+
     with pytest.raises(DatasetError, match="unknown domain.*tv"):
         select_domains(ds, splits, "tv", "")
     with pytest.raises(DatasetError, match="needs eval-domains"):

@@ -36,6 +36,8 @@ def pretrain_cmd(
                                                       "with co-viewed items (MMBee's graph-guided interest "
                                                       "expansion; the graph is built from the open users' "
                                                       "training views and ships with the foundation; 0 = off)")] = 0,
+    domains: Annotated[str, typer.Option(help="in a dataset of several domains: pre-train on these domains' rows and "
+                                              "sequences only (comma-separated names; '' = all)")] = "",
     activity_attribute: Annotated[str | None, typer.Option(help="profile attribute that marks highly active users "
                                                                 "(default: the top 20% by exposures)")] = None,
     active_values: Annotated[str | None, typer.Option(help="comma-separated values of that attribute that count as "
@@ -73,7 +75,8 @@ def pretrain_cmd(
         report = pretrain_foundation(data, out_dir, arch=arch, epochs=epochs, patience=patience, lr=lr,
                                      batch_size=batch_size,
                                      seed=seed, split=split, partition=partition, progress=on_step,
-                                     user_encoder=user_encoder, seq_len=seq_len, graph_expansion=graph_expansion)
+                                     user_encoder=user_encoder, seq_len=seq_len, graph_expansion=graph_expansion,
+                                     domains=domains)
     _print_pretrain(report)
 
 
