@@ -11,7 +11,9 @@ not (``single-domain``):
   federation that sees live rows only, in its training rows and its behaviour sequences (``--domains live``);
 - **cross-domain foundation**: the foundation pre-trained on both surfaces, personalization on the live
   rows only (``--train-domains live``; sequences hold both surfaces);
-- **cross-domain**: both surfaces everywhere.
+- **cross-domain**: both surfaces everywhere;
+- **cross-domain + domain path**: both surfaces, and FedPA's adapter gets a domain-specific shared path per
+  surface beside its domain-invariant user and group paths (``--domain-adapters``; UniCDR+'s split).
 
 Printed: validation and test GAUC / AUC of the live rows per (algorithm, platform, users), mean and spread
 over the federation's seeds (the foundations are pre-trained once, seed 0).
@@ -29,9 +31,9 @@ from pathlib import Path
 
 WORLD = dict(second_domain_share=0.2, second_domain_activity=0.3, domain_transfer=0.7,
              second_domain_only_users=0.15, first_domain_only_users=0.3)
-# platform -> (the foundation's domains, the run's domains, its training domains)
-PLATFORMS = {"single-domain": ("live", "live", ""), "cross-domain foundation": ("", "", "live"),
-             "cross-domain": ("", "", "")}
+# platform -> (the foundation's domains, the run's domains, its training domains, domain-specific path)
+PLATFORMS = {"single-domain": ("live", "live", "", False), "cross-domain foundation": ("", "", "live", False),
+             "cross-domain": ("", "", "", False), "cross-domain + domain path": ("", "", "", True)}
 SEGMENTS = ("cross-domain", "single-domain")
 METRICS = [f"{split}_{m}" for split in ("val", "test") for m in ("gauc", "auc")]
 
@@ -59,7 +61,7 @@ def main() -> None:
         generate("small", data, seed=0, **WORLD)
         print(f"generated {data} in {time.time() - t:.0f} s", flush=True)
     foundations = {}
-    for domains in {f for f, _, _ in PLATFORMS.values()}:
+    for domains in {f for f, _, _, _ in PLATFORMS.values()}:
         foundations[domains] = out / f"foundation-{domains or 'all'}"
         if not (foundations[domains] / "pretrain_report.json").exists():
             t = time.time()
@@ -68,9 +70,11 @@ def main() -> None:
 
     rows = []
     for algorithm in args.algorithms:
-        for platform, (foundation, domains, train_domains) in PLATFORMS.items():
-            if algorithm == "foundation" and train_domains:
+        for platform, (foundation, domains, train_domains, domain_path) in PLATFORMS.items():
+            if algorithm == "foundation" and (train_domains or domain_path):
                 continue  # nothing trains: the same as cross-domain
+            if domain_path and algorithm != "fedpa":
+                continue  # a FedPA option
             for segment in SEGMENTS:
                 runs = []
                 for seed in args.seeds if algorithm != "foundation" else args.seeds[:1]:
@@ -79,7 +83,7 @@ def main() -> None:
                         data_dir=str(data), foundation=str(foundations[foundation]), num_rounds=args.rounds,
                         clients_per_round=1.0, local_epochs=1, lr=0.01, batch_size=64, seed=seed,
                         algorithm=algorithm, domains=domains, train_domains=train_domains, eval_domains="live",
-                        eval_users=segment, feature_cache=str(out / "feature_cache"),
+                        eval_users=segment, domain_adapters=domain_path, feature_cache=str(out / "feature_cache"),
                         run_dir=str(out / "runs" / f"{algorithm}-{platform.replace(' ', '-')}-{segment}-{seed}")))
                     t = time.time()
                     summary = simulate(cfg, cohort_size=256)

@@ -101,6 +101,9 @@ class FederationConfig:
     use_user_adapter: bool = setting(True, "FedPA: the private user adapter (ablation when off)", "model")
     use_group_adapters: bool = setting(True, "FedPA: the shared group adapters (ablation when off)", "model")
     use_gate: bool = setting(True, "FedPA: the adaptive gate over paths (off: their mean)", "model")
+    domain_adapters: bool = setting(False, "FedPA, in a dataset of several domains: a domain-specific shared LoRA path "
+                                           "per domain, each row routed by its item's domain (UniCDR+'s specific "
+                                           "part beside the domain-invariant user and group paths)", "model")
     use_user_shift: bool = setting(False, "FedPA: a private per-user offset of the tower input (the release's "
                                    "client-side user embeddings)", "model")
     use_user_bias: bool = setting(False, "FedPA: private per-user logit offsets beside the shared head, "

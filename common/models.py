@@ -48,6 +48,10 @@ def model_options(cfg: FederationConfig) -> dict[str, Any]:
             kw["item_popularity"] = True
         if cfg.item_rows and cfg.algorithm == "fedpa" and cfg.item_tables:
             kw["item_rows"] = cfg.item_rows
+        if cfg.domain_adapters:
+            from fedpa.recdata.store import Dataset
+
+            kw["item_domains"] = Dataset(cfg.data_dir).item_domains()
         if cfg.group_attributes:
             kw["group_attributes"] = [a.strip() for a in cfg.group_attributes.split(",") if a.strip()]
     return kw

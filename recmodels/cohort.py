@@ -6,6 +6,7 @@ Design notes: docs/design/cohort-engine.md
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -324,6 +325,25 @@ class CohortEngine:
             out[k, :len(d)] = chunk_rows.local(d.items, u)
         return out
 
+    def _domains(self, data: Sequence[UserTensors], *, pad_rows: int = 0, width: int | None = None):
+        """Each row's domain code (the domain-specific path; None without one): concatenated with ``pad_rows``
+        zeros, or padded per user to [users, width] (``width``). Checked here, outside vmap."""
+        if self.pm.item_domains is None:
+            return None
+        if width is None:
+            return torch.cat([self.pm.row_domains(d) for d in data] + [torch.zeros(pad_rows, dtype=torch.long)])
+        out = torch.zeros(len(data), width, dtype=torch.long)
+        for k, d in enumerate(data):
+            out[k, :len(d)] = self.pm.row_domains(d)
+        return out
+
+    def _domain_routing(self, domains: torch.Tensor | None, zeros_g: torch.Tensor, zeros_s: torch.Tensor):
+        """Inside a vmapped call: the same routing with this user's rows' domain codes (batched under vmap)."""
+        if domains is None:
+            return contextlib.nullcontext()
+        return use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s,
+                           domain=domains)
+
     # ------------------------------------------------------------------ training
 
     def train(self, users: Sequence[CohortUser], shared: Mapping[str, np.ndarray] | None,
@@ -361,10 +381,11 @@ class CohortEngine:
         labels = torch.cat([u.train.labels for u in users]
                            + [users[0].train.labels.new_full((1, users[0].train.labels.shape[1]), -1.0)])
         items = self._items([u.train for u in users], chunk_rows, pad_rows=1)
+        domains = self._domains([u.train for u in users], pad_rows=1)
         pad = len(feats) - 1
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         if self.pm.user_bias_key:
-            self._calibrate_fresh(users, params, feats, items, offsets)
+            self._calibrate_fresh(users, params, feats, items, offsets, domains)
         popularity = self.pm.item_bias is not None and self.pm.item_bias.popularity
         if popularity:
             self._count_clicks(users, params, chunk_rows, -1.0)
@@ -373,7 +394,7 @@ class CohortEngine:
         for k, (paths, prox) in enumerate(self._phases()):
             index, counts = self._schedule(sizes, offsets, gens, local, pad)
             loss_sum = self._run_phase(params, feats, items, labels, index, counts, local, paths,
-                                       local.ditto_lambda if prox else 0.0)
+                                       local.ditto_lambda if prox else 0.0, domains)
             if k == 0:
                 loss_phase0 = loss_sum
         if popularity:
@@ -384,7 +405,8 @@ class CohortEngine:
 
     @torch.no_grad()
     def _calibrate_fresh(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
-                         feats: torch.Tensor, items: torch.Tensor | None, offsets: np.ndarray) -> None:
+                         feats: torch.Tensor, items: torch.Tensor | None, offsets: np.ndarray,
+                         domains: torch.Tensor | None) -> None:
         """Users starting fresh get their logit offsets from their own rows, as `PersonalModel.train_user`
         sets them (`calibrated_bias`) before the first step. ``feats`` / ``items``: the chunk's training rows
         as `_fit` concatenates them, user i's from ``offsets[i]``."""
@@ -396,7 +418,8 @@ class CohortEngine:
             rows = slice(int(offsets[i]), int(offsets[i]) + n)
             zeros_g = torch.zeros(n, self.n_groups, dtype=torch.long)
             with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None,
-                             user_slot=torch.zeros(n, dtype=torch.long)):
+                             user_slot=torch.zeros(n, dtype=torch.long),
+                             domain=None if domains is None else domains[rows]):
                 logits = functional_call(self.scorer, {k: v[i] for k, v in params.items()},
                                          (feats[rows], None if items is None else items[rows]))
             params[name][i, 0] = calibrated_bias(logits, u.train.labels[:, self.pm.task_columns])
@@ -438,7 +461,7 @@ class CohortEngine:
         return index[:, :, :max(int(counts.max()), 1)], counts
 
     def _run_phase(self, params: dict[str, torch.Tensor], feats, items, labels, index, counts, local: LocalTraining,
-                   paths, prox: float) -> np.ndarray:
+                   paths, prox: float, domains: torch.Tensor | None = None) -> np.ndarray:
         """One phase of local training for a chunk; updates ``params`` in place, returns each user's loss sum.
 
         Users come sorted by size (`_chunks`), so the users still training at step s are a suffix of the
@@ -452,10 +475,13 @@ class CohortEngine:
         zeros_g = torch.zeros(bs, self.n_groups, dtype=torch.long)
         zeros_s = torch.zeros(bs, dtype=torch.long)
 
-        def one_user(p, x, k, y):
-            return functional_call(self.loss_module, {f"scorer.{n}": val for n, val in p.items()}, (x, k, y, prox))
+        def one_user(p, x, k, y, d):
+            with self._domain_routing(d, zeros_g, zeros_s):
+                return functional_call(self.loss_module, {f"scorer.{n}": val for n, val in p.items()},
+                                       (x, k, y, prox))
 
-        step_fn = vmap(grad_and_value(one_user), in_dims=(0, 0, None if items is None else 0, 0))
+        step_fn = vmap(grad_and_value(one_user), in_dims=(0, 0, None if items is None else 0, 0,
+                                                           None if domains is None else 0))
         # the item-side tables step at their own learning rate; the adapters and the popularity weight at lr
         on_tables = [n.startswith("item_bias.") and n != "item_bias.popularity_weight" for n in names]
         tables = [j for j, t in enumerate(on_tables) if t]
@@ -473,7 +499,8 @@ class CohortEngine:
                         raise AssertionError("cohort chunk is not sorted by size")
                     sub = {n: params[n][first:] for n in names}
                     rows = index[first:, s]
-                    grads, loss = step_fn(sub, feats[rows], None if items is None else items[rows], labels[rows])
+                    grads, loss = step_fn(sub, feats[rows], None if items is None else items[rows], labels[rows],
+                                          None if domains is None else domains[rows])
                     loss_sum[first:] += loss.double() * counts[first:, s].double()
                     # torch.optim.Adam's foreach update, term by term, for every live user at once
                     ps, gs = [sub[n] for n in names], [grads[n] for n in names]
@@ -574,11 +601,14 @@ class CohortEngine:
         order = [int(i) for i in np.argsort(sizes, kind="stable") if sizes[i] > 0]
         paths = ("user",) if self.pm.algorithm.ditto else None
 
-        def one_user(p, xu, ku):
-            return functional_call(self.scorer, p, (xu, ku))
+        with_domains = self.pm.item_domains is not None
+
+        def one_user(p, xu, ku, du):
+            with self._domain_routing(du, zeros_g, zeros_s):
+                return functional_call(self.scorer, p, (xu, ku))
 
         with_items = self.pm.item_bias is not None
-        score_fn = vmap(one_user, in_dims=(0, 0, 0 if with_items else None))
+        score_fn = vmap(one_user, in_dims=(0, 0, 0 if with_items else None, 0 if with_domains else None))
 
         set_active_paths(self.pm.model, paths)
         try:
@@ -597,9 +627,10 @@ class CohortEngine:
                 sel = torch.as_tensor(group)
                 sub = {n: v[sel] for n, v in params.items()}
                 zeros_g = torch.zeros(width, self.n_groups, dtype=torch.long)
-                with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None,
-                                 user_slot=torch.zeros(width, dtype=torch.long)):
-                    probs = torch.sigmoid(score_fn(sub, x, items)[..., 0]).numpy()
+                zeros_s = torch.zeros(width, dtype=torch.long)
+                domains = self._domains([data[i] for i in group], width=width) if with_domains else None
+                with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s):
+                    probs = torch.sigmoid(score_fn(sub, x, items, domains)[..., 0]).numpy()
                 for k, i in enumerate(group):
                     out[i] = probs[k, :sizes[i]].copy()
                 start = stop

@@ -100,12 +100,15 @@ class PersonalModel:
     def __init__(self, foundation: FoundationModel, algorithm: Algorithm, *, seed: int = 0,
                  user_slots: int = 1, host: torch.nn.Module | None = None,
                  item_bias_fields: tuple[str, ...] | list[str] = (), item_embedding_dim: int = 0,
-                 item_rows: int = 0, item_popularity: bool = False, **adapter_overrides):
+                 item_rows: int = 0, item_popularity: bool = False, item_domains: np.ndarray | None = None,
+                 **adapter_overrides):
         """``host``: personalize a stage head instead of the foundation's tower
         (`recmodels.stages.pointwise.StageHost`, scoring the same cached tower inputs).
         ``item_bias_fields``: shared item-side logit offsets keyed by these item fields
         (`recmodels.item_bias`; FedPA's model only). ``item_embedding_dim`` > 0: shared item embeddings and
-        a private user vector beside them (the same module)."""
+        a private user vector beside them (the same module). ``item_domains``: each video id's domain code
+        (`recdata.store.Dataset.item_domains`): FedPA's adapter gets a domain-specific shared path, each row
+        routed by its item's domain (UniCDR+'s domain-specific part beside the domain-invariant paths)."""
         self.algorithm = algorithm
         self.foundation = foundation
         self.host = host
@@ -120,6 +123,8 @@ class PersonalModel:
             if host is not None:
                 adapter_overrides = {"target_modules": host.adapter_targets, "head_module": "tower.head",
                                      **adapter_overrides}
+            if item_domains is not None:
+                adapter_overrides["domain_values"] = max(int(np.max(item_domains, initial=0)) + 1, 2)
             cfg = adapter_config(foundation.config, algorithm.preset, user_slots=user_slots, **adapter_overrides)
             self.model = attach_adapters(foundation if host is None else host, cfg)
             self.config = cfg
@@ -143,6 +148,11 @@ class PersonalModel:
                 self._shared[CLICKS] = (self.item_bias.clicks, None, TALLY)
                 self._shared[POPULARITY] = (self.item_bias.popularity_weight, None, None)
         self.scorer = Scorer(self.tower, self.item_bias)
+        self.item_domains = None
+        if item_domains is not None:
+            if self.model is None:
+                raise FedpaError(f"a domain-specific path needs adapters (algorithm '{algorithm.name}' has none)")
+            self.item_domains = torch.as_tensor(np.asarray(item_domains, dtype=np.int64))
         self.group_columns = [foundation.config.user_fields.index(a) for a in self.group_attributes]
         self.initial_private = self.get_private(0) if self._private else {}
         # the private entry holding per-user logit offsets (use_user_bias), and the slots whose state was
@@ -233,17 +243,28 @@ class PersonalModel:
 
     # ------------------------------------------------------------------ one user
 
-    def _route(self, n: int, groups: torch.Tensor | None, slot: int | torch.Tensor = 0):
+    def row_domains(self, data: UserTensors) -> torch.Tensor | None:
+        """Each row's domain code, from its item (None without a domain-specific path; 0 = unknown item)."""
+        if self.item_domains is None:
+            return None
+        if data.items is None:
+            raise FedpaError("the domain-specific path routes rows by their item's domain: these rows carry no "
+                             "item features")
+        vid, table = data.items[:, 0].long(), self.item_domains
+        return torch.where(vid < len(table), table[vid.clamp(0, len(table) - 1)], 0)
+
+    def _route(self, data: UserTensors, groups: torch.Tensor | None, slot: int | torch.Tensor = 0):
         if self.model is None:
             return _nullcontext()
+        n = len(data)
         g = None
         if groups is not None and self.group_columns:  # one user's values, or one row per example
             g = groups if groups.dim() == 2 else groups.reshape(1, -1).expand(n, -1)
         s = slot if isinstance(slot, torch.Tensor) else torch.full((n,), slot, dtype=torch.long)
-        return use_routing(self.model, group_index=g, user_slot=s)
+        return use_routing(self.model, group_index=g, user_slot=s, domain=self.row_domains(data))
 
     def _loss(self, data: UserTensors, groups, slot) -> torch.Tensor:
-        with self._route(len(data), groups, slot):
+        with self._route(data, groups, slot):
             logits = self.scorer(data.features, data.items, slot)
         return masked_bce(logits, data.labels[:, self.task_columns])
 
@@ -311,7 +332,7 @@ class PersonalModel:
 
     @torch.no_grad()
     def _calibrate_user_bias(self, data: UserTensors, groups, slot: int) -> None:
-        with self._route(len(data), groups, slot):
+        with self._route(data, groups, slot):
             logits = self.scorer(data.features, data.items, slot)
         bias, per_slot = self._private[self.user_bias_key]
         (bias[slot] if per_slot else bias).copy_(
@@ -349,7 +370,7 @@ class PersonalModel:
         if self.model is not None:
             set_active_paths(self.model, paths)
         try:
-            with self._route(len(data), groups, slot):
+            with self._route(data, groups, slot):
                 logits = self.scorer(data.features, data.items, slot)
         finally:
             if self.model is not None:
@@ -373,7 +394,7 @@ class PersonalModel:
         if len(data) == 0:
             return np.zeros(0, np.float32)
         groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
-        with self._route(len(data), groups, slot):
+        with self._route(data, groups, slot):
             logits = self.scorer(data.features, data.items, slot)
         y = data.labels[:, self.task_columns]
         seen = y >= 0
@@ -422,7 +443,7 @@ class PersonalModel:
         for s in range(0, len(data), 4096):
             sl = slice(s, s + 4096)
             part = data.rows(sl)
-            with self._route(len(part), groups[sl], slots[sl]):
+            with self._route(part, groups[sl], slots[sl]):
                 out.append(torch.sigmoid(self.scorer(part.features, part.items, slots[sl])[:, 0]))
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 

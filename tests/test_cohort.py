@@ -323,7 +323,7 @@ def test_a_fresh_user_starts_from_its_calibrated_offsets_once(tiny, tiny_foundat
     pm = rt.model
     user = next(u for u in (rt.user(c) for c in range(rt.num_clients)) if len(u.train) > 20)
     pm.set_private(None)
-    with torch.no_grad(), pm._route(len(user.train), torch.as_tensor(user.profile[pm.group_columns]), 0):
+    with torch.no_grad(), pm._route(user.train, torch.as_tensor(user.profile[pm.group_columns]), 0):
         want = calibrated_bias(pm.tower(user.train.features), user.train.labels[:, pm.task_columns])
     assert want.abs().max() > 0.05
     still = LocalTraining(epochs=1, lr=1e-9)  # the steps move nothing: what remains is the calibration

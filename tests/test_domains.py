@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from fedpa.foundation.errors import FedpaError
 from fedpa.recdata.examples import Lookups
@@ -32,12 +33,14 @@ def test_the_two_domain_world_keeps_surfaces_apart(world):
     ds = world
     assert ds.domains == {"short-video": 1, "live": 2}
     domain_of = ds.item_domains()
-    items = ds.items(["video_id", "category_level_two", "domain"])
+    items = ds.items(["video_id", "category_level_two", "author_id", "domain"])
     cat, dom = items.column("category_level_two").to_numpy(), items.column("domain").to_numpy()
-    # a category belongs to one surface, and the second surface holds its share of the categories
-    per_category = {c: set(dom[cat == c]) for c in np.unique(cat)}
-    assert all(len(v) == 1 for v in per_category.values())
-    assert sum(v == {2} for v in per_category.values()) == round(0.25 * 40)
+    # the second surface holds its share of every category's items (the same categories and creators)
+    assert set(dom) == {1, 2} and (dom == 2).mean() == pytest.approx(0.25, abs=0.01)
+    big = [c for c in np.unique(cat) if (cat == c).sum() >= 100]
+    assert big and all(0.15 < (dom[cat == c] == 2).mean() < 0.35 for c in big)
+    author = items.column("author_id").to_numpy()
+    assert len(np.intersect1d(author[dom == 1], author[dom == 2])) > 100
 
     e = exposures(ds)
     rid, d = e.column("request_id").to_numpy(), domain_of[e.column("video_id").to_numpy()]
@@ -188,3 +191,90 @@ def test_an_imported_log_names_its_domains_and_a_device_subset_keeps_them(world,
     sub = Dataset(write_user_subset(world, [5], tmp_path / "device"))
     assert sub.domains == world.domains
     assert np.array_equal(sub.item_domains(), world.item_domains()[:len(sub.item_domains())])
+
+
+# ----------------------------------------------------------------------------- the domain-specific path
+
+
+@pytest.fixture(scope="module")
+def world_foundation(world, tmp_path_factory):
+    from fedpa.simulations.pretraining import pretrain_foundation
+
+    out = tmp_path_factory.mktemp("domains_foundation") / "foundation"
+    pretrain_foundation(world.path, out, epochs=1, batch_size=1024)
+    return out
+
+
+def _domain_runtime(world, world_foundation, tmp_path, **kw):
+    from fed_fixtures import fed_config
+
+    from fedpa.client.runtime import ClientRuntime
+
+    return ClientRuntime(fed_config(world.path, world_foundation, tmp_path / "run", algorithm="fedpa",
+                                    max_clients=16, feature_cache="none", domain_adapters=True, **kw))
+
+
+def test_each_row_takes_its_own_domains_path_and_a_merged_model_folds_one_domain(world, world_foundation, tmp_path):
+    from fedpa.foundation.adapters import merge_for_user
+
+    rt = _domain_runtime(world, world_foundation, tmp_path)
+    pm = rt.model
+    assert pm.config.domain_values == 3 and "domain" in pm.config.path_names
+    shared = {n for n, _, g in pm.shared_spec() if "lora_domain" in n and g is None}
+    assert shared, "the domain path is shared with everyone (no group membership)"
+    user = next(u for u in (rt.user(c) for c in range(rt.num_clients))
+                if {1, 2} <= set(pm.row_domains(u.test).tolist()))
+    rows = pm.row_domains(user.test).numpy()
+    before = pm.predict(user.test, user.profile)
+    with torch.no_grad():   # move the live path only
+        for name, p in pm.model.named_parameters():
+            if "lora_domain_B" in name:
+                p[2].normal_(0, 0.5)
+    after = pm.predict(user.test, user.profile)
+    assert np.array_equal(before[rows == 1], after[rows == 1])
+    assert np.abs(before[rows == 2] - after[rows == 2]).min() > 0
+    # the dense model of one domain computes what the adapted model computes for that domain's rows
+    for domain in (1, 2):
+        merged = merge_for_user(pm.model, 0, user.profile, domain=domain)
+        dense = torch.sigmoid(merged.tower(user.test.features)[:, 0]).numpy()
+        assert np.allclose(dense[rows == domain], after[rows == domain], atol=1e-5)
+    with pytest.raises(FedpaError, match="folded for one domain"):
+        merge_for_user(pm.model, 0, user.profile)
+
+
+def test_the_engine_trains_the_domain_path_as_one_user_training_does_in_float64(world, world_foundation, tmp_path):
+    from test_cohort import _one_by_one, _users, _worst_difference
+
+    rt = _domain_runtime(world, world_foundation, tmp_path, batch_size=8, local_epochs=2, use_user_bias=True)
+    users = _users(rt, double=True)
+    assert any(len(set(rt.model.row_domains(u.train).tolist())) == 2 for u in users)  # mixed-domain batches
+    shared0 = rt.model.get_shared()
+    reference = _one_by_one(rt, users, shared0)
+    moved = [k for k in shared0 if "lora_domain_B" in k]
+    assert moved and any(np.abs(r[1][k] - shared0[k]).max() > 0 for r in reference for k in moved)
+    for max_users in (1, 64):
+        assert _worst_difference(rt, users, shared0, reference, max_users) < 1e-9
+    # scoring: the engine's per-user scores are the one-user scores
+    from fedpa.recmodels.cohort import CohortEngine, CohortUser
+
+    engine = CohortEngine(rt.model)
+    members = [CohortUser(u.train, u.profile, None, u.user_id) for u in users]
+    scores = engine.predict(members, [[u.test] for u in users], shared0, rt.local)
+    for u, s in zip(users, scores):
+        rt.model.set_private(None)
+        assert np.allclose(s[0], rt.model.predict(u.test, u.profile), atol=1e-9)
+
+
+def test_a_federation_with_domain_adapters_runs_and_refuses_a_one_domain_dataset(world, world_foundation, tmp_path,
+                                                                               tiny, tiny_foundation):
+    from fed_fixtures import fed_config
+
+    from fedpa.simulations.simulate import simulate
+
+    cfg = fed_config(world.path, world_foundation, tmp_path / "run", algorithm="fedpa", domain_adapters=True,
+                     eval_domains="live", feature_cache=str(tmp_path / "cache"))
+    summary = simulate(cfg, cohort_size=6)
+    assert summary["rounds"] == 2 and 0 < summary["test"]["auc"] < 1
+    with pytest.raises(Exception, match="one domain"):
+        simulate(fed_config(tiny, tiny_foundation, tmp_path / "one", algorithm="fedpa", domain_adapters=True),
+                 cohort_size=6)

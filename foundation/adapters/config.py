@@ -50,6 +50,9 @@ class FedPAConfig(LoraConfig):
         "help": "private per-user offset of the first adapted layer's input (the release keeps user embeddings "
                 "on the client)"})
     user_shift_module: str = field(default="", metadata={"help": "the module whose input is shifted"})
+    domain_values: int = field(default=0, metadata={
+        "help": "rows of the domain-specific shared path (UniCDR+'s domain-specific part beside the domain-invariant "
+                "user and group paths): one LoRA pair per domain code, chosen by each row's domain; 0 = none"})
     use_user_bias: bool = field(default=False, metadata={
         "help": "private per-user offset of every output logit, beside a shared head (needs head = shared)"})
 
@@ -78,6 +81,9 @@ class FedPAConfig(LoraConfig):
         if huge:
             raise ConfigError(f"group attribute(s) {', '.join(huge)} have more than {MAX_GROUP_VALUES} values; "
                               "group adapters are meant for bucketed attributes (one adapter per value)")
+        if not 0 <= int(self.domain_values) <= MAX_GROUP_VALUES or int(self.domain_values) == 1:
+            raise ConfigError(f"domain_values must be 0 (no domain path) or 2..{MAX_GROUP_VALUES} (codes 0..n-1), "
+                              f"got {self.domain_values}")
         if not (self.use_user_adapter or self.group_attributes or self.use_global_adapter):
             raise ConfigError("an adapter needs at least one path (user, group or global)")
         if self.r < 1:
@@ -88,9 +94,10 @@ class FedPAConfig(LoraConfig):
 
     @property
     def path_names(self) -> list[str]:
-        """Adapter paths in gate order (after the base path): user, group:<attr>..., global."""
+        """Adapter paths in gate order (after the base path): user, group:<attr>..., domain, global."""
         names = ["user"] if self.use_user_adapter else []
         names += [f"group:{a}" for a in self.group_attributes]
+        names += ["domain"] if self.domain_values else []
         names += ["global"] if self.use_global_adapter else []
         return names
 

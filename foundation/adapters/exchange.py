@@ -54,7 +54,8 @@ def parameter_kinds(model: PeftModel) -> dict[str, Kind]:
             for attr, kind in (("lora_user_A", "private"), ("lora_user_B", "private"),
                                ("lora_head_delta_w", "private"), ("lora_head_delta_b", "private"),
                                ("lora_user_shift", "private"), ("lora_user_bias", "private"),
-                               ("lora_head_shared_w", "shared"), ("lora_head_shared_b", "shared")):
+                               ("lora_head_shared_w", "shared"), ("lora_head_shared_b", "shared"),
+                               ("lora_domain_A", "shared"), ("lora_domain_B", "shared")):
                 if adapter in getattr(m, attr):
                     pname = f"{pre}{attr}.{adapter}"
                     kinds[f"{short}.{attr}"] = Kind(kind, param=pname, per_slot=kind == "private")

@@ -54,7 +54,7 @@ class FedPALinear(nn.Module, LoraLayer):
     adapter_layer_names = LoraLayer.adapter_layer_names + (
         "lora_user_A", "lora_user_B", "lora_group_A", "lora_group_B", "lora_gate_fc1", "lora_gate_fc2",
         "lora_head_delta_w", "lora_head_delta_b", "lora_user_shift", "lora_user_bias",
-        "lora_head_shared_w", "lora_head_shared_b",
+        "lora_head_shared_w", "lora_head_shared_b", "lora_domain_A", "lora_domain_B",
     )
     other_param_names = LoraLayer.other_param_names + ("fedpa_spec",)
 
@@ -76,6 +76,8 @@ class FedPALinear(nn.Module, LoraLayer):
         self.lora_user_bias = nn.ParameterDict({})
         self.lora_head_shared_w = nn.ParameterDict({})
         self.lora_head_shared_b = nn.ParameterDict({})
+        self.lora_domain_A = nn.ParameterDict({})
+        self.lora_domain_B = nn.ParameterDict({})
         self.fedpa_spec: dict[str, _LayerSpec] = {}
         self.routing: RoutingState | None = None
         self._active_adapter = adapter_name
@@ -123,6 +125,9 @@ class FedPALinear(nn.Module, LoraLayer):
                     a: nn.Parameter(torch.empty(config.group_vocab[a], n_in, r)) for a in config.group_attributes})
                 self.lora_group_B[adapter_name] = nn.ParameterDict({
                     a: nn.Parameter(torch.zeros(config.group_vocab[a], r, n_out)) for a in config.group_attributes})
+            if config.domain_values:
+                self.lora_domain_A[adapter_name] = nn.Parameter(torch.empty(int(config.domain_values), n_in, r))
+                self.lora_domain_B[adapter_name] = nn.Parameter(torch.zeros(int(config.domain_values), r, n_out))
             if config.use_global_adapter:
                 self.lora_A[adapter_name] = nn.Linear(n_in, r, bias=False)
                 self.lora_B[adapter_name] = nn.Linear(r, n_out, bias=False)
@@ -149,6 +154,9 @@ class FedPALinear(nn.Module, LoraLayer):
                 p.uniform_(-bound, bound)
             for p in self.lora_group_B[adapter_name].values():
                 p.zero_()
+        if adapter_name in self.lora_domain_A:
+            self.lora_domain_A[adapter_name].uniform_(-bound, bound)
+            self.lora_domain_B[adapter_name].zero_()
         if adapter_name in self.lora_A:
             self.reset_lora_parameters(adapter_name, True)
         if adapter_name in self.lora_user_shift:
@@ -250,6 +258,9 @@ class FedPALinear(nn.Module, LoraLayer):
                 j = self.routing.config.group_attributes.index(a)
                 deltas.append(_lowrank(xd, self.lora_group_A[adapter][a], self.lora_group_B[adapter][a],
                                        route.group_index[:, j]))
+            elif p == "domain":
+                deltas.append(_domain_lowrank(xd, self.lora_domain_A[adapter], self.lora_domain_B[adapter],
+                                              route.domain))
             else:  # global: peft's own LoRA pair
                 deltas.append(self.lora_B[adapter](self.lora_A[adapter](xd)))
         scale = self.scaling[adapter]
@@ -278,6 +289,8 @@ class FedPALinear(nn.Module, LoraLayer):
             if p == "global":
                 out.append((self.lora_A[adapter].weight.t(), self.lora_B[adapter].weight.t()))
                 continue
+            if p == "domain":  # rows of several domains, or codes batched under vmap: never read their values here
+                return None
             if p == "user":
                 a, b, rows = self.lora_user_A[adapter], self.lora_user_B[adapter], route.user_slot
             else:
@@ -361,6 +374,18 @@ def _lowrank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tens
     xb = x.reshape(x.shape[0], -1, x.shape[-1])
     y = torch.bmm(torch.bmm(xb, a[rows]), b[rows])
     return y.reshape(*x.shape[:-1], b.shape[-1])
+
+
+def _domain_lowrank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    """x [B, ..., in] through the factors of each row's domain, a[domain] [in, r], b[domain] [r, out]: every
+    domain's product, kept by a one-hot mask. No gather and no branch on the codes, so the same code runs
+    under torch.func.vmap with codes that differ per user (the cohort engine); there are only a few domains."""
+    if domain is None:
+        raise RoutingError("the domain-specific path needs each row's domain code (Routing.domain)")
+    y = torch.einsum("b...i,dir,dro->b...do", x, a, b)
+    mask = (domain[:, None] == torch.arange(a.shape[0], device=domain.device)).to(x.dtype)
+    mask = mask.reshape(mask.shape[0], *([1] * (x.dim() - 2)), a.shape[0], 1)
+    return (y * mask).sum(-2)
 
 
 def _slot_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
+from ..errors import FedpaError
 from ..model import FoundationModel
 from .config import FedPAConfig
 from .exchange import normalise_groups
@@ -40,7 +41,8 @@ class GatedPathsLinear(nn.Module):
 
 @torch.no_grad()
 def merge_for_user(model: PeftModel, user_slot: int = 0,
-                   group_values: Mapping[str, int] | Sequence[int] | torch.Tensor | None = None) -> FoundationModel:
+                   group_values: Mapping[str, int] | Sequence[int] | torch.Tensor | None = None,
+                   domain: int | None = None) -> FoundationModel:
     """A dense FoundationModel computing exactly what the adapted model computes for one user.
 
     Per FedPA layer: without a gate everything folds into one nn.Linear
@@ -49,18 +51,26 @@ def merge_for_user(model: PeftModel, user_slot: int = 0,
     W+ΔW_{j,v_j}, ...) in one nn.Linear plus the gate (an input-dependent softmax
     cannot be folded into a single matrix). The trained head (shared copy or this
     user's private slot) replaces the foundation's. No peft, no routing: call it
-    with ``model(**batch)`` for batches of this user.
+    with ``model(**batch)`` for batches of this user. An adapter with a domain-specific path folds for one
+    ``domain`` (its code): the merged model scores that domain's rows.
     """
     state = routing_state(model)
     cfg = state.config
     groups = normalise_groups(cfg, group_values)
+    if cfg.domain_values and domain is None:
+        raise FedpaError("this adapter has a domain-specific path: a dense model is folded for one domain "
+                         f"(pass domain=0..{cfg.domain_values - 1})")
+    if cfg.domain_values and not 0 <= int(domain) < cfg.domain_values:
+        raise FedpaError(f"domain {domain} is outside the {cfg.domain_values} codes of this adapter's domain path")
+
     merged = copy.deepcopy(model.get_base_model())
     merged.__dict__.pop("_fedpa_routing", None)
     remove_routing_hooks(merged)
     adapter = "default" if "default" in model.peft_config else next(iter(model.peft_config))
     for name, mod in list(merged.named_modules()):
         if isinstance(mod, FedPALinear):
-            _set_module(merged, name, _fold_layer(mod, adapter, user_slot, groups, cfg, state.paths))
+            _set_module(merged, name, _fold_layer(mod, adapter, user_slot, groups, cfg, state.paths,
+                                                          domain))
         elif isinstance(mod, ModulesToSaveWrapper):
             _set_module(merged, name, copy.deepcopy(mod.modules_to_save[adapter]))
     for p in merged.parameters():
@@ -69,7 +79,7 @@ def merge_for_user(model: PeftModel, user_slot: int = 0,
 
 
 def _fold_layer(layer: FedPALinear, adapter: str, slot: int, groups: dict[str, int], cfg: FedPAConfig,
-                paths_filter: set[str] | None) -> nn.Module:
+                paths_filter: set[str] | None, domain: int | None = None) -> nn.Module:
     spec = layer.fedpa_spec[adapter]
     base = layer.get_base_layer()
     w, b = base.weight.detach(), (base.bias.detach() if base.bias is not None else None)
@@ -96,6 +106,8 @@ def _fold_layer(layer: FedPALinear, adapter: str, slot: int, groups: dict[str, i
         elif p.startswith("group:"):
             attr = p[len("group:"):]
             a_, b_ = layer.lora_group_A[adapter][attr][groups[attr]], layer.lora_group_B[adapter][attr][groups[attr]]
+        elif p == "domain":
+            a_, b_ = layer.lora_domain_A[adapter][int(domain)], layer.lora_domain_B[adapter][int(domain)]
         else:
             a_, b_ = layer.lora_A[adapter].weight.t(), layer.lora_B[adapter].weight.t()
         deltas.append((a_ @ b_).t() * s)  # [out, in]

@@ -23,10 +23,11 @@ class RoutingError(FedpaError):
 
 @dataclass
 class Routing:
-    """Per-example routing for one forward: group rows [B, G] and user slots [B]."""
+    """Per-example routing for one forward: group rows [B, G], user slots [B] and domain codes [B]."""
 
     group_index: torch.Tensor | None = None
     user_slot: torch.Tensor | None = None
+    domain: torch.Tensor | None = None
 
 
 class RoutingState:
@@ -45,15 +46,21 @@ class RoutingState:
     # copy whose hooks and layers share one *copied* state.
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         profile = kwargs.get("user_profile", args[0] if args else None)
-        self.current = self.route(profile, kwargs.get("user_id"))
+        self.current = self.route(profile, kwargs.get("user_id"), kwargs.get("domain"))
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.current = None  # a layer called outside a routed forward fails loudly instead of reusing stale rows
 
-    def route(self, user_profile: torch.Tensor | None, user_id: torch.Tensor | None) -> Routing:
+    def route(self, user_profile: torch.Tensor | None, user_id: torch.Tensor | None,
+              domain: torch.Tensor | None = None) -> Routing:
         if self.override is not None:
             return self.override
         cfg = self.config
+        if cfg.domain_values:
+            if domain is None:
+                raise RoutingError("this adapter has a domain-specific path: pass batch['domain'] (each row's domain "
+                                   "code) or route explicitly with use_routing(..., domain=...)")
+            domain = check_domains(domain, cfg.domain_values)
         group_index = None
         if self.columns:
             if user_profile is None:
@@ -80,7 +87,7 @@ class RoutingState:
                 if not bool(hit.all()):
                     raise RoutingError(f"user id {int(uid[~hit][0])} has no adapter slot in this model")
                 slot = self.slot_of[pos].to(user_id.device)
-        return Routing(group_index=group_index, user_slot=slot)
+        return Routing(group_index=group_index, user_slot=slot, domain=domain)
 
     @property
     def uses_slots(self) -> bool:
@@ -125,14 +132,27 @@ def set_user_slots(model: nn.Module, user_ids: Sequence[int] | torch.Tensor) -> 
     state.slot_ids, state.slot_of = ids[order], order
 
 
+def check_domains(domain: torch.Tensor, values: int) -> torch.Tensor:
+    """Domain codes as long, refusing one outside the 0..values-1 the domain path was built for."""
+    domain = domain.long()
+    bad = (domain < 0) | (domain >= values)
+    if bool(bad.any()):
+        raise RoutingError(f"domain code {int(domain[bad][0])} is outside the {values} codes the domain-specific "
+                           f"path was built for (0..{values - 1})")
+    return domain
+
+
 @contextlib.contextmanager
 def use_routing(model: nn.Module, group_index: torch.Tensor | None = None,
-                user_slot: torch.Tensor | None = None) -> Iterator[None]:
-    """Route the forwards inside the block explicitly (group rows [B, G], user slots [B])."""
+                user_slot: torch.Tensor | None = None, domain: torch.Tensor | None = None) -> Iterator[None]:
+    """Route the forwards inside the block explicitly (group rows [B, G], user slots [B], domain codes [B]).
+    Inside a vmapped function the domain codes may be batched: they are then taken as given (checked by the
+    caller), since a check would read their values."""
     state = routing_state(model)
     prev = state.override
     state.override = Routing(group_index=None if group_index is None else group_index.long(),
-                             user_slot=None if user_slot is None else user_slot.long())
+                             user_slot=None if user_slot is None else user_slot.long(),
+                             domain=None if domain is None else domain.long())
     try:
         yield
     finally:

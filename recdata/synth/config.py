@@ -85,8 +85,8 @@ class SynthConfig:
 
     # -- a second surface (UniCDR+, Moment&Cross: short video is dense, live streaming sparse). Off at 0.
     second_domain_share: float = 0.0
-    """Share of the level-two categories whose items live on a second, sparse surface ("live"); 0 = one
-    surface. A request on that surface retrieves from its categories only."""
+    """Share of every category's items (its least popular ones) on a second, sparse surface ("live"); 0 = one
+    surface. A request on that surface retrieves from those items only; categories and authors are shared."""
     second_domain_activity: float = 0.1
     """A user's requests on the second surface, as a share of its requests on the first."""
     domain_transfer: float = 0.7
@@ -118,10 +118,6 @@ class SynthConfig:
     @property
     def two_domains(self) -> bool:
         return self.second_domain_share > 0
-
-    def second_domain_categories(self) -> int:
-        """How many level-two categories the second surface has."""
-        return int(round(self.second_domain_share * self.n_categories_l2))
 
     def interaction_rate(self, label: str) -> float:
         return getattr(self, f"{label}_rate")
@@ -179,11 +175,6 @@ class SynthConfig:
             raise bad("second_domain_activity", "must be a positive number")
         if self.second_domain_only_users + self.first_domain_only_users > 1:
             raise bad("second_domain_only_users", "plus first_domain_only_users must be at most 1")
-        if self.second_domain_share and self.second_domain_categories() < 1:
-            raise bad("second_domain_share", f"leaves no level-two category of {self.n_categories_l2} "
-                                             "on the second surface")
-        if self.second_domain_share and self.n_categories_l2 - self.second_domain_categories() < 1:
-            raise bad("second_domain_share", "leaves no level-two category on the first surface")
 
         sizes, stored = self.funnel_sizes, self.stored_samples
         if not isinstance(sizes, tuple) or len(sizes) != 5 or any(

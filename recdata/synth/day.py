@@ -27,6 +27,7 @@ from .world import (
     _STREAM_PILOT,
     _STREAM_SCHEDULE,
     _rng,
+    _Surface,
     _World,
 )
 
@@ -66,7 +67,7 @@ def _schedule_requests(world: _World, users: np.ndarray, counts: np.ndarray, day
 def _simulate_day(world: _World, day_index: int, first_request_id: int,
                   calibration: _Calibration) -> _DayTables:
     """All requests of one day through the funnel, with feedback: the day's three tables (in a two-domain
-    world, each surface's requests through a funnel that retrieves from that surface's categories)."""
+    world, each surface's requests through a funnel that retrieves from that surface's items)."""
     c = world.config
     day = world.days[day_index]
     rng = _rng(world.seed, _STREAM_SCHEDULE, day_index)
@@ -78,7 +79,7 @@ def _simulate_day(world: _World, day_index: int, first_request_id: int,
     parts = []
     for domain in (1, 2):
         schedule = _schedule_requests(world, users, rng.poisson(world.activity_by_domain[domain]), day, rng)
-        parts.append(_simulate_requests(world, schedule, world.user_latents(domain), world.domain_categories(domain),
+        parts.append(_simulate_requests(world, schedule, world.user_latents(domain), world.surface(domain),
                                         day_index, first_request_id, calibration, (domain,)))
         first_request_id += parts[-1].requests.num_rows
     # the writer sorts each table by (user, time)
@@ -86,10 +87,10 @@ def _simulate_day(world: _World, day_index: int, first_request_id: int,
                         for name in ("requests", "exposures", "stage_samples")))
 
 
-def _simulate_requests(world: _World, schedule: _Schedule, latents: np.ndarray, categories: np.ndarray | None,
+def _simulate_requests(world: _World, schedule: _Schedule, latents: np.ndarray, surface: _Surface | None,
                        day_index: int, first_request_id: int, calibration: _Calibration,
                        stream: tuple[int, ...]) -> _DayTables:
-    """``schedule``'s requests through the funnel (retrieving from ``categories`` only, when given), with
+    """``schedule``'s requests through the funnel (retrieving from ``surface``'s items, when given), with
     feedback. ``stream`` tells the random streams of the surfaces of one day apart."""
     c = world.config
     n_requests = len(schedule.user)
@@ -112,7 +113,7 @@ def _simulate_requests(world: _World, schedule: _Schedule, latents: np.ndarray, 
     }
     for block, (lo, hi) in enumerate(_request_blocks(schedule.user)):
         rng = _rng(world.seed, _STREAM_FUNNEL, day_index, block, *stream)
-        result = _run_funnel(world, latents, schedule.user[lo:hi], schedule.exposures[lo:hi], rng, categories)
+        result = _run_funnel(world, latents, schedule.user[lo:hi], schedule.exposures[lo:hi], rng, surface)
         sample_video[lo:hi] = world.video_id[result.sample_items]
         sample_rank[lo:hi] = result.sample_rank_index
         sample_rerank[lo:hi] = result.sample_rerank_index
@@ -175,7 +176,7 @@ def _calibrate_feedback(world: _World) -> _Calibration:
     utility, duration = [], []
     for lo, hi in _request_blocks(schedule.user):  # (labels calibrate on the first surface)
         result = _run_funnel(world, latents, schedule.user[lo:hi], schedule.exposures[lo:hi], rng,
-                             world.domain_categories(1))
+                             world.surface(1))
         utility.append(result.exposed_utility.astype(np.float64))
         duration.append(world.duration[result.exposed_items])
     u = np.concatenate(utility)

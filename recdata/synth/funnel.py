@@ -10,7 +10,7 @@ import numpy as np
 
 from fedpa.foundation.errors import FedpaError
 
-from .world import _MAX_REDRAW_ROUNDS, _World, _zipf_rank
+from .world import _MAX_REDRAW_ROUNDS, _Surface, _World, _zipf_rank
 
 
 @dataclass
@@ -103,9 +103,9 @@ class _CategorySampler:
 
 
 def _run_funnel(world: _World, latents: np.ndarray, request_user: np.ndarray, n_exposed: np.ndarray,
-                rng: np.random.Generator, categories: np.ndarray | None = None) -> _FunnelResult:
-    """One block of requests (sorted by user) through the six stages; retrieval draws from the level-two
-    ``categories`` (a mask; None = all of them: a surface's catalogue in a two-domain world)."""
+                rng: np.random.Generator, surface: _Surface | None = None) -> _FunnelResult:
+    """One block of requests (sorted by user) through the six stages; retrieval draws from ``surface``'s items
+    (None: the whole catalogue)."""
     c = world.config
     _, _, coarse, rank, rerank = c.funnel_sizes
     n_prerank_neg, n_coarse_neg, n_rank_neg, n_rank_pos, n_rerank_neg, n_rerank_pos = c.stored_samples
@@ -114,8 +114,9 @@ def _run_funnel(world: _World, latents: np.ndarray, request_user: np.ndarray, n_
     n_requests = len(request_user)
     n_dropped_early = n_prerank_neg + n_coarse_neg
 
-    samplers = _early_stage_samplers(world, latents[users], categories)
-    items = _draw_candidates(world, samplers, (n_prerank_neg, n_coarse_neg, coarse), local_user, rng)
+    surface = surface or world.surface()
+    samplers = _early_stage_samplers(world, latents[users], surface)
+    items = _draw_candidates(world, samplers, (n_prerank_neg, n_coarse_neg, coarse), local_user, rng, surface)
     candidates = items[:, n_dropped_early:]  # ranking's input
 
     # Ranking, re-ranking and edge ranking: the full utility plus shrinking Gaussian noise.
@@ -161,8 +162,7 @@ def _run_funnel(world: _World, latents: np.ndarray, request_user: np.ndarray, n_
     )
 
 
-def _early_stage_samplers(world: _World, user_latent: np.ndarray,
-                          categories: np.ndarray | None = None) -> list[_CategorySampler]:
+def _early_stage_samplers(world: _World, user_latent: np.ndarray, surface: _Surface) -> list[_CategorySampler]:
     """Category distributions of the candidates dropped at pre-ranking, dropped at coarse
     ranking, and kept by both (ranking's input), for each user.
 
@@ -174,9 +174,8 @@ def _early_stage_samplers(world: _World, user_latent: np.ndarray,
     c = world.config
     retrieval, prerank, coarse, _, _ = c.funnel_sizes
     affinity = (user_latent @ world.category_latent.T).astype(np.float64)
-    log_weight = np.log(world.category_mass) + affinity / c.retrieval_temperature
-    if categories is not None:  # another surface's categories are never retrieved
-        log_weight = np.where(categories[None, :], log_weight, -np.inf)
+    with np.errstate(divide="ignore"):  # a category without items on this surface is never retrieved
+        log_weight = np.log(surface.mass) + affinity / c.retrieval_temperature
     retrieved = np.exp(log_weight - log_weight.max(axis=1, keepdims=True))
     retrieved /= retrieved.sum(axis=1, keepdims=True)
     scale_prerank, scale_coarse = (_logistic_scale(noise) for noise in c.stage_noise[:2])
@@ -190,7 +189,7 @@ def _early_stage_samplers(world: _World, user_latent: np.ndarray,
 
 
 def _draw_candidates(world: _World, samplers: list[_CategorySampler], group_sizes: tuple[int, ...],
-                     local_user: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+                     local_user: np.ndarray, rng: np.random.Generator, surface: _Surface) -> np.ndarray:
     """(R, sum(group_sizes)) items per request: ``group_sizes[g]`` slots drawn from ``samplers[g]``.
 
     A retrieved candidate is dropped at one stage only, so the items of a request are
@@ -198,7 +197,7 @@ def _draw_candidates(world: _World, samplers: list[_CategorySampler], group_size
     """
     categories = np.concatenate([sampler.draw_stratified(local_user, size, rng)
                                  for sampler, size in zip(samplers, group_sizes)], axis=1)
-    items = _item_in_category(world, categories, rng)
+    items = _item_in_category(world, categories, rng, surface)
     slot_group = np.repeat(np.arange(len(group_sizes)), group_sizes)
     rows = np.arange(len(local_user))  # requests that may still hold a repeated item
     for _ in range(_MAX_REDRAW_ROUNDS):
@@ -210,15 +209,16 @@ def _draw_candidates(world: _World, samplers: list[_CategorySampler], group_size
         for group, sampler in enumerate(samplers):
             chosen = slot_group[slot] == group
             redrawn = sampler.draw(local_user[request[chosen]], rng.random(int(chosen.sum())))
-            items[request[chosen], slot[chosen]] = _item_in_category(world, redrawn, rng)
+            items[request[chosen], slot[chosen]] = _item_in_category(world, redrawn, rng, surface)
     raise FedpaError("synthetic funnel: could not draw distinct candidates for every request; the catalogue "
                      "is too small for the funnel (raise n_items or lower funnel_sizes)")
 
 
-def _item_in_category(world: _World, category: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    size = world.category_size[category]
+def _item_in_category(world: _World, category: np.ndarray, rng: np.random.Generator,
+                      surface: _Surface) -> np.ndarray:
+    size = surface.size[category]
     rank = _zipf_rank(rng.random(category.shape, dtype=np.float32), size, world.config.popularity_exponent)
-    return world.category_start[category] + rank
+    return surface.start[category] + rank
 
 
 def _repeated_slots(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -53,6 +53,15 @@ def _zipf_rank(uniform: np.ndarray, size: np.ndarray, exponent: float) -> np.nda
     return np.minimum(x.astype(np.int64) - 1, size - 1)
 
 
+class _Surface:
+    """The items one surface shows: per level-two category, a block of the internal order (most popular
+    first) and its share of the surface's catalogue, which retrieval draws categories by."""
+
+    def __init__(self, start: np.ndarray, size: np.ndarray):
+        self.start, self.size = start, size
+        self.mass = size / size.sum()
+
+
 class _World:
     """The latent world: users (profiles, activity, drifting interests) and the item catalogue.
 
@@ -123,13 +132,19 @@ class _World:
         return (c.utility_scale * latent).astype(np.float32)
 
     def _build_second_domain(self, rng: np.random.Generator) -> None:
-        """Which categories are on the second surface, each user's own share of taste there, and who is active
-        on which surface."""
+        """Which items are on the second surface, each user's own share of taste there, and who is active on
+        which surface. The second surface's items come from every category (live streams by the same kind of
+        creators as the short videos): what a user shows of a category on one surface says something of the
+        other, as much as ``domain_transfer`` lets it."""
         c = self.config
-        n_l2 = c.n_categories_l2
-        self.category_domain = np.ones(n_l2, dtype=np.int32)
-        self.category_domain[rng.choice(n_l2, size=c.second_domain_categories(), replace=False)] = 2
-        self.item_domain = np.repeat(self.category_domain, self.category_size)
+        # each category's least popular share of items, rounded at random, at least one item left on the first
+        second = np.floor(c.second_domain_share * self.category_size + rng.random(len(self.category_size)))
+        second = np.minimum(second.astype(np.int64), self.category_size - 1)
+        first = self.category_size - second
+        self.surfaces = {1: _Surface(self.category_start, first), 2: _Surface(self.category_start + first, second)}
+        category = np.repeat(np.arange(len(self.category_size)), self.category_size)
+        rank = np.arange(c.n_items) - self.category_start[category]
+        self.item_domain = np.where(rank < first[category], 1, 2).astype(np.int64)
         self.second_individual = _unit_vectors(rng, c.n_users, c.latent_dim)
         draw = rng.random(c.n_users)
         second_only = draw < c.second_domain_only_users
@@ -138,9 +153,11 @@ class _World:
         self.activity_by_domain = {1: np.where(second_only, 0.0, self.activity),
                                    2: np.where(first_only, 0.0, c.second_domain_activity * self.activity)}
 
-    def domain_categories(self, domain: int) -> np.ndarray | None:
-        """Mask of the level-two categories of surface ``domain`` (None: a one-surface world, all of them)."""
-        return None if self.item_domain is None else self.category_domain == domain
+    def surface(self, domain: int | None = None) -> _Surface:
+        """The catalogue a request of surface ``domain`` retrieves from (None, or a one-surface world: all)."""
+        if domain is None or self.item_domain is None:
+            return _Surface(self.category_start, self.category_size)
+        return self.surfaces[domain]
 
     def advance_day(self) -> None:
         """Drift interests by one day: individual AR(1) walk plus a slow group random walk."""
@@ -211,7 +228,6 @@ class _World:
             "upload_timestamp": start_s - upload_age,
         }
         self.video_id = rng.permutation(c.n_items)
-        self.category_mass = self.category_size / c.n_items
 
     # -- tables
 
