@@ -99,9 +99,10 @@ class DeviceRecommender:
         return pm.personalized_scores(data.train, [rows], data.profile, rt.local_for(self.round + 1),
                                       seed=user_seed(rt.cfg.seed, self.round + 1, self.user_id))[0]
 
-    def export_onnx(self, path: str | Path, candidates, now_ms: int) -> np.ndarray:
+    def export_onnx(self, path: str | Path, candidates, now_ms: int, domain: int | None = None) -> np.ndarray:
         """Write the user's current model as ONNX (adapters merged into the foundation, as `fedpa export` does)
-        and return its scores of ``candidates``: what an app without Python ships."""
+        and return its scores of ``candidates``: what an app without Python ships. With a domain-specific
+        path, the model of one ``domain`` (its code), for candidates of that domain."""
         from fedpa.foundation.adapters import merge_for_user
         from fedpa.foundation.export import export_onnx, onnx_probabilities
         from fedpa.recmodels.item_bias import WithItemBias
@@ -112,7 +113,7 @@ class DeviceRecommender:
         pm.set_shared(self.shared)
         pm.set_private(self.private)
         profile = rt.user(self.client).profile
-        model = merge_for_user(pm.model, 0, pm.group_values(profile))
+        model = merge_for_user(pm.model, 0, pm.group_values(profile), domain=domain)
         if pm.item_bias is not None:
             import copy
 

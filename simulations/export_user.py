@@ -56,8 +56,9 @@ def _private_state(cfg: FederationConfig, user: int, store_dir: str | None, key_
     return arrays
 
 
-def user_batches(cfg: FederationConfig, user: int):
-    """The user's test-day rows (parity and the int8 check) and one request's 120 candidates (latency)."""
+def user_batches(cfg: FederationConfig, user: int, domain: int | None = None):
+    """The user's test-day rows (parity and the int8 check) and one request's 120 candidates (latency); with
+    ``domain`` (a code), that domain's rows and items only."""
     from fedpa.recdata.examples import Lookups
     from fedpa.recdata.partition import SplitConfig, split_users
     from fedpa.recdata.store import Dataset
@@ -68,20 +69,42 @@ def user_batches(cfg: FederationConfig, user: int):
         raise FedpaError(f"user {user} is not in {cfg.data_dir} (user ids 0..{len(lookups.user_table) - 1})")
     splits = split_users(ds, np.array([user]), SplitConfig(cfg.split, negatives=cfg.negatives),
                          lookups=lookups, seed=cfg.seed)
+    pool = np.arange(1, len(lookups.item_table))
+    if domain is not None:
+        of = ds.item_domains()
+        inside = lambda ex: ex.subset(np.nonzero(of[np.minimum(ex.video_id, len(of) - 1)] == domain)[0])  # noqa: E731
+        splits = type(splits)(inside(splits.train), splits.val, inside(splits.test), splits.group_size)
+        pool = pool[of[np.minimum(pool, len(of) - 1)] == domain]
     rows = [b for b in splits.test.iter_batches(256)] or [b for b in splits.train.iter_batches(256)]
     if not rows:
-        raise FedpaError(f"user {user} has no rows in {cfg.data_dir} to check the export on")
+        raise FedpaError(f"user {user} has no rows in {cfg.data_dir}{' in that domain' if domain else ''} to check "
+                         "the export on")
     test = {k: torch.cat([b[k] for b in rows]) for k in rows[0] if isinstance(rows[0][k], torch.Tensor)}
     one = {k: v[:1] for k, v in test.items()}
     rng = np.random.default_rng(user)
-    items = torch.as_tensor(lookups.item_table[rng.integers(1, len(lookups.item_table), size=CANDIDATES)])
+    items = torch.as_tensor(lookups.item_table[rng.choice(pool, size=CANDIDATES)])
     request = {k: v.expand(CANDIDATES, *v.shape[1:]).contiguous() for k, v in one.items()}
     request["item"] = items
     return test, request, lookups.user_table[user]
 
 
+def _domain_code(cfg: FederationConfig, pm, domain: str | None) -> int | None:
+    """The code of the domain a model is exported for: a run with a domain-specific path folds one per domain."""
+    from fedpa.recdata.store import Dataset
+
+    has_path = getattr(pm, "item_domains", None) is not None
+    if domain is None:
+        if has_path:
+            raise FedpaError(f"this run has a domain-specific path: export one model per domain (--domain, one of "
+                             f"{', '.join(Dataset(cfg.data_dir).domains)})")
+        return None
+    if not has_path:
+        raise FedpaError("--domain chooses the domain path to fold, but this run has none (--domain-adapters)")
+    return Dataset(cfg.data_dir).domain_codes(domain)[0]
+
+
 def export_user(run_dir: str | Path, user: int, out: str | Path, *, store_dir: str | None = None,
-                key_file: str | None = None, int8: bool = True) -> dict:
+                key_file: str | None = None, int8: bool = True, domain: str | None = None) -> dict:
     run_dir, out = Path(run_dir), Path(out)
     cfg = FederationConfig.from_run_dir(run_dir)
     algorithm = get_algorithm(cfg.algorithm)
@@ -91,7 +114,8 @@ def export_user(run_dir: str | Path, user: int, out: str | Path, *, store_dir: s
         raise FedpaError(f"{run_dir} personalized the '{cfg.stage}' stage head; export writes the foundation's "
                          "scorer (a run without --stages)")
     pm = build_personal_model(cfg)
-    test, request, profile = user_batches(cfg, user)
+    code = _domain_code(cfg, pm, domain)
+    test, request, profile = user_batches(cfg, user, code)
     if pm.model is None:
         model = pm.foundation
     else:
@@ -104,7 +128,7 @@ def export_user(run_dir: str | Path, user: int, out: str | Path, *, store_dir: s
             pm.set_shared(shared)
         if pm.initial_private:
             pm.set_private(_private_state(cfg, user, store_dir, key_file))
-        model = merge_for_user(pm.model, 0, pm.group_values(profile))
+        model = merge_for_user(pm.model, 0, pm.group_values(profile), domain=code)
         if pm.item_bias is not None:  # the run's shared item-side tables travel with the merged model
             model = WithItemBias(model, copy.deepcopy(pm.item_bias).requires_grad_(False)).eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +140,8 @@ def export_user(run_dir: str | Path, user: int, out: str | Path, *, store_dir: s
         fp32_path.unlink(missing_ok=True)
         raise FedpaError(f"the ONNX model differs from PyTorch by {parity:.2e} (> {PARITY_TOLERANCE:g}) on user "
                          f"{user}'s rows; nothing was kept")
-    report = {"run": str(run_dir), "user": user, "algorithm": cfg.algorithm, "rows_checked": int(len(reference)),
+    report = {"run": str(run_dir), "user": user, "algorithm": cfg.algorithm, "domain": domain,
+              "rows_checked": int(len(reference)),
               "tasks": list(pm.foundation.config.tasks),
               "fp32": {"path": str(fp32_path), "bytes": os.path.getsize(fp32_path), "max_abs_diff_vs_torch": parity,
                        "latency_120": scoring_latency(fp32_path, request)}}

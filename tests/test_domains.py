@@ -269,12 +269,27 @@ def test_a_federation_with_domain_adapters_runs_and_refuses_a_one_domain_dataset
                                                                                tiny, tiny_foundation):
     from fed_fixtures import fed_config
 
+    from fedpa.client.personal_store import generate_key_file
     from fedpa.simulations.simulate import simulate
 
+    key = generate_key_file(tmp_path / "store.key")
     cfg = fed_config(world.path, world_foundation, tmp_path / "run", algorithm="fedpa", domain_adapters=True,
-                     eval_domains="live", feature_cache=str(tmp_path / "cache"))
+                     eval_domains="live", feature_cache=str(tmp_path / "cache"),
+                     personal_store=str(tmp_path / "store"), personal_store_key_file=str(key))
     summary = simulate(cfg, cohort_size=6)
     assert summary["rounds"] == 2 and 0 < summary["test"]["auc"] < 1
+    # a user's model is exported per domain: the live path folded, checked on the user's live rows
+    from fedpa.client.runtime import ClientRuntime
+    from fedpa.simulations.export_user import export_user
+
+    rt = ClientRuntime(cfg)
+    user = next(rt.user_of(c) for c in range(rt.num_clients)
+                if (rt.model.row_domains(rt.user(c).test) == 2).sum() >= 2)
+    report = export_user(cfg.run_dir, user, tmp_path / "export", int8=False, domain="live")
+    assert report["domain"] == "live" and report["rows_checked"] >= 2
+    assert report["fp32"]["max_abs_diff_vs_torch"] <= 1e-4
+    with pytest.raises(FedpaError, match="one model per domain"):
+        export_user(cfg.run_dir, user, tmp_path / "export2", int8=False)
     with pytest.raises(Exception, match="one domain"):
         simulate(fed_config(tiny, tiny_foundation, tmp_path / "one", algorithm="fedpa", domain_adapters=True),
                  cohort_size=6)

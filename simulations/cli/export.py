@@ -22,13 +22,16 @@ def export_cmd(
     key_file: Annotated[str | None,
                         typer.Option(help="the store's key file (default: the run's, else $FEDPA_STORE_KEY)")] = None,
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="also write an int8 model")] = True,
+    domain: Annotated[str | None, typer.Option(help="a run with a domain-specific path (--domain-adapters): the "
+                                                    "domain whose model to fold (one model per domain)")] = None,
 ):
     """Merge a user's adapters into the foundation and write ONNX models (fp32, int8) for the device;
     parity with PyTorch is checked (<= 1e-4) before anything is kept."""
     from fedpa.simulations.export_user import export_user
 
     out_dir = out_dir or run_dir / "export" / f"user-{user}"
-    report = export_user(run_dir, user, out_dir, store_dir=store, key_file=key_file, int8=int8)
+    report = export_user(run_dir, user, out_dir, store_dir=store, key_file=key_file, int8=int8,
+                         domain=domain)
     t = Table(title=f"user {user}: {report['algorithm']} exported")
     t.add_column("model")
     t.add_column("size")
