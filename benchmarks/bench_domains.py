@@ -1,11 +1,12 @@
 """Cross-domain personalization (UniCDR+, Moment&Cross): does a user's dense-domain behaviour help its
 recommendations on a sparse domain, through the foundation and through the federation?
 
-A two-surface `small` world (short video dense, live streaming sparse: 20 % of the categories, a user's live
-activity 30 % of its short-video activity, taste correlation 0.7, 15 % of users live-only, 30 % never on
-live) is generated unless given. Three platforms are compared, each evaluated on the live rows only, once for
-the users who also have short-video training rows (``--eval-users cross-domain``) and once for those who do
-not (``single-domain``):
+A two-surface `small` world (short video dense, live streaming sparse: the least popular 20 % of every
+category's items, a user's live activity 30 % of its short-video activity, taste correlation 0.7, plus a taste
+every user shares on live only (``second_domain_shift`` 1.0), 15 % of users live-only, 30 % never on live) is
+generated unless given. Four platforms are compared, each evaluated on the live rows only, once for the users
+who also have short-video training rows (``--eval-users cross-domain``) and once for those who do not
+(``single-domain``):
 
 - **single-domain**: a foundation pre-trained on live rows only (``fedpa pretrain --domains live``) and a
   federation that sees live rows only, in its training rows and its behaviour sequences (``--domains live``);
@@ -29,7 +30,7 @@ import json
 import time
 from pathlib import Path
 
-WORLD = dict(second_domain_share=0.2, second_domain_activity=0.3, domain_transfer=0.7,
+WORLD = dict(second_domain_share=0.2, second_domain_activity=0.3, domain_transfer=0.7, second_domain_shift=1.0,
              second_domain_only_users=0.15, first_domain_only_users=0.3)
 # platform -> (the foundation's domains, the run's domains, its training domains, domain-specific path)
 PLATFORMS = {"single-domain": ("live", "live", "", False), "cross-domain foundation": ("", "", "live", False),

@@ -92,6 +92,9 @@ class SynthConfig:
     domain_transfer: float = 0.7
     """Correlation of a user's interest on the second surface with its interest on the first (1 = the same
     taste, 0 = unrelated): how much dense-surface behaviour can teach about the sparse one."""
+    second_domain_shift: float = 0.0
+    """Scale (relative to a user's own taste) of a taste every user shares on the second surface only: what
+    the surface itself favours (a live stream is not a short video), which no first-surface row can teach."""
     second_domain_only_users: float = 0.15
     """Share of users active on the second surface only (no dense-surface rows: nothing to transfer from)."""
     first_domain_only_users: float = 0.3
@@ -171,6 +174,8 @@ class SynthConfig:
 
         if not _is_number(self.second_domain_share) or not 0 <= self.second_domain_share < 1:
             raise bad("second_domain_share", "must be in [0, 1) (0 = one surface)")
+        if not _is_number(self.second_domain_shift) or self.second_domain_shift < 0:
+            raise bad("second_domain_shift", "must be a number >= 0")
         if not _is_number(self.second_domain_activity) or self.second_domain_activity <= 0:
             raise bad("second_domain_activity", "must be a positive number")
         if self.second_domain_only_users + self.first_domain_only_users > 1:

@@ -128,7 +128,8 @@ class _World:
             # the same taste up to a share of its own, at the same expected norm: transfer t is the correlation
             norm = math.sqrt(c.individual_scale ** 2 + sum(s ** 2 for s in self.group_scale.values()))
             t = c.domain_transfer
-            latent = t * latent + math.sqrt(1 - t ** 2) * norm * self.second_individual
+            latent = (t * latent + math.sqrt(1 - t ** 2) * norm * self.second_individual
+                      + c.second_domain_shift * norm * self.second_shift)
         return (c.utility_scale * latent).astype(np.float32)
 
     def _build_second_domain(self, rng: np.random.Generator) -> None:
@@ -152,6 +153,8 @@ class _World:
                                                               + c.first_domain_only_users)
         self.activity_by_domain = {1: np.where(second_only, 0.0, self.activity),
                                    2: np.where(first_only, 0.0, c.second_domain_activity * self.activity)}
+        shift = rng.standard_normal(c.latent_dim)
+        self.second_shift = (shift / np.linalg.norm(shift)).astype(np.float32)  # one direction, unit length
 
     def surface(self, domain: int | None = None) -> _Surface:
         """The catalogue a request of surface ``domain`` retrieves from (None, or a one-surface world: all)."""
