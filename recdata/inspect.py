@@ -17,8 +17,21 @@ def dataset_stats(ds: Dataset) -> dict:
     label_seen = dict.fromkeys(LABELS, 0)
     per_user = np.zeros(int(ds.vocab.get("user_id", 0)), dtype=np.int64)
     per_day = {}
-    for day, t in ds.iter_days("exposures", ["user_id", *LABELS]):
+    domain_of = ds.item_domains() if ds.domains else None
+    per_domain: dict[int, list[int]] = {}   # code -> [exposures, effective views, users]
+    users_of: dict[int, set] = {}
+    for day, t in ds.iter_days("exposures", ["user_id", "video_id", *LABELS]):
         per_day[day] = t.num_rows
+        if domain_of is not None:
+            vid = t.column("video_id").to_numpy()
+            code = domain_of[np.minimum(vid, len(domain_of) - 1)]
+            ev = t.column("effective_view").to_numpy() == 1
+            uid = t.column("user_id").to_numpy()
+            for c in np.unique(code):
+                row = per_domain.setdefault(int(c), [0, 0])
+                row[0] += int((code == c).sum())
+                row[1] += int((ev & (code == c)).sum())
+                users_of.setdefault(int(c), set()).update(np.unique(uid[code == c]).tolist())
         per_user += np.bincount(t.column("user_id").to_numpy(), minlength=len(per_user))[: len(per_user)]
         for lab in LABELS:
             col = t.column(lab)
@@ -50,4 +63,9 @@ def dataset_stats(ds: Dataset) -> dict:
         "history_views": int(rows.get("history", 0)),
         "vocab": ds.vocab,
         "user_features": ds.user_features,
+        "domains": {name: {"exposures": per_domain.get(code, [0, 0])[0],
+                           "effective_view_rate": (per_domain[code][1] / per_domain[code][0]
+                                                   if per_domain.get(code, [0])[0] else None),
+                           "users": len(users_of.get(code, ()))}
+                    for name, code in ds.domains.items()},
     }

@@ -63,6 +63,11 @@ def test_the_two_domain_world_keeps_surfaces_apart(world):
     assert 0.1 < len(second - first) / users < 0.3      # second_domain_only_users = 0.2
     assert 0.2 < len(first - second) / users < 0.45     # first_domain_only_users = 0.3 (some never ask)
     assert 0.03 < (d == 2).mean() < 0.25                 # the second surface is the sparse one
+    from fedpa.recdata.inspect import dataset_stats
+
+    stats = dataset_stats(ds)["domains"]   # what `fedpa data inspect` prints per domain
+    assert stats["live"]["exposures"] == int((d == 2).sum()) and stats["live"]["users"] == len(second)
+    assert stats["short-video"]["exposures"] + stats["live"]["exposures"] == e.num_rows
 
 
 def test_a_users_taste_transfers_across_surfaces_as_configured(world, tmp_path):

@@ -143,6 +143,9 @@ def _print_stats(path: Path, as_json: bool = False) -> None:
         t.add_row(f"  {s}", f"{c:,} ({stats['stage_samples_per_request'][s]:.1f} / request)")
     for lab, r in stats["label_rates"].items():
         t.add_row(f"rate {lab}", "not observed" if r is None else f"{r:.4f}")
+    for name, d in stats["domains"].items():
+        rate = "-" if d["effective_view_rate"] is None else f"{d['effective_view_rate']:.4f}"
+        t.add_row(f"domain {name}", f"{d['exposures']:,} exposures, {d['users']:,} users, effective views {rate}")
     q = stats["exposures_per_user_quantiles"]
     t.add_row("exposures / user", "  ".join(f"{k} {v:g}" for k, v in q.items()))
     out.print(t)
