@@ -257,8 +257,7 @@ def test_the_engine_trains_the_domain_path_as_one_user_training_does_in_float64(
     reference = _one_by_one(rt, users, shared0)
     moved = [k for k in shared0 if "lora_domain_B" in k]
     assert moved and any(np.abs(r[1][k] - shared0[k]).max() > 0 for r in reference for k in moved)
-    for max_users in (1, 64):
-        assert _worst_difference(rt, users, shared0, reference, max_users) < 1e-9
+    assert _worst_difference(rt, users, shared0, reference, max_users=5) < 1e-9  # chunks of users of mixed domains
     # scoring: the engine's per-user scores are the one-user scores
     from fedpa.recmodels.cohort import CohortEngine, CohortUser
 
