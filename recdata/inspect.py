@@ -17,14 +17,12 @@ def dataset_stats(ds: Dataset) -> dict:
     label_seen = dict.fromkeys(LABELS, 0)
     per_user = np.zeros(int(ds.vocab.get("user_id", 0)), dtype=np.int64)
     per_day = {}
-    domain_of = ds.item_domains() if ds.domains else None
     per_domain: dict[int, list[int]] = {}   # code -> [exposures, effective views, users]
     users_of: dict[int, set] = {}
     for day, t in ds.iter_days("exposures", ["user_id", "video_id", *LABELS]):
         per_day[day] = t.num_rows
-        if domain_of is not None:
-            vid = t.column("video_id").to_numpy()
-            code = domain_of[np.minimum(vid, len(domain_of) - 1)]
+        if ds.domains:
+            code = ds.domain_of(t.column("video_id").to_numpy())
             ev = t.column("effective_view").to_numpy() == 1
             uid = t.column("user_id").to_numpy()
             for c in np.unique(code):

@@ -312,11 +312,7 @@ def select_domains(ds: Dataset, splits: UserSplits, train_domains: str = "", eva
     if (eval_codes or seen_codes) and splits.group_size > 1:
         raise DatasetError("a domain filter chooses evaluation rows, but this split ranks cases of "
                            f"{splits.group_size} rows (loo) that it would cut apart")
-    domain_of = ds.item_domains()
-
-    def domain(video_id: np.ndarray) -> np.ndarray:
-        return np.where(video_id < len(domain_of), domain_of[np.minimum(video_id, len(domain_of) - 1)], 0)
-
+    domain = ds.domain_of
     train, val, test = splits.train, splits.val, splits.test
     # users with training rows outside the evaluated domains, on the whole dataset
     elsewhere = np.unique(train.user_id[~np.isin(domain(train.video_id), eval_codes)]) if eval_codes else None

@@ -348,6 +348,7 @@ class Dataset:
         self.days: list[str] = list(self.manifest["days"])
         self._tables: dict[tuple[str, str], pa.Table] = {}
         self._uid: dict[tuple[str, str], np.ndarray] = {}
+        self._item_domains: np.ndarray | None = None
 
     # -- whole small tables
     @property
@@ -383,14 +384,22 @@ class Dataset:
         return [self.domains[n] for n in names]
 
     def item_domains(self) -> np.ndarray:
-        """[max video_id + 1] domain code of every item (0 for an id the items table lacks)."""
+        """[max video_id + 1] domain code of every item (0 for an id the items table lacks); read once."""
         if not self.domains:
             raise DatasetError(f"{self.path}: has one domain (no items.domain)")
-        items = self.items(["video_id", DOMAIN_COLUMN.name])
-        vid = items.column("video_id").to_numpy()
-        out = np.zeros(max(int(self.vocab.get("video_id", 0)), int(vid.max()) + 1 if len(vid) else 0), np.int64)
-        out[vid] = items.column(DOMAIN_COLUMN.name).to_numpy()
-        return out
+        if self._item_domains is None:
+            items = self.items(["video_id", DOMAIN_COLUMN.name])
+            vid = items.column("video_id").to_numpy()
+            out = np.zeros(max(int(self.vocab.get("video_id", 0)), int(vid.max()) + 1 if len(vid) else 0), np.int64)
+            out[vid] = items.column(DOMAIN_COLUMN.name).to_numpy()
+            self._item_domains = out
+        return self._item_domains
+
+    def domain_of(self, video_ids: np.ndarray) -> np.ndarray:
+        """The domain code of each video id (0 for an id beyond the items table)."""
+        table = self.item_domains()
+        video_ids = np.asarray(video_ids)
+        return np.where(video_ids < len(table), table[np.clip(video_ids, 0, max(len(table) - 1, 0))], 0)
 
     def items(self, columns: list[str] | None = None) -> pa.Table:
         return self._table("items", "", columns)

@@ -71,10 +71,9 @@ def user_batches(cfg: FederationConfig, user: int, domain: int | None = None):
                          lookups=lookups, seed=cfg.seed)
     pool = np.arange(1, len(lookups.item_table))
     if domain is not None:
-        of = ds.item_domains()
-        inside = lambda ex: ex.subset(np.nonzero(of[np.minimum(ex.video_id, len(of) - 1)] == domain)[0])  # noqa: E731
+        inside = lambda ex: ex.subset(np.nonzero(ds.domain_of(ex.video_id) == domain)[0])  # noqa: E731
         splits = type(splits)(inside(splits.train), splits.val, inside(splits.test), splits.group_size)
-        pool = pool[of[np.minimum(pool, len(of) - 1)] == domain]
+        pool = pool[ds.domain_of(pool) == domain]
     rows = [b for b in splits.test.iter_batches(256)] or [b for b in splits.train.iter_batches(256)]
     if not rows:
         raise FedpaError(f"user {user} has no rows in {cfg.data_dir}{' in that domain' if domain else ''} to check "
