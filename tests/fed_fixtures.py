@@ -3,6 +3,8 @@
 * ``tiny`` / ``tiny_foundation``: the synthetic "tiny" dataset and a foundation
   pre-trained on it for one epoch, built once per session in a tmp dir (outside
   the repository, so `flwr run .` never bundles them).
+* `finished_run`: a copy of one small finished fedpa run (simulated once per session), for the
+  tests that resume, damage or export a run that ended.
 * `RecordingGrid` / `recording_server_app_factory`: the real ServerApp of
   `server.app.make_server_app`, whose Grid is wrapped in a proxy that records
   every message going out and coming back (nothing of Flower is mocked: the
@@ -17,6 +19,7 @@ Ray actors import this module by name: Flower hands the driver's ``sys.path``
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterable
@@ -66,6 +69,29 @@ def fed_config(data: Path, foundation: Path, run_dir: Path, **kw: Any):
         base["feature_cache"] = str(Path(foundation).parent / "feature_cache")
     base.update(kw)
     return FederationConfig(**base)
+
+
+_FINISHED: dict[tuple[str, str], Any] = {}
+
+
+def finished_run(tiny: Path, tiny_foundation: Path, tmp_path_factory, dest: Path):
+    """A finished fedpa run of `fed_config` with 1 round of 4 clients, 2 per node, and no personal store,
+    copied to ``dest``; returns its configuration (``run_dir`` = ``dest``). The run is simulated once per
+    session (each simulation costs seconds of Ray start-up) and every caller gets a copy of its own to
+    resume, damage or export: what `simulate(cfg, cohort_size=2)` leaves, as if the caller had run it."""
+    from dataclasses import replace
+
+    from fedpa.simulations.simulate import simulate
+
+    key = (str(tiny), str(tiny_foundation))
+    if key not in _FINISHED:
+        cfg = fed_config(tiny, tiny_foundation, tmp_path_factory.mktemp("finished") / "run", num_rounds=1,
+                         max_clients=4)
+        simulate(cfg, cohort_size=2)
+        _FINISHED[key] = cfg
+    cfg = _FINISHED[key]
+    shutil.copytree(cfg.run_dir, dest)
+    return replace(cfg, run_dir=str(dest))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

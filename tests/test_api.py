@@ -34,14 +34,43 @@ def test_bad_calls_are_named(tmp_path):
             load(tmp_path)
 
 
-def test_track_tensorboard_logs_what_the_run_directory_holds(tiny, tiny_foundation, tmp_path):
+@pytest.fixture(scope="module")
+def readme(tiny, tiny_foundation, tmp_path_factory):
+    """The README's "From Python" block, executed once in a directory where its paths name this session's small
+    data (two rounds of 12 clients instead of five rounds of all, to stay fast; and TensorBoard tracking on,
+    which test_track_tensorboard reads from the same run instead of simulating one of its own); returns the
+    directory and the block's variables."""
+    import os
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"### From Python\n+```python\n(.*?)```", readme, re.S).group(1)
+    root = tmp_path_factory.mktemp("readme")
+    (root / "data").mkdir()
+    (root / "runs").mkdir()
+    (root / "data" / "small").symlink_to(tiny)
+    (root / "runs" / "foundation").symlink_to(tiny_foundation)
+    assert "num_rounds=5" in block
+    scope: dict = {}
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        exec(compile(block.replace("num_rounds=5", 'num_rounds=2, max_clients=12, track="tensorboard"'), "README.md",
+                     "exec"), scope)
+    finally:
+        os.chdir(cwd)
+    return root, scope
+
+
+def test_track_tensorboard_logs_what_the_run_directory_holds(readme, tiny):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = api.config(data_dir=str(tiny), foundation=str(tiny_foundation), run_dir=str(tmp_path / "run"),
-                     num_rounds=2, max_clients=8, algorithm="local", track="tensorboard")
-    summary = api.simulate(cfg)
-    rounds, _ = api.load_run(cfg.run_dir)
-    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    root, scope = readme
+    cfg, summary = scope["cfg"], scope["summary"]
+    assert cfg.track == "tensorboard"
+    rounds, _ = api.load_run(root / cfg.run_dir)
+    acc = EventAccumulator(str(root / cfg.run_dir / "tensorboard"))
     acc.Reload()
     logged = {e.step: e.value for e in acc.Scalars("val/gauc")}
     assert sorted(logged) == [0, 1, 2]
@@ -53,23 +82,10 @@ def test_track_tensorboard_logs_what_the_run_directory_holds(tiny, tiny_foundati
         api.config(data_dir=str(tiny), track="wandb")
 
 
-def test_the_readmes_python_example_runs_as_it_stands(tiny, tiny_foundation, tmp_path, monkeypatch):
-    """The README's "From Python" block, executed in a directory where its paths name this test's small data
-    (two rounds of 12 clients instead of five rounds of all, to stay fast); then what its tables hold."""
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = re.search(r"### From Python\n+```python\n(.*?)```", readme, re.S).group(1)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "data" / "small").symlink_to(tiny)
-    (tmp_path / "runs" / "foundation").symlink_to(tiny_foundation)
+def test_the_readmes_python_example_runs_as_it_stands(readme, tiny, monkeypatch):
+    """The README's "From Python" block (the `readme` fixture runs it); then what its tables hold."""
+    tmp_path, scope = readme
     monkeypatch.chdir(tmp_path)
-    assert "num_rounds=5" in block
-    scope: dict = {}
-    exec(compile(block.replace("num_rounds=5", "num_rounds=2, max_clients=12"), "README.md", "exec"), scope)
-
     cfg, summary, rounds = scope["cfg"], scope["summary"], scope["rounds"]
     assert cfg.item_popularity and cfg.use_user_bias            # fedpa's recipe below what was given
     assert api.config(data_dir=str(tiny), use_user_bias=False).use_user_bias is False   # given beats the recipe

@@ -262,32 +262,6 @@ def test_same_seed_same_result(fedpa_run, tmp_path):
             assert x["train_loss"] == y["train_loss"]
 
 
-def test_user_bias_offsets_stay_on_the_clients_and_are_calibrated(tiny, tiny_foundation, tmp_path):
-    """use-user-bias: the shared head delta travels, each user's logit offsets never do; they start
-    from the user's calibrated base rate, so they are set after one round even with a tiny lr."""
-    from fedpa.client.personal_store import generate_key_file, open_store
-    from fedpa.foundation.adapters import parameter_kinds
-
-    key = tmp_path / "store.key"
-    generate_key_file(key)
-    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", use_user_bias=True, num_rounds=1, lr=1e-6,
-                     personal_store=str(tmp_path / "store"), personal_store_key_file=str(key))
-    run = run_recorded(cfg)
-    pm = personal_model(cfg, tiny_foundation)
-    kinds = parameter_kinds(pm.model)
-    assert kinds["tower.head.lora_user_bias"].kind == "private"
-    shared = {t.name for t in spec_from(pm.shared_spec())}
-    assert {"tower.head.lora_head_shared_w", "tower.head.lora_head_shared_b"} <= shared
-    sent = [set(keys) for m in run.log for keys in m.array_keys.values()]
-    assert sent and not any(any("lora_user" in k for k in keys) for keys in sent)
-    assert any("tower.head.lora_head_shared_w" in keys for keys in sent)
-    store = open_store(cfg.personal_store, cfg.personal_store_key_file)
-    offsets = [store.load(u)[0][pm.user_bias_key] for u in store.users()]
-    assert len(offsets) == NUM_CLIENTS
-    spread = np.array([o[0] for o in offsets])  # effective_view offset per user
-    assert np.abs(spread).max() > 0.05 and spread.std() > 0.01  # each user's own rate, not a shared value
-
-
 def test_lr_decay_sets_each_rounds_learning_rate(tiny, tiny_foundation, tmp_path):
     """lr-decay: round r trains at lr * decay^(r-1); with a vanishing decay round 2 leaves the shared state
     where round 1 put it, while round 1 itself still learns."""
@@ -309,15 +283,53 @@ def test_lr_decay_sets_each_rounds_learning_rate(tiny, tiny_foundation, tmp_path
     assert max(float(np.abs(r1[k] - init[k]).max()) for k in r1) > 1e-3
 
 
-def test_item_side_tables_average_each_row_over_the_users_that_read_it(tiny, tiny_foundation, tmp_path):
+@pytest.fixture(scope="module")
+def user_side_run(tiny, tiny_foundation, tmp_path_factory):
+    """One round with the user offsets (use-user-bias) and the item-side tables (item-bias-fields), recorded, the
+    users' private state kept in a personal store: the run of the two tests below. The tables learn at the
+    default lr (item-bias-lr 0.01); everything else at a vanishing lr, with which the user offsets must still be
+    set (calibrated) after the round."""
+    from fedpa.client.personal_store import generate_key_file
+
+    root = tmp_path_factory.mktemp("user_side")
+    key = root / "store.key"
+    generate_key_file(key)
+    cfg = fed_config(tiny, tiny_foundation, root / "run", use_user_bias=True, num_rounds=1, lr=1e-6,
+                     item_bias_fields="category_level_one,upload_type", item_bias_lr=0.01,
+                     personal_store=str(root / "store"), personal_store_key_file=str(key))
+    return run_recorded(cfg)
+
+
+def test_user_bias_offsets_stay_on_the_clients_and_are_calibrated(user_side_run, tiny_foundation):
+    """use-user-bias: the shared head delta travels, each user's logit offsets never do; they start
+    from the user's calibrated base rate, so they are set after one round even with a tiny lr."""
+    from fedpa.client.personal_store import open_store
+    from fedpa.foundation.adapters import parameter_kinds
+
+    run, cfg = user_side_run, user_side_run.cfg
+    assert cfg.lr == 1e-6
+    pm = personal_model(cfg, tiny_foundation)
+    kinds = parameter_kinds(pm.model)
+    assert kinds["tower.head.lora_user_bias"].kind == "private"
+    shared = {t.name for t in spec_from(pm.shared_spec())}
+    assert {"tower.head.lora_head_shared_w", "tower.head.lora_head_shared_b"} <= shared
+    sent = [set(keys) for m in run.log for keys in m.array_keys.values()]
+    assert sent and not any(any("lora_user" in k for k in keys) for keys in sent)
+    assert any("tower.head.lora_head_shared_w" in keys for keys in sent)
+    store = open_store(cfg.personal_store, cfg.personal_store_key_file)
+    offsets = [store.load(u)[0][pm.user_bias_key] for u in store.users()]
+    assert len(offsets) == NUM_CLIENTS
+    spread = np.array([o[0] for o in offsets])  # effective_view offset per user
+    assert np.abs(spread).max() > 0.05 and spread.std() > 0.01  # each user's own rate, not a shared value
+
+
+def test_item_side_tables_average_each_row_over_the_users_that_read_it(user_side_run):
     """item-bias-fields: one Flower round; each row of a shared item-side table moves by the mean delta of
     the users whose training rows read it (recomputed here user by user), rows nobody read stay, and
     what travels up is the delta plus one count per row."""
     from fedpa.client.runtime import ClientRuntime, user_seed
 
-    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=1, use_user_bias=True,
-                     item_bias_fields="category_level_one,upload_type")
-    run = run_recorded(cfg)
+    run, cfg = user_side_run, user_side_run.cfg
     _, after, _ = RunDir(cfg.run_dir).load_checkpoint(1)
     rt = ClientRuntime(cfg)
     pm = rt.model

@@ -59,7 +59,7 @@ def test_privacy_sweep_command_writes_table_plots_and_report(tiny, tiny_foundati
     out = tmp_path / "sweep"
     args = ["privacy-sweep", "--data", str(tiny), "--foundation", str(tiny_foundation), "--out", str(out),
             "--noise", "0,1", "--clip", "0.5", "--secagg", "off,on", "--rounds", "1", "--max-clients", "12",
-            "--attack-targets", "8"]
+            "--attack-targets", "8", "--cohort-size", "4"]   # 3 nodes for every point: SecAgg+'s minimum
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     data = json.loads((out / "sweep.json").read_text())

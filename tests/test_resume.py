@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fed_fixtures import fed_config
+from fed_fixtures import fed_config, finished_run
 
 from fedpa.client.personal_store import generate_key_file
 from fedpa.foundation.errors import FedpaError
@@ -44,12 +44,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny, tiny_foundation, t
                           personal_store=str(tmp_path / name / "store"), personal_store_key_file=str(key))
 
     whole = config("whole")
-    expected = simulate(whole, cohort_size=3)
+    expected = simulate(whole, cohort_size=6)   # 2 nodes: each simulated node costs its own start-up
 
     broken = config("broken")
     (tmp_path / "broken.toml").write_text(_toml(broken))
     proc = subprocess.Popen([sys.executable, "-m", "fedpa.simulations.cli", "simulate", "--config",
-                             str(tmp_path / "broken.toml"), "--cohort-size", "3"], cwd=REPO,
+                             str(tmp_path / "broken.toml"), "--cohort-size", "6"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     run_dir = Path(broken.run_dir)
     deadline = time.time() + 400
@@ -61,7 +61,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny, tiny_foundation, t
     killed_at = _rounds_logged(run_dir)
     assert 2 <= killed_at < 4 and not (run_dir / "summary.json").exists()
 
-    resumed = simulate(replace(broken, resume=True), cohort_size=3)
+    resumed = simulate(replace(broken, resume=True), cohort_size=6)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # no round twice, none missing
     assert resumed["test"] == expected["test"] and resumed["best_round"] == expected["best_round"]
@@ -70,13 +70,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny, tiny_foundation, t
     assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) == 0.0
 
 
-def test_resume_refuses_a_changed_configuration_or_a_missing_checkpoint(tiny, tiny_foundation, tmp_path):
-    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=1, max_clients=12)
+def test_resume_refuses_a_changed_configuration_or_a_missing_checkpoint(tiny, tiny_foundation, tmp_path_factory,
+                                                                         tmp_path):
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / "fresh", num_rounds=1, max_clients=4)
     with pytest.raises(FedpaError, match="no checkpoint to resume"):
-        simulate(replace(cfg, resume=True), cohort_size=4)
-    simulate(cfg, cohort_size=4)
+        simulate(replace(cfg, resume=True), cohort_size=2)
+    done = finished_run(tiny, tiny_foundation, tmp_path_factory, tmp_path / "run")   # that configuration, finished
+    assert replace(done, run_dir=cfg.run_dir) == cfg
     with pytest.raises(FedpaError, match="different configuration.*lr"):
-        simulate(replace(cfg, resume=True, num_rounds=2, lr=0.5), cohort_size=4)
+        simulate(replace(done, resume=True, num_rounds=2, lr=0.5), cohort_size=2)
 
 
 def test_a_redone_round_reads_the_state_from_before_it(tmp_path):

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from fed_fixtures import fed_config
+from fed_fixtures import finished_run
 
 from fedpa.common.config import ConfigValueError, FederationConfig
 from fedpa.server.rundir import RunDir, RunDirError
@@ -46,12 +46,11 @@ def test_a_metrics_line_cut_short_by_a_crash_is_left_out_a_damaged_one_is_an_err
         run.read_metrics()
 
 
-def test_a_resume_that_fails_changes_nothing(tiny, tiny_foundation, tmp_path):
+def test_a_resume_that_fails_changes_nothing(tiny, tiny_foundation, tmp_path_factory, tmp_path):
     """A damaged metrics file is found before anything is touched: the finished run's summary stays."""
     from fedpa.simulations.simulate import simulate
 
-    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=1, max_clients=4)
-    simulate(cfg, cohort_size=2)
+    cfg = finished_run(tiny, tiny_foundation, tmp_path_factory, tmp_path / "run")  # 1 round, 4 clients, 2 a node
     summary = (tmp_path / "run" / "summary.json").read_text()   # a finished run, resumed as it was
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "run" / "metrics.jsonl").write_text(lines[0] + "\n{broken\n" + "\n".join(lines[1:]) + "\n")
@@ -109,15 +108,15 @@ def test_a_node_refuses_a_round_below_its_own_privacy_floor(node, round_cfg, coh
             check_node_policy(node, cfg, cohort)
 
 
-def test_a_resumed_run_without_a_store_is_refused_by_the_nodes(tiny, tiny_foundation, tmp_path):
+def test_a_resumed_run_without_a_store_is_refused_by_the_nodes(tiny, tiny_foundation, tmp_path_factory, tmp_path):
     """Without a personal store the users' private adapters lived in the killed process's memory: training on
     would silently restart them, so a node refuses and the round fails naming why."""
     from dataclasses import replace
 
     from fedpa.simulations.simulate import simulate
 
-    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=2, max_clients=4)
-    simulate(replace(cfg, num_rounds=1), cohort_size=2)
+    # round 1 of 4 clients (2 a node) finished, no personal store
+    cfg = replace(finished_run(tiny, tiny_foundation, tmp_path_factory, tmp_path / "run"), num_rounds=2)
     config = json.loads((tmp_path / "run" / "config.json").read_text())   # as if killed after round 1 of 2
     (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "num-rounds": 2}))
     with pytest.raises(Exception, match="private state in memory only"):
