@@ -4,7 +4,10 @@ strangers refused.
 
 This is the one end-to-end test of a real deployment (separate processes, real certificates);
 each message costs seconds (SuperNodes poll every 3 s and start a fresh ClientApp process per
-message), so it takes a few minutes.
+message), so it takes a few minutes. To keep it short the run evaluates before round 1 and after round 2
+only (eval-every 2: round 1's evaluation, with the same four nodes as round 0's, would cost six more
+exchanges), and the test asks `flwr ls` for the run's status only when the run directory says the run is ending
+(each `flwr ls` is a Python process: polling it every 2 s takes a CPU core's fair share from the nodes).
 """
 
 from __future__ import annotations
@@ -31,13 +34,29 @@ from fedpa.simulations.deploy import LocalDeployment
 pytestmark = pytest.mark.timeout(900)
 
 
+def wait_until_finished(d: LocalDeployment, run_id: int, run_dir: Path, timeout: float) -> dict:
+    """`LocalDeployment.wait`, asking `flwr ls` every 30 s only until the run directory holds the summary (or
+    the error) the ServerApp writes as it ends, then every second: the status is the SuperLink's all the same."""
+    deadline = time.time() + timeout
+    asked = 0.0
+    while time.time() < deadline:
+        ending = (run_dir / "summary.json").exists() or (run_dir / "error.txt").exists()
+        if ending or time.time() - asked >= 30:
+            asked = time.time()
+            status = d.status(run_id)
+            if str(status.get("status", "")).startswith("finished"):
+                return status
+        time.sleep(1.0 if ending else 0.5)
+    raise AssertionError(f"run {run_id} did not finish within {timeout:g}s (logs in {d.logs})")
+
+
 def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_foundation, tmp_path):
     run_dir = tmp_path / "run"
     data = tmp_path / "data"
     shutil.copytree(tiny, data)
     run_config = {"data-dir": str(data), "foundation": str(tiny_foundation), "run-dir": str(run_dir),
                   "num-rounds": 2, "max-clients": 4, "secagg": True, "min-nodes": 4, "round-timeout": 90.0,
-                  "feature-cache": "none"}
+                  "feature-cache": "none", "eval-every": 2}
     with LocalDeployment(tmp_path / "deploy", nodes=4) as d:
         d.start_superlink()
         d.enroll()
@@ -71,7 +90,7 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
             d.kill_node(d.node_list[3])
         killer = threading.Thread(target=crash, daemon=True)
         killer.start()
-        status = d.wait(run_id, timeout=800)
+        status = wait_until_finished(d, run_id, run_dir, timeout=800)
         killer.join(timeout=5)
         if status["status"] != "finished:completed":     # the whole server log: a str message is never cut
             log = d.server_log(run_id)
