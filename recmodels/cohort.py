@@ -385,7 +385,7 @@ class CohortEngine:
         pad = len(feats) - 1
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         if self.pm.user_bias_key:
-            self._calibrate_fresh(users, params, feats, items, offsets, domains)
+            self._calibrate_fresh(users, params, chunk_rows)
         popularity = self.pm.item_bias is not None and self.pm.item_bias.popularity
         if popularity:
             self._count_clicks(users, params, chunk_rows, -1.0)
@@ -405,24 +405,21 @@ class CohortEngine:
 
     @torch.no_grad()
     def _calibrate_fresh(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
-                         feats: torch.Tensor, items: torch.Tensor | None, offsets: np.ndarray,
-                         domains: torch.Tensor | None) -> None:
+                         chunk_rows: _ChunkRows | None) -> None:
         """Users starting fresh get their logit offsets from their own rows, as `PersonalModel.train_user`
-        sets them (`calibrated_bias`) before the first step. ``feats`` / ``items``: the chunk's training rows
-        as `_fit` concatenates them, user i's from ``offsets[i]``."""
+        sets them (`calibrated_bias`) before the first step: their rows scored at once (`_logits`), then one
+        Newton solve over every fresh user's rows."""
+        fresh = [i for i, u in enumerate(users) if u.private is None and len(u.train)]
+        if not fresh:
+            return
         name = next(p.name for p in self.params if p.private_key == self.pm.user_bias_key)
-        for i, u in enumerate(users):
-            if u.private is not None or len(u.train) == 0:
-                continue
-            n = len(u.train)
-            rows = slice(int(offsets[i]), int(offsets[i]) + n)
-            zeros_g = torch.zeros(n, self.n_groups, dtype=torch.long)
-            with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None,
-                             user_slot=torch.zeros(n, dtype=torch.long),
-                             domain=None if domains is None else domains[rows]):
-                logits = functional_call(self.scorer, {k: v[i] for k, v in params.items()},
-                                         (feats[rows], None if items is None else items[rows]))
-            params[name][i, 0] = calibrated_bias(logits, u.train.labels[:, self.pm.task_columns])
+        empty = users[0].train.rows(slice(0, 0))
+        data = [u.train if u.private is None else empty for u in users]
+        logits = self._logits(params, data, chunk_rows, paths=None)
+        owner = torch.cat([torch.full((len(data[i]),), k, dtype=torch.long) for k, i in enumerate(fresh)])
+        labels = torch.cat([data[i].labels[:, self.pm.task_columns] for i in fresh])
+        offsets = calibrated_bias(torch.cat([logits[i] for i in fresh]), labels, users=owner, n_users=len(fresh))
+        params[name][torch.as_tensor(fresh), 0] = offsets
 
     @torch.no_grad()
     def _count_clicks(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
@@ -594,12 +591,20 @@ class CohortEngine:
 
     def _score(self, params: dict[str, torch.Tensor], data: Sequence[UserTensors], chunk_rows: _ChunkRows | None,
                max_rows: int = 65536) -> list[np.ndarray]:
-        """Each user's rows through its own parameters; users padded to a common length in groups of
-        similar sizes (at most ``max_rows`` padded rows at once)."""
-        out: list[np.ndarray] = [np.zeros(0, np.float32) for _ in data]
+        """Each user's rows through its own parameters: effective_view probabilities (Ditto scores with its
+        personal path)."""
+        paths = ("user",) if self.pm.algorithm.ditto else None
+        return [torch.sigmoid(z[:, 0]).numpy().copy()
+                for z in self._logits(params, data, chunk_rows, paths=paths, max_rows=max_rows)]
+
+    def _logits(self, params: dict[str, torch.Tensor], data: Sequence[UserTensors], chunk_rows: _ChunkRows | None,
+                *, paths: tuple[str, ...] | None, max_rows: int = 65536) -> list[torch.Tensor]:
+        """Each user's rows through its own parameters (``data[k]`` read with user k's, ``paths`` active):
+        logits [rows, T] per user; users padded to a common length in groups of similar sizes (at most
+        ``max_rows`` padded rows at once)."""
+        out: list[torch.Tensor] = [torch.zeros(0, len(self.pm.task_columns)) for _ in data]
         sizes = np.array([len(d) for d in data])
         order = [int(i) for i in np.argsort(sizes, kind="stable") if sizes[i] > 0]
-        paths = ("user",) if self.pm.algorithm.ditto else None
 
         with_domains = self.pm.item_domains is not None
 
@@ -615,7 +620,9 @@ class CohortEngine:
             start = 0
             while start < len(order):
                 stop = start + 1
-                while stop < len(order) and (stop + 1 - start) * sizes[order[stop]] <= max_rows:
+                # a group pads its users to its largest: bound the padded rows and the waste (a fifth)
+                while (stop < len(order) and (stop + 1 - start) * sizes[order[stop]] <= max_rows
+                       and sizes[order[stop]] <= 1.25 * sizes[order[start]] + 16):
                     stop += 1
                 group = order[start:stop]
                 width = int(sizes[group[-1]])
@@ -630,9 +637,9 @@ class CohortEngine:
                 zeros_s = torch.zeros(width, dtype=torch.long)
                 domains = self._domains([data[i] for i in group], width=width) if with_domains else None
                 with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s):
-                    probs = torch.sigmoid(score_fn(sub, x, items, domains)[..., 0]).numpy()
+                    logits = score_fn(sub, x, items, domains)
                 for k, i in enumerate(group):
-                    out[i] = probs[k, :sizes[i]].copy()
+                    out[i] = logits[k, :sizes[i]]
                 start = stop
         finally:
             set_active_paths(self.pm.model, None)

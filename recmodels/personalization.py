@@ -455,20 +455,29 @@ USER_BIAS_PRIOR_VAR = 1.0
 
 @torch.no_grad()
 def calibrated_bias(logits: torch.Tensor, labels: torch.Tensor, prior_var: float = USER_BIAS_PRIOR_VAR,
-                    steps: int = 8) -> torch.Tensor:
+                    steps: int = 8, *, users: torch.Tensor | None = None, n_users: int = 1) -> torch.Tensor:
     """Per-task offsets b [T] that a user's rows ask of the model: the MAP estimate of
     y ~ Bernoulli(sigmoid(logit + b)) with b ~ N(0, prior_var), by Newton's method (convex, 1-D per task).
 
     ``labels`` [n, T] use -1 for unobserved; a task without observations gets 0. Few rows give an
-    offset shrunk towards 0, many rows the user's own base rate relative to the model's."""
+    offset shrunk towards 0, many rows the user's own base rate relative to the model's.
+    ``users`` [n] (row → 0..n_users-1): the rows of several users, each solved on its own rows → [n_users, T]."""
     seen = labels >= 0
     y = labels.clamp(min=0).double()
     z = logits.double()
-    b = torch.zeros(logits.shape[-1], dtype=torch.float64)
+    if users is None:
+        b = torch.zeros(logits.shape[-1], dtype=torch.float64)
+        for _ in range(steps):
+            p = torch.sigmoid(z + b)
+            grad = ((p - y) * seen).sum(0) + b / prior_var
+            hess = (p * (1 - p) * seen).sum(0) + 1.0 / prior_var
+            b = b - grad / hess
+        return b.to(logits.dtype)
+    b = torch.zeros(n_users, logits.shape[-1], dtype=torch.float64)
     for _ in range(steps):
-        p = torch.sigmoid(z + b)
-        grad = ((p - y) * seen).sum(0) + b / prior_var
-        hess = (p * (1 - p) * seen).sum(0) + 1.0 / prior_var
+        p = torch.sigmoid(z + b[users])
+        grad = torch.zeros_like(b).index_add_(0, users, (p - y) * seen) + b / prior_var
+        hess = torch.zeros_like(b).index_add_(0, users, p * (1 - p) * seen) + 1.0 / prior_var
         b = b - grad / hess
     return b.to(logits.dtype)
 

@@ -315,6 +315,17 @@ def test_calibrated_bias_is_the_users_base_rate_shrunk_by_its_prior():
     few = calibrated_bias(logits[:8], torch.tensor([[1.0, -1.0]] * 6 + [[0.0, -1.0]] * 2), prior_var=1.0)
     assert 0 < few[0].item() < b[0].item()  # the same rate from 8 rows is believed less
 
+    # several users solved at once (the cohort engine's fresh users): each equals its own solve
+    gen = torch.Generator().manual_seed(0)
+    sizes = [5, 1, 40, 17]
+    z = torch.randn(sum(sizes), 2, generator=gen, dtype=torch.float64)
+    y = (torch.rand(sum(sizes), 2, generator=gen) < 0.4).double()
+    y[torch.rand(sum(sizes), generator=gen) < 0.3, 1] = -1.0
+    owner = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    together = calibrated_bias(z, y, users=owner, n_users=len(sizes))
+    alone = torch.stack([calibrated_bias(z[owner == k], y[owner == k]) for k in range(len(sizes))])
+    assert together.shape == (4, 2) and torch.allclose(together, alone, rtol=0, atol=1e-12)
+    assert len(set(together[:, 0].tolist())) == 4
 
 def test_a_fresh_user_starts_from_its_calibrated_offsets_once(tiny, tiny_foundation, tmp_path):
     from fedpa.recmodels.personalization import LocalTraining, calibrated_bias
