@@ -74,7 +74,9 @@ def count_clients(cfg: FederationConfig) -> int:
 def check_inputs(cfg: FederationConfig) -> None:
     from fedpa.recdata.store import Dataset
 
-    Dataset(cfg.data_dir)  # raises a clear error if it is not a dataset
+    ds = Dataset(cfg.data_dir)  # raises a clear error if it is not a dataset
+    if cfg.domain_adapters:
+        ds.item_domains()    # a one-domain dataset is refused here, before any process starts
     if not (Path(cfg.foundation) / "config.json").exists():
         raise FedpaError(f"{cfg.foundation}: no foundation checkpoint (run `fedpa pretrain` first)")
     if not get_algorithm(cfg.algorithm).collaborative:   # before any process starts: a damaged file fails here
