@@ -30,7 +30,8 @@ from pathlib import Path
 from fedpa.common.config import FederationConfig
 from fedpa.simulations.simulate import simulate
 
-RELEASE = dict(use_user_bias=False, item_popularity=False, item_bias_fields="", item_bias_prior=0.0,
+RELEASE = dict(use_user_bias=False, item_popularity=False, item_popularity_steps=False, item_bias_fields="",
+               item_bias_prior=0.0,
                item_bias_lr=0.0, lr_decay=1.0, foundation_logit_scale=1.0, item_embedding_dim=0)
 CANDIDATES: dict[str, dict] = {
     "release": {},
@@ -44,6 +45,8 @@ CANDIDATES: dict[str, dict] = {
                         item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=8),
     "recipe+emb32": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
                          item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=32),
+    "recipe+steps": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
+                         item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_popularity_steps=True),
     "recipe+categories": dict(item_popularity=True, use_user_bias=True,
                               item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
                               item_bias_prior=100.0, item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1),

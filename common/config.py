@@ -116,6 +116,9 @@ class FederationConfig:
     item_popularity: bool = setting(False, "FedPA: how many clients clicked each item, tallied over the federation "
                                     "(under secagg only the sum), scores as w*log(1 + clicks) with a shared "
                                     "learned w", "model")
+    item_popularity_steps: bool = setting(False, "FedPA, with item-popularity: the tally scores through a learned "
+                                          "step at 1, 2, 4, ..., 128 clicks beside w*log(1 + clicks), so its "
+                                          "effect can rise, fall and rise again with the count", "model")
     item_rows: int = setting(0, "FedPA: rows of the video-id keyed item tables and embeddings (ids hashed into "
                              "them; 0 = the foundation's): bounds the upload, masked under secagg", "model",
                              at_least=0)
@@ -289,6 +292,8 @@ class FederationConfig:
             if unknown or not self.item_bias_list:
                 bad(f"item-bias-fields: {', '.join(unknown) or 'none given'} (categorical item fields: "
                     f"{', '.join(CATEGORICAL_ITEM_FIELDS)})")
+        if self.item_popularity_steps and not self.item_popularity:
+            bad("item-popularity-steps shapes the click tally's score: it needs item-popularity")
         if self.item_tables and self.algorithm == "fedpa":  # FedPA options: the others ignore them
             what = ("item-bias-fields" if self.item_bias_fields else "item-embedding-dim" if self.item_embedding_dim
                     else "item-popularity")

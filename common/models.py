@@ -45,7 +45,7 @@ def model_options(cfg: FederationConfig) -> dict[str, Any]:
         if cfg.item_embedding_dim and cfg.algorithm == "fedpa":
             kw["item_embedding_dim"] = cfg.item_embedding_dim
         if cfg.item_popularity and cfg.algorithm == "fedpa":
-            kw["item_popularity"] = True
+            kw["item_popularity"] = "steps" if cfg.item_popularity_steps else True
         if cfg.item_rows and cfg.algorithm == "fedpa" and cfg.item_tables:
             kw["item_rows"] = cfg.item_rows
         if cfg.domain_adapters:

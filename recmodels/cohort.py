@@ -20,7 +20,7 @@ from fedpa.foundation.adapters import ditto_penalty, parameter_kinds, set_active
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import masked_bce
 
-from .item_bias import CLICKS, EMBEDDING, MISSING_ITEMS, POPULARITY, POPULARITY_SCALE, USER_VECTOR, ItemBias
+from .item_bias import CLICKS, EMBEDDING, MISSING_ITEMS, POPULARITY, USER_VECTOR, ItemBias, popularity_term
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
 
@@ -173,7 +173,7 @@ class _CompactTables(nn.Module):
         self.popularity = item_bias.popularity
         if self.popularity:
             self.clicks = nn.Parameter(torch.zeros(1), requires_grad=False)
-            self.popularity_weight = nn.Parameter(torch.zeros(self.n_out))
+            self.popularity_weight = nn.Parameter(torch.zeros_like(item_bias.popularity_weight))
 
     def forward(self, local: torch.Tensor) -> torch.Tensor:
         out = None
@@ -181,8 +181,7 @@ class _CompactTables(nn.Module):
             v = self.tables[f][local[..., j]]
             out = v if out is None else out + v
         if self.popularity:   # the tally is read, never trained (detached: its gradient is zero)
-            pop = (torch.log1p(self.clicks.detach()[local[..., -1]].clamp(min=0)).unsqueeze(-1)
-                   * (POPULARITY_SCALE * self.popularity_weight))
+            pop = popularity_term(self.clicks.detach()[local[..., -1]], self.popularity_weight)
             out = pop if out is None else out + pop
         if self.embedding_dim:
             dot = (self.embedding[local[..., -1]] * self.user[0]).sum(-1)

@@ -54,6 +54,25 @@ POPULARITY_SCALE = 30.0
 scalar per task, shared by everyone, with a clear optimum and nothing to overfit (Adam's step is the learning
 rate whatever the gradient's size)."""
 
+# the click counts at which the tally's score may step (`popularity_term`): doubling, so each step covers as
+# many orders of magnitude of popularity as the one before it
+POPULARITY_STEPS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+
+
+def popularity_term(clicks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The click tally's logit [..., n_out] for items with ``clicks`` [...]: w * log(1 + clicks) with ``weight``
+    [n_out]; with ``weight`` [1 + len(POPULARITY_STEPS), n_out] (``popularity="steps"``) also w_k * [clicks >= c_k]
+    for every step c_k, a learned shape of the count. (Noise under central DP can leave a tally slightly negative:
+    clamped.)"""
+    c = clicks.clamp(min=0)
+    log_count = torch.log1p(c).unsqueeze(-1)
+    if weight.dim() == 1:
+        return log_count * (POPULARITY_SCALE * weight)
+    steps = torch.tensor(POPULARITY_STEPS, dtype=c.dtype)
+    basis = torch.cat([log_count, (c.unsqueeze(-1) >= steps).to(c.dtype)], dim=-1)
+    return basis.to(weight.dtype) @ (POPULARITY_SCALE * weight)
+
+
 MISSING_ITEMS = ("this model has item-side offsets (item-bias-fields) and needs the rows' item features; the rows "
                  "were cached without them (rebuild the feature cache)")
 
@@ -71,9 +90,10 @@ class ItemBias(nn.Module):
     with ``embedding_dim`` > 0 the user vector times the item's embedding on the first output."""
 
     def __init__(self, config: FoundationConfig, fields: Sequence[str], n_out: int, *, embedding_dim: int = 0,
-                 user_slots: int = 1, seed: int = 0, max_rows: int = 0, popularity: bool = False):
+                 user_slots: int = 1, seed: int = 0, max_rows: int = 0, popularity: bool | str = False):
         """``max_rows`` > 0 bounds the tables keyed by the video id (ids hashed into that many rows), so that
-        what a client uploads, masked under secure aggregation, stays small."""
+        what a client uploads, masked under secure aggregation, stays small. ``popularity``: score the click
+        tally (True: w * log(1 + clicks); "steps": with learned steps too, `popularity_term`)."""
         super().__init__()
         fields = list(dict.fromkeys(fields))
         bad = [f for f in fields if f not in CATEGORICAL_ITEM_FIELDS]
@@ -102,7 +122,8 @@ class ItemBias(nn.Module):
             self.emb_hash_all = hash_all(EMBEDDING_FIELD)
         if self.popularity:
             self.clicks = nn.Parameter(torch.zeros(self.emb_size), requires_grad=False)
-            self.popularity_weight = nn.Parameter(torch.zeros(self.n_out))
+            shape = (1 + len(POPULARITY_STEPS), self.n_out) if popularity == "steps" else (self.n_out,)
+            self.popularity_weight = nn.Parameter(torch.zeros(shape))
         if self.embedding_dim > 0:
             g = torch.Generator().manual_seed(int(seed) + 7_777)
             scale = 0.1 / self.embedding_dim ** 0.5
@@ -140,9 +161,8 @@ class ItemBias(nn.Module):
         for f, r in zip(self.fields, rows):
             v = self.tables[f][r]
             out = v if out is None else out + v
-        if self.popularity:   # noise under central DP can leave a tally slightly negative: clamp it
-            pop = (torch.log1p(self.clicks[rows[-1]].clamp(min=0)).unsqueeze(-1)
-                   * (POPULARITY_SCALE * self.popularity_weight))
+        if self.popularity:
+            pop = popularity_term(self.clicks[rows[-1]], self.popularity_weight)
             out = pop if out is None else out + pop
         if self.embedding_dim:
             u = self.user[slot] if isinstance(slot, torch.Tensor) else self.user[int(slot)]

@@ -100,7 +100,7 @@ class PersonalModel:
     def __init__(self, foundation: FoundationModel, algorithm: Algorithm, *, seed: int = 0,
                  user_slots: int = 1, host: torch.nn.Module | None = None,
                  item_bias_fields: tuple[str, ...] | list[str] = (), item_embedding_dim: int = 0,
-                 item_rows: int = 0, item_popularity: bool = False, item_domains: np.ndarray | None = None,
+                 item_rows: int = 0, item_popularity: bool | str = False, item_domains: np.ndarray | None = None,
                  **adapter_overrides):
         """``host``: personalize a stage head instead of the foundation's tower
         (`recmodels.stages.pointwise.StageHost`, scoring the same cached tower inputs).

@@ -93,12 +93,14 @@ def test_engine_matches_one_user_training_in_float64(tiny, tiny_foundation, tmp_
     # small batches and 2 epochs: ragged users with 0 .. many steps, padding and masked steps
     # (+bias: fresh users' logit offsets are calibrated on their rows first, in both engines;
     # +items: with them, shared item-side tables that each user reads by its rows' items;
-    # +emb: shared item embeddings and each user's private vector; +pop: the click tally and its weight)
+    # +emb: shared item embeddings and each user's private vector; +pop: the click tally and its weights,
+    # with the steps)
     name, _, option = algorithm.partition("+")
     rt = _runtime(tiny, tiny_foundation, name, tmp_path, batch_size=8, local_epochs=2,
                   use_user_shift=option == "shift", use_user_bias=option in ("bias", "items"),
                   item_bias_fields="category_level_one,upload_type,video_id" if option in ("items", "emb") else "",
-                  item_embedding_dim=4 if option == "emb" else 0, item_popularity=option == "pop")
+                  item_embedding_dim=4 if option == "emb" else 0, item_popularity=option == "pop",
+                  item_popularity_steps=option == "pop")
     if option in ("items", "emb", "pop"):  # the tables step at their own learning rate
         rt.local = replace(rt.local, item_bias_lr=0.05)
     users = _users(rt, double=True)
@@ -154,7 +156,8 @@ def test_scores_match_personalized_scores(tiny, tiny_foundation, tmp_path, algor
     name, _, option = algorithm.partition("+")
     rt = _runtime(tiny, tiny_foundation, name, tmp_path, batch_size=16,
                   item_bias_fields="category_level_one,upload_type,video_id" if option else "",
-                  item_embedding_dim=4 if option == "emb" else 0, item_popularity=option == "pop")
+                  item_embedding_dim=4 if option == "emb" else 0, item_popularity=option == "pop",
+                  item_popularity_steps=option == "pop")
     users = _users(rt, double=True)
     pm = rt.model
     shared0 = pm.get_shared()

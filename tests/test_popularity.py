@@ -85,6 +85,7 @@ def test_a_user_contributes_its_clicks_and_learns_the_weight(tiny, tiny_foundati
 @pytest.mark.parametrize("change, words", [
     (dict(item_popularity=True, dp_noise_multiplier=1.0, dp_mode="local"), "local DP"),
     (dict(item_popularity=True, robust_aggregation="median"), "robust aggregation"),
+    (dict(item_popularity_steps=True), "needs item-popularity"),
 ])
 def test_the_configuration_refuses_what_the_tally_cannot_do(change, words):
     from fedpa.common.config import ConfigValueError, FederationConfig
@@ -109,3 +110,25 @@ def test_a_user_trains_against_the_others_clicks_not_its_own(tiny, tiny_foundati
     with pm._others_clicks(data.train):
         assert float(pm.item_bias.clicks[clicked].abs().max()) == 0.0
     assert float(pm.item_bias.clicks[clicked].min()) == 1.0
+
+
+def test_the_steps_give_the_tally_any_shape_of_the_count():
+    """item-popularity-steps: w0*log(1+c) + Σ_k w_k [c >= c_k] per task; with only the log weight it is the
+    log-linear score, and a shape that falls then rises (few others' clicks and many both score high) is
+    representable, which the log-linear term alone cannot be."""
+    from fedpa.recmodels.item_bias import POPULARITY_SCALE, POPULARITY_STEPS, popularity_term
+
+    clicks = torch.tensor([0.0, 1.0, 1.5, 3.0, 200.0, -0.2])
+    linear = torch.tensor([0.01, -0.02])
+    steps = torch.zeros(1 + len(POPULARITY_STEPS), 2)
+    steps[0] = linear
+    np.testing.assert_allclose(popularity_term(clicks, steps).numpy(), popularity_term(clicks, linear).numpy(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(popularity_term(clicks, linear)[:, 0].numpy(),
+                               (POPULARITY_SCALE * 0.01 * torch.log1p(clicks.clamp(min=0))).numpy(), rtol=1e-6)
+    shape = torch.zeros(1 + len(POPULARITY_STEPS), 1)
+    shape[1, 0] = -1.0 / POPULARITY_SCALE          # from 1 click on: -1
+    shape[1 + POPULARITY_STEPS.index(128.0), 0] = 2.0 / POPULARITY_SCALE   # from 128 on: +1
+    got = popularity_term(clicks, shape)[:, 0].tolist()
+    assert got == pytest.approx([0.0, -1.0, -1.0, -1.0, 1.0, 0.0])
+    assert popularity_term(clicks[None].expand(3, -1), shape).shape == (3, 6, 1)   # leading dims kept
