@@ -125,7 +125,7 @@ def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_found
     covered by the sensitivity; tested in test_cohort.py) completes with ε reported and the tables
     learned; `fedpa export` of it: the ONNX model equals the user's PyTorch scorer (cached-row path:
     tower + tables), and the tables change its scores. With item embeddings (bounded to 512 hashed rows)
-    and each user's private vector beside them."""
+    and each user's private vector beside them, and the click tally scored through its steps."""
     from fedpa.client.personal_store import generate_key_file
     from fedpa.client.runtime import ClientRuntime
     from fedpa.foundation.export import onnx_probabilities
@@ -136,7 +136,7 @@ def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_found
     key = generate_key_file(tmp_path / "store.key")
     cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=1, max_clients=8, use_user_bias=True,
                      item_bias_fields="category_level_one,upload_type", item_bias_lr=0.3,
-                     item_embedding_dim=4, item_rows=512,
+                     item_embedding_dim=4, item_rows=512, item_popularity=True, item_popularity_steps=True,
                      foundation_logit_scale=0.5,  # the export must carry the scaled head too
                      # small noise: at z = 0.5 the noise on the 8 users' shared head alone can saturate a
                      # user's scores at p = 1, where no comparison of probabilities can see the tables
@@ -154,6 +154,8 @@ def test_a_dp_run_trains_the_tables_and_its_export_carries_them(tiny, tiny_found
     for entry in ("item_bias.category_level_one", "item_bias.upload_type"):
         assert np.all(np.isfinite(shared[entry])) and float(np.abs(shared[entry]).max()) > 1e-2
     assert shared["item_bias.embedding"].shape == (512, 4)
+    assert shared["item_bias.popularity"].shape == (9, len(pm.task_columns))       # the log weight and 8 steps
+    assert float(np.abs(shared["item_bias.popularity"][1:]).max()) > 0             # the steps learned too
     assert np.abs(shared["item_bias.embedding"] - pm.get_shared()["item_bias.embedding"]).max() > 1e-3
     pm.set_shared(shared)
     from fedpa.client.personal_store import PersonalStore
