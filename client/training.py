@@ -201,11 +201,16 @@ class _TrainJob:
             if rt.algorithm.communicates:
                 local = pm.get_shared()
                 delta = {k: local[k] - self.global_state[k] for k in local}
+                rows = pm.touched_rows(data.train)
+                for name, (r, g, h) in (pm.item_statistics.items() if pm.item_bias_newton else ()):
+                    delta[name] = np.zeros_like(local[name])      # item-bias-update newton: statistics, not steps
+                    delta[name][r] = g
+                    rows[name] = np.zeros(len(local[name]), np.float32)
+                    rows[name][r] = h
                 if not all(np.all(np.isfinite(v)) for v in delta.values()):
                     self.excluded.append(f"user {data.user_id}: non-finite update")
                     continue
-                self._add(private_contribution(delta, self.spec, pm.groups_of(data.profile),
-                                               rows=pm.touched_rows(data.train), **self.dp))
+                self._add(private_contribution(delta, self.spec, pm.groups_of(data.profile), rows=rows, **self.dp))
             self._keep_private(data.user_id, private)
             self._count(stats["loss"], stats["n"])
 

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedpa.foundation.errors import FedpaError
-from fedpa.recmodels.item_bias import PER_ROW, TALLY
+from fedpa.recmodels.item_bias import EMBEDDING, PER_ROW, TALLY
+from fedpa.recmodels.item_bias import PREFIX as NEWTON_PREFIX
+
+NOT_NEWTON = frozenset({EMBEDDING})
 
 log = logging.getLogger("fedpa.server")
 
@@ -113,7 +116,8 @@ def sum_updates(updates: list[Mapping[str, np.ndarray]], spec: list[SharedTensor
 
 
 def apply_sums(state: Mapping[str, np.ndarray], sums: Mapping[str, np.ndarray],
-               spec: list[SharedTensor], row_prior: float = 0.0, population: int = 0) -> dict[str, np.ndarray]:
+               spec: list[SharedTensor], row_prior: float = 0.0, population: int = 0,
+               newton: bool = False) -> dict[str, np.ndarray]:
     """New shared state: old + summed deltas / summed counts; entries nobody contributed to stay.
 
     ``row_prior`` adds that many phantom readers to every read row of a per-row entry, each leaving
@@ -136,7 +140,13 @@ def apply_sums(state: Mapping[str, np.ndarray], sums: Mapping[str, np.ndarray],
         if t.per_row:
             c = np.asarray(sums[t.count_key], dtype=np.float64)
             c = c.reshape(c.shape + (1,) * (len(t.shape) - 1))
-            step = np.where(c > 0, sums[t.name] / np.where(c > 0, c + row_prior, 1.0), 0.0)
+            if newton and t.name.startswith(NEWTON_PREFIX) and t.name not in NOT_NEWTON:
+                # the offset tables under item-bias-update newton: sums of -(p - y) and of p(1 - p) (the count):
+                # one MAP Newton step, row_prior the prior's precision pulling the row towards 0
+                b = np.asarray(state[t.name], np.float64)
+                step = np.where(c > 0, (sums[t.name] - row_prior * b) / np.where(c > 0, c + row_prior, 1.0), 0.0)
+            else:
+                step = np.where(c > 0, sums[t.name] / np.where(c > 0, c + row_prior, 1.0), 0.0)
         else:
             c = float(sums[t.count_key][0])
             step = sums[t.name] / c if c > 0 else 0.0

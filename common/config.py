@@ -124,6 +124,10 @@ class FederationConfig:
                              at_least=0)
     item_bias_lr: float = setting(0.0, "local learning rate of the item-side tables (decays with lr-decay; "
                                   "0 = lr)", "model", at_least=0)
+    item_bias_update: str = setting("adam", "how the item-side offset tables learn: adam (local steps, averaged per "
+                                    "row over its readers) or newton (each client sends per-row sums of p - y "
+                                    "and p(1 - p) at the round's start; the server takes a MAP Newton step, "
+                                    "item-bias-prior its prior precision)", "model", choices=("adam", "newton"))
     item_bias_prior: float = setting(0.0, "phantom readers per item-side table row in its server-side mean: "
                                      "shrinks rarely read rows", "model", runtime=False, at_least=0)
     foundation_logit_scale: float = setting(1.0, "multiplies the frozen foundation's logits before "
@@ -292,6 +296,11 @@ class FederationConfig:
             if unknown or not self.item_bias_list:
                 bad(f"item-bias-fields: {', '.join(unknown) or 'none given'} (categorical item fields: "
                     f"{', '.join(CATEGORICAL_ITEM_FIELDS)})")
+        if self.item_bias_update == "newton" and not self.item_bias_fields:
+            bad("item-bias-update 'newton' steps the item-side offset tables: set item-bias-fields")
+        if self.item_bias_update == "newton" and self.dp_noise_multiplier > 0:
+            bad("item-bias-update 'newton' under DP: a user's curvature sums have no bounded sensitivity yet "
+                "(use item-bias-update 'adam')")
         if self.item_popularity_steps and not self.item_popularity:
             bad("item-popularity-steps shapes the click tally's score: it needs item-popularity")
         if self.item_tables and self.algorithm == "fedpa":  # FedPA options: the others ignore them

@@ -42,6 +42,7 @@ def model_options(cfg: FederationConfig) -> dict[str, Any]:
             kw["use_user_bias"] = True
         if cfg.item_bias_fields and cfg.algorithm == "fedpa":
             kw["item_bias_fields"] = cfg.item_bias_list
+            kw["item_bias_newton"] = cfg.item_bias_update == "newton"
         if cfg.item_embedding_dim and cfg.algorithm == "fedpa":
             kw["item_embedding_dim"] = cfg.item_embedding_dim
         if cfg.item_popularity and cfg.algorithm == "fedpa":

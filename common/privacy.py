@@ -195,8 +195,12 @@ def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[Shar
             counts = out[t.count_key]
             total = np.zeros(t.shape, np.float32)
             d = deltas.get(t.name)
+            newton = d.weights if d is not None and getattr(d, "weights", None) is not None else None
             for u in np.nonzero(keep)[0]:
-                np.add.at(counts, read[u], np.float32(weight[u]))
+                if newton is not None:   # item-bias-update newton: the user's curvature sums, on the rows it read
+                    np.add.at(counts, d.rows[u], newton[u].astype(np.float32) * np.float32(weight[u]))
+                else:
+                    np.add.at(counts, read[u], np.float32(weight[u]))
             if d is not None:
                 for u, r, v in zip(d.users, d.rows, d.values):
                     if keep[u]:

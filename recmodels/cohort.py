@@ -20,7 +20,16 @@ from fedpa.foundation.adapters import ditto_penalty, parameter_kinds, set_active
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import masked_bce
 
-from .item_bias import CLICKS, EMBEDDING, MISSING_ITEMS, POPULARITY, USER_VECTOR, ItemBias, popularity_term
+from .item_bias import (
+    CLICKS,
+    EMBEDDING,
+    MISSING_ITEMS,
+    POPULARITY,
+    USER_VECTOR,
+    ItemBias,
+    newton_row_statistics,
+    popularity_term,
+)
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
 
@@ -69,6 +78,8 @@ class RowDeltas:
     users: np.ndarray
     rows: list[np.ndarray]
     values: list[np.ndarray]
+    # item-bias-update newton: each user's curvature sum per row, what it adds to the row's count (else 1 per row)
+    weights: list[np.ndarray] | None = None
 
     def dense(self, k: int, shape: tuple[int, ...]) -> np.ndarray:
         """User k's delta as the whole table (tests, one-user comparisons)."""
@@ -210,6 +221,7 @@ class CohortEngine:
         if pm.model is None:
             raise ValueError(f"algorithm '{pm.algorithm.name}' has no adapters to train")
         self.pm = pm
+        self._item_statistics = None   # item-bias-update newton: the current chunk's per-row statistics
         self.max_users = max(1, int(max_users))
         self.scorer = pm.scorer if pm.item_bias is None else _CompactScorer(pm.tower, pm.item_bias)
         self.loss_module = _ScorerLoss(self.scorer, pm.task_columns)
@@ -385,6 +397,8 @@ class CohortEngine:
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         if self.pm.user_bias_key:
             self._calibrate_fresh(users, params, chunk_rows)
+        self._item_statistics = (self._newton_statistics(users, params, chunk_rows) if self.pm.item_bias_newton
+                                 else None)
         popularity = self.pm.item_bias is not None and self.pm.item_bias.popularity
         if popularity:
             self._count_clicks(users, params, chunk_rows, -1.0)
@@ -419,6 +433,26 @@ class CohortEngine:
         labels = torch.cat([data[i].labels[:, self.pm.task_columns] for i in fresh])
         offsets = calibrated_bias(torch.cat([logits[i] for i in fresh]), labels, users=owner, n_users=len(fresh))
         params[name][torch.as_tensor(fresh), 0] = offsets
+
+    @torch.no_grad()
+    def _newton_statistics(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
+                           chunk_rows: _ChunkRows | None) -> dict[str, tuple[list, list, list]]:
+        """item-bias-update newton: each user's per-row statistics at the start state (`newton_row_statistics`),
+        as `PersonalModel.train_user` computes them: table -> (rows, -Σ(p - y), Σ p(1 - p)) per user."""
+        logits = self._logits(params, [u.train for u in users], chunk_rows, paths=None)
+        out: dict[str, tuple[list, list, list]] = {}
+        for k, u in enumerate(users):
+            stats = (newton_row_statistics(self.pm.item_bias, logits[k], u.train.labels[:, self.pm.task_columns],
+                                           u.train.items) if len(u.train) else None)
+            for name in self.pm.item_bias.table_names:
+                if name == EMBEDDING:
+                    continue
+                n_out = self.pm.item_bias.n_out
+                none = (np.zeros(0, np.int64), np.zeros((0, n_out), np.float32), np.zeros(0, np.float32))
+                rows, g, h = stats[name] if stats else none
+                for lst, v in zip(out.setdefault(name, ([], [], [])), (rows, g, h)):
+                    lst.append(v)
+        return out
 
     @torch.no_grad()
     def _count_clicks(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
@@ -483,6 +517,8 @@ class CohortEngine:
         tables = [j for j, t in enumerate(on_tables) if t]
         main = [j for j, t in enumerate(on_tables) if not t]
         items_lr = local.item_bias_lr if tables and local.item_bias_lr is not None else None
+        if tables and self.pm.item_bias_newton:   # the offset tables do not train locally (newton statistics)
+            items_lr = 0.0
         set_active_paths(self.pm.model, paths)
         try:
             with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s):
@@ -529,7 +565,10 @@ class CohortEngine:
         for p in self.params:
             val = params[p.name].detach()
             finite &= torch.isfinite(val.reshape(c, -1)).all(dim=1).numpy()
-            if p.mode == "rows":  # each user's own rows: the others did not move
+            if p.mode == "rows" and self._item_statistics and p.shared_key in self._item_statistics:
+                rows_k, g_k, h_k = self._item_statistics[p.shared_key]   # item-bias-update newton
+                deltas[p.shared_key] = RowDeltas(everyone, rows_k, g_k, weights=h_k)
+            elif p.mode == "rows":  # each user's own rows: the others did not move
                 base = p.tensor.detach()
                 held = chunk_rows.rows[p.field]
                 deltas[p.shared_key] = RowDeltas(everyone, [r.numpy() for r in held],

@@ -73,6 +73,28 @@ def popularity_term(clicks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return basis.to(weight.dtype) @ (POPULARITY_SCALE * weight)
 
 
+@torch.no_grad()
+def newton_row_statistics(item_bias: ItemBias, logits: torch.Tensor, labels: torch.Tensor,
+                          items: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """What one user sends for each offset table under item-bias-update newton: per row it read (sorted), minus
+    the sum of p - y per task [k, T] (observed labels only) and the sum over its rows and tasks of p(1 - p) [k]
+    (one curvature per row: summed over the tasks, so each task's step is a lower bound of its own)."""
+    y = labels.double()
+    seen = (y >= 0).double()
+    p = torch.sigmoid(logits.double())
+    r = (p - y.clamp(min=0)) * seen
+    w = (p * (1 - p) * seen).sum(-1)
+    out = {}
+    for name, rows in zip(item_bias.table_names, item_bias.rows(items)):
+        if name == EMBEDDING:
+            continue
+        uniq, inv = torch.unique(rows.reshape(-1), return_inverse=True)
+        g = torch.zeros(len(uniq), r.shape[1], dtype=torch.float64).index_add_(0, inv, r)
+        h = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, w)
+        out[name] = (uniq.numpy(), (-g).float().numpy(), h.float().numpy())
+    return out
+
+
 MISSING_ITEMS = ("this model has item-side offsets (item-bias-fields) and needs the rows' item features; the rows "
                  "were cached without them (rebuild the feature cache)")
 

@@ -32,7 +32,17 @@ from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import FoundationModel, masked_bce
 
 from .algorithms import ALGORITHMS, Algorithm, get_algorithm  # noqa: F401  (re-exported)
-from .item_bias import CLICKS, EMBEDDING, MISSING_ITEMS, PER_ROW, POPULARITY, TALLY, USER_VECTOR, ItemBias
+from .item_bias import (
+    CLICKS,
+    EMBEDDING,
+    MISSING_ITEMS,
+    PER_ROW,
+    POPULARITY,
+    TALLY,
+    USER_VECTOR,
+    ItemBias,
+    newton_row_statistics,
+)
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 
 
@@ -100,7 +110,8 @@ class PersonalModel:
     def __init__(self, foundation: FoundationModel, algorithm: Algorithm, *, seed: int = 0,
                  user_slots: int = 1, host: torch.nn.Module | None = None,
                  item_bias_fields: tuple[str, ...] | list[str] = (), item_embedding_dim: int = 0,
-                 item_rows: int = 0, item_popularity: bool | str = False, item_domains: np.ndarray | None = None,
+                 item_rows: int = 0, item_popularity: bool | str = False, item_bias_newton: bool = False,
+                 item_domains: np.ndarray | None = None,
                  **adapter_overrides):
         """``host``: personalize a stage head instead of the foundation's tower
         (`recmodels.stages.pointwise.StageHost`, scoring the same cached tower inputs).
@@ -132,6 +143,10 @@ class PersonalModel:
             self.group_attributes = list(cfg.group_attributes)
             self._index_parameters()
         self.item_bias = None
+        # item-bias-update newton: the offset tables do not train locally; each user's per-row statistics at the
+        # round's start travel instead (`item_statistics`, set by train_user)
+        self.item_bias_newton = bool(item_bias_newton and item_bias_fields)
+        self.item_statistics: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         if item_bias_fields or item_embedding_dim or item_popularity:
             if algorithm.preset != "fedpa" or host is not None:
                 raise FedpaError(f"item-side tables are a FedPA option for the foundation's scorer (algorithm "
@@ -275,7 +290,8 @@ class PersonalModel:
         if self.item_bias is not None:
             weight = self.item_bias.popularity_weight if self.item_bias.popularity else None
             main += [weight] if weight is not None else []
-            tables = [p for p in self.item_bias.parameters() if p.requires_grad and p is not weight]
+            tables = [p for p in self.item_bias.parameters() if p.requires_grad and p is not weight
+                      and not (self.item_bias_newton and any(p is t for t in self.item_bias.tables.values()))]
             if tables:
                 groups.append({"params": tables, "lr": train.item_bias_lr or train.lr})
         return torch.optim.Adam(groups, lr=train.lr, foreach=True)
@@ -303,6 +319,11 @@ class PersonalModel:
         groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
         if self.user_bias_key and slot in self._fresh:
             self._calibrate_user_bias(data, groups, slot)
+        if self.item_bias_newton:
+            with torch.no_grad(), self._route(data, groups, slot):
+                logits = self.scorer(data.features, data.items, slot)
+            self.item_statistics = newton_row_statistics(self.item_bias, logits, data.labels[:, self.task_columns],
+                                                         data.items)
         gen = torch.Generator().manual_seed(int(seed))
         with self._others_clicks(data):
             if self.algorithm.ditto:

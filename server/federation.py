@@ -352,6 +352,7 @@ class Federation:
     def apply(self, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The new shared state: old + Σ deltas / Σ counts per entry (per group, per row)."""
         return apply_sums(self.state, sums, self.spec, row_prior=self.cfg.item_bias_prior,
+                          newton=self.cfg.item_bias_update == "newton",
                           population=self.num_clients)
 
     def secure_sum(self, round_: int, participants: list[int], problems: list[str], cohort: int,

@@ -251,3 +251,37 @@ def test_per_row_contributions_need_the_rows_read_and_a_count_per_row():
         validate_update(bad, ROW_SPEC)
     with pytest.raises(ValueError, match="per-row"):
         robust_sums([good], ROW_SPEC, method="median")
+
+
+def test_newton_rows_take_one_map_step_from_the_sums_of_gradient_and_curvature():
+    """item-bias-update newton: the clients send -Σ(p - y) per row as the delta and Σ p(1 - p) as the count;
+    the server sets b + (ΣΔ - λ b) / (Σh + λ) on rows someone read (λ = item-bias-prior), and, for one logistic
+    offset, iterating that step from 0 reaches the MAP estimate that calibrated_bias finds."""
+    import torch
+
+    from fedpa.recmodels.personalization import calibrated_bias
+
+    spec = [SharedTensor("item_bias.category", (3, 1), "per-row")]
+    rng = np.random.default_rng(0)
+    z = [rng.normal(size=n) for n in (30, 50)]           # two clients' model logits on rows of item row 1
+    y = [(rng.random(n) < 0.7).astype(float) for n in (30, 50)]
+    b = np.zeros((3, 1), np.float32)
+    for _ in range(30):
+        contribs = []
+        for zi, yi in zip(z, y):
+            p = 1 / (1 + np.exp(-(zi + b[1, 0])))
+            delta = np.zeros((3, 1), np.float32)
+            delta[1, 0] = -(p - yi).sum()
+            rows = np.zeros(3, np.float32)
+            rows[1] = (p * (1 - p)).sum()
+            contribs.append(client_contribution({"item_bias.category": delta}, spec, set(),
+                                                rows={"item_bias.category": rows}))
+        b = apply_sums({"item_bias.category": b}, sum_updates(contribs, spec), spec, row_prior=1.0,
+                       newton=True)["item_bias.category"]
+    want = calibrated_bias(torch.tensor(np.concatenate(z))[:, None], torch.tensor(np.concatenate(y))[:, None],
+                           prior_var=1.0, steps=30)
+    assert float(b[1, 0]) == pytest.approx(float(want[0]), abs=1e-5)
+    assert b[0, 0] == 0 and b[2, 0] == 0                   # rows nobody read stay
+    plain = apply_sums({"item_bias.category": np.ones((3, 1), np.float32)}, sum_updates(contribs, spec), spec,
+                       row_prior=1.0)["item_bias.category"]
+    assert plain[1, 0] != pytest.approx(float(b[1, 0]))     # the averaging rule is another one

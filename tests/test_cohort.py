@@ -347,3 +347,57 @@ def test_a_fresh_user_starts_from_its_calibrated_offsets_once(tiny, tiny_foundat
     half = type(user.train)(user.train.features[:10], user.train.labels[:10])
     pm.train_user(half, user.profile, still, seed=1)  # a returning user keeps (and trains) its offsets
     torch.testing.assert_close(torch.from_numpy(pm.get_private()[pm.user_bias_key]), want, atol=1e-6, rtol=0)
+
+
+def test_newton_item_statistics_match_one_user_training_in_float64(tiny, tiny_foundation, tmp_path):
+    """item-bias-update newton: for every table and user, the engine sends the rows the user read, -Σ(p - y) and
+    Σ p(1 - p) at the round's start (fresh users' offsets calibrated first), as `PersonalModel.train_user`
+    computes them, and the tables never train locally."""
+    from fedpa.recmodels.cohort import CohortEngine, CohortUser
+
+    rt = _runtime(tiny, tiny_foundation, "fedpa", tmp_path, batch_size=8, use_user_bias=True,
+                  item_bias_fields="category_level_one,video_id", item_bias_update="newton", item_bias_prior=10.0)
+    users = _users(rt, double=True)
+    pm = rt.model
+    shared0 = pm.get_shared()
+    reference = []
+    for u in users:
+        pm.set_shared(shared0)
+        pm.set_private(None)
+        pm.train_user(u.train, u.profile, rt.local, seed=u.user_id)
+        reference.append({k: tuple(np.copy(x) for x in v) for k, v in pm.item_statistics.items()} if len(u.train)
+                         else None)
+        for name in ("item_bias.category_level_one", "item_bias.video_id"):
+            assert np.array_equal(pm.get_shared()[name], shared0[name])     # not trained locally
+    pm.set_shared(shared0)
+    engine = CohortEngine(pm, max_users=5)
+    checked = 0
+    for chunk in engine.train([CohortUser(u.train, u.profile, None, u.user_id) for u in users], shared0, rt.local):
+        for name in ("item_bias.category_level_one", "item_bias.video_id"):
+            d = chunk.deltas[name]
+            for k, i in enumerate(chunk.users):
+                if reference[i] is None:
+                    assert len(d.rows[k]) == 0
+                    continue
+                rows, g, h = reference[i][name]
+                assert np.array_equal(d.rows[k], rows) and np.array_equal(chunk.rows[name][k], rows)
+                assert np.abs(d.values[k] - g).max() < 1e-6 and np.abs(d.weights[k] - h).max() < 1e-6
+                assert np.abs(g).max() > 0 and h.min() > 0
+                checked += 1
+    assert checked >= 2 * sum(r is not None for r in reference)
+
+
+def test_newton_item_offsets_are_the_same_with_either_engine_on_flower(tiny, tiny_foundation, tmp_path):
+    """item-bias-update newton through Flower's runtime: nodes training their users one by one (the path a
+    deployed node takes) and vectorized end a round with the same offset tables, and the tables moved."""
+    from fedpa.simulations.simulate import simulate
+
+    base = fed_config(tiny, tiny_foundation, tmp_path / "loop", algorithm="fedpa", num_rounds=1, max_clients=8,
+                      use_user_bias=True, item_bias_fields="category_level_one,video_id", item_bias_update="newton",
+                      item_bias_prior=10.0, cohort_engine="loop")
+    simulate(base, cohort_size=4)
+    simulate(replace(base, run_dir=str(tmp_path / "vec"), cohort_engine="vectorized"), cohort_size=4)
+    a, b = _final_state(tmp_path / "loop"), _final_state(tmp_path / "vec")
+    for name in ("item_bias.category_level_one", "item_bias.video_id"):
+        assert float(np.abs(a[name]).max()) > 1e-2
+        assert float(np.abs(a[name] - b[name]).max()) <= 1e-5

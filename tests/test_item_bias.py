@@ -90,6 +90,9 @@ def test_a_faster_table_learning_rate_moves_the_tables_further(tiny, tiny_founda
     (dict(foundation_logit_scale=0.0), "foundation-logit-scale"),
     (dict(foundation_logit_scale=float("inf")), "foundation-logit-scale"),
     (dict(foundation_logit_scale=0.5, stage="rank", stage_models="x"), "its own head"),
+    (dict(item_bias_update="newton"), "set item-bias-fields"),
+    (dict(item_bias_update="newton", item_bias_fields="video_id", dp_noise_multiplier=1.0), "under DP"),
+    (dict(item_bias_update="sgd", item_bias_fields="video_id"), "unknown item-bias-update"),
 ])
 def test_the_configuration_refuses_what_the_tables_cannot_do(change, words):
     from fedpa.common.config import ConfigValueError, FederationConfig
