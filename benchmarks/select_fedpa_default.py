@@ -31,6 +31,7 @@ from fedpa.common.config import FederationConfig
 from fedpa.simulations.simulate import simulate
 
 RELEASE = dict(use_user_bias=False, item_popularity=False, item_popularity_steps=False, item_bias_fields="",
+               item_bias_update="adam",
                item_bias_prior=0.0,
                item_bias_lr=0.0, lr_decay=1.0, foundation_logit_scale=1.0, item_embedding_dim=0)
 CANDIDATES: dict[str, dict] = {
@@ -39,12 +40,17 @@ CANDIDATES: dict[str, dict] = {
     "user-offset": dict(item_popularity=True, use_user_bias=True),
     "video-table": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id",
                         item_bias_prior=100.0, item_bias_lr=0.3, lr_decay=0.8),
+    # "recipe": the recipe until 2026-12-05 (now the ablation fedpa-adam-tables)
     "recipe": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
                    item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1),
     "recipe+emb8": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
                         item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=8),
     "recipe+emb32": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
                          item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=32),
+    # the recipe since 2026-12-05: the offset tables take Newton steps from the clients' per-row sums
+    "newton-tables": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id",
+                          item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8,
+                          foundation_logit_scale=0.1),
     "recipe+steps": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
                          item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_popularity_steps=True),
     "recipe+categories": dict(item_popularity=True, use_user_bias=True,

@@ -25,8 +25,9 @@ from fedpa.simulations.html_report import activity_figure, change_figure, change
 # away (the item-side ones as a group with their settings), or one part of FedPA's own architecture.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "fedpa-release": {"algorithm": "fedpa", "use_user_bias": False, "item_popularity": False, "item_bias_fields": "",
-                      "item_bias_prior": 0.0, "item_bias_lr": 0.0, "lr_decay": 1.0,
+                      "item_bias_update": "adam", "item_bias_prior": 0.0, "item_bias_lr": 0.0, "lr_decay": 1.0,
                       "foundation_logit_scale": 1.0},                                   # FedPA as released
+    "fedpa-adam-tables": {"algorithm": "fedpa", "item_bias_update": "adam", "item_bias_prior": 100.0},
     "fedpa-no-popularity": {"algorithm": "fedpa", "item_popularity": False},
     "fedpa-no-item-table": {"algorithm": "fedpa", "item_bias_fields": "", "item_bias_prior": 0.0,
                             "item_bias_lr": 0.0},

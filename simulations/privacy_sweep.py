@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from fedpa.common.config import FederationConfig
+from fedpa.common.config import FIELDS, FederationConfig
 from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
+from fedpa.recmodels.algorithms import ADAM_TABLES
 from fedpa.server.rundir import RunDir
 from fedpa.simulations.html_report import sweep_page
 
@@ -67,9 +68,13 @@ def make_grid(noises: list[float], clips: list[float], secagg: list[bool], mode:
 
 
 def point_config(base: FederationConfig, p: SweepPoint, seed: int, out: Path) -> FederationConfig:
+    """One point's configuration. Noisy points run FedPA's offset tables with local Adam steps (the recipe's
+    `ADAM_TABLES`): the Newton tables' curvature sums have no bounded sensitivity yet."""
+    tables = ({FIELDS[k].name: v for k, v in ADAM_TABLES} if p.noise > 0 and base.item_bias_update == "newton"
+              else {})
     return replace(base, seed=seed, run_dir=str(out / p.name / f"seed-{seed}"), secagg=p.secagg,
                    dp_noise_multiplier=p.noise, dp_clip=p.clip or base.dp_clip,
-                   dp_mode=p.mode if p.noise > 0 else "central")
+                   dp_mode=p.mode if p.noise > 0 else "central", **tables)
 
 
 def _reusable(cfg: FederationConfig) -> dict | None:

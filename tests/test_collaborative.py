@@ -147,6 +147,12 @@ def test_fedpa_runs_its_recipe_and_leaves_out_what_a_configuration_cannot_carry(
     got = with_recipe(FederationConfig(algorithm="fedpa"), set())
     assert (got.use_user_bias, got.item_popularity, got.item_bias_fields, got.lr_decay, got.foundation_logit_scale) \
         == (True, True, "video_id", 0.8, 0.1)
+    assert (got.item_bias_update, got.item_bias_prior) == ("newton", 10.0)
+    # where the Newton tables cannot run (central DP; no offset tables) the tables learn by Adam, as before
+    dp = with_recipe(FederationConfig(algorithm="fedpa", dp_noise_multiplier=1.0), set())
+    assert dp.item_bias_fields == "video_id" and (dp.item_bias_update, dp.item_bias_prior) == ("adam", 100.0)
+    no_tables = with_recipe(FederationConfig(algorithm="fedpa", item_bias_fields=""), {"item-bias-fields"})
+    assert no_tables.item_bias_update == "adam" and no_tables.item_popularity
     assert with_recipe(FederationConfig(algorithm="fedpa"), {"item-popularity"}).item_popularity is False
     # local DP sends counts in the clear, robust aggregation needs each update: the item side is left out,
     # the private user offset and the schedule stay
