@@ -76,6 +76,7 @@ class CollaborativeModel:
     interface (what the ClientApp, the server and the evaluation call)."""
 
     model = None  # not an adapted foundation: no cohort engine, no merge
+    item_bias_newton = False  # FedPA's Newton offset tables (`PersonalModel.item_statistics`): none here
 
     def __init__(self, algorithm: Algorithm, n_items: int, *, seed: int = 0, options: CFOptions | None = None):
         if n_items < 2:

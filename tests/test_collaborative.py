@@ -161,3 +161,19 @@ def test_fedpa_runs_its_recipe_and_leaves_out_what_a_configuration_cannot_carry(
         assert not got.item_tables and got.use_user_bias and got.lr_decay == 0.8, kw
     stage = with_recipe(FederationConfig(algorithm="fedpa", stage="rank", stage_models="runs/funnel"), set())
     assert not stage.item_tables and stage.foundation_logit_scale == 1.0 and stage.use_user_bias
+
+
+def test_a_published_recommender_runs_a_flower_round(tiny, tiny_foundation, tmp_path):
+    """FedMF through Flower's simulation runtime and the nodes' one-by-one training (the path `make demo`'s
+    pfedrec takes): a round completes and its shared item embeddings move."""
+    from fed_fixtures import fed_config
+
+    from fedpa.server.rundir import RunDir
+    from fedpa.simulations.simulate import simulate
+
+    cfg = with_recipe(fed_config(tiny, tiny_foundation, tmp_path / "run", algorithm="fedmf", num_rounds=1,
+                                 max_clients=6), {"algorithm"})
+    summary = simulate(cfg, cohort_size=3)
+    assert summary["rounds"] == 1 and 0 < summary["test"]["auc"] < 1
+    _, state, _ = RunDir(cfg.run_dir).load_checkpoint()
+    assert any(float(np.abs(v).max()) > 0 for v in state.values())
