@@ -314,6 +314,7 @@ class PersonalModel:
                    seed: int, slot: int = 0, exclude: np.ndarray | None = None) -> dict[str, float]:
         """Local epochs for one user; returns the mean training loss and the example count. (``exclude``: items
         a model that samples its own negatives must not draw; these rows come with theirs.)"""
+        self.item_statistics = {}   # this user's only: a user without rows sends none
         if self.model is None or train.epochs == 0 or len(data) == 0:
             return {"loss": float("nan"), "n": float(len(data))}
         groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
