@@ -1,7 +1,7 @@
 """The cohort engine alone (no Flower): one node's round for N users, per training row.
 
     .venv/bin/python benchmarks/bench_cohort_engine.py [--data data/small] [--foundation runs/demo/foundation]
-        [--users 256] [--threads 1] [--repeats 3]
+        [--users 256] [--threads 1] [--repeats 3] [--set item-bias-update=adam ...]
 
 `recmodels.cohort.CohortEngine` as a simulated node runs it, with `--algorithm fedpa`'s recipe, 1 epoch:
 
@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--feature-cache", default="auto")
+    ap.add_argument("--algorithm", default="fedpa")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a configuration key over the algorithm's recipe (repeatable)")
     args = ap.parse_args()
 
     import tempfile
@@ -42,8 +45,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_cohort_") as tmp:
-        cfg = with_recipe(FederationConfig(data_dir=args.data, foundation=args.foundation, run_dir=f"{tmp}/run",
-                                           max_clients=args.users, feature_cache=args.feature_cache))
+        given = dict(kv.split("=", 1) for kv in args.set)
+        cfg = with_recipe(FederationConfig.from_run_config({
+            "data-dir": args.data, "foundation": args.foundation, "run-dir": f"{tmp}/run",
+            "max-clients": args.users, "feature-cache": args.feature_cache, "algorithm": args.algorithm, **given}),
+            given=set(given))
         rt = ClientRuntime(cfg)
         users = [rt.user(c) for c in range(min(args.users, rt.num_clients))]
         engine = CohortEngine(rt.model)

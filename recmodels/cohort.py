@@ -395,10 +395,9 @@ class CohortEngine:
         domains = self._domains([u.train for u in users], pad_rows=1)
         pad = len(feats) - 1
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        if self.pm.user_bias_key:
-            self._calibrate_fresh(users, params, chunk_rows)
-        self._item_statistics = (self._newton_statistics(users, params, chunk_rows) if self.pm.item_bias_newton
-                                 else None)
+        scored = self._calibrate_fresh(users, params, chunk_rows) if self.pm.user_bias_key else {}
+        self._item_statistics = (self._newton_statistics(users, params, chunk_rows, scored)
+                                 if self.pm.item_bias_newton else None)
         popularity = self.pm.item_bias is not None and self.pm.item_bias.popularity
         if popularity:
             self._count_clicks(users, params, chunk_rows, -1.0)
@@ -418,13 +417,14 @@ class CohortEngine:
 
     @torch.no_grad()
     def _calibrate_fresh(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
-                         chunk_rows: _ChunkRows | None) -> None:
+                         chunk_rows: _ChunkRows | None) -> dict[int, torch.Tensor]:
         """Users starting fresh get their logit offsets from their own rows, as `PersonalModel.train_user`
         sets them (`calibrated_bias`) before the first step: their rows scored at once (`_logits`), then one
-        Newton solve over every fresh user's rows."""
+        Newton solve over every fresh user's rows. Returns each fresh user's logits with its new offset (user
+        index -> [rows, T]): the offset adds to the logits, so the Newton statistics need no second pass."""
         fresh = [i for i, u in enumerate(users) if u.private is None and len(u.train)]
         if not fresh:
-            return
+            return {}
         name = next(p.name for p in self.params if p.private_key == self.pm.user_bias_key)
         empty = users[0].train.rows(slice(0, 0))
         data = [u.train if u.private is None else empty for u in users]
@@ -433,13 +433,19 @@ class CohortEngine:
         labels = torch.cat([data[i].labels[:, self.pm.task_columns] for i in fresh])
         offsets = calibrated_bias(torch.cat([logits[i] for i in fresh]), labels, users=owner, n_users=len(fresh))
         params[name][torch.as_tensor(fresh), 0] = offsets
+        return {i: logits[i] + offsets[k] for k, i in enumerate(fresh)}
 
     @torch.no_grad()
     def _newton_statistics(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
-                           chunk_rows: _ChunkRows | None) -> dict[str, tuple[list, list, list]]:
+                           chunk_rows: _ChunkRows | None,
+                           scored: Mapping[int, torch.Tensor]) -> dict[str, tuple[list, list, list]]:
         """item-bias-update newton: each user's per-row statistics at the start state (`newton_row_statistics`),
-        as `PersonalModel.train_user` computes them: table -> (rows, -Σ(p - y), Σ p(1 - p)) per user."""
-        logits = self._logits(params, [u.train for u in users], chunk_rows, paths=None)
+        as `PersonalModel.train_user` computes them: table -> (rows, -Σ(p - y), Σ p(1 - p)) per user. Users in
+        ``scored`` (index -> logits at the start state) are not scored again."""
+        empty = users[0].train.rows(slice(0, 0))
+        logits = self._logits(params, [empty if k in scored else u.train for k, u in enumerate(users)], chunk_rows,
+                              paths=None)
+        logits = [scored.get(k, z) for k, z in enumerate(logits)]
         out: dict[str, tuple[list, list, list]] = {}
         for k, u in enumerate(users):
             stats = (newton_row_statistics(self.pm.item_bias, logits[k], u.train.labels[:, self.pm.task_columns],

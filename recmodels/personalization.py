@@ -318,11 +318,12 @@ class PersonalModel:
         if self.model is None or train.epochs == 0 or len(data) == 0:
             return {"loss": float("nan"), "n": float(len(data))}
         groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
-        if self.user_bias_key and slot in self._fresh:
-            self._calibrate_user_bias(data, groups, slot)
+        logits = (self._calibrate_user_bias(data, groups, slot) if self.user_bias_key and slot in self._fresh
+                  else None)
         if self.item_bias_newton:
-            with torch.no_grad(), self._route(data, groups, slot):
-                logits = self.scorer(data.features, data.items, slot)
+            if logits is None:
+                with torch.no_grad(), self._route(data, groups, slot):
+                    logits = self.scorer(data.features, data.items, slot)
             self.item_statistics = newton_row_statistics(self.item_bias, logits, data.labels[:, self.task_columns],
                                                          data.items)
         gen = torch.Generator().manual_seed(int(seed))
@@ -353,13 +354,16 @@ class PersonalModel:
                 self.item_bias.clicks[own] += 1.0
 
     @torch.no_grad()
-    def _calibrate_user_bias(self, data: UserTensors, groups, slot: int) -> None:
+    def _calibrate_user_bias(self, data: UserTensors, groups, slot: int) -> torch.Tensor:
+        """Sets a fresh slot's logit offsets from its rows; returns the rows' logits with them (the offsets add
+        to the logits: no second scoring pass for what needs the start state)."""
         with self._route(data, groups, slot):
             logits = self.scorer(data.features, data.items, slot)
         bias, per_slot = self._private[self.user_bias_key]
-        (bias[slot] if per_slot else bias).copy_(
-            calibrated_bias(logits, data.labels[:, self.task_columns]).to(bias.dtype))
+        offsets = calibrated_bias(logits, data.labels[:, self.task_columns]).to(bias.dtype)
+        (bias[slot] if per_slot else bias).copy_(offsets)
         self._fresh.discard(slot)
+        return logits + offsets
 
     def _epochs(self, data, groups, train, gen, slot, paths=None, prox: float = 0.0) -> float:
         opt = self._optimizer(train)
