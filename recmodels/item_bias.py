@@ -78,12 +78,16 @@ def newton_row_statistics(item_bias: ItemBias, logits: torch.Tensor, labels: tor
                           items: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """What one user sends for each offset table under item-bias-update newton: per row it read (sorted), minus
     the sum of p - y per task [k, T] (observed labels only) and the sum over its rows and tasks of p(1 - p) [k]
-    (one curvature per row: summed over the tasks, so each task's step is a lower bound of its own)."""
+    (one curvature per row: summed over the tasks, so each task's step is a lower bound of its own).
+
+    With m > 1 tables (fields) every row's logit is a sum of m offsets, and the server steps all tables at once
+    on the same residuals: each row's curvature is then counted m times (m * p(1 - p)), which bounds the joint
+    Hessian (a sum of m one-hot features: (Σ x)^2 <= m Σ x^2), so the simultaneous steps cannot overshoot."""
     y = labels.double()
     seen = (y >= 0).double()
     p = torch.sigmoid(logits.double())
     r = (p - y.clamp(min=0)) * seen
-    w = (p * (1 - p) * seen).sum(-1)
+    w = (p * (1 - p) * seen).sum(-1) * len(item_bias.fields)
     out = {}
     for name, rows in zip(item_bias.table_names, item_bias.rows(items)):
         if name == EMBEDDING:
