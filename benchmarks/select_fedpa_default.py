@@ -51,10 +51,17 @@ CANDIDATES: dict[str, dict] = {
     "newton-tables": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id",
                           item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8,
                           foundation_logit_scale=0.1),
+    # the category tables beside the video id's, stepped jointly; "newton+categories" measured with equal
+    # shares of the joint step, "newton+categories-half" (the recipe since 2026-12-06) with the video id's half
+    # (`recmodels.item_bias.newton_step_shares`: the shares are code, not configuration)
     "newton+categories": dict(item_popularity=True, use_user_bias=True,
                               item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
                               item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8,
                               foundation_logit_scale=0.1),
+    "newton+categories-half": dict(item_popularity=True, use_user_bias=True,
+                                   item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
+                                   item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8,
+                                   foundation_logit_scale=0.1),
     "recipe+steps": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
                          item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_popularity_steps=True),
     "recipe+categories": dict(item_popularity=True, use_user_bias=True,

@@ -25,13 +25,16 @@ class Algorithm:
 
 
 FEDPA_RECIPE: tuple[tuple[str, object], ...] = (
-    ("use-user-bias", True), ("item-popularity", True), ("item-bias-fields", "video_id"),
+    ("use-user-bias", True), ("item-popularity", True),
+    ("item-bias-fields", "video_id,category_level_one,category_level_two,upload_type"),
     ("item-bias-update", "newton"), ("item-bias-prior", 10.0), ("item-bias-lr", 0.3), ("lr-decay", 0.8),
     ("foundation-logit-scale", 0.1))
 # where the Newton tables cannot run (under DP: a user's curvature sums have no bounded sensitivity yet, or
-# without offset tables) the recipe's tables learn as before 2026-12-05: local Adam steps averaged over the
-# readers, shrunk by 100 phantom readers (`common.config.with_recipe`, the privacy sweep's noisy points)
-ADAM_TABLES: tuple[tuple[str, object], ...] = (("item-bias-update", "adam"), ("item-bias-prior", 100.0))
+# without offset tables) the recipe's tables learn as before 2026-12-05: the video-id table alone (Adam steps
+# on the category tables lost on `small`), local Adam steps averaged over the readers, shrunk by 100 phantom
+# readers (`common.config.with_recipe`, the privacy sweep's noisy points)
+ADAM_TABLES: tuple[tuple[str, object], ...] = (("item-bias-fields", "video_id"), ("item-bias-update", "adam"),
+                                               ("item-bias-prior", 100.0))
 # recipe keys a configuration drops when it cannot carry the item-side parts, and those a funnel stage's head
 # (scored by its own head, not the foundation's) drops (`common.config.with_recipe`)
 ITEM_SIDE_KEYS = frozenset({"item-popularity", "item-bias-fields", "item-bias-update", "item-bias-prior",
@@ -41,8 +44,9 @@ FOUNDATION_HEAD_KEYS = frozenset({"foundation-logit-scale"})
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
     # FedPA's recipe is fedpa's own best configuration, chosen on validation across three data sets (synthetic
     # RecFlow, KuaiSAR-R leave-one-out and last-pair; docs/results.md "Choosing FedPA's default"): FedPA as
-    # released plus a private per-user logit offset, a shared video-id offset table stepped by the server's
-    # MAP Newton step from the readers' sums (prior precision 10), the federation's click tally, a decaying
+    # released plus a private per-user logit offset, shared offset tables keyed by the video id, its two
+    # category levels and its upload type, stepped together by the server's MAP Newton step from the readers'
+    # sums (prior precision 10), the federation's click tally, a decaying
     # learning rate, and the frozen foundation's logit
     # scaled by 0.1 (beside per-user and per-item offsets, at full weight it counts their evidence twice).
     # `fedpa-release` in `fedpa compare` is FedPA as released; the fedpa-no-* ablations remove one part each.

@@ -146,9 +146,10 @@ def test_an_algorithm_recipe_fills_only_what_the_user_did_not_give():
 def test_fedpa_runs_its_recipe_and_leaves_out_what_a_configuration_cannot_carry():
     got = with_recipe(FederationConfig(algorithm="fedpa"), set())
     assert (got.use_user_bias, got.item_popularity, got.item_bias_fields, got.lr_decay, got.foundation_logit_scale) \
-        == (True, True, "video_id", 0.8, 0.1)
+        == (True, True, "video_id,category_level_one,category_level_two,upload_type", 0.8, 0.1)
     assert (got.item_bias_update, got.item_bias_prior) == ("newton", 10.0)
-    # where the Newton tables cannot run (central DP; no offset tables) the tables learn by Adam, as before
+    # where the Newton tables cannot run (central DP; no offset tables) the video-id table learns by Adam, as
+    # before (Adam steps on the category tables lost on validation)
     dp = with_recipe(FederationConfig(algorithm="fedpa", dp_noise_multiplier=1.0), set())
     assert dp.item_bias_fields == "video_id" and (dp.item_bias_update, dp.item_bias_prior) == ("adam", 100.0)
     no_tables = with_recipe(FederationConfig(algorithm="fedpa", item_bias_fields=""), {"item-bias-fields"})

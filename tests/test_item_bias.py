@@ -199,13 +199,14 @@ def test_foundation_logit_scale_multiplies_the_frozen_logits_every_client_starts
 
 
 def test_newton_steps_on_several_tables_at_once_descend_and_do_not_overshoot(tiny_foundation):
-    """item-bias-update newton with m tables: every table steps at once on the same residuals, so each row's
-    curvature counts m times (`newton_row_statistics`): the penalized loss then falls every round. With one
-    count of it (the single-table rule) the joint step overshoots and the loss rises."""
+    """item-bias-update newton with several tables: every table steps at once on the same residuals, so each
+    table's curvature is divided by its share of the joint step (`newton_step_shares`: the video id half, the
+    others the rest): the penalized loss then falls every round. With each table taking a whole step (the
+    single-table rule) the joint step overshoots and the loss rises."""
     from fedpa.common.aggregation import SharedTensor, apply_sums
     from fedpa.foundation.batch import ITEM_FIELDS
     from fedpa.foundation.model import load_foundation
-    from fedpa.recmodels.item_bias import PREFIX, ItemBias, newton_row_statistics
+    from fedpa.recmodels.item_bias import PREFIX, ItemBias, newton_row_statistics, newton_step_shares
 
     foundation = load_foundation(str(tiny_foundation))
     bias = ItemBias(foundation.config, FIELDS.split(","), 1)
@@ -222,7 +223,10 @@ def test_newton_steps_on_several_tables_at_once_descend_and_do_not_overshoot(tin
             nll = torch.nn.functional.binary_cross_entropy_with_logits(z, labels.double(), reduction="sum")
             return float(nll) + 0.5 * prior * sum(float((t.double() ** 2).sum()) for t in tables.values())
 
-    def run(curvature_scale: float) -> list[float]:
+    shares = newton_step_shares(bias.fields)
+    assert shares == {"category_level_one": 0.25, "upload_type": 0.25, "video_id": 0.5}
+
+    def run(whole_steps: bool) -> list[float]:
         with torch.no_grad():
             for t in tables.values():
                 t.zero_()
@@ -237,7 +241,7 @@ def test_newton_steps_on_several_tables_at_once_descend_and_do_not_overshoot(tin
                 sums[n][rows] = g
                 key = next(t.count_key for t in spec if t.name == n)
                 sums[key] = np.zeros(len(state[n]))
-                sums[key][rows] = h * curvature_scale
+                sums[key][rows] = h * (shares[n[len(PREFIX):]] if whole_steps else 1.0)
             new = apply_sums(state, sums, spec, row_prior=prior, newton=True)
             with torch.no_grad():
                 for n, t in tables.items():
@@ -245,8 +249,8 @@ def test_newton_steps_on_several_tables_at_once_descend_and_do_not_overshoot(tin
             out.append(loss())
         return out
 
-    bounded = run(1.0)
+    bounded = run(False)
     assert all(b < a for a, b in zip(bounded, bounded[1:])), bounded
     assert bounded[-1] < 0.8 * bounded[0]
-    once = run(1.0 / len(bias.fields))
+    once = run(True)
     assert any(b > a for a, b in zip(once, once[1:])), once

@@ -23,8 +23,8 @@ def compare_cmd(
     settings: Settings,
     algorithms: Annotated[str, typer.Option(help="comma-separated algorithms and ablations (fedpa-release, "
                                                  "fedpa-no-popularity, fedpa-no-item-table, fedpa-no-user-bias, "
-                                                 "fedpa-no-decay, fedpa-no-scale, fedpa-adam-tables, fedpa-user-only, "
-                                                 "fedpa-groups-only, "
+                                                 "fedpa-no-decay, fedpa-no-scale, fedpa-video-table, "
+                                                 "fedpa-adam-tables, fedpa-user-only, fedpa-groups-only, "
                                                  "fedpa-no-gate, fedpa-rankR)")] = DEFAULT_ALGORITHMS,
     seeds: Annotated[int, typer.Option(help="seeds 0..N-1")] = 3,
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the runs and the table")] = Path("runs/compare"),
