@@ -819,3 +819,20 @@ def test_a_secagg_phase_starts_without_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_the_newton_range_sums_large_offset_sums_and_keeps_small_deltas_precise():
+    """A round whose vectors carry Newton offset sums (a category row over a node's users: tens of thousands)
+    runs at `newton_clip`: the widest range the 62-bit modulus holds for its participants. The large sums come
+    back within the fixed-point bound, and so do adapter-sized deltas beside them."""
+    from fedpa.common.secagg.fixed_point import count_clipped
+    from fedpa.server.federation import newton_clip
+
+    ids = [3, 13, 23]
+    rng = np.random.default_rng(1)
+    vecs = {u: np.concatenate([rng.uniform(-1e-4, 1e-4, 30), rng.uniform(-4e4, 4e4, 9), [1.0]]) for u in ids}
+    assert count_clipped(vecs[3], QuantConfig(clip=2048.0)) > 0          # what the count-sized range refused
+    quant = QuantConfig(clip=newton_clip(len(ids)))
+    res = Round(vecs, quant=quant).run()
+    assert res.quant.mod_bits <= 62
+    check_sum(res, vecs, ids)
