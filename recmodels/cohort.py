@@ -446,17 +446,14 @@ class CohortEngine:
         logits = self._logits(params, [empty if k in scored else u.train for k, u in enumerate(users)], chunk_rows,
                               paths=None)
         logits = [scored.get(k, z) for k, z in enumerate(logits)]
-        out: dict[str, tuple[list, list, list]] = {}
+        names = [n for n in self.pm.item_bias.table_names if n != EMBEDDING]
+        none = (np.zeros(0, np.int64), np.zeros((0, self.pm.item_bias.n_out), np.float32), np.zeros(0, np.float32))
+        out: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in names}
         for k, u in enumerate(users):
             stats = (newton_row_statistics(self.pm.item_bias, logits[k], u.train.labels[:, self.pm.task_columns],
                                            u.train.items) if len(u.train) else None)
-            for name in self.pm.item_bias.table_names:
-                if name == EMBEDDING:
-                    continue
-                n_out = self.pm.item_bias.n_out
-                none = (np.zeros(0, np.int64), np.zeros((0, n_out), np.float32), np.zeros(0, np.float32))
-                rows, g, h = stats[name] if stats else none
-                for lst, v in zip(out.setdefault(name, ([], [], [])), (rows, g, h)):
+            for name in names:
+                for lst, v in zip(out[name], stats[name] if stats else none):
                     lst.append(v)
         return out
 
