@@ -81,18 +81,23 @@ def datasets(a: argparse.Namespace) -> dict[str, tuple[FederationConfig, str]]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="small,loo,last")
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--candidates", default=",".join(CANDIDATES))
-    ap.add_argument("--out", default="runs/select")
+def add_dataset_options(ap: argparse.ArgumentParser) -> None:
+    """Where the selection data sets and their foundations are (`datasets` reads them)."""
     ap.add_argument("--small-data", default="data/small")
     ap.add_argument("--small-foundation", default="runs/demo/foundation")
     ap.add_argument("--loo-data", default="data/kuaisar-r-loo")
     ap.add_argument("--loo-foundation", default="runs/loo/pretrained")
     ap.add_argument("--last-data", default="data/kuaisar-r")
     ap.add_argument("--last-foundation", default="runs/kuaisar-last/pretrained")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="small,loo,last")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--out", default="runs/select")
+    add_dataset_options(ap)
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     names = [c for c in a.candidates.split(",") if c]

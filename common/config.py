@@ -137,6 +137,14 @@ class FederationConfig:
     ditto_lambda: float = setting(0.1, "Ditto: weight of the proximal term", "model")
     embedding_dim: int = setting(32, "width of the item and user embeddings of the id-based algorithms (fedmf, "
                                  "pfedrec, fedrap)", "model", at_least=1)
+    fedrap_lambda: float = setting(0.1, "FedRAP: weight of -MSE(personality, commonality), ramped by tanh over the "
+                                   "rounds", "model", at_least=0)
+    fedrap_mu: float = setting(0.1, "FedRAP: weight of the commonality's L1 norm, ramped like fedrap-lambda", "model",
+                               at_least=0)
+    fedrap_item_lr: float = setting(200.0, "FedRAP: SGD step of the item personality and commonality in round 1 "
+                                    "(decays with lr-decay; the official lr_args)", "model", above=0)
+    fedrap_weight_decay: float = setting(1e-4, "FedRAP: SGD weight decay of every parameter, every item row "
+                                         "included (the official l2_regularization)", "model", at_least=0)
     stage: str = setting("", "personalize this funnel stage's head instead of the foundation's tower", "model",
                          choices=("",) + tuple(FEDERATED_STAGES), cli=False)
     stage_models: str = setting("", "the `fedpa funnel` run directory whose trained stage heads are personalized",

@@ -21,7 +21,10 @@ def build_personal_model(cfg: FederationConfig, algorithm: str | None = None, *,
     alg = get_algorithm(algorithm or cfg.algorithm)
     if alg.collaborative:  # scores items by id: the foundation only tells the catalogue's size
         return CollaborativeModel(alg, foundation.config.item_vocab["video_id"], seed=cfg.seed,
-                                  options=CFOptions(dim=cfg.embedding_dim, resample_negatives=cfg.split == "loo"))
+                                  options=CFOptions(dim=cfg.embedding_dim, resample_negatives=cfg.split == "loo",
+                                                    fedrap_lambda=cfg.fedrap_lambda, fedrap_mu=cfg.fedrap_mu,
+                                                    fedrap_item_lr=cfg.fedrap_item_lr,
+                                                    fedrap_weight_decay=cfg.fedrap_weight_decay, lr=cfg.lr))
     if cfg.foundation_logit_scale != 1.0:
         foundation.scale_logits(cfg.foundation_logit_scale)
     host = load_stage_host(foundation, cfg.stage_models, cfg.stage) if cfg.stage else None

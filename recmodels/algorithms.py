@@ -72,7 +72,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
               description="PFedRec (IJCAI'23): shared item embeddings averaged over the round's clients, private "
                           "score function, item table fine-tuned locally before scoring"),
     Algorithm("fedrap", None, collaborative=True,
-              recipe=(("lr", 0.1), ("batch-size", 2048), ("local-epochs", 10), ("lr-decay", 0.97)),
+              recipe=(("lr", 0.5), ("batch-size", 2048), ("local-epochs", 10), ("lr-decay", 0.97)),
               description="FedRAP (ICLR'24): shared item commonality, private additive item personality and score "
                           "function"),
 ]}

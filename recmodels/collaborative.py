@@ -8,9 +8,13 @@ borrow their ideas.
               embeddings and a private score function (one linear layer); per batch, SGD on the score function,
               then on the item embeddings at ``lr * n_items * eta``; the server averages the full item table
               over the round's clients; a client scores with its own fine-tuned copy (dual personalization).
-- ``fedrap``  FedRAP (Li et al., ICLR 2024): shared item *commonality* C (averaged over the round's clients),
-              a private additive item *personality* D_u and a private score function; the loss subtracts
-              λ·MSE(D_u, C) and adds μ·|C|₁ on the batch rows, λ and μ growing as tanh(round / 10).
+- ``fedrap``  FedRAP (Li et al., ICLR 2024; official code read for every detail below): shared item
+              *commonality* C (averaged over the round's clients), a private additive item *personality* D_u
+              and a private score function; the loss subtracts λ·MSE(D_u, C) and adds μ·|C|₁ on the batch
+              rows, λ and μ ramped by tanh; plain SGD with weight decay on every parameter, so each step also
+              shrinks every row of C and D_u the batch did not read (what keeps the random init of the rows a
+              user never trained from deciding its ranking); up to 10 local epochs, stopped early when the
+              running loss settles (relative change < 1e-4).
 
 Every training call samples fresh negatives (4 per positive, uniform over the items the user did not click),
 as both official implementations do each round; the split's fixed negatives are not used. Plain PyTorch; the
@@ -19,8 +23,8 @@ client runs users one after another (`model` is None, so the cohort engine leave
 What deviates from the official code, and why: PFedRec's client scores after fine-tuning from the *new*
 global table (the official one scores with the table it trained from the previous global one), because a
 fedpa round evaluates after aggregation; FedRAP's untouched personality rows are a deterministic
-per-user N(0, 1) draw (the official keeps a dense random table per client, 4.7 MB each on KuaiSAR-R), so only
-the rows a user trained are stored.
+N(0, 1) draw times the product of every weight-decay step since (the official keeps a dense table per client,
+4.7 MB each on KuaiSAR-R, and decays all of it), so only the rows a user trained and one scale are stored.
 """
 
 from __future__ import annotations
@@ -44,10 +48,14 @@ TRAIN_NEGATIVES = 4
 class CFOptions:
     dim: int = 32                 # embedding width (both official codes: 32)
     pfedrec_eta: float = 80.0     # PFedRec: item-embedding step = lr * n_items * eta (official default 80)
-    fedrap_lambda: float = 0.1    # FedRAP: weight of -MSE(D, C) (official 0.1)
-    fedrap_mu: float = 0.1        # FedRAP: weight of |C|_1 (official 0.1, regular l1)
-    fedrap_item_lr: float = 100.0  # FedRAP: SGD step of D and C (official lr_args 100)
+    fedrap_lambda: float = 0.1    # FedRAP: weight of -MSE(D, C) (official default 0.1)
+    fedrap_mu: float = 0.1        # FedRAP: weight of |C|_1 (official default 0.1, regular l1)
+    fedrap_item_lr: float = 200.0  # FedRAP: SGD step of D and C in round 1 (official default lr_args 200)
+    fedrap_weight_decay: float = 1e-4  # FedRAP: SGD weight decay of every parameter (official l2_regularization)
     fedrap_step_decay: float = 0.95  # FedRAP: ExponentialLR gamma per batch step (official)
+    fedrap_tol: float = 1e-4      # FedRAP: local epochs stop when the running loss moves less than this (official)
+    lr: float | None = None       # the run's round-1 learning rate: item steps decay with the round's lr as the
+                                  # official lr_args does with lr_network (None: no decay)
     resample_negatives: bool = True  # implicit feedback (split loo): fresh negatives every call, as the official
                                      # codes sample them each round; False: train on the rows' own labels
 
@@ -118,6 +126,7 @@ class CollaborativeModel:
             out["personal_rows"] = np.zeros(0, np.int64)
             out["personal"] = np.zeros((0, d), np.float32)
             out["personal_key"] = np.array([key], np.int64)
+            out["personal_scale"] = np.ones(1, np.float32)   # the weight decay the untouched rows went through
         return out
 
     def shared_spec(self) -> list[tuple[str, tuple[int, ...], str | None]]:
@@ -201,6 +210,7 @@ class CollaborativeModel:
     def _personal_rows(self, rows: np.ndarray, private: dict[str, torch.Tensor]) -> torch.Tensor:
         """FedRAP's D_u at ``rows``: the user's trained rows where it has them, its deterministic init elsewhere."""
         out = torch.from_numpy(_normals(int(private["personal_key"][0]), rows, self.o.dim))
+        out *= float(private["personal_scale"][0])
         have = private["personal_rows"].numpy()
         if len(have):
             pos = np.searchsorted(have, rows)
@@ -334,26 +344,38 @@ class CollaborativeModel:
         personal = self._personal_rows(rows.numpy(), self.private).clone().requires_grad_(True)
         w = self.private["score_w"].clone().requires_grad_(True)
         b = self.private["score_b"].clone().requires_grad_(True)
-        ramp = float(np.tanh((train.round - 1) / 10.0))   # the official schedule, iteration counted from 0
+        # the official λ, μ: 0 in the first two rounds, then tanh((round - 2) / 10) of their values
+        ramp = float(np.tanh(max(train.round - 2, 0) / 10.0))
         lam, mu = ramp * self.o.fedrap_lambda, ramp * self.o.fedrap_mu
-        item_lr = self.o.fedrap_item_lr * train.lr / 0.1  # official: lr_args 100 beside lr_network 0.1, both decayed
-        opt = torch.optim.SGD([{"params": [w, b], "lr": train.lr}, {"params": [personal, common], "lr": item_lr}])
+        item_lr = self.o.fedrap_item_lr * (train.lr / self.o.lr if self.o.lr else 1.0)
+        wd = self.o.fedrap_weight_decay
+        opt = torch.optim.SGD([{"params": [w, b], "lr": train.lr}, {"params": [personal, common], "lr": item_lr}],
+                              weight_decay=wd)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=self.o.fedrap_step_decay)
-        total, count = 0.0, 0
-        for idx in self._batches(len(items), max(train.batch_size, 1), train.epochs, gen):
-            c, d = common[inv[idx]], personal[inv[idx]]
-            p = torch.sigmoid((c + d) @ w + b[0])
-            loss = (torch.nn.functional.binary_cross_entropy(p, y[idx])
-                    - lam * torch.nn.functional.mse_loss(d, c) + mu * c.abs().mean())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
+        shrink = 1.0   # what the weight decay did to every item row outside this round's rows
+        total, count, running = 0.0, 0, None
+        for _ in range(train.epochs):
+            for idx in self._batches(len(items), max(train.batch_size, 1), 1, gen):
+                c, d = common[inv[idx]], personal[inv[idx]]
+                p = torch.sigmoid((c + d) @ w + b[0])
+                loss = (torch.nn.functional.binary_cross_entropy(p, y[idx])
+                        - lam * torch.nn.functional.mse_loss(d, c) + mu * c.abs().mean())
+                opt.zero_grad()
+                loss.backward()
+                shrink *= 1.0 - opt.param_groups[1]["lr"] * wd
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+            before, running = running, total / count
+            if before is not None and abs(running - before) < self.o.fedrap_tol * abs(before):
+                break
         with torch.no_grad():
+            self.shared["item_common"] = self.shared["item_common"] * shrink
             self.shared["item_common"][rows] = common.detach()
             self.private["score_w"], self.private["score_b"] = w.detach(), b.detach()
+            self.private["personal"] = self.private["personal"] * shrink
+            self.private["personal_scale"] = self.private["personal_scale"] * shrink
             self._store_personal(rows.numpy(), personal.detach())
         return total / max(count, 1)
 

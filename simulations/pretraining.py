@@ -23,6 +23,7 @@ import torch
 from fedpa.foundation import metrics as M
 from fedpa.foundation.batch import TASKS
 from fedpa.foundation.config import FoundationConfig
+from fedpa.foundation.device import resolve_device
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import FoundationModel, count_parameters, load_foundation
 from fedpa.foundation.pretrain import pretrain
@@ -94,12 +95,16 @@ class _Epoch:
 def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str = "transformer", epochs: int = 2,
                         lr: float = 1e-3, batch_size: int = 256, seed: int = 0, split: str = "by-day",
                         partition: PartitionConfig | None = None, max_private_eval_users: int = 500,
-                        patience: int = 0, progress=None, domains: str = "", **model_overrides) -> dict:
+                        patience: int = 0, progress=None, domains: str = "", device: str = "auto",
+                        **model_overrides) -> dict:
+    """Pre-train the foundation on the open users (``device``: where it trains, `foundation.device`; the
+    checkpoint and the report's evaluation are the same wherever it trained, to float32 tolerance)."""
     for name, value, least in (("batch size", batch_size, 1), ("epochs", epochs, 1), ("patience", patience, 0)):
         if not isinstance(value, int) or value < least:
             raise FedpaError(f"pretrain: {name} must be a whole number >= {least}, got {value}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise FedpaError(f"pretrain: learning rate must be a finite number > 0, got {lr}")
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     ds = Dataset(data_dir)
     lookups = Lookups.build(ds, seq_len=int(model_overrides.get("seq_len", SEQ_LEN)))
@@ -131,7 +136,7 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
     untrained.load_state_dict(model.state_dict())
     t0 = time.time()
     history = pretrain(
-        model,
+        model.to(dev),
         lambda epoch: _Epoch(opened.train, batch_size, seed * 1000 + epoch),
         lambda: opened.val.iter_batches(EVAL_BATCH),
         out_dir, epochs=epochs, lr=lr, seed=seed, progress=progress, patience=patience)
@@ -143,6 +148,7 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
     report = {
         "data": str(data_dir), "arch": arch, "epochs": epochs, "epochs_trained": len(history["epochs"]),
         "patience": patience, "lr": lr, "domains": domains, "batch_size": batch_size, "seed": seed,
+        "device": str(dev),
         "parameters": count_parameters(best), "open_users": int(len(part.open_users)),
         "private_users": int(len(part.private_users)), "private_users_scored": int(len(private_users)),
         "train_rows": len(opened.train), "train_seconds": train_s,

@@ -70,7 +70,7 @@ def federate(model: CollaborativeModel, train, test, rounds: int, local: LocalTr
 @pytest.mark.parametrize("name, options, local, rounds", [
     ("fedmf", {}, LocalTraining(epochs=5, lr=0.05, batch_size=64), 10),
     ("pfedrec", {}, LocalTraining(epochs=1, lr=0.1, batch_size=256), 20),        # the official settings
-    ("fedrap", {"fedrap_item_lr": 10.0}, LocalTraining(epochs=10, lr=0.1, batch_size=2048), 15),
+    ("fedrap", {"fedrap_item_lr": 10.0, "lr": 0.1}, LocalTraining(epochs=10, lr=0.1, batch_size=2048), 15),
 ])
 def test_each_learns_the_two_tastes(name, options, local, rounds):
     train, test = two_tastes()
@@ -109,7 +109,7 @@ def test_pfedrec_and_fedrap_average_over_the_round_clients_fedmf_over_each_row_r
     assert rows[1] == rows[2] == 1 and rows.sum() == 2 + len(np.unique(fedmf._last_negatives))
 
 
-def test_fedrap_keeps_only_the_trained_personality_rows_and_a_fixed_init_elsewhere():
+def test_fedrap_keeps_only_the_trained_personality_rows_and_a_decayed_fixed_init_elsewhere():
     model = CollaborativeModel(get_algorithm("fedrap"), N_ITEMS, seed=5, options=CFOptions(dim=4))
     model.train_user(_rows([7, 9], [1.0, 1.0]), None, LocalTraining(epochs=2, lr=0.1, batch_size=16, round=3),
                      seed=0)
@@ -118,11 +118,56 @@ def test_fedrap_keeps_only_the_trained_personality_rows_and_a_fixed_init_elsewhe
     assert 7 in trained and 9 in trained and len(trained) <= 2 + 8 and (np.diff(trained) > 0).all()
     untouched = np.setdiff1d(np.arange(N_ITEMS), trained)[:3]
     init = _normals(int(state["cf.personal_key"][0]), untouched, 4)
-    np.testing.assert_array_equal(model._personal_rows(untouched, model.private).numpy(), init)
+    # two full-batch steps at item lr 200 and 200 * 0.95, weight decay 1e-4 (the official defaults)
+    scale = (1 - 200 * 1e-4) * (1 - 200 * 0.95 * 1e-4)
+    np.testing.assert_allclose(state["cf.personal_scale"], [scale], rtol=1e-6)
+    np.testing.assert_allclose(model._personal_rows(untouched, model.private).numpy(), scale * init, rtol=1e-6)
     # the init is N(0, 1) and a pure function of (key, row)
     big = _normals(1, np.arange(20_000), 8)
     assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
     np.testing.assert_array_equal(_normals(1, np.array([42, 7]), 8), big[[42, 7]])
+
+
+def test_fedrap_rounds_equal_the_official_dense_training_of_whole_tables():
+    """Two rounds of one user against FedRAP's official client written out densely (whole personality and
+    commonality tables as parameters of one SGD with weight decay, ExponentialLR per step, the running-loss
+    stop): the stored rows, the scale and the shared table equal it everywhere."""
+    n, d, lr, item_lr, wd = N_ITEMS, 4, 0.5, 200.0, 1e-4
+    model = CollaborativeModel(get_algorithm("fedrap"), n, seed=2,
+                               options=CFOptions(dim=d, resample_negatives=False, lr=lr, fedrap_item_lr=item_lr))
+    key = int(model.get_private()["cf.personal_key"][0])
+    D = torch.from_numpy(_normals(key, np.arange(n), d)).clone().requires_grad_(True)
+    C = torch.from_numpy(model.get_shared()["cf.item_common"]).clone().requires_grad_(True)
+    w = torch.from_numpy(model.get_private()["cf.score_w"]).clone().requires_grad_(True)
+    b = torch.from_numpy(model.get_private()["cf.score_b"]).clone().requires_grad_(True)
+    rounds = [([3, 8, 8, 21, 40], [1, 1, 0, 0, 1]), ([8, 11, 40, 59], [0, 1, 1, 0])]
+    for r, (items, labels) in enumerate(rounds, start=1):
+        round_lr = lr * 0.97 ** (r - 1)
+        model.train_user(_rows(items, labels), None,
+                         LocalTraining(epochs=10, lr=round_lr, batch_size=2048, round=r + 2), seed=r)
+        lam = mu = 0.1 * np.tanh(r / 10)
+        opt = torch.optim.SGD([{"params": [w, b], "lr": round_lr},
+                               {"params": [D, C], "lr": item_lr * round_lr / lr}], weight_decay=wd)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95)
+        idx, y = torch.tensor(items), torch.tensor(labels, dtype=torch.float32)
+        total, count, running = 0.0, 0, None
+        for _ in range(10):
+            p = torch.sigmoid((C[idx] + D[idx]) @ w + b[0])
+            loss = (torch.nn.functional.binary_cross_entropy(p, y) - lam * torch.nn.functional.mse_loss(D[idx], C[idx])
+                    + mu * C[idx].abs().mean())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, count = total + float(loss.detach()) * len(items), count + len(items)
+            before, running = running, total / count
+            if before is not None and abs(running - before) < 1e-4 * abs(before):
+                break
+    np.testing.assert_allclose(model.get_shared()["cf.item_common"], C.detach().numpy(), rtol=1e-4, atol=1e-6)
+    got = model._personal_rows(np.arange(n), model.private).numpy()
+    np.testing.assert_allclose(got, D.detach().numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model.get_private()["cf.score_w"], w.detach().numpy(), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(got[0], _normals(key, np.array([0]), d)[0])   # an untouched row shrank
 
 
 def test_personal_state_round_trips_and_a_wrong_one_is_refused():

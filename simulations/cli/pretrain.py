@@ -42,6 +42,7 @@ def pretrain_cmd(
                                                                 "(default: the top 20% by exposures)")] = None,
     active_values: Annotated[str | None, typer.Option(help="comma-separated values of that attribute that count as "
                                                            "highly active")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when torch sees one) | cpu | cuda[:N]")] = "auto",
 ):
     """Pre-train the foundation on open users; report AUC/GAUC/LogLoss against popularity and untrained."""
     from fedpa.recdata.partition import PartitionConfig
@@ -76,7 +77,7 @@ def pretrain_cmd(
                                      batch_size=batch_size,
                                      seed=seed, split=split, partition=partition, progress=on_step,
                                      user_encoder=user_encoder, seq_len=seq_len, graph_expansion=graph_expansion,
-                                     domains=domains)
+                                     domains=domains, device=device)
     _print_pretrain(report)
 
 
