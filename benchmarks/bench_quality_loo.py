@@ -14,7 +14,8 @@ configuration sets them; the test metrics are taken at each run's best validatio
 
 Beside the algorithms, the report ranks items by their number of training clicks (popularity): ties with the
 held-out item counted against it (as PFedRec's scorer counts them, and every fedpa metric here), and broken at
-random. HR@10, NDCG@10, MRR@10, bytes per client and round, seconds per round; mean ± std over seeds.
+random (its expectation over the tie-breaking, computed exactly rather than drawn). HR@10, NDCG@10, MRR@10,
+bytes per client and round, seconds per round; mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -40,8 +41,23 @@ ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = "fedpa,fedmf,pfedrec,fedrap,local,foundation"
 
 
+def expected_under_random_ties(cases: np.ndarray, k: int = 10) -> dict[str, float]:
+    """HR@k, NDCG@k and MRR@k of ranking each case's candidates by ``cases`` (column 0 the held-out item), ties
+    broken uniformly at random, in expectation over the tie-breaking: with g negatives strictly above the held-out
+    item and t tied with it, each of the ranks g..g+t is equally likely (exact, no draw)."""
+    above = (cases[:, 1:] > cases[:, :1]).sum(axis=1)
+    tied = (cases[:, 1:] == cases[:, :1]).sum(axis=1)
+    ranks = np.arange(k)
+    inside = (ranks[None] >= above[:, None]) & (ranks[None] <= (above + tied)[:, None])   # [cases, k]
+    share = inside / (tied + 1.0)[:, None]
+    return {"hr": float(share.sum(axis=1).mean()),
+            "ndcg": float((share / np.log2(ranks + 2.0)[None]).sum(axis=1).mean()),
+            "mrr": float((share / (ranks + 1.0)[None]).sum(axis=1).mean())}
+
+
 def popularity(ds: Dataset, seeds: list[int]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Rank by training clicks on each seed's split: ties against the held-out item, and at random."""
+    """Rank by training clicks on each seed's split: ties against the held-out item, and broken at random (the
+    expectation over the tie-breaking, exact)."""
     lk = Lookups.build(ds)
     users = np.arange(len(user_table(ds)))
     rows: dict[str, list[float]] = {}
@@ -49,14 +65,14 @@ def popularity(ds: Dataset, seeds: list[int]) -> dict[str, dict[str, tuple[float
         s = split_users(ds, users, SplitConfig("loo", negatives=99), lookups=lk, seed=seed)
         count = np.bincount(s.train.video_id[s.train.labels[:, 0] == 1], minlength=len(lk.item_table))
         cases = count[s.test.video_id.reshape(-1, 100)].astype(np.float64)
-        rng = np.random.default_rng(seed)
-        for name, sc in (("popularity (ties against)", cases),
-                         ("popularity (random ties)", cases + rng.random(cases.shape) * 1e-3)):
-            ranks = (sc[:, 1:] >= sc[:, :1]).sum(axis=1)
-            r = M.hit_ndcg_at_k(sc[:, 0], sc[:, 1:], 10)
-            mrr = float(np.where(ranks < 10, 1.0 / (ranks + 1.0), 0.0).mean())
-            for k, v in (("hr@10", r["hr"]), ("ndcg@10", r["ndcg"]), ("mrr@10", mrr)):
-                rows.setdefault(f"{name}|{k}", []).append(v)
+        ranks = (cases[:, 1:] >= cases[:, :1]).sum(axis=1)
+        r = M.hit_ndcg_at_k(cases[:, 0], cases[:, 1:], 10)
+        mrr = float(np.where(ranks < 10, 1.0 / (ranks + 1.0), 0.0).mean())
+        results = {"popularity (ties against)": {"hr": r["hr"], "ndcg": r["ndcg"], "mrr": mrr},
+                   "popularity (random ties, expected)": expected_under_random_ties(cases)}
+        for name, res in results.items():
+            for k in ("hr", "ndcg", "mrr"):
+                rows.setdefault(f"{name}|{k}@10", []).append(res[k])
         rows.setdefault("no-train-click|share", []).append(float((cases[:, 0] == 0).mean()))
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for key, vals in rows.items():
