@@ -275,6 +275,9 @@ class FederationConfig:
         for name in ("active_top_fraction", "open_active_fraction", "open_rest_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(f"{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.fedrap_item_lr * self.fedrap_weight_decay >= 1:   # SGD's decay step: w * (1 - lr * wd)
+            bad(f"fedrap-item-lr x fedrap-weight-decay must be < 1, got {self.fedrap_item_lr:g} x "
+                f"{self.fedrap_weight_decay:g}: each step would flip the sign of every item row")
         if self.clients_per_round > 1 and self.clients_per_round != int(self.clients_per_round):
             bad(f"clients-per-round above 1 is a count and must be whole, got {self.clients_per_round}")
         if not 0 < self.lr_decay <= 1:

@@ -37,6 +37,8 @@ def test_synth_and_inspect(tiny_dir):
     (["simulate", "--rank", "0"], "rank must be >= 1"),
     (["simulate", "--cohort-engine", "gpu"], "unknown cohort-engine 'gpu' (vectorized, loop)"),
     (["simulate", "--lr-decay", "1.5"], "lr-decay must be in (0, 1], got 1.5"),
+    (["simulate", "--algorithm", "fedrap", "--fedrap-item-lr", "2000000"],
+     "fedrap-item-lr x fedrap-weight-decay must be < 1, got 2e+06 x 0.0001"),
     (["compare", "--algorithms", "fedpa,bogus"], "unknown algorithm or ablation 'bogus'"),
     (["compare", "--seeds", "0"], "--seeds"),
     (["data", "synth", "--preset", "tiny", "--out", "/tmp/never-written", "--set", "n_userz=5"],
