@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from fedpa.common.config import FederationConfig, with_recipe
-from fedpa.foundation import metrics as M
 from fedpa.recdata.examples import Lookups, user_table
 from fedpa.recdata.import_interactions import KUAISAR_R, RowFilter, import_interactions
 from fedpa.recdata.partition import PartitionConfig, SplitConfig, split_users
@@ -41,15 +40,17 @@ ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = "fedpa,fedmf,pfedrec,fedrap,local,foundation"
 
 
-def expected_under_random_ties(cases: np.ndarray, k: int = 10) -> dict[str, float]:
-    """HR@k, NDCG@k and MRR@k of ranking each case's candidates by ``cases`` (column 0 the held-out item), ties
-    broken uniformly at random, in expectation over the tie-breaking: with g negatives strictly above the held-out
-    item and t tied with it, each of the ranks g..g+t is equally likely (exact, no draw)."""
+def rank_metrics(cases: np.ndarray, k: int = 10, *, random_ties: bool) -> dict[str, float]:
+    """HR@k, NDCG@k and MRR@k of ranking each case's candidates by ``cases`` (column 0 the held-out item). With g
+    negatives strictly above the held-out item and t tied with it, its rank is g + t when ties count against it
+    (PFedRec's scorer), and each of g .. g + t equally likely when ties are broken at random (the expectation over
+    the tie-breaking, exact: no draw)."""
     above = (cases[:, 1:] > cases[:, :1]).sum(axis=1)
     tied = (cases[:, 1:] == cases[:, :1]).sum(axis=1)
+    first = above if random_ties else above + tied
+    last = above + tied
     ranks = np.arange(k)
-    inside = (ranks[None] >= above[:, None]) & (ranks[None] <= (above + tied)[:, None])   # [cases, k]
-    share = inside / (tied + 1.0)[:, None]
+    share = ((ranks[None] >= first[:, None]) & (ranks[None] <= last[:, None])) / (last - first + 1.0)[:, None]
     return {"hr": float(share.sum(axis=1).mean()),
             "ndcg": float((share / np.log2(ranks + 2.0)[None]).sum(axis=1).mean()),
             "mrr": float((share / (ranks + 1.0)[None]).sum(axis=1).mean())}
@@ -65,14 +66,11 @@ def popularity(ds: Dataset, seeds: list[int]) -> dict[str, dict[str, tuple[float
         s = split_users(ds, users, SplitConfig("loo", negatives=99), lookups=lk, seed=seed)
         count = np.bincount(s.train.video_id[s.train.labels[:, 0] == 1], minlength=len(lk.item_table))
         cases = count[s.test.video_id.reshape(-1, 100)].astype(np.float64)
-        ranks = (cases[:, 1:] >= cases[:, :1]).sum(axis=1)
-        r = M.hit_ndcg_at_k(cases[:, 0], cases[:, 1:], 10)
-        mrr = float(np.where(ranks < 10, 1.0 / (ranks + 1.0), 0.0).mean())
-        results = {"popularity (ties against)": {"hr": r["hr"], "ndcg": r["ndcg"], "mrr": mrr},
-                   "popularity (random ties, expected)": expected_under_random_ties(cases)}
+        results = {"popularity (ties against)": rank_metrics(cases, random_ties=False),
+                   "popularity (random ties, expected)": rank_metrics(cases, random_ties=True)}
         for name, res in results.items():
-            for k in ("hr", "ndcg", "mrr"):
-                rows.setdefault(f"{name}|{k}@10", []).append(res[k])
+            for m in ("hr", "ndcg", "mrr"):
+                rows.setdefault(f"{name}|{m}@10", []).append(res[m])
         rows.setdefault("no-train-click|share", []).append(float((cases[:, 0] == 0).mean()))
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for key, vals in rows.items():
