@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -129,6 +130,10 @@ def main() -> None:
     ap.add_argument("--foundation", default="runs/demo/foundation")
     ap.add_argument("--algorithm", default="fedpa")
     ap.add_argument("--deploy", type=int, default=0, help="N phones in a real loopback deployment instead")
+    ap.add_argument("--modes", default="flower,warm",
+                    help="with --deploy: comma-separated, run side by side: 'flower' (Flower's own polls and a fresh "
+                         "flwr-clientapp per message), 'poll' (short polls only), 'warm' (short polls and a warm "
+                         "executor per node: what `fedpa deploy` runs)")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.deploy:
@@ -181,26 +186,53 @@ def main() -> None:
     print(f"peak RSS ratio device/dataset: {rows[1]['peak_rss_mib'] / rows[0]['peak_rss_mib']:.2f}")
 
 
+MODES = {"flower": {"poll_s": None, "warm": False}, "poll": {"poll_s": 0.1, "warm": False},
+         "warm": {"poll_s": 0.1, "warm": True}}
+
+
 def deployment(a: argparse.Namespace) -> None:
     from fedpa.simulations.deploy import deploy
 
-    with tempfile.TemporaryDirectory() as work:
-        rc = {"data-dir": str(Path(a.data).resolve()), "foundation": str(Path(a.foundation).resolve()),
-              "run-dir": str(Path(work) / "run"), "algorithm": a.algorithm, "num-rounds": 2,
-              "max-clients": a.deploy, "secagg": True, "feature-cache": "none", "round-timeout": 120.0}
-        t = time.perf_counter()
-        result = deploy(workdir=Path(work) / "deploy", run_config=rc, nodes=a.deploy)
-        total = time.perf_counter() - t
-        rows = [json.loads(line) for line in (Path(work) / "run" / "metrics.jsonl").read_text().splitlines()]
-    print(f"{a.deploy} one-user SuperNodes, TLS + node auth + SecAgg+, {a.algorithm} on {a.data}: "
-          f"{total:.0f} s end to end (start-up included), test AUC {result['summary']['test'].get('auc', 0):.4f}")
-    print(f"{'round':>5} {'train s':>8} {'SecAgg+ s':>10} {'evaluate s':>11} {'round s':>8}")
-    last = 0.0
-    for r in rows[1:]:
-        st = r.get("stage_s", {})
-        print(f"{r['round']:>5} {st.get('train', 0):>8.1f} {st.get('secagg', 0):>10.1f} "
-              f"{st.get('evaluate', 0):>11.1f} {r['wall_s'] - last:>8.1f}")
-        last = r["wall_s"]
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if unknown := [m for m in modes if m not in MODES]:
+        raise SystemExit(f"--modes: unknown {unknown}; choose from {sorted(MODES)}")
+    results = {}
+    for mode in modes:
+        with tempfile.TemporaryDirectory() as work:
+            rc = {"data-dir": str(Path(a.data).resolve()), "foundation": str(Path(a.foundation).resolve()),
+                  "run-dir": str(Path(work) / "run"), "algorithm": a.algorithm, "num-rounds": 2,
+                  "max-clients": a.deploy, "secagg": True, "feature-cache": "none", "round-timeout": 120.0}
+            t = time.perf_counter()
+            result = deploy(workdir=Path(work) / "deploy", run_config=rc, nodes=a.deploy, **MODES[mode])
+            total = time.perf_counter() - t
+            rows = [json.loads(line) for line in (Path(work) / "run" / "metrics.jsonl").read_text().splitlines()]
+            rss = executor_rss(Path(work) / "deploy" / "logs")
+        results[mode] = (total, result["summary"]["test"].get("auc", 0), rows, rss)
+        print(f"[{mode}] done in {total:.0f} s", flush=True)
+    print(f"{a.deploy} one-user SuperNodes, TLS + node auth + SecAgg+, {a.algorithm} on {a.data}, 2 rounds; "
+          f"seconds per stage from metrics.jsonl")
+    print(f"{'mode':>7} {'round':>5} {'train s':>8} {'SecAgg+ s':>10} {'evaluate s':>11} {'round s':>8}")
+    for mode, (total, auc, rows, rss) in results.items():
+        last = 0.0
+        for r in rows[1:]:
+            st = r.get("stage_s", {})
+            print(f"{mode:>7} {r['round']:>5} {st.get('train', 0):>8.1f} {st.get('secagg', 0):>10.1f} "
+                  f"{st.get('evaluate', 0):>11.1f} {r['wall_s'] - last:>8.1f}")
+            last = r["wall_s"]
+        print(f"{mode:>7} end to end {total:.0f} s (start-up included), test AUC {auc:.4f}"
+              + (f", peak RSS: warm executor {rss[0]:.0f} MiB, largest task {rss[1]:.0f} MiB" if rss[0] else ""))
+    if "flower" in results and "warm" in results:
+        per_round = {m: results[m][2][-1]["wall_s"] / (len(results[m][2]) - 1) for m in ("flower", "warm")}
+        print(f"mean round: flower {per_round['flower']:.1f} s, warm {per_round['warm']:.1f} s "
+              f"({per_round['flower'] / per_round['warm']:.1f}x)")
+
+
+def executor_rss(logs: Path) -> tuple[float, float]:
+    """Peak RSS (MiB) the warm executors reported as they stopped: the largest executor's own and the largest
+    task's (a forked task counts the executor's pages it shares); (0, 0) when none ran."""
+    found = [(float(m.group(1)), float(m.group(2))) for f in logs.glob("executor-*.log")
+             for m in re.finditer(r"\(executor (\d+), largest task (\d+)\)", f.read_text())]
+    return (max((a for a, _ in found), default=0.0), max((b for _, b in found), default=0.0))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from fedpa.client.device_data import DeviceData
 from fedpa.client.secagg import SecAggClient
 from fedpa.common.config import NODE_KEYS, FederationConfig, parse_run_config
 from fedpa.common.discrete_noise import DistributedNoise
+from fedpa.common.records import record_to_arrays
 from fedpa.common.secagg import PHASE_ADVERTISE, PHASE_MASKED, MessageRejected
 from fedpa.common.secagg.identity import Identity
 from fedpa.common.secagg.transport import is_secagg, pack, unpack
@@ -152,9 +153,9 @@ def _secagg_phase(msg: Message, context: Context) -> Message:
     if request.get("phase") == PHASE_MASKED:
         if "secagg-vector" not in context.state:
             raise FedpaError("no update to mask: it was masked already, or no train request came first")
-        held = context.state["secagg-vector"]
-        vector = held["v"].numpy()
-        noise = DistributedNoise.from_array(held["dp-noise"].numpy()) if "dp-noise" in held else None
+        held = record_to_arrays(context.state["secagg-vector"])
+        vector = held["v"]
+        noise = DistributedNoise.from_array(held["dp-noise"]) if "dp-noise" in held else None
     try:
         reply = client.handle(request, vector, noise)
     finally:

@@ -7,6 +7,7 @@ Design notes: docs/design/foundation-model.md
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,11 +395,34 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+_PINNED: dict[Path, tuple[tuple, FoundationModel]] = {}
+
+
+def _file_version(path: Path) -> tuple:
+    """What identifies one version of a checkpoint's files: their sizes, modification times and inodes (an
+    atomic replacement of the directory changes the inodes)."""
+    return tuple((f, st.st_size, st.st_mtime_ns, st.st_ino)
+                 for f in (CONFIG_NAME, WEIGHTS_NAME) for st in [(path / f).stat()])
+
+
+def pin_foundation(path: str | Path) -> None:
+    """Keep this checkpoint loaded in this process: later `load_foundation(path)` calls here, and in processes
+    forked from here, copy it instead of reading, checking and converting the files again, for as long as the
+    files are the version pinned. For a long-lived process that serves many short tasks on one foundation
+    (`client/warm_executor.py`: loading through transformers costs ~0.4 s a task)."""
+    p = Path(path).resolve()
+    _PINNED[p] = (_file_version(p), FoundationModel.from_pretrained(p))
+
+
 def load_foundation(path: str | Path, *, config: FoundationConfig | None = None,
                     frozen: bool = True) -> FoundationModel:
     """Load a foundation checkpoint directory (strict, local); frozen and in eval mode by default."""
-    kw = {"config": config} if config is not None else {}
-    model = FoundationModel.from_pretrained(path, **kw)
+    pinned = _PINNED.get(Path(path).resolve()) if config is None and _PINNED else None
+    if pinned is not None and pinned[0] == _file_version(Path(path).resolve()):
+        model = copy.deepcopy(pinned[1])
+    else:
+        kw = {"config": config} if config is not None else {}
+        model = FoundationModel.from_pretrained(path, **kw)
     return freeze(model) if frozen else model
 
 

@@ -9,6 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpa.common.config import FederationConfig
+from fedpa.common.flower_pace import retry_objects_locally
 from fedpa.foundation.errors import FedpaError
 
 from .federation import Federation
@@ -23,6 +24,9 @@ def make_server_app(overrides: dict | None = None, progress=None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        from flwr.superlink.grid import http_grid
+
+        retry_objects_locally(http_grid, "pull_objects")   # replies' objects, from the SuperLink beside us
         cfg = FederationConfig.from_run_config({**dict(context.run_config), **(overrides or {})})
         error_file = Path(cfg.run_dir) / "error.txt"
         error_file.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from fedpa.foundation.errors import FedpaError
 from fedpa.server.pki import NodeKey, ServerFiles, issue_node_certificate, make_node_key, make_server_files
+from fedpa.simulations.loopback_supernode import POLL_ENV
 
 CONNECTION = "fedpa-deploy"
 APP_DIR = Path(__file__).resolve().parents[1]   # the Flower app: pyproject.toml + the packages
@@ -75,6 +76,7 @@ class Node:
     certificate: Path | None = None      # the CA's certificate for its key: its SecAgg+ identity
     device: Path | None = None           # its own users' data and the foundation (client.device_data)
     proc: subprocess.Popen | None = None
+    executor: subprocess.Popen | None = None   # its warm ClientApp executor (client/warm_executor.py)
     log: Path | None = None
 
 
@@ -85,6 +87,8 @@ class LocalDeployment:
     tls: bool = True
     auth: bool = True
     port: int = 0
+    poll_s: float | None = 0.1   # the nodes' idle waits on loopback (None: Flower's own 3 s / 1 s)
+    warm: bool = True            # a warm executor per node (else Flower's: a fresh flwr-clientapp per message)
     _procs: list[subprocess.Popen] = field(default_factory=list)
 
     def __post_init__(self):
@@ -101,6 +105,10 @@ class LocalDeployment:
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                     "PYTHONPATH": os.pathsep.join(p for p in (str(APP_DIR), os.environ.get("PYTHONPATH", "")) if p)}
+        if self.poll_s is not None:
+            # the SuperExec a SuperNode starts polls for tasks every second by default (Flower's own variable);
+            # the SuperNode's own 3 s poll has no setting: simulations/loopback_supernode.py caps it
+            self.env.update({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(self.poll_s), POLL_ENV: str(self.poll_s)})
         self.server: ServerFiles | None = None
         self.node_list: list[Node] = []
 
@@ -216,8 +224,10 @@ class LocalDeployment:
 
     def supernode_args(self, partition: int, num_partitions: int, port: int, *, key: Path | None,
                        root_certificates: Path | None, extra_config: dict | None = None,
-                       max_retries: int | None = None) -> list[str]:
-        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+                       max_retries: int | None = None, warm: bool = False) -> list[str]:
+        launcher = ([str(BIN / "flower-supernode")] if self.poll_s is None
+                    else [sys.executable, "-m", "fedpa.simulations.loopback_supernode"])
+        args = [*launcher, "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
                 "--port", str(port),
                 "--node-config", config_string({"partition-id": partition, "num-partitions": num_partitions,
                                                 **(extra_config or {})})]
@@ -227,6 +237,8 @@ class LocalDeployment:
             args += ["--auth-supernode-private-key", str(key)]
         if max_retries is not None:
             args += ["--max-retries", str(max_retries)]
+        if warm:
+            args += ["--isolation", "process"]
         return args
 
     def start_node(self, node: Node) -> subprocess.Popen:
@@ -238,8 +250,15 @@ class LocalDeployment:
                                    extra_config={"personal-store": str(node.store),
                                                  "personal-store-key-file": str(node.store_key),
                                                  **({"device-data": str(node.device)} if node.device else {}),
-                                                 **self.secagg_identity(node)})
+                                                 **self.secagg_identity(node)},
+                                   warm=self.warm)
         node.proc = self._spawn(args, node.log)
+        if self.warm:
+            node.executor = self._spawn(
+                [sys.executable, "-m", "fedpa.client.warm_executor", "--runtime-api-address",
+                 f"127.0.0.1:{node.port}", "--insecure",
+                 *(["--foundation", str(node.device / "foundation")] if node.device else [])],
+                self.logs / f"executor-{node.index}.log")
         return node.proc
 
     def secagg_identity(self, node: Node) -> dict:
@@ -252,9 +271,10 @@ class LocalDeployment:
 
     def kill_node(self, node: Node) -> None:
         """SIGKILL, as a crashing device: no goodbye to the SuperLink."""
-        if node.proc is not None and node.proc.poll() is None:
-            os.killpg(node.proc.pid, signal.SIGKILL)
-            node.proc.wait(timeout=10)
+        for proc in (node.proc, node.executor):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
 
     def try_node(self, name: str, *, key: Path | None, root_certificates: Path | None,
                  timeout: float = 60) -> tuple[int, str]:
@@ -306,13 +326,13 @@ class LocalDeployment:
 
 
 def deploy(*, workdir: str | Path, run_config: dict, nodes: int = 3, tls: bool = True, auth: bool = True,
-           timeout: float = 3600, on_poll=None) -> dict:
+           timeout: float = 3600, on_poll=None, poll_s: float | None = 0.1, warm: bool = True) -> dict:
     """The whole sequence; returns the run's summary.json plus the deployment's facts. Every node holds its own
     users' data (a device directory provisioned here from the run's dataset); the run sends no data path."""
     from fedpa.common.config import FederationConfig
 
     run_dir = Path(run_config["run-dir"])
-    with LocalDeployment(Path(workdir), nodes=nodes, tls=tls, auth=auth) as d:
+    with LocalDeployment(Path(workdir), nodes=nodes, tls=tls, auth=auth, poll_s=poll_s, warm=warm) as d:
         d.start_superlink()
         d.enroll()
         d.provision_devices(FederationConfig.from_run_config(run_config))

@@ -133,3 +133,8 @@ def test_quiet_prints_no_progress_and_verbose_shows_the_log(tiny, tiny_foundatio
     assert "INFO fedpa.server: run finished: best round 1" in loud.stderr
     both = fedpa("--quiet", "--verbose", "data", "inspect", str(tiny))
     assert both.returncode == 2 and "contradict" in both.stderr
+
+
+def test_device_executor_needs_to_know_how_to_reach_its_supernode():
+    res = runner.invoke(app, ["device", "executor", "--runtime-api-address", "127.0.0.1:1"])
+    assert res.exit_code != 0 and "--insecure or --root-certificates" in res.output

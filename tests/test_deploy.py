@@ -2,12 +2,13 @@
 secure aggregation, FedPA, 2 rounds — each node reading only its own users' data, one node killed mid-run,
 strangers refused.
 
-This is the one end-to-end test of a real deployment (separate processes, real certificates);
-each message costs seconds (SuperNodes poll every 3 s and start a fresh ClientApp process per
-message), so it takes a few minutes. To keep it short the run evaluates before round 1 and after round 2
-only (eval-every 2: round 1's evaluation, with the same four nodes as round 0's, would cost six more
-exchanges), and the test asks `flwr ls` for the run's status only when the run directory says the run is ending
-(each `flwr ls` is a Python process: polling it every 2 s takes a CPU core's fair share from the nodes).
+This is the one end-to-end test of a real deployment (separate processes, real certificates), as `fedpa deploy`
+runs it: every SuperNode in Flower's process isolation with a warm executor beside it (client/warm_executor.py:
+every ClientApp task a child forked from it) and loopback polls (simulations/loopback_supernode.py). To keep it
+short the run evaluates before round 1 and after round 2 only (eval-every 2: round 1's evaluation, with the same
+four nodes as round 0's, would cost six more exchanges), and the test asks `flwr ls` for the run's status only when
+the run directory says the run is ending (each `flwr ls` is a Python process: polling it every 2 s takes a CPU
+core's fair share from the nodes).
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
             (tmp_path / "server.log").write_text(log)
             pytest.fail(f"run ended {status['status']}; server log:\n{log[-6000:]}", pytrace=False)
 
+    # every ClientApp task ran in a child of its node's warm executor, which outlived them all
+    for node in d.node_list[:3]:
+        log = (d.logs / f"executor-{node.index}.log").read_text()
+        done = log.count("task done")
+        assert done >= 12 and log.count("(exit 0)") == done and f"), {done} task(s)" in log, log[-2000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["clients_ok"] == 4 and rows[2]["clients_ok"] == 3, [r.get("clients_ok") for r in rows]

@@ -10,7 +10,15 @@ import torch
 from fedpa.foundation.batch import TASKS
 from fedpa.foundation.config import ConfigError, FoundationConfig
 from fedpa.foundation.errors import FedpaError
-from fedpa.foundation.model import CheckpointError, FoundationModel, count_parameters, freeze, hash_ids, load_foundation
+from fedpa.foundation.model import (
+    CheckpointError,
+    FoundationModel,
+    count_parameters,
+    freeze,
+    hash_ids,
+    load_foundation,
+    pin_foundation,
+)
 from fedpa.foundation.pretrain import evaluate, pretrain
 from fedpa.foundation.quantize import quantize_for_inference
 from fedpa.foundation.testing import batch_iter, random_batch, small_config
@@ -136,6 +144,31 @@ def test_save_load_round_trip_bit_exact(tmp_path, arch):
     b = random_batch(m.config, 8, 4)
     assert torch.equal(m(**b).logits, loaded(**b).logits)
     assert all(not p.requires_grad for p in loaded.parameters()) and not loaded.training
+
+
+def test_a_pinned_foundation_is_copied_until_its_files_change(tmp_path, monkeypatch):
+    from fedpa.foundation import model as foundation_model
+
+    monkeypatch.setattr(foundation_model, "_PINNED", {})
+    build(seed=0).eval().save_pretrained(tmp_path / "f")
+    pin_foundation(tmp_path / "f")
+    reads = []
+    real = FoundationModel.from_pretrained.__func__
+    monkeypatch.setattr(FoundationModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: reads.append(a[0]) or real(cls, *a, **k)))
+    a, b = load_foundation(tmp_path / "f"), load_foundation(str(tmp_path / "f"), frozen=False)
+    assert reads == []                                   # both copies of the pinned model, no file read
+    assert a is not b and all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not any(p.requires_grad for p in a.parameters()) and all(p.requires_grad for p in b.parameters())
+    with torch.no_grad():
+        next(b.parameters()).add_(1.0)                   # a task that changes its copy changes nothing pinned
+    assert torch.equal(next(load_foundation(tmp_path / "f").parameters()), next(a.parameters()))
+    # a new version of the files (re-provisioned): read again, and its weights are the new ones
+    build(seed=1).eval().save_pretrained(tmp_path / "g")
+    shutil.rmtree(tmp_path / "f")
+    (tmp_path / "g").rename(tmp_path / "f")
+    c = load_foundation(tmp_path / "f")
+    assert len(reads) == 1 and not torch.equal(next(c.parameters()), next(a.parameters()))
 
 
 def _copy(src, dst):

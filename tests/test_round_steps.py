@@ -90,9 +90,15 @@ class _Nodes:
     def get_node_ids(self):
         return list(self.infos)
 
-    def send_and_receive(self, msgs, timeout):
-        return [_reply(m.metadata.dst_node_id, RecordDict({"info": ConfigRecord(self.infos[m.metadata.dst_node_id])}))
-                for m in msgs]
+    def push_messages(self, msgs):
+        self.sent = list(msgs)
+        for m in self.sent:      # as a real grid does when it pushes a message: its id is its object id
+            m.metadata.__dict__["_message_id"] = m.object_id
+        return [m.metadata.message_id for m in self.sent]
+
+    def pull_messages(self, ids):
+        return [Message(content=RecordDict({"info": ConfigRecord(self.infos[m.metadata.dst_node_id])}), reply_to=m)
+                for m in self.sent if m.metadata.message_id in ids]
 
 
 @pytest.mark.parametrize("infos, message", [

@@ -107,3 +107,24 @@ def recommend_cmd(
     for i, (vid, p) in enumerate(rec.recommend(ids, k), 1):
         t.add_row(str(i), str(vid), f"{p:.4f}")
     out.print(t)
+
+
+@device_app.command("executor")
+@user_errors
+def executor_cmd(
+    runtime_api_address: Annotated[str, typer.Option(help="the SuperNode's Runtime API (its --host:--port)")],
+    insecure: Annotated[bool, typer.Option(help="the Runtime API has no TLS (it listens on 127.0.0.1)")] = False,
+    root_certificates: Annotated[Path | None, typer.Option(help="CA certificate of the Runtime API's TLS")] = None,
+    foundation: Annotated[Path | None, typer.Option(help="the device's foundation directory, kept loaded")] = None,
+    poll: Annotated[float, typer.Option(help="seconds between claims when idle")] = 0.05,
+):
+    """Run the device's ClientApp tasks warm: start the SuperNode with --isolation process, then this beside it.
+    It imports torch, peft and the client once (and loads the foundation), and runs each task Flower hands the
+    SuperNode in a child forked from itself (client/warm_executor.py), until stopped."""
+    from fedpa.client.warm_executor import WarmExecutor, preload
+
+    executor = WarmExecutor(runtime_api_address, insecure=insecure,
+                            root_certificates=str(root_certificates) if root_certificates else None, poll_s=poll)
+    seconds = preload(foundation=str(foundation) if foundation else None)
+    out.print(f"imports ready in {seconds:.1f} s; claiming the tasks of {runtime_api_address} (Ctrl-C stops)")
+    out.print(f"stopped after {executor.serve()} task(s)")

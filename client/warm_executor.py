@@ -1,0 +1,163 @@
+"""A warm ClientApp executor for a device: one long-lived process that imports the client's libraries once and
+runs each Flower task in a child forked from it.
+
+Flower 1.42 runs every message a SuperNode receives in a fresh ``flwr-clientapp`` process (Flower's SuperExec
+starts one per task), so every message pays Python's start and the imports: ``flwr`` alone takes about 2 s on
+this machine, with torch and peft about 5 s, and a SecAgg+ round is a dozen messages. Started beside a SuperNode
+in Flower's ``--isolation process`` mode (the SuperNode then launches nothing and waits for an executor to claim
+its tasks through its Runtime API), this process claims ClientApp tasks as Flower's SuperExec does and runs each
+with Flower's own ``run_clientapp`` in a forked child. The child starts with everything already imported
+(copy-on-write pages of the parent), runs its one task and exits, so a task still cannot leave state behind for
+the next (the isolation Flower's process model gives) and a crashing task takes down only its child.
+
+Forking is safe because the parent runs no torch operation (no OpenMP pool to inherit in a broken state), starts
+no thread and holds no connection a child uses: each child opens its own to the Runtime API.
+
+    python -m fedpa.client.warm_executor --runtime-api-address 127.0.0.1:9094 --insecure
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import resource
+import signal
+import sys
+import time
+
+PRELOAD = ("flwr.supernode.runtime.run_clientapp", "torch", "peft", "fedpa.client.app", "fedpa.client.runtime",
+           "fedpa.client.training", "fedpa.common.models")
+"""What the ClientApp's handlers import: the training path (torch, peft, the models) and the SecAgg+ phases."""
+
+
+def preload(modules: tuple[str, ...] = PRELOAD, foundation: str | None = None) -> float:
+    """Import what every task needs, once, and load the device's foundation (`foundation.model.pin_foundation`:
+    a task then copies it instead of reading and converting the checkpoint); returns the seconds it took."""
+    t = time.perf_counter()
+    for name in modules:
+        importlib.import_module(name)
+    if foundation:
+        from fedpa.foundation.model import pin_foundation
+
+        pin_foundation(foundation)
+    return time.perf_counter() - t
+
+
+def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None, parent: int) -> None:
+    """In the forked child: Flower's own ClientApp process body for one task, then exit without returning to the
+    parent's loop (whatever happens)."""
+    code, t = 1, time.perf_counter()
+    try:
+        from flwr.supernode.runtime import run_clientapp as task_process
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        from fedpa.common.flower_pace import retry_objects_locally
+
+        # the SuperNode announces a task before it holds the message's objects; its Runtime API is on this device
+        retry_objects_locally(task_process, "pull_and_inflate_object_from_tree")
+
+        run_clientapp(runtime_api_address=address, token=token, insecure=insecure, certificates=certificates,
+                      parent_pid=parent)
+        code = 0
+    except SystemExit as e:   # run_clientapp ends with flwr_exit, which raises SystemExit with the task's code
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        print(f"fedpa warm executor: task done in {time.perf_counter() - t:.2f} s (exit {code})", flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class WarmExecutor:
+    def __init__(self, address: str, *, insecure: bool = False, root_certificates: str | None = None,
+                 poll_s: float = 0.05):
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        from fedpa.foundation.errors import FedpaError
+
+        if insecure == bool(root_certificates):
+            raise FedpaError("give either --insecure or --root-certificates for the Runtime API (not both, not none)")
+        self.address, self.insecure, self.poll_s = address, insecure, poll_s
+        self.certificates = open(root_certificates, "rb").read() if root_certificates else None
+        self.client = RuntimeHttpClient.from_server_address(
+            server_address=address, insecure=insecure, root_certificates=self.certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+            retry_invoker=make_simple_http_retry_invoker())
+        self.children: set[int] = set()
+        self.tasks = 0
+        self.stopping = False
+
+    def _reap(self) -> None:
+        for pid in list(self.children):
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self.children.discard(pid)
+
+    def acquire(self) -> str | None:
+        """Claim the next ClientApp task; its token, or None when there is none."""
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+        from flwr.supercore.constant import TaskType
+
+        res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value],
+                                                         agentapp_fab_hashes=[]))
+        return res.token if res.HasField("task") and res.token else None
+
+    def serve(self, max_tasks: int | None = None) -> int:
+        """Claim and run tasks until stopped (SIGTERM / SIGINT) or ``max_tasks`` have run; returns how many ran."""
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        parent = os.getpid()
+        try:
+            while not self.stopping and (max_tasks is None or self.tasks < max_tasks):
+                self._reap()
+                token = self.acquire()
+                if token is None:
+                    time.sleep(self.poll_s)
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    _run_task(self.address, token, self.insecure, self.certificates, parent)
+                self.children.add(pid)
+                self.tasks += 1
+        finally:
+            for pid in self.children:   # a task in flight is ended with the executor, as with Flower's SuperExec
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            for pid in list(self.children):
+                os.waitpid(pid, 0)
+            self.client.close()
+            own, tasks = (resource.getrusage(w).ru_maxrss / 1024 for w in (resource.RUSAGE_SELF,
+                                                                           resource.RUSAGE_CHILDREN))
+            print(f"fedpa warm executor: peak RSS {max(own, tasks):.0f} MiB (executor {own:.0f}, largest task "
+                  f"{tasks:.0f}), {self.tasks} task(s)", flush=True)
+        return self.tasks
+
+    def _stop(self, *_):
+        self.stopping = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (its --host:--port)")
+    ap.add_argument("--insecure", action="store_true", help="the Runtime API has no TLS (loopback only)")
+    ap.add_argument("--root-certificates", help="CA certificate of the Runtime API's TLS")
+    ap.add_argument("--poll", type=float, default=0.05, help="seconds between claims when idle")
+    ap.add_argument("--foundation", help="the device's foundation directory (its device-data/foundation), kept loaded")
+    a = ap.parse_args(argv)
+    executor = WarmExecutor(a.runtime_api_address, insecure=a.insecure, root_certificates=a.root_certificates,
+                            poll_s=a.poll)
+    seconds = preload(foundation=a.foundation)
+    print(f"fedpa warm executor: imports ready in {seconds:.1f} s, claiming tasks of {a.runtime_api_address}",
+          flush=True)
+    executor.serve()
+
+
+if __name__ == "__main__":
+    main()

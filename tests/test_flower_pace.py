@@ -1,0 +1,63 @@
+"""Flower's waits at a local link's pace: object retries (common/flower_pace.py) and the loopback SuperNode's
+poll (simulations/loopback_supernode.py), on Flower's own modules."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+from fedpa.common.flower_pace import LOCAL_RETRY_S, retry_objects_locally
+
+
+def test_a_missing_object_is_asked_for_again_within_milliseconds(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
+    monkeypatch.setattr(http_grid, "pull_objects", inflatable_utils.pull_objects)
+    retry_objects_locally(http_grid, "pull_objects")
+    retry_objects_locally(http_grid, "pull_objects")          # idempotent: one layer, not two
+    assert http_grid.pull_objects.func is inflatable_utils.pull_objects
+    assert http_grid.pull_objects.keywords == {"initial_backoff": LOCAL_RETRY_S[0], "backoff_cap": LOCAL_RETRY_S[1]}
+
+    asked = []
+
+    def arrives_after_three_asks(object_id: str) -> bytes:   # the sender is still uploading it
+        asked.append(time.monotonic())
+        if len(asked) < 4:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    t = time.monotonic()
+    assert http_grid.pull_objects(["a"], arrives_after_three_asks) == {"a": b"content"}
+    # Flower's own defaults would have waited 1 + 2 + 4 s
+    assert time.monotonic() - t < 1.0 and len(asked) == 4
+
+
+def test_a_flower_without_the_name_is_refused_loudly():
+    with pytest.raises(RuntimeError, match="no pull_objects"):
+        retry_objects_locally(SimpleNamespace(__name__="flwr.future"), "pull_objects")
+
+
+def test_the_loopback_supernode_caps_flowers_idle_waits(monkeypatch):
+    from flwr.supernode import start_client_internal as node_loop
+
+    from fedpa.simulations import loopback_supernode
+
+    monkeypatch.setattr(node_loop, "time", time)
+    monkeypatch.setattr(node_loop, "pull_objects", inflatable_utils.pull_objects)
+    loopback_supernode.install(0.05)
+    t = time.monotonic()
+    node_loop.time.sleep(3)                  # the SuperNode's idle poll, hard-coded in Flower 1.42
+    assert time.monotonic() - t < 0.5
+    assert abs(node_loop.time.time() - time.time()) < 1     # everything else is the real time module
+    assert node_loop.pull_objects.keywords["initial_backoff"] == LOCAL_RETRY_S[0]
+    loopback_supernode.install(0.2)          # installed again: the cap changes, nothing is wrapped twice
+    assert node_loop.time.cap == 0.2 and isinstance(node_loop.time, loopback_supernode.CappedSleep)
+    monkeypatch.setattr(node_loop, "time", SimpleNamespace(sleep=time.sleep))
+    with pytest.raises(RuntimeError, match="no longer uses the time module"):
+        loopback_supernode.install(0.05)     # a Flower whose loop waits some other way: refused, not ignored
+    with pytest.raises(ValueError, match="positive"):
+        loopback_supernode.CappedSleep(0)

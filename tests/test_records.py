@@ -1,0 +1,54 @@
+"""Named arrays in Flower records: packed into one buffer per dtype, so a message is a handful of objects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from fedpa.common.records import LAYOUT, arrays_to_record, record_to_arrays
+
+
+def test_round_trip_keeps_names_order_dtypes_shapes_and_values():
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.normal(size=(3, 4)).astype(np.float32), "count/global": np.array([7], np.int64),
+              "scalar": np.array(2.5), "b": rng.normal(size=5).astype(np.float32),
+              "empty": np.zeros((0, 3), np.float32)}
+    record = arrays_to_record(arrays)
+    # one buffer per dtype plus the table of contents, whatever the number of arrays
+    assert sorted(record.keys()) == sorted(["packed:<f4", "packed:<i8", "packed:<f8", LAYOUT])
+    back = record_to_arrays(record)
+    assert list(back) == list(arrays)
+    for k, v in arrays.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        np.testing.assert_array_equal(back[k], v)
+    back["w"] += 1                                   # a caller may update an array in place without touching others
+    np.testing.assert_array_equal(back["b"], arrays["b"])
+    assert record_to_arrays(arrays_to_record({})) == {}
+
+
+def test_a_hundred_tensors_travel_as_three_arrays():
+    state = {f"layer{i}.lora_A": np.full((4, 8), i, np.float32) for i in range(100)}
+    record = arrays_to_record(state)
+    assert len(record) == 2
+    assert all(np.array_equal(record_to_arrays(record)[k], v) for k, v in state.items())
+
+
+def test_records_of_one_array_per_name_still_read():
+    record = ArrayRecord(array_dict={"a": Array(np.arange(3, dtype=np.float32))})
+    np.testing.assert_array_equal(record_to_arrays(record)["a"], [0, 1, 2])
+
+
+def test_reserved_names_and_malformed_packing_are_refused():
+    with pytest.raises(ValueError, match="reserved"):
+        arrays_to_record({"packed:x": np.zeros(2)})
+    record = arrays_to_record({"a": np.zeros(4, np.float32), "b": np.zeros(2, np.float32)})
+    short = ArrayRecord(array_dict={"packed:<f4": Array(np.zeros(5, np.float32)), LAYOUT: record[LAYOUT]})
+    with pytest.raises(ValueError, match="malformed packed array record: b: 2 values"):
+        record_to_arrays(short)
+    extra = ArrayRecord(array_dict={"packed:<f4": Array(np.zeros(7, np.float32)), LAYOUT: record[LAYOUT]})
+    with pytest.raises(ValueError, match="values the table of contents does not name"):
+        record_to_arrays(extra)
+    garbage = ArrayRecord(array_dict={LAYOUT: Array(np.frombuffer(b"{not json", np.uint8).copy())})
+    with pytest.raises(ValueError, match="malformed packed array record"):
+        record_to_arrays(garbage)
