@@ -220,20 +220,22 @@ def deployment(a: argparse.Namespace) -> None:
                   f"{st.get('evaluate', 0):>11.1f} {r['wall_s'] - last:>8.1f}")
             last = r["wall_s"]
         print(f"{mode:>7} end to end {total:.0f} s (start-up included), test AUC {auc:.4f}"
-              + (f", peak RSS: warm executor {rss[0]:.0f} MiB, largest task {rss[1]:.0f} MiB" if rss[0] else ""))
+              + (f"; peak RSS: warm executor {rss[0]:.0f} MiB, a task {rss[1]:.0f} MiB of which at most "
+                 f"{rss[2]:.0f} MiB its own" if rss[0] else ""))
     if "flower" in results and "warm" in results:
         per_round = {m: results[m][2][-1]["wall_s"] / (len(results[m][2]) - 1) for m in ("flower", "warm")}
         print(f"mean round: flower {per_round['flower']:.1f} s, warm {per_round['warm']:.1f} s "
               f"({per_round['flower'] / per_round['warm']:.1f}x)")
 
 
-def executor_rss(logs: Path) -> tuple[float, float]:
-    """Peak RSS (MiB) the warm executors reported as they stopped: the largest executor's own and the largest
-    task's (a forked task counts the executor's pages it shares); (0, 0) when none ran."""
-    found = [(float(m.group(1)), float(m.group(2))) for f in logs.glob("executor-*.log")
-             for m in re.finditer(r"\(executor (\d+), largest task (\d+)\)", f.read_text())]
-    return (max((a for a, _ in found), default=0.0), max((b for _, b in found), default=0.0))
-
+def executor_rss(logs: Path) -> tuple[float, float, float]:
+    """Peak RSS (MiB) of the warm executors (the largest), and of their tasks: the largest peak RSS of a task
+    (which counts the executor's pages it shares) and the most memory a task held of its own (private pages);
+    zeros when no executor ran."""
+    text = "".join(f.read_text() for f in logs.glob("executor-*.log"))
+    own = [float(m) for m in re.findall(r"stopped after \d+ task\(s\); peak RSS (\d+) MiB", text)]
+    tasks = [(float(a), float(b)) for a, b in re.findall(r"peak RSS (\d+) MiB, (\d+) MiB its own", text)]
+    return (max(own, default=0.0), max((a for a, _ in tasks), default=0.0), max((b for _, b in tasks), default=0.0))
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ no thread and holds no connection a child uses: each child opens its own to the 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import resource
@@ -44,6 +45,20 @@ def preload(modules: tuple[str, ...] = PRELOAD, foundation: str | None = None) -
     return time.perf_counter() - t
 
 
+def memory_mib() -> tuple[float, float]:
+    """This process's peak resident memory and what of its current memory is its own (not shared with the
+    executor it was forked from: private pages), in MiB, from /proc (Linux). getrusage's peak is not used: a
+    process that forks reports more than it ever held."""
+    def kib(text: str, field: str) -> float:
+        return sum(float(line.split()[1]) for line in text.splitlines() if line.startswith(field))
+    try:
+        status = open("/proc/self/status").read()
+        rollup = open("/proc/self/smaps_rollup").read()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, float("nan")
+    return kib(status, "VmHWM:") / 1024, (kib(rollup, "Private_Clean:") + kib(rollup, "Private_Dirty:")) / 1024
+
+
 def _run_task(address: str, token: str, insecure: bool, certificates: bytes | None, parent: int) -> None:
     """In the forked child: Flower's own ClientApp process body for one task, then exit without returning to the
     parent's loop (whatever happens)."""
@@ -63,10 +78,17 @@ def _run_task(address: str, token: str, insecure: bool, certificates: bytes | No
     except SystemExit as e:   # run_clientapp ends with flwr_exit, which raises SystemExit with the task's code
         code = e.code if isinstance(e.code, int) else 1
     finally:
-        print(f"fedpa warm executor: task done in {time.perf_counter() - t:.2f} s (exit {code})", flush=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        try:
+            peak, own = memory_mib()
+            print(f"fedpa warm executor: task done in {time.perf_counter() - t:.2f} s (exit {code}; peak RSS "
+                  f"{peak:.0f} MiB, {own:.0f} MiB its own)", flush=True)
+            sys.stderr.flush()
+        finally:
+            os._exit(code)   # never back into the parent's loop, whatever the last lines raised
+
+
+class _Stopped(Exception):
+    pass
 
 
 class WarmExecutor:
@@ -88,7 +110,6 @@ class WarmExecutor:
             retry_invoker=make_simple_http_retry_invoker())
         self.children: set[int] = set()
         self.tasks = 0
-        self.stopping = False
 
     def _reap(self) -> None:
         for pid in list(self.children):
@@ -111,12 +132,15 @@ class WarmExecutor:
         signal.signal(signal.SIGINT, self._stop)
         parent = os.getpid()
         try:
-            while not self.stopping and (max_tasks is None or self.tasks < max_tasks):
+            while max_tasks is None or self.tasks < max_tasks:
                 self._reap()
                 token = self.acquire()
                 if token is None:
                     time.sleep(self.poll_s)
                     continue
+                # what the parent holds goes to the collector's permanent generation: a child's collections then
+                # never write to the parent's objects, so their pages stay shared (copy-on-write, not copied)
+                gc.freeze()
                 pid = os.fork()
                 if pid == 0:
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -124,7 +148,11 @@ class WarmExecutor:
                     _run_task(self.address, token, self.insecure, self.certificates, parent)
                 self.children.add(pid)
                 self.tasks += 1
+        except _Stopped:
+            pass
         finally:
+            if os.getpid() != parent:   # stopped in a child before it became a task: nothing of the parent's is its
+                os._exit(1)
             for pid in self.children:   # a task in flight is ended with the executor, as with Flower's SuperExec
                 try:
                     os.kill(pid, signal.SIGTERM)
@@ -133,14 +161,15 @@ class WarmExecutor:
             for pid in list(self.children):
                 os.waitpid(pid, 0)
             self.client.close()
-            own, tasks = (resource.getrusage(w).ru_maxrss / 1024 for w in (resource.RUSAGE_SELF,
-                                                                           resource.RUSAGE_CHILDREN))
-            print(f"fedpa warm executor: peak RSS {max(own, tasks):.0f} MiB (executor {own:.0f}, largest task "
-                  f"{tasks:.0f}), {self.tasks} task(s)", flush=True)
+            print(f"fedpa warm executor: stopped after {self.tasks} task(s); peak RSS {memory_mib()[0]:.0f} MiB",
+                  flush=True)
         return self.tasks
 
-    def _stop(self, *_):
-        self.stopping = True
+    @staticmethod
+    def _stop(*_):
+        # raised, not flagged: Flower's client retries an unreachable Runtime API for minutes, and a stop must not
+        # wait for that (a task in flight is ended below)
+        raise _Stopped
 
 
 def main(argv: list[str] | None = None) -> None:
