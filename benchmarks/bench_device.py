@@ -12,8 +12,10 @@ the reply size and the process's peak RSS.
         [--algorithm fedpa]
 
 With ``--deploy N``: a real deployment instead (`fedpa deploy`'s sequence on 127.0.0.1: TLS, node
-authentication, SecAgg+), N one-user phones, 2 rounds; prints each round's stages (train messages, the SecAgg+
-phases, evaluation with its own secure sum) from the run's metrics.
+authentication, SecAgg+), N one-user phones, 2 rounds, once per ``--modes`` entry (default ``flower,warm``:
+Flower's own polls and per-message ClientApp processes, then what `fedpa deploy` runs); prints each round's
+stages (train messages, the SecAgg+ phases, evaluation with its own secure sum) from the run's metrics, and the
+warm executors' memory.
 """
 
 from __future__ import annotations

@@ -117,15 +117,18 @@ class Recorded:
 def _describe(direction: str, msg) -> Recorded:
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
+    from fedpa.common.records import record_to_arrays
+
     md = msg.metadata
     rec = Recorded(direction, str(md.message_type), int(md.dst_node_id if direction == "out" else md.src_node_id),
                    msg.has_error())
     if not msg.has_error():
         for name, r in msg.content.items():
-            if isinstance(r, ArrayRecord):
-                rec.array_keys[name] = list(r.keys())
-                for k in r.keys():
-                    rec.array_dtypes[f"{name}/{k}"] = str(r[k].dtype)
+            if isinstance(r, ArrayRecord):   # the named arrays a record carries, however they are packed
+                arrays = record_to_arrays(r)
+                rec.array_keys[name] = list(arrays)
+                for k, v in arrays.items():
+                    rec.array_dtypes[f"{name}/{k}"] = str(v.dtype)
             elif isinstance(r, ConfigRecord):
                 rec.config_keys[name] = list(r.keys())
             elif isinstance(r, MetricRecord):
@@ -220,10 +223,10 @@ def faulty_client_app(faults: dict[int, str], *, rounds: Iterable[int] | None = 
 
     With ``node_dir``, every node writes ``node_dir/<partition-id>`` = its node id at discovery.
     """
-    from flwr.app import Array, ArrayRecord
     from flwr.clientapp import ClientApp
 
     from fedpa.client.app import evaluate, query, train
+    from fedpa.common.records import arrays_to_record, record_to_arrays
 
     faults = dict(faults)
     rounds = None if rounds is None else set(rounds)
@@ -256,8 +259,7 @@ def faulty_client_app(faults: dict[int, str], *, rounds: Iterable[int] | None = 
             time.sleep(sleep_s)
             return train(msg, context)
         reply = train(msg, context)
-        record = reply.content["arrays"]
-        arrays = {k: record[k].numpy() for k in record.keys()}
+        arrays = record_to_arrays(reply.content["arrays"])
         key = target_key(list(arrays))
         if fault in ("nan", "inf"):
             a = arrays[key].copy()
@@ -271,7 +273,7 @@ def faulty_client_app(faults: dict[int, str], *, rounds: Iterable[int] | None = 
             arrays[key] = arrays[key].astype(np.float64)
         elif fault == "boost":  # a well-formed but poisoned update: every shared delta x1000
             arrays = {k: (v if k.startswith("count/") else v * np.float32(1000)) for k, v in arrays.items()}
-        reply.content["arrays"] = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        reply.content["arrays"] = arrays_to_record(arrays)
         return reply
 
     @app.evaluate()
@@ -279,9 +281,8 @@ def faulty_client_app(faults: dict[int, str], *, rounds: Iterable[int] | None = 
         reply = evaluate(msg, context)
         round_ = int(msg.content["round"]["round"])
         if faults.get(pid_of(context)) == "eval-shape" and (rounds is None or round_ in rounds):
-            record = reply.content["arrays"]
-            arrays = {k: record[k].numpy()[:-1].copy() for k in record.keys()}
-            reply.content["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
+            arrays = {k: v[:-1].copy() for k, v in record_to_arrays(reply.content["arrays"]).items()}
+            reply.content["arrays"] = arrays_to_record(arrays)
         return reply
 
     return app
