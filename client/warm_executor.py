@@ -10,8 +10,9 @@ with Flower's own ``run_clientapp`` in a forked child. The child starts with eve
 (copy-on-write pages of the parent), runs its one task and exits, so a task still cannot leave state behind for
 the next (the isolation Flower's process model gives) and a crashing task takes down only its child.
 
-Forking is safe because the parent runs no torch operation (no OpenMP pool to inherit in a broken state), starts
-no thread and holds no connection a child uses: each child opens its own to the Runtime API.
+Forking is safe because the parent runs torch single-threaded (it only loads the foundation; no OpenMP worker
+pool exists to be inherited in a broken state: a child sets its thread count back and starts its own), starts no
+thread and holds no connection a child uses: each child opens its own to the Runtime API.
 
     python -m fedpa.client.warm_executor --runtime-api-address 127.0.0.1:9094 --insecure
 """
@@ -30,14 +31,22 @@ import time
 PRELOAD = ("flwr.supernode.runtime.run_clientapp", "torch", "peft", "fedpa.client.app", "fedpa.client.runtime",
            "fedpa.client.training", "fedpa.common.models")
 """What the ClientApp's handlers import: the training path (torch, peft, the models) and the SecAgg+ phases."""
+_TASK_THREADS = 0
+"""torch's thread count for a task (the parent's own before `preload` pinned it to one)."""
 
 
 def preload(modules: tuple[str, ...] = PRELOAD, foundation: str | None = None) -> float:
     """Import what every task needs, once, and load the device's foundation (`foundation.model.pin_foundation`:
     a task then copies it instead of reading and converting the checkpoint); returns the seconds it took."""
+    global _TASK_THREADS
     t = time.perf_counter()
     for name in modules:
         importlib.import_module(name)
+    if "torch" in sys.modules:
+        import torch
+
+        _TASK_THREADS = _TASK_THREADS or torch.get_num_threads()
+        torch.set_num_threads(1)
     if foundation:
         from fedpa.foundation.model import pin_foundation
 
@@ -71,6 +80,8 @@ def _run_task(address: str, token: str, insecure: bool, certificates: bytes | No
 
         # the SuperNode announces a task before it holds the message's objects; its Runtime API is on this device
         retry_objects_locally(task_process, "pull_and_inflate_object_from_tree")
+        if _TASK_THREADS:
+            sys.modules["torch"].set_num_threads(_TASK_THREADS)
 
         run_clientapp(runtime_api_address=address, token=token, insecure=insecure, certificates=certificates,
                       parent_pid=parent)
@@ -92,6 +103,8 @@ class _Stopped(Exception):
 
 
 class WarmExecutor:
+    """Claims the ClientApp tasks of one SuperNode (its Runtime API at ``address``) and forks a child per task."""
+
     def __init__(self, address: str, *, insecure: bool = False, root_certificates: str | None = None,
                  poll_s: float = 0.05):
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
