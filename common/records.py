@@ -39,6 +39,8 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
         out, offset = {}, {}
         for name, dt, shape in layout:
             buf = record[f"packed:{dt}"].numpy()
+            if not isinstance(shape, list) or any(not isinstance(d, int) or d < 0 for d in shape):
+                raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
             n = int(np.prod(shape, dtype=np.int64))
             start = offset.get(dt, 0)
             if buf.dtype.str != dt or start + n > buf.size:

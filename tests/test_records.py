@@ -49,6 +49,10 @@ def test_reserved_names_and_malformed_packing_are_refused():
     extra = ArrayRecord(array_dict={"packed:<f4": Array(np.zeros(7, np.float32)), LAYOUT: record[LAYOUT]})
     with pytest.raises(ValueError, match="values the table of contents does not name"):
         record_to_arrays(extra)
+    toc = np.frombuffer(b'[["a", "<f4", [-1]], ["b", "<f4", [2]]]', np.uint8).copy()
+    negative = ArrayRecord(array_dict={"packed:<f4": Array(np.zeros(6, np.float32)), LAYOUT: Array(toc)})
+    with pytest.raises(ValueError, match=r"a: shape \[-1\] is not a list of sizes"):
+        record_to_arrays(negative)
     garbage = ArrayRecord(array_dict={LAYOUT: Array(np.frombuffer(b"{not json", np.uint8).copy())})
     with pytest.raises(ValueError, match="malformed packed array record"):
         record_to_arrays(garbage)
