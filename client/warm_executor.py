@@ -42,6 +42,13 @@ def preload(modules: tuple[str, ...] = PRELOAD, foundation: str | None = None) -
     t = time.perf_counter()
     for name in modules:
         importlib.import_module(name)
+    from flwr.supernode.runtime import run_clientapp as task_process
+
+    from fedpa.common.flower_pace import retry_objects_locally
+
+    # a SuperNode announces a task before it holds the message's objects, and its Runtime API is on this device:
+    # the tasks forked from here ask again for a missing one at a local pace
+    retry_objects_locally(task_process, "pull_and_inflate_object_from_tree")
     if "torch" in sys.modules:
         import torch
 
@@ -73,13 +80,8 @@ def _run_task(address: str, token: str, insecure: bool, certificates: bytes | No
     parent's loop (whatever happens)."""
     code, t = 1, time.perf_counter()
     try:
-        from flwr.supernode.runtime import run_clientapp as task_process
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-        from fedpa.common.flower_pace import retry_objects_locally
-
-        # the SuperNode announces a task before it holds the message's objects; its Runtime API is on this device
-        retry_objects_locally(task_process, "pull_and_inflate_object_from_tree")
         if _TASK_THREADS:
             sys.modules["torch"].set_num_threads(_TASK_THREADS)
 

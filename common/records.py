@@ -36,9 +36,10 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
         return {k: record[k].numpy() for k in record.keys()}
     try:
         layout = json.loads(record[LAYOUT].numpy().tobytes())
+        buffers = {k[len("packed:"):]: record[k].numpy() for k in record.keys() if k != LAYOUT}  # decoded once
         out, offset = {}, {}
         for name, dt, shape in layout:
-            buf = record[f"packed:{dt}"].numpy()
+            buf = buffers[dt]
             if not isinstance(shape, list) or any(not isinstance(d, int) or d < 0 for d in shape):
                 raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
             n = int(np.prod(shape, dtype=np.int64))
@@ -47,7 +48,7 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
                 raise ValueError(f"{name}: {n} values of {dt} past the packed buffer ({buf.size} of {buf.dtype.str})")
             out[name] = buf[start:start + n].reshape(shape)
             offset[dt] = start + n
-        if any(record[f"packed:{dt}"].numpy().size != n for dt, n in offset.items()):
+        if any(buf.size != offset.get(dt, 0) for dt, buf in buffers.items()):
             raise ValueError("the packed buffers hold values the table of contents does not name")
         return out
     except (KeyError, TypeError, ValueError) as e:

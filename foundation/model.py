@@ -417,8 +417,8 @@ def pin_foundation(path: str | Path) -> None:
 def load_foundation(path: str | Path, *, config: FoundationConfig | None = None,
                     frozen: bool = True) -> FoundationModel:
     """Load a foundation checkpoint directory (strict, local); frozen and in eval mode by default."""
-    pinned = _PINNED.get(Path(path).resolve()) if config is None and _PINNED else None
-    if pinned is not None and pinned[0] == _file_version(Path(path).resolve()):
+    pinned = _PINNED.get(resolved := Path(path).resolve()) if config is None and _PINNED else None
+    if pinned is not None and pinned[0] == _file_version(resolved):
         model = copy.deepcopy(pinned[1])
     else:
         kw = {"config": config} if config is not None else {}
