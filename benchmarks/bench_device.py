@@ -12,10 +12,11 @@ the reply size and the process's peak RSS.
         [--algorithm fedpa]
 
 With ``--deploy N``: a real deployment instead (`fedpa deploy`'s sequence on 127.0.0.1: TLS, node
-authentication, SecAgg+), N one-user phones, 2 rounds, once per ``--modes`` entry (default ``flower,warm``:
-Flower's own polls and per-message ClientApp processes, then what `fedpa deploy` runs); prints each round's
-stages (train messages, the SecAgg+ phases, evaluation with its own secure sum) from the run's metrics, and the
-warm executors' memory.
+authentication, SecAgg+), N one-user phones, ``--rounds`` rounds (default 3), once per ``--modes`` entry
+(default ``flower,warm``: Flower's own polls and per-message ClientApp processes, then what `fedpa deploy`
+runs); prints each round's stages (train messages, the SecAgg+ phases, the evaluation requests) from the run's
+metrics, the mean round before the last (the last adds the run's final evaluation) and the warm executors'
+memory.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def main() -> None:
     ap.add_argument("--foundation", default="runs/demo/foundation")
     ap.add_argument("--algorithm", default="fedpa")
     ap.add_argument("--deploy", type=int, default=0, help="N phones in a real loopback deployment instead")
+    ap.add_argument("--rounds", type=int, default=3, help="with --deploy: federated rounds")
     ap.add_argument("--modes", default="flower,warm",
                     help="with --deploy: comma-separated, run side by side: 'flower' (Flower's own polls and a fresh "
                          "flwr-clientapp per message), 'poll' (short polls only), 'warm' (short polls and a warm "
@@ -202,7 +204,7 @@ def deployment(a: argparse.Namespace) -> None:
     for mode in modes:
         with tempfile.TemporaryDirectory() as work:
             rc = {"data-dir": str(Path(a.data).resolve()), "foundation": str(Path(a.foundation).resolve()),
-                  "run-dir": str(Path(work) / "run"), "algorithm": a.algorithm, "num-rounds": 2,
+                  "run-dir": str(Path(work) / "run"), "algorithm": a.algorithm, "num-rounds": a.rounds,
                   "max-clients": a.deploy, "secagg": True, "feature-cache": "none", "round-timeout": 120.0}
             t = time.perf_counter()
             result = deploy(workdir=Path(work) / "deploy", run_config=rc, nodes=a.deploy, **MODES[mode])
@@ -211,8 +213,10 @@ def deployment(a: argparse.Namespace) -> None:
             rss = executor_rss(Path(work) / "deploy" / "logs")
         results[mode] = (total, result["summary"]["test"].get("auc", 0), rows, rss)
         print(f"[{mode}] done in {total:.0f} s", flush=True)
-    print(f"{a.deploy} one-user SuperNodes, TLS + node auth + SecAgg+, {a.algorithm} on {a.data}, 2 rounds; "
-          f"seconds per stage from metrics.jsonl")
+    print(f"{a.deploy} one-user SuperNodes, TLS + node auth + SecAgg+, {a.algorithm} on {a.data}, {a.rounds} rounds; "
+          f"seconds per stage from metrics.jsonl (SecAgg+: the round's secure sum, with the previous round's "
+          f"evaluation sum in the same messages; evaluate: the evaluation requests, and in the last round the "
+          f"run's final evaluation with its secure sum and attack)")
     print(f"{'mode':>7} {'round':>5} {'train s':>8} {'SecAgg+ s':>10} {'evaluate s':>11} {'round s':>8}")
     for mode, (total, auc, rows, rss) in results.items():
         last = 0.0
@@ -221,6 +225,11 @@ def deployment(a: argparse.Namespace) -> None:
             print(f"{mode:>7} {r['round']:>5} {st.get('train', 0):>8.1f} {st.get('secagg', 0):>10.1f} "
                   f"{st.get('evaluate', 0):>11.1f} {r['wall_s'] - last:>8.1f}")
             last = r["wall_s"]
+        steady = [b["wall_s"] - a_["wall_s"] for a_, b in zip(rows[1:-1], rows[2:-1])] + (
+            [rows[1]["wall_s"]] if len(rows) > 2 else [])
+        if steady:
+            print(f"{mode:>7} rounds before the last: mean {sum(steady) / len(steady):.1f} s, max {max(steady):.1f} s; "
+                  f"the last (with the final evaluation): {rows[-1]['wall_s'] - rows[-2]['wall_s']:.1f} s")
         print(f"{mode:>7} end to end {total:.0f} s (start-up included), test AUC {auc:.4f}"
               + (f"; peak RSS: warm executor {rss[0]:.0f} MiB, a task {rss[1]:.0f} MiB of which at most "
                  f"{rss[2]:.0f} MiB its own" if rss[0] else ""))

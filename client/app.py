@@ -10,6 +10,12 @@ Messages (all on the Message API):
   counts, `common.aggregation`), never a private tensor.
 - ``evaluate``: scores every user the node serves on validation and test and
   replies with `recmodels.evaluation.MetricSums` vectors.
+- With SecAgg+ the vector stays on the node (``context.state``) and only its masked
+  form leaves. The first SecAgg+ phase (setup: the node's public keys) rides on the
+  train or evaluate request itself (``secagg-setup`` in, ``secagg-keys`` out);
+  the other four come as messages of their own, one record per secure sum
+  (``secagg``: the update's; ``secagg-eval``: an evaluation's, run beside the
+  next round's).
 
 Private state lives in ``context.state`` within a run and, when the run config
 names a personal store, in the encrypted on-disk store across runs.
@@ -23,7 +29,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpa.client.device_data import DeviceData
@@ -33,7 +39,7 @@ from fedpa.common.discrete_noise import DistributedNoise
 from fedpa.common.records import record_to_arrays
 from fedpa.common.secagg import PHASE_ADVERTISE, PHASE_MASKED, MessageRejected
 from fedpa.common.secagg.identity import Identity
-from fedpa.common.secagg.transport import is_secagg, pack, unpack
+from fedpa.common.secagg.transport import SLOTS, TRAIN_SLOT, is_secagg, pack, unpack
 from fedpa.foundation.errors import FedpaError
 
 log = logging.getLogger("fedpa.client")
@@ -135,10 +141,21 @@ def _secagg_identity(context: Context) -> Identity | None:
 
 
 def _secagg_phase(msg: Message, context: Context) -> Message:
-    """One SecAgg+ phase for this node; its protocol state lives in context.state between phases. The vector a
-    train request left is masked at most once: a second phase-1 request for a round is refused, and the vector
-    is gone once its masked form left."""
-    request = unpack(msg.content)
+    """A SecAgg+ phase of each secure sum the message carries (the training update's, an evaluation's, or both),
+    answered in one reply."""
+    content = RecordDict()
+    for slot in SLOTS:
+        if slot in msg.content:
+            pack(secagg_reply(unpack(msg.content, slot), context, slot), into=content, slot=slot)
+    return Message(content=content, reply_to=msg)
+
+
+def secagg_reply(request: dict, context: Context, slot: str = TRAIN_SLOT) -> dict:
+    """This node's reply to one SecAgg+ request of the secure sum in ``slot`` (a phase message, or the setup a
+    train or evaluate request carries); the protocol state lives in context.state between phases. The vector a
+    request left is masked at most once: a second phase-1 request for a round is refused, and the vector is gone
+    once its masked form left."""
+    state_key, vector_key = f"{slot}-state", f"{slot}-vector"
     identity = _secagg_identity(context)
     if request.get("phase") == PHASE_ADVERTISE:
         round_id = request.get("round")
@@ -148,18 +165,19 @@ def _secagg_phase(msg: Message, context: Context) -> Message:
         context.state["secagg-rounds"] = ConfigRecord({"ids": (seen + [int(round_id)])[-64:]})
         client = SecAggClient(int(context.node_id), identity=identity)
     else:
-        client = SecAggClient.from_state(dict(context.state["secagg-state"]), identity=identity)
+        if state_key not in context.state:
+            raise FedpaError(f"a SecAgg+ phase-{request.get('phase')} request for '{slot}' without its setup")
+        client = SecAggClient.from_state(dict(context.state[state_key]), identity=identity)
     vector = noise = None
     if request.get("phase") == PHASE_MASKED:
-        if "secagg-vector" not in context.state:
-            raise FedpaError("no update to mask: it was masked already, or no train request came first")
-        held = record_to_arrays(context.state["secagg-vector"])
+        if vector_key not in context.state:
+            raise FedpaError("no vector to mask: it was masked already, or no request left one")
+        held = record_to_arrays(context.state[vector_key])
         vector = held["v"]
         noise = DistributedNoise.from_array(held["dp-noise"]) if "dp-noise" in held else None
     try:
-        reply = client.handle(request, vector, noise)
+        return client.handle(request, vector, noise)
     finally:
         if vector is not None:
-            del context.state["secagg-vector"]
-        context.state["secagg-state"] = ConfigRecord(client.export_state())
-    return Message(content=pack(reply), reply_to=msg)
+            del context.state[vector_key]
+        context.state[state_key] = ConfigRecord(client.export_state())

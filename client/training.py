@@ -22,7 +22,8 @@ from fedpa.common.config import FederationConfig
 from fedpa.common.discrete_noise import DistributedNoise
 from fedpa.common.privacy import cohort_contribution, distributed_share, private_contribution, sensitivity
 from fedpa.common.records import arrays_to_record, record_to_arrays
-from fedpa.common.secagg import concat_update
+from fedpa.common.secagg import PHASE_ADVERTISE, concat_update
+from fedpa.common.secagg.transport import EVAL_SLOT, KEYS, SETUP, TRAIN_SLOT, attach, detach
 from fedpa.foundation.errors import FedpaError
 from fedpa.recmodels.cohort import CohortUser
 from fedpa.recmodels.evaluation import MetricSums, membership_attack
@@ -142,10 +143,26 @@ def train(msg: Message, context: Context, cfg: FederationConfig) -> Message:
                 held["dp-noise"] = DistributedNoise(
                     cfg.dp_noise_multiplier, sensitivity(cfg.dp_clip, pm.count_terms),
                     distributed_share(contributed, cfg.min_reply_fraction, int(rnd["cohort"]))).to_array()
-            context.state["secagg-vector"] = arrays_to_record(held)
+            hold_for_secure_sum(msg, context, content, held)
         else:
             content["arrays"] = arrays_to_record(total)
     return Message(content=content, reply_to=msg)
+
+
+def hold_for_secure_sum(msg: Message, context: Context, content: RecordDict, held: dict[str, np.ndarray],
+                        slot: str = TRAIN_SLOT) -> None:
+    """Keep ``held`` (the vector and its noise share) on the node for the SecAgg+ phases of the secure sum in
+    ``slot``, and answer the setup the request carries (this node's public keys) in the reply ``content``."""
+    context.state[f"{slot}-vector"] = arrays_to_record(held)
+    setup = detach(msg.content, SETUP)
+    if setup is None:   # a server that sends the setup as a message of its own
+        return
+    if setup.get("phase") != PHASE_ADVERTISE:
+        raise FedpaError(f"the SecAgg+ request a {msg.metadata.message_type} message carries is phase "
+                         f"{setup.get('phase')!r}; only the setup (phase {PHASE_ADVERTISE}) rides along")
+    from fedpa.client.app import secagg_reply
+
+    attach(content, KEYS, secagg_reply(setup, context, slot))
 
 
 class _TrainJob:
@@ -291,8 +308,9 @@ def evaluate(msg: Message, context: Context, cfg: FederationConfig) -> Message:
     if cfg.secagg:
         # kept on the node; the server learns only the sum over nodes, in the SecAgg+ phases that follow
         vector = np.concatenate([val.v, test.v] + ([mia.v] if attack else [])).astype(np.float64)
-        context.state["secagg-vector"] = arrays_to_record({"v": vector})
-        return Message(content=RecordDict({"metrics": MetricRecord({"num-users": users})}), reply_to=msg)
+        content = RecordDict({"metrics": MetricRecord({"num-users": users})})
+        hold_for_secure_sum(msg, context, content, {"v": vector}, slot=EVAL_SLOT)
+        return Message(content=content, reply_to=msg)
     arrays = {"val": val.v, "test": test.v, **({"mia": mia.v} if attack else {})}
     content = RecordDict({"arrays": arrays_to_record(arrays),
                           "metrics": MetricRecord({"num-users": users, "num-examples": int(val.get("n"))})})

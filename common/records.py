@@ -6,8 +6,8 @@ import json
 from collections import OrderedDict
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
-from flwr.common.serde import message_to_proto
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.common.serde import message_to_proto, recorddict_to_proto
 
 LAYOUT = "packed:layout"
 """A packed record's table of contents: JSON [[name, dtype, shape], ...] as uint8, in packing order."""
@@ -58,3 +58,8 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 def message_bytes(msg: Message) -> int:
     """Bytes of the serialized message (protobuf), i.e. what travels on the wire."""
     return message_to_proto(msg).ByteSize()
+
+
+def record_bytes(rd: RecordDict) -> int:
+    """Bytes of the serialized records (protobuf): their share of a message that carries others too."""
+    return recorddict_to_proto(rd).ByteSize()

@@ -35,9 +35,9 @@ from fedpa.common.aggregation import (
 from fedpa.common.config import FederationConfig
 from fedpa.common.models import build_personal_model
 from fedpa.common.privacy import add_discrete_noise, clamp_counts, distributed_share_std, sensitivity
-from fedpa.common.records import arrays_to_record, message_bytes, record_to_arrays
+from fedpa.common.records import arrays_to_record, message_bytes, record_bytes, record_to_arrays
 from fedpa.common.secagg import QuantConfig, SecAggError, split_sum
-from fedpa.common.secagg.transport import pack, unpack
+from fedpa.common.secagg.transport import EVAL_SLOT, KEYS, SETUP, TRAIN_SLOT, attach, detach, pack, unpack
 from fedpa.foundation.checkpoint import artifact_digest
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import count_parameters, load_foundation
@@ -48,7 +48,7 @@ from fedpa.recmodels.personalization import get_algorithm
 from .accounting import event_multiplier, make_accountant, round_event
 from .robust import robust_sums
 from .rundir import RunDir, plot_curves
-from .secagg import SecAggServer
+from .secagg import SecAggResult, SecAggServer
 
 log = logging.getLogger("fedpa.server")
 
@@ -91,13 +91,50 @@ class RoundReplies:
                 "stage_s": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
+@dataclass
+class OpenSum:
+    """A secure sum whose setup went out with a train or evaluate request: its SecAgg+ server, the record name of
+    its phases (``slot``), the replies that carried the nodes' keys and the nodes whose keys count (``eligible``).
+    `Federation._secagg_exchange` runs its remaining phases and fills ``result`` or ``error``."""
+
+    sa: SecAggServer
+    slot: str
+    setup_replies: list[Message]
+    eligible: list[int]
+    problems: list[str] = field(default_factory=list)
+    sent: dict[int, int] = field(default_factory=dict)    # node -> bytes of its replies to this sum's phases
+    requests: dict[int, dict] = field(default_factory=dict)
+    result: SecAggResult | None = None
+    error: SecAggError | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.result is None and self.error is None
+
+
+@dataclass
+class Evaluation:
+    """An evaluation whose requests went out (`Federation.start_evaluation`): the plain metric sums, or the
+    secure sum still to run (``secure``), and the record of its round when the next round finishes it."""
+
+    round: int
+    final: bool
+    val: MetricSums = field(default_factory=MetricSums)
+    test: MetricSums = field(default_factory=MetricSums)
+    mia: MetricSums = field(default_factory=MetricSums)
+    users: int = 0
+    secure: OpenSum | None = None
+    record: dict | None = None
+
+
 EVAL_SECAGG_ROUND = 2**62
 """SecAgg+ round ids of evaluations: this plus the round (training's secure sums use the round itself; a node
 masks one vector per round id)."""
 EVAL_QUANT = QuantConfig(clip=2.0**32, frac_bits=12)
 MAX_MOD_BITS = 62
-REPLY_POLL_S = (0.02, 0.25)
-"""How often the server pulls replies (s): every 0.02 s while they arrive, slowing to four times a second."""
+REPLY_POLL_S = (0.02, 0.1)
+"""How often the server pulls replies (s): every 0.02 s while they arrive, slowing to ten times a second (a pull is
+one request to the SuperLink on the server's own machine)."""
 
 
 def newton_clip(participants: int) -> float:
@@ -165,13 +202,15 @@ class Federation:
         return replies
 
     def _content(self, round_: int, clients: list[int] | None = None, final: bool = False,
-                 with_state: bool = True, cohort: int = 0) -> RecordDict:
+                 with_state: bool = True, cohort: int = 0, setup: dict | None = None) -> RecordDict:
         rd = RecordDict({"run": ConfigRecord(self.run_config),
                          "round": ConfigRecord({"round": round_, "clients": clients or [], "final": final,
                                                 "cohort": cohort, "run-id": self.run_id,
                                                 "resumed": bool(self.cfg.resume)})})
         if with_state and self.state:
             rd["arrays"] = arrays_to_record(self.state)
+        if setup is not None:   # the SecAgg+ setup for the vector this request leaves on the node
+            attach(rd, SETUP, setup)
         return rd
 
     def discover(self) -> dict[int, list[int]]:
@@ -244,23 +283,28 @@ class Federation:
         rng = np.random.default_rng([self.cfg.seed, round_])
         return sorted(rng.choice(clients, size=k, replace=False).tolist())
 
-    def train_round(self, round_: int, final: bool) -> dict[str, Any]:
+    def train_round(self, round_: int, final: bool, evaluation: Evaluation | None = None) -> dict[str, Any]:
+        """One round of training and aggregation. With SecAgg+ the open secure sum of the previous round's
+        ``evaluation`` runs its phases in the same messages as this round's (they are independent sums)."""
         deadline = time.time() + self.cfg.round_timeout
         selected = self.sample(round_)
         by_node = self.assign(selected)
-        msgs = self.configure(round_, by_node, final, cohort=len(selected))
+        secure = self.cfg.secagg and self.algorithm.communicates
+        setup = self.secure_sum_setup(round_, list(by_node), cohort=len(selected)) if secure else None
+        msgs = self.configure(round_, by_node, final, cohort=len(selected), setup=setup)
         t = time.time()
-        got = self.collect(round_, self._send(msgs, deadline), by_node)
+        replies = self._send(msgs, deadline)
+        got = self.collect(round_, replies, by_node)
         got.seconds["train"] = time.time() - t
         got.bytes_down = [message_bytes(m) for m in msgs]
-        secure = self.cfg.secagg and self.algorithm.communicates
         if secure:
             # a budget of its own: a node that died mid-round can hold the training replies up to the deadline
-            # (until the SuperLink notices it), and the live nodes' five phases must still fit. A round waits
-            # at most twice the round timeout.
+            # (until the SuperLink notices it), and the live nodes' four remaining phases must still fit. A
+            # round waits at most twice the round timeout.
             t = time.time()
             secure_sums, included, got.secagg_bytes, got.secagg_signed = self.secure_sum(
-                round_, [n for n, k in got.trained.items() if k > 0], got.problems, cohort=len(selected),
+                round_, OpenSum(setup, TRAIN_SLOT, replies, [n for n, k in got.trained.items() if k > 0]),
+                got.problems, beside=evaluation.secure if evaluation is not None else None,
                 deadline=time.time() + self.cfg.round_timeout)
             got.seconds["secagg"] = time.time() - t
             # the users that really reached the sum: its own count, never more than the nodes claimed
@@ -287,10 +331,14 @@ class Federation:
             by_node.setdefault(self.client_node[c], []).append(c)
         return by_node
 
-    def configure(self, round_: int, by_node: dict[int, list[int]], final: bool, cohort: int) -> list[Message]:
-        """One train message per node: the global shared state, the run config, the node's sampled clients."""
-        return [Message(content=self._content(round_, cs, final, cohort=cohort), message_type=MessageType.TRAIN,
-                        dst_node_id=n, group_id=str(round_)) for n, cs in by_node.items()]
+    def configure(self, round_: int, by_node: dict[int, list[int]], final: bool, cohort: int,
+                  setup: SecAggServer | None = None) -> list[Message]:
+        """One train message per node: the global shared state, the run config, the node's sampled clients (and
+        with SecAgg+ the setup of the round's secure sum)."""
+        requests = setup.advertise_requests() if setup is not None else {}
+        return [Message(content=self._content(round_, cs, final, cohort=cohort, setup=requests.get(n)),
+                        message_type=MessageType.TRAIN, dst_node_id=n, group_id=str(round_))
+                for n, cs in by_node.items()]
 
     def collect(self, round_: int, replies: list[Message], by_node: dict[int, list[int]]) -> RoundReplies:
         """Validate every train reply; keep the valid plain updates, drop the rest with the reason."""
@@ -381,10 +429,9 @@ class Federation:
                           newton=self.cfg.item_bias_update == "newton",
                           population=self.num_clients)
 
-    def secure_sum(self, round_: int, participants: list[int], problems: list[str], cohort: int,
-                   deadline: float | None = None):
-        """SecAgg+ over the nodes that trained: five message exchanges, then only the sum is known.
-        Returns (named sums, nodes included, SecAgg bytes sent per participant, how many of them signed)."""
+    def secure_sum_setup(self, round_: int, participants: list[int], cohort: int) -> SecAggServer:
+        """The SecAgg+ server of a round's secure sum over ``participants`` (the nodes asked to train): its setup
+        rides on the train requests."""
         shapes = expected_shapes(self.spec)
         dim = int(sum(np.prod(s) for s in shapes.values()))
         # a node's vector is a sum over its users: counts reach the cohort size, so the fixed-point
@@ -401,53 +448,118 @@ class Federation:
         if self.cfg.item_bias_update == "newton" and self.cfg.item_bias_fields:
             clip = newton_clip(len(participants))
         try:
-            result, sent = self._secagg_exchange(round_, participants, dim, QuantConfig(clip=clip), problems,
-                                                 deadline)
+            return SecAggServer(participants, dim, round_id=round_, quant=QuantConfig(clip=clip))
         except SecAggError as e:
+            raise RoundFailed(f"round {round_}: secure aggregation failed: {e}; last checkpoint kept") from None
+
+    def secure_sum(self, round_: int, train: OpenSum, problems: list[str], beside: OpenSum | None = None,
+                   deadline: float | None = None):
+        """SecAgg+ over the nodes that trained (their train replies carried their keys): four more message
+        exchanges, which also carry the phases of ``beside`` (an evaluation's open sum), then only the sum is
+        known. Returns (named sums, nodes included, SecAgg bytes sent per participant, how many of them signed)."""
+        self._secagg_exchange([train] + ([beside] if beside is not None and beside.open else []), deadline)
+        problems += train.problems
+        if train.error is not None:
             why = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
-            raise RoundFailed(f"round {round_}: secure aggregation failed: {e}; last checkpoint kept"
-                              + (f" (nodes: {why})" if why else "")) from None
-        sums = split_sum(result.dequantize(), shapes)
-        per_node = float(np.mean([sent[n] for n in result.included])) if result.included else 0.0
+            raise RoundFailed(f"round {round_}: secure aggregation failed: {train.error}; last checkpoint kept"
+                              + (f" (nodes: {why})" if why else ""))
+        result = train.result
+        sums = split_sum(result.dequantize(), expected_shapes(self.spec))
+        per_node = float(np.mean([train.sent.get(n, 0) for n in result.included])) if result.included else 0.0
         return sums, result.included, per_node, len(result.signed)
 
-    def _secagg_exchange(self, round_id: int, participants: list[int], dim: int, quant: QuantConfig,
-                         problems: list[str], deadline: float | None = None):
-        """The five SecAgg+ message exchanges with ``participants`` (each holding a vector of ``dim`` values in
-        its context.state); returns the `SecAggResult` and the bytes each node sent. Raises SecAggError."""
-        sa = SecAggServer(participants, dim, round_id=round_id, quant=quant)
-        requests = sa.advertise_requests()
-        sent = {n: 0 for n in participants}
-        for phase, receive in enumerate((sa.receive_keys, sa.receive_shares, sa.receive_masked,
-                                         sa.receive_consistency, sa.receive_unmask), start=1):
-            msgs = [Message(content=pack(req), message_type=MessageType.TRAIN, dst_node_id=n,
-                            group_id=f"{round_id}-secagg") for n, req in requests.items()]
-            pairs = []
-            replies = self._send(msgs, deadline)
-            answered = {rep.metadata.src_node_id for rep in replies}
-            problems += [f"node {n}: no secure-aggregation reply (phase {phase}) before the round's deadline"
-                         for n in requests if n not in answered]
-            for rep in self._ordered(replies):
+    def _secagg_exchange(self, sums: list[OpenSum], deadline: float | None = None) -> None:
+        """The SecAgg+ phases after the setup, for one or more open secure sums at once. The keys come in the
+        replies to the requests that carried the setup (from each sum's ``eligible`` nodes: the others are
+        dropped); then four message exchanges with the nodes holding their vectors in context.state, a node's
+        requests of every sum in one message. Each sum ends with its ``result`` or its ``error`` (a failed sum
+        does not stop the others)."""
+        phases = ("receive_keys", "receive_shares", "receive_masked", "receive_consistency", "receive_unmask")
+        for s in sums:
+            s.sent = {n: 0 for n in s.sa.participants}
+            keys = []
+            for rep in self._ordered(s.setup_replies):
                 src = rep.metadata.src_node_id
-                if rep.has_error():
-                    problems.append(f"node {src}: secure aggregation: {_reason(rep)}")
+                if src not in s.eligible or rep.has_error():   # its reason is noted with the reply's own
                     continue
-                sent[src] = sent.get(src, 0) + message_bytes(rep)
-                pairs.append((src, unpack(rep.content)))
-            requests = receive(pairs)
-        problems += [f"secure aggregation: {r}" for r in sa.reasons]
-        return requests, sent
+                advertised = detach(rep.content, KEYS)
+                if advertised is None:
+                    s.problems.append(f"node {src}: its reply carries no SecAgg+ keys ('{KEYS}')")
+                    continue
+                keys.append((src, advertised))
+            self._advance(s, phases[0], keys)
+        for phase, receive in enumerate(phases[1:], start=2):
+            live = [s for s in sums if s.open]
+            if not live:
+                break
+            content: dict[int, RecordDict] = {}
+            for s in live:
+                for n, req in s.requests.items():
+                    pack(req, into=content.setdefault(n, RecordDict()), slot=s.slot)
+            msgs = [Message(content=rd, message_type=MessageType.TRAIN, dst_node_id=n,
+                            group_id=f"{live[0].sa.round_id}-secagg") for n, rd in content.items()]
+            replies = self._ordered(self._send(msgs, deadline))
+            answered = {rep.metadata.src_node_id for rep in replies}
+            for s in live:
+                pairs = []
+                s.problems += [f"node {n}: no secure-aggregation reply (phase {phase}) before the round's deadline"
+                               for n in s.requests if n not in answered]
+                for rep in replies:
+                    src = rep.metadata.src_node_id
+                    if src not in s.requests:
+                        continue
+                    if rep.has_error():
+                        s.problems.append(f"node {src}: secure aggregation: {_reason(rep)}")
+                        continue
+                    if s.slot not in rep.content:
+                        s.problems.append(f"node {src}: its phase-{phase} reply has no '{s.slot}' record")
+                        continue
+                    # bytes on the wire: the whole reply, or this sum's records of a reply that carries two
+                    part = RecordDict({k: rep.content[k] for k in (s.slot, f"{s.slot}-arrays") if k in rep.content})
+                    s.sent[src] = s.sent.get(src, 0) + (message_bytes(rep) if len(live) == 1 else record_bytes(part))
+                    pairs.append((src, unpack(rep.content, s.slot)))
+                self._advance(s, receive, pairs)
+        for s in sums:
+            s.problems += [f"secure aggregation: {r}" for r in s.sa.reasons]
+
+    @staticmethod
+    def _advance(s: OpenSum, receive: str, pairs: list) -> None:
+        try:
+            out = getattr(s.sa, receive)(pairs)
+        except SecAggError as e:
+            s.error, s.requests = e, {}
+            return
+        if isinstance(out, SecAggResult):
+            s.result, s.requests = out, {}
+        else:
+            s.requests = out
 
     def evaluate(self, round_: int, final: bool = False) -> dict[str, dict[str, float]]:
         """Validation and test metrics; in the final evaluation also a membership-inference attack
         against every user's personalized model (`recmodels.evaluation.membership_attack`). With SecAgg the
         nodes' metric sums are securely summed too: the server sees only their total."""
-        msgs = [Message(content=self._content(round_, final=final), message_type=MessageType.EVALUATE,
-                        dst_node_id=n, group_id=f"eval-{round_}") for n in self.nodes]
-        val, test, mia = MetricSums(), MetricSums(), MetricSums()
-        users = 0
+        return self.finish_evaluation(self.start_evaluation(round_, final))
+
+    def start_evaluation(self, round_: int, final: bool = False) -> Evaluation:
+        """Send the evaluate requests and read the replies: plain metric sums are summed here; with SecAgg the
+        nodes keep theirs, and the secure sum (its setup rode on the requests) is left open, for
+        `finish_evaluation` or the next round's phases."""
+        ev = Evaluation(round_, final)
+        setup: dict[int, dict] = {}
+        if self.cfg.secagg:
+            try:
+                sa = SecAggServer(list(self.nodes), (3 if final else 2) * METRIC_SIZE,
+                                  round_id=EVAL_SECAGG_ROUND + round_, quant=EVAL_QUANT)
+                setup = sa.advertise_requests()
+            except SecAggError as e:
+                log.warning("round %d evaluation: secure aggregation failed (%s); no metrics this round", round_, e)
+                return ev
+        msgs = [Message(content=self._content(round_, final=final, setup=setup.get(n)),
+                        message_type=MessageType.EVALUATE, dst_node_id=n, group_id=f"eval-{round_}")
+                for n in self.nodes]
+        replies = self._send(msgs)
         masked: list[int] = []          # nodes holding their metric sums for the secure sum
-        for rep in self._ordered(self._send(msgs)):
+        for rep in self._ordered(replies):
             src = rep.metadata.src_node_id
             if rep.has_error():
                 log.warning("round %d evaluation: node %s: %s", round_, src, _reason(rep))
@@ -462,29 +574,40 @@ class Federation:
                     m = MetricSums(arrays["mia"]) if final else MetricSums()
                     if not (np.isfinite(v.v).all() and np.isfinite(t.v).all() and np.isfinite(m.v).all()):
                         raise ValueError("non-finite metric sums")
-                    val += v
-                    test += t
-                    mia += m
+                    ev.val += v
+                    ev.test += t
+                    ev.mia += m
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("round %d evaluation: node %s: reply dropped: %s", round_, src, e)
                 continue
-            users += n
+            ev.users += n
         if self.cfg.secagg:
-            parts = 3 if final else 2
-            problems: list[str] = []
-            try:
-                result, _ = self._secagg_exchange(EVAL_SECAGG_ROUND + round_, masked, parts * METRIC_SIZE,
-                                                  EVAL_QUANT, problems, time.time() + self.cfg.round_timeout)
-                total = result.dequantize()
-                val, test = MetricSums(total[:METRIC_SIZE]), MetricSums(total[METRIC_SIZE:2 * METRIC_SIZE])
-                mia = MetricSums(total[2 * METRIC_SIZE:]) if final else MetricSums()
-                users = min(users, sum(len(self.nodes.get(n, [])) for n in result.included))
-            except SecAggError as e:
+            ev.secure = OpenSum(sa, EVAL_SLOT, replies, masked)
+        return ev
+
+    def finish_evaluation(self, ev: Evaluation) -> dict[str, Any]:
+        """The metrics of an evaluation, running its secure sum's phases if no round ran them."""
+        s = ev.secure
+        if s is not None:
+            if s.open:
+                self._secagg_exchange([s], time.time() + self.cfg.round_timeout)
+            if s.result is not None:
+                total = s.result.dequantize()
+                ev.val, ev.test = MetricSums(total[:METRIC_SIZE]), MetricSums(total[METRIC_SIZE:2 * METRIC_SIZE])
+                ev.mia = MetricSums(total[2 * METRIC_SIZE:]) if ev.final else MetricSums()
+                ev.users = min(ev.users, sum(len(self.nodes.get(n, [])) for n in s.result.included))
+            else:
                 log.warning("round %d evaluation: secure aggregation failed (%s); %s; no metrics this round",
-                            round_, e, "; ".join(problems[:3]))
-                users = 0
-            for p in problems:
-                log.warning("round %d evaluation: %s", round_, p)
+                            ev.round, s.error, "; ".join(s.problems[:3]))
+                ev.users = 0
+            for p in s.problems:
+                log.warning("round %d evaluation: %s", ev.round, p)
+        elif self.cfg.secagg:     # its secure sum could not even start
+            ev.users = 0
+        return self._metrics(ev.val, ev.test, ev.mia, ev.users, ev.final)
+
+    @staticmethod
+    def _metrics(val: MetricSums, test: MetricSums, mia: MetricSums, users: int, final: bool) -> dict:
         out = {"val": val.finalize(), "test": test.finalize(), "users": users}
         if final:
             attack = mia.finalize()
@@ -521,6 +644,9 @@ class Federation:
             raise FedpaError(f"{cfg.run_dir}: the checkpoint of round {last} does not match this configuration "
                              f"({'missing ' + missing[0] if missing else 'algorithm ' + str(meta.get('algorithm'))})")
         history = [r for r in self.run.read_metrics() if r.get("round", 0) <= last]
+        unevaluated = meta.get("unevaluated-record")
+        if unevaluated is not None and any(r.get("round") == last for r in history):
+            unevaluated = None     # its line was written before the run stopped
         ledger = self.run.read_privacy_ledger()
         self.state = {k: state[k] for k in self.state}
         self.run_id = meta.get("run-id") or uuid.uuid4().hex
@@ -534,6 +660,12 @@ class Federation:
                 self.accountant.compose(round_event(multiplier, sample_size, self.num_clients))
         self.privacy_events = list(events)
         self.run.truncate_metrics(last)
+        if unevaluated is not None:
+            # the run stopped while the evaluation of its last checkpoint was open (SecAgg+ runs it in the next
+            # round's messages): evaluated again, from the checkpoint's state
+            unevaluated["eval"] = self.evaluate(last, final=(last == cfg.num_rounds))
+            self.run.append_metrics(unevaluated)
+            history.append(unevaluated)
         (self.run.path / "summary.json").unlink(missing_ok=True)  # rewritten when the resumed run ends
         log.info("resuming %s after round %d", cfg.run_dir, last)
         self.progress(last, cfg.num_rounds, None)
@@ -545,6 +677,12 @@ class Federation:
         first, history, wall_before = self._start()
         t0 = time.time() - wall_before
         self.stopped_by_budget = None
+        # With SecAgg+ a round's evaluation sends its requests when the round ends, and its secure sum runs its
+        # phases in the next round's messages (two independent sums, one exchange each phase): a round is five
+        # message exchanges instead of ten. Its metrics line is written when that sum ends.
+        pipelined = cfg.secagg and self.algorithm.communicates
+        pending: Evaluation | None = None
+        latest_eval = None
         for r in range(first, cfg.num_rounds + 1):
             if self.accountant is not None and cfg.dp_max_epsilon > 0 and self.accountant.would_exceed(
                     self._dp_event(len(self.sample(r))), cfg.dp_max_epsilon):
@@ -552,28 +690,48 @@ class Federation:
                 self.stopped_by_budget = r
                 break
             tr = time.time()
-            stats = self.train_round(r, final=(r == cfg.num_rounds))
+            stats = self.train_round(r, final=(r == cfg.num_rounds), evaluation=pending)
             rec = {"round": r, **stats, "train_s": time.time() - tr}
+            if pending is not None:
+                latest_eval = self._record_evaluation(pending, history)
+                pending = None
             if self.accountant is not None:
                 rec["epsilon"] = self.accountant.get_epsilon(self.dp_delta)
                 rec["delta"] = self.dp_delta
             if r % cfg.eval_every == 0 or r == cfg.num_rounds:
                 te = time.time()
-                rec["eval"] = self.evaluate(r, final=(r == cfg.num_rounds))
+                if pipelined and r < cfg.num_rounds:
+                    pending = self.start_evaluation(r)
+                else:
+                    rec["eval"] = latest_eval = self.evaluate(r, final=(r == cfg.num_rounds))
                 rec["stage_s"]["evaluate"] = round(time.time() - te, 3)
             rec["wall_s"] = time.time() - t0
-            # metrics first, then the checkpoint: a kill in between leaves a line that resuming drops
-            self.run.append_metrics(rec)
+            if pending is None:
+                # metrics first, then the checkpoint: a kill in between leaves a line that resuming drops
+                self.run.append_metrics(rec)
+                history.append(rec)
+            else:
+                pending.record = rec    # written with its evaluation; until then the checkpoint holds it
             self.run.save_checkpoint(r, self.state, {
                 "algorithm": cfg.algorithm, "run-id": self.run_id,
                 # the accountant's whole state: the Gaussian events composed so far
                 "privacy_events": [list(e) for e in self.privacy_events],
                 # sampling and every client's seed derive from (seed, round): no RNG stream to save
-                "sampling": "numpy default_rng([seed, round])"})
+                "sampling": "numpy default_rng([seed, round])",
+                **({"unevaluated-record": rec} if pending is not None else {})})
             self.run.keep_last_checkpoints(cfg.keep_checkpoints)
-            history.append(rec)
-            self.progress(r, cfg.num_rounds, rec.get("eval"))
+            self.progress(r, cfg.num_rounds, latest_eval)
+        if pending is not None:   # training stopped early (privacy budget): the evaluation's sum runs alone
+            self._record_evaluation(pending, history)
         return self.summarize(history, time.time() - t0)
+
+    def _record_evaluation(self, ev: Evaluation, history: list[dict]) -> dict[str, Any]:
+        """Finish an evaluation left open at the end of its round and write its round's metrics line."""
+        rec = ev.record
+        rec["eval"] = self.finish_evaluation(ev)
+        self.run.append_metrics(rec)
+        history.append(rec)
+        return rec["eval"]
 
     def summarize(self, history: list[dict], wall: float) -> dict[str, Any]:
         privacy = None

@@ -227,6 +227,7 @@ def faulty_client_app(faults: dict[int, str], *, rounds: Iterable[int] | None = 
 
     from fedpa.client.app import evaluate, query, train
     from fedpa.common.records import arrays_to_record, record_to_arrays
+    from fedpa.common.secagg.transport import is_secagg
 
     faults = dict(faults)
     rounds = None if rounds is None else set(rounds)
@@ -249,6 +250,8 @@ def faulty_client_app(faults: dict[int, str], *, rounds: Iterable[int] | None = 
 
     @app.train()
     def _train(msg, context):
+        if is_secagg(msg.content):    # a SecAgg+ phase: the faults are injected into the train requests
+            return train(msg, context)
         fault = faults.get(pid_of(context))
         round_ = int(msg.content["round"]["round"])
         if fault is None or fault == "eval-shape" or (rounds is not None and round_ not in rounds):

@@ -53,6 +53,10 @@ def test_the_loopback_supernode_caps_flowers_idle_waits(monkeypatch):
     node_loop.time.sleep(3)                  # the SuperNode's idle poll, hard-coded in Flower 1.42
     assert time.monotonic() - t < 0.5
     assert abs(node_loop.time.time() - time.time()) < 1     # everything else is the real time module
+    t = time.monotonic()
+    for _ in range(10):
+        node_loop.time.sleep(0.5)            # its 0.5 s checks of its own store for a ClientApp's reply
+    assert time.monotonic() - t < 10 * loopback_supernode.LOCAL_WAIT_S + 0.3
     assert node_loop.pull_objects.keywords["initial_backoff"] == LOCAL_RETRY_S[0]
     loopback_supernode.install(0.2)          # installed again: the cap changes, nothing is wrapped twice
     assert node_loop.time.cap == 0.2 and isinstance(node_loop.time, loopback_supernode.CappedSleep)

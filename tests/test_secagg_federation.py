@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fed_fixtures import fed_config
 
+from fedpa.server.federation import Federation
 from fedpa.server.rundir import RunDir
 from fedpa.simulations.simulate import simulate
 
@@ -25,10 +26,20 @@ def runs(tiny, tiny_foundation, tmp_path_factory):
                        item_bias_fields="category_level_one,upload_type", item_bias_lr=0.1)
     secure = replace(plain, run_dir=str(root / "secure"), secagg=True)
     s_plain = simulate(plain, cohort_size=3)   # 4 nodes: SecAgg+ needs at least 3 participants
-    s_secure = simulate(secure, cohort_size=3)
+    exchanges = []   # the secure run's message exchanges: the records each carried to its first node
+    send = Federation._send
+
+    def recording_send(self, msgs, deadline=None):
+        exchanges.append(sorted(msgs[0].content.keys()) if msgs else [])
+        return send(self, msgs, deadline)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Federation, "_send", recording_send)
+        s_secure = simulate(secure, cohort_size=3)
     _, a, _ = RunDir(plain.run_dir).load_checkpoint()
     _, b, _ = RunDir(secure.run_dir).load_checkpoint()
-    return SimpleNamespace(plain=plain, secure=secure, s_plain=s_plain, s_secure=s_secure, a=a, b=b)
+    return SimpleNamespace(plain=plain, secure=secure, s_plain=s_plain, s_secure=s_secure, a=a, b=b,
+                           exchanges=exchanges)
 
 
 def test_secure_round_matches_plain_aggregation(runs):
@@ -58,3 +69,53 @@ def test_item_side_row_counts_survive_secure_aggregation(runs):
     for key in ITEM_TABLES:
         assert float(np.abs(a[key]).max()) > 1e-2  # the tables learned
         assert float(np.max(np.abs(a[key] - b[key]))) < 1e-4
+
+
+def test_secure_rounds_take_five_exchanges_and_every_round_keeps_its_metrics(runs):
+    """The SecAgg+ setup rides on the train and evaluate requests, and a round's evaluation sums its metrics in
+    the next round's phases: round 1 (train, then its evaluation) and round 2 take five exchanges each, not
+    the ten of sending every phase on its own; every round's metrics are still those of the plain run."""
+    ex = runs.exchanges
+    # discovery; round 0's evaluation (request + 4 phases); round 1: train + 4 phases, its evaluation request;
+    # round 2: train + 4 phases carrying both sums; the final evaluation (request + 4 phases)
+    assert len(ex) == 1 + 5 + 6 + 5 + 5, ex
+    requests = [1, 6, 11, 12, 17]   # evaluate 0, train 1, evaluate 1, train 2, final evaluate: each with a setup
+    assert all(ex[i] == ["arrays", "round", "run", "secagg-setup"] for i in requests), ex
+    assert ex[2:6] == ex[18:22] == [["secagg-eval"]] * 4      # an evaluation's phases on their own
+    assert ex[7:11] == [["secagg"]] * 4                         # round 1's (round 0's evaluation ran alone)
+    assert ex[13:17] == [["secagg", "secagg-eval"]] * 4         # round 2's phases carry round 1's evaluation
+    plain, secure = (RunDir(c.run_dir).read_metrics() for c in (runs.plain, runs.secure))
+    assert [r["round"] for r in secure] == [0, 1, 2]
+    for p, s in zip(plain, secure):
+        for split in ("val", "test"):
+            assert abs(p["eval"][split]["auc"] - s["eval"][split]["auc"]) < 1e-4, (p["round"], split)
+
+
+def test_a_run_stopped_with_an_evaluation_open_resumes_with_that_round_evaluated(tiny, tiny_foundation, tmp_path):
+    """Round 1's evaluation sums its metrics in round 2's messages; when round 2 fails, the checkpoint of round 1
+    holds round 1's record without its line in metrics.jsonl, and resuming evaluates round 1 again first."""
+    from fed_fixtures import faulty_client_app
+
+    import fedpa.client.app as client_app_module
+    from fedpa.client.personal_store import generate_key_file
+    from fedpa.foundation.errors import FedpaError
+
+    key = generate_key_file(tmp_path / "store.key")   # resuming needs the users' private state kept on disk
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=2, max_clients=12, secagg=True,
+                     min_reply_fraction=1.0, personal_store=str(tmp_path / "store"),
+                     personal_store_key_file=str(key))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(client_app_module, "app", faulty_client_app({1: "raise"}, rounds={2}))
+        with pytest.raises(FedpaError, match="round 2"):
+            simulate(cfg, cohort_size=3)
+    run = RunDir(cfg.run_dir)
+    last, _, meta = run.load_checkpoint()
+    assert last == 1 and meta["unevaluated-record"]["round"] == 1
+    assert [r["round"] for r in run.read_metrics()] == [0]
+
+    resumed = simulate(replace(cfg, resume=True), cohort_size=3)
+    rows = run.read_metrics()
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["stage_s"] == meta["unevaluated-record"]["stage_s"]     # round 1's own training record
+    assert all(0.0 < r["eval"]["val"]["auc"] < 1.0 for r in rows)
+    assert resumed["rounds"] == 2
