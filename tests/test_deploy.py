@@ -4,11 +4,10 @@ strangers refused.
 
 This is the one end-to-end test of a real deployment (separate processes, real certificates), as `fedpa deploy`
 runs it: every SuperNode in Flower's process isolation with a warm executor beside it (client/warm_executor.py:
-every ClientApp task a child forked from it) and loopback polls (simulations/loopback_supernode.py). To keep it
-short the run evaluates before round 1 and after round 2 only (eval-every 2: round 1's evaluation, with the same
-four nodes as round 0's, would cost six more exchanges), and the test asks `flwr ls` for the run's status only when
-the run directory says the run is ending (each `flwr ls` is a Python process: polling it every 2 s takes a CPU
-core's fair share from the nodes).
+every ClientApp task a child forked from it) and loopback polls (simulations/loopback_supernode.py). Round 1's
+evaluation sums its metrics in round 2's SecAgg+ messages, the round node 3 dies in. To keep it short the test
+asks `flwr ls` for the run's status only when the run directory says the run is ending (each `flwr ls` is a
+Python process: polling it every 2 s takes a CPU core's fair share from the nodes).
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
     shutil.copytree(tiny, data)
     run_config = {"data-dir": str(data), "foundation": str(tiny_foundation), "run-dir": str(run_dir),
                   "num-rounds": 2, "max-clients": 4, "secagg": True, "min-nodes": 4, "round-timeout": 90.0,
-                  "feature-cache": "none", "eval-every": 2}
+                  "feature-cache": "none"}
     with LocalDeployment(tmp_path / "deploy", nodes=4) as d:
         d.start_superlink()
         d.enroll()
@@ -106,6 +105,9 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["clients_ok"] == 4 and rows[2]["clients_ok"] == 3, [r.get("clients_ok") for r in rows]
+    # round 1's evaluation summed its metrics in round 2's SecAgg+ messages, which node 3 did not live to see:
+    # the sum went on over the nodes left (3 users, or 4 if node 3 died only after masking its sums)
+    assert rows[1]["eval"]["users"] in (3, 4) and 0.0 < rows[1]["eval"]["val"]["auc"] < 1.0, rows[1]["eval"]
     # every node in the sum signed its keys with its CA-certified identity (the malicious-server protocol)
     assert rows[1]["secagg_signed_nodes"] == 4 and rows[2]["secagg_signed_nodes"] == 3
     assert any("no reply" in p or "secure aggregation" in p or "error" in p for p in rows[2]["problems"])
