@@ -23,6 +23,7 @@ from fedpa.client.event_log import LOG_FILE, EventLog
 from fedpa.client.feature_cache import FeatureCache, build, cache_key, default_root
 from fedpa.common.config import FederationConfig
 from fedpa.common.models import build_personal_model
+from fedpa.foundation.device import resolve_device
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import load_foundation
 from fedpa.recdata.examples import Examples, Lookups, user_table
@@ -74,6 +75,8 @@ class UserData:
 class ClientRuntime:
     def __init__(self, cfg: FederationConfig):
         self.cfg = cfg
+        # a GPU asked for and absent: refused here, before anything is built or trained
+        self.engine_device = resolve_device(cfg.engine_device, "engine-device")
         self.algorithm = get_algorithm(cfg.algorithm)
         path = Path(cfg.data_dir)
         self.dataset = Dataset(path)
@@ -108,7 +111,7 @@ class ClientRuntime:
     @property
     def cohort_engine(self) -> CohortEngine:
         if self._engine is None:
-            self._engine = CohortEngine(self.model)
+            self._engine = CohortEngine(self.model, device=self.engine_device)
         return self._engine
 
     @property

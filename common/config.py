@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -215,6 +216,10 @@ class FederationConfig:
     cohort_engine: str = setting("vectorized", "how a node serving several users trains them: vectorized (all "
                                  "at once) or loop (one after another)", "runtime", choices=COHORT_ENGINES,
                                  runtime=False)
+    engine_device: str = setting("cpu", "where the vectorized cohort engine trains and scores: cpu, cuda, cuda:N or "
+                                 "auto (CUDA where the node's process sees a GPU; under Ray simulation that depends "
+                                 "on the actor's resources, docs/simulation.md); a GPU asked for and absent is "
+                                 "refused before anything trains", "runtime")
 
     # ------------------------------------------------------------------ run config <-> dataclass
 
@@ -298,6 +303,8 @@ class FederationConfig:
         if self.secagg and (self.robust_aggregation != "none" or self.norm_bound > 0):
             bad("robust aggregation and norm bounds need each user's update, and under secure aggregation the "
                 "server sees only the sum: turn secagg off, or bound norms on the clients (dp-clip)")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.engine_device):
+            bad(f"unknown engine-device '{self.engine_device}' (auto, cpu, cuda or cuda:N)")
         if self.stage and not self.stage_models:
             bad("stage needs stage-models: the `fedpa funnel` run directory holding the trained stage heads")
         if self.stage and self.foundation_logit_scale != 1.0:

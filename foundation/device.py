@@ -11,7 +11,8 @@ from .errors import FedpaError
 CHOICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "--device") -> torch.device:
+    """``setting``: what the user set (named in the refusal, so they know what to change)."""
     name = (name or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -20,7 +21,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             build = "a CPU-only torch build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
-            raise FedpaError(f"device '{name}': torch sees no CUDA device here ({build}); use --device cpu or auto")
+            raise FedpaError(f"device '{name}': torch sees no CUDA device here ({build}); use {setting} cpu or auto")
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise FedpaError(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s) here")

@@ -112,13 +112,12 @@ class _ScorerLoss(nn.Module):
     """The personal model's scorer (adapted tower, item-side offsets) plus Ditto's proximal term, so one
     functional_call sees both."""
 
-    def __init__(self, scorer: nn.Module, task_columns: list[int]):
+    def __init__(self, scorer: nn.Module):
         super().__init__()
         self.scorer = scorer
-        self.task_columns = task_columns
 
     def forward(self, x: torch.Tensor, items: torch.Tensor | None, y: torch.Tensor, prox: float) -> torch.Tensor:
-        loss = masked_bce(self.scorer(x, items), y[:, self.task_columns])
+        loss = masked_bce(self.scorer(x, items), y)   # y: the task columns' labels (`_training_rows`)
         if prox:
             loss = loss + 0.5 * prox * ditto_penalty(self.scorer.tower)
         return loss
@@ -215,18 +214,36 @@ class _CompactScorer(nn.Module):
 
 
 class CohortEngine:
-    """Vectorized local training and scoring for many users of one `PersonalModel`."""
+    """Vectorized local training and scoring for many users of one `PersonalModel`.
 
-    def __init__(self, pm: PersonalModel, max_users: int = 256):
+    ``device`` (None: the CPU) is where the engine computes: the per-user parameter stacks, the rows, the
+    schedule and Adam's state go there, and the scorer's frozen tensors travel as a copy in every
+    `functional_call`; the model ``pm`` itself stays on the CPU, untouched. What it returns is numpy."""
+
+    def __init__(self, pm: PersonalModel, max_users: int = 256, device: torch.device | str | None = None):
         if pm.model is None:
             raise ValueError(f"algorithm '{pm.algorithm.name}' has no adapters to train")
         self.pm = pm
+        self.device = torch.device("cpu" if device is None else device)
         self._item_statistics = None   # item-bias-update newton: the current chunk's per-row statistics
         self.max_users = max(1, int(max_users))
         self.scorer = pm.scorer if pm.item_bias is None else _CompactScorer(pm.tower, pm.item_bias)
-        self.loss_module = _ScorerLoss(self.scorer, pm.task_columns)
+        self.loss_module = _ScorerLoss(self.scorer)
         self.params = self._index()
         self.n_groups = len(pm.group_columns)
+        self._frozen: dict[str, torch.Tensor] = {}   # the scorer's other tensors on the device (`_copy_frozen`)
+
+    def _copy_frozen(self) -> None:
+        """The scorer's tensors that are not per-user parameters (the frozen tower, buffers), copied to the
+        device at the start of every call, so a model changed between calls is read afresh; on the CPU none is
+        needed (`functional_call` reads them from the model)."""
+        if self.device.type == "cpu":
+            self._frozen = {}
+            return
+        per_user = {p.name for p in self.params}
+        self._frozen = {name: t.detach().to(self.device)
+                        for name, t in (*self.scorer.named_parameters(), *self.scorer.named_buffers())
+                        if name not in per_user}
 
     # ------------------------------------------------------------------ parameter layout
 
@@ -309,7 +326,7 @@ class CohortEngine:
                 out[p.name] = t.unsqueeze(1) if p.mode == "slot" else t
             else:
                 out[p.name] = base.unsqueeze(0).expand(c, *base.shape).clone()
-        return out
+        return {name: t.to(self.device) for name, t in out.items()}
 
     def _chunk_rows(self, data: Sequence[Sequence[UserTensors]]) -> _ChunkRows | None:
         """The table rows each user's ``data`` (its splits) reads (None without item-side tables)."""
@@ -323,18 +340,18 @@ class CohortEngine:
                pad_rows: int = 0, width: int | None = None):
         """The rows' positions in their users' table rows (None without tables; ``users``: each data's chunk
         position, default 0..n-1): concatenated with ``pad_rows`` zero rows, or padded per user to
-        [users, width, tables] (``width``)."""
+        [users, width, tables] (``width``). Found on the host, where the rows' items are, and sent at once."""
         if chunk_rows is None:
             return None
         users = list(range(len(data))) if users is None else list(users)
         n_keys = len(chunk_rows.keys)
         if width is None:
             parts = [chunk_rows.local(d.items, u) for d, u in zip(data, users)]
-            return torch.cat(parts + [torch.zeros(pad_rows, n_keys, dtype=torch.long)])
+            return torch.cat(parts + [torch.zeros(pad_rows, n_keys, dtype=torch.long)]).to(self.device)
         out = torch.zeros(len(data), width, n_keys, dtype=torch.long)
         for k, (d, u) in enumerate(zip(data, users)):
             out[k, :len(d)] = chunk_rows.local(d.items, u)
-        return out
+        return out.to(self.device)
 
     def _domains(self, data: Sequence[UserTensors], *, pad_rows: int = 0, width: int | None = None):
         """Each row's domain code (the domain-specific path; None without one): concatenated with ``pad_rows``
@@ -342,11 +359,12 @@ class CohortEngine:
         if self.pm.item_domains is None:
             return None
         if width is None:
-            return torch.cat([self.pm.row_domains(d) for d in data] + [torch.zeros(pad_rows, dtype=torch.long)])
+            return torch.cat([self.pm.row_domains(d) for d in data]
+                             + [torch.zeros(pad_rows, dtype=torch.long)]).to(self.device)
         out = torch.zeros(len(data), width, dtype=torch.long)
         for k, d in enumerate(data):
             out[k, :len(d)] = self.pm.row_domains(d)
-        return out
+        return out.to(self.device)
 
     def _domain_routing(self, domains: torch.Tensor | None, zeros_g: torch.Tensor, zeros_s: torch.Tensor):
         """Inside a vmapped call: the same routing with this user's rows' domain codes (batched under vmap)."""
@@ -363,11 +381,16 @@ class CohortEngine:
         private state; yields one `ChunkResult` per chunk. The model's parameters are left as they were."""
         if shared:
             self.pm.set_shared(shared)
+        self._copy_frozen()
         for chunk in self._chunks(users, local):
             sub = [users[i] for i in chunk]
             groups = self._group_rows(sub)
             chunk_rows = self._chunk_rows([[u.train] for u in sub])
-            params, loss, n = self._fit(sub, groups, local, chunk_rows)
+            params, loss_sum = self._fit(sub, groups, local, chunk_rows)
+            n = np.array([len(u.train) for u in sub], dtype=np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                loss = (np.full(len(sub), np.nan) if loss_sum is None
+                        else np.where(n > 0, loss_sum.cpu().numpy() / (n * local.epochs), np.nan))
             yield self._result(chunk, sub, groups, params, loss, n, chunk_rows)
 
     def _chunks(self, users: Sequence[CohortUser], local: LocalTraining) -> list[np.ndarray]:
@@ -382,17 +405,14 @@ class CohortEngine:
         return [(None, False)]
 
     def _fit(self, users: Sequence[CohortUser], groups: np.ndarray, local: LocalTraining,
-             chunk_rows: _ChunkRows | None):
+             chunk_rows: _ChunkRows | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The chunk's parameters after local training, and each user's loss summed over the first phase's
+        rows (None when nothing trained), both on the device."""
         params = self._stack(users, groups, chunk_rows)
-        c = len(users)
         sizes = np.array([len(u.train) for u in users])
         if local.epochs == 0 or sizes.sum() == 0:
-            return params, np.full(c, np.nan), sizes.astype(np.float64)
-        feats = torch.cat([u.train.features for u in users] + [users[0].train.features.new_zeros(1, self.pm.tower_in)])
-        labels = torch.cat([u.train.labels for u in users]
-                           + [users[0].train.labels.new_full((1, users[0].train.labels.shape[1]), -1.0)])
-        items = self._items([u.train for u in users], chunk_rows, pad_rows=1)
-        domains = self._domains([u.train for u in users], pad_rows=1)
+            return params, None
+        feats, labels, items, domains = self._training_rows(users, chunk_rows)
         pad = len(feats) - 1
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         scored = self._calibrate_fresh(users, params, chunk_rows) if self.pm.user_bias_key else {}
@@ -401,19 +421,27 @@ class CohortEngine:
         popularity = self.pm.item_bias is not None and self.pm.item_bias.popularity
         if popularity:
             self._count_clicks(users, params, chunk_rows, -1.0)
-        gens = [torch.Generator().manual_seed(int(u.seed)) for u in users]
+        gens = [torch.Generator().manual_seed(int(u.seed)) for u in users]   # on the host: the CPU's permutations
         loss_phase0 = None
         for k, (paths, prox) in enumerate(self._phases()):
             index, counts = self._schedule(sizes, offsets, gens, local, pad)
-            loss_sum = self._run_phase(params, feats, items, labels, index, counts, local, paths,
+            loss_sum = self._run_phase(params, feats, items, labels, index, counts.numpy(), local, paths,
                                        local.ditto_lambda if prox else 0.0, domains)
             if k == 0:
                 loss_phase0 = loss_sum
         if popularity:
             self._count_clicks(users, params, chunk_rows, +1.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            loss = np.where(sizes > 0, loss_phase0 / (sizes * local.epochs), np.nan)
-        return params, loss, sizes.astype(np.float64)
+        return params, loss_phase0
+
+    def _training_rows(self, users: Sequence[CohortUser], chunk_rows: _ChunkRows | None):
+        """Every user's training rows one after another, then one all-unobserved padding row, on the device:
+        tower inputs, the task columns' labels, item positions (`_items`) and domain codes (`_domains`)."""
+        train = [u.train for u in users]
+        feats = torch.cat([d.features for d in train] + [train[0].features.new_zeros(1, self.pm.tower_in)])
+        labels = torch.cat([d.labels[:, self.pm.task_columns] for d in train]
+                           + [train[0].labels.new_full((1, len(self.pm.task_columns)), -1.0)])
+        items = self._items(train, chunk_rows, pad_rows=1)
+        return feats.to(self.device), labels.to(self.device), items, self._domains(train, pad_rows=1)
 
     @torch.no_grad()
     def _calibrate_fresh(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
@@ -431,8 +459,9 @@ class CohortEngine:
         logits = self._logits(params, data, chunk_rows, paths=None)
         owner = torch.cat([torch.full((len(data[i]),), k, dtype=torch.long) for k, i in enumerate(fresh)])
         labels = torch.cat([data[i].labels[:, self.pm.task_columns] for i in fresh])
-        offsets = calibrated_bias(torch.cat([logits[i] for i in fresh]), labels, users=owner, n_users=len(fresh))
-        params[name][torch.as_tensor(fresh), 0] = offsets
+        offsets = calibrated_bias(torch.cat([logits[i] for i in fresh]), labels.to(self.device),
+                                  users=owner.to(self.device), n_users=len(fresh))
+        params[name][torch.as_tensor(fresh, device=self.device), 0] = offsets
         return {i: logits[i] + offsets[k] for k, i in enumerate(fresh)}
 
     @torch.no_grad()
@@ -445,7 +474,7 @@ class CohortEngine:
         empty = users[0].train.rows(slice(0, 0))
         logits = self._logits(params, [empty if k in scored else u.train for k, u in enumerate(users)], chunk_rows,
                               paths=None)
-        logits = [scored.get(k, z) for k, z in enumerate(logits)]
+        logits = [scored.get(k, z).cpu() for k, z in enumerate(logits)]   # the statistics travel as numpy
         names = [n for n in self.pm.item_bias.table_names if n != EMBEDDING]
         none = (np.zeros(0, np.int64), np.zeros((0, self.pm.item_bias.n_out), np.float32), np.zeros(0, np.float32))
         out: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in names}
@@ -468,7 +497,7 @@ class CohortEngine:
                 continue
             rows = torch.from_numpy(table.click_rows(u.train.items, u.train.labels))
             if len(rows):
-                params["item_bias.clicks"][k, chunk_rows.positions(VIDEO_KEY, k, rows)] += sign
+                params["item_bias.clicks"][k, chunk_rows.positions(VIDEO_KEY, k, rows).to(self.device)] += sign
 
     @staticmethod
     def _schedule(sizes, offsets, gens, local: LocalTraining, pad: int):
@@ -493,24 +522,30 @@ class CohortEngine:
                 counts[i, s] = len(b)
         return index[:, :, :max(int(counts.max()), 1)], counts
 
-    def _run_phase(self, params: dict[str, torch.Tensor], feats, items, labels, index, counts, local: LocalTraining,
-                   paths, prox: float, domains: torch.Tensor | None = None) -> np.ndarray:
-        """One phase of local training for a chunk; updates ``params`` in place, returns each user's loss sum.
+    def _run_phase(self, params: dict[str, torch.Tensor], feats, items, labels, index, counts: np.ndarray,
+                   local: LocalTraining, paths, prox: float, domains: torch.Tensor | None = None) -> torch.Tensor:
+        """One phase of local training for a chunk; updates ``params`` in place, returns each user's loss sum
+        (float64, on the engine's device).
 
         Users come sorted by size (`_chunks`), so the users still training at step s are a suffix of the
-        chunk, all at their (s+1)-th Adam step: their tensors are views, their bias corrections scalars."""
+        chunk, all at their (s+1)-th Adam step: their tensors are views, their bias corrections scalars.
+        ``counts`` (real rows per user and step) is numpy: which users still train is decided on the host,
+        without reading the device."""
+        index = index.to(self.device)
         c, steps, bs = index.shape
         names = list(params)
         m = {n: torch.zeros_like(params[n]) for n in names}
         v = {n: torch.zeros_like(params[n]) for n in names}
-        loss_sum = torch.zeros(c, dtype=torch.float64)
+        loss_sum = torch.zeros(c, dtype=torch.float64, device=self.device)
+        weights = torch.as_tensor(counts, dtype=torch.float64).to(self.device)
         beta1, beta2 = ADAM_BETAS
-        zeros_g = torch.zeros(bs, self.n_groups, dtype=torch.long)
-        zeros_s = torch.zeros(bs, dtype=torch.long)
+        zeros_g = torch.zeros(bs, self.n_groups, dtype=torch.long, device=self.device)
+        zeros_s = torch.zeros(bs, dtype=torch.long, device=self.device)
+        frozen = {f"scorer.{n}": t for n, t in self._frozen.items()}
 
         def one_user(p, x, k, y, d):
             with self._domain_routing(d, zeros_g, zeros_s):
-                return functional_call(self.loss_module, {f"scorer.{n}": val for n, val in p.items()},
+                return functional_call(self.loss_module, {**frozen, **{f"scorer.{n}": val for n, val in p.items()}},
                                        (x, k, y, prox))
 
         step_fn = vmap(grad_and_value(one_user), in_dims=(0, 0, None if items is None else 0, 0,
@@ -530,13 +565,13 @@ class CohortEngine:
                     first = int((~active).sum())
                     if first == c:
                         break
-                    if not bool(active[first:].all()):
+                    if not active[first:].all():
                         raise AssertionError("cohort chunk is not sorted by size")
                     sub = {n: params[n][first:] for n in names}
                     rows = index[first:, s]
                     grads, loss = step_fn(sub, feats[rows], None if items is None else items[rows], labels[rows],
                                           None if domains is None else domains[rows])
-                    loss_sum[first:] += loss.double() * counts[first:, s].double()
+                    loss_sum[first:] += loss.double() * weights[first:, s]
                     # torch.optim.Adam's foreach update, term by term, for every live user at once
                     ps, gs = [sub[n] for n in names], [grads[n] for n in names]
                     ms, vs = [m[n][first:] for n in names], [v[n][first:] for n in names]
@@ -555,7 +590,7 @@ class CohortEngine:
                                                     [denom[j] for j in part], -size)
         finally:
             set_active_paths(self.pm.model, None)
-        return loss_sum.numpy()
+        return loss_sum
 
     def _result(self, chunk: np.ndarray, users: Sequence[CohortUser], groups: np.ndarray,
                 params: dict[str, torch.Tensor], loss: np.ndarray, n: np.ndarray,
@@ -566,7 +601,7 @@ class CohortEngine:
         finite = np.ones(c, dtype=bool)
         everyone = np.arange(c)
         for p in self.params:
-            val = params[p.name].detach()
+            val = params[p.name].detach().cpu()
             finite &= torch.isfinite(val.reshape(c, -1)).all(dim=1).numpy()
             if p.mode == "rows" and self._item_statistics and p.shared_key in self._item_statistics:
                 rows_k, g_k, h_k = self._item_statistics[p.shared_key]   # item-bias-update newton
@@ -612,6 +647,7 @@ class CohortEngine:
         with its personal path)."""
         if shared:
             self.pm.set_shared(shared)
+        self._copy_frozen()
         out: list[list[np.ndarray]] = [[] for _ in users]
         finetune = self.pm.algorithm.finetune_before_eval
         for chunk in self._chunks(users, local):
@@ -621,7 +657,7 @@ class CohortEngine:
             chunk_rows = self._chunk_rows([((users[i].train,) if finetune else ()) + tuple(evals[i]) for i in chunk])
             if finetune:
                 with torch.enable_grad():
-                    params, _, _ = self._fit(sub, groups, local, chunk_rows)
+                    params, _ = self._fit(sub, groups, local, chunk_rows)
             else:
                 params = self._stack(sub, groups, chunk_rows)
             for split in range(len(evals[chunk[0]])):
@@ -635,7 +671,7 @@ class CohortEngine:
         """Each user's rows through its own parameters: effective_view probabilities (Ditto scores with its
         personal path)."""
         paths = ("user",) if self.pm.algorithm.ditto else None
-        return [torch.sigmoid(z[:, 0]).numpy().copy()
+        return [torch.sigmoid(z[:, 0]).cpu().numpy().copy()
                 for z in self._logits(params, data, chunk_rows, paths=paths, max_rows=max_rows)]
 
     def _logits(self, params: dict[str, torch.Tensor], data: Sequence[UserTensors], chunk_rows: _ChunkRows | None,
@@ -643,7 +679,7 @@ class CohortEngine:
         """Each user's rows through its own parameters (``data[k]`` read with user k's, ``paths`` active):
         logits [rows, T] per user; users padded to a common length in groups of similar sizes (at most
         ``max_rows`` padded rows at once)."""
-        out: list[torch.Tensor] = [torch.zeros(0, len(self.pm.task_columns)) for _ in data]
+        out: list[torch.Tensor] = [torch.zeros(0, len(self.pm.task_columns), device=self.device) for _ in data]
         sizes = np.array([len(d) for d in data])
         order = [int(i) for i in np.argsort(sizes, kind="stable") if sizes[i] > 0]
 
@@ -651,7 +687,7 @@ class CohortEngine:
 
         def one_user(p, xu, ku, du):
             with self._domain_routing(du, zeros_g, zeros_s):
-                return functional_call(self.scorer, p, (xu, ku))
+                return functional_call(self.scorer, {**self._frozen, **p}, (xu, ku))
 
         with_items = self.pm.item_bias is not None
         score_fn = vmap(one_user, in_dims=(0, 0, 0 if with_items else None, 0 if with_domains else None))
@@ -672,10 +708,11 @@ class CohortEngine:
                          if with_items else None)
                 for k, i in enumerate(group):
                     x[k, :sizes[i]] = data[i].features
-                sel = torch.as_tensor(group)
+                x = x.to(self.device)
+                sel = torch.as_tensor(group, device=self.device)
                 sub = {n: v[sel] for n, v in params.items()}
-                zeros_g = torch.zeros(width, self.n_groups, dtype=torch.long)
-                zeros_s = torch.zeros(width, dtype=torch.long)
+                zeros_g = torch.zeros(width, self.n_groups, dtype=torch.long, device=self.device)
+                zeros_s = torch.zeros(width, dtype=torch.long, device=self.device)
                 domains = self._domains([data[i] for i in group], width=width) if with_domains else None
                 with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s):
                     logits = score_fn(sub, x, items, domains)

@@ -68,7 +68,9 @@ def popularity_term(clicks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     log_count = torch.log1p(c).unsqueeze(-1)
     if weight.dim() == 1:
         return log_count * (POPULARITY_SCALE * weight)
-    steps = torch.tensor(POPULARITY_STEPS, dtype=c.dtype)
+    # made on the host and moved: under `grad`, torch.tensor(..., device=) off the CPU is refused as mutating a
+    # captured tensor
+    steps = torch.tensor(POPULARITY_STEPS, dtype=c.dtype).to(c.device)
     basis = torch.cat([log_count, (c.unsqueeze(-1) >= steps).to(c.dtype)], dim=-1)
     return basis.to(weight.dtype) @ (POPULARITY_SCALE * weight)
 
@@ -105,9 +107,9 @@ def newton_row_statistics(item_bias: ItemBias, logits: torch.Tensor, labels: tor
             continue
         scale = 1.0 / shares[name[len(PREFIX):]]
         uniq, inv = torch.unique(rows.reshape(-1), return_inverse=True)
-        g = torch.zeros(len(uniq), r.shape[1], dtype=torch.float64).index_add_(0, inv, r)
-        h = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, w) * scale
-        out[name] = (uniq.numpy(), (-g).float().numpy(), h.float().numpy())
+        g = r.new_zeros(len(uniq), r.shape[1]).index_add_(0, inv, r)
+        h = w.new_zeros(len(uniq)).index_add_(0, inv, w) * scale
+        out[name] = (uniq.cpu().numpy(), (-g).float().cpu().numpy(), h.float().cpu().numpy())
     return out
 
 

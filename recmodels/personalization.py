@@ -492,14 +492,14 @@ def calibrated_bias(logits: torch.Tensor, labels: torch.Tensor, prior_var: float
     y = labels.clamp(min=0).double()
     z = logits.double()
     if users is None:
-        b = torch.zeros(logits.shape[-1], dtype=torch.float64)
+        b = torch.zeros(logits.shape[-1], dtype=torch.float64, device=logits.device)
         for _ in range(steps):
             p = torch.sigmoid(z + b)
             grad = ((p - y) * seen).sum(0) + b / prior_var
             hess = (p * (1 - p) * seen).sum(0) + 1.0 / prior_var
             b = b - grad / hess
         return b.to(logits.dtype)
-    b = torch.zeros(n_users, logits.shape[-1], dtype=torch.float64)
+    b = torch.zeros(n_users, logits.shape[-1], dtype=torch.float64, device=logits.device)
     for _ in range(steps):
         p = torch.sigmoid(z + b[users])
         grad = torch.zeros_like(b).index_add_(0, users, (p - y) * seen) + b / prior_var

@@ -72,8 +72,11 @@ def count_clients(cfg: FederationConfig) -> int:
 
 
 def check_inputs(cfg: FederationConfig) -> None:
+    from fedpa.foundation.device import resolve_device
     from fedpa.recdata.store import Dataset
 
+    if not cfg.ray_address:   # the nodes run on this machine: a GPU it lacks is refused before anything starts
+        resolve_device(cfg.engine_device, "engine-device")
     ds = Dataset(cfg.data_dir)  # raises a clear error if it is not a dataset
     if cfg.domain_adapters:
         ds.item_domains()    # a one-domain dataset is refused here, before any process starts
