@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--algorithm", default="fedpa")
     ap.add_argument("--deploy", type=int, default=0, help="N phones in a real loopback deployment instead")
     ap.add_argument("--rounds", type=int, default=3, help="with --deploy: federated rounds")
+    ap.add_argument("--superlink-db", choices=("memory", "file"), default="memory",
+                    help="with --deploy: the SuperLink's state in memory (fedpa deploy's default) or an SQLite file")
     ap.add_argument("--modes", default="flower,warm",
                     help="with --deploy: comma-separated, run side by side: 'flower' (Flower's own polls and a fresh "
                          "flwr-clientapp per message), 'poll' (short polls only), 'warm' (short polls and a warm "
@@ -192,6 +194,9 @@ def main() -> None:
 
 MODES = {"flower": {"poll_s": None, "warm": False}, "poll": {"poll_s": 0.1, "warm": False},
          "warm": {"poll_s": 0.1, "warm": True}}
+"""Flower's own polls and a fresh flwr-clientapp per message; short loopback polls only; short polls and a warm
+executor per node (what `fedpa deploy` runs). ``--superlink-db file`` puts each mode's SuperLink state in an
+SQLite file instead of memory."""
 
 
 def deployment(a: argparse.Namespace) -> None:
@@ -207,16 +212,18 @@ def deployment(a: argparse.Namespace) -> None:
                   "run-dir": str(Path(work) / "run"), "algorithm": a.algorithm, "num-rounds": a.rounds,
                   "max-clients": a.deploy, "secagg": True, "feature-cache": "none", "round-timeout": 120.0}
             t = time.perf_counter()
-            result = deploy(workdir=Path(work) / "deploy", run_config=rc, nodes=a.deploy, **MODES[mode])
+            db = str(Path(work) / "superlink.db") if a.superlink_db == "file" else None
+            result = deploy(workdir=Path(work) / "deploy", run_config=rc, nodes=a.deploy, superlink_db=db,
+                            **MODES[mode])
             total = time.perf_counter() - t
             rows = [json.loads(line) for line in (Path(work) / "run" / "metrics.jsonl").read_text().splitlines()]
             rss = executor_rss(Path(work) / "deploy" / "logs")
         results[mode] = (total, result["summary"]["test"].get("auc", 0), rows, rss)
         print(f"[{mode}] done in {total:.0f} s", flush=True)
-    print(f"{a.deploy} one-user SuperNodes, TLS + node auth + SecAgg+, {a.algorithm} on {a.data}, {a.rounds} rounds; "
-          f"seconds per stage from metrics.jsonl (SecAgg+: the round's secure sum, with the previous round's "
-          f"evaluation sum in the same messages; evaluate: the evaluation requests, and in the last round the "
-          f"run's final evaluation with its secure sum and attack)")
+    print(f"{a.deploy} one-user SuperNodes, TLS + node auth + SecAgg+, {a.algorithm} on {a.data}, {a.rounds} rounds, "
+          f"SuperLink state in {a.superlink_db}; seconds per stage from metrics.jsonl (SecAgg+: the round's secure "
+          f"sum, with the previous round's evaluation sum in the same messages; evaluate: the evaluation requests, "
+          f"and in the last round the run's final evaluation with its secure sum and attack)")
     print(f"{'mode':>7} {'round':>5} {'train s':>8} {'SecAgg+ s':>10} {'evaluate s':>11} {'round s':>8}")
     for mode, (total, auc, rows, rss) in results.items():
         last = 0.0

@@ -38,6 +38,7 @@ from fedpa.server.pki import NodeKey, ServerFiles, issue_node_certificate, make_
 from fedpa.simulations.loopback_supernode import POLL_ENV
 
 CONNECTION = "fedpa-deploy"
+FLWR_IN_MEMORY_DB = ":flwr-in-memory:"   # flower-superlink's --database for its state in memory (its default)
 APP_DIR = Path(__file__).resolve().parents[1]   # the Flower app: pyproject.toml + the packages
 BIN = Path(sys.executable).parent
 
@@ -89,6 +90,9 @@ class LocalDeployment:
     port: int = 0
     poll_s: float | None = 0.1   # the nodes' idle waits on loopback (None: Flower's own 3 s / 1 s)
     warm: bool = True            # a warm executor per node (else Flower's: a fresh flwr-clientapp per message)
+    # the SuperLink's state: None keeps it in memory (Flower's own default); a path makes it an SQLite file, which
+    # outlives a SuperLink restart but commits every request to disk (on this machine a round took 10 s, not 6)
+    superlink_db: str | None = None
     _procs: list[subprocess.Popen] = field(default_factory=list)
 
     def __post_init__(self):
@@ -157,7 +161,7 @@ class LocalDeployment:
 
     def start_superlink(self, timeout: float = 60) -> None:
         args = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
-                "--disable-runtime-dependency-installation", "--database", str(self.workdir / "superlink.db")]
+                "--disable-runtime-dependency-installation", "--database", self.superlink_db or FLWR_IN_MEMORY_DB]
         if self.tls:
             self.server = make_server_files(self.workdir / "certs")
             args += ["--ssl-ca-certfile", str(self.server.ca_cert), "--ssl-certfile", str(self.server.cert),
@@ -326,13 +330,15 @@ class LocalDeployment:
 
 
 def deploy(*, workdir: str | Path, run_config: dict, nodes: int = 3, tls: bool = True, auth: bool = True,
-           timeout: float = 3600, on_poll=None, poll_s: float | None = 0.1, warm: bool = True) -> dict:
+           timeout: float = 3600, on_poll=None, poll_s: float | None = 0.1, warm: bool = True,
+           superlink_db: str | None = None) -> dict:
     """The whole sequence; returns the run's summary.json plus the deployment's facts. Every node holds its own
     users' data (a device directory provisioned here from the run's dataset); the run sends no data path."""
     from fedpa.common.config import FederationConfig
 
     run_dir = Path(run_config["run-dir"])
-    with LocalDeployment(Path(workdir), nodes=nodes, tls=tls, auth=auth, poll_s=poll_s, warm=warm) as d:
+    with LocalDeployment(Path(workdir), nodes=nodes, tls=tls, auth=auth, poll_s=poll_s, warm=warm,
+                         superlink_db=superlink_db) as d:
         d.start_superlink()
         d.enroll()
         d.provision_devices(FederationConfig.from_run_config(run_config))

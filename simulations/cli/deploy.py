@@ -28,6 +28,9 @@ def deploy_cmd(
     auth: Annotated[bool, typer.Option("--auth/--no-auth",
                                        help="SuperNode authentication (registered keys only)")] = True,
     timeout: Annotated[float, typer.Option(help="give up on the run after this many seconds")] = 3600,
+    superlink_db: Annotated[Path | None, typer.Option(
+        help="keep the SuperLink's state in this SQLite file (default: in memory, as Flower's own default; a file "
+             "outlives a SuperLink restart, and commits every request to disk: rounds are slower)")] = None,
 ):
     """A real deployment on this machine: CA and keys, SuperLink with TLS and node authentication,
     N SuperNodes with their own encrypted stores, `flwr run`; everything on 127.0.0.1, stopped at the end."""
@@ -54,7 +57,7 @@ def deploy_cmd(
                                  f"{time.time() - start:.0f}s")
 
         result = deploy(workdir=workdir, run_config=rc, nodes=nodes, tls=tls, auth=auth, timeout=timeout,
-                        on_poll=on_poll)
+                        on_poll=on_poll, superlink_db=str(superlink_db.resolve()) if superlink_db else None)
     print_summary(result["summary"], rc["run-dir"])
     out.print(f"SuperLink {result['superlink']} (TLS {'on' if tls else 'off'}, node auth {'on' if auth else 'off'}), "
               f"{nodes} SuperNodes; traffic {result['network_traffic']}; logs in [bold]{workdir / 'logs'}[/]")
