@@ -22,14 +22,14 @@ from pathlib import Path
 
 from select_fedpa_default import add_dataset_options, datasets
 
-from fedpa.common.config import FIELDS, _coerce, with_recipe
+from fedpa.common.config import FIELDS, coerce_value, with_recipe
 from fedpa.simulations.simulate import simulate
 
 
 def _value(key: str, text: str):
     if key not in FIELDS:
         raise SystemExit(f"unknown configuration key '{key}'")
-    return _coerce(key, text, FIELDS[key].type)
+    return coerce_value(key, text)
 
 
 def main() -> None:

@@ -229,7 +229,7 @@ class FederationConfig:
         unknown = sorted(k for k in rc if k not in FIELDS)
         if unknown:
             raise ConfigValueError(f"unknown configuration key(s): {', '.join(unknown)}")
-        cfg = cls(**{FIELDS[k].name: _coerce(k, v, FIELDS[k].type) for k, v in rc.items()})
+        cfg = cls(**{FIELDS[k].name: coerce_value(k, v, FIELDS[k].type) for k, v in rc.items()})
         cfg.validate()
         return cfg
 
@@ -407,7 +407,10 @@ def field_type(f) -> type:
     return f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
 
 
-def _coerce(key: str, value: Any, typ: Any) -> Any:
+def coerce_value(key: str, value: Any, typ: Any = None) -> Any:
+    """``value`` (a run config's, or text from the command line) as configuration ``key``'s type (``typ``:
+    default the key's declared type); a value that is not one is refused naming the key."""
+    typ = FIELDS[key].type if typ is None else typ
     typ = typ if isinstance(typ, type) else {"int": int, "float": float, "bool": bool, "str": str}[str(typ)]
     try:
         if typ is bool:
