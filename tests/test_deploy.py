@@ -131,3 +131,20 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
     top = [v for v, _ in rec.recommend(candidates, k=10, now_ms=1_900_000_001_000)]
     onnx = rec.export_onnx(tmp_path / "phone.onnx", candidates, 1_900_000_001_000)
     assert set(top) == {int(candidates[i]) for i in np.argsort(-onnx)[:10]}
+
+
+@pytest.mark.parametrize("db", [None, "state/superlink.db"])
+def test_the_superlink_keeps_its_state_in_memory_unless_given_a_file(tmp_path, db):
+    """`fedpa deploy`'s SuperLink holds its state in memory (an SQLite file commits every request: rounds took
+    twice as long); `--superlink-db` gives it a file, which it creates and which outlives it."""
+    path = tmp_path / db if db else None
+    if path:
+        path.parent.mkdir()
+    with LocalDeployment(tmp_path / "deploy", nodes=1, superlink_db=str(path) if path else None) as d:
+        d.start_superlink()
+        assert all(n.node_id is not None for n in d.enroll())    # the node key registered in that state
+    files = sorted(p.name for p in (tmp_path / "deploy").rglob("*.db"))
+    if path:
+        assert path.is_file() and path.stat().st_size > 0 and files == []
+    else:
+        assert files == []
