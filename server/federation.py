@@ -194,9 +194,9 @@ class Federation:
             pending -= {m.metadata.reply_to_message_id for m in got}
             if not pending or time.time() >= end:
                 break
-            # Flower's own send_and_receive sleeps 3 s between pulls (1.42, deployment grid): with twelve message
+            # Flower's own send_and_receive sleeps 3 s between pulls (1.42, deployment grid): with several message
             # exchanges per SecAgg+ round that alone was a third of a loopback round. Poll fast while replies are
-            # due, backing off to four pulls a second during long local training.
+            # due, backing off to ten pulls a second during long local training.
             time.sleep(min(wait, max(end - time.time(), 0.0)))
             wait = REPLY_POLL_S[0] if got else min(wait * 1.5, REPLY_POLL_S[1])
         return replies
