@@ -119,3 +119,31 @@ def test_a_run_stopped_with_an_evaluation_open_resumes_with_that_round_evaluated
     assert rows[1]["stage_s"] == meta["unevaluated-record"]["stage_s"]     # round 1's own training record
     assert all(0.0 < r["eval"]["val"]["auc"] < 1.0 for r in rows)
     assert resumed["rounds"] == 2
+
+
+def test_evaluations_every_other_round_keep_their_order(tiny, tiny_foundation, tmp_path):
+    """eval-every 2 over 3 rounds: round 2's evaluation rides on round 3's phases, round 1 has none; the metrics
+    lines still come in round order, each evaluation on its own round's line."""
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=3, max_clients=12, secagg=True,
+                     eval_every=2)
+    summary = simulate(cfg, cohort_size=3)
+    rows = RunDir(cfg.run_dir).read_metrics()
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert ["eval" in r for r in rows] == [True, False, True, True]
+    assert all(0.0 < r["eval"]["val"]["auc"] < 1.0 for r in rows if "eval" in r)
+    assert summary["best_round"] in (0, 2, 3)
+
+
+def test_a_run_stopped_by_its_privacy_budget_still_finishes_the_open_evaluation(tiny, tiny_foundation, tmp_path):
+    """Round 1's evaluation waits for round 2's phases; when the budget stops training before round 2, its secure
+    sum runs on its own and round 1 keeps its metrics."""
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / "full", num_rounds=2, max_clients=12, secagg=True,
+                     dp_noise_multiplier=1.0, dp_clip=0.5)
+    simulate(cfg, cohort_size=3)
+    eps = [r["epsilon"] for r in RunDir(cfg.run_dir).read_metrics() if "epsilon" in r]
+    stopped_cfg = replace(cfg, run_dir=str(tmp_path / "budget"), dp_max_epsilon=(eps[0] + eps[1]) / 2)
+    stopped = simulate(stopped_cfg, cohort_size=3)
+    assert stopped["differential_privacy"]["stopped_by_budget_at_round"] == 2
+    rows = RunDir(stopped_cfg.run_dir).read_metrics()
+    assert [r["round"] for r in rows] == [0, 1]
+    assert 0.0 < rows[1]["eval"]["val"]["auc"] < 1.0 and rows[1]["eval"]["users"] > 0
