@@ -137,11 +137,18 @@ def test_evaluations_every_other_round_keep_their_order(tiny, tiny_foundation, t
 def test_a_run_stopped_by_its_privacy_budget_still_finishes_the_open_evaluation(tiny, tiny_foundation, tmp_path):
     """Round 1's evaluation waits for round 2's phases; when the budget stops training before round 2, its secure
     sum runs on its own and round 1 keeps its metrics."""
-    cfg = fed_config(tiny, tiny_foundation, tmp_path / "full", num_rounds=2, max_clients=12, secagg=True,
+    from fedpa.server.accounting import event_multiplier, make_accountant, round_event
+    from fedpa.server.federation import default_delta
+
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", num_rounds=2, max_clients=12, secagg=True,
                      dp_noise_multiplier=1.0, dp_clip=0.5)
-    simulate(cfg, cohort_size=3)
-    eps = [r["epsilon"] for r in RunDir(cfg.run_dir).read_metrics() if "epsilon" in r]
-    stopped_cfg = replace(cfg, run_dir=str(tmp_path / "budget"), dp_max_epsilon=(eps[0] + eps[1]) / 2)
+    n = 12   # every client, every round: the accountant's ε after one and after two rounds
+    accountant, event = make_accountant(n, default_delta(n)), round_event(event_multiplier(cfg.dp_mode, 1.0), n, n)
+    eps = []
+    for _ in range(2):
+        accountant.compose(event)
+        eps.append(accountant.get_epsilon(default_delta(n)))
+    stopped_cfg = replace(cfg, dp_max_epsilon=(eps[0] + eps[1]) / 2)
     stopped = simulate(stopped_cfg, cohort_size=3)
     assert stopped["differential_privacy"]["stopped_by_budget_at_round"] == 2
     rows = RunDir(stopped_cfg.run_dir).read_metrics()
