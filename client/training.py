@@ -23,7 +23,7 @@ from fedpa.common.discrete_noise import DistributedNoise
 from fedpa.common.privacy import cohort_contribution, distributed_share, private_contribution, sensitivity
 from fedpa.common.records import arrays_to_record, record_to_arrays
 from fedpa.common.secagg import PHASE_ADVERTISE, concat_update
-from fedpa.common.secagg.transport import EVAL_SLOT, KEYS, SETUP, TRAIN_SLOT, attach, detach
+from fedpa.common.secagg.transport import EVAL_SLOT, KEYS, SETUP, TRAIN_SLOT, detach, pack
 from fedpa.foundation.errors import FedpaError
 from fedpa.recmodels.cohort import CohortUser
 from fedpa.recmodels.evaluation import MetricSums, membership_attack
@@ -162,7 +162,7 @@ def hold_for_secure_sum(msg: Message, context: Context, content: RecordDict, hel
                          f"{setup.get('phase')!r}; only the setup (phase {PHASE_ADVERTISE}) rides along")
     from fedpa.client.app import secagg_reply
 
-    attach(content, KEYS, secagg_reply(setup, context, slot))
+    pack(secagg_reply(setup, context, slot), into=content, slot=KEYS)
 
 
 class _TrainJob:

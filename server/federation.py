@@ -37,7 +37,7 @@ from fedpa.common.models import build_personal_model
 from fedpa.common.privacy import add_discrete_noise, clamp_counts, distributed_share_std, sensitivity
 from fedpa.common.records import arrays_to_record, message_bytes, record_bytes, record_to_arrays
 from fedpa.common.secagg import QuantConfig, SecAggError, split_sum
-from fedpa.common.secagg.transport import EVAL_SLOT, KEYS, SETUP, TRAIN_SLOT, attach, detach, pack, unpack
+from fedpa.common.secagg.transport import EVAL_SLOT, KEYS, SETUP, TRAIN_SLOT, detach, pack, unpack
 from fedpa.foundation.checkpoint import artifact_digest
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import count_parameters, load_foundation
@@ -210,7 +210,7 @@ class Federation:
         if with_state and self.state:
             rd["arrays"] = arrays_to_record(self.state)
         if setup is not None:   # the SecAgg+ setup for the vector this request leaves on the node
-            attach(rd, SETUP, setup)
+            pack(setup, into=rd, slot=SETUP)
         return rd
 
     def discover(self) -> dict[int, list[int]]:

@@ -45,14 +45,7 @@ def is_secagg(rd: RecordDict) -> bool:
     return any(slot in rd for slot in SLOTS)
 
 
-def attach(rd: RecordDict, name: str, msg: Mapping) -> None:
-    """A protocol message of scalars and bytes (the setup and its answer) as record ``name`` of another
-    message."""
-    if any(isinstance(v, np.ndarray) for v in msg.values()):
-        raise ValueError(f"'{name}' carries arrays: only a message of scalars rides along another")
-    rd[name] = ConfigRecord({k: (list(v) if isinstance(v, tuple) else v) for k, v in msg.items()})
-
-
 def detach(rd: RecordDict, name: str) -> dict | None:
-    """The protocol message `attach` put under ``name`` (None when there is none)."""
-    return dict(rd[name]) if name in rd else None
+    """The protocol message packed under ``name`` into another message (the setup and its answer; None when
+    there is none)."""
+    return unpack(rd, name) if name in rd else None
