@@ -27,8 +27,8 @@ from .item_bias import (
     POPULARITY,
     USER_VECTOR,
     ItemBias,
-    newton_row_statistics,
     popularity_term,
+    users_newton_row_statistics,
 )
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
@@ -134,7 +134,11 @@ class _ChunkRows:
     over its own rows only, [users, widest user's rows, ...] instead of [users, all rows, ...] (a video-id
     table has 131,072 rows; a user reads a few hundred). Position 0 of every user is the zero item's row,
     which padding rows read; the user's other rows follow in ascending order; a user with fewer rows than the
-    widest repeats its last one (never read, never written back)."""
+    widest repeats its last one (never read, never written back).
+
+    Every user's rows are found at once, not user by user: the table rows of all the chunk's item tensors in
+    one `ItemBias.rows` call, kept per tensor (`read`), and each user's sorted rows as one sorted array of
+    codes user * span + row per table, so a row's position is one `searchsorted` for any number of users."""
 
     def __init__(self, item_bias: ItemBias, per_user: Sequence[Sequence[torch.Tensor]]):
         self.item_bias = item_bias
@@ -142,29 +146,69 @@ class _ChunkRows:
         n_fields = next(t for ts in per_user for t in ts).shape[-1]
         self.zero = {k: int(r.reshape(-1)[0])
                      for k, r in zip(self.keys, item_bias.rows(torch.zeros(1, n_fields, dtype=torch.long)))}
-        self.rows: dict[str, list[torch.Tensor]] = {k: [] for k in self.keys}
-        for tensors in per_user:
-            read = [item_bias.rows(t) for t in tensors]
-            for j, k in enumerate(self.keys):
-                mine = torch.unique(torch.cat([r[j].reshape(-1) for r in read])) if read else torch.zeros(0,
-                                                                                                       dtype=torch.long)
-                mine = mine[mine != self.zero[k]]
-                self.rows[k].append(torch.cat([torch.tensor([self.zero[k]]), mine]))
+        tensors = [(u, t) for u, ts in enumerate(per_user) for t in ts]
+        flat = [t.reshape(-1, n_fields) for _, t in tensors]
+        read = item_bias.rows(torch.cat(flat)) if flat else [torch.zeros(0, dtype=torch.long) for _ in self.keys]
+        sizes = [len(f) for f in flat]
+        self._clicks: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+        parts = [r.split(sizes) for r in read]
+        # keyed by identity, with the tensor kept alive so that its id cannot be reused meanwhile
+        self._read: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {
+            id(t): (t, [p[j].reshape(t.shape[:-1]) for p in parts]) for j, (_, t) in enumerate(tensors)}
+        owner = torch.cat([torch.full((n,), u, dtype=torch.long) for (u, _), n in zip(tensors, sizes)]
+                          + [torch.zeros(0, dtype=torch.long)])
+        n_users = len(per_user)
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self._codes: dict[str, torch.Tensor] = {}
+        self._start: dict[str, torch.Tensor] = {}
+        self._span: dict[str, int] = {}
         self.index = {}
-        for k in self.keys:
-            width = max(len(r) for r in self.rows[k])
-            self.index[k] = torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in self.rows[k]])
+        for k, r in zip(self.keys, read):
+            span = int(r.max()) + 1 if len(r) else 1
+            mine = r != self.zero[k]
+            codes = torch.unique(owner[mine] * span + r[mine])           # sorted: by user, then by row
+            counts = torch.bincount(codes // span, minlength=n_users)
+            zero = torch.tensor([self.zero[k]])
+            self.rows[k] = [torch.cat([zero, m]) for m in (codes % span).split(counts.tolist())]
+            self._codes[k], self._span[k] = codes, span
+            self._start[k] = torch.cumsum(counts, 0) - counts
+            width = max(len(x) for x in self.rows[k])
+            self.index[k] = torch.stack([torch.cat([x, x[-1:].expand(width - len(x))]) for x in self.rows[k]])
 
-    def positions(self, key: str, user: int, rows: torch.Tensor) -> torch.Tensor:
-        """Table rows of chunk user ``user`` -> their positions in its own copy of table ``key``."""
-        others = self.rows[key][user][1:]
-        pos = 1 + torch.searchsorted(others, rows) if len(others) else torch.ones_like(rows)
+    def read(self, items: torch.Tensor) -> list[torch.Tensor]:
+        """`ItemBias.rows` of ``items``: found when the chunk was made for the tensors it was made from."""
+        held = self._read.get(id(items))
+        return held[1] if held is not None and held[0] is items else self.item_bias.rows(items)
+
+    def positions(self, key: str, user: int | torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Table rows of chunk user ``user`` (or of each row's user: a tensor like ``rows``) -> their positions in
+        that user's own copy of table ``key``."""
+        user = torch.as_tensor(user, dtype=torch.long)
+        at = torch.searchsorted(self._codes[key], user * self._span[key] + rows.clamp(max=self._span[key] - 1))
+        pos = 1 + at - self._start[key][user]
         return torch.where(rows == self.zero[key], torch.zeros_like(pos), pos)
 
-    def local(self, items: torch.Tensor, user: int) -> torch.Tensor:
-        """[..., F] raw item features of chunk user ``user`` -> [..., tables] positions into its own rows."""
-        return torch.stack([self.positions(k, user, r) for k, r in zip(self.keys, self.item_bias.rows(items))],
-                           dim=-1)
+    def local(self, items: torch.Tensor, user: int | torch.Tensor) -> torch.Tensor:
+        """[..., F] raw item features of chunk user ``user`` (or of each row's user) -> [..., tables] positions
+        into its own rows."""
+        return torch.stack([self.positions(k, user, r) for k, r in zip(self.keys, self.read(items))], dim=-1)
+
+    def local_many(self, items: Sequence[torch.Tensor], users: Sequence[int]) -> torch.Tensor:
+        """`local` of several users' [n_i, F] items, concatenated: [Σ n_i, tables], in one pass."""
+        if not items:
+            return torch.zeros(0, len(self.keys), dtype=torch.long)
+        owner = torch.cat([torch.full((len(t),), u, dtype=torch.long) for t, u in zip(items, users)])
+        read = [self.read(t) for t in items]
+        return torch.stack([self.positions(k, owner, torch.cat([r[j] for r in read]))
+                            for j, k in enumerate(self.keys)], dim=-1)
+
+    def click_rows(self, items: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """`ItemBias.click_rows` from the rows found for the chunk (once per tensor: training asks three times)."""
+        held = self._clicks.get(id(items))
+        if held is None or held[0] is not items:
+            held = self._clicks[id(items)] = (items, self.item_bias.click_rows(items, labels,
+                                                                                video_rows=self.read(items)[-1]))
+        return held[1]
 
 
 class _CompactTables(nn.Module):
@@ -345,12 +389,12 @@ class CohortEngine:
             return None
         users = list(range(len(data))) if users is None else list(users)
         n_keys = len(chunk_rows.keys)
+        found = chunk_rows.local_many([d.items for d in data], users)
         if width is None:
-            parts = [chunk_rows.local(d.items, u) for d, u in zip(data, users)]
-            return torch.cat(parts + [torch.zeros(pad_rows, n_keys, dtype=torch.long)]).to(self.device)
+            return torch.cat([found, torch.zeros(pad_rows, n_keys, dtype=torch.long)]).to(self.device)
         out = torch.zeros(len(data), width, n_keys, dtype=torch.long)
-        for k, (d, u) in enumerate(zip(data, users)):
-            out[k, :len(d)] = chunk_rows.local(d.items, u)
+        for k, part in enumerate(found.split([len(d) for d in data])):
+            out[k, :len(part)] = part
         return out.to(self.device)
 
     def _domains(self, data: Sequence[UserTensors], *, pad_rows: int = 0, width: int | None = None):
@@ -474,30 +518,25 @@ class CohortEngine:
         empty = users[0].train.rows(slice(0, 0))
         logits = self._logits(params, [empty if k in scored else u.train for k, u in enumerate(users)], chunk_rows,
                               paths=None)
-        logits = [scored.get(k, z).cpu() for k, z in enumerate(logits)]   # the statistics travel as numpy
-        names = [n for n in self.pm.item_bias.table_names if n != EMBEDDING]
-        none = (np.zeros(0, np.int64), np.zeros((0, self.pm.item_bias.n_out), np.float32), np.zeros(0, np.float32))
-        out: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in names}
-        for k, u in enumerate(users):
-            stats = (newton_row_statistics(self.pm.item_bias, logits[k], u.train.labels[:, self.pm.task_columns],
-                                           u.train.items) if len(u.train) else None)
-            for name in names:
-                for lst, v in zip(out[name], stats[name] if stats else none):
-                    lst.append(v)
-        return out
+        logits = torch.cat([scored.get(k, z).cpu() for k, z in enumerate(logits)])   # they travel as numpy
+        train = [u.train for u in users]
+        labels = torch.cat([d.labels[:, self.pm.task_columns] for d in train])
+        read = [chunk_rows.read(d.items) for d in train]
+        rows = [torch.cat([r[j] for r in read]) for j in range(len(chunk_rows.keys))]
+        owner = torch.cat([torch.full((len(d),), k, dtype=torch.long) for k, d in enumerate(train)])
+        return users_newton_row_statistics(self.pm.item_bias, logits, labels, rows, owner, len(users))
 
     @torch.no_grad()
     def _count_clicks(self, users: Sequence[CohortUser], params: dict[str, torch.Tensor],
                       chunk_rows: _ChunkRows, sign: float) -> None:
         """Each user's copy of the click tally without its own clicks while it trains (``sign`` -1), and with
         them again afterwards (+1), as `PersonalModel.train_user` reads it."""
-        table = self.pm.item_bias
-        for k, u in enumerate(users):
-            if len(u.train) == 0:
-                continue
-            rows = torch.from_numpy(table.click_rows(u.train.items, u.train.labels))
-            if len(rows):
-                params["item_bias.clicks"][k, chunk_rows.positions(VIDEO_KEY, k, rows).to(self.device)] += sign
+        clicked = [torch.from_numpy(chunk_rows.click_rows(u.train.items, u.train.labels)) if len(u.train)
+                   else torch.zeros(0, dtype=torch.long) for u in users]
+        owner = torch.cat([torch.full((len(r),), k, dtype=torch.long) for k, r in enumerate(clicked)])
+        if len(owner):   # a user's click rows are distinct: one write per (user, row)
+            at = chunk_rows.positions(VIDEO_KEY, owner, torch.cat(clicked))
+            params["item_bias.clicks"][owner.to(self.device), at.to(self.device)] += sign
 
     @staticmethod
     def _schedule(sizes, offsets, gens, local: LocalTraining, pad: int):
@@ -629,11 +668,11 @@ class CohortEngine:
         rows = None
         if self.pm.item_bias is not None:
             table = self.pm.item_bias
-            read = [table.rows(u.train.items) for u in users]
+            read = [chunk_rows.read(u.train.items) for u in users]
             rows = {name: [np.unique(r[j].reshape(-1).numpy()) for r in read]
                     for j, name in enumerate(table.table_names)}
             if table.popularity:
-                rows[CLICKS] = [table.click_rows(u.train.items, u.train.labels) for u in users]
+                rows[CLICKS] = [chunk_rows.click_rows(u.train.items, u.train.labels) for u in users]
         return ChunkResult(users=np.asarray(chunk), private=private, deltas=deltas, loss=loss, n=n,
                            finite=finite, groups=group_sets, rows=rows)
 

@@ -89,12 +89,28 @@ def newton_step_shares(fields: Sequence[str]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def newton_row_statistics(item_bias: ItemBias, logits: torch.Tensor, labels: torch.Tensor,
-                          items: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def newton_row_statistics(item_bias: ItemBias, logits: torch.Tensor, labels: torch.Tensor, items: torch.Tensor,
+                          rows: Sequence[torch.Tensor] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray,
+                                                                                         np.ndarray]]:
     """What one user sends for each offset table under item-bias-update newton: per row it read (sorted), minus
     the sum of p - y per task [k, T] (observed labels only) and the sum over its rows and tasks of p(1 - p) [k]
     (one curvature per row: summed over the tasks, so each task's step is a lower bound of its own), divided by
-    the table's share of the joint step (`newton_step_shares`)."""
+    the table's share of the joint step (`newton_step_shares`). ``rows``: `ItemBias.rows` of ``items`` when the
+    caller has them."""
+    rows = item_bias.rows(items) if rows is None else rows
+    per_user = users_newton_row_statistics(item_bias, logits, labels, rows,
+                                           torch.zeros(len(logits), dtype=torch.long, device=logits.device), 1)
+    return {name: (u_rows[0], g[0], h[0]) for name, (u_rows, g, h) in per_user.items()}
+
+
+@torch.no_grad()
+def users_newton_row_statistics(item_bias: ItemBias, logits: torch.Tensor, labels: torch.Tensor,
+                                rows: Sequence[torch.Tensor], owner: torch.Tensor,
+                                n_users: int) -> dict[str, tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]]:
+    """`newton_row_statistics` of several users at once: ``logits`` [n, T], ``labels`` [n, T] and ``rows``
+    (`ItemBias.rows` of the rows' items, [n] each) of every user's rows concatenated, ``owner`` [n] each row's
+    user in [0, n_users). Per table, each user's (rows, -Σ(p - y), Σ p(1 - p)) in a list by user; sums run over a
+    user's rows in their order, so each user's figures are those of a call with its rows alone."""
     y = labels.double()
     seen = (y >= 0).double()
     p = torch.sigmoid(logits.double())
@@ -102,14 +118,19 @@ def newton_row_statistics(item_bias: ItemBias, logits: torch.Tensor, labels: tor
     w = (p * (1 - p) * seen).sum(-1)
     shares = newton_step_shares(item_bias.fields)
     out = {}
-    for name, rows in zip(item_bias.table_names, item_bias.rows(items)):
+    for name, table_rows in zip(item_bias.table_names, rows):
         if name == EMBEDDING:
             continue
         scale = 1.0 / shares[name[len(PREFIX):]]
-        uniq, inv = torch.unique(rows.reshape(-1), return_inverse=True)
-        g = r.new_zeros(len(uniq), r.shape[1]).index_add_(0, inv, r)
-        h = w.new_zeros(len(uniq)).index_add_(0, inv, w) * scale
-        out[name] = (uniq.cpu().numpy(), (-g).float().cpu().numpy(), h.float().cpu().numpy())
+        flat = table_rows.reshape(-1).to(owner.device)
+        span = int(flat.max()) + 1 if len(flat) else 1
+        codes, inv = torch.unique(owner * span + flat, return_inverse=True)   # sorted: by user, then by row
+        g = r.new_zeros(len(codes), r.shape[1]).index_add_(0, inv, r)
+        h = w.new_zeros(len(codes)).index_add_(0, inv, w) * scale
+        counts = torch.bincount(codes // span, minlength=n_users).tolist()
+        out[name] = ([x.cpu().numpy() for x in (codes % span).split(counts)],
+                     [x.cpu().numpy() for x in (-g).float().split(counts)],
+                     [x.cpu().numpy() for x in h.float().split(counts)])
     return out
 
 
@@ -187,13 +208,16 @@ class ItemBias(nn.Module):
             out.append(bounded_rows(items[..., self.emb_column], self.emb_size, self.emb_hash_all))
         return out
 
-    def click_rows(self, items: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    def click_rows(self, items: torch.Tensor, labels: torch.Tensor,
+                   video_rows: torch.Tensor | None = None) -> np.ndarray:
         """The video-id rows of a user's positive training rows (``labels``: [n, tasks], primary first): what
-        it adds to the click tally."""
+        it adds to the click tally. ``video_rows``: the items' video-id rows (``rows(items)[-1]``) when the
+        caller has them."""
         pos = labels[:, 0] == 1
         if not bool(pos.any()):
             return np.zeros(0, np.int64)
-        return np.unique(self.rows(items[pos])[-1].reshape(-1).numpy())
+        read = self.rows(items[pos])[-1] if video_rows is None else video_rows[pos]
+        return np.unique(read.reshape(-1).numpy())
 
     def forward(self, items: torch.Tensor, slot: torch.Tensor | int = 0) -> torch.Tensor:
         rows = self.rows(items)
