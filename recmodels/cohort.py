@@ -646,10 +646,10 @@ class CohortEngine:
                 rows_k, g_k, h_k = self._item_statistics[p.shared_key]   # item-bias-update newton
                 deltas[p.shared_key] = RowDeltas(everyone, rows_k, g_k, weights=h_k)
             elif p.mode == "rows":  # each user's own rows: the others did not move
-                base = p.tensor.detach()
                 held = chunk_rows.rows[p.field]
+                moved = (val - p.tensor.detach()[chunk_rows.index[p.field]]).numpy()   # every user's copy at once
                 deltas[p.shared_key] = RowDeltas(everyone, [r.numpy() for r in held],
-                                                 [(val[k, :len(r)] - base[r]).numpy() for k, r in enumerate(held)])
+                                                 [moved[k, :len(r)] for k, r in enumerate(held)])
             elif p.private_key is not None:
                 arr = (val[:, 0] if p.mode == "slot" else val).numpy()
                 for k in range(c):

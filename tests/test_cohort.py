@@ -131,6 +131,12 @@ def test_per_user_table_copies_hold_just_the_rows_each_user_reads(tiny, tiny_fou
             assert set(mine.tolist()) == read and int(mine[0]) == int(zero[j][0])   # the padding row first
             local = chunk_rows.local(u.train.items, k)[:, j]
             assert torch.equal(mine[local], table.rows(u.train.items)[j])
+    # several users' rows at once (how the engine asks): the same positions as one user at a time
+    together = chunk_rows.local_many([u.train.items for u in users], list(range(len(users))))
+    assert torch.equal(together, torch.cat([chunk_rows.local(u.train.items, k) for k, u in enumerate(users)]))
+    # items the chunk was not made from are found afresh, not from the chunk's own
+    other = users[1].train.items.clone()
+    assert torch.equal(chunk_rows.read(other)[0], table.rows(other)[0])
     assert len(chunk_rows.rows["video_id"][0]) < table.tables["video_id"].shape[0] // 10
     members = [CohortUser(u.train, u.profile, None, 0) for u in users]
     params = engine._stack(members, engine._group_rows(members), chunk_rows)

@@ -254,3 +254,32 @@ def test_newton_steps_on_several_tables_at_once_descend_and_do_not_overshoot(tin
     assert bounded[-1] < 0.8 * bounded[0]
     once = run(True)
     assert any(b > a for a, b in zip(once, once[1:])), once
+
+
+def test_several_users_newton_statistics_are_each_users_own(tiny_foundation):
+    """`users_newton_row_statistics` over several users' rows concatenated (the cohort engine's one pass) gives each
+    user exactly what `newton_row_statistics` gives for its rows alone: the same rows, and the same sums, in the
+    same order of addition (bitwise), a user without rows included."""
+    from fedpa.foundation.batch import ITEM_FIELDS
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recmodels.item_bias import ItemBias, newton_row_statistics, users_newton_row_statistics
+
+    foundation = load_foundation(str(tiny_foundation))
+    bias = ItemBias(foundation.config, FIELDS.split(","), 2)
+    rng = np.random.default_rng(1)
+    sizes = [30, 0, 7, 55]
+    items = [torch.as_tensor(rng.integers(0, 40, size=(n, len(ITEM_FIELDS)))) for n in sizes]
+    logits = [torch.as_tensor(rng.normal(size=(n, 2))) for n in sizes]
+    labels = [torch.as_tensor(rng.choice([-1.0, 0.0, 1.0], size=(n, 2))) for n in sizes]
+    owner = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(sizes)])
+    together = users_newton_row_statistics(bias, torch.cat(logits), torch.cat(labels), bias.rows(torch.cat(items)),
+                                           owner, len(sizes))
+    for k, n in enumerate(sizes):
+        alone = newton_row_statistics(bias, logits[k], labels[k], items[k]) if n else None
+        for name, (rows, g, h) in together.items():
+            if alone is None:
+                assert len(rows[k]) == 0 and g[k].shape == (0, 2) and h[k].shape == (0,)
+                continue
+            assert np.array_equal(rows[k], alone[name][0])
+            assert np.array_equal(g[k], alone[name][1]) and np.array_equal(h[k], alone[name][2])
+            assert len(rows[k]) > 1
