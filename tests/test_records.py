@@ -56,3 +56,34 @@ def test_reserved_names_and_malformed_packing_are_refused():
     garbage = ArrayRecord(array_dict={LAYOUT: Array(np.frombuffer(b"{not json", np.uint8).copy())})
     with pytest.raises(ValueError, match="malformed packed array record"):
         record_to_arrays(garbage)
+
+
+def test_packed_buffers_are_flowers_own_serialization_and_read_back_writable():
+    """The buffers are written as Flower's `Array(ndarray)` writes them (any reader of the record decodes them with
+    `Array.numpy()`), and the fast reading path returns the same writable arrays as Flower's."""
+    from fedpa.common.records import _vector, _vector_array
+
+    for a in (np.arange(7, dtype=np.float32), np.zeros(0, np.int64), np.frombuffer(b"xyz", np.uint8), np.arange(3.0)):
+        mine, flowers = _vector_array(a), Array(a)
+        assert (mine.data, mine.dtype, mine.shape, mine.stype) == (flowers.data, flowers.dtype, flowers.shape,
+                                                                    flowers.stype)
+        back = _vector(flowers)
+        np.testing.assert_array_equal(back, a)
+        assert back.dtype == a.dtype and back.flags.writeable
+    square = Array(np.asfortranarray(np.arange(6.0).reshape(2, 3)))   # not a plain vector: Flower's decoding
+    np.testing.assert_array_equal(_vector(square), np.arange(6.0).reshape(2, 3))
+
+
+def test_a_corrupt_buffer_is_refused_by_name():
+    record = arrays_to_record({"a": np.zeros(4, np.float32)})
+    good = record["packed:<f4"]
+    cut = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-3])
+    with pytest.raises(ValueError, match="malformed packed array record"):
+        record_to_arrays(ArrayRecord(array_dict={"packed:<f4": cut, LAYOUT: record[LAYOUT]}))
+    bad_header = Array(dtype=good.dtype, shape=good.shape, stype=good.stype,
+                       data=good.data[:10] + b"{'descr': <f4 garbage" + good.data[31:])
+    with pytest.raises(ValueError, match="malformed packed array record"):
+        record_to_arrays(ArrayRecord(array_dict={"packed:<f4": bad_header, LAYOUT: record[LAYOUT]}))
+    empty = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=b"")
+    with pytest.raises(ValueError, match="malformed packed array record"):
+        record_to_arrays(ArrayRecord(array_dict={"packed:<f4": empty, LAYOUT: record[LAYOUT]}))
