@@ -167,13 +167,19 @@ class _ChunkRows:
             span = int(r.max()) + 1 if len(r) else 1
             mine = r != self.zero[k]
             codes = torch.unique(owner[mine] * span + r[mine])           # sorted: by user, then by row
-            counts = torch.bincount(codes // span, minlength=n_users)
-            zero = torch.tensor([self.zero[k]])
-            self.rows[k] = [torch.cat([zero, m]) for m in (codes % span).split(counts.tolist())]
-            self._codes[k], self._span[k] = codes, span
-            self._start[k] = torch.cumsum(counts, 0) - counts
-            width = max(len(x) for x in self.rows[k])
-            self.index[k] = torch.stack([torch.cat([x, x[-1:].expand(width - len(x))]) for x in self.rows[k]])
+            user = codes // span
+            counts = torch.bincount(user, minlength=n_users)
+            start = torch.cumsum(counts, 0) - counts
+            self._codes[k], self._span[k], self._start[k] = codes, span, start
+            # [users, 1 + most rows of a user]: the zero row, the user's rows, then its last row repeated
+            row = codes % span
+            last = torch.where(counts > 0, row[(start + counts - 1).clamp(min=0)] if len(row) else counts,
+                               torch.full_like(counts, self.zero[k]))
+            index = last[:, None].repeat(1, 1 + int(counts.max()) if n_users else 1)
+            index[:, 0] = self.zero[k]
+            index[user, 1 + torch.arange(len(codes)) - start[user]] = row
+            self.index[k] = index
+            self.rows[k] = [index[u, :1 + n] for u, n in enumerate(counts.tolist())]
 
     def read(self, items: torch.Tensor) -> list[torch.Tensor]:
         """`ItemBias.rows` of ``items``: found when the chunk was made for the tensors it was made from."""
