@@ -48,8 +48,9 @@ def _average_ranks(sorted_values: np.ndarray) -> np.ndarray:
     n = len(sorted_values)
     if n == 0:
         return np.zeros(0)
-    starts = np.r_[0, np.flatnonzero(sorted_values[1:] != sorted_values[:-1]) + 1]
-    ends = np.r_[starts[1:], n]
+    # np.concatenate, not np.r_: called once per user and split, where np.r_'s parsing cost more than the ranks
+    starts = np.concatenate(([0], np.flatnonzero(sorted_values[1:] != sorted_values[:-1]) + 1))
+    ends = np.concatenate((starts[1:], [n]))
     avg = (starts + ends + 1) / 2.0  # mean of the 1-based positions starts+1 .. ends
     return np.repeat(avg, ends - starts)
 

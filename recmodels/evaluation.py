@@ -45,6 +45,8 @@ _USERS = 2 * BINS + len(_SCALARS)            # histogram of per-user metric
 _DELTAS = _USERS + USER_BINS                 # histogram of per-user change against the reference
 _GROUPS = _DELTAS + DELTA_BINS               # per activity group: scalars, then its histogram of changes
 SIZE = _GROUPS + len(ACTIVITY_GROUPS) * _GROUP_SIZE
+_AT = {name: 2 * BINS + i for i, name in enumerate(_SCALARS)}   # a node adds ~15 scalars per user: no list search
+_GROUP_AT = {name: i for i, name in enumerate(_GROUP_SCALARS)}
 
 
 def activity_group(training_rows: int) -> int:
@@ -52,9 +54,7 @@ def activity_group(training_rows: int) -> int:
     return int(np.searchsorted(ACTIVITY_EDGES, training_rows, side="right"))
 
 
-def _bin(probs: np.ndarray) -> np.ndarray:
-    p = np.clip(probs.astype(np.float64), EPS, 1 - EPS)
-    logit = np.log(p) - np.log1p(-p)
+def _bin(logit: np.ndarray) -> np.ndarray:
     idx = np.floor((logit + LOGIT_RANGE) / (2 * LOGIT_RANGE) * BINS).astype(np.int64)
     return np.clip(idx, 0, BINS - 1)
 
@@ -66,10 +66,10 @@ class MetricSums:
             raise ValueError(f"metric vector has shape {self.v.shape}, expected ({SIZE},)")
 
     def _add(self, name: str, x: float) -> None:
-        self.v[2 * BINS + _SCALARS.index(name)] += x
+        self.v[_AT[name]] += x
 
     def get(self, name: str) -> float:
-        return float(self.v[2 * BINS + _SCALARS.index(name)])
+        return float(self.v[_AT[name]])
 
     def __iadd__(self, other: MetricSums) -> MetricSums:
         self.v += other.v
@@ -100,12 +100,13 @@ class MetricSums:
         y, p = labels[seen].astype(np.int64), probs[seen]
         if not len(y):
             return
-        b = _bin(p)
-        self.v[:BINS] += np.bincount(b[y == 1], minlength=BINS)
-        self.v[BINS:2 * BINS] += np.bincount(b[y == 0], minlength=BINS)
+        # few numpy calls per user: a node adds thousands of users a round, each a few rows
         pc = np.clip(p, EPS, 1 - EPS)
+        log_p, log_q = np.log(pc), np.log1p(-pc)
+        # the positives' histogram, then the negatives', in one count
+        self.v[:2 * BINS] += np.bincount(_bin(log_p - log_q) + BINS * (1 - y), minlength=2 * BINS)
         self._add("n", len(y))
-        self._add("logloss_sum", float(-(y * np.log(pc) + (1 - y) * np.log1p(-pc)).sum()))
+        self._add("logloss_sum", float(-(y * log_p + (1 - y) * log_q).sum()))
         if 0 < y.sum() < len(y):
             a = M.auc(y, p)
             self._add("gauc_sum", a)
@@ -115,11 +116,11 @@ class MetricSums:
             if group_size <= 1:
                 ref = None if reference is None else M.auc(y, np.asarray(reference, np.float64)[seen])
                 self._add_user_value(a, ref, training_rows)
-        pred = p >= 0.5
-        self._add("tp", float(np.sum(pred & (y == 1))))
-        self._add("fp", float(np.sum(pred & (y == 0))))
-        self._add("fn", float(np.sum(~pred & (y == 1))))
-        self._add("tn", float(np.sum(~pred & (y == 0))))
+        tn, fp, fn, tp = np.bincount(2 * y + (p >= 0.5), minlength=4)   # (label, prediction) pairs
+        self._add("tp", float(tp))
+        self._add("fp", float(fp))
+        self._add("fn", float(fn))
+        self._add("tn", float(tn))
 
     def _add_user_value(self, value: float, reference: float | None, training_rows: int | None) -> None:
         self._add("users_ranked", 1)
@@ -127,8 +128,8 @@ class MetricSums:
         g = None
         if training_rows is not None:
             g = _GROUPS + activity_group(training_rows) * _GROUP_SIZE
-            self.v[g + _GROUP_SCALARS.index("users")] += 1
-            self.v[g + _GROUP_SCALARS.index("value_sum")] += value
+            self.v[g + _GROUP_AT["users"]] += 1
+            self.v[g + _GROUP_AT["value_sum"]] += value
         if reference is not None:
             d = value - reference
             delta_bin = min(int((d + 1.0) / 2.0 * DELTA_BINS), DELTA_BINS - 1)
@@ -140,7 +141,7 @@ class MetricSums:
             if g is not None:
                 for name, x in (("referenced", 1.0), ("worse", float(d < -1e-12)), ("better", float(d > 1e-12)),
                                 ("delta_sum", d)):
-                    self.v[g + _GROUP_SCALARS.index(name)] += x
+                    self.v[g + _GROUP_AT[name]] += x
                 self.v[g + len(_GROUP_SCALARS) + delta_bin] += 1
 
     def by_activity(self) -> list[dict]:
@@ -266,5 +267,5 @@ def membership_attack(train_labels: np.ndarray, train_probs: np.ndarray, test_la
         seen = y >= 0
         return np.where(y[seen] == 1, p[seen], 1 - p[seen])
     members, others = confidence(train_labels, train_probs), confidence(test_labels, test_probs)
-    return (np.r_[np.ones(len(members), np.int64), np.zeros(len(others), np.int64)],
-            np.r_[members, others])
+    return (np.concatenate([np.ones(len(members), np.int64), np.zeros(len(others), np.int64)]),
+            np.concatenate([members, others]))
