@@ -229,7 +229,7 @@ class FederationConfig:
         unknown = sorted(k for k in rc if k not in FIELDS)
         if unknown:
             raise ConfigValueError(f"unknown configuration key(s): {', '.join(unknown)}")
-        cfg = cls(**{FIELDS[k].name: coerce_value(k, v, FIELDS[k].type) for k, v in rc.items()})
+        cfg = cls(**{FIELDS[k].name: coerce_value(k, v) for k, v in rc.items()})
         cfg.validate()
         return cfg
 
@@ -407,11 +407,10 @@ def field_type(f) -> type:
     return f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
 
 
-def coerce_value(key: str, value: Any, typ: Any = None) -> Any:
-    """``value`` (a run config's, or text from the command line) as configuration ``key``'s type (``typ``:
-    default the key's declared type); a value that is not one is refused naming the key."""
-    typ = FIELDS[key].type if typ is None else typ
-    typ = typ if isinstance(typ, type) else {"int": int, "float": float, "bool": bool, "str": str}[str(typ)]
+def coerce_value(key: str, value: Any) -> Any:
+    """``value`` (a run config's, or text from the command line) as configuration ``key``'s declared type; a
+    value that is not one is refused naming the key."""
+    typ = field_type(FIELDS[key])
     try:
         if typ is bool:
             if isinstance(value, str):
