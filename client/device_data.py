@@ -6,6 +6,9 @@ A *device directory* (made by `provision`, e.g. through ``fedpa device provision
                      "foundation-digest": sha256}
     data/           a canonical dataset with these users' rows only (`recdata.subset`) and the item catalogue
     foundation/     the foundation artifact (config.json, model.safetensors)
+    compiled/       the run's personal model compiled for the device (`recmodels.compiled`): what a one-user
+                    device trains and scores with, with torch alone (absent where it could not be compiled:
+                    device.json's "compiled" says why, and the device runs the full model)
 
 A SuperNode names it in its ``--node-config`` (``device-data=DIR``). The node then reads its users' rows and the
 foundation from there alone, and refuses a run whose foundation digest (sent by the server with every run)
@@ -29,6 +32,7 @@ from fedpa.foundation.errors import FedpaError
 
 DEVICE_FILE = "device.json"
 FORMAT = "fedpa-device"
+COMPILED_DIR = "compiled"
 
 
 class DeviceDataError(FedpaError):
@@ -38,7 +42,7 @@ class DeviceDataError(FedpaError):
 _DIGESTS: dict[tuple, str] = {}
 
 
-def _foundation_digest(path: Path) -> str:
+def foundation_digest(path: Path) -> str:
     """The artifact digest of the device's foundation, hashed once per process and file version."""
     key = tuple((str(path / f), (path / f).stat().st_size, (path / f).stat().st_mtime_ns)
                 for f in ARTIFACT_FILES + OPTIONAL_ARTIFACT_FILES if (path / f).exists())
@@ -88,7 +92,7 @@ class DeviceData:
         if not expected:
             raise DeviceDataError("the run names no foundation digest: this device cannot check that its foundation "
                                   "is the run's (a server of an older fedpa?)")
-        actual = _foundation_digest(self.foundation_dir)
+        actual = foundation_digest(self.foundation_dir)
         if actual != expected:
             raise DeviceDataError(f"{self.foundation_dir}: foundation {actual[:12]}… is not the run's "
                                   f"({expected[:12]}…): refused (provision the device with the run's foundation)")
@@ -133,9 +137,41 @@ def provision(cfg: FederationConfig, clients: list[int], out: str | Path, *, ove
                 shutil.copyfile(Path(cfg.foundation) / name, tmp / "foundation" / name)
         meta = {"format": FORMAT, "clients": {str(c): u for c, u in users.items()}, "num-clients": part.num_clients,
                 "foundation-digest": artifact_digest(tmp / "foundation")}
+        meta["compiled"] = (_compile(cfg, tmp, list(users.values()), meta["foundation-digest"]) if len(users) == 1
+                            else "not compiled: a device of several users runs the full model")
         (tmp / DEVICE_FILE).write_text(json.dumps(meta, indent=2))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return DeviceData.open(out)
+
+
+def _compile(cfg: FederationConfig, device_dir: Path, users: list[int], digest: str) -> str:
+    """The run's personal model compiled into ``device_dir``/compiled, traced on the device user's own rows;
+    returns what happened ("yes", or why not: the device then trains with the full model)."""
+    import numpy as np
+
+    from fedpa.client.runtime import user_splits
+    from fedpa.common.models import build_personal_model, compiled_options
+    from fedpa.recdata.examples import Lookups
+    from fedpa.recdata.store import Dataset
+    from fedpa.recmodels.compiled import CompiledModelError, compile_personal_model
+    from fedpa.recmodels.personalization import PersonalModel
+
+    on_device = replace(cfg, data_dir=str(device_dir / "data"), foundation=str(device_dir / "foundation"),
+                        feature_cache="none", device_data="")
+    pm = build_personal_model(on_device)
+    if not isinstance(pm, PersonalModel) or pm.model is None:
+        return f"not compiled: '{cfg.algorithm}' has no adapters on the foundation's tower"
+    ds = Dataset(on_device.data_dir)
+    splits = user_splits(on_device, ds, np.array(users), Lookups.for_foundation(ds, on_device.foundation))
+    rows = next((ex for ex in (splits.train, splits.val, splits.test) if len(ex)), None)
+    if rows is None:
+        return "not compiled: the device's user has no rows to trace the model on"
+    try:
+        compile_personal_model(pm, device_dir / COMPILED_DIR, rows.batch(np.arange(min(len(rows), 256))),
+                               options=compiled_options(on_device), foundation_digest=digest)
+    except CompiledModelError as e:
+        return f"not compiled: {e}"
+    return "yes"

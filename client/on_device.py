@@ -103,10 +103,14 @@ class DeviceRecommender:
         """Write the user's current model as ONNX (adapters merged into the foundation, as `fedpa export` does)
         and return its scores of ``candidates``: what an app without Python ships. With a domain-specific
         path, the model of one ``domain`` (its code), for candidates of that domain."""
+        from fedpa.client.runtime import ClientRuntime
         from fedpa.foundation.adapters import merge_for_user
         from fedpa.foundation.export import export_onnx, onnx_probabilities
+        from fedpa.recmodels.compiled import CompiledAdapters
         from fedpa.recmodels.item_bias import WithItemBias
 
+        if isinstance(self.rt.model.model, CompiledAdapters):   # merging needs peft's model: the full one, once
+            self.rt = ClientRuntime(self.rt.cfg, compiled=False)
         rt, pm = self.rt, self.rt.model
         if pm.model is None:
             raise DeviceDataError(f"'{rt.cfg.algorithm}' scores without the foundation's adapters: no ONNX model")

@@ -10,22 +10,23 @@ per round.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from fedpa.client.device_data import DeviceData
+from fedpa.client.device_data import COMPILED_DIR, DeviceData, foundation_digest
 from fedpa.client.event_log import LOG_FILE, EventLog
 from fedpa.client.feature_cache import FeatureCache, build, cache_key, default_root
 from fedpa.common.config import FederationConfig
-from fedpa.common.models import build_personal_model
+from fedpa.common.models import build_compiled_model, build_personal_model
 from fedpa.foundation.device import resolve_device
 from fedpa.foundation.errors import FedpaError
-from fedpa.foundation.model import load_foundation
 from fedpa.recdata.examples import Examples, Lookups, user_table
 from fedpa.recdata.partition import (
     PartitionConfig,
@@ -40,10 +41,14 @@ from fedpa.recdata.partition import (
 from fedpa.recdata.schema import LABELS
 from fedpa.recdata.stage_rows import with_stage_negatives
 from fedpa.recdata.store import Dataset
-from fedpa.recmodels.cohort import CohortEngine
 from fedpa.recmodels.personalization import LocalTraining, PersonalModel, UserTensors, get_algorithm
 
+if TYPE_CHECKING:   # imported where a node of several users first needs it (a device never does)
+    from fedpa.recmodels.cohort import CohortEngine
+
 EVAL_BATCH = 1024
+
+log = logging.getLogger("fedpa.client")
 
 
 def partition_config(cfg: FederationConfig) -> PartitionConfig:
@@ -73,7 +78,9 @@ class UserData:
 
 
 class ClientRuntime:
-    def __init__(self, cfg: FederationConfig):
+    def __init__(self, cfg: FederationConfig, *, compiled: bool = True):
+        """``compiled``: on a device, train and score with its compiled model when it has one for this run's
+        options (`recmodels.compiled`: torch alone, no modelling stack); False: always the full model."""
         self.cfg = cfg
         # a GPU asked for and absent: refused here, before anything is built or trained
         self.engine_device = resolve_device(cfg.engine_device, "engine-device")
@@ -86,7 +93,7 @@ class ClientRuntime:
         # simulated node derives both from the partition of the whole dataset
         self.device = DeviceData.open(cfg.device_data) if cfg.device_data else None
         self.partition = None if self.device else make_partition(self.dataset, partition_config(cfg))
-        self.model = build_personal_model(cfg)
+        self.model = self._device_model(cfg) if self.device and compiled else build_personal_model(cfg)
         self.local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                    ditto_lambda=cfg.ditto_lambda)
         self._users: dict[int, UserData] = {}
@@ -96,6 +103,19 @@ class ClientRuntime:
         self._exposures: dict[int, pa.Table] = {}   # a device user's provisioned exposures (its views' source)
         self._engine: CohortEngine | None = None
         self.cache = None if self.device else open_feature_cache(cfg, self.partition.clients)
+
+    def _device_model(self, cfg: FederationConfig) -> PersonalModel:
+        """The device's compiled model when it was made for this run and this foundation, else the full one
+        (which imports transformers and peft: ~100 MiB more resident memory; the log says why)."""
+        path = self.device.path / COMPILED_DIR
+        if path.is_dir():
+            from fedpa.recmodels.compiled import CompiledModelError
+
+            try:
+                return build_compiled_model(cfg, path, foundation_digest=foundation_digest(self.device.foundation_dir))
+            except CompiledModelError as e:
+                log.warning("%s: training with the full model", e)
+        return build_personal_model(cfg)
 
     def local_for(self, round_: int) -> LocalTraining:
         """Local training settings of one round (the learning rate decays over rounds with lr-decay)."""
@@ -111,6 +131,8 @@ class ClientRuntime:
     @property
     def cohort_engine(self) -> CohortEngine:
         if self._engine is None:
+            from fedpa.recmodels.cohort import CohortEngine
+
             self._engine = CohortEngine(self.model, device=self.engine_device)
         return self._engine
 
@@ -250,6 +272,8 @@ def ensure_feature_cache(cfg: FederationConfig, progress=None) -> FeatureCache |
         return None
     if (path / "meta.json").exists():
         return FeatureCache(path)
+    from fedpa.foundation.model import load_foundation
+
     lookups = Lookups.for_foundation(ds, cfg.foundation)
     splits = user_splits(cfg, ds, part.clients, lookups)
     model = PersonalModel(load_foundation(cfg.foundation), get_algorithm("foundation"))

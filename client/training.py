@@ -25,7 +25,6 @@ from fedpa.common.records import arrays_to_record, record_to_arrays
 from fedpa.common.secagg import PHASE_ADVERTISE, concat_update
 from fedpa.common.secagg.transport import EVAL_SLOT, KEYS, SETUP, TRAIN_SLOT, detach, pack
 from fedpa.foundation.errors import FedpaError
-from fedpa.recmodels.cohort import CohortUser
 from fedpa.recmodels.evaluation import MetricSums, membership_attack
 
 log = logging.getLogger("fedpa.client")
@@ -233,6 +232,8 @@ class _TrainJob:
 
     def train_vectorized(self, clients: list[int]) -> None:
         """All users at once (recmodels.cohort): the same training, per-user clipping and noise."""
+        from fedpa.recmodels.cohort import CohortUser  # several users a node: never on a one-user device
+
         rt = self.rt
         users = [rt.user(c) for c in clients]
         cohort = [CohortUser(d.train, d.profile, self._private_before(d.user_id),
@@ -280,6 +281,8 @@ def evaluate(msg: Message, context: Context, cfg: FederationConfig) -> Message:
     clients = list(_node_clients(context, rt))
     vectorized = _vectorized(cfg, rt, clients)
     if vectorized:
+        from fedpa.recmodels.cohort import CohortUser
+
         data_of = [rt.user(c) for c in clients]
         cohort = [CohortUser(d.train, d.profile, _private_state(context, rt, d.user_id, cfg=cfg, store=store),
                              user_seed(cfg.seed, round_, d.user_id), d.user_id) for d in data_of]

@@ -3,12 +3,11 @@ on every client, in the centralized baseline and in export, so that all of them 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from fedpa.foundation.model import load_foundation
 from fedpa.recmodels.collaborative import CFOptions, CollaborativeModel
 from fedpa.recmodels.personalization import PersonalModel, get_algorithm
-from fedpa.recmodels.stages.pointwise import load_stage_host
 
 from .config import FederationConfig
 
@@ -17,6 +16,11 @@ def build_personal_model(cfg: FederationConfig, algorithm: str | None = None, *,
                          foundation: Any = None) -> PersonalModel | CollaborativeModel:
     """The foundation's tower (or, with ``stage``, that stage's trained head over the same tower inputs) with
     the algorithm's adapters and options."""
+    # the modelling stack (transformers, peft) is imported here, not with this module: a device running a
+    # compiled model (`build_compiled_model`) never loads it
+    from fedpa.foundation.model import load_foundation
+    from fedpa.recmodels.stages.pointwise import load_stage_host
+
     foundation = foundation if foundation is not None else load_foundation(cfg.foundation)
     alg = get_algorithm(algorithm or cfg.algorithm)
     if alg.collaborative:  # scores items by id: the foundation only tells the catalogue's size
@@ -59,3 +63,31 @@ def model_options(cfg: FederationConfig) -> dict[str, Any]:
         if cfg.group_attributes:
             kw["group_attributes"] = [a.strip() for a in cfg.group_attributes.split(",") if a.strip()]
     return kw
+
+
+def compiled_options(cfg: FederationConfig) -> dict[str, Any]:
+    """What a compiled device model (`recmodels.compiled`) is made for: everything `build_personal_model` reads
+    that shapes or initialises the model. A device runs its compiled model only for a run whose options are
+    these, so a run that changes any of them never trains a stale model."""
+    return {"algorithm": cfg.algorithm, "seed": cfg.seed, "foundation-logit-scale": cfg.foundation_logit_scale,
+            "stage": cfg.stage, "model": model_options(cfg)}
+
+
+def build_compiled_model(cfg: FederationConfig, compiled_dir: str | Path, *,
+                         foundation_digest: str | None = None) -> PersonalModel:
+    """The run's personal model from a device's compiled copy (torch only; `recmodels.compiled`). Raises
+    `CompiledModelError` when it is missing, corrupted, made for other options than ``cfg``'s, or (given
+    ``foundation_digest``, the device's foundation's) compiled from another foundation."""
+    from fedpa.recmodels.compiled import CompiledModelError, load_compiled, read_meta, same_options
+
+    meta = read_meta(compiled_dir)
+    if not same_options(meta, compiled_options(cfg)):
+        raise CompiledModelError(f"{compiled_dir}: compiled for other options than this run's (algorithm "
+                                 f"'{cfg.algorithm}'; provision the device again with the run's configuration)")
+    if foundation_digest is not None and meta.get("foundation-digest") != foundation_digest:
+        raise CompiledModelError(f"{compiled_dir}: compiled from another foundation than the device holds")
+    compiled = load_compiled(compiled_dir)
+    # the adapters' own options (rank, paths, groups) were fixed when the tower was compiled; the rest (item-side
+    # tables, popularity) builds here as on any node
+    return PersonalModel(compiled.foundation, get_algorithm(cfg.algorithm), seed=cfg.seed, compiled=compiled.adapters,
+                         **model_options(cfg))

@@ -30,14 +30,10 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from .batch import CATEGORICAL_ITEM_FIELDS, CONTEXT_FIELDS, ITEM_FIELDS, TASKS  # noqa: F401
-from .errors import FedpaError
+from .errors import ConfigError, FedpaError  # noqa: F401  (ConfigError: imported from here too)
 
 ARCHS = ("transformer", "mlp")
 USER_ENCODERS = ("bert", "elastic")
-
-
-class ConfigError(FedpaError):
-    """A foundation/adapter configuration value is missing or inconsistent."""
 
 
 class FoundationConfig(PretrainedConfig):

@@ -8,3 +8,7 @@ from a bug (let it raise).
 
 class FedpaError(Exception):
     """A problem with the user's input, files or configuration; the message says what and where."""
+
+
+class ConfigError(FedpaError):
+    """A foundation/adapter configuration value is missing or inconsistent."""

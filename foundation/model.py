@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel, PreTrainedModel
 from transformers import initialization as init
@@ -25,31 +24,10 @@ from .checkpoint import CheckpointError, seal_safetensors, verify_safetensors
 from .config import CATEGORICAL_ITEM_FIELDS, ConfigError, FoundationConfig
 from .elastic import ElasticEncoder, InterestMemory
 from .errors import FedpaError
+from .functional import bounded_rows, hash_ids, masked_bce  # noqa: F401  (their home; re-exported)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-_HASH_MULT = 0x5BD1E995  # < 2^31, so (x mod 2^32) * _HASH_MULT < 2^63 never overflows int64
-
-
-def hash_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Map int64 ids (any value, negatives included) to [0, n) with a multiplicative hash.
-
-    h = ((id mod 2^32) * M  div 2^16) mod n: the product's middle bits mix all input
-    bits. Only mod / mul / floor-div on non-negative int64, so it exports to ONNX.
-    """
-    x = torch.remainder(ids, 1 << 32) * _HASH_MULT
-    return torch.remainder(torch.div(x, 1 << 16, rounding_mode="floor"), n)
-
-
-def bounded_rows(ids: torch.Tensor, n: int, hash_all: bool) -> torch.Tensor:
-    """The row of a table of ``n`` rows that each raw id reads: the id itself when it fits (unless the
-    field hashes all ids), else its hash."""
-    hashed = hash_ids(ids, n)
-    if hash_all:
-        return hashed
-    return torch.where((ids >= 0) & (ids < n), ids, hashed)
-
 
 class BoundedEmbedding(nn.Module):
     """An embedding table of ``n`` rows addressed by raw ids (see module docstring)."""
@@ -379,13 +357,6 @@ class FoundationModel(PreTrainedModel):
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean binary cross-entropy over observed labels (>= 0); 0 (with grad) if none observed."""
-    observed = labels >= 0
-    per = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0).to(logits.dtype), reduction="none")
-    return (per * observed).sum() / observed.sum().clamp(min=1)
 
 
 def freeze(model: nn.Module) -> nn.Module:

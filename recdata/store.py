@@ -310,10 +310,12 @@ def check_values(name: str, table: pa.Table, where: str, vocab: dict[str, int] |
 
 
 def _unique(table: pa.Table, col: str, where: str) -> None:
-    n = table.num_rows
-    u = pc.count_distinct(table.column(col)).as_py()
-    if u != n:
-        raise DatasetError(f"{where}: column '{col}' has {n - u} duplicate id(s)")
+    # by sorting, not pyarrow's count_distinct: its hash table left ~35 MiB resident after a 100,000-item
+    # catalogue was checked (mimalloc keeps the pages), a tenth of what a device may hold
+    ids = np.sort(table.column(col).to_numpy())
+    dup = int(np.count_nonzero(ids[1:] == ids[:-1]))
+    if dup:
+        raise DatasetError(f"{where}: column '{col}' has {dup} duplicate id(s)")
 
 
 # ----------------------------------------------------------------------------- reading

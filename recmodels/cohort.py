@@ -7,7 +7,6 @@ Design notes: docs/design/cohort-engine.md
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from fedpa.foundation.adapters import ditto_penalty, parameter_kinds, set_active
 from fedpa.foundation.errors import FedpaError
 from fedpa.foundation.model import masked_bce
 
+from .adam import adam_update
 from .item_bias import (
     CLICKS,
     EMBEDDING,
@@ -32,9 +32,6 @@ from .item_bias import (
 )
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
 from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
-
-ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which PersonalModel uses
-ADAM_EPS = 1e-8
 
 
 @dataclass
@@ -583,7 +580,6 @@ class CohortEngine:
         v = {n: torch.zeros_like(params[n]) for n in names}
         loss_sum = torch.zeros(c, dtype=torch.float64, device=self.device)
         weights = torch.as_tensor(counts, dtype=torch.float64).to(self.device)
-        beta1, beta2 = ADAM_BETAS
         zeros_g = torch.zeros(bs, self.n_groups, dtype=torch.long, device=self.device)
         zeros_s = torch.zeros(bs, dtype=torch.long, device=self.device)
         frozen = {f"scorer.{n}": t for n, t in self._frozen.items()}
@@ -598,10 +594,10 @@ class CohortEngine:
         # the item-side tables step at their own learning rate; the adapters and the popularity weight at lr
         on_tables = [n.startswith("item_bias.") and n != "item_bias.popularity_weight" for n in names]
         tables = [j for j, t in enumerate(on_tables) if t]
-        main = [j for j, t in enumerate(on_tables) if not t]
         items_lr = local.item_bias_lr if tables and local.item_bias_lr is not None else None
         if tables and self.pm.item_bias_newton:   # the offset tables do not train locally (newton statistics)
             items_lr = 0.0
+        rates = local.lr if items_lr is None else [items_lr if t else local.lr for t in on_tables]
         set_active_paths(self.pm.model, paths)
         try:
             with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s):
@@ -617,22 +613,9 @@ class CohortEngine:
                     grads, loss = step_fn(sub, feats[rows], None if items is None else items[rows], labels[rows],
                                           None if domains is None else domains[rows])
                     loss_sum[first:] += loss.double() * weights[first:, s]
-                    # torch.optim.Adam's foreach update, term by term, for every live user at once
-                    ps, gs = [sub[n] for n in names], [grads[n] for n in names]
-                    ms, vs = [m[n][first:] for n in names], [v[n][first:] for n in names]
-                    torch._foreach_lerp_(ms, gs, 1 - beta1)
-                    torch._foreach_mul_(vs, beta2)
-                    torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
-                    step_size = local.lr / (1 - beta1 ** (s + 1))
-                    denom = torch._foreach_sqrt(vs)
-                    torch._foreach_div_(denom, math.sqrt(1 - beta2 ** (s + 1)))
-                    torch._foreach_add_(denom, ADAM_EPS)
-                    if items_lr is None:
-                        torch._foreach_addcdiv_(ps, ms, denom, -step_size)
-                    else:  # the item-side tables step at their own learning rate
-                        for part, size in ((main, step_size), (tables, items_lr / (1 - beta1 ** (s + 1)))):
-                            torch._foreach_addcdiv_([ps[j] for j in part], [ms[j] for j in part],
-                                                    [denom[j] for j in part], -size)
+                    # Adam's update for every live user at once (their (s+1)-th step)
+                    adam_update([sub[n] for n in names], [grads[n] for n in names], [m[n][first:] for n in names],
+                                [v[n][first:] for n in names], s + 1, rates)
         finally:
             set_active_paths(self.pm.model, None)
         return loss_sum

@@ -15,7 +15,7 @@ the few users who saw it instead of being diluted by everyone else. The rows a u
 what the user contributes to the row counts (`touched_rows`), so without secure aggregation the
 server learns which categories a one-user node saw; with it, only per-row sums.
 
-Rows follow the foundation's own embedding tables (`foundation.model.bounded_rows`: the id when it
+Rows follow the foundation's own embedding tables (`foundation.functional.bounded_rows`: the id when it
 fits, a hash otherwise), so a field means the same rows here as in the foundation. A user's merged
 model carries its tables in `WithItemBias` (what `fedpa export` traces). Plain PyTorch.
 
@@ -34,14 +34,19 @@ init). A per-row average cannot learn popularity: it normalises away how many us
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedpa.foundation.batch import ITEM_FIELDS
-from fedpa.foundation.config import CATEGORICAL_ITEM_FIELDS, ConfigError, FoundationConfig
-from fedpa.foundation.model import FoundationModel, FoundationOutput, bounded_rows
+from fedpa.foundation.batch import CATEGORICAL_ITEM_FIELDS, ITEM_FIELDS
+from fedpa.foundation.errors import ConfigError
+from fedpa.foundation.functional import bounded_rows
+
+if TYPE_CHECKING:   # transformers is imported where a foundation is built or a merged model scored, not here
+    from fedpa.foundation.config import FoundationConfig
+    from fedpa.foundation.model import FoundationModel, FoundationOutput
 
 PREFIX = "item_bias."
 """Shared entry names: ``item_bias.<field>``; the item embeddings ``item_bias.embedding``."""
@@ -258,6 +263,8 @@ class WithItemBias(nn.Module):
         self.item_bias = item_bias
 
     def forward(self, user_profile: torch.Tensor, item: torch.Tensor, **batch) -> FoundationOutput:
+        from fedpa.foundation.model import FoundationOutput
+
         out = self.model(user_profile=user_profile, item=item, **{k: v for k, v in batch.items() if k != "labels"})
         return FoundationOutput(logits=out.logits + self.item_bias(item), features=out.features,
                                 user_embedding=out.user_embedding, item_embedding=out.item_embedding)

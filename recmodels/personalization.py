@@ -15,22 +15,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from fedpa.foundation.adapters import (
-    adapter_config,
-    attach_adapters,
-    ditto_penalty,
-    parameter_kinds,
-    set_active_paths,
-    use_routing,
-)
 from fedpa.foundation.batch import ITEM_FIELDS
 from fedpa.foundation.errors import FedpaError
-from fedpa.foundation.model import FoundationModel, masked_bce
+from fedpa.foundation.functional import masked_bce
 
+from .adam import Adam
 from .algorithms import ALGORITHMS, Algorithm, get_algorithm  # noqa: F401  (re-exported)
 from .item_bias import (
     CLICKS,
@@ -44,6 +38,11 @@ from .item_bias import (
     newton_row_statistics,
 )
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
+
+if TYPE_CHECKING:   # the modelling stack is imported where a model is built from it, never on a compiled device
+    from fedpa.foundation.model import FoundationModel
+
+    from .compiled import CompiledAdapters, CompiledFoundation
 
 
 @dataclass(frozen=True)
@@ -107,8 +106,8 @@ class PersonalModel:
     (attribute, value) row); private tensors likewise, per user slot.
     """
 
-    def __init__(self, foundation: FoundationModel, algorithm: Algorithm, *, seed: int = 0,
-                 user_slots: int = 1, host: torch.nn.Module | None = None,
+    def __init__(self, foundation: FoundationModel | CompiledFoundation, algorithm: Algorithm, *, seed: int = 0,
+                 user_slots: int = 1, host: torch.nn.Module | None = None, compiled: CompiledAdapters | None = None,
                  item_bias_fields: tuple[str, ...] | list[str] = (), item_embedding_dim: int = 0,
                  item_rows: int = 0, item_popularity: bool | str = False, item_bias_newton: bool = False,
                  item_domains: np.ndarray | None = None,
@@ -119,13 +118,27 @@ class PersonalModel:
         (`recmodels.item_bias`; FedPA's model only). ``item_embedding_dim`` > 0: shared item embeddings and
         a private user vector beside them (the same module). ``item_domains``: each video id's domain code
         (`recdata.store.Dataset.item_domains`): FedPA's adapter gets a domain-specific shared path, each row
-        routed by its item's domain (UniCDR+'s domain-specific part beside the domain-invariant paths)."""
+        routed by its item's domain (UniCDR+'s domain-specific part beside the domain-invariant paths).
+        ``compiled``: the adapted tower as a device loads it (`recmodels.compiled`), with ``foundation`` its
+        `CompiledFoundation`: no peft, no transformers; the same parameters, training and exchange."""
         self.algorithm = algorithm
         self.foundation = foundation
         self.host = host
         self.task_columns = foundation.label_columns if host is None else host.task_columns
         torch.manual_seed(seed)
-        if algorithm.preset is None:
+        # how the adapted model is routed, indexed and restricted: peft's functions (foundation.adapters, imported
+        # only here), or a compiled tower's methods of the same signatures
+        self._ops = compiled
+        if compiled is not None:
+            if algorithm.preset is None or host is not None:
+                raise FedpaError(f"a compiled model carries adapters of the foundation's tower (algorithm "
+                                 f"'{algorithm.name}'{', a stage head' if host is not None else ''})")
+            self.model = compiled
+            self.config = None
+            self.tower = compiled.tower
+            self.group_attributes = list(compiled.group_attributes)
+            self._index_parameters()
+        elif algorithm.preset is None:
             self.model = None
             self.tower = foundation.tower if host is None else host.tower
             self.group_attributes: list[str] = []
@@ -136,6 +149,10 @@ class PersonalModel:
                                      **adapter_overrides}
             if item_domains is not None:
                 adapter_overrides["domain_values"] = max(int(np.max(item_domains, initial=0)) + 1, 2)
+            from fedpa.foundation import adapters as peft_ops
+            from fedpa.foundation.adapters import adapter_config, attach_adapters
+
+            self._ops = peft_ops
             cfg = adapter_config(foundation.config, algorithm.preset, user_slots=user_slots, **adapter_overrides)
             self.model = attach_adapters(foundation if host is None else host, cfg)
             self.config = cfg
@@ -179,7 +196,7 @@ class PersonalModel:
         params = dict(self.model.named_parameters())
         self._shared: dict[str, tuple[torch.Tensor, int | None, str | None]] = {}
         self._private: dict[str, tuple[torch.Tensor, bool]] = {}
-        for name, k in parameter_kinds(self.model).items():
+        for name, k in self._ops.parameter_kinds(self.model).items():
             if k.kind == "shared":
                 group = None if k.group is None else f"{k.group[0]}={k.group[1]}"
                 self._shared[name] = (params[k.param], k.row, group)
@@ -254,6 +271,8 @@ class PersonalModel:
 
     @property
     def tower_in(self) -> int:
+        if not hasattr(self.foundation, "tower"):   # a compiled foundation states it
+            return self.foundation.tower_in
         return self.foundation.tower.fc1.in_features if hasattr(self.foundation.tower, "fc1") else 0
 
     # ------------------------------------------------------------------ one user
@@ -276,14 +295,14 @@ class PersonalModel:
         if groups is not None and self.group_columns:  # one user's values, or one row per example
             g = groups if groups.dim() == 2 else groups.reshape(1, -1).expand(n, -1)
         s = slot if isinstance(slot, torch.Tensor) else torch.full((n,), slot, dtype=torch.long)
-        return use_routing(self.model, group_index=g, user_slot=s, domain=self.row_domains(data))
+        return self._ops.use_routing(self.model, group_index=g, user_slot=s, domain=self.row_domains(data))
 
     def _loss(self, data: UserTensors, groups, slot) -> torch.Tensor:
         with self._route(data, groups, slot):
             logits = self.scorer(data.features, data.items, slot)
         return masked_bce(logits, data.labels[:, self.task_columns])
 
-    def _optimizer(self, train: LocalTraining) -> torch.optim.Adam:
+    def _optimizer(self, train: LocalTraining) -> Adam:
         """Adam over the adapters (and the popularity weight) at lr, the item-side tables at their own lr."""
         main = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": main}]
@@ -294,7 +313,7 @@ class PersonalModel:
                       and not (self.item_bias_newton and any(p is t for t in self.item_bias.tables.values()))]
             if tables:
                 groups.append({"params": tables, "lr": train.item_bias_lr or train.lr})
-        return torch.optim.Adam(groups, lr=train.lr, foreach=True)
+        return Adam(groups, lr=train.lr)
 
     def touched_rows(self, data: UserTensors) -> dict[str, np.ndarray] | None:
         """Per-row counts this user contributes to the item-side tables, and the rows it adds to the click
@@ -367,7 +386,7 @@ class PersonalModel:
 
     def _epochs(self, data, groups, train, gen, slot, paths=None, prox: float = 0.0) -> float:
         opt = self._optimizer(train)
-        set_active_paths(self.model, paths)
+        self._ops.set_active_paths(self.model, paths)
         total, count = 0.0, 0
         try:
             for _ in range(train.epochs):
@@ -376,14 +395,14 @@ class PersonalModel:
                     idx = order[s:s + train.batch_size]
                     loss = self._loss(data.rows(idx), groups, slot)
                     if prox:
-                        loss = loss + 0.5 * prox * ditto_penalty(self.model)
+                        loss = loss + 0.5 * prox * self._ops.ditto_penalty(self.model)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     total += float(loss.detach()) * len(idx)
                     count += len(idx)
         finally:
-            set_active_paths(self.model, None)
+            self._ops.set_active_paths(self.model, None)
         return total / max(count, 1)
 
     @torch.no_grad()
@@ -394,13 +413,13 @@ class PersonalModel:
         groups = torch.as_tensor(profile[self.group_columns], dtype=torch.long) if self.group_columns else None
         paths = ("user",) if self.algorithm.ditto else None
         if self.model is not None:
-            set_active_paths(self.model, paths)
+            self._ops.set_active_paths(self.model, paths)
         try:
             with self._route(data, groups, slot):
                 logits = self.scorer(data.features, data.items, slot)
         finally:
             if self.model is not None:
-                set_active_paths(self.model, None)
+                self._ops.set_active_paths(self.model, None)
         return torch.sigmoid(logits[:, 0]).numpy()
 
     @torch.no_grad()
