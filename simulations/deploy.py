@@ -109,6 +109,10 @@ class LocalDeployment:
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                     "PYTHONPATH": os.pathsep.join(p for p in (str(APP_DIR), os.environ.get("PYTHONPATH", "")) if p)}
+        # what a device's process should run with: freed arrays (a round's messages, its deltas) go back to the
+        # system instead of staying in glibc's heap (benchmarks/bench_device_memory.py: 378 MiB steady instead of
+        # 404 after three rounds)
+        self.env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
         if self.poll_s is not None:
             # the SuperExec a SuperNode starts polls for tasks every second by default (Flower's own variable);
             # the SuperNode's own 3 s poll has no setting: simulations/loopback_supernode.py caps it
