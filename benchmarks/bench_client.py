@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,8 @@ def child(data: str, foundation: str, algorithm: str, work: str) -> dict:
         rounds.append(time.perf_counter() - t)
         up = message_bytes(reply)
     data_rows = len(rt.user(client).train)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    with open("/proc/self/status") as f:   # VmHWM, not ru_maxrss: Linux carries that across exec from the parent
+        peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
     return {"algorithm": algorithm, "user_train_rows": data_rows, "import_s": t_import, "runtime_s": t_runtime,
             "round1_s": rounds[0], "round2_s": rounds[1], "reply_bytes": up, "peak_rss_mib": peak}
 

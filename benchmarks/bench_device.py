@@ -6,7 +6,8 @@ provision`); then each case runs in its own fresh interpreter pinned to one thre
 `flwr-clientapp` per message): imports, building the runtime, two training rounds through the ClientApp's own
 `train` handler (personal store on), 30 events appended to the device's log and a third round, then (device
 only) recommending 120 candidates with the torch model and with the exported ONNX model. Reported: the times,
-the reply size and the process's peak RSS.
+the reply size and the process's peak RSS after the rounds and after the ONNX export (which builds the full
+model; a device's memory alone: `bench_device_memory.py`).
 
     .venv/bin/python benchmarks/bench_device.py [--data data/small] [--foundation runs/demo/foundation]
         [--algorithm fedpa]
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +32,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries it across exec, so a
+    child started by a large parent reports the parent's size (this benchmark's earlier figures, 790 MiB, were)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def child(mode: str, data: str, foundation: str, algorithm: str, work: str, client: int) -> dict:
@@ -49,7 +56,6 @@ def child(mode: str, data: str, foundation: str, algorithm: str, work: str, clie
     from fedpa.client.personal_store import PersonalStore, generate_key_file
     from fedpa.client.runtime import get_runtime
     from fedpa.common.config import FederationConfig
-    from fedpa.common.models import build_personal_model
     from fedpa.common.records import arrays_to_record as to_record
     from fedpa.common.records import message_bytes
     from fedpa.foundation.checkpoint import artifact_digest
@@ -67,7 +73,7 @@ def child(mode: str, data: str, foundation: str, algorithm: str, work: str, clie
     else:
         node.update({"partition-id": 0, "num-partitions": 1})
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
-    state = build_personal_model(cfg).get_shared()   # the server's initial state
+    state = dict(np.load(Path(work) / "state.npz"))   # the server's initial state, made by the parent as a server
     rounds, t_runtime = [], 0.0
     for r in (1, 2, 3):
         if r == 3:   # events arrive between rounds (the dataset mode has no log: it cannot take them)
@@ -92,7 +98,8 @@ def child(mode: str, data: str, foundation: str, algorithm: str, work: str, clie
             t_runtime = time.perf_counter() - t1   # cached by the first round: ~0 here, the build is in round 1
         up = message_bytes(reply)
     out = {"mode": mode, "import_s": t_import, "runtime_s": t_runtime, "rounds_s": rounds, "reply_bytes": up,
-           "train_rows": len(rt.user(client).train)}
+           "train_rows": len(rt.user(client).train),
+           "rounds_rss_mib": peak_rss_mib()}
     if mode == "device":
         from fedpa.client.on_device import DeviceRecommender
 
@@ -123,7 +130,7 @@ def child(mode: str, data: str, foundation: str, algorithm: str, work: str, clie
                     "onnx_score_ms": 1000 * float(np.median(ot)),
                     "onnx_bytes": (Path(work) / "model.onnx").stat().st_size,
                     "onnx_vs_torch": float(np.abs(onnx - torch_scores).max())})
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = peak_rss_mib()
     return out
 
 
@@ -149,9 +156,12 @@ def main() -> None:
         mode, data, foundation, alg, work, client = a.child
         print(json.dumps(child(mode, data, foundation, alg, work, int(client))))
         return
+    import numpy as np
+
     from fedpa.client.device_data import provision
     from fedpa.client.runtime import partition_config
     from fedpa.common.config import FederationConfig
+    from fedpa.common.models import build_personal_model
     from fedpa.recdata.partition import make_partition, user_activity
     from fedpa.recdata.store import Dataset
 
@@ -167,6 +177,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             t = time.perf_counter()
             dev = provision(cfg, [client], Path(work) / "device")
+            np.savez(Path(work) / "state.npz", **build_personal_model(cfg).get_shared())
             size = sum(f.stat().st_size for f in dev.path.rglob("*") if f.is_file())
             t_prov = time.perf_counter() - t
             p = subprocess.run([sys.executable, __file__, "--child", mode, data, foundation, a.algorithm, work,
@@ -180,16 +191,17 @@ def main() -> None:
     print(f"{a.algorithm} on {a.data}, client {client} (median user); device directory {size / 2**20:.1f} MiB, "
           f"provisioned in {t_prov:.1f} s")
     print(f"{'node reads':<10} {'import s':>9} {'round 1 s':>10} {'round 2 s':>10} {'round 3 s':>10} {'rows':>6} "
-          f"{'reply KB':>9} {'peak RSS MiB':>13}")
+          f"{'reply KB':>9} {'rounds: peak RSS MiB':>21} {'then with ONNX export':>22}")
     for r in rows:
         print(f"{r['mode']:<10} {r['import_s']:>9.2f} {r['rounds_s'][0]:>10.2f} {r['rounds_s'][1]:>10.3f} "
               f"{r['rounds_s'][2]:>10.3f} {r['train_rows']:>6} {r['reply_bytes'] / 1024:>9.1f} "
-              f"{r['peak_rss_mib']:>13.0f}")
+              f"{r['rounds_rss_mib']:>21.0f} {r['peak_rss_mib'] if r['mode'] == 'device' else float('nan'):>22.0f}")
     d = rows[1]
     print(f"recommend 120 candidates: torch {d['recommend_torch_ms']:.1f} ms (median of 20, incl. features), "
           f"ONNX scoring {d['onnx_score_ms']:.2f} ms ({d['onnx_bytes'] / 2**20:.1f} MiB model, "
           f"max |Δp| vs torch {d['onnx_vs_torch']:.1e})")
-    print(f"peak RSS ratio device/dataset: {rows[1]['peak_rss_mib'] / rows[0]['peak_rss_mib']:.2f}")
+    print(f"peak RSS of the rounds, device/dataset: {rows[1]['rounds_rss_mib'] / rows[0]['rounds_rss_mib']:.2f} "
+          "(a device's process alone: benchmarks/bench_device_memory.py)")
 
 
 MODES = {"flower": {"poll_s": None, "warm": False}, "poll": {"poll_s": 0.1, "warm": False},
