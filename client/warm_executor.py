@@ -28,19 +28,29 @@ import signal
 import sys
 import time
 
-PRELOAD = ("flwr.supernode.runtime.run_clientapp", "torch", "peft", "fedpa.client.app", "fedpa.client.runtime",
-           "fedpa.client.training", "fedpa.common.models")
-"""What the ClientApp's handlers import: the training path (torch, peft, the models) and the SecAgg+ phases."""
+PRELOAD = ("flwr.supernode.runtime.run_clientapp", "torch", "fedpa.client.app", "fedpa.client.runtime",
+           "fedpa.client.training", "fedpa.common.models", "fedpa.recmodels.compiled")
+"""What the ClientApp's handlers import: the training path (torch, the models) and the SecAgg+ phases."""
+FULL_MODEL = ("peft", "fedpa.foundation.model")
+"""What a device without a compiled model of the run (`recmodels.compiled`) trains with besides: the modelling stack."""
 _TASK_THREADS = 0
 """torch's thread count for a task (the parent's own before `preload` pinned it to one)."""
 
 
 def preload(modules: tuple[str, ...] = PRELOAD, foundation: str | None = None) -> float:
-    """Import what every task needs, once, and load the device's foundation (`foundation.model.pin_foundation`:
-    a task then copies it instead of reading and converting the checkpoint); returns the seconds it took."""
+    """Import what every task needs, once, and load the device's model; returns the seconds it took. A device
+    whose directory holds a compiled model (``foundation``'s sibling ``compiled/``, made at provisioning) needs no
+    more than torch: that model is loaded (`recmodels.compiled.pin_compiled`). Otherwise (or with no
+    ``foundation`` named) the modelling stack too, and the foundation (`foundation.model.pin_foundation`). A task
+    then copies what is loaded instead of reading and checking the files."""
+    from pathlib import Path
+
+    from fedpa.client.device_data import COMPILED_DIR
+
     global _TASK_THREADS
     t = time.perf_counter()
-    for name in modules:
+    full = foundation is None or not (Path(foundation).parent / COMPILED_DIR).is_dir()
+    for name in modules + (FULL_MODEL if full else ()):
         importlib.import_module(name)
     from flwr.supernode.runtime import run_clientapp as task_process
 
@@ -54,7 +64,11 @@ def preload(modules: tuple[str, ...] = PRELOAD, foundation: str | None = None) -
 
         _TASK_THREADS = _TASK_THREADS or torch.get_num_threads()
         torch.set_num_threads(1)
-    if foundation:
+    if foundation and not full:
+        from fedpa.recmodels.compiled import pin_compiled
+
+        pin_compiled(Path(foundation).parent / COMPILED_DIR)
+    if foundation and full:
         from fedpa.foundation.model import pin_foundation
 
         pin_foundation(foundation)

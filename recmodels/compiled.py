@@ -218,24 +218,81 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CompiledModelError(f"{f}: malformed ({e})") from None
 
 
+@dataclass
+class _Pinned:
+    version: tuple
+    meta: dict[str, Any]
+    files: dict[str, bytes]                 # checked against their digests once, when pinned
+    modules: dict[str, nn.Module] | None    # loaded once, for the first load in a process forked from the pinner
+    pid: int
+
+
+_PINNED: dict[Path, _Pinned] = {}
+
+
+def _files_version(path: Path) -> tuple:
+    return tuple((f, st.st_size, st.st_mtime_ns, st.st_ino)
+                 for f in (META_FILE, *FILES.values()) for st in [(path / f).stat()])
+
+
+def pin_compiled(path: str | Path) -> None:
+    """Keep this compiled model loaded in this process, for the processes forked from it (`client/warm_executor.py`
+    forks one per task): the first `load_compiled(path)` in each child takes the loaded modules as they are (a
+    forked child's writes are its own), later ones read them from memory, without the files or their digests; as
+    long as the files are the version pinned."""
+    import os
+
+    path = Path(path).resolve()
+    version = _files_version(path)
+    meta, modules, files = _read(path)
+    _PINNED[path] = _Pinned(version, meta, files, modules, os.getpid())
+
+
 def load_compiled(path: str | Path) -> Compiled:
     """Read a compiled model (each file checked against its sha256 first); torch only."""
+    import io
+    import os
+
     path = Path(path)
+    pin = _PINNED.get(path.resolve()) if _PINNED else None
+    if pin is None or pin.version != _files_version(path.resolve()):
+        meta, modules, _ = _read(path)
+        return _assemble(path, meta, modules)
+    if pin.pid != os.getpid() and pin.modules is not None:   # a forked task: the pinned modules are its own copy
+        modules, pin.modules = pin.modules, None
+    else:
+        modules = {k: _load(path / FILES[k], io.BytesIO(pin.files[FILES[k]])) for k in FILES}
+    return _assemble(path, pin.meta, modules)
+
+
+def _load(f: Path, source) -> nn.Module:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)   # TorchScript over torch.export: module doc
+            return torch.jit.load(source, map_location="cpu")
+    except RuntimeError as e:
+        raise CompiledModelError(f"{f}: not a loadable TorchScript module ({str(e).splitlines()[0]})") from None
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, nn.Module], dict[str, bytes]]:
+    import io
+
     meta = read_meta(path)
-    modules = {}
+    modules, files = {}, {}
     for key, name in FILES.items():
         f = path / name
         if not f.is_file():
             raise CompiledModelError(f"{f}: missing")
-        if _sha256(f) != meta["sha256"][name]:
+        data = f.read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta["sha256"][name]:
             raise CompiledModelError(f"{f}: its sha256 is not the one recorded at compile time (corrupted or "
                                      "replaced): refused")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)   # TorchScript over torch.export: module doc
-                modules[key] = torch.jit.load(str(f), map_location="cpu")
-        except RuntimeError as e:
-            raise CompiledModelError(f"{f}: not a loadable TorchScript module ({str(e).splitlines()[0]})") from None
+        files[name] = data
+        modules[key] = _load(f, io.BytesIO(data))
+    return meta, modules, files
+
+
+def _assemble(path: Path, meta: dict[str, Any], modules: dict[str, nn.Module]) -> Compiled:
     config = CompiledConfig(meta["user_fields"], {f: tuple(v) for f, v in meta["tables"].items()})
     tower = CompiledTower(modules["tower"], modules["base"], len(meta["group_attributes"]))
     kinds = {name: CompiledKind(k["kind"], tuple(k["group"]) if k["group"] else None, k["param"], k["row"],

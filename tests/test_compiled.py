@@ -169,3 +169,29 @@ def test_ditto_and_multi_user_devices_are_not_compiled(tiny, tiny_foundation, tm
     assert not (dev.path / COMPILED_DIR).exists()
     two = provision(replace(cfg, algorithm="fedpa"), [3, 4], tmp_path / "edge")
     assert "several users" in json.loads((two.path / "device.json").read_text())["compiled"]
+
+
+def test_a_pinned_compiled_model_gives_each_load_its_own_copy_and_is_reread_when_its_files_change(phone, tmp_path):
+    import shutil
+
+    import torch
+
+    from fedpa.recmodels import compiled as C
+
+    _, dev = phone
+    path = tmp_path / "compiled"
+    shutil.copytree(dev.path / COMPILED_DIR, path)
+    C.pin_compiled(path)
+    try:
+        a, b = C.load_compiled(path), C.load_compiled(path)
+        pa, pb = dict(a.adapters.named_parameters()), dict(b.adapters.named_parameters())
+        name = next(n for n, p in pa.items() if p.requires_grad)
+        with torch.no_grad():
+            pa[name].add_(1.0)     # a task training its copy leaves the pinned one and the other copies alone
+        assert not torch.equal(pa[name], pb[name])
+        assert torch.equal(dict(C.load_compiled(path).adapters.named_parameters())[name], pb[name])
+        (path / "tower.pt").write_bytes((path / "tower.pt").read_bytes()[:-4] + b"XXXX")   # a new version
+        with pytest.raises(C.CompiledModelError, match="sha256"):
+            C.load_compiled(path)
+    finally:
+        C._PINNED.clear()

@@ -119,8 +119,9 @@ def executor_cmd(
     poll: Annotated[float, typer.Option(help="seconds between claims when idle")] = 0.05,
 ):
     """Run the device's ClientApp tasks warm: start the SuperNode with --isolation process, then this beside it.
-    It imports torch, peft and the client once (and loads the foundation), and runs each task Flower hands the
-    SuperNode in a child forked from itself (client/warm_executor.py), until stopped."""
+    It imports torch and the client once (with the full model and its foundation where the device has no
+    compiled model), and runs each task Flower hands the SuperNode in a child forked from itself
+    (client/warm_executor.py), until stopped."""
     from fedpa.client.warm_executor import WarmExecutor, preload
 
     executor = WarmExecutor(runtime_api_address, insecure=insecure,
