@@ -118,10 +118,11 @@ content = RecordDict({{"run": ConfigRecord(json.loads({json.dumps(json.dumps(run
 meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
                 created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
 msg = Message(content=content, metadata=meta)
-ctx = Context(run_id=1, node_id=1, node_config={{"device-data": {str(dev.path)!r}}}, state=RecordDict(), run_config={{}})
+ctx = Context(run_id=1, node_id=1, node_config={{"device-data": {str(dev.path)!r}}}, state=RecordDict(),
+              run_config={{}})
 reply = training.train(msg, ctx, _config(msg, ctx))
-print(json.dumps({{"metrics": dict(reply.content["metrics"]),
-                  "loaded": sorted(m for m in ("peft", "transformers", "torch._dynamo", "sympy") if m in sys.modules)}}))
+heavy = ("peft", "transformers", "torch._dynamo", "sympy")
+print(json.dumps({{"metrics": dict(reply.content["metrics"]), "loaded": sorted(m for m in heavy if m in sys.modules)}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
