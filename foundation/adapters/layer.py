@@ -276,7 +276,7 @@ class FedPALinear(nn.Module, LoraLayer):
         else:
             live = [d for d in deltas if d is not None]
             out = sum(live) / len(live)
-        return out * scale
+        return out if scale == 1 else out * scale
 
     def _shared_factors(self, adapter: str, spec: _LayerSpec, active: list[bool],
                         route: Routing | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -312,28 +312,29 @@ class FedPALinear(nn.Module, LoraLayer):
         """Σ_k g_k (x A_k) B_k as one product: the gate (or the mean) weighs the rank-r activations of the
         paths side by side, [x A_1 | ... | x A_K], before one multiplication by [B_1; ...; B_K]. Same value
         as the path-by-path sum, with two matrix products instead of 2K and no [..., out]-sized products."""
-        r = factors[0][0].shape[-1]
-        a_cat = torch.cat([a for a, _ in factors], dim=-1)               # [in, K r]
+        r, k = factors[0][0].shape[-1], len(factors)
         fuse_gate = spec.use_gate and xd is x  # no dropout: the gate's first layer joins the same product
-        if fuse_gate:
+        if fuse_gate:   # one concatenation: [A_1 | ... | A_K | gate fc1]
             fc1 = self.lora_gate_fc1[adapter]
-            h_all = x @ torch.cat([a_cat, fc1.weight.t()], dim=-1)
-            h = h_all[..., :a_cat.shape[-1]]                             # [..., K r]
-            logits = self.lora_gate_fc2[adapter](F.relu(h_all[..., a_cat.shape[-1]:] + fc1.bias))
+            h_all = x @ torch.cat([*(a for a, _ in factors), fc1.weight.t()], dim=-1)
+            h = h_all[..., :k * r]                                       # [..., K r]
+            logits = self.lora_gate_fc2[adapter](F.relu(h_all[..., k * r:] + fc1.bias))
         else:
-            h = xd @ a_cat
+            h = xd @ torch.cat([a for a, _ in factors], dim=-1)          # [in, K r]
         if spec.use_gate:
             if not fuse_gate:
                 logits = self.gate_logits(adapter, x)                    # [..., 1 + P]
             if not all(active):
                 keep = torch.tensor([True, *active], device=x.device)
                 logits = logits.masked_fill(~keep, float("-inf"))
-            cols = [k + 1 for k, on in enumerate(active) if on]
+            cols = [j + 1 for j, on in enumerate(active) if on]
             g = logits.softmax(-1)[..., cols]                            # [..., K]
-            h = h * g.repeat_interleave(r, dim=-1)
+            h = (h.unflatten(-1, (k, r)) * g.unsqueeze(-1)).flatten(-2)  # each path's r activations times its g
         else:
-            h = h / len(factors)
-        return (h @ torch.cat([b for _, b in factors], dim=-2)) * self.scaling[adapter]
+            h = h / k
+        out = h @ torch.cat([b for _, b in factors], dim=-2)
+        scale = self.scaling[adapter]
+        return out if scale == 1 else out * scale   # rank = alpha (fedpa's default): no pass over [..., out]
 
     # ------------------------------------------------------------------ merging (peft API)
 
