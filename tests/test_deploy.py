@@ -66,6 +66,7 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
         shutil.rmtree(data)
         for node in d.node_list:
             assert len(Dataset(node.device / "data").users()) == 1
+            assert json.loads((node.device / "device.json").read_text())["compiled"] == "yes"   # torch alone
             d.start_node(node)
         phone = d.node_list[0]
         with EventLog(phone.device / LOG_FILE, DeviceData.open(phone.device).clients[0]) as log:
@@ -102,6 +103,7 @@ def test_deployment_with_tls_auth_and_secagg_survives_a_crashed_node(tiny, tiny_
         log = (d.logs / f"executor-{node.index}.log").read_text()
         done = log.count("task done")
         assert done >= 12 and log.count("(exit 0;") == done and f"stopped after {done} task(s)" in log, log[-2000:]
+        assert "training with the full model" not in log    # each device trained with its compiled model
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["clients_ok"] == 4 and rows[2]["clients_ok"] == 3, [r.get("clients_ok") for r in rows]
