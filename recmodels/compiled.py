@@ -364,7 +364,7 @@ def compile_personal_model(pm, out: str | Path, batch: Mapping[str, torch.Tensor
     if model is None:
         raise CompiledModelError(f"algorithm '{pm.algorithm.name}' has no adapters to compile")
     if pm.algorithm.ditto:
-        raise CompiledModelError("Ditto trains its paths in phases: not compiled (its device runs the full model)")
+        raise CompiledModelError("Ditto trains its paths in phases (a trace would fix them)")
     if getattr(pm.config, "lora_dropout", 0.0):
         raise CompiledModelError("adapter dropout cannot be compiled (a trace fixes its mode)")
     if pm.config.user_slots != 1:

@@ -26,7 +26,9 @@ def provision_cmd(
     """Write a device directory: the rows of the given clients of the federation (the partition the options
     define, as in the run) and the foundation, nothing of anyone else. A SuperNode started with
     --node-config 'device-data="DIR"' reads only it; the run then needs no data path (nodes-hold-data)."""
-    from fedpa.client.device_data import provision
+    import json
+
+    from fedpa.client.device_data import DEVICE_FILE, provision
     from fedpa.recdata.store import Dataset
 
     cfg = settings.resolve()
@@ -37,6 +39,9 @@ def provision_cmd(
     users = ", ".join(f"client {c} = user {u}" for c, u in sorted(dev.clients.items()))
     out.print(f"device [bold]{dev.path}[/]: {users} of {dev.num_clients}; {rows:,} exposures, "
               f"{len(ds.items()):,} catalogue items, foundation included; {size / 2**20:.1f} MiB")
+    compiled = json.loads((dev.path / DEVICE_FILE).read_text()).get("compiled", "")
+    out.print("the run's model compiled for the device: it trains with torch alone" if compiled == "yes"
+              else f"{compiled}; the device trains with the full model (transformers, peft)")
 
 
 @device_app.command("log")
