@@ -73,11 +73,10 @@ class CompiledKind:
 class CompiledTower(nn.Module):
     """Called as peft's adapted tower is (``tower(x)``), routed by `CompiledAdapters.use_routing`."""
 
-    def __init__(self, routed: nn.Module, base: nn.Module, n_groups: int):
+    def __init__(self, routed: nn.Module, base: nn.Module):
         super().__init__()
         self.routed = routed     # (x [n, D], group rows [n, G], user slots [n], domains [n]) -> logits [n, T]
         self.base = base         # x -> the frozen tower's logits
-        self.n_groups = n_groups
         self.routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.adapters_on = True
         for p in self.base.parameters():
@@ -294,7 +293,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, nn.Module], dict[str, b
 
 def _assemble(path: Path, meta: dict[str, Any], modules: dict[str, nn.Module]) -> Compiled:
     config = CompiledConfig(meta["user_fields"], {f: tuple(v) for f, v in meta["tables"].items()})
-    tower = CompiledTower(modules["tower"], modules["base"], len(meta["group_attributes"]))
+    tower = CompiledTower(modules["tower"], modules["base"])
     kinds = {name: CompiledKind(k["kind"], tuple(k["group"]) if k["group"] else None, k["param"], k["row"],
                                 k["per_slot"]) for name, k in meta["kinds"].items()}
     params = dict(tower.routed.named_parameters())
@@ -399,6 +398,9 @@ def compile_personal_model(pm, out: str | Path, batch: Mapping[str, torch.Tensor
             m = max(n - seed, 1)
             gm, dm = _mixed_groups(m, vocab, seed), d[:m].roll(seed)
             worst = max(worst, float((tower(x[:m], gm, s[:m], dm) - routed(x[:m], gm, s[:m], dm)).abs().max()))
+        # one user's rows, as a device has them: peft takes its one-row path there, the trace its per-row path
+        one = g[:1].expand(n, -1).contiguous()
+        worst = max(worst, float((tower(x, one, s, d) - routed(x, one, s, d)).abs().max()))
         with model.disable_adapter():
             worst = max(worst, float((base(x) - pm.tower(x)).abs().max()))
     if not worst <= PARITY_TOLERANCE:
