@@ -338,9 +338,13 @@ class _Encoder(nn.Module):
 
 
 def _trace(module: nn.Module, inputs: tuple) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # TracerWarnings on the branches the trace fixes (see the module doc)
-        return torch.jit.trace(module, inputs, check_trace=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # TracerWarnings on the branches the trace fixes (see the module doc)
+            return torch.jit.trace(module, inputs, check_trace=False)
+    except (RuntimeError, TypeError, ValueError) as e:   # what TorchScript cannot follow: the full model runs
+        raise CompiledModelError(f"TorchScript could not trace {type(module).__name__} "
+                                 f"({str(e).splitlines()[0][:200]})") from None
 
 
 def _mixed_groups(n: int, vocab: list[int], seed: int = 0) -> torch.Tensor:
