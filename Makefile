@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet --no-compile -e '.[dev,edge,analysis]'   # bytecode as modules are first imported (40 s less)
+	$(VENV)/bin/pip install --quiet -e '.[dev,edge,analysis]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
