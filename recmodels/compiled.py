@@ -368,6 +368,8 @@ def compile_personal_model(pm, out: str | Path, batch: Mapping[str, torch.Tensor
         raise CompiledModelError(f"algorithm '{pm.algorithm.name}' has no adapters to compile")
     if pm.algorithm.ditto:
         raise CompiledModelError("Ditto trains its paths in phases (a trace would fix them)")
+    if pm.host is not None:   # its trained head comes from stage-models, which the options a device checks omit
+        raise CompiledModelError("a funnel stage's head is not compiled")
     if getattr(pm.config, "lora_dropout", 0.0):
         raise CompiledModelError("adapter dropout cannot be compiled (a trace fixes its mode)")
     if pm.config.user_slots != 1:
