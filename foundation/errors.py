@@ -12,3 +12,7 @@ class FedpaError(Exception):
 
 class ConfigError(FedpaError):
     """A foundation/adapter configuration value is missing or inconsistent."""
+
+
+class RoutingError(FedpaError):
+    """A batch cannot be routed to adapters (unknown user, group value out of range, ...)."""

@@ -1,11 +1,16 @@
-"""The foundation's plain tensor functions: how raw ids find their table rows, and the loss every model here
-trains with. Torch only (no transformers), so that a device's compiled model (`recmodels.compiled`) and the
-item-side tables read rows exactly as the foundation does without importing its modelling stack."""
+"""The foundation's plain tensor functions: how raw ids find their table rows, the loss every model here trains
+with, and the checks of a batch's routing (group rows, domain codes). Torch only (no transformers), so that a
+device's compiled model (`recmodels.compiled`) and the item-side tables read rows exactly as the foundation does
+without importing its modelling stack."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 import torch.nn.functional as F
+
+from .errors import RoutingError
 
 _HASH_MULT = 0x5BD1E995  # < 2^31, so (x mod 2^32) * _HASH_MULT < 2^63 never overflows int64
 
@@ -34,3 +39,23 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     observed = labels >= 0
     per = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0).to(logits.dtype), reduction="none")
     return (per * observed).sum() / observed.sum().clamp(min=1)
+
+
+def check_group_rows(group_index: torch.Tensor, attributes: Sequence[str], vocab: Mapping[str, int]) -> None:
+    """Refuse a group row [B, G] outside the values the group adapters were built for (column j: attributes[j])."""
+    for j, a in enumerate(attributes):
+        col, v = group_index[:, j], vocab[a]
+        bad = (col < 0) | (col >= v)
+        if bool(bad.any()):
+            raise RoutingError(f"profile field '{a}' has value {int(col[bad][0])} outside the "
+                               f"{v} values the group adapters were built for (0..{v - 1})")
+
+
+def check_domains(domain: torch.Tensor, values: int) -> torch.Tensor:
+    """Domain codes as long, refusing one outside the 0..values-1 the domain path was built for."""
+    domain = domain.long()
+    bad = (domain < 0) | (domain >= values)
+    if bool(bad.any()):
+        raise RoutingError(f"domain code {int(domain[bad][0])} is outside the {values} codes the domain-specific "
+                           f"path was built for (0..{values - 1})")
+    return domain

@@ -43,6 +43,7 @@ from torch import nn
 
 from fedpa.foundation.batch import CATEGORICAL_ITEM_FIELDS
 from fedpa.foundation.errors import FedpaError
+from fedpa.foundation.functional import check_domains, check_group_rows
 
 FORMAT = "fedpa-compiled"
 VERSION = 1
@@ -138,18 +139,13 @@ class CompiledAdapters:
                     user_slot: torch.Tensor | None = None, domain: torch.Tensor | None = None) -> Iterator[None]:
         n = next(len(t) for t in (group_index, user_slot, domain) if t is not None)
         g = (torch.zeros(n, 0, dtype=torch.long) if group_index is None else group_index.long())
-        for j, a in enumerate(self.group_attributes):   # the trace reads rows without checking them: check here
-            col, v = g[:, j], self.group_vocab[a]
-            bad = (col < 0) | (col >= v)
-            if bool(bad.any()):
-                raise FedpaError(f"profile field '{a}' has value {int(col[bad][0])} outside the {v} values the "
-                                 f"group adapters were built for (0..{v - 1})")
+        check_group_rows(g, self.group_attributes, self.group_vocab)   # the trace reads rows without checking
         s = torch.zeros(n, dtype=torch.long) if user_slot is None else user_slot.long()
         if bool((s != 0).any()):
             raise FedpaError("a compiled model serves one user (slot 0)")
         d = torch.zeros(n, dtype=torch.long) if domain is None else domain.long()
-        if self.domain_values and bool(((d < 0) | (d >= self.domain_values)).any()):
-            raise FedpaError(f"domain code outside 0..{self.domain_values - 1}")
+        if self.domain_values:
+            d = check_domains(d, self.domain_values)
         prev = self.tower.routing
         self.tower.routing = (g, s, d)
         try:

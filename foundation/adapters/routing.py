@@ -13,12 +13,9 @@ from peft import PeftModel
 from torch import nn
 
 from ..config import ConfigError
-from ..errors import FedpaError
+from ..errors import FedpaError, RoutingError  # noqa: F401  (RoutingError: imported from here too)
+from ..functional import check_domains, check_group_rows  # noqa: F401  (check_domains: from here too)
 from .config import FedPAConfig
-
-
-class RoutingError(FedpaError):
-    """A batch cannot be routed to adapters (unknown user, group value out of range, ...)."""
 
 
 @dataclass
@@ -66,12 +63,7 @@ class RoutingState:
             if user_profile is None:
                 raise RoutingError("group adapters need batch['user_profile'] to route examples")
             group_index = user_profile[:, self.columns].long()
-            for j, a in enumerate(cfg.group_attributes):
-                col, v = group_index[:, j], cfg.group_vocab[a]
-                bad = (col < 0) | (col >= v)
-                if bool(bad.any()):
-                    raise RoutingError(f"profile field '{a}' has value {int(col[bad][0])} outside the "
-                                       f"{v} values the group adapters were built for (0..{v - 1})")
+            check_group_rows(group_index, cfg.group_attributes, cfg.group_vocab)
         slot = None
         if self.uses_slots:
             n = user_profile.shape[0] if user_profile is not None else (user_id.shape[0] if user_id is not None else 0)
@@ -130,16 +122,6 @@ def set_user_slots(model: nn.Module, user_ids: Sequence[int] | torch.Tensor) -> 
         raise RoutingError("user ids for adapter slots must be distinct")
     order = torch.argsort(ids)
     state.slot_ids, state.slot_of = ids[order], order
-
-
-def check_domains(domain: torch.Tensor, values: int) -> torch.Tensor:
-    """Domain codes as long, refusing one outside the 0..values-1 the domain path was built for."""
-    domain = domain.long()
-    bad = (domain < 0) | (domain >= values)
-    if bool(bad.any()):
-        raise RoutingError(f"domain code {int(domain[bad][0])} is outside the {values} codes the domain-specific "
-                           f"path was built for (0..{values - 1})")
-    return domain
 
 
 @contextlib.contextmanager
