@@ -595,9 +595,14 @@ class CohortEngine:
         on_tables = [n.startswith("item_bias.") and n != "item_bias.popularity_weight" for n in names]
         tables = [j for j, t in enumerate(on_tables) if t]
         items_lr = local.item_bias_lr if tables and local.item_bias_lr is not None else None
-        if tables and self.pm.item_bias_newton:   # the offset tables do not train locally (newton statistics)
-            items_lr = 0.0
-        rates = local.lr if items_lr is None else [items_lr if t else local.lr for t in on_tables]
+        # item-bias-update newton: the offset tables do not train locally (their newton statistics travel); the
+        # item embeddings and the user's vector still do
+        still = [self.pm.item_bias_newton and n.startswith("item_bias.tables.") for n in names]
+        if items_lr is None and not any(still):
+            rates = local.lr
+        else:
+            rates = [0.0 if z else (local.lr if items_lr is None else items_lr) if t else local.lr
+                     for t, z in zip(on_tables, still)]
         set_active_paths(self.pm.model, paths)
         try:
             with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s):
