@@ -1,7 +1,15 @@
-"""PFedRec's protocol on KuaiSAR-R: implicit feedback, leave one out, sampled negatives.
+"""PFedRec's protocol on KuaiSAR-R (or another implicit data set): implicit feedback, leave one out, sampled
+negatives.
 
     .venv/bin/python benchmarks/bench_quality_loo.py [--src ../shared/data/kuaisar-r] [--seeds 3] [--rounds 20]
         [--algorithms fedpa,fedmf,pfedrec,fedrap,local,foundation] [--out runs/loo] [--secagg]
+
+Another data set already imported, e.g. MovieLens-100K as implicit feedback (every rating a positive, as PFedRec's
+code binarizes it; FedPA's open users by exposures, as it has no activity attribute):
+
+    fedpa data import-movielens PATH/TO/ml-100k --out data/ml100k-implicit --label implicit
+    .venv/bin/python benchmarks/bench_quality_loo.py --data data/ml100k-implicit --activity-attribute "" \
+        --name MovieLens-100K --out runs/ml-loo
 
 The data is imported with fedpa's own importer as PFedRec's official code prepares it: clicks only, users with at
 least 3 clicks (1,748 users), the catalogue = the clicked items (37,020); per user the latest click is the test
@@ -22,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -92,6 +102,10 @@ def main() -> None:
     ap.add_argument("--algorithms", default=ALGORITHMS)
     ap.add_argument("--out", default="runs/loo")
     ap.add_argument("--secagg", action="store_true", help="also run fedpa under SecAgg+ (3 nodes)")
+    ap.add_argument("--activity-attribute", default="reco_active_level",
+                    help="profile field marking highly active users, FedPA's open-user rule (\"\": by exposures)")
+    ap.add_argument("--active-values", default="3")
+    ap.add_argument("--name", default="KuaiSAR-R", help="the data set's name in the report")
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="KEY=VALUE for every run (e.g. item-embedding-dim=16)")
     a = ap.parse_args()
@@ -105,7 +119,8 @@ def main() -> None:
     ds = Dataset(data)
     out = Path(a.out)
     foundation = out / "pretrained"
-    partition = PartitionConfig(seed=0, activity_attribute="reco_active_level", active_values=(3,))
+    active = tuple(int(v) for v in a.active_values.split(",") if v) if a.activity_attribute else ()
+    partition = PartitionConfig(seed=0, activity_attribute=a.activity_attribute or None, active_values=active)
     if not (foundation / "config.json").exists():
         report = pretrain_foundation(data, foundation, epochs=20, patience=2, batch_size=1024, split="loo",
                                      partition=partition)
@@ -119,7 +134,8 @@ def main() -> None:
         extra[key.replace("-", "_")] = json.loads(value) if value[:1] in "0123456789-[{tf\"" else value
         given.add(key)
     base = FederationConfig(data_dir=str(data), foundation=str(foundation), split="loo", num_rounds=a.rounds,
-                            activity_attribute="reco_active_level", active_values="3", federate_open_users=True,
+                            activity_attribute=a.activity_attribute,
+                            active_values=a.active_values if a.activity_attribute else "", federate_open_users=True,
                             **extra)
     variants = [v for v in a.algorithms.split(",") if v]
     seeds = list(range(a.seeds))
@@ -139,13 +155,12 @@ def main() -> None:
             "seconds_per_round": mean_std([r["seconds_per_round"] for r in runs])[0],
             "best_round": [r["best_round"] for r in runs]}
     pop = popularity(ds, seeds)
-    lines = ["# PFedRec's protocol on KuaiSAR-R", "",
+    lines = [f"# PFedRec's protocol on {a.name}", "",
              f"{ds.users().num_rows:,} users (every one a client, every round), {ds.items().num_rows:,} items; "
              f"{a.rounds} rounds; seeds {seeds[0]}..{seeds[-1]}; test at the best validation HR@10. "
              f"{pop['no-train-click']['share'][0]:.1%} of the held-out items have no training click. Foundation: "
              f"{pre.get('epochs_trained', '?')} epoch(s), best {pre['best_epoch'] + 1}. Command: "
-             f"`python benchmarks/bench_quality_loo.py --seeds {a.seeds} --rounds {a.rounds}"
-             + "".join(f" --set {s}" for s in a.sets) + ("  --secagg" if a.secagg else "") + "`.", "",
+             f"`python benchmarks/bench_quality_loo.py {shlex.join(sys.argv[1:])}`.", "",
              "| algorithm | test HR@10 | test NDCG@10 | test MRR@10 | KB up / client / round | s / round "
              "| best rounds |",
              "|---|---|---|---|---|---|---|"]

@@ -12,7 +12,11 @@ Data sets (import them first with the benchmark named, or point the options at y
   `data/kuaisar-r`), its foundation pre-trained as the other two are, stopping on validation:
   `fedpa pretrain --data data/kuaisar-r --split last --epochs 20 --patience 2 --batch-size 1024
   --activity-attribute reco_active_level --active-values 3 --out runs/kuaisar-last/pretrained`; 10 rounds,
-  every user a client, group adapters on onehot_feat1 and reco_active_level, validation AUC.
+  every user a client, group adapters on onehot_feat1 and reco_active_level, validation AUC;
+- ``ml``: MovieLens-100K under PFedRec's protocol (every rating a positive; `fedpa data import-movielens
+  PATH/TO/ml-100k --out data/ml100k-implicit --label implicit`, then `benchmarks/bench_quality_loo.py --data
+  data/ml100k-implicit --activity-attribute "" --out runs/ml-implicit` pre-trains `runs/ml-implicit/pretrained`;
+  MovieLens may not be redistributed, so it is not in `shared/`), 12 rounds, every user a client, validation HR@10.
 
 Each candidate adds one part to the one before it. The rule: the highest mean relative validation gain over
 ``release`` (FedPA as released), and below it on no data set. Prints one JSON line per run, then the table.
@@ -62,6 +66,25 @@ CANDIDATES: dict[str, dict] = {
                                    item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
                                    item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8,
                                    foundation_logit_scale=0.1),
+    # shared item embeddings (FedMF's collaborative signal) on top of the recipe
+    "newton+categories-half+emb8": dict(item_popularity=True, use_user_bias=True,
+                                        item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
+                                        item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3,
+                                        lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=8),
+    "newton+categories-half+emb32": dict(item_popularity=True, use_user_bias=True,
+                                         item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
+                                         item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3,
+                                         lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=32),
+    # the same at a smaller local step for the embeddings and the private vectors (item-bias-lr: under newton it
+    # moves nothing else)
+    "newton+categories-half+emb32-lr0.03": dict(
+        item_popularity=True, use_user_bias=True,
+        item_bias_fields="video_id,category_level_one,category_level_two,upload_type", item_bias_update="newton",
+        item_bias_prior=10.0, item_bias_lr=0.03, lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=32),
+    "newton+categories-half+emb32-lr0.01": dict(
+        item_popularity=True, use_user_bias=True,
+        item_bias_fields="video_id,category_level_one,category_level_two,upload_type", item_bias_update="newton",
+        item_bias_prior=10.0, item_bias_lr=0.01, lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=32),
     "recipe+steps": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
                          item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_popularity_steps=True),
     "recipe+categories": dict(item_popularity=True, use_user_bias=True,
@@ -78,6 +101,8 @@ def datasets(a: argparse.Namespace) -> dict[str, tuple[FederationConfig, str]]:
                                  **kuaisar), "hr@10"),
         "last": (FederationConfig(data_dir=a.last_data, foundation=a.last_foundation, split="last", num_rounds=10,
                                   group_attributes="onehot_feat1,reco_active_level", **kuaisar), "auc"),
+        "ml": (FederationConfig(data_dir=a.ml_data, foundation=a.ml_foundation, split="loo", num_rounds=12,
+                                federate_open_users=True), "hr@10"),
     }
 
 
@@ -89,6 +114,8 @@ def add_dataset_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--loo-foundation", default="runs/loo/pretrained")
     ap.add_argument("--last-data", default="data/kuaisar-r")
     ap.add_argument("--last-foundation", default="runs/kuaisar-last/pretrained")
+    ap.add_argument("--ml-data", default="data/ml100k-implicit")
+    ap.add_argument("--ml-foundation", default="runs/ml-implicit/pretrained")
 
 
 def main() -> None:
