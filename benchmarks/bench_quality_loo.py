@@ -9,7 +9,7 @@ code binarizes it; FedPA's open users by exposures, as it has no activity attrib
 
     fedpa data import-movielens PATH/TO/ml-100k --out data/ml100k-implicit --label implicit
     .venv/bin/python benchmarks/bench_quality_loo.py --data data/ml100k-implicit --activity-attribute "" \
-        --name MovieLens-100K --out runs/ml-loo
+        --name MovieLens-100K --out runs/ml-implicit
 
 The data is imported with fedpa's own importer as PFedRec's official code prepares it: clicks only, users with at
 least 3 clicks (1,748 users), the catalogue = the clicked items (37,020); per user the latest click is the test
@@ -112,6 +112,9 @@ def main() -> None:
     t0 = time.time()
     data = Path(a.data)
     if not (data / "manifest.json").exists():
+        if a.data != ap.get_default("data") and a.src == ap.get_default("src"):
+            raise SystemExit(f"{data}: no dataset there. Import it first (e.g. fedpa data import-movielens PATH "
+                             f"--out {data} --label implicit), or pass --src to import KuaiSAR-R into it")
         src = Path(a.src)
         import_interactions(src / "df.csv", data, KUAISAR_R, users=src / "user_features.csv",
                             items=src / "video_features.csv",

@@ -105,8 +105,8 @@ def test_engine_matches_one_user_training_in_float64(tiny, tiny_foundation, tmp_
     emb = option in ("emb", "newton-emb")
     rt = _runtime(tiny, tiny_foundation, name, tmp_path, batch_size=8, local_epochs=2,
                   use_user_shift=option == "shift", use_user_bias=option in ("bias", "items", "newton-emb"),
-                  item_bias_fields="category_level_one,upload_type,video_id" if option in ("items", "emb") or emb
-                  else "", item_embedding_dim=4 if emb else 0, item_popularity=option == "pop",
+                  item_bias_fields="category_level_one,upload_type,video_id" if option == "items" or emb else "",
+                  item_embedding_dim=4 if emb else 0, item_popularity=option == "pop",
                   item_popularity_steps=option == "pop",
                   item_bias_update="newton" if option == "newton-emb" else "adam")
     if option in ("items", "emb", "pop", "newton-emb"):  # the tables step at their own learning rate
