@@ -592,17 +592,12 @@ class CohortEngine:
         step_fn = vmap(grad_and_value(one_user), in_dims=(0, 0, None if items is None else 0, 0,
                                                            None if domains is None else 0))
         # the item-side tables step at their own learning rate; the adapters and the popularity weight at lr
-        on_tables = [n.startswith("item_bias.") and n != "item_bias.popularity_weight" for n in names]
-        tables = [j for j, t in enumerate(on_tables) if t]
-        items_lr = local.item_bias_lr if tables and local.item_bias_lr is not None else None
-        # item-bias-update newton: the offset tables do not train locally (their newton statistics travel); the
-        # item embeddings and the user's vector still do
-        still = [self.pm.item_bias_newton and n.startswith("item_bias.tables.") for n in names]
-        if items_lr is None and not any(still):
-            rates = local.lr
-        else:
-            rates = [0.0 if z else (local.lr if items_lr is None else items_lr) if t else local.lr
-                     for t, z in zip(on_tables, still)]
+        # (item-bias-update newton: the offset tables do not train locally, their newton statistics travel; the
+        # item embeddings and the user's vector still do)
+        items_lr = local.lr if local.item_bias_lr is None else local.item_bias_lr
+        rates = [0.0 if self.pm.item_bias_newton and n.startswith("item_bias.tables.")
+                 else items_lr if n.startswith("item_bias.") and n != "item_bias.popularity_weight"
+                 else local.lr for n in names]
         set_active_paths(self.pm.model, paths)
         try:
             with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s):
