@@ -37,7 +37,7 @@ from fedpa.simulations.simulate import simulate
 RELEASE = dict(use_user_bias=False, item_popularity=False, item_popularity_steps=False, item_bias_fields="",
                item_bias_update="adam",
                item_bias_prior=0.0,
-               item_bias_lr=0.0, lr_decay=1.0, foundation_logit_scale=1.0, item_embedding_dim=0)
+               item_bias_lr=0.0, lr_decay=1.0, foundation_logit_scale=1.0, item_embedding_dim=0, negative_pool=1)
 CANDIDATES: dict[str, dict] = {
     "release": {},
     "tally": dict(item_popularity=True),
@@ -85,6 +85,12 @@ CANDIDATES: dict[str, dict] = {
         item_popularity=True, use_user_bias=True,
         item_bias_fields="video_id,category_level_one,category_level_two,upload_type", item_bias_update="newton",
         item_bias_prior=10.0, item_bias_lr=0.01, lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=32),
+    # the recipe trained on a pool of 16 sampled negatives per positive, 4 of them fresh each round (split loo
+    # only: elsewhere the same as the recipe), as the federated recommenders of the field redraw theirs
+    "newton+categories-half+pool4": dict(
+        item_popularity=True, use_user_bias=True,
+        item_bias_fields="video_id,category_level_one,category_level_two,upload_type", item_bias_update="newton",
+        item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, negative_pool=4),
     "recipe+steps": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
                          item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_popularity_steps=True),
     "recipe+categories": dict(item_popularity=True, use_user_bias=True,

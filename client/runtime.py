@@ -35,6 +35,7 @@ from fedpa.recdata.partition import (
     make_partition,
     read_exposures,
     read_views,
+    round_training_rows,
     select_domains,
     split_users,
 )
@@ -172,6 +173,15 @@ class ClientRuntime:
             self._users[uid] = data
         return data
 
+    def round_train(self, data: UserData, round_: int) -> UserTensors:
+        """The rows a user trains on in round ``round_``: with a negative pool (split loo), every positive and
+        that round's share of the sampled negatives (`round_training_rows`); otherwise every training row."""
+        if self.cfg.split != "loo" or self.cfg.negative_pool <= 1:
+            return data.train
+        rows = round_training_rows(data.train.labels[:, 0].numpy(), self.cfg.negative_pool, seed=self.cfg.seed,
+                                   user=data.user_id, round_=max(int(round_), 1))
+        return data.train.rows(torch.from_numpy(rows))
+
     def _provisioned(self, uid: int) -> UserData:
         """The user's rows as the dataset holds them (a simulated node's whole dataset, or a device's own)."""
         if self.cache is not None:
@@ -238,10 +248,14 @@ class ClientRuntime:
                                   views, self.lookups)
 
 
+def split_config(cfg: FederationConfig) -> SplitConfig:
+    return SplitConfig(cfg.split, negatives=cfg.negatives, negative_pool=cfg.negative_pool)
+
+
 def user_splits(cfg: FederationConfig, ds: Dataset, users: np.ndarray, lookups: Lookups) -> UserSplits:
     """The rows ``users`` train and are evaluated on: their exposures, split, and when a funnel stage is
     personalized, each request's negatives for that stage."""
-    splits = split_users(ds, users, SplitConfig(cfg.split, negatives=cfg.negatives), lookups=lookups, seed=cfg.seed)
+    splits = split_users(ds, users, split_config(cfg), lookups=lookups, seed=cfg.seed)
     splits = select_domains(ds, splits, cfg.train_domains, cfg.eval_domains, cfg.eval_users, cfg.domains)
     if cfg.stage:
         splits = with_stage_negatives(ds, splits, users, cfg.stage, cfg.stage_negatives, cfg.seed, lookups)
@@ -253,6 +267,8 @@ def _cache_path(cfg: FederationConfig, clients: np.ndarray) -> Path | None:
         return None
     root = Path(cfg.feature_cache) if cfg.feature_cache else default_root()
     rows = f"stage-negatives:{cfg.stage}:{cfg.stage_negatives}" if cfg.stage and cfg.stage_negatives else ""
+    if cfg.split == "loo" and cfg.negative_pool > 1:
+        rows += f"|negative-pool:{cfg.negative_pool}"
     if cfg.domains or cfg.train_domains or cfg.eval_domains:
         rows += f"|domains:{cfg.domains}:{cfg.train_domains}:{cfg.eval_domains}:{cfg.eval_users}"
     return root / cache_key(cfg.foundation, cfg.data_dir, cfg.split, cfg.negatives, cfg.seed, clients, rows)

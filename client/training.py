@@ -204,10 +204,11 @@ class _TrainJob:
         rt, pm = self.rt, self.rt.model
         for c in clients:
             data = rt.user(c)
+            train = rt.round_train(data, self.round)
             if self.global_state:
                 pm.set_shared(self.global_state)
             pm.set_private(self._private_before(data.user_id))
-            stats = pm.train_user(data.train, data.profile, self.local,
+            stats = pm.train_user(train, data.profile, self.local,
                                   seed=user_seed(self.cfg.seed, self.round, data.user_id), exclude=held_out(data))
             private = pm.get_private()
             if not all(np.all(np.isfinite(v)) for v in private.values()):
@@ -217,7 +218,7 @@ class _TrainJob:
             if rt.algorithm.communicates:
                 local = pm.get_shared()
                 delta = {k: local[k] - self.global_state[k] for k in local}
-                rows = pm.touched_rows(data.train)
+                rows = pm.touched_rows(train)
                 for name, (r, g, h) in (pm.item_statistics.items() if pm.item_bias_newton else ()):
                     delta[name] = np.zeros_like(local[name])      # item-bias-update newton: statistics, not steps
                     delta[name][r] = g
@@ -236,7 +237,7 @@ class _TrainJob:
 
         rt = self.rt
         users = [rt.user(c) for c in clients]
-        cohort = [CohortUser(d.train, d.profile, self._private_before(d.user_id),
+        cohort = [CohortUser(rt.round_train(d, self.round), d.profile, self._private_before(d.user_id),
                              user_seed(self.cfg.seed, self.round, d.user_id), d.user_id) for d in users]
         for chunk in rt.cohort_engine.train(cohort, self.global_state, self.local):
             for k, i in enumerate(chunk.users):
@@ -284,7 +285,8 @@ def evaluate(msg: Message, context: Context, cfg: FederationConfig) -> Message:
         from fedpa.recmodels.cohort import CohortUser
 
         data_of = [rt.user(c) for c in clients]
-        cohort = [CohortUser(d.train, d.profile, _private_state(context, rt, d.user_id, cfg=cfg, store=store),
+        cohort = [CohortUser(rt.round_train(d, round_), d.profile,
+                             _private_state(context, rt, d.user_id, cfg=cfg, store=store),
                              user_seed(cfg.seed, round_, d.user_id), d.user_id) for d in data_of]
         all_scores = rt.cohort_engine.predict(
             cohort, [[d.val, d.test] + ([d.train] if attack else []) for d in data_of], global_state, local)
@@ -297,7 +299,7 @@ def evaluate(msg: Message, context: Context, cfg: FederationConfig) -> Message:
                 pm.set_shared(global_state)
             pm.set_private(_private_state(context, rt, data.user_id, cfg=cfg, store=store))
             splits = [data.val, data.test] + ([data.train] if attack else [])
-            scores = pm.personalized_scores(data.train, splits, data.profile, local,
+            scores = pm.personalized_scores(rt.round_train(data, round_), splits, data.profile, local,
                                             seed=user_seed(cfg.seed, round_, data.user_id))
         ref = rt.reference(data) or [None, None]
         rows = len(data.train)

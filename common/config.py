@@ -71,6 +71,10 @@ class FederationConfig:
                          "loo (leave one out, sampled negatives), last (MRFF: last pair per user)", "data",
                          choices=SPLITS)
     negatives: int = setting(99, "sampled negatives per validation / test case (split loo)", "data", at_least=1)
+    negative_pool: int = setting(1, "split loo: sampled training negatives per positive are 4 x this, drawn once; "
+                                 "each round trains on every positive and a fresh 4 of them per positive, as the "
+                                 "field's implicit-feedback recommenders redraw theirs (1 = the same 4 every round)",
+                                 "data", at_least=1)
     domains: str = setting("", "in a dataset of several domains (items.domain): the domains the run sees at all, "
                            "rows and behaviour sequences (comma-separated names, '' = all; one = a single-domain "
                            "platform)", "data")

@@ -28,7 +28,7 @@ FEDPA_RECIPE: tuple[tuple[str, object], ...] = (
     ("use-user-bias", True), ("item-popularity", True),
     ("item-bias-fields", "video_id,category_level_one,category_level_two,upload_type"),
     ("item-bias-update", "newton"), ("item-bias-prior", 10.0), ("item-bias-lr", 0.3), ("lr-decay", 0.8),
-    ("foundation-logit-scale", 0.1))
+    ("foundation-logit-scale", 0.1), ("negative-pool", 4))
 # where the Newton tables cannot run (under DP: a user's curvature sums have no bounded sensitivity yet, or
 # without offset tables) the recipe's tables learn as before 2026-12-05: the video-id table alone (Adam steps
 # on the category tables lost on `small`), local Adam steps averaged over the readers, shrunk by 100 phantom
@@ -48,7 +48,8 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
     # category levels and its upload type, stepped together by the server's MAP Newton step from the readers'
     # sums (prior precision 10), the federation's click tally, a decaying
     # learning rate, and the frozen foundation's logit
-    # scaled by 0.1 (beside per-user and per-item offsets, at full weight it counts their evidence twice).
+    # scaled by 0.1 (beside per-user and per-item offsets, at full weight it counts their evidence twice); under
+    # leave-one-out, training negatives drawn from a pool of 16 per positive, 4 fresh ones each round (2026-12-06).
     # `fedpa-release` in `fedpa compare` is FedPA as released; the fedpa-no-* ablations remove one part each.
     Algorithm("fedpa", "fedpa", recipe=FEDPA_RECIPE,
               description="private user adapter + shared group adapters + shared gate and head; private user "

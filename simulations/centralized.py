@@ -20,7 +20,7 @@ from fedpa.common.config import FederationConfig
 from fedpa.common.models import build_personal_model
 from fedpa.foundation.model import count_parameters, load_foundation
 from fedpa.recdata.examples import Examples, Lookups
-from fedpa.recdata.partition import make_partition
+from fedpa.recdata.partition import make_partition, round_training_rows
 from fedpa.recdata.store import Dataset
 from fedpa.recmodels.evaluation import MetricSums
 from fedpa.recmodels.personalization import LocalTraining, PersonalModel, UserTensors
@@ -35,6 +35,17 @@ def _routing(pm: PersonalModel, ex: Examples, users: np.ndarray, lookups: Lookup
     slots = torch.from_numpy(np.searchsorted(users, ex.user_id)).long()
     groups = torch.from_numpy(lookups.user_table[ex.user_id][:, pm.group_columns]).long()
     return groups, slots
+
+
+def _round_rows(cfg: FederationConfig, ex: Examples, round_: int) -> np.ndarray | None:
+    """The pooled training rows of round ``round_``: each user's as a federated round trains them (a negative
+    pool's share, `round_training_rows`); None: every row."""
+    if cfg.split != "loo" or cfg.negative_pool <= 1:
+        return None
+    bounds = np.r_[0, np.nonzero(np.diff(ex.user_id))[0] + 1, len(ex)]
+    return np.concatenate([a + round_training_rows(ex.labels[a:b, 0], cfg.negative_pool, seed=cfg.seed,
+                                                   user=int(ex.user_id[a]), round_=round_)
+                           for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def _evaluate(pm, data: UserTensors, ex: Examples, groups, slots, group_size: int) -> dict:
@@ -74,7 +85,12 @@ def run_centralized(cfg: FederationConfig, progress=None) -> dict:
     for r in range(cfg.num_rounds + 1):
         rec = {"round": r}
         if r > 0:
-            rec["train_loss"] = pm.train_pooled(data["train"], *route["train"], replace(local, lr=cfg.round_lr(r)),
+            rows = _round_rows(cfg, splits.train, r)
+            train, (groups, slots) = data["train"], route["train"]
+            if rows is not None:
+                index = torch.from_numpy(rows)
+                train, groups, slots = train.rows(index), groups[index], slots[index]
+            rec["train_loss"] = pm.train_pooled(train, groups, slots, replace(local, lr=cfg.round_lr(r)),
                                                 seed=cfg.seed * 100_003 + r)
             rec.update(bytes_down_per_client=0.0, bytes_up_per_client=0.0, selected=len(users), clients_ok=len(users))
         if r % cfg.eval_every == 0 or r == cfg.num_rounds:

@@ -26,7 +26,7 @@ from fedpa.simulations.html_report import activity_figure, change_figure, change
 ABLATIONS: dict[str, dict[str, Any]] = {
     "fedpa-release": {"algorithm": "fedpa", "use_user_bias": False, "item_popularity": False, "item_bias_fields": "",
                       "item_bias_update": "adam", "item_bias_prior": 0.0, "item_bias_lr": 0.0, "lr_decay": 1.0,
-                      "foundation_logit_scale": 1.0},                                   # FedPA as released
+                      "foundation_logit_scale": 1.0, "negative_pool": 1},               # FedPA as released
     "fedpa-adam-tables": {"algorithm": "fedpa", "item_bias_fields": "video_id", "item_bias_update": "adam",
                           "item_bias_prior": 100.0},                      # the recipe until 2026-12-05
     "fedpa-video-table": {"algorithm": "fedpa", "item_bias_fields": "video_id"},   # no category tables
@@ -36,6 +36,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fedpa-no-user-bias": {"algorithm": "fedpa", "use_user_bias": False},
     "fedpa-no-decay": {"algorithm": "fedpa", "lr_decay": 1.0},
     "fedpa-no-scale": {"algorithm": "fedpa", "foundation_logit_scale": 1.0},
+    "fedpa-fixed-negatives": {"algorithm": "fedpa", "negative_pool": 1},   # split loo: the same 4 every round
     "fedpa-user-only": {"algorithm": "fedpa", "use_group_adapters": False, "use_gate": True},
     "fedpa-groups-only": {"algorithm": "fedpa", "use_user_adapter": False},
     "fedpa-no-gate": {"algorithm": "fedpa", "use_gate": False},

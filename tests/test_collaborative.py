@@ -192,7 +192,8 @@ def test_fedpa_runs_its_recipe_and_leaves_out_what_a_configuration_cannot_carry(
     got = with_recipe(FederationConfig(algorithm="fedpa"), set())
     assert (got.use_user_bias, got.item_popularity, got.item_bias_fields, got.lr_decay, got.foundation_logit_scale) \
         == (True, True, "video_id,category_level_one,category_level_two,upload_type", 0.8, 0.1)
-    assert (got.item_bias_update, got.item_bias_prior) == ("newton", 10.0)
+    assert (got.item_bias_update, got.item_bias_prior, got.negative_pool) == ("newton", 10.0, 4)
+    assert with_recipe(FederationConfig(algorithm="fedpa"), {"negative-pool"}).negative_pool == 1
     # where the Newton tables cannot run (central DP; no offset tables) the video-id table learns by Adam, as
     # before (Adam steps on the category tables lost on validation)
     dp = with_recipe(FederationConfig(algorithm="fedpa", dp_noise_multiplier=1.0), set())

@@ -3,7 +3,14 @@ import pytest
 from toy_data import assert_sequences_precede_requests, write_toy_dataset
 
 from fedpa.recdata.examples import Lookups
-from fedpa.recdata.partition import Partition, PartitionConfig, SplitConfig, make_partition, split_users
+from fedpa.recdata.partition import (
+    Partition,
+    PartitionConfig,
+    SplitConfig,
+    make_partition,
+    round_training_rows,
+    split_users,
+)
 from fedpa.recdata.store import Dataset, DatasetError
 
 
@@ -84,6 +91,29 @@ def test_leave_one_out_with_negatives(ds):
         assert not seen & set(negs.tolist())
     again = split_users(ds, np.array([1, 7]), SplitConfig("loo", negatives=9), seed=0)
     assert np.array_equal(again.test.video_id, s.test.video_id)
+
+
+def test_a_negative_pool_draws_more_negatives_once_and_each_round_trains_a_fresh_share(ds):
+    base = split_users(ds, np.array([1, 7]), SplitConfig("loo", negatives=9), seed=0)
+    pooled = split_users(ds, np.array([1, 7]), SplitConfig("loo", negatives=9, negative_pool=3), seed=0)
+    # the ranking cases do not depend on the pool: every run is scored on the same candidates
+    for name in ("val", "test"):
+        assert np.array_equal(getattr(base, name).video_id, getattr(pooled, name).video_id)
+    tr = pooled.train.labels[:, 0]
+    assert (tr == 0).sum() == 12 * (tr == 1).sum() > 0
+    assert np.array_equal(pooled.train.video_id[tr == 1], base.train.video_id[base.train.labels[:, 0] == 1])
+    labels = tr[pooled.train.user_id == 7]
+    picks = [round_training_rows(labels, 3, seed=0, user=7, round_=r) for r in (1, 2, 3)]
+    for rows in picks:
+        kept = labels[rows]
+        assert (kept == 1).sum() == (labels == 1).sum()          # every positive, every round
+        assert (kept == 0).sum() == 4 * (kept == 1).sum()        # 4 negatives per positive, as without a pool
+        assert np.all(np.diff(rows) > 0)                          # in row order
+    assert not np.array_equal(picks[0], picks[1])                # a fresh share each round ...
+    assert np.array_equal(picks[1], round_training_rows(labels, 3, seed=0, user=7, round_=2))   # ... reproducibly
+    assert round_training_rows(labels, 1, seed=0, user=7, round_=5) is None
+    with pytest.raises(DatasetError, match="negative_pool"):
+        SplitConfig("loo", negative_pool=0)
 
 
 def test_last_split(ds):
