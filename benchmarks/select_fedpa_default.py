@@ -3,6 +3,7 @@ validation only; test is printed beside it and never used to choose.
 
     .venv/bin/python benchmarks/select_fedpa_default.py --datasets small,loo,last --seeds 0,1 \
         [--candidates release,tally,user-offset,video-table,recipe,recipe+categories] [--out runs/select]
+        [--rounds N (every set's runs; default each set's own)]
 
 Data sets (import them first with the benchmark named, or point the options at your own copies):
 - ``small``: `make demo`'s `data/small` and `runs/demo/foundation`, by-day split, 5 rounds, validation GAUC;
@@ -91,6 +92,13 @@ CANDIDATES: dict[str, dict] = {
         item_popularity=True, use_user_bias=True,
         item_bias_fields="video_id,category_level_one,category_level_two,upload_type", item_bias_update="newton",
         item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, negative_pool=4),
+    # the same with item embeddings (width 32) whose local step does not decay (`item-embedding-lr`): a
+    # collaborative signal that keeps learning after the adapters' step has decayed; run with --rounds 30
+    "newton+categories-half+pool4+emb32-const0.03": dict(
+        item_popularity=True, use_user_bias=True,
+        item_bias_fields="video_id,category_level_one,category_level_two,upload_type", item_bias_update="newton",
+        item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, negative_pool=4,
+        item_embedding_dim=32, item_embedding_lr=0.03),
     "recipe+steps": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
                          item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_popularity_steps=True),
     "recipe+categories": dict(item_popularity=True, use_user_bias=True,
@@ -130,6 +138,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
     ap.add_argument("--out", default="runs/select")
+    ap.add_argument("--rounds", type=int, default=0, help="rounds of every data set's runs (0: each set's own)")
     add_dataset_options(ap)
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -144,7 +153,7 @@ def main() -> None:
         for c in names:
             for s in seeds:
                 cfg = replace(base, seed=s, run_dir=str(Path(a.out) / ds / c / f"seed-{s}"),
-                              **{**RELEASE, **CANDIDATES[c]})
+                              **{**RELEASE, **CANDIDATES[c]}, num_rounds=a.rounds or base.num_rounds)
                 t = time.time()
                 summary = simulate(cfg)
                 val, test = summary["val"].get(key), summary["test"].get(key)

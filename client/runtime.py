@@ -121,6 +121,7 @@ class ClientRuntime:
     def local_for(self, round_: int) -> LocalTraining:
         """Local training settings of one round (the learning rate decays over rounds with lr-decay)."""
         return replace(self.local, lr=self.cfg.round_lr(round_), item_bias_lr=self.cfg.round_item_bias_lr(round_),
+                       embedding_lr=self.cfg.round_embedding_lr(round_),
                        round=max(int(round_), 1))
 
     @property

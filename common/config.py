@@ -129,6 +129,10 @@ class FederationConfig:
                              at_least=0)
     item_bias_lr: float = setting(0.0, "local learning rate of the item-side tables (decays with lr-decay; "
                                   "0 = lr)", "model", at_least=0)
+    item_embedding_lr: float = setting(0.0, "FedPA, with item-embedding-dim: the local step of the item embeddings "
+                                       "and the private user vectors, the same every round (0 = item-bias-lr, "
+                                       "decaying with lr-decay): they learn from many users over many rounds",
+                                       "model", at_least=0)
     item_bias_update: str = setting("adam", "how the item-side offset tables learn: adam (local steps, averaged per "
                                     "row over its readers) or newton (each client sends per-row sums of p - y "
                                     "and p(1 - p) at the round's start; the server takes a MAP Newton step, "
@@ -357,6 +361,10 @@ class FederationConfig:
     def round_lr(self, round_: int) -> float:
         """The local learning rate of training round ``round_`` (1-based)."""
         return self.lr * self.lr_decay ** max(int(round_) - 1, 0)
+
+    def round_embedding_lr(self, round_: int) -> float | None:
+        """The item embeddings' and user vectors' learning rate in round ``round_`` (None: the tables')."""
+        return self.item_embedding_lr or None
 
     def round_item_bias_lr(self, round_: int) -> float | None:
         """The item-side tables' learning rate in round ``round_`` (None: the round's lr)."""

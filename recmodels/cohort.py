@@ -595,7 +595,9 @@ class CohortEngine:
         # (item-bias-update newton: the offset tables do not train locally, their newton statistics travel; the
         # item embeddings and the user's vector still do)
         items_lr = local.lr if local.item_bias_lr is None else local.item_bias_lr
+        vectors_lr = items_lr if local.embedding_lr is None else local.embedding_lr
         rates = [0.0 if self.pm.item_bias_newton and n.startswith("item_bias.tables.")
+                 else vectors_lr if n in ("item_bias.embedding", "item_bias.user")
                  else items_lr if n.startswith("item_bias.") and n != "item_bias.popularity_weight"
                  else local.lr for n in names]
         set_active_paths(self.pm.model, paths)

@@ -52,6 +52,7 @@ class LocalTraining:
     batch_size: int = 64
     ditto_lambda: float = 0.1
     item_bias_lr: float | None = None  # the item-side tables' own learning rate (None: lr)
+    embedding_lr: float | None = None  # the item embeddings' and user vectors' (None: item_bias_lr)
     round: int = 1                     # the federated round these settings train (schedules that depend on it)
 
     def __post_init__(self):
@@ -61,6 +62,8 @@ class LocalTraining:
             raise FedpaError(f"learning rate must be > 0, got {self.lr}")
         if self.item_bias_lr is not None and not self.item_bias_lr > 0:
             raise FedpaError(f"item-bias learning rate must be > 0, got {self.item_bias_lr}")
+        if self.embedding_lr is not None and not self.embedding_lr > 0:
+            raise FedpaError(f"item-embedding learning rate must be > 0, got {self.embedding_lr}")
         if self.batch_size < 1:
             raise FedpaError(f"batch size must be >= 1, got {self.batch_size}")
 
@@ -309,10 +312,14 @@ class PersonalModel:
         if self.item_bias is not None:
             weight = self.item_bias.popularity_weight if self.item_bias.popularity else None
             main += [weight] if weight is not None else []
+            vectors = [self.item_bias.embedding, self.item_bias.user] if self.item_bias.embedding_dim else []
             tables = [p for p in self.item_bias.parameters() if p.requires_grad and p is not weight
+                      and not any(p is v for v in vectors)
                       and not (self.item_bias_newton and any(p is t for t in self.item_bias.tables.values()))]
             if tables:
                 groups.append({"params": tables, "lr": train.item_bias_lr or train.lr})
+            if vectors:
+                groups.append({"params": vectors, "lr": train.embedding_lr or train.item_bias_lr or train.lr})
         return Adam(groups, lr=train.lr)
 
     def touched_rows(self, data: UserTensors) -> dict[str, np.ndarray] | None:

@@ -111,6 +111,8 @@ def test_engine_matches_one_user_training_in_float64(tiny, tiny_foundation, tmp_
                   item_bias_update="newton" if option == "newton-emb" else "adam")
     if option in ("items", "emb", "pop", "newton-emb"):  # the tables step at their own learning rate
         rt.local = replace(rt.local, item_bias_lr=0.05)
+    if option == "newton-emb":   # and the embeddings and user vectors at theirs (item-embedding-lr)
+        rt.local = replace(rt.local, embedding_lr=0.02)
     users = _users(rt, double=True)
     sizes = [len(u.train) for u in users]
     assert min(sizes) == 0 or max(sizes) > 3 * 8  # the population really is ragged

@@ -113,6 +113,10 @@ def test_the_other_algorithms_ignore_the_fedpa_option():
         assert "item_bias_fields" not in model_options(cfg)
     assert model_options(FederationConfig(item_bias_fields="upload_type"))["item_bias_fields"] == ("upload_type",)
     assert FederationConfig(lr=0.01, lr_decay=0.5, item_bias_lr=0.3).round_item_bias_lr(3) == pytest.approx(0.075)
+    # the embeddings' own step does not decay; unset, they follow the tables' step
+    cfg = FederationConfig(lr=0.01, lr_decay=0.5, item_bias_lr=0.3, item_embedding_lr=0.03)
+    assert cfg.round_embedding_lr(1) == cfg.round_embedding_lr(7) == 0.03
+    assert FederationConfig().round_embedding_lr(3) is None
 
 
 def test_the_update_attack_refuses_runs_with_tables(tiny, tiny_foundation, tmp_path):
