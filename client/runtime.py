@@ -76,6 +76,8 @@ class UserData:
     test: UserTensors
     group_size: int
     reference: list[np.ndarray] | None = None  # val / test scored by the frozen foundation (computed once)
+    split_rows: int | None = None  # the leading training rows that are the split's (None: all; a device's log
+                                   # appends its own after them, which a negative pool never samples)
 
 
 class ClientRuntime:
@@ -179,9 +181,10 @@ class ClientRuntime:
         that round's share of the sampled negatives (`round_training_rows`); otherwise every training row."""
         if self.cfg.split != "loo" or self.cfg.negative_pool <= 1:
             return data.train
-        rows = round_training_rows(data.train.labels[:, 0].numpy(), self.cfg.negative_pool, seed=self.cfg.seed,
+        n = len(data.train) if data.split_rows is None else data.split_rows
+        rows = round_training_rows(data.train.labels[:n, 0].numpy(), self.cfg.negative_pool, seed=self.cfg.seed,
                                    user=data.user_id, round_=max(int(round_), 1))
-        return data.train.rows(torch.from_numpy(rows))
+        return data.train.rows(torch.from_numpy(np.r_[rows, np.arange(n, len(data.train))]))
 
     def _provisioned(self, uid: int) -> UserData:
         """The user's rows as the dataset holds them (a simulated node's whole dataset, or a device's own)."""
@@ -221,7 +224,7 @@ class ClientRuntime:
         train = UserTensors(*(None if a is None else torch.cat([a, b]) for a, b in
                               zip((base.train.features, base.train.labels, base.train.items),
                                   (logged.features, logged.labels, logged.items))))
-        data = replace(base, train=train)
+        data = replace(base, train=train, split_rows=len(base.train))
         self._users[uid], self._log_seq[uid] = data, snap.seq
         return data
 

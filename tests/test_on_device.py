@@ -120,6 +120,25 @@ def test_logged_events_change_the_users_next_update(phone):
     assert max(float(np.abs(after[k] - before[k]).max()) for k in before) > 1e-6
 
 
+def test_a_negative_pool_samples_the_provisioned_negatives_and_keeps_every_logged_row(tiny, tiny_foundation,
+                                                                                     tmp_path):
+    from fedpa.client.runtime import get_runtime
+
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run", max_clients=8, feature_cache="none", split="loo",
+                     negatives=49, negative_pool=3)
+    dev = provision(cfg, [3], tmp_path / "phone")
+    rt = get_runtime(dev.apply(replace(cfg, device_data=str(dev.path), foundation_digest=_digest(cfg.foundation))))
+    positives = int((rt.user(3).train.labels[:, 0] == 1).sum())
+    with EventLog(dev.path / LOG_FILE, user_id=dev.clients[3]) as log:
+        last = _after_the_provisioned_days(dev)
+        for i in range(20):
+            log.label(log.impression(100 + i, timestamp_ms=last + 60_000 * i), effective_view=0)
+    data = rt.user(3)
+    train = rt.round_train(data, 2)
+    assert len(train) == 5 * positives + 20          # a round's share of the split's pool, and the whole log
+    assert np.array_equal(train.features[-20:].numpy(), data.train.features[-20:].numpy())
+
+
 def test_recommendations_are_the_runs_scores_and_the_exported_model_ranks_alike(phone, tmp_path):
     from fedpa.client.on_device import DeviceRecommender
     from fedpa.client.personal_store import PersonalStore
