@@ -39,6 +39,12 @@ RELEASE = dict(use_user_bias=False, item_popularity=False, item_popularity_steps
                item_bias_update="adam",
                item_bias_prior=0.0,
                item_bias_lr=0.0, lr_decay=1.0, foundation_logit_scale=1.0, item_embedding_dim=0, negative_pool=1)
+# the Adam-table recipe (until 2026-12-05) and the Newton one with category tables (the recipe since 2026-12-06):
+# the bases most candidates below add one part to
+ADAM_RECIPE = dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
+                   item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1)
+CATEGORIES = "video_id,category_level_one,category_level_two,upload_type"
+NEWTON_RECIPE = {**ADAM_RECIPE, "item_bias_fields": CATEGORIES, "item_bias_update": "newton", "item_bias_prior": 10.0}
 CANDIDATES: dict[str, dict] = {
     "release": {},
     "tally": dict(item_popularity=True),
@@ -46,64 +52,32 @@ CANDIDATES: dict[str, dict] = {
     "video-table": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id",
                         item_bias_prior=100.0, item_bias_lr=0.3, lr_decay=0.8),
     # "recipe": the recipe until 2026-12-05 (now the ablation fedpa-adam-tables)
-    "recipe": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
-                   item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1),
-    "recipe+emb8": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
-                        item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=8),
-    "recipe+emb32": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
-                         item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=32),
+    "recipe": ADAM_RECIPE,
+    "recipe+emb8": {**ADAM_RECIPE, "item_embedding_dim": 8},
+    "recipe+emb32": {**ADAM_RECIPE, "item_embedding_dim": 32},
     # the recipe since 2026-12-05: the offset tables take Newton steps from the clients' per-row sums
-    "newton-tables": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id",
-                          item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8,
-                          foundation_logit_scale=0.1),
+    "newton-tables": {**NEWTON_RECIPE, "item_bias_fields": "video_id"},
     # the category tables beside the video id's, stepped jointly; "newton+categories" measured with equal
     # shares of the joint step, "newton+categories-half" (the recipe since 2026-12-06) with the video id's half
-    # (`recmodels.item_bias.newton_step_shares`: the shares are code, not configuration)
-    "newton+categories": dict(item_popularity=True, use_user_bias=True,
-                              item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
-                              item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8,
-                              foundation_logit_scale=0.1),
-    "newton+categories-half": dict(item_popularity=True, use_user_bias=True,
-                                   item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
-                                   item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8,
-                                   foundation_logit_scale=0.1),
+    # (`recmodels.item_bias.newton_step_shares`: the shares are code, not configuration, so both read the same)
+    "newton+categories": NEWTON_RECIPE,
+    "newton+categories-half": NEWTON_RECIPE,
     # shared item embeddings (FedMF's collaborative signal) on top of the recipe
-    "newton+categories-half+emb8": dict(item_popularity=True, use_user_bias=True,
-                                        item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
-                                        item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3,
-                                        lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=8),
-    "newton+categories-half+emb32": dict(item_popularity=True, use_user_bias=True,
-                                         item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
-                                         item_bias_update="newton", item_bias_prior=10.0, item_bias_lr=0.3,
-                                         lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=32),
+    "newton+categories-half+emb8": {**NEWTON_RECIPE, "item_embedding_dim": 8},
+    "newton+categories-half+emb32": {**NEWTON_RECIPE, "item_embedding_dim": 32},
     # the same at a smaller local step for the embeddings and the private vectors (item-bias-lr: under newton it
     # moves nothing else)
-    "newton+categories-half+emb32-lr0.03": dict(
-        item_popularity=True, use_user_bias=True,
-        item_bias_fields="video_id,category_level_one,category_level_two,upload_type", item_bias_update="newton",
-        item_bias_prior=10.0, item_bias_lr=0.03, lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=32),
-    "newton+categories-half+emb32-lr0.01": dict(
-        item_popularity=True, use_user_bias=True,
-        item_bias_fields="video_id,category_level_one,category_level_two,upload_type", item_bias_update="newton",
-        item_bias_prior=10.0, item_bias_lr=0.01, lr_decay=0.8, foundation_logit_scale=0.1, item_embedding_dim=32),
+    "newton+categories-half+emb32-lr0.03": {**NEWTON_RECIPE, "item_embedding_dim": 32, "item_bias_lr": 0.03},
+    "newton+categories-half+emb32-lr0.01": {**NEWTON_RECIPE, "item_embedding_dim": 32, "item_bias_lr": 0.01},
     # the recipe trained on a pool of 16 sampled negatives per positive, 4 of them fresh each round (split loo
     # only: elsewhere the same as the recipe), as the federated recommenders of the field redraw theirs
-    "newton+categories-half+pool4": dict(
-        item_popularity=True, use_user_bias=True,
-        item_bias_fields="video_id,category_level_one,category_level_two,upload_type", item_bias_update="newton",
-        item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, negative_pool=4),
+    "newton+categories-half+pool4": {**NEWTON_RECIPE, "negative_pool": 4},
     # the same with item embeddings (width 32) whose local step does not decay (`item-embedding-lr`): a
     # collaborative signal that keeps learning after the adapters' step has decayed; run with --rounds 30
-    "newton+categories-half+pool4+emb32-const0.03": dict(
-        item_popularity=True, use_user_bias=True,
-        item_bias_fields="video_id,category_level_one,category_level_two,upload_type", item_bias_update="newton",
-        item_bias_prior=10.0, item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, negative_pool=4,
-        item_embedding_dim=32, item_embedding_lr=0.03),
-    "recipe+steps": dict(item_popularity=True, use_user_bias=True, item_bias_fields="video_id", item_bias_prior=100.0,
-                         item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1, item_popularity_steps=True),
-    "recipe+categories": dict(item_popularity=True, use_user_bias=True,
-                              item_bias_fields="video_id,category_level_one,category_level_two,upload_type",
-                              item_bias_prior=100.0, item_bias_lr=0.3, lr_decay=0.8, foundation_logit_scale=0.1),
+    "newton+categories-half+pool4+emb32-const0.03": {**NEWTON_RECIPE, "negative_pool": 4, "item_embedding_dim": 32,
+                                                      "item_embedding_lr": 0.03},
+    "recipe+steps": {**ADAM_RECIPE, "item_popularity_steps": True},
+    "recipe+categories": {**ADAM_RECIPE, "item_bias_fields": CATEGORIES},
 }
 
 
