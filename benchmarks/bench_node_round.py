@@ -5,7 +5,7 @@
 
 `client.training.train` handles a train message for ``--users`` users, as a node of a simulation does (its
 context kept from round to round, so rounds 2.. are returning users), one thread. Each round prints its
-seconds, per training row and per user; the last round is then split into what the cohort engine took
+seconds, per training row and per user, split into what the cohort engine took
 (`recmodels.cohort.CohortEngine.train`) and the rest of the node's round: reading and keeping each user's private
 state in the node's context, the users' data and rows, the clipped sum of their contributions. With
 ``--profile`` the last round also runs under cProfile (the functions by own time and by cumulative time).
@@ -79,33 +79,35 @@ def main() -> None:
                 engine_s[0] += time.perf_counter() - t
                 yield chunk
 
-        CohortEngine.train = timed_train
         print(f"{len(clients)} users, {rows} training rows in round 1, 1 thread", flush=True)
         profiler = None
-        for r in range(1, args.rounds + 1):
-            content = RecordDict({
-                "run": ConfigRecord(run_message_config(cfg)),
-                "round": ConfigRecord({"round": r, "clients": clients, "final": False, "cohort": len(clients),
-                                       "run-id": "bench", "resumed": False}),
-                "arrays": arrays_to_record(shared)})
-            meta = Metadata(run_id=1, message_id=f"m{r}", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                            group_id=str(r), created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
-            msg = Message(content=content, metadata=meta)
-            if args.profile and r == args.rounds:
-                profiler = cProfile.Profile()
-                profiler.enable()
-            engine_s[0] = 0.0
-            t = time.perf_counter()
-            reply = training.train(msg, context, _config(msg, context))
-            dt = time.perf_counter() - t
-            if profiler is not None:
-                profiler.disable()
-            if reply.has_error() or "metrics" not in reply.content:
-                raise SystemExit(f"round {r}: the node's reply carries no metrics")
-            print(f"round {r}: {dt:.3f} s  {dt / rows * 1e6:6.2f} us per training row  "
-                  f"{dt / len(clients) * 1e3:.3f} ms per user  (engine {engine_s[0]:.3f} s, "
-                  f"rest of the node {dt - engine_s[0]:.3f} s)", flush=True)
-        CohortEngine.train = original
+        CohortEngine.train = timed_train
+        try:
+            for r in range(1, args.rounds + 1):
+                content = RecordDict({
+                    "run": ConfigRecord(run_message_config(cfg)),
+                    "round": ConfigRecord({"round": r, "clients": clients, "final": False, "cohort": len(clients),
+                                           "run-id": "bench", "resumed": False}),
+                    "arrays": arrays_to_record(shared)})
+                meta = Metadata(run_id=1, message_id=f"m{r}", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                                group_id=str(r), created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+                msg = Message(content=content, metadata=meta)
+                if args.profile and r == args.rounds:
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                engine_s[0] = 0.0
+                t = time.perf_counter()
+                reply = training.train(msg, context, _config(msg, context))
+                dt = time.perf_counter() - t
+                if profiler is not None:
+                    profiler.disable()
+                if reply.has_error() or "metrics" not in reply.content:
+                    raise SystemExit(f"round {r}: the node's reply carries no metrics")
+                print(f"round {r}: {dt:.3f} s  {dt / rows * 1e6:6.2f} us per training row  "
+                      f"{dt / len(clients) * 1e3:.3f} ms per user  (engine {engine_s[0]:.3f} s, "
+                      f"rest of the node {dt - engine_s[0]:.3f} s)", flush=True)
+        finally:
+            CohortEngine.train = original
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
