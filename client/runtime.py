@@ -24,6 +24,7 @@ from fedpa.client.device_data import COMPILED_DIR, DeviceData, foundation_digest
 from fedpa.client.event_log import LOG_FILE, EventLog
 from fedpa.client.feature_cache import FeatureCache, build, cache_key, default_root
 from fedpa.common.config import FederationConfig
+from fedpa.common.heap import freeze_long_lived, release_frozen
 from fedpa.common.models import build_compiled_model, build_personal_model
 from fedpa.foundation.device import resolve_device
 from fedpa.foundation.errors import FedpaError
@@ -311,8 +312,10 @@ def get_runtime(cfg: FederationConfig) -> ClientRuntime:
     if rt is None:
         if len(_RUNTIMES) >= 2:  # a process serves one run at a time; keep memory bounded
             _RUNTIMES.clear()
+            release_frozen()   # what the dropped runtimes held is freed before the heap is frozen again
         torch.set_num_threads(1)
         rt = _RUNTIMES[key] = ClientRuntime(cfg)
+        freeze_long_lived()    # the imports and the runtime live as long as the process: no full pass walks them
     return rt
 
 

@@ -10,6 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpa.common.config import FederationConfig
 from fedpa.common.flower_pace import retry_objects_locally
+from fedpa.common.heap import long_lived_frozen
 from fedpa.foundation.errors import FedpaError
 
 from .federation import Federation
@@ -31,7 +32,8 @@ def make_server_app(overrides: dict | None = None, progress=None) -> ServerApp:
         error_file = Path(cfg.run_dir) / "error.txt"
         error_file.unlink(missing_ok=True)
         try:
-            summary = Federation(grid, cfg, progress=progress).run_rounds()
+            with long_lived_frozen():
+                summary = Federation(grid, cfg, progress=progress).run_rounds()
         except FedpaError as e:
             # Flower's runtimes log a ServerApp's exception but do not hand it back: leave it for the caller.
             error_file.parent.mkdir(parents=True, exist_ok=True)

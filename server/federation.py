@@ -33,6 +33,7 @@ from fedpa.common.aggregation import (
     validate_update,
 )
 from fedpa.common.config import FederationConfig
+from fedpa.common.flower_pace import reply_poll_s
 from fedpa.common.models import build_personal_model
 from fedpa.common.privacy import add_discrete_noise, clamp_counts, distributed_share_std, sensitivity
 from fedpa.common.records import arrays_to_record, message_bytes, record_bytes, record_to_arrays
@@ -133,8 +134,9 @@ masks one vector per round id)."""
 EVAL_QUANT = QuantConfig(clip=2.0**32, frac_bits=12)
 MAX_MOD_BITS = 62
 REPLY_POLL_S = (0.02, 0.1)
-"""How often the server pulls replies (s): every 0.02 s while they arrive, slowing to ten times a second (a pull is
-one request to the SuperLink on the server's own machine)."""
+"""How often the server pulls replies from a SuperLink (s): every 0.02 s while they arrive, slowing to ten times a
+second (a pull is one request to the SuperLink on the server's own machine). A simulation of few nodes polls its
+in-process grid faster (`common.flower_pace.reply_poll_s`)."""
 
 
 def newton_clip(participants: int) -> float:
@@ -187,7 +189,8 @@ class Federation:
         end = time.time() + timeout
         pending = set(self.grid.push_messages(msgs))
         replies: list[Message] = []
-        wait = REPLY_POLL_S[0]
+        first, longest = reply_poll_s(self.grid, len(pending), REPLY_POLL_S)
+        wait = first
         while pending:
             got = list(self.grid.pull_messages(pending))
             replies += got
@@ -198,7 +201,7 @@ class Federation:
             # exchanges per SecAgg+ round that alone was a third of a loopback round. Poll fast while replies are
             # due, backing off to ten pulls a second during long local training.
             time.sleep(min(wait, max(end - time.time(), 0.0)))
-            wait = REPLY_POLL_S[0] if got else min(wait * 1.5, REPLY_POLL_S[1])
+            wait = first if got else min(wait * 1.5, longest)
         return replies
 
     def _content(self, round_: int, clients: list[int] | None = None, final: bool = False,

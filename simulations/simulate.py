@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedpa.common.config import FederationConfig
+from fedpa.common.flower_pace import deliver_locally
 from fedpa.foundation.errors import FedpaError
 from fedpa.recmodels.personalization import get_algorithm
 
@@ -135,8 +136,9 @@ def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, enco
     else:
         _clear_previous(Path(cfg.run_dir))
     server_app = make_server_app(cfg.to_run_config(), progress=progress)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                   backend_config=backend_config())
+    with deliver_locally(num_nodes):
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                       backend_config=backend_config())
     summary_path = Path(cfg.run_dir) / "summary.json"
     error_file = Path(cfg.run_dir) / "error.txt"
     if error_file.exists():

@@ -354,3 +354,28 @@ def test_item_side_tables_average_each_row_over_the_users_that_read_it(user_side
         assert np.abs(after[k] - start[k]).max() > 1e-3  # the table really learned
     sent = [keys_ for m in run.log for keys_ in m.array_keys.values()]
     assert any("count/rows:item_bias.upload_type" in ks for ks in sent)
+
+
+def test_a_client_runtime_freezes_the_process_heap_and_a_dropped_one_is_collected(tiny, tiny_foundation, tmp_path):
+    """A client process's long-lived objects (imports, the runtime) are frozen once its runtime is built, so a
+    full collection no longer walks them each few rounds; a runtime the process drops is collected again."""
+    import gc
+    import weakref
+    from dataclasses import replace
+
+    from fedpa.client import runtime
+
+    runtime._RUNTIMES.clear()
+    gc.unfreeze()
+    cfg = fed_config(tiny, tiny_foundation, tmp_path / "run")
+    first = runtime.get_runtime(cfg)
+    assert gc.get_freeze_count() > 100_000   # torch, transformers, peft, Flower, the runtime: not walked again
+    assert runtime.get_runtime(cfg) is first
+    first.self_reference = first   # in a cycle: only a collection frees it, and a frozen object is never collected
+    gone = weakref.ref(first)
+    del first
+    for n in (10, 11):   # two other configurations: building the third drops the first two
+        runtime.get_runtime(replace(cfg, max_clients=n))
+    gc.collect()
+    assert gone() is None
+    assert len(runtime._RUNTIMES) == 1 and gc.get_freeze_count() > 100_000
