@@ -1,13 +1,15 @@
 """Simulation at scale: Flower's stock simulation against the cohort engine, and a RecFlow-size round.
 
     .venv/bin/python benchmarks/bench_scale.py [--data data/small] [--foundation runs/demo/foundation]
-        [--sizes 100 300 1000] [--rounds 2] [--full-round] [--root /tmp/bench_scale] [--out /tmp/bench_scale.json]
+        [--sizes 100 300 1000] [--rounds 2] [--as-released] [--full-round] [--root /tmp/bench_scale]
+        [--out /tmp/bench_scale.json]
 
 Everything the runs write (run directories, feature caches, the RecFlow-size dataset) goes under
 ``--root``, never into the repository or the home directory.
 
-1. **Client updates per second**, side by side in one run, same model (fedpa), data, local work
-   (1 epoch, batch 64) and users: at each ``--sizes`` N, ``max_clients = N`` and every user trains in
+1. **Client updates per second**, side by side in one run, same model (``--algorithm fedpa`` with its recipe, as
+   ``fedpa simulate`` runs it; ``--as-released``: FedPA as released, without the item-side tables), data, local
+   work (1 epoch, batch 64) and users: at each ``--sizes`` N, ``max_clients = N`` and every user trains in
    each of 2 rounds (evaluation only at round 0 and the end). Engines, run one after the other per N:
 
    - *stock*: ``--cohort-size 1``: one virtual SuperNode per user on Flower's Ray backend, N train
@@ -28,7 +30,7 @@ Everything the runs write (run directories, feature caches, the RecFlow-size dat
    this process and every descendant, Ray's workers included, sampled every 0.5 s: an upper bound,
    shared pages count once per process).
 3. **Bytes of personal state per simulated user**: the private tensors of one fedpa user, as held in
-   the node's ``context.state`` and as one encrypted personal-store file.
+   the node's ``context.state`` (packed with 99 other users') and as one encrypted personal-store file.
 
 Wall-clock figures depend on the machine's other load: the 1-minute load average before each run is
 printed; ratios of runs taken side by side are the figures to compare.
@@ -57,7 +59,7 @@ for p in (str(HERE),):
 
 from bench_federation import loadavg, run_one  # noqa: E402
 
-from fedpa.common.config import FederationConfig  # noqa: E402
+from fedpa.common.config import FederationConfig, with_recipe  # noqa: E402
 from fedpa.common.files import save_figure  # noqa: E402
 
 ENGINES = {"stock": (1, "vectorized"), "loop": (0, "loop"), "vectorized": (0, "vectorized")}
@@ -210,13 +212,20 @@ def prepare_recflow(root: Path, days: int) -> tuple[Path, Path, dict]:
     return data, found, times
 
 
-def bench_full_round(root: Path, days: int) -> dict:
+def fedpa_config(as_released: bool, **settings) -> FederationConfig:
+    """`--algorithm fedpa` as `fedpa simulate` runs it (its recipe below every key given here), or with
+    ``as_released`` FedPA as released (no item-side tables: the configuration of the figures before 2026-12-07)."""
+    cfg = FederationConfig(algorithm="fedpa", **settings)
+    return cfg if as_released else with_recipe(cfg, {k.replace("_", "-") for k in settings})
+
+
+def bench_full_round(root: Path, days: int, as_released: bool = False) -> dict:
     from fedpa.client.runtime import ensure_feature_cache
 
     data, found, times = prepare_recflow(root, days)
-    cfg = FederationConfig(data_dir=str(data), foundation=str(found), run_dir=str(root / "recflow-round"),
-                           num_rounds=1, clients_per_round=1.0, open_active_fraction=0.0, open_rest_fraction=0.0,
-                           eval_every=10_000, feature_cache=str(root / "feature_cache"), round_timeout=3600.0)
+    cfg = fedpa_config(as_released, data_dir=str(data), foundation=str(found), run_dir=str(root / "recflow-round"),
+                       num_rounds=1, clients_per_round=1.0, open_active_fraction=0.0, open_rest_fraction=0.0,
+                       eval_every=10_000, feature_cache=str(root / "feature_cache"), round_timeout=3600.0)
     t0 = time.perf_counter()
     # a one-off artifact, built in a child process so that this (the server's) process stays as lean as
     # a run that finds the cache already there
@@ -249,21 +258,28 @@ def bench_full_round(root: Path, days: int) -> dict:
 
 def personal_state_bytes(base: FederationConfig, root: Path) -> dict:
     from fedpa.client.personal_store import PersonalStore
-    from fedpa.common.records import arrays_to_record
     from fedpa.foundation.model import load_foundation
     from fedpa.recmodels.personalization import PersonalModel, get_algorithm
 
     pm = PersonalModel(load_foundation(base.foundation), get_algorithm("fedpa"), r=base.rank, lora_alpha=base.rank)
     private = pm.get_private()
     raw = sum(v.nbytes for v in private.values())
-    record = arrays_to_record(private)
-    in_state = sum(len(record[k].data) for k in record.keys())
+    from flwr.app import RecordDict
+
+    from fedpa.client.node_state import NodePrivateStates
+
+    context_state = RecordDict()   # a node keeps its users' states packed: per user, a hundredth of 100 users'
+    states = NodePrivateStates(context_state)
+    for uid in range(100):
+        states.put(uid, private)
+    states.flush()
+    in_state = sum(len(r[k].data) for r in context_state.values() for k in r.keys()) / 100
     where = Path(tempfile.mkdtemp(prefix="store-", dir=root))
     PersonalStore(where, os.urandom(32)).save(0, private, {"algorithm": "fedpa", "round": 1})
     on_disk = sum(p.stat().st_size for p in where.rglob("*") if p.is_file())
     out = {"tensors": len(private), "raw_bytes": raw, "context_state_bytes": in_state, "store_file_bytes": on_disk}
     print(f"  personal state per user (fedpa, rank {base.rank}): {len(private)} tensors, {raw:,} B of float32, "
-          f"{in_state:,} B in context.state, {on_disk:,} B encrypted on disk", flush=True)
+          f"{in_state:,.0f} B in context.state, {on_disk:,} B encrypted on disk", flush=True)
     return out
 
 
@@ -277,6 +293,8 @@ def main() -> None:
     ap.add_argument("--skip-engines", action="store_true", help="only the RecFlow-size round")
     ap.add_argument("--full-round", action="store_true", help="also run one round over the recflow preset")
     ap.add_argument("--days", type=int, default=3, help="days of the recflow preset (the first one trains)")
+    ap.add_argument("--as-released", action="store_true",
+                    help="FedPA as released, without the recipe's item-side tables (the figures before 2026-12-07)")
     ap.add_argument("--root", default="/tmp/bench_scale")
     ap.add_argument("--out", default="/tmp/bench_scale.json")
     args = ap.parse_args()
@@ -284,8 +302,10 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}")
-    base = FederationConfig(data_dir=args.data, foundation=args.foundation, algorithm="fedpa",
-                            feature_cache=str(root / "feature_cache"), round_timeout=3600.0)
+    base = fedpa_config(args.as_released, data_dir=args.data, foundation=args.foundation,
+                        feature_cache=str(root / "feature_cache"), round_timeout=3600.0)
+    print("configuration: " + ("FedPA as released (--as-released)" if args.as_released else
+                               "--algorithm fedpa with its recipe, as `fedpa simulate` runs it"))
     result: dict = {"sizes": args.sizes}
     result["personal_state"] = personal_state_bytes(base, root)
     if not args.skip_engines:
@@ -297,7 +317,7 @@ def main() -> None:
         png = plot_engines(rows, root / "scaling.png")
         print(f"scaling curve: {png}")
     if args.full_round:
-        result["full_round"] = bench_full_round(root, args.days)
+        result["full_round"] = bench_full_round(root, args.days, args.as_released)
     Path(args.out).write_text(json.dumps(result, indent=2, default=float))
     print(f"results: {args.out}")
 

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedpa.client.node_state import NodePrivateStates
 from fedpa.client.on_device import keep_global_state
 from fedpa.client.personal_store import PersonalStore, open_store
 from fedpa.client.runtime import ClientRuntime, get_runtime, user_seed
@@ -42,15 +43,15 @@ def _node_clients(context: Context, rt: ClientRuntime) -> list[int]:
                            int(context.node_config.get("num-partitions", 1)))
 
 
-def _private_state(context: Context, rt: ClientRuntime, uid: int, run_id: str = "",
+def _private_state(states: NodePrivateStates, rt: ClientRuntime, uid: int, run_id: str = "",
                    before_round: int | None = None, cfg: FederationConfig | None = None,
                    store: PersonalStore | None = None) -> dict[str, np.ndarray] | None:
-    """The user's private state: from this node's memory within a run, else from the personal store.
+    """The user's private state: from this node's context within a run, else from the personal store.
     Training round r of run ``run_id`` wants the state from before r: a resumed run redoing r skips
     what the interrupted attempt saved at r (the store keeps the version before it)."""
-    key = f"private/{uid}"
-    if key in context.state:
-        return record_to_arrays(context.state[key])
+    kept = states.get(uid)
+    if kept is not None:
+        return kept
     cfg = cfg or rt.cfg
     store = store if store is not None else _store(cfg)  # callers looping over users open it once
     if store is not None:
@@ -117,6 +118,7 @@ def train(msg: Message, context: Context, cfg: FederationConfig) -> Message:
         job.train_vectorized(wanted)
     else:
         job.train_one_by_one(wanted)
+    job.states.flush()
     total, loss_sum, n_examples, excluded = job.total, job.loss_sum, job.n_examples, job.excluded
     contributed = len(wanted) - len(excluded)
     if cfg.dp_noise_multiplier > 0:
@@ -176,14 +178,15 @@ class _TrainJob:
         self.total: dict[str, np.ndarray] | None = None
         self.loss_sum = self.n_examples = 0.0
         self.excluded: list[str] = []
+        self.states = NodePrivateStates(context.state)   # written once the job's training is done (`flush`)
 
     def _private_before(self, uid: int) -> dict[str, np.ndarray] | None:
-        return _private_state(self.context, self.rt, uid, self.run_id, before_round=self.round, cfg=self.cfg,
+        return _private_state(self.states, self.rt, uid, self.run_id, before_round=self.round, cfg=self.cfg,
                               store=self.store)
 
     def _keep_private(self, uid: int, private: dict[str, np.ndarray]) -> None:
         if private:
-            self.context.state[f"private/{uid}"] = arrays_to_record(private)
+            self.states.put(uid, private)
             if self.store is not None:
                 def redone(meta: dict) -> bool:     # what an interrupted attempt at this round saved
                     return bool(self.run_id) and meta.get("run-id") == self.run_id and \
@@ -280,13 +283,14 @@ def evaluate(msg: Message, context: Context, cfg: FederationConfig) -> Message:
     val, test, mia = MetricSums(), MetricSums(), MetricSums()
     users = 0
     clients = list(_node_clients(context, rt))
+    states = NodePrivateStates(context.state)
     vectorized = _vectorized(cfg, rt, clients)
     if vectorized:
         from fedpa.recmodels.cohort import CohortUser
 
         data_of = [rt.user(c) for c in clients]
         cohort = [CohortUser(rt.round_train(d, round_), d.profile,
-                             _private_state(context, rt, d.user_id, cfg=cfg, store=store),
+                             _private_state(states, rt, d.user_id, cfg=cfg, store=store),
                              user_seed(cfg.seed, round_, d.user_id), d.user_id) for d in data_of]
         all_scores = rt.cohort_engine.predict(
             cohort, [[d.val, d.test] + ([d.train] if attack else []) for d in data_of], global_state, local)
@@ -297,7 +301,7 @@ def evaluate(msg: Message, context: Context, cfg: FederationConfig) -> Message:
         else:
             if global_state:
                 pm.set_shared(global_state)
-            pm.set_private(_private_state(context, rt, data.user_id, cfg=cfg, store=store))
+            pm.set_private(_private_state(states, rt, data.user_id, cfg=cfg, store=store))
             splits = [data.val, data.test] + ([data.train] if attack else [])
             scores = pm.personalized_scores(rt.round_train(data, round_), splits, data.profile, local,
                                             seed=user_seed(cfg.seed, round_, data.user_id))

@@ -86,6 +86,7 @@ def test_a_redone_round_reads_the_state_from_before_it(tmp_path):
     killed attempt saved at r; another run (or evaluation) takes the latest."""
     from flwr.app import Context, RecordDict
 
+    from fedpa.client.node_state import NodePrivateStates
     from fedpa.client.personal_store import PersonalStore
     from fedpa.client.training import _private_state
 
@@ -99,10 +100,14 @@ def test_a_redone_round_reads_the_state_from_before_it(tmp_path):
                       personal_store_key_file=str(key))
 
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    assert _private_state(ctx, Runtime, 7, "A", before_round=2)["w"][0] == 1.0   # redoing round 2
-    assert _private_state(ctx, Runtime, 7, "A", before_round=3)["w"][0] == 2.0   # round 3 after 2
-    assert _private_state(ctx, Runtime, 7, "B", before_round=1)["w"][0] == 2.0   # a later run
-    assert _private_state(ctx, Runtime, 7)["w"][0] == 2.0                          # evaluation
+    states = NodePrivateStates(ctx.state)    # a resumed node's context holds nothing yet
+    assert _private_state(states, Runtime, 7, "A", before_round=2)["w"][0] == 1.0   # redoing round 2
+    assert _private_state(states, Runtime, 7, "A", before_round=3)["w"][0] == 2.0   # round 3 after 2
+    assert _private_state(states, Runtime, 7, "B", before_round=1)["w"][0] == 2.0   # a later run
+    assert _private_state(states, Runtime, 7)["w"][0] == 2.0                          # evaluation
+    states.put(7, {"w": np.full(3, 3.0, np.float32)})
+    states.flush()
+    assert _private_state(NodePrivateStates(ctx.state), Runtime, 7, "A", before_round=4)["w"][0] == 3.0  # in a run
 
 
 def test_configuration_differences_count_missing_keys_at_their_default():
