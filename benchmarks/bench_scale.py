@@ -121,19 +121,21 @@ def timed_run(base: FederationConfig, run_dir: Path, engine: str, **overrides) -
 
 # ---------------------------------------------------------------------------------------------- side by side
 
-def bench_engines(base: FederationConfig, root: Path, sizes: list[int], rounds: int = 2) -> list[dict]:
+def bench_engines(base: FederationConfig, root: Path, sizes: list[int], rounds: int = 2,
+                  engines: tuple[str, ...] = ("vectorized", "loop", "stock")) -> list[dict]:
     rows = []
     for n in sizes:
-        for engine in ("vectorized", "loop", "stock"):
+        for engine in engines:
             print(f"  {engine:10s} N={n:5d} (load {loadavg():.2f}) ...", flush=True)
             r = timed_run(base, root / "engines" / f"{engine}-{n}", engine, max_clients=n, num_rounds=rounds,
                           eval_every=10_000, clients_per_round=1.0)
             m = r["metrics"]
             # round 1 includes each worker's warm-up; of the later rounds the median (a sub-second round is
             # moved by whatever else the machine does in that second)
-            train_s = float(np.median([m[k]["train_s"] for k in range(2, rounds + 1)]))
+            later = [m[k]["train_s"] for k in range(2, rounds + 1)]
+            train_s = float(np.median(later))
             users = m[2].get("clients_ok") or n
-            row = {"engine": engine, "users": n, "nodes": r["summary"]["cohorts"]["nodes"],
+            row = {"engine": engine, "users": n, "nodes": r["summary"]["cohorts"]["nodes"], "train_s_rounds": later,
                    "train_s": train_s, "train_s_round1": m[1]["train_s"], "updates_per_s": users / train_s,
                    "clients_ok": users, "call_wall_s": r["call_wall_s"], "load1_before": r["load1_before"],
                    "test_gauc": r["summary"]["final"]["test"].get("gauc")}
@@ -141,6 +143,8 @@ def bench_engines(base: FederationConfig, root: Path, sizes: list[int], rounds: 
             print(f"    rounds 2-{rounds}: {train_s:.2f} s -> {row['updates_per_s']:.1f} updates/s "
                   f"(round 1 {row['train_s_round1']:.2f} s, call {row['call_wall_s']:.1f} s, "
                   f"test GAUC {row['test_gauc']:.4f})", flush=True)
+            print(f"    each round after the first: {' '.join(f'{t:.2f}' for t in later)} s "
+                  f"(mean {np.mean(later):.3f} s)", flush=True)
     return rows
 
 
@@ -154,14 +158,18 @@ def print_engines(rows: list[dict]) -> list[dict]:
     ratios = []
     for n in sorted({r["users"] for r in rows}):
         pair = {r["engine"]: r for r in rows if r["users"] == n}
-        for e in ("stock", "loop", "vectorized"):
+        for e in [e for e in ("stock", "loop", "vectorized") if e in pair]:
             r = pair[e]
             print(f"{n:>6} {e:>10} {r['nodes']:>5} {r['train_s']:>8.2f} {r['updates_per_s']:>10.1f} "
                   f"{r['train_s_round1']:>8.2f} {r['call_wall_s']:>7.1f} {r['load1_before']:>5.2f}")
+        if len(pair) < len(ENGINES):
+            continue   # ratios only for engines run side by side
         ratios.append({"users": n,
                        "vectorized_over_stock": pair["vectorized"]["updates_per_s"] / pair["stock"]["updates_per_s"],
                        "vectorized_over_loop": pair["vectorized"]["updates_per_s"] / pair["loop"]["updates_per_s"],
                        "loop_over_stock": pair["loop"]["updates_per_s"] / pair["stock"]["updates_per_s"]})
+    if not ratios:
+        return ratios
     print()
     print(f"{'users':>6} {'vectorized/stock':>17} {'vectorized/loop':>16} {'loop/stock':>11}")
     for q in ratios:
@@ -266,14 +274,20 @@ def personal_state_bytes(base: FederationConfig, root: Path) -> dict:
     raw = sum(v.nbytes for v in private.values())
     from flwr.app import RecordDict
 
-    from fedpa.client.node_state import NodePrivateStates
+    try:
+        from fedpa.client.node_state import NodePrivateStates
+    except ImportError:   # fedpa from before 2026-12-07 (through PYTHONPATH): one record per user
+        from fedpa.common.records import arrays_to_record
 
-    context_state = RecordDict()   # a node keeps its users' states packed: per user, a hundredth of 100 users'
-    states = NodePrivateStates(context_state)
-    for uid in range(100):
-        states.put(uid, private)
-    states.flush()
-    in_state = sum(len(r[k].data) for r in context_state.values() for k in r.keys()) / 100
+        record = arrays_to_record(private)
+        in_state = sum(len(record[k].data) for k in record.keys())
+    else:
+        context_state = RecordDict()   # a node keeps its users' states packed: per user, a hundredth of 100 users'
+        states = NodePrivateStates(context_state)
+        for uid in range(100):
+            states.put(uid, private)
+        states.flush()
+        in_state = sum(len(r[k].data) for r in context_state.values() for k in r.keys()) / 100
     where = Path(tempfile.mkdtemp(prefix="store-", dir=root))
     PersonalStore(where, os.urandom(32)).save(0, private, {"algorithm": "fedpa", "round": 1})
     on_disk = sum(p.stat().st_size for p in where.rglob("*") if p.is_file())
@@ -291,6 +305,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2,
                     help="rounds per engine and size (>= 2): updates/s from the median round after the first")
     ap.add_argument("--skip-engines", action="store_true", help="only the RecFlow-size round")
+    ap.add_argument("--engines", nargs="+", choices=list(ENGINES), default=["vectorized", "loop", "stock"],
+                    help="the engines to run (one engine: its rounds, e.g. code before and after a change)")
     ap.add_argument("--full-round", action="store_true", help="also run one round over the recflow preset")
     ap.add_argument("--days", type=int, default=3, help="days of the recflow preset (the first one trains)")
     ap.add_argument("--as-released", action="store_true",
@@ -311,7 +327,7 @@ def main() -> None:
     if not args.skip_engines:
         if args.rounds < 2:
             ap.error("--rounds must be at least 2 (the first round includes each worker's warm-up)")
-        rows = bench_engines(base, root, args.sizes, args.rounds)
+        rows = bench_engines(base, root, args.sizes, args.rounds, tuple(args.engines))
         result["engines"] = rows
         result["ratios"] = print_engines(rows)
         png = plot_engines(rows, root / "scaling.png")
