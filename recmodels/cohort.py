@@ -580,31 +580,36 @@ class CohortEngine:
         without reading the device."""
         index = index.to(self.device)
         c, steps, bs = index.shape
-        names = list(params)
-        m = {n: torch.zeros_like(params[n]) for n in names}
-        v = {n: torch.zeros_like(params[n]) for n in names}
         loss_sum = torch.zeros(c, dtype=torch.float64, device=self.device)
         weights = torch.as_tensor(counts, dtype=torch.float64).to(self.device)
         zeros_g = torch.zeros(bs, self.n_groups, dtype=torch.long, device=self.device)
         zeros_s = torch.zeros(bs, dtype=torch.long, device=self.device)
         frozen = {f"scorer.{n}": t for n, t in self._frozen.items()}
 
-        def one_user(p, x, k, y, d):
+        def one_user(p, q, x, k, y, d):
             with self._domain_routing(d, zeros_g, zeros_s):
-                return functional_call(self.loss_module, {**frozen, **{f"scorer.{n}": val for n, val in p.items()}},
-                                       (x, k, y, prox))
+                return functional_call(self.loss_module,
+                                       {**frozen, **{f"scorer.{n}": val for n, val in (*p.items(), *q.items())}},
+                                       (x, k, y, prox), tie_weights=False)
 
-        step_fn = vmap(grad_and_value(one_user), in_dims=(0, 0, None if items is None else 0, 0,
+        step_fn = vmap(grad_and_value(one_user), in_dims=(0, 0, 0, None if items is None else 0, 0,
                                                            None if domains is None else 0))
         # the item-side tables step at their own learning rate; the adapters and the popularity weight at lr
         # (item-bias-update newton: the offset tables do not train locally, their newton statistics travel; the
         # item embeddings and the user's vector still do)
         items_lr = local.lr if local.item_bias_lr is None else local.item_bias_lr
         vectors_lr = items_lr if local.embedding_lr is None else local.embedding_lr
-        rates = [0.0 if self.pm.item_bias_newton and n.startswith("item_bias.tables.")
-                 else vectors_lr if n in ("item_bias.embedding", "item_bias.user")
-                 else items_lr if n.startswith("item_bias.") and n != "item_bias.popularity_weight"
-                 else local.lr for n in names]
+        rate = {n: 0.0 if self.pm.item_bias_newton and n.startswith("item_bias.tables.")
+                else vectors_lr if n in ("item_bias.embedding", "item_bias.user")
+                else items_lr if n.startswith("item_bias.") and n != "item_bias.popularity_weight"
+                else local.lr for n in params}
+        # what does not step (the Newton tables, the click tally) is read, not differentiated: no gradient,
+        # no Adam moments over a table of every user's rows (Adam at rate 0 would leave it where it is)
+        fixed = {p.name for p in self.params if rate[p.name] == 0.0 or not p.tensor.requires_grad}
+        names = [n for n in params if n not in fixed]
+        rates = [rate[n] for n in names]
+        m = {n: torch.zeros_like(params[n]) for n in names}
+        v = {n: torch.zeros_like(params[n]) for n in names}
         set_active_paths(self.pm.model, paths)
         try:
             with use_routing(self.pm.model, group_index=zeros_g if self.n_groups else None, user_slot=zeros_s):
@@ -616,8 +621,9 @@ class CohortEngine:
                     if not active[first:].all():
                         raise AssertionError("cohort chunk is not sorted by size")
                     sub = {n: params[n][first:] for n in names}
+                    read = {n: params[n][first:] for n in fixed}
                     rows = index[first:, s]
-                    grads, loss = step_fn(sub, feats[rows], None if items is None else items[rows], labels[rows],
+                    grads, loss = step_fn(sub, read, feats[rows], None if items is None else items[rows], labels[rows],
                                           None if domains is None else domains[rows])
                     loss_sum[first:] += loss.double() * weights[first:, s]
                     # Adam's update for every live user at once (their (s+1)-th step)
@@ -722,7 +728,7 @@ class CohortEngine:
 
         def one_user(p, xu, ku, du):
             with self._domain_routing(du, zeros_g, zeros_s):
-                return functional_call(self.scorer, {**self._frozen, **p}, (xu, ku))
+                return functional_call(self.scorer, {**self._frozen, **p}, (xu, ku), tie_weights=False)
 
         with_items = self.pm.item_bias is not None
         score_fn = vmap(one_user, in_dims=(0, 0, 0 if with_items else None, 0 if with_domains else None))
