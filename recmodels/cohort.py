@@ -281,6 +281,10 @@ class CohortEngine:
         self.max_users = max(1, int(max_users))
         self.scorer = pm.scorer if pm.item_bias is None else _CompactScorer(pm.tower, pm.item_bias)
         self.loss_module = _ScorerLoss(self.scorer)
+        # functional_call's search for tied weights walks every module at every call (a tenth of a small step);
+        # it is only needed when one tensor sits under two names
+        self._tied = (len(list(self.loss_module.named_parameters(remove_duplicate=False)))
+                      != len(list(self.loss_module.named_parameters())))
         self.params = self._index()
         self.n_groups = len(pm.group_columns)
         self._frozen: dict[str, torch.Tensor] = {}   # the scorer's other tensors on the device (`_copy_frozen`)
@@ -590,7 +594,7 @@ class CohortEngine:
             with self._domain_routing(d, zeros_g, zeros_s):
                 return functional_call(self.loss_module,
                                        {**frozen, **{f"scorer.{n}": val for n, val in (*p.items(), *q.items())}},
-                                       (x, k, y, prox), tie_weights=False)
+                                       (x, k, y, prox), tie_weights=self._tied)
 
         step_fn = vmap(grad_and_value(one_user), in_dims=(0, 0, 0, None if items is None else 0, 0,
                                                            None if domains is None else 0))
@@ -728,7 +732,7 @@ class CohortEngine:
 
         def one_user(p, xu, ku, du):
             with self._domain_routing(du, zeros_g, zeros_s):
-                return functional_call(self.scorer, {**self._frozen, **p}, (xu, ku), tie_weights=False)
+                return functional_call(self.scorer, {**self._frozen, **p}, (xu, ku), tie_weights=self._tied)
 
         with_items = self.pm.item_bias is not None
         score_fn = vmap(one_user, in_dims=(0, 0, 0 if with_items else None, 0 if with_domains else None))

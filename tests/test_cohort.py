@@ -211,6 +211,18 @@ def test_engine_reports_a_bad_private_state(tiny, tiny_foundation, tmp_path):
         list(CohortEngine(pm).train(members, None, rt.local))
 
 
+def test_engine_looks_for_tied_weights_only_where_a_tensor_has_two_names(tiny, tiny_foundation, tmp_path):
+    """functional_call's tied-weight search walks every module at every step: the engine skips it unless the
+    scorer holds one tensor under two names, where skipping it would train one name and not the other."""
+    from fedpa.recmodels.cohort import CohortEngine
+
+    rt = _runtime(tiny, tiny_foundation, "fedpa", tmp_path)
+    pm = rt.model
+    assert CohortEngine(pm)._tied is False
+    pm.tower.register_parameter("alias_of_a_weight", next(pm.tower.parameters()))
+    assert CohortEngine(pm)._tied is True
+
+
 def test_engine_flags_users_whose_training_diverged(tiny, tiny_foundation, tmp_path):
     from fedpa.recmodels.cohort import CohortEngine, CohortUser
 
