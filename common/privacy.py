@@ -179,10 +179,10 @@ def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[Shar
             if clicked is None:
                 raise ValueError(f"tally entry '{t.name}' needs the rows each user clicked")
             total = np.zeros(t.shape, np.float32)
-            for u in np.nonzero(keep)[0]:
-                if len(clicked[u]):
-                    w = 1.0 / math.sqrt(len(clicked[u])) if noise_multiplier > 0 else 1.0
-                    np.add.at(total, clicked[u], np.float32(w))
+            users = [u for u in np.nonzero(keep)[0] if len(clicked[u])]
+            _add_at(total, [clicked[u] for u in users],
+                    [np.full(len(clicked[u]), 1.0 / math.sqrt(len(clicked[u])) if noise_multiplier > 0 else 1.0,
+                             np.float32) for u in users])
             out[t.name] = total
             continue
         if t.per_row:
@@ -196,15 +196,16 @@ def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[Shar
             total = np.zeros(t.shape, np.float32)
             d = deltas.get(t.name)
             newton = d.weights if d is not None and getattr(d, "weights", None) is not None else None
-            for u in np.nonzero(keep)[0]:
-                if newton is not None:   # item-bias-update newton: the user's curvature sums, on the rows it read
-                    np.add.at(counts, d.rows[u], newton[u].astype(np.float32) * np.float32(weight[u]))
-                else:
-                    np.add.at(counts, read[u], np.float32(weight[u]))
+            kept = np.nonzero(keep)[0]
+            if newton is not None:   # item-bias-update newton: the user's curvature sums, on the rows it read
+                _add_at(counts, [d.rows[u] for u in kept],
+                        [newton[u].astype(np.float32) * np.float32(weight[u]) for u in kept])
+            else:
+                _add_at(counts, [read[u] for u in kept], [np.full(len(read[u]), weight[u], np.float32) for u in kept])
             if d is not None:
-                for u, r, v in zip(d.users, d.rows, d.values):
-                    if keep[u]:
-                        np.add.at(total, r, v.astype(np.float32) * np.float32(scale[u] * weight[u]))
+                moved = [(r, v, u) for u, r, v in zip(d.users, d.rows, d.values) if keep[u]]
+                _add_at(total, [r for r, _, _ in moved],
+                        [v.astype(np.float32) * np.float32(scale[u] * weight[u]) for _, v, u in moved])
             out[t.name] = total
             continue
         pos, vals = deltas.get(t.name, (np.zeros(0, np.int64), np.zeros((0, *t.shape), np.float32)))
@@ -216,6 +217,14 @@ def cohort_contribution(deltas: Mapping[str, Any], n_users: int, spec: list[Shar
         if t.group is not None:
             out[t.count_key][0] = float(sel.sum())
     return out   # distributed mode: the node's SecAgg+ client adds its users' noise, in fixed point
+
+
+def _add_at(target: np.ndarray, rows: list[np.ndarray], values: list[np.ndarray]) -> None:
+    """``np.add.at(target, rows[k], values[k])`` for every k, as one call: the same additions in the same order
+    (so the same float32 sums), without a call per user and table."""
+    live = [k for k, r in enumerate(rows) if len(r)]
+    if live:
+        np.add.at(target, np.concatenate([rows[k] for k in live]), np.concatenate([values[k] for k in live]))
 
 
 def _sparse(d: Any) -> bool:

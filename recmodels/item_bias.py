@@ -132,10 +132,9 @@ def users_newton_row_statistics(item_bias: ItemBias, logits: torch.Tensor, label
         codes, inv = torch.unique(owner * span + flat, return_inverse=True)   # sorted: by user, then by row
         g = r.new_zeros(len(codes), r.shape[1]).index_add_(0, inv, r)
         h = w.new_zeros(len(codes)).index_add_(0, inv, w) * scale
-        counts = torch.bincount(codes // span, minlength=n_users).tolist()
-        out[name] = ([x.cpu().numpy() for x in (codes % span).split(counts)],
-                     [x.cpu().numpy() for x in (-g).float().split(counts)],
-                     [x.cpu().numpy() for x in h.float().split(counts)])
+        # each user's part as a view of one array: a tensor's numpy() per user and table cost more than the sums
+        cuts = torch.bincount(codes // span, minlength=n_users).cumsum(0)[:-1].cpu().numpy()
+        out[name] = tuple(np.split(x.cpu().numpy(), cuts) for x in (codes % span, (-g).float(), h.float()))
     return out
 
 

@@ -276,6 +276,34 @@ def test_cohort_contribution_is_the_sum_of_user_contributions():
                                                      1 / np.sqrt(3), 1 / np.sqrt(3) + 1 / np.sqrt(2)], rtol=1e-6)
 
 
+def test_cohort_contribution_sums_rows_in_one_pass_to_the_same_float32_bits():
+    """The per-row entries, their Newton curvature counts and the click tally are summed for all users in one
+    `np.add.at` each: the same additions in the same order as user by user, so the same float32 bits."""
+    from fedpa.common.aggregation import TALLY, SharedTensor
+    from fedpa.common.privacy import cohort_contribution
+
+    rows_n, users = 50, 7
+    spec = [SharedTensor("t", (rows_n, 3), "per-row"), SharedTensor("clicks", (rows_n,), TALLY)]
+    rng = np.random.default_rng(3)
+    held = [np.sort(rng.choice(rows_n, size=k, replace=False)) for k in (5, 0, 12, 1, 30, 7, 9)]
+    values = [rng.normal(size=(len(r), 3)).astype(np.float32) * 1e3 for r in held]
+    curvature = [rng.uniform(0.01, 5.0, size=len(r)).astype(np.float32) for r in held]
+    clicked = [r[: len(r) // 2] for r in held]
+    keep = np.array([True, True, False, True, True, True, True])
+    got = cohort_contribution({"t": RowDeltas(np.arange(users), held, values, weights=curvature)}, users, spec,
+                              keep=keep, noise_multiplier=0.0, clip=1.0, rows={"t": held, "clicks": clicked},
+                              mode="central", n_count_terms=1, min_reply_fraction=0.5, cohort=users)
+    total, counts, tally = (np.zeros((rows_n, 3), np.float32), np.zeros(rows_n, np.float32),
+                            np.zeros(rows_n, np.float32))
+    for u in np.nonzero(keep)[0]:
+        np.add.at(counts, held[u], curvature[u] * np.float32(1.0))
+        np.add.at(total, held[u], values[u] * np.float32(1.0))
+        np.add.at(tally, clicked[u], np.float32(1.0))
+    np.testing.assert_array_equal(got["t"], total)
+    np.testing.assert_array_equal(got["count/rows:t"], counts)
+    np.testing.assert_array_equal(got["clicks"], tally)
+
+
 def test_cohort_contribution_noise_has_the_per_user_variance():
     from fedpa.common.aggregation import SharedTensor
     from fedpa.common.privacy import cohort_contribution
