@@ -281,7 +281,7 @@ class CohortEngine:
         self.max_users = max(1, int(max_users))
         self.scorer = pm.scorer if pm.item_bias is None else _CompactScorer(pm.tower, pm.item_bias)
         self.loss_module = _ScorerLoss(self.scorer)
-        # functional_call's search for tied weights walks every module at every call (a tenth of a small step);
+        # functional_call's search for tied weights walks every module at every call (a tenth of a one-user step);
         # it is only needed when one tensor sits under two names
         self._tied = (len(list(self.loss_module.named_parameters(remove_duplicate=False)))
                       != len(list(self.loss_module.named_parameters())))
