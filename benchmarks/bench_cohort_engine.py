@@ -29,7 +29,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--feature-cache", default="auto")
+    ap.add_argument("--feature-cache", default="",
+                    help="root of the cached tower inputs (default: fedpa's own, ~/.cache/fedpa/features; none = off)")
     ap.add_argument("--algorithm", default="fedpa")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a configuration key over the algorithm's recipe (repeatable)")

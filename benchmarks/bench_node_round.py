@@ -1,7 +1,7 @@
 """One simulated node's whole training round, in this process: where a node's time goes beyond the engine.
 
     .venv/bin/python benchmarks/bench_node_round.py [--data data/small] [--foundation runs/demo/foundation]
-        [--users 500] [--rounds 4] [--feature-cache auto] [--profile] [--set KEY=VALUE ...]
+        [--users 500] [--rounds 4] [--feature-cache DIR] [--profile] [--set KEY=VALUE ...]
 
 `client.training.train` handles a train message for ``--users`` users, as a node of a simulation does (its
 context kept from round to round, so rounds 2.. are returning users), one thread. Each round prints its
@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--foundation", default="runs/demo/foundation")
     ap.add_argument("--users", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--feature-cache", default="auto")
+    ap.add_argument("--feature-cache", default="",
+                    help="root of the cached tower inputs (default: fedpa's own, ~/.cache/fedpa/features; none = off)")
     ap.add_argument("--profile", action="store_true", help="also profile the last round (cProfile)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a configuration key over the algorithm's recipe (repeatable)")
