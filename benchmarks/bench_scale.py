@@ -1,7 +1,7 @@
 """Simulation at scale: Flower's stock simulation against the cohort engine, and a RecFlow-size round.
 
     .venv/bin/python benchmarks/bench_scale.py [--data data/small] [--foundation runs/demo/foundation]
-        [--sizes 100 300 1000] [--rounds 2] [--as-released] [--full-round] [--root /tmp/bench_scale]
+        [--sizes 100 300 1000] [--rounds 2] [--passes 1] [--as-released] [--full-round] [--root /tmp/bench_scale]
         [--out /tmp/bench_scale.json]
 
 Everything the runs write (run directories, feature caches, the RecFlow-size dataset) goes under
@@ -18,7 +18,10 @@ Everything the runs write (run directories, feature caches, the RecFlow-size dat
    - *vectorized*: one node per CPU core, each training its users at once (``cohort-engine vectorized``).
 
    Updates per second = N / ``train_s`` of round 2, or with ``--rounds R`` the median of rounds 2..R (round 1
-   includes each worker's warm-up; a sub-second round moves with the machine's other load).
+   includes each worker's warm-up; a sub-second round moves with the machine's other load). With ``--passes P``
+   the engines run P times per N in alternating order (A B C, then C B A, ...) and each engine's round times
+   are averaged: the machine's pace can drift by a fifth within an hour, and a ratio's engines run minutes
+   apart, so a drift weighs on all of them alike once the passes are averaged.
    Printed: the table, the ratios vectorized / stock and vectorized / loop, and a PNG scaling curve
    (users per round against round time, every engine) in ``--root``.
 2. **A RecFlow-size round** (``--full-round``): the ``recflow`` synthetic preset (42,000 users) over
@@ -122,35 +125,62 @@ def timed_run(base: FederationConfig, run_dir: Path, engine: str, **overrides) -
 # ---------------------------------------------------------------------------------------------- side by side
 
 def bench_engines(base: FederationConfig, root: Path, sizes: list[int], rounds: int = 2,
-                  engines: tuple[str, ...] = ("vectorized", "loop", "stock")) -> list[dict]:
+                  engines: tuple[str, ...] = ("vectorized", "loop", "stock"), passes: int = 1) -> list[dict]:
+    """Each engine at each size, ``passes`` times: pass k runs the engines in the given order when k is even
+    and in reverse when it is odd (A B C, C B A, ...), so that a drift of the machine's pace over the run
+    weighs on every engine alike once the passes are averaged (`combine`)."""
     rows = []
     for n in sizes:
-        for engine in engines:
-            print(f"  {engine:10s} N={n:5d} (load {loadavg():.2f}) ...", flush=True)
-            r = timed_run(base, root / "engines" / f"{engine}-{n}", engine, max_clients=n, num_rounds=rounds,
-                          eval_every=10_000, clients_per_round=1.0)
-            m = r["metrics"]
-            # round 1 includes each worker's warm-up; of the later rounds the median (a sub-second round is
-            # moved by whatever else the machine does in that second)
-            later = [m[k]["train_s"] for k in range(2, rounds + 1)]
-            train_s = float(np.median(later))
-            users = m[2].get("clients_ok") or n
-            row = {"engine": engine, "users": n, "nodes": r["summary"]["cohorts"]["nodes"], "train_s_rounds": later,
-                   "train_s": train_s, "train_s_round1": m[1]["train_s"], "updates_per_s": users / train_s,
-                   "clients_ok": users, "call_wall_s": r["call_wall_s"], "load1_before": r["load1_before"],
-                   "test_gauc": r["summary"]["final"]["test"].get("gauc")}
-            rows.append(row)
-            print(f"    rounds 2-{rounds}: {train_s:.2f} s -> {row['updates_per_s']:.1f} updates/s "
-                  f"(round 1 {row['train_s_round1']:.2f} s, call {row['call_wall_s']:.1f} s, "
-                  f"test GAUC {row['test_gauc']:.4f})", flush=True)
-            print(f"    each round after the first: {' '.join(f'{t:.2f}' for t in later)} s "
-                  f"(mean {np.mean(later):.3f} s)", flush=True)
+        for k in range(passes):
+            for engine in (engines if k % 2 == 0 else engines[::-1]):
+                rows.append(_engine_row(base, root, engine, n, rounds, k))
     return rows
 
 
+def _engine_row(base: FederationConfig, root: Path, engine: str, n: int, rounds: int, pass_: int) -> dict:
+    print(f"  {engine:10s} N={n:5d} pass {pass_ + 1} (load {loadavg():.2f}) ...", flush=True)
+    r = timed_run(base, root / "engines" / f"{engine}-{n}-{pass_}", engine, max_clients=n, num_rounds=rounds,
+                  eval_every=10_000, clients_per_round=1.0)
+    m = r["metrics"]
+    # round 1 includes each worker's warm-up; of the later rounds the median (a sub-second round is moved by
+    # whatever else the machine does in that second)
+    later = [m[j]["train_s"] for j in range(2, rounds + 1)]
+    train_s = float(np.median(later))
+    users = m[2].get("clients_ok") or n
+    row = {"engine": engine, "users": n, "pass": pass_, "nodes": r["summary"]["cohorts"]["nodes"],
+           "train_s_rounds": later, "train_s": train_s, "train_s_round1": m[1]["train_s"],
+           "updates_per_s": users / train_s, "clients_ok": users, "call_wall_s": r["call_wall_s"],
+           "load1_before": r["load1_before"], "test_gauc": r["summary"]["final"]["test"].get("gauc")}
+    print(f"    rounds 2-{rounds}: {train_s:.2f} s -> {row['updates_per_s']:.1f} updates/s "
+          f"(round 1 {row['train_s_round1']:.2f} s, call {row['call_wall_s']:.1f} s, "
+          f"test GAUC {row['test_gauc']:.4f})", flush=True)
+    print(f"    each round after the first: {' '.join(f'{t:.2f}' for t in later)} s "
+          f"(mean {np.mean(later):.3f} s)", flush=True)
+    return row
+
+
+def combine(rows: list[dict]) -> list[dict]:
+    """One row per (engine, users): the passes' round times averaged (updates/s from that mean), their spread
+    kept as the fastest and slowest pass."""
+    out = []
+    for key in sorted({(r["engine"], r["users"]) for r in rows}, key=lambda k: (k[1], k[0])):
+        runs = [r for r in rows if (r["engine"], r["users"]) == key]
+        train_s = float(np.mean([r["train_s"] for r in runs]))
+        out.append({**runs[0], "passes": len(runs), "train_s": train_s,
+                    "updates_per_s": runs[0]["clients_ok"] / train_s,
+                    "train_s_passes": [r["train_s"] for r in runs],
+                    "train_s_round1": float(np.mean([r["train_s_round1"] for r in runs])),
+                    "call_wall_s": float(np.mean([r["call_wall_s"] for r in runs])),
+                    "load1_before": float(np.mean([r["load1_before"] for r in runs]))})
+    return out
+
+
 def print_engines(rows: list[dict]) -> list[dict]:
+    """The table and the ratios, from `combine`d rows (each engine's passes averaged)."""
+    passes = max(r.get("passes", 1) for r in rows)
     print()
-    print("Client updates per second (fedpa, 1 local epoch, batch 64; median train_s of the rounds after the first)")
+    print("Client updates per second (fedpa, 1 local epoch, batch 64; median train_s of the rounds after the first"
+          + (f"; the mean of {passes} passes, engines in alternating order)" if passes > 1 else ")"))
     hdr = (f"{'users':>6} {'engine':>10} {'nodes':>5} {'round s':>8} {'updates/s':>10} {'round1 s':>8} {'call s':>7} "
            f"{'load':>5}")
     print(hdr)
@@ -307,6 +337,9 @@ def main() -> None:
     ap.add_argument("--skip-engines", action="store_true", help="only the RecFlow-size round")
     ap.add_argument("--engines", nargs="+", choices=list(ENGINES), default=["vectorized", "loop", "stock"],
                     help="the engines to run (one engine: its rounds, e.g. code before and after a change)")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="run the engines this many times, in alternating order (A B C, C B A, ...), and average: "
+                         "the machine's pace drifts within minutes, and a ratio's engines run minutes apart")
     ap.add_argument("--full-round", action="store_true", help="also run one round over the recflow preset")
     ap.add_argument("--days", type=int, default=3, help="days of the recflow preset (the first one trains)")
     ap.add_argument("--as-released", action="store_true",
@@ -327,10 +360,13 @@ def main() -> None:
     if not args.skip_engines:
         if args.rounds < 2:
             ap.error("--rounds must be at least 2 (the first round includes each worker's warm-up)")
-        rows = bench_engines(base, root, args.sizes, args.rounds, tuple(args.engines))
+        if args.passes < 1:
+            ap.error("--passes must be at least 1")
+        rows = bench_engines(base, root, args.sizes, args.rounds, tuple(args.engines), args.passes)
         result["engines"] = rows
-        result["ratios"] = print_engines(rows)
-        png = plot_engines(rows, root / "scaling.png")
+        result["combined"] = combine(rows)
+        result["ratios"] = print_engines(result["combined"])
+        png = plot_engines(result["combined"], root / "scaling.png")
         print(f"scaling curve: {png}")
     if args.full_round:
         result["full_round"] = bench_full_round(root, args.days, args.as_released)
