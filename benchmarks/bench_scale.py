@@ -160,8 +160,8 @@ def _engine_row(base: FederationConfig, root: Path, engine: str, n: int, rounds:
 
 
 def combine(rows: list[dict]) -> list[dict]:
-    """One row per (engine, users): the passes' round times averaged (updates/s from that mean), their spread
-    kept as the fastest and slowest pass."""
+    """One row per (engine, users): the passes' round times averaged (updates/s from that mean), each pass's
+    kept beside it (``train_s_passes``)."""
     out = []
     for key in sorted({(r["engine"], r["users"]) for r in rows}, key=lambda k: (k[1], k[0])):
         runs = [r for r in rows if (r["engine"], r["users"]) == key]
