@@ -98,6 +98,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", default=str(ROOT.parent / "shared" / "data" / "kuaisar-r"))
     ap.add_argument("--data", default="data/kuaisar-r-loo")
+    ap.add_argument("--core", type=int, default=0,
+                    help="import KuaiSAR-R as its k-core: users and items with at least K clicks each (default: "
+                         "PFedRec's preparation, users with at least 3); the default --data becomes "
+                         "data/kuaisar-r-loo-core{K}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--algorithms", default=ALGORITHMS)
@@ -111,15 +115,19 @@ def main() -> None:
                     help="KEY=VALUE for every run (e.g. item-embedding-dim=16)")
     a = ap.parse_args()
     t0 = time.time()
-    data = Path(a.data)
+    if a.core < 0:
+        raise SystemExit(f"--core must be >= 0, got {a.core}")
+    default_data = a.data == ap.get_default("data")
+    data = Path(f"{a.data}-core{a.core}" if a.core and default_data else a.data)
     if not (data / "manifest.json").exists():
-        if a.data != ap.get_default("data") and a.src == ap.get_default("src"):
+        if not default_data and a.src == ap.get_default("src"):
             raise SystemExit(f"{data}: no dataset there. Import it first (e.g. fedpa data import-movielens PATH "
                              f"--out {data} --label implicit), or pass --src to import KuaiSAR-R into it")
         src = Path(a.src)
         import_interactions(src / "df.csv", data, KUAISAR_R, users=src / "user_features.csv",
                             items=src / "video_features.csv",
-                            rows=RowFilter(positives_only=True, min_user_positives=3, interacted_only=True))
+                            rows=RowFilter(positives_only=True, min_user_positives=max(3, a.core),
+                                           min_item_positives=a.core, interacted_only=True))
     ds = Dataset(data)
     out = Path(a.out)
     foundation = out / "pretrained"
@@ -159,7 +167,8 @@ def main() -> None:
             "seconds_per_round": mean_std([r["seconds_per_round"] for r in runs])[0],
             "best_round": [r["best_round"] for r in runs]}
     pop = popularity(ds, seeds)
-    lines = [f"# PFedRec's protocol on {a.name}", "",
+    name = f"{a.name} {a.core}-core" if a.core and a.name == ap.get_default("name") else a.name
+    lines = [f"# PFedRec's protocol on {name}", "",
              f"{ds.users().num_rows:,} users (every one a client, every round), {ds.items().num_rows:,} items; "
              f"{a.rounds} rounds; seeds {seeds[0]}..{seeds[-1]}; test at the best validation HR@10. "
              f"{pop['no-train-click']['share'][0]:.1%} of the held-out items have no training click. Foundation: "

@@ -179,18 +179,28 @@ def _lookup(orig: np.ndarray, known: np.ndarray, where: Path, what: str, table: 
 @dataclass(frozen=True)
 class RowFilter:
     """Which interactions to keep, for implicit-feedback protocols (PFedRec's: clicks only, users with at least
-    three, the catalogue = the clicked items)."""
+    three, the catalogue = the clicked items; the field's k-core: users and items with at least k each)."""
 
     positives_only: bool = False    # keep the rows whose primary label is 1 (the other rows are dropped)
     min_user_positives: int = 0     # drop users with fewer positive rows
     interacted_only: bool = False   # users and items = those in the kept rows (renumbered 0..n-1)
+    min_item_positives: int = 0     # drop items with fewer positive rows (with the users' bound: a k-core)
 
     def apply(self, primary: np.ndarray, u_orig: np.ndarray, i_orig: np.ndarray) -> np.ndarray:
-        """A boolean mask of the rows to keep."""
+        """A boolean mask of the rows to keep. With both bounds, users and items are dropped in turn until every
+        kept user and item has its share of kept positive rows (dropping an item can take a user below its bound,
+        and the reverse), as k-core filtering does."""
         keep = primary == 1 if self.positives_only else np.ones(len(primary), bool)
-        if self.min_user_positives > 0:
-            users, counts = np.unique(u_orig[primary == 1], return_counts=True)
-            keep &= np.isin(u_orig, users[counts >= self.min_user_positives])
+        positive = primary == 1
+        bounds = [(u_orig, self.min_user_positives), (i_orig, self.min_item_positives)]
+        bounds = [(ids, n) for ids, n in bounds if n > 0]
+        while bounds:
+            before = int(keep.sum())
+            for ids, n in bounds:
+                held, counts = np.unique(ids[keep & positive], return_counts=True)
+                keep &= np.isin(ids, held[counts >= n])
+            if int(keep.sum()) == before or len(bounds) == 1:   # one bound: one pass settles it
+                break
         return keep
 
 

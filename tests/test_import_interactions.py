@@ -162,3 +162,44 @@ def test_implicit_feedback_filter_and_list_positions(tmp_path):
     s = split_users(ds, np.array([1]), SplitConfig("loo", negatives=1), seed=0)
     assert s.test.video_id[0] == 2 and s.val.video_id[0] == 0  # the request listed 502 first, then 500
     assert sorted(s.train.video_id[s.train.labels[:, 0] == 1].tolist()) == [1, 3, 4]
+
+
+def test_k_core_drops_users_and_items_in_turn_until_both_bounds_hold(tmp_path):
+    """Users and items with at least 2 clicks each: dropping item 503 (one click) takes user 9 below 2, which
+    takes item 502 below 2, which takes user 7 below 2, which takes item 504 below 2; one pass over each bound
+    would have kept them."""
+    from fedpa.recdata.import_interactions import RowFilter
+
+    rows = [(20, 500), (20, 501), (20, 504), (33, 500), (33, 501), (7, 502), (7, 504), (9, 502), (9, 503),
+            (33, 505)]
+    log = {"uid": [u for u, _ in rows], "vid": [v for _, v in rows], "ts": [T0 + k for k in range(len(rows))],
+           "click": [1] * len(rows), "like": [0] * len(rows)}
+    log["click"][-1] = 0   # 33's view of 505 is not a click: 505 has no positive row
+    items = {"vid": list(range(500, 506)), "cat1": [1] * 6, "cat2": [10] * 6, "kind": [0] * 6}
+    f = _write(tmp_path, log=log, users={"uid": [7, 9, 20, 33], "level": [1, 1, 3, 2], "seg": [0, 0, 1, 1]},
+               items=items)
+    core = RowFilter(positives_only=True, min_user_positives=2, min_item_positives=2, interacted_only=True)
+    keep = core.apply(np.array(log["click"]), np.array(log["uid"]), np.array(log["vid"]))
+    counts = {}
+    for (u, v), k in zip(rows, keep):
+        if k:
+            counts.setdefault(u, set()).add(v)
+    assert counts == {20: {500, 501}, 33: {500, 501}}
+    ds = Dataset(import_interactions(f["log"], tmp_path / "out", MAP, users=f["users"], items=f["items"], rows=core))
+    assert ds.users().column("orig_user_id").to_pylist() == [20, 33]
+    assert ds.items().column("orig_video_id").to_pylist() == [500, 501]
+    # the users' bound alone is one pass: 9 and 7 keep their clicks
+    users_only = RowFilter(positives_only=True, min_user_positives=2)
+    kept_users = set(np.array(log["uid"])[users_only.apply(np.array(log["click"]), np.array(log["uid"]),
+                                                           np.array(log["vid"]))].tolist())
+    assert kept_users == {20, 33, 7, 9}
+    # the same core from the command line; a negative bound is refused by name
+    args = ["data", "import-interactions", str(f["log"]), "--user-col", "uid", "--item-col", "vid", "--time-col",
+            "ts", "--label", "effective_view=click", "--users", str(f["users"]), "--items", str(f["items"]),
+            "--positives-only", "--interacted-only", "--min-user-positives", "2"]
+    r = runner.invoke(app, [*args, "--min-item-positives", "2", "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    assert Dataset(tmp_path / "cli").users().column("orig_user_id").to_pylist() == [20, 33]
+    r = runner.invoke(app, [*args, "--min-item-positives", "-1", "--out", str(tmp_path / "neg")])
+    assert r.exit_code != 0 and "--min-item-positives must be >= 0" in r.output
+    assert not (tmp_path / "neg").exists()

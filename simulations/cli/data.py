@@ -89,6 +89,9 @@ def data_import_interactions(
     positives_only: Annotated[bool, typer.Option(help="keep only the rows whose primary label is 1 (implicit "
                                                       "feedback, as PFedRec's protocol has it)")] = False,
     min_user_positives: Annotated[int, typer.Option(help="drop users with fewer positive rows")] = 0,
+    min_item_positives: Annotated[int, typer.Option(help="drop items with fewer positive rows (with "
+                                                         "--min-user-positives: a k-core, both bounds applied in "
+                                                         "turn until they hold)")] = 0,
     interacted_only: Annotated[bool, typer.Option(help="users and items = those in the kept rows (the catalogue "
                                                        "sampled negatives come from)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing dataset")] = False,
@@ -96,8 +99,9 @@ def data_import_interactions(
     """Convert a generic interaction log (+ optional user / item feature tables) with a column mapping."""
     from fedpa.recdata.import_interactions import Mapping, RowFilter, import_interactions
 
-    if min_user_positives < 0:
-        raise FedpaError(f"--min-user-positives must be >= 0, got {min_user_positives}")
+    for flag, value in (("--min-user-positives", min_user_positives), ("--min-item-positives", min_item_positives)):
+        if value < 0:
+            raise FedpaError(f"{flag} must be >= 0, got {value}")
     m = Mapping.from_toml(mapping) if mapping else Mapping()
     for attr, value in (("user", user_col), ("item", item_col), ("timestamp", time_col), ("time_unit", time_unit)):
         if value is not None:
@@ -110,7 +114,8 @@ def data_import_interactions(
     with progress_bar() as p:
         path = import_interactions(interactions, out_dir, m, users=users, items=items, overwrite=overwrite,
                                    progress=day_progress(p, "import interactions"),
-                                   rows=RowFilter(positives_only, min_user_positives, interacted_only))
+                                   rows=RowFilter(positives_only, min_user_positives, interacted_only,
+                                                  min_item_positives))
     _print_stats(path)
 
 
