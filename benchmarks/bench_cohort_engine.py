@@ -1,7 +1,7 @@
 """The cohort engine alone (no Flower): one node's round for N users, per training row.
 
     .venv/bin/python benchmarks/bench_cohort_engine.py [--data data/small] [--foundation runs/demo/foundation]
-        [--users 256] [--threads 1] [--repeats 3] [--set item-bias-update=adam ...]
+        [--users 256] [--threads 1] [--repeats 3] [--set item-bias-update=adam ...] [--allocator default]
 
 `recmodels.cohort.CohortEngine` as a simulated node runs it, with `--algorithm fedpa`'s recipe, 1 epoch:
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--feature-cache", default="",
                     help="root of the cached tower inputs (default: fedpa's own, ~/.cache/fedpa/features; none = off)")
     ap.add_argument("--algorithm", default="fedpa")
+    ap.add_argument("--allocator", choices=("node", "default"), default="node",
+                    help="node: malloc tuned as a simulated node tunes it (common/allocator.py); default: glibc's own")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a configuration key over the algorithm's recipe (repeatable)")
     args = ap.parse_args()
@@ -53,7 +56,7 @@ def main() -> None:
             given=set(given))
         rt = ClientRuntime(cfg)
         users = [rt.user(c) for c in range(min(args.users, rt.num_clients))]
-        engine = CohortEngine(rt.model)
+        engine = rt.cohort_engine if args.allocator == "node" else CohortEngine(rt.model)
         shared = rt.model.get_shared()
         fresh = [CohortUser(u.train, u.profile, None, u.user_id) for u in users]
         rows = sum(len(u.train) for u in users)
@@ -73,16 +76,20 @@ def main() -> None:
             private = train(fresh)
             best["fresh"] = min(best["fresh"], time.perf_counter() - t)
             returning = [CohortUser(u.train, u.profile, p, u.user_id) for u, p in zip(users, private)]
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             train(returning)
             best["returning"] = min(best["returning"], time.perf_counter() - t)
+            best["returning_faults"] = min(best.get("returning_faults", float("inf")),
+                                           resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
             t = time.perf_counter()
             engine.predict(returning, [[u.val, u.test] for u in users], shared, rt.local)
             best["evaluation"] = min(best["evaluation"], time.perf_counter() - t)
 
     print(f"{len(users)} users, {rows} training rows, {eval_rows} evaluation rows, {args.threads} thread(s)")
     print(f"fresh round      {best['fresh']:.3f} s  {best['fresh'] / rows * 1e6:6.2f} us per training row")
-    print(f"returning round  {best['returning']:.3f} s  {best['returning'] / rows * 1e6:6.2f} us per training row")
+    print(f"returning round  {best['returning']:.3f} s  {best['returning'] / rows * 1e6:6.2f} us per training row, "
+          f"{best['returning_faults']:,} page faults")
     print(f"evaluation       {best['evaluation']:.3f} s  {best['evaluation'] / eval_rows * 1e6:6.2f} us per row")
     print(json.dumps({"users": len(users), "train_rows": rows, "eval_rows": eval_rows, **best}))
 
