@@ -22,7 +22,7 @@ from typing import Any
 from fedpa.foundation.batch import CATEGORICAL_ITEM_FIELDS
 from fedpa.foundation.errors import FedpaError
 from fedpa.recdata.schema import EVAL_USERS, SPLITS
-from fedpa.recmodels.algorithms import ADAM_TABLES, ALGORITHMS, FOUNDATION_HEAD_KEYS, ITEM_SIDE_KEYS
+from fedpa.recmodels.algorithms import ADAM_TABLES, ALGORITHMS, EMBEDDING_KEYS, FOUNDATION_HEAD_KEYS, ITEM_SIDE_KEYS
 from fedpa.recmodels.stages import FEDERATED_STAGES
 
 
@@ -396,6 +396,8 @@ def with_recipe(cfg: FederationConfig, given: set[str] | frozenset[str] = frozen
     fields_set = recipe.get("item-bias-fields", cfg.item_bias_fields)
     if recipe.get("item-bias-update") == "newton" and (cfg.dp_noise_multiplier > 0 or not fields_set):
         recipe.update({k: v for k, v in ADAM_TABLES if k in recipe})   # what the Newton tables cannot run with
+    if cfg.dp_noise_multiplier > 0:
+        recipe = {k: v for k, v in recipe.items() if k not in EMBEDDING_KEYS}
     if not recipe:
         return cfg
     out = FederationConfig(**{**dataclasses.asdict(cfg), **{FIELDS[k].name: v for k, v in recipe.items()}})

@@ -28,7 +28,7 @@ FEDPA_RECIPE: tuple[tuple[str, object], ...] = (
     ("use-user-bias", True), ("item-popularity", True),
     ("item-bias-fields", "video_id,category_level_one,category_level_two,upload_type"),
     ("item-bias-update", "newton"), ("item-bias-prior", 10.0), ("item-bias-lr", 0.3), ("lr-decay", 0.8),
-    ("foundation-logit-scale", 0.1), ("negative-pool", 4))
+    ("foundation-logit-scale", 0.1), ("negative-pool", 4), ("item-embedding-dim", 32), ("item-embedding-lr", 0.03))
 # where the Newton tables cannot run (under DP: a user's curvature sums have no bounded sensitivity yet, or
 # without offset tables) the recipe's tables learn as before 2026-12-05: the video-id table alone (Adam steps
 # on the category tables lost on `small`), local Adam steps averaged over the readers, shrunk by 100 phantom
@@ -37,23 +37,27 @@ ADAM_TABLES: tuple[tuple[str, object], ...] = (("item-bias-fields", "video_id"),
                                                ("item-bias-prior", 100.0))
 # recipe keys a configuration drops when it cannot carry the item-side parts, and those a funnel stage's head
 # (scored by its own head, not the foundation's) drops (`common.config.with_recipe`)
+# under DP the recipe leaves out the item embeddings: their noise would fall on 32 values per catalogue row, most
+# of them read by few users, and they were never measured there (the table keeps what was)
+EMBEDDING_KEYS = frozenset({"item-embedding-dim", "item-embedding-lr"})
 ITEM_SIDE_KEYS = frozenset({"item-popularity", "item-bias-fields", "item-bias-update", "item-bias-prior",
-                            "item-bias-lr"})
+                            "item-bias-lr", "item-embedding-dim", "item-embedding-lr"})
 FOUNDATION_HEAD_KEYS = frozenset({"foundation-logit-scale"})
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
-    # FedPA's recipe is fedpa's own best configuration, chosen on validation across three data sets (synthetic
-    # RecFlow, KuaiSAR-R leave-one-out and last-pair; docs/results.md "Choosing FedPA's default"): FedPA as
-    # released plus a private per-user logit offset, shared offset tables keyed by the video id, its two
-    # category levels and its upload type, stepped together by the server's MAP Newton step from the readers'
-    # sums (prior precision 10), the federation's click tally, a decaying
-    # learning rate, and the frozen foundation's logit
-    # scaled by 0.1 (beside per-user and per-item offsets, at full weight it counts their evidence twice); under
-    # leave-one-out, training negatives drawn from a pool of 16 per positive, 4 fresh ones each round (2026-12-06).
+    # FedPA's recipe is fedpa's own best configuration, chosen on validation across data sets (synthetic RecFlow,
+    # KuaiSAR-R leave-one-out, its 5-core and last-pair, MovieLens-100K; docs/results.md "Choosing FedPA's
+    # default"): FedPA as released plus a private per-user logit offset, shared offset tables keyed by the video
+    # id, its two category levels and its upload type, stepped together by the server's MAP Newton step from the
+    # readers' sums (prior precision 10), the federation's click tally, shared item embeddings of width 32 with a
+    # private user vector, learning at a step that does not decay (2026-12-07: they learn what many users' rows
+    # say about an item, over many rounds), a decaying learning rate for the rest, and the frozen foundation's
+    # logit scaled by 0.1 (beside per-user and per-item offsets, at full weight it counts their evidence twice);
+    # under leave-one-out, training negatives drawn from a pool of 16 per positive, 4 fresh ones each round.
     # `fedpa-release` in `fedpa compare` is FedPA as released; the fedpa-no-* ablations remove one part each.
     Algorithm("fedpa", "fedpa", recipe=FEDPA_RECIPE,
               description="private user adapter + shared group adapters + shared gate and head; private user "
-                          "offset, shared item offsets and click tally (the recipe)"),
+                          "offset and vector, shared item offsets, embeddings and click tally (the recipe)"),
     Algorithm("local", "local", communicates=False, description="private LoRA + private head, no communication"),
     Algorithm("fedavg-lora", "fedavg-lora", description="one shared LoRA and head, averaged (FedAvg)"),
     Algorithm("fedper", "fedper", description="shared LoRA body, private head (FedPer)"),

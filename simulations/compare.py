@@ -26,9 +26,12 @@ from fedpa.simulations.html_report import activity_figure, change_figure, change
 ABLATIONS: dict[str, dict[str, Any]] = {
     "fedpa-release": {"algorithm": "fedpa", "use_user_bias": False, "item_popularity": False, "item_bias_fields": "",
                       "item_bias_update": "adam", "item_bias_prior": 0.0, "item_bias_lr": 0.0, "lr_decay": 1.0,
-                      "foundation_logit_scale": 1.0, "negative_pool": 1},               # FedPA as released
+                      "foundation_logit_scale": 1.0, "negative_pool": 1, "item_embedding_dim": 0,
+                      "item_embedding_lr": 0.0},                                       # FedPA as released
     "fedpa-adam-tables": {"algorithm": "fedpa", "item_bias_fields": "video_id", "item_bias_update": "adam",
-                          "item_bias_prior": 100.0},                      # the recipe until 2026-12-05
+                          "item_bias_prior": 100.0},         # the video-id offsets by Adam, as until 2026-12-05
+    "fedpa-no-item-embeddings": {"algorithm": "fedpa", "item_embedding_dim": 0, "item_embedding_lr": 0.0},
+    # ^ the recipe of 2026-12-06: no shared item embeddings, no private user vector
     "fedpa-video-table": {"algorithm": "fedpa", "item_bias_fields": "video_id"},   # no category tables
     "fedpa-no-popularity": {"algorithm": "fedpa", "item_popularity": False},
     "fedpa-no-item-table": {"algorithm": "fedpa", "item_bias_fields": "", "item_bias_prior": 0.0,

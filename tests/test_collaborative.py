@@ -193,11 +193,16 @@ def test_fedpa_runs_its_recipe_and_leaves_out_what_a_configuration_cannot_carry(
     assert (got.use_user_bias, got.item_popularity, got.item_bias_fields, got.lr_decay, got.foundation_logit_scale) \
         == (True, True, "video_id,category_level_one,category_level_two,upload_type", 0.8, 0.1)
     assert (got.item_bias_update, got.item_bias_prior, got.negative_pool) == ("newton", 10.0, 4)
+    assert (got.item_embedding_dim, got.item_embedding_lr) == (32, 0.03)   # since 2026-12-07
     assert with_recipe(FederationConfig(algorithm="fedpa"), {"negative-pool"}).negative_pool == 1
     # where the Newton tables cannot run (central DP; no offset tables) the video-id table learns by Adam, as
     # before (Adam steps on the category tables lost on validation)
     dp = with_recipe(FederationConfig(algorithm="fedpa", dp_noise_multiplier=1.0), set())
     assert dp.item_bias_fields == "video_id" and (dp.item_bias_update, dp.item_bias_prior) == ("adam", 100.0)
+    assert dp.item_embedding_dim == 0 and dp.item_embedding_lr == 0.0   # never measured under DP: left out
+    given = with_recipe(FederationConfig(algorithm="fedpa", dp_noise_multiplier=1.0, item_embedding_dim=8),
+                        {"item-embedding-dim"})
+    assert given.item_embedding_dim == 8   # a width the user gives stays
     no_tables = with_recipe(FederationConfig(algorithm="fedpa", item_bias_fields=""), {"item-bias-fields"})
     assert no_tables.item_bias_update == "adam" and no_tables.item_popularity
     assert with_recipe(FederationConfig(algorithm="fedpa"), {"item-popularity"}).item_popularity is False

@@ -83,10 +83,14 @@ def test_the_compiled_model_trains_exchanges_and_scores_as_the_full_model(phone)
                                                       10**12).iter_batches(16)).features.numpy()))
     (a_stats, a_sh, a_pr, a_st, a_p, a_r, a_f), (b_stats, b_sh, b_pr, b_st, b_p, b_r, b_f) = out
     assert a_stats["n"] == b_stats["n"] == len(user.train) and abs(a_stats["loss"] - b_stats["loss"]) < 1e-6
+    # after two Adam steps: Adam divides by each gradient's own scale, so where a gradient is near zero the two
+    # traces' float32 rounding becomes a small part of a step (one gate weight of 2,816 moves 1.2e-5 apart since the
+    # recipe's item embeddings add their dot product to the logit; every other value is within 2.2e-6). A wrong
+    # computation moves values by the order of the learning rate (1e-2).
     for k in a_sh:
-        np.testing.assert_allclose(b_sh[k], a_sh[k], rtol=0, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(b_sh[k], a_sh[k], rtol=0, atol=5e-5, err_msg=k)
     for k in a_pr:
-        np.testing.assert_allclose(b_pr[k], a_pr[k], rtol=0, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(b_pr[k], a_pr[k], rtol=0, atol=5e-5, err_msg=k)
     assert sorted(a_st) == sorted(b_st) and a_st
     for k in a_st:
         np.testing.assert_array_equal(b_st[k][0], a_st[k][0])

@@ -22,7 +22,8 @@ DEFAULT_ALGORITHMS = "fedpa,local,fedavg-lora,fedper,pfedrec,ditto,foundation,ce
 def compare_cmd(
     settings: Settings,
     algorithms: Annotated[str, typer.Option(help="comma-separated algorithms and ablations (fedpa-release, "
-                                                 "fedpa-no-popularity, fedpa-no-item-table, fedpa-no-user-bias, "
+                                                 "fedpa-no-item-embeddings, fedpa-no-popularity, fedpa-no-item-table, "
+                                                 "fedpa-no-user-bias, "
                                                  "fedpa-no-decay, fedpa-no-scale, fedpa-video-table, "
                                                  "fedpa-adam-tables, fedpa-user-only, fedpa-groups-only, "
                                                  "fedpa-no-gate, fedpa-rankR)")] = DEFAULT_ALGORITHMS,
