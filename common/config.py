@@ -22,7 +22,14 @@ from typing import Any
 from fedpa.foundation.batch import CATEGORICAL_ITEM_FIELDS
 from fedpa.foundation.errors import FedpaError
 from fedpa.recdata.schema import EVAL_USERS, SPLITS
-from fedpa.recmodels.algorithms import ADAM_TABLES, ALGORITHMS, EMBEDDING_KEYS, FOUNDATION_HEAD_KEYS, ITEM_SIDE_KEYS
+from fedpa.recmodels.algorithms import (
+    ADAM_TABLES,
+    ALGORITHMS,
+    EMBEDDING_KEYS,
+    EMBEDDING_MAX_ROWS,
+    FOUNDATION_HEAD_KEYS,
+    ITEM_SIDE_KEYS,
+)
 from fedpa.recmodels.stages import FEDERATED_STAGES
 
 
@@ -396,13 +403,25 @@ def with_recipe(cfg: FederationConfig, given: set[str] | frozenset[str] = frozen
     fields_set = recipe.get("item-bias-fields", cfg.item_bias_fields)
     if recipe.get("item-bias-update") == "newton" and (cfg.dp_noise_multiplier > 0 or not fields_set):
         recipe.update({k: v for k, v in ADAM_TABLES if k in recipe})   # what the Newton tables cannot run with
-    if cfg.dp_noise_multiplier > 0:
+    rows = video_rows(cfg) if EMBEDDING_KEYS & recipe.keys() else None
+    if cfg.dp_noise_multiplier > 0 or rows is None or rows > EMBEDDING_MAX_ROWS:
         recipe = {k: v for k, v in recipe.items() if k not in EMBEDDING_KEYS}
     if not recipe:
         return cfg
     out = FederationConfig(**{**dataclasses.asdict(cfg), **{FIELDS[k].name: v for k, v in recipe.items()}})
     out.validate()
     return out
+
+
+def video_rows(cfg: FederationConfig) -> int | None:
+    """Rows of the video-id keyed item tables a FedPA model of ``cfg`` holds (the foundation's video-id table, or
+    ``item-rows`` when smaller); None when the foundation's configuration cannot be read."""
+    try:
+        meta = json.loads((Path(cfg.foundation) / "config.json").read_text())
+        rows = min(int(meta["item_vocab"]["video_id"]), int(meta["video_buckets"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return max(1, min(rows, cfg.item_rows) if cfg.item_rows else rows)
 
 
 @lru_cache(maxsize=8)

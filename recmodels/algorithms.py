@@ -40,6 +40,12 @@ ADAM_TABLES: tuple[tuple[str, object], ...] = (("item-bias-fields", "video_id"),
 # under DP the recipe leaves out the item embeddings: their noise would fall on 32 values per catalogue row, most
 # of them read by few users, and they were never measured there (the table keeps what was)
 EMBEDDING_KEYS = frozenset({"item-embedding-dim", "item-embedding-lr"})
+# ... and where the video-id table has more rows than this: the embeddings travel whole every round (32 values and a
+# count per row: 2.6 MB a client here), and the server holds every reply of a round at once (1,000 clients of
+# `small`'s 100,000 rows, 16 MB each, filled a 24 GB machine). Set by that cost, not by quality: on the five
+# selection sets it leaves them on where they gained (KuaiSAR-R's 5-core, MovieLens-100K: 1,178 and 1,682 rows)
+# and off where they did not (`small`, KuaiSAR-R: 100,000 and 37,020 rows). `item-rows` bounds the table.
+EMBEDDING_MAX_ROWS = 20_000
 ITEM_SIDE_KEYS = frozenset({"item-popularity", "item-bias-fields", "item-bias-update", "item-bias-prior",
                             "item-bias-lr", "item-embedding-dim", "item-embedding-lr"})
 FOUNDATION_HEAD_KEYS = frozenset({"foundation-logit-scale"})
@@ -50,9 +56,10 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
     # default"): FedPA as released plus a private per-user logit offset, shared offset tables keyed by the video
     # id, its two category levels and its upload type, stepped together by the server's MAP Newton step from the
     # readers' sums (prior precision 10), the federation's click tally, shared item embeddings of width 32 with a
-    # private user vector, learning at a step that does not decay (2026-12-07: they learn what many users' rows
-    # say about an item, over many rounds), a decaying learning rate for the rest, and the frozen foundation's
-    # logit scaled by 0.1 (beside per-user and per-item offsets, at full weight it counts their evidence twice);
+    # private user vector where the video-id table has at most EMBEDDING_MAX_ROWS rows, learning at a step that
+    # does not decay (2026-12-07: they learn what many users' rows say about an item, over many rounds), a
+    # decaying learning rate for the rest, and the frozen foundation's logit scaled by 0.1 (beside per-user and
+    # per-item offsets, at full weight it counts their evidence twice);
     # under leave-one-out, training negatives drawn from a pool of 16 per positive, 4 fresh ones each round.
     # `fedpa-release` in `fedpa compare` is FedPA as released; the fedpa-no-* ablations remove one part each.
     Algorithm("fedpa", "fedpa", recipe=FEDPA_RECIPE,

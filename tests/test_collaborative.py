@@ -3,6 +3,9 @@ has them, their state, and that each learns a small two-taste world through fedp
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -193,16 +196,11 @@ def test_fedpa_runs_its_recipe_and_leaves_out_what_a_configuration_cannot_carry(
     assert (got.use_user_bias, got.item_popularity, got.item_bias_fields, got.lr_decay, got.foundation_logit_scale) \
         == (True, True, "video_id,category_level_one,category_level_two,upload_type", 0.8, 0.1)
     assert (got.item_bias_update, got.item_bias_prior, got.negative_pool) == ("newton", 10.0, 4)
-    assert (got.item_embedding_dim, got.item_embedding_lr) == (32, 0.03)   # since 2026-12-07
     assert with_recipe(FederationConfig(algorithm="fedpa"), {"negative-pool"}).negative_pool == 1
     # where the Newton tables cannot run (central DP; no offset tables) the video-id table learns by Adam, as
     # before (Adam steps on the category tables lost on validation)
     dp = with_recipe(FederationConfig(algorithm="fedpa", dp_noise_multiplier=1.0), set())
     assert dp.item_bias_fields == "video_id" and (dp.item_bias_update, dp.item_bias_prior) == ("adam", 100.0)
-    assert dp.item_embedding_dim == 0 and dp.item_embedding_lr == 0.0   # never measured under DP: left out
-    given = with_recipe(FederationConfig(algorithm="fedpa", dp_noise_multiplier=1.0, item_embedding_dim=8),
-                        {"item-embedding-dim"})
-    assert given.item_embedding_dim == 8   # a width the user gives stays
     no_tables = with_recipe(FederationConfig(algorithm="fedpa", item_bias_fields=""), {"item-bias-fields"})
     assert no_tables.item_bias_update == "adam" and no_tables.item_popularity
     assert with_recipe(FederationConfig(algorithm="fedpa"), {"item-popularity"}).item_popularity is False
@@ -213,6 +211,35 @@ def test_fedpa_runs_its_recipe_and_leaves_out_what_a_configuration_cannot_carry(
         assert not got.item_tables and got.use_user_bias and got.lr_decay == 0.8, kw
     stage = with_recipe(FederationConfig(algorithm="fedpa", stage="rank", stage_models="runs/funnel"), set())
     assert not stage.item_tables and stage.foundation_logit_scale == 1.0 and stage.use_user_bias
+
+
+def test_the_recipe_runs_item_embeddings_where_the_video_table_is_small_enough_and_not_under_dp(tmp_path):
+    """Since 2026-12-07: width 32 at a constant step 0.03, where the video-id table has at most 20,000 rows (the
+    whole table travels every round); not under DP; a width the user gives always stays."""
+    from fedpa.common.config import video_rows
+    from fedpa.recmodels.algorithms import EMBEDDING_MAX_ROWS
+
+    def foundation(name: str, videos: int, buckets: int = 131072) -> str:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"item_vocab": {"video_id": videos}, "video_buckets": buckets}))
+        return str(path)
+
+    dense, large = foundation("dense", 1178), foundation("large", 100_000)
+    got = with_recipe(FederationConfig(algorithm="fedpa", foundation=dense), set())
+    assert (got.item_embedding_dim, got.item_embedding_lr) == (32, 0.03)
+    assert with_recipe(FederationConfig(algorithm="fedpa", foundation=large), set()).item_embedding_dim == 0
+    # the table's rows are the foundation's (capped by its hash buckets), or item-rows when smaller
+    assert video_rows(FederationConfig(foundation=foundation("hashed", 10**6, buckets=16384))) == 16384
+    bounded = FederationConfig(algorithm="fedpa", foundation=large, item_rows=EMBEDDING_MAX_ROWS)
+    assert video_rows(bounded) == EMBEDDING_MAX_ROWS and with_recipe(bounded, {"item-rows"}).item_embedding_dim == 32
+    # unreadable foundation: left out (the run itself then names the missing foundation)
+    missing = FederationConfig(algorithm="fedpa", foundation=str(tmp_path / "none"))
+    assert with_recipe(missing, set()).item_embedding_dim == 0
+    # under DP they were never measured: left out, unless the user asks for them
+    dp = FederationConfig(algorithm="fedpa", foundation=dense, dp_noise_multiplier=1.0)
+    assert with_recipe(dp, set()).item_embedding_dim == 0
+    assert with_recipe(replace(dp, item_embedding_dim=8), {"item-embedding-dim"}).item_embedding_dim == 8
 
 
 def test_a_published_recommender_runs_a_flower_round(tiny, tiny_foundation, tmp_path):
