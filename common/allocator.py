@@ -4,9 +4,9 @@ The cohort engine allocates and frees activations of 1–30 MB at every step (a 
 128 hidden units is 8 MB a tensor). glibc's malloc hands blocks that large back to the kernel: above its mmap
 threshold (which adapts, up to 32 MB) a block is its own mapping, unmapped when freed, and the heap's free top is
 trimmed once it passes its trim threshold. The next step then page-faults the same memory in again and the kernel
-zero-fills every page of it: about 60,000 minor faults per round of 256 `small` users
-(`benchmarks/bench_cohort_engine.py` under `/usr/bin/time -v`), more costly while other processes compete for
-the memory bandwidth.
+zero-fills every page of it: about 26,000 minor page faults in a returning round of 256 `small` users and
+45,000–64,000 for 500 (`benchmarks/bench_cohort_engine.py --allocator default` prints them; 0–2,700 with this
+setting), about 4 % of the round's time (docs/simulation.md).
 
 `keep_freed_memory` fixes the mmap threshold at glibc's largest (32 MB) and raises the trim threshold to 1 GiB, so
 that a block freed at one step is reused at the next from the process's own heap. A process keeps its peak heap
