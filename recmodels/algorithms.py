@@ -35,10 +35,8 @@ FEDPA_RECIPE: tuple[tuple[str, object], ...] = (
 # readers (`common.config.with_recipe`, the privacy sweep's noisy points)
 ADAM_TABLES: tuple[tuple[str, object], ...] = (("item-bias-fields", "video_id"), ("item-bias-update", "adam"),
                                                ("item-bias-prior", 100.0))
-# recipe keys a configuration drops when it cannot carry the item-side parts, and those a funnel stage's head
-# (scored by its own head, not the foundation's) drops (`common.config.with_recipe`)
 # under DP the recipe leaves out the item embeddings: their noise would fall on 32 values per catalogue row, most
-# of them read by few users, and they were never measured there (the table keeps what was)
+# of them read by few users, and they were never measured there (the recipe under DP stays what was measured)
 EMBEDDING_KEYS = frozenset({"item-embedding-dim", "item-embedding-lr"})
 # ... and where the video-id table has more rows than this: the embeddings travel whole every round (32 values and a
 # count per row: 2.6 MB a client here), and the server holds every reply of a round at once (1,000 clients of
@@ -46,6 +44,8 @@ EMBEDDING_KEYS = frozenset({"item-embedding-dim", "item-embedding-lr"})
 # selection sets it leaves them on where they gained (KuaiSAR-R's 5-core, MovieLens-100K: 1,178 and 1,682 rows)
 # and off where they did not (`small`, KuaiSAR-R: 100,000 and 37,020 rows). `item-rows` bounds the table.
 EMBEDDING_MAX_ROWS = 20_000
+# recipe keys a configuration drops when it cannot carry the item-side parts, and those a funnel stage's head
+# (scored by its own head, not the foundation's) drops (`common.config.with_recipe`)
 ITEM_SIDE_KEYS = frozenset({"item-popularity", "item-bias-fields", "item-bias-update", "item-bias-prior",
                             "item-bias-lr", "item-embedding-dim", "item-embedding-lr"})
 FOUNDATION_HEAD_KEYS = frozenset({"foundation-logit-scale"})
