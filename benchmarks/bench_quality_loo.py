@@ -2,7 +2,10 @@
 negatives.
 
     .venv/bin/python benchmarks/bench_quality_loo.py [--src ../shared/data/kuaisar-r] [--seeds 3] [--rounds 20]
-        [--algorithms fedpa,fedmf,pfedrec,fedrap,local,foundation] [--out runs/loo] [--secagg]
+        [--algorithms fedpa,fedmf,pfedrec,fedrap,local,foundation] [--out runs/loo] [--secagg] [--core K]
+
+``--core K``: KuaiSAR-R's K-core instead (users and items with at least K clicks each, dropped in turn until both
+hold; data/kuaisar-r-loo-coreK, runs/loo-coreK), where almost no held-out item lacks a training click.
 
 Another data set already imported, e.g. MovieLens-100K as implicit feedback (every rating a positive, as PFedRec's
 code binarizes it; FedPA's open users by exposures, as it has no activity attribute):
@@ -129,7 +132,8 @@ def main() -> None:
                             rows=RowFilter(positives_only=True, min_user_positives=max(3, a.core),
                                            min_item_positives=a.core, interacted_only=True))
     ds = Dataset(data)
-    out = Path(a.out)
+    # a k-core renumbers its users and items: its own foundation, never the whole set's
+    out = Path(f"{a.out}-core{a.core}" if a.core and a.out == ap.get_default("out") else a.out)
     foundation = out / "pretrained"
     active = tuple(int(v) for v in a.active_values.split(",") if v) if a.activity_attribute else ()
     partition = PartitionConfig(seed=0, activity_attribute=a.activity_attribute or None, active_values=active)
