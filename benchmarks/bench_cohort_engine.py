@@ -1,7 +1,7 @@
 """The cohort engine alone (no Flower): one node's round for N users, per training row.
 
     .venv/bin/python benchmarks/bench_cohort_engine.py [--data data/small] [--foundation runs/demo/foundation]
-        [--users 256] [--threads 1] [--repeats 3] [--set item-bias-update=adam ...] [--allocator default]
+        [--users 256] [--threads 1] [--repeats 3] [--set item-bias-update=adam ...]
 
 `recmodels.cohort.CohortEngine` as a simulated node runs it, with `--algorithm fedpa`'s recipe, 1 epoch:
 
@@ -33,8 +33,6 @@ def main() -> None:
     ap.add_argument("--feature-cache", default="",
                     help="root of the cached tower inputs (default: fedpa's own, ~/.cache/fedpa/features; none = off)")
     ap.add_argument("--algorithm", default="fedpa")
-    ap.add_argument("--allocator", choices=("node", "default"), default="node",
-                    help="node: malloc tuned as a simulated node tunes it (common/allocator.py); default: glibc's own")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a configuration key over the algorithm's recipe (repeatable)")
     args = ap.parse_args()
@@ -56,7 +54,7 @@ def main() -> None:
             given=set(given))
         rt = ClientRuntime(cfg)
         users = [rt.user(c) for c in range(min(args.users, rt.num_clients))]
-        engine = rt.cohort_engine if args.allocator == "node" else CohortEngine(rt.model)
+        engine = CohortEngine(rt.model)
         shared = rt.model.get_shared()
         fresh = [CohortUser(u.train, u.profile, None, u.user_id) for u in users]
         rows = sum(len(u.train) for u in users)

@@ -23,7 +23,6 @@ import torch
 from fedpa.client.device_data import COMPILED_DIR, DeviceData, foundation_digest
 from fedpa.client.event_log import LOG_FILE, EventLog
 from fedpa.client.feature_cache import FeatureCache, build, cache_key, default_root
-from fedpa.common.allocator import keep_freed_memory
 from fedpa.common.config import FederationConfig
 from fedpa.common.heap import freeze_long_lived, release_frozen
 from fedpa.common.models import build_compiled_model, build_personal_model
@@ -139,7 +138,6 @@ class ClientRuntime:
         if self._engine is None:
             from fedpa.recmodels.cohort import CohortEngine
 
-            keep_freed_memory()   # its steps' activations are reused from the heap, not faulted in again each step
             self._engine = CohortEngine(self.model, device=self.engine_device)
         return self._engine
 
