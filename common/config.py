@@ -416,10 +416,11 @@ def with_recipe(cfg: FederationConfig, given: set[str] | frozenset[str] = frozen
 def video_rows(cfg: FederationConfig) -> int | None:
     """Rows of the video-id keyed item tables a FedPA model of ``cfg`` holds (the foundation's video-id table, or
     ``item-rows`` when smaller); None when the foundation's configuration cannot be read."""
+    from fedpa.foundation.config import ConfigError, FoundationConfig  # transformers: only where a recipe is applied
+
     try:
-        meta = json.loads((Path(cfg.foundation) / "config.json").read_text())
-        rows = min(int(meta["item_vocab"]["video_id"]), int(meta["video_buckets"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        rows = FoundationConfig.from_json_file(str(Path(cfg.foundation) / "config.json")).table_size("video_id")
+    except (OSError, ValueError, ConfigError):
         return None
     return max(1, min(rows, cfg.item_rows) if cfg.item_rows else rows)
 
