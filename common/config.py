@@ -153,6 +153,8 @@ class FederationConfig:
     ditto_lambda: float = setting(0.1, "Ditto: weight of the proximal term", "model")
     embedding_dim: int = setting(32, "width of the item and user embeddings of the id-based algorithms (fedmf, "
                                  "pfedrec, fedrap)", "model", at_least=1)
+    pfedrec_eta: float = setting(80.0, "PFedRec: the item embeddings' SGD step is lr x catalogue items x this (the "
+                                 "official lr_eta)", "model", above=0)
     fedrap_lambda: float = setting(0.1, "FedRAP: weight of -MSE(personality, commonality), ramped by tanh over the "
                                    "rounds", "model", at_least=0)
     fedrap_mu: float = setting(0.1, "FedRAP: weight of the commonality's L1 norm, ramped like fedrap-lambda", "model",

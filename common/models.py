@@ -26,7 +26,8 @@ def build_personal_model(cfg: FederationConfig, algorithm: str | None = None, *,
     if alg.collaborative:  # scores items by id: the foundation only tells the catalogue's size
         return CollaborativeModel(alg, foundation.config.item_vocab["video_id"], seed=cfg.seed,
                                   options=CFOptions(dim=cfg.embedding_dim, resample_negatives=cfg.split == "loo",
-                                                    fedrap_lambda=cfg.fedrap_lambda, fedrap_mu=cfg.fedrap_mu,
+                                                    pfedrec_eta=cfg.pfedrec_eta, fedrap_lambda=cfg.fedrap_lambda,
+                                                    fedrap_mu=cfg.fedrap_mu,
                                                     fedrap_item_lr=cfg.fedrap_item_lr,
                                                     fedrap_weight_decay=cfg.fedrap_weight_decay, lr=cfg.lr))
     if cfg.foundation_logit_scale != 1.0:

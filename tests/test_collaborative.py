@@ -102,6 +102,21 @@ def test_pfedrec_steps_the_score_function_then_the_items_at_lr_times_items_times
     assert np.array_equal(got_shared["cf.item_emb"][untouched], before_shared["cf.item_emb"][untouched])
 
 
+def test_pfedrec_eta_is_a_configuration_key_the_built_model_steps_by(tiny, tiny_foundation, tmp_path):
+    """Its official 80 suits catalogues of a few thousand items; `small`'s 100,000 need ~1,000 times less
+    (docs/results.md), so it is searched on validation like FedRAP's settings."""
+    from fed_fixtures import fed_config
+
+    from fedpa.common.config import ConfigValueError
+    from fedpa.common.models import build_personal_model
+
+    assert FederationConfig().pfedrec_eta == 80.0
+    model = build_personal_model(fed_config(tiny, tiny_foundation, tmp_path, algorithm="pfedrec", pfedrec_eta=0.5))
+    assert model.o.pfedrec_eta == 0.5
+    with pytest.raises(ConfigValueError, match="pfedrec-eta must be > 0, got 0"):
+        FederationConfig(algorithm="pfedrec", pfedrec_eta=0).validate()
+
+
 def test_pfedrec_and_fedrap_average_over_the_round_clients_fedmf_over_each_row_readers():
     assert [g for _, _, g in CollaborativeModel(get_algorithm("pfedrec"), N_ITEMS).shared_spec()] == [None]
     assert [g for _, _, g in CollaborativeModel(get_algorithm("fedrap"), N_ITEMS).shared_spec()] == [None]
