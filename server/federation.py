@@ -47,6 +47,7 @@ from fedpa.recmodels.evaluation import MetricSums
 from fedpa.recmodels.personalization import get_algorithm
 
 from .accounting import event_multiplier, make_accountant, round_event
+from .health import training_warnings
 from .robust import robust_sums
 from .rundir import RunDir, plot_curves
 from .secagg import SecAggResult, SecAggServer
@@ -779,6 +780,7 @@ def write_summary(run: RunDir, cfg: FederationConfig, history: list[dict], wall:
         "cohorts": cohorts,
         "differential_privacy": privacy,
         "membership_inference": evals[-1]["eval"].get("membership_inference"),
+        "warnings": training_warnings(history, best["round"]),
     }
     run.write_summary(summary)
     plot_curves(run)

@@ -87,6 +87,7 @@ def aggregate(summaries: dict[str, list[dict]]) -> dict[str, dict]:
         row["shared_params"] = runs[0]["model"]["shared_params"]
         row["private_params_per_user"] = runs[0]["model"]["private_params_per_user"]
         row["foundation_params"] = runs[0]["model"]["foundation_params"]
+        row["warnings"] = {r["seed"]: r["warnings"] for r in runs if r.get("warnings")}
         table[variant] = row
     return table
 
@@ -159,6 +160,11 @@ def markdown_table(table: dict[str, dict]) -> str:
                  f"{row['bytes_up_per_client_round'] / 1024:.1f}",
                  f"{row['seconds_per_round']:.1f}", ",".join(str(b) for b in row["best_round"])]
         lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- **{variant}**, seed {seed}: " + "; ".join(ws) + "."
+             for variant, row in table.items() for seed, ws in row.get("warnings", {}).items()]
+    if notes:
+        lines += ["", "Warnings from the runs' own training curves (a row below them may not show the method at "
+                      "its best):", "", *notes]
     return "\n".join(lines)
 
 

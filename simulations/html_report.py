@@ -202,6 +202,12 @@ def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], confi
             f"each user's own {'NDCG@10' if rank else 'AUC'} (quantiles over users) and the share of users whose "
             "metric is below the frozen foundation's.</p>",
             _table(header, rows, "results")]
+    warned = [(n, seed, ws) for n, row in table.items() for seed, ws in row.get("warnings", {}).items()]
+    if warned:   # a diverged baseline's row reads like a weak method: say so beside the table
+        body += ['<p class="note">Warnings from the runs\' own training curves (a row may not show its method at its '
+                 "best):</p><ul>"
+                 + "".join(f"<li><b>{html.escape(n)}</b>, seed {seed}: {html.escape('; '.join(ws))}.</li>"
+                           for n, seed, ws in warned) + "</ul>"]
 
     names = list(table)
     key = "ndcg@10" if rank else "gauc"

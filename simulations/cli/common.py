@@ -223,6 +223,8 @@ def print_summary(summary: dict, run_dir: str) -> None:
         t.add_row("privacy", f"ε = {dp['epsilon']:.3f} at δ = {dp['delta']:.2g} ({dp.get('mode', 'central')}, "
                              f"z = {dp['noise_multiplier']}, C = {dp['clip']}, {dp['rounds_accounted']} rounds)")
     out.print(t)
+    for w in summary.get("warnings") or []:
+        out.print(f"[yellow]warning: {w}[/]")
     out.print(f"run directory: [bold]{run_dir}[/]")
 
 
