@@ -163,7 +163,7 @@ def markdown_table(table: dict[str, dict]) -> str:
     notes = [f"- **{variant}**, seed {seed}: " + "; ".join(ws) + "."
              for variant, row in table.items() for seed, ws in row.get("warnings", {}).items()]
     if notes:
-        lines += ["", "Warnings from the runs' own training curves (a row below them may not show the method at "
+        lines += ["", "Warnings from the runs' own training curves (the rows they name may not show the method at "
                       "its best):", "", *notes]
     return "\n".join(lines)
 

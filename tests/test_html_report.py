@@ -172,3 +172,8 @@ def test_the_demo_report_shows_who_gains_by_activity(compared, tiny, tiny_founda
     assert page.count('src="data:image/png;base64,') >= 3     # comparison, per-user change, by activity
     for group, g in stored["table"]["fedpa"]["by_activity"].items():
         assert f"<td>fedpa</td>\n<td>{group}</td>\n<td>{g['users']:,}</td>" in page
+    # PFedRec's item step: the report names a value that is not the official one, and why
+    assert "η =" not in text and "train with their official codes' settings. Test metrics" in text
+    searched = FederationConfig(data_dir=str(tiny), pfedrec_eta=0.2)
+    text = write_report(tmp_path, Dataset(tiny), pre, result, searched, {"total_s": 1.0}).read_text()
+    assert "except PFedRec's item-step factor η = 0.2, searched on this world's validation (its official 80" in text
