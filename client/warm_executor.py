@@ -118,6 +118,35 @@ class _Stopped(Exception):
     pass
 
 
+CHILD_GRACE_S = 3.0
+
+
+def end_children(children: set[int], grace_s: float = CHILD_GRACE_S) -> set[int]:
+    """SIGTERM each task process, SIGKILL those still running after ``grace_s``, reap all; returns the killed.
+
+    A task's SIGTERM runs Flower's exit handlers, which can wait on the Runtime API for far longer than whoever
+    stops the executor waits for it (a deployment's teardown: 10 s, then SIGKILL for the whole group, and the
+    executor's own last line is lost)."""
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    left, deadline = set(children), time.monotonic() + grace_s
+    while left and time.monotonic() < deadline:
+        left = {pid for pid in left if os.waitpid(pid, os.WNOHANG)[0] == 0}
+        if left:
+            time.sleep(0.02)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+    children.clear()
+    return left
+
+
 class WarmExecutor:
     """Claims the ClientApp tasks of one SuperNode (its Runtime API at ``address``) and forks a child per task."""
 
@@ -182,13 +211,7 @@ class WarmExecutor:
         finally:
             if os.getpid() != parent:   # stopped in a child before it became a task: nothing of the parent's is its
                 os._exit(1)
-            for pid in self.children:   # a task in flight is ended with the executor, as with Flower's SuperExec
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            for pid in list(self.children):
-                os.waitpid(pid, 0)
+            end_children(self.children)   # a task in flight is ended with the executor, as with Flower's SuperExec
             self.client.close()
             print(f"fedpa warm executor: stopped after {self.tasks} task(s); peak RSS {memory_mib()[0]:.0f} MiB",
                   flush=True)
