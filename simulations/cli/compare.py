@@ -13,7 +13,8 @@ from fedpa.simulations.progress import progress_bar, round_progress
 
 from .common import Settings, app, check_variants, config_options, out, user_errors
 
-DEFAULT_ALGORITHMS = "fedpa,local,fedavg-lora,fedper,pfedrec,ditto,foundation,centralized"
+# the algorithms `make demo` runs
+DEFAULT_ALGORITHMS = "fedpa,local,fedavg-lora,fedper,ditto,fedmf,pfedrec,fedrap,foundation,centralized"
 
 
 @app.command("compare")
