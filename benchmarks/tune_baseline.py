@@ -73,6 +73,7 @@ def main() -> None:
                 got.setdefault((i, ds), []).append((val, test))
                 print(json.dumps({"dataset": ds, "algorithm": a.algorithm, "point": label, "seed": s,
                                   "metric": metric, "val": val, "test": test, "best_round": summary["best_round"],
+                                  "warnings": summary.get("warnings", []),   # e.g. a diverging loss at this point
                                   "s": round(time.time() - t, 1)}), flush=True)
     rows = []
     for i, point in enumerate(points):
