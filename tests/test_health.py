@@ -73,3 +73,22 @@ def test_the_compare_page_shows_the_warnings_beside_its_table(tmp_path):
     summaries = {"fedpa": [run("fedpa", [])], "pfedrec": [run("pfedrec", ["the loss <rose>"])]}
     page = compare_page(aggregate(summaries), summaries, {}, tmp_path / "compare.html").read_text()
     assert "<li><b>pfedrec</b>, seed 0: the loss &lt;rose&gt;.</li>" in page and "<b>fedpa</b>" not in page
+
+
+def test_the_privacy_sweep_lists_a_points_warnings_under_its_table():
+    """Under heavy noise a run may diverge; its point must not read as that noise's utility alone."""
+    from fedpa.simulations.privacy_sweep import SweepPoint, aggregate_point
+    from fedpa.simulations.privacy_sweep import markdown_table as sweep_table
+
+    def run(seed: int, warnings: list[str]) -> dict:
+        return summary(seed, warnings, run_dir=f"runs/s{seed}", final={"test": {"auc": 0.7, "gauc": 0.6}},
+                       differential_privacy={"epsilon": 3.0, "delta": 1e-5, "rounds_accounted": 2},
+                       membership_inference={"auc": 0.5},
+                       update_attack={"individual_auc": 0.6, "aggregate_auc": 0.5, "cohort": 8})
+
+    calm = aggregate_point(SweepPoint(0.5, 1.0, False, "central"), [run(0, []), run(1, [])], "by-day")
+    loud = aggregate_point(SweepPoint(5.0, 1.0, False, "central"), [run(0, []), run(1, ["the loss ran away"])],
+                           "by-day")
+    md = sweep_table([calm, loud], "by-day")
+    assert md.endswith("- **z5-C1-central-plain**, seed 1: the loss ran away.")
+    assert "Warnings" not in sweep_table([calm], "by-day")
