@@ -67,6 +67,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
 
 
+def seed_warnings(runs: list[dict]) -> dict[int, list[str]]:
+    """Each run's training warnings (`server.health`) by seed, for the runs that have any."""
+    return {r["seed"]: r["warnings"] for r in runs if r.get("warnings")}
+
+
+def warning_notes(named: list[tuple[str, dict[int, list[str]]]]) -> list[str]:
+    """Markdown bullets, one per (name, seed) with warnings, for under a table."""
+    return [f"- **{name}**, seed {seed}: " + "; ".join(ws) + "." for name, by_seed in named
+            for seed, ws in by_seed.items()]
+
+
 def aggregate(summaries: dict[str, list[dict]]) -> dict[str, dict]:
     table = {}
     for variant, runs in summaries.items():
@@ -87,7 +98,7 @@ def aggregate(summaries: dict[str, list[dict]]) -> dict[str, dict]:
         row["shared_params"] = runs[0]["model"]["shared_params"]
         row["private_params_per_user"] = runs[0]["model"]["private_params_per_user"]
         row["foundation_params"] = runs[0]["model"]["foundation_params"]
-        row["warnings"] = {r["seed"]: r["warnings"] for r in runs if r.get("warnings")}
+        row["warnings"] = seed_warnings(runs)
         table[variant] = row
     return table
 
@@ -160,8 +171,7 @@ def markdown_table(table: dict[str, dict]) -> str:
                  f"{row['bytes_up_per_client_round'] / 1024:.1f}",
                  f"{row['seconds_per_round']:.1f}", ",".join(str(b) for b in row["best_round"])]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"- **{variant}**, seed {seed}: " + "; ".join(ws) + "."
-             for variant, row in table.items() for seed, ws in row.get("warnings", {}).items()]
+    notes = warning_notes([(variant, row.get("warnings", {})) for variant, row in table.items()])
     if notes:
         lines += ["", "Warnings from the runs' own training curves (the rows they name may not show the method at "
                       "its best):", "", *notes]

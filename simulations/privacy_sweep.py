@@ -25,7 +25,7 @@ from fedpa.recmodels.algorithms import ADAM_TABLES
 from fedpa.server.rundir import RunDir
 from fedpa.simulations.html_report import sweep_page
 
-from .compare import mean_std
+from .compare import mean_std, seed_warnings, warning_notes
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def aggregate_point(p: SweepPoint, runs: list[dict], split: str) -> dict[str, An
         "run_dirs": [r["run_dir"] for r in runs],
         "best_round": [r["best_round"] for r in runs],
         "final_round_test": {m: mean_std([r["final"]["test"].get(m) for r in runs]) for m in utility_metrics(split)},
-        "warnings": {r["seed"]: r["warnings"] for r in runs if r.get("warnings")},
+        "warnings": seed_warnings(runs),
     }
     for m in utility_metrics(split):
         row[m] = mean_std([r["test"].get(m) for r in runs])
@@ -159,8 +159,7 @@ def markdown_table(rows: list[dict], split: str) -> str:
                  ",".join(str(b) for b in r["best_round"]), _fmt(r["model_attack_auc"]),
                  _fmt(r["server_view_attack_auc"]), f"{r['bytes_up_per_client_round'] / 1024:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"- **{r['point']}**, seed {seed}: " + "; ".join(ws) + "."
-             for r in rows for seed, ws in r.get("warnings", {}).items()]
+    notes = warning_notes([(r["point"], r.get("warnings", {})) for r in rows])
     if notes:   # a point whose training diverged under its noise reads as that noise's utility: say which
         lines += ["", "Warnings from the runs' own training curves:", "", *notes]
     return "\n".join(lines)
