@@ -19,7 +19,7 @@ least 3 clicks (1,748 users), the catalogue = the clicked items (37,020); per us
 case and the one before it validation (ties within a request: the one listed first), each ranked against 99
 items the user never clicked (drawn per seed); the other clicks train with 4 sampled negatives each (the
 id-based algorithms redraw theirs every round, as the official codes do; fedpa's recipe trains a fresh 4 of a pool
-of 16 drawn once, `negative-pool`; the other foundation-based algorithms the same 4 every round). Every user is a
+of 64 drawn once, `negative-pool`; the other foundation-based algorithms the same 4 every round). Every user is a
 client, in every round. The foundation is pre-trained on the open users (FedPA's rule, reco_active_level = 3 as
 highly active) and stops on validation. Each algorithm runs with its paper's own settings (`Algorithm.recipe`)
 unless the configuration sets them; the test metrics are taken at each run's best validation HR@10.

@@ -76,6 +76,10 @@ CANDIDATES: dict[str, dict] = {
     # collaborative signal that keeps learning after the adapters' step has decayed; run with --rounds 30
     "newton+categories-half+pool4+emb32-const0.03": {**NEWTON_RECIPE, "negative_pool": 4, "item_embedding_dim": 32,
                                                       "item_embedding_lr": 0.03},
+    # the same from a pool four times as large (64 negatives per positive, a fresh 4 each round; the recipe since
+    # 2026-12-07): the leave-one-out sets only (elsewhere there is no pool), with --rounds 30
+    "newton+categories-half+pool16+emb32-const0.03": {**NEWTON_RECIPE, "negative_pool": 16, "item_embedding_dim": 32,
+                                                       "item_embedding_lr": 0.03},
     # the recipe with its video-id keyed tables (offsets, click tally) hashed into a bounded number of rows
     # (`item-rows`): what a client uploads per round, and SecAgg's masked vector, no longer grow with the catalogue
     "newton+categories-half+pool4+rows16384": {**NEWTON_RECIPE, "negative_pool": 4, "item_rows": 16384},

@@ -21,7 +21,7 @@ from typing import Any
 
 from fedpa.foundation.batch import CATEGORICAL_ITEM_FIELDS
 from fedpa.foundation.errors import FedpaError
-from fedpa.recdata.schema import EVAL_USERS, SPLITS
+from fedpa.recdata.schema import EVAL_USERS, SPLITS, TRAIN_NEGATIVES
 from fedpa.recmodels.algorithms import (
     ADAM_TABLES,
     ALGORITHMS,
@@ -29,6 +29,7 @@ from fedpa.recmodels.algorithms import (
     EMBEDDING_MAX_ROWS,
     FOUNDATION_HEAD_KEYS,
     ITEM_SIDE_KEYS,
+    POOL_MAX_NEGATIVES,
 )
 from fedpa.recmodels.stages import FEDERATED_STAGES
 
@@ -408,11 +409,24 @@ def with_recipe(cfg: FederationConfig, given: set[str] | frozenset[str] = frozen
     rows = video_rows(cfg) if EMBEDDING_KEYS & recipe.keys() else None
     if cfg.dp_noise_multiplier > 0 or rows is None or rows > EMBEDDING_MAX_ROWS:
         recipe = {k: v for k, v in recipe.items() if k not in EMBEDDING_KEYS}
+    if "negative-pool" in recipe and cfg.split == "loo":   # elsewhere there is no pool to bound
+        recipe["negative-pool"] = bounded_pool(cfg, int(recipe["negative-pool"]))
     if not recipe:
         return cfg
     out = FederationConfig(**{**dataclasses.asdict(cfg), **{FIELDS[k].name: v for k, v in recipe.items()}})
     out.validate()
     return out
+
+
+def bounded_pool(cfg: FederationConfig, pool: int) -> int:
+    """The largest negative pool up to ``pool`` whose sampled training negatives (4 x pool per positive) stay within
+    `POOL_MAX_NEGATIVES` for the dataset of ``cfg``, counting every exposure as a positive (a bound: under leave-one-out
+    the last two positives of each user do not train); ``pool`` when the dataset's manifest cannot be read."""
+    try:
+        exposures = int(json.loads((Path(cfg.data_dir) / "manifest.json").read_text())["rows"]["exposures"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return pool
+    return max(1, min(pool, POOL_MAX_NEGATIVES // max(1, TRAIN_NEGATIVES * exposures)))
 
 
 def video_rows(cfg: FederationConfig) -> int | None:

@@ -32,10 +32,9 @@ import numpy as np
 import pyarrow as pa
 
 from .examples import Examples, Lookups, Views
-from .schema import EVAL_USERS, LABELS, SPLITS
+from .schema import EVAL_USERS, LABELS, SPLITS, TRAIN_NEGATIVES
 from .store import Dataset, DatasetError
 
-TRAIN_NEGATIVES = 4  # PFedRec: 4 sampled negatives per training positive
 EPOCH = date(1970, 1, 1)
 
 

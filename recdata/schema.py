@@ -135,6 +135,8 @@ SCHEMAS: dict[str, pa.Schema] = {name: _schema(cols) for name, cols in TABLES.it
 # How a user's rows split into train / validation / test (`recdata.partition`): by-day (RecFlow's protocol),
 # chrono (60/20/20 per user), loo (leave one out against sampled negatives), last (MRFF: last pair per user).
 SPLITS = ("by-day", "chrono", "loo", "last")
+# loo: sampled negatives per training positive (PFedRec's protocol; with a negative pool, per positive and round)
+TRAIN_NEGATIVES = 4
 
 # Whose evaluation a run of several domains keeps (`recdata.partition.select_domains`): every user's, or only
 # those with (cross-domain) or without (single-domain) training rows in a domain other than the evaluated ones.

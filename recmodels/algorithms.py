@@ -28,7 +28,7 @@ FEDPA_RECIPE: tuple[tuple[str, object], ...] = (
     ("use-user-bias", True), ("item-popularity", True),
     ("item-bias-fields", "video_id,category_level_one,category_level_two,upload_type"),
     ("item-bias-update", "newton"), ("item-bias-prior", 10.0), ("item-bias-lr", 0.3), ("lr-decay", 0.8),
-    ("foundation-logit-scale", 0.1), ("negative-pool", 4), ("item-embedding-dim", 32), ("item-embedding-lr", 0.03))
+    ("foundation-logit-scale", 0.1), ("negative-pool", 16), ("item-embedding-dim", 32), ("item-embedding-lr", 0.03))
 # where the Newton tables cannot run (under DP: a user's curvature sums have no bounded sensitivity yet, or
 # without offset tables) the recipe's tables learn as before 2026-12-05: the video-id table alone (Adam steps
 # on the category tables lost on `small`), local Adam steps averaged over the readers, shrunk by 100 phantom
@@ -49,6 +49,11 @@ EMBEDDING_MAX_ROWS = 20_000
 ITEM_SIDE_KEYS = frozenset({"item-popularity", "item-bias-fields", "item-bias-update", "item-bias-prior",
                             "item-bias-lr", "item-embedding-dim", "item-embedding-lr"})
 FOUNDATION_HEAD_KEYS = frozenset({"foundation-logit-scale"})
+# split loo: the recipe's pool of sampled training negatives (4 x negative-pool per positive, encoded once into the
+# feature cache) shrinks so that the pool holds at most this many rows (about 6 GB of cache at MovieLens' width):
+# 16 on KuaiSAR-R and MovieLens-100K (a 5 GB cache), 2 on MovieLens-1M's million ratings. Set by that cost, not by
+# quality: a larger pool gained wherever it was measured (docs/results.md, "A larger negative pool").
+POOL_MAX_NEGATIVES = 8_000_000
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
     # FedPA's recipe is fedpa's own best configuration, chosen on validation across data sets (synthetic RecFlow,
@@ -60,7 +65,8 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
     # does not decay (2026-12-07: they learn what many users' rows say about an item, over many rounds), a
     # decaying learning rate for the rest, and the frozen foundation's logit scaled by 0.1 (beside per-user and
     # per-item offsets, at full weight it counts their evidence twice);
-    # under leave-one-out, training negatives drawn from a pool of 16 per positive, 4 fresh ones each round.
+    # under leave-one-out, training negatives drawn from a pool of 64 per positive, 4 fresh ones each round (since
+    # 2026-12-07; the pool shrinks on large datasets, POOL_MAX_NEGATIVES).
     # `fedpa-release` in `fedpa compare` is FedPA as released; the fedpa-no-* ablations remove one part each.
     Algorithm("fedpa", "fedpa", recipe=FEDPA_RECIPE,
               description="private user adapter + shared group adapters + shared gate and head; private user "

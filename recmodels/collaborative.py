@@ -36,12 +36,12 @@ import numpy as np
 import torch
 
 from fedpa.foundation.errors import FedpaError
+from fedpa.recdata.schema import TRAIN_NEGATIVES
 
 from .algorithms import Algorithm
 from .item_bias import PER_ROW
 
 PREFIX = "cf."
-TRAIN_NEGATIVES = 4
 
 
 @dataclass(frozen=True)

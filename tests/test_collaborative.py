@@ -206,11 +206,34 @@ def test_an_algorithm_recipe_fills_only_what_the_user_did_not_give():
     assert with_recipe(FederationConfig(algorithm="fedper"), set()) == FederationConfig(algorithm="fedper")
 
 
+def test_the_recipes_negative_pool_shrinks_to_its_row_budget_on_a_large_dataset(tmp_path):
+    """16 (64 sampled negatives per positive) while the pool's rows stay within POOL_MAX_NEGATIVES, counted from the
+    dataset's manifest; fewer on a dataset of a million exposures (MovieLens-1M); never below 1; what a user gives
+    is kept; an unreadable manifest leaves the recipe's value."""
+    import json
+
+    from fedpa.recmodels.algorithms import POOL_MAX_NEGATIVES
+
+    def pool(exposures, given=frozenset()):
+        root = tmp_path / str(exposures)
+        root.mkdir(exist_ok=True)
+        (root / "manifest.json").write_text(json.dumps({"rows": {"exposures": exposures}}))
+        return with_recipe(FederationConfig(algorithm="fedpa", split="loo", data_dir=str(root), negative_pool=3),
+                           given).negative_pool
+
+    assert pool(100_000) == 16                                   # MovieLens-100K: 6.4 M pooled rows
+    assert pool(1_000_000) == POOL_MAX_NEGATIVES // 4_000_000 == 2
+    assert pool(100_000_000) == 1
+    assert pool(100_000_000, {"negative-pool"}) == 3
+    missing = FederationConfig(algorithm="fedpa", split="loo", data_dir=str(tmp_path / "missing"))
+    assert with_recipe(missing, set()).negative_pool == 16
+
+
 def test_fedpa_runs_its_recipe_and_leaves_out_what_a_configuration_cannot_carry():
     got = with_recipe(FederationConfig(algorithm="fedpa"), set())
     assert (got.use_user_bias, got.item_popularity, got.item_bias_fields, got.lr_decay, got.foundation_logit_scale) \
         == (True, True, "video_id,category_level_one,category_level_two,upload_type", 0.8, 0.1)
-    assert (got.item_bias_update, got.item_bias_prior, got.negative_pool) == ("newton", 10.0, 4)
+    assert (got.item_bias_update, got.item_bias_prior, got.negative_pool) == ("newton", 10.0, 16)
     assert with_recipe(FederationConfig(algorithm="fedpa"), {"negative-pool"}).negative_pool == 1
     # where the Newton tables cannot run (central DP; no offset tables) the video-id table learns by Adam, as
     # before (Adam steps on the category tables lost on validation)

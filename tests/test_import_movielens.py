@@ -199,3 +199,37 @@ def test_folder_detection_errors(tmp_path, setup, message):
 def test_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(FedpaError, match=message):
         import_movielens(write_100k(tmp_path / "ml"), tmp_path / "ds", **kwargs)
+
+
+def test_recboles_copy_of_100k_converts_to_the_dataset_grouplens_files_give(tmp_path):
+    """`benchmarks/movielens_from_recbole.py` (ML-100K from RecBole's wheel, atomic files) writes files that the
+    importer turns into the same users, items and ratings as GroupLens' own (the test's 100K above)."""
+    import importlib.util
+    import zipfile
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "movielens_from_recbole.py"
+    spec = importlib.util.spec_from_file_location("movielens_from_recbole", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    inter = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"] + [
+        f"{u}\t{m}\t{r}\t{t}" for u, m, r, t in U_DATA]
+    users = ["user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token"] + [
+        line.replace("|", "\t") for line in U_USER]
+    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq",
+             "1\tToy Story\t1995\tAnimation Children's Comedy", "2\tGoldenEye\t1995\tAction Adventure Thriller",
+             "10\tCit\xe9 des enfants perdus, La\x85\t1995\tDrama", "267\tunknown\tunkonwn\tunknown"]
+    wheel = tmp_path / "recbole.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for kind, lines in (("inter", inter), ("user", users), ("item", items)):
+            z.writestr(mod.MEMBER.format(kind), ("\r\n".join(lines) + "\r\n").encode("latin-1"))
+    mod.convert(wheel, tmp_path / "converted")
+    got = open_dataset(import_movielens(tmp_path / "converted", tmp_path / "from-recbole"))
+    want = open_dataset(import_movielens(write_100k(tmp_path / "ml"), tmp_path / "from-grouplens"))
+    assert got.users().to_pylist() == want.users().to_pylist()
+    assert got.items().to_pylist() == want.items().to_pylist()
+    assert _all(got, "exposures") == _all(want, "exposures")
+    with zipfile.ZipFile(wheel, "a") as z:   # a genre the flags cannot hold is refused by name
+        z.writestr(mod.MEMBER.format("item"), "h\n5\tX\t1990\tAnime\n")
+    with pytest.raises(SystemExit, match="item 5: unknown genre"):
+        mod.convert(wheel, tmp_path / "bad")

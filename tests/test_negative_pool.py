@@ -66,7 +66,7 @@ def test_a_pooled_federation_on_flower_trains_the_same_rows_with_either_engine(t
 
     base = with_recipe(fed_config(tiny, tiny_foundation, tmp_path / "loop", algorithm="fedpa", split="loo",
                                   negatives=19, max_clients=8, cohort_engine="loop"), set())
-    assert base.negative_pool == 4
+    assert base.negative_pool == 16
     runs = {"loop": base, "vec": replace(base, run_dir=str(tmp_path / "vec"), cohort_engine="vectorized"),
             "fixed": replace(base, run_dir=str(tmp_path / "fixed"), cohort_engine="vectorized", negative_pool=1)}
     state = {}
