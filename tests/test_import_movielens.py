@@ -229,7 +229,10 @@ def test_recboles_copy_of_100k_converts_to_the_dataset_grouplens_files_give(tmp_
     assert got.users().to_pylist() == want.users().to_pylist()
     assert got.items().to_pylist() == want.items().to_pylist()
     assert _all(got, "exposures") == _all(want, "exposures")
-    with zipfile.ZipFile(wheel, "a") as z:   # a genre the flags cannot hold is refused by name
+    bad = tmp_path / "bad.whl"   # a genre the flags cannot hold is refused by name
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr(mod.MEMBER.format("inter"), "h\n")
+        z.writestr(mod.MEMBER.format("user"), "h\n")
         z.writestr(mod.MEMBER.format("item"), "h\n5\tX\t1990\tAnime\n")
     with pytest.raises(SystemExit, match="item 5: unknown genre"):
-        mod.convert(wheel, tmp_path / "bad")
+        mod.convert(bad, tmp_path / "bad")
