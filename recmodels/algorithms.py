@@ -95,6 +95,11 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in [
                           "function"),
 ]}
 
+# what `make demo` and `fedpa compare` run by default: FedPA, the adapter baselines, the published recommenders,
+# the frozen foundation and the pooled upper bound (here, so that the CLI lists them without the model stack)
+COMPARED_BY_DEFAULT = ("fedpa", "local", "fedavg-lora", "fedper", "ditto", "fedmf", "pfedrec", "fedrap", "foundation",
+                       "centralized")
+
 
 def get_algorithm(name: str) -> Algorithm:
     if name not in ALGORITHMS:

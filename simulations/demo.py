@@ -17,13 +17,13 @@ from rich.console import Console
 from fedpa.common.config import FederationConfig
 from fedpa.recdata.inspect import dataset_stats
 from fedpa.recdata.store import Dataset
+from fedpa.recmodels.algorithms import COMPARED_BY_DEFAULT
 from fedpa.recmodels.personalization import ALGORITHMS
 from fedpa.simulations.compare import compare
 from fedpa.simulations.html_report import markdown_page
 from fedpa.simulations.progress import day_progress, progress_bar, round_progress
 
-DEMO_ALGORITHMS = ["fedpa", "local", "fedavg-lora", "fedper", "ditto", "fedmf", "pfedrec", "fedrap", "foundation",
-                   "centralized"]
+DEMO_ALGORITHMS = list(COMPARED_BY_DEFAULT)
 # PFedRec's item step is lr x catalogue items x eta; its official eta (80) was set on catalogues of a few thousand
 # items, and on `small`'s 100,000 it diverges (test AUC 0.68 after its first local fine-tune, 0.56 by round 5).
 # Searched on `small`'s validation GAUC, seed 0 (docs/results.md, "PFedRec's η on `small`"):

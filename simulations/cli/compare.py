@@ -9,12 +9,12 @@ import typer
 
 from fedpa.common.config import FederationConfig
 from fedpa.foundation.errors import FedpaError
+from fedpa.recmodels.algorithms import COMPARED_BY_DEFAULT
 from fedpa.simulations.progress import progress_bar, round_progress
 
 from .common import Settings, app, check_variants, config_options, out, user_errors
 
-# the algorithms `make demo` runs
-DEFAULT_ALGORITHMS = "fedpa,local,fedavg-lora,fedper,ditto,fedmf,pfedrec,fedrap,foundation,centralized"
+DEFAULT_ALGORITHMS = ",".join(COMPARED_BY_DEFAULT)   # the algorithms `make demo` runs
 
 
 @app.command("compare")
