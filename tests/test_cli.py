@@ -32,6 +32,7 @@ def test_synth_and_inspect(tiny_dir):
     (["data", "inspect", "/nonexistent/dataset"], "not a fedpa dataset"),
     (["data", "synth", "--preset", "huge", "--out", "/tmp/never-written"], "huge"),
     (["pretrain", "--data", "/nonexistent", "--epochs", "0"], "--epochs"),
+    (["pretrain", "--data", "/nonexistent", "--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
     (["simulate", "--algorithm", "fedsgd"], "unknown algorithm 'fedsgd'"),
     (["simulate", "--rounds", "-1"], "num-rounds must be >= 0"),
     (["simulate", "--rank", "0"], "rank must be >= 1"),

@@ -47,3 +47,27 @@ def test_count_popularity_ranks_items_by_their_training_clicks_with_ties_against
     held.user_id = np.zeros(4, np.int64)
     cases = metrics_of(held, np.array([1.0, 1.0, 0.5, 0.2]), group_size=4)   # a tie with one negative
     assert cases["hr@10"] == 1.0 and cases["ndcg@10"] == pytest.approx(1 / np.log2(3))   # ranked second
+
+
+def test_dropout_trains_the_user_encoder_and_the_checkpoint_scores_deterministically(tiny, tmp_path):
+    """`fedpa pretrain --dropout`: dropout in the user encoder while it trains (another model than without it), kept
+    in the checkpoint's config, and off wherever the checkpoint is loaded (frozen, eval mode)."""
+    import json
+
+    import numpy as np
+
+    from fedpa.recdata.examples import Lookups
+    from fedpa.recdata.partition import SplitConfig, split_users
+    from fedpa.simulations.pretraining import score_examples
+
+    plain = pretrain_foundation(tiny, tmp_path / "plain", epochs=1, batch_size=128, seed=0)
+    dropped = pretrain_foundation(tiny, tmp_path / "dropout", epochs=1, batch_size=128, seed=0, dropout=0.3)
+    assert json.loads((tmp_path / "dropout" / "config.json").read_text())["dropout"] == 0.3
+    assert dropped["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+    model = load_foundation(tmp_path / "dropout")
+    assert not model.training
+    ds = Dataset(tiny)
+    part = make_partition(ds, PartitionConfig(seed=0))
+    rows = split_users(ds, part.private_users[:5], SplitConfig("by-day"), lookups=Lookups.build(ds), seed=0).test
+    first, second = score_examples(model, rows), score_examples(model, rows)
+    assert len(first) and np.array_equal(first, second)

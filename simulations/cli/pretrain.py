@@ -36,6 +36,8 @@ def pretrain_cmd(
                                                       "with co-viewed items (MMBee's graph-guided interest "
                                                       "expansion; the graph is built from the open users' "
                                                       "training views and ships with the foundation; 0 = off)")] = 0,
+    dropout: Annotated[float, typer.Option(help="dropout in the user encoder's hidden layers while it pre-trains "
+                                                "(regularizes what it learns of the open users' histories)")] = 0.0,
     domains: Annotated[str, typer.Option(help="in a dataset of several domains: pre-train on these domains' rows and "
                                               "sequences only (comma-separated names; '' = all)")] = "",
     activity_attribute: Annotated[str | None, typer.Option(help="profile attribute that marks highly active users "
@@ -65,6 +67,8 @@ def pretrain_cmd(
         raise FedpaError(f"--graph-expansion must be >= 0, got {graph_expansion}")
     if seq_len < 1:
         raise FedpaError(f"--seq-len must be at least 1, got {seq_len}")
+    if not 0.0 <= dropout < 1.0:
+        raise FedpaError(f"--dropout must be in [0, 1), got {dropout}")
     with progress_bar() as p:
         task = p.add_task("pretrain", total=None)
 
@@ -77,7 +81,7 @@ def pretrain_cmd(
                                      batch_size=batch_size,
                                      seed=seed, split=split, partition=partition, progress=on_step,
                                      user_encoder=user_encoder, seq_len=seq_len, graph_expansion=graph_expansion,
-                                     domains=domains, device=device)
+                                     dropout=dropout, domains=domains, device=device)
     _print_pretrain(report)
 
 
