@@ -54,20 +54,22 @@ def test_dropout_trains_the_user_encoder_and_the_checkpoint_scores_deterministic
     in the checkpoint's config, and off wherever the checkpoint is loaded (frozen, eval mode)."""
     import json
 
-    import numpy as np
+    import torch
 
     from fedpa.recdata.examples import Lookups
     from fedpa.recdata.partition import SplitConfig, split_users
-    from fedpa.simulations.pretraining import score_examples
 
     plain = pretrain_foundation(tiny, tmp_path / "plain", epochs=1, batch_size=128, seed=0)
     dropped = pretrain_foundation(tiny, tmp_path / "dropout", epochs=1, batch_size=128, seed=0, dropout=0.3)
     assert json.loads((tmp_path / "dropout" / "config.json").read_text())["dropout"] == 0.3
     assert dropped["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
     model = load_foundation(tmp_path / "dropout")
-    assert not model.training
+    assert model.user_encoder.bert.config.hidden_dropout_prob == 0.3
+    assert not any(m.training for m in model.modules())
     ds = Dataset(tiny)
     part = make_partition(ds, PartitionConfig(seed=0))
     rows = split_users(ds, part.private_users[:5], SplitConfig("by-day"), lookups=Lookups.build(ds), seed=0).test
-    first, second = score_examples(model, rows), score_examples(model, rows)
-    assert len(first) and np.array_equal(first, second)
+    batch = rows.batch()
+    with torch.no_grad():   # called as loaded (no .eval() of ours): no dropout, the same logits twice
+        first, second = model(**batch).logits, model(**batch).logits
+    assert len(first) and torch.equal(first, second)
