@@ -12,8 +12,9 @@ task and starting at 1, so that epoch 0 starts from popularity itself).
 Why: #20 asks that the pre-trained foundation beat popularity on every data set's held-out private rows. Where it
 does not (MovieLens-100K under FedPA's protocol, KuaiSAR-R's 5-core), this tells training that does not transfer
 (the open users' rows improve while the private users' do not) from a model that cannot represent popularity.
-The training loop is `foundation.pretrain`'s (Adam, one pass a epoch, batches grouped by request); the open
-and private users and the splits are `fedpa pretrain`'s. Nothing here is written to disk.
+The training loop is written out here, as `foundation.pretrain` runs it (Adam, one pass an epoch, batches grouped
+by request), because the prior adds to the logit; the open and private users, the splits, the metrics and the
+popularity reference are `fedpa pretrain`'s. Nothing here is written to disk.
 """
 
 from __future__ import annotations
