@@ -33,24 +33,17 @@ from fedpa.foundation.model import FoundationModel
 from fedpa.recdata.examples import Lookups
 from fedpa.recdata.partition import PartitionConfig, SplitConfig, make_partition, split_users
 from fedpa.recdata.store import Dataset
-from fedpa.simulations.pretraining import EVAL_BATCH, metrics_of, popularity_scores
+from fedpa.simulations.pretraining import EVAL_BATCH, item_positive_rates, metrics_of, popularity_scores
 
 SHOWN = ("auc", "hr@10", "ndcg@10")
 
 
-def item_prior_logits(train, n_items: int, prior_weight: float = 20.0) -> torch.Tensor:
+def item_prior_logits(train, n_items: int) -> torch.Tensor:
     """[n_items, tasks]: the logit of each item's smoothed positive rate per task among ``train``'s rows (the
-    reference `popularity_scores` computes for the primary task)."""
-    out = np.zeros((n_items, len(TASKS)), np.float32)
-    for t in range(len(TASKS)):
-        y = train.labels[:, t].astype(np.float64)
-        seen = y >= 0
-        base = float(np.clip(y[seen].mean(), 1e-4, 1 - 1e-4)) if seen.any() else 0.5
-        pos = np.bincount(train.video_id[seen], weights=y[seen], minlength=n_items)
-        cnt = np.bincount(train.video_id[seen], minlength=n_items)
-        rate = (pos + prior_weight * base) / (cnt + prior_weight)
-        out[:, t] = np.log(rate) - np.log1p(-rate)
-    return torch.from_numpy(out)
+    reference `popularity_scores` scores the primary task with)."""
+    rates = np.stack([item_positive_rates(train, n_items, column=t) for t in range(len(TASKS))], axis=1)
+    rates = np.clip(rates, 1e-4, 1 - 1e-4)   # a task no row observes has rate 0.5; none may be 0 or 1
+    return torch.from_numpy((np.log(rates) - np.log1p(-rates)).astype(np.float32))
 
 
 def run(data: str, split: str, partition: PartitionConfig, wide: bool, epochs: int, lr: float, batch_size: int,

@@ -36,15 +36,21 @@ from fedpa.recdata.store import Dataset
 EVAL_BATCH = 1024
 
 
-def popularity_scores(train: Examples, rows: Examples, prior_weight: float = 20.0) -> np.ndarray:
-    """Smoothed positive rate of each row's item among the training rows (Beta prior at the global rate)."""
-    y = train.labels[:, 0].astype(np.float64)
+def item_positive_rates(train: Examples, n_items: int, column: int = 0, prior_weight: float = 20.0) -> np.ndarray:
+    """[n_items]: each item's smoothed positive rate in label ``column`` among the training rows (Beta prior at the
+    global rate, ``prior_weight`` phantom rows)."""
+    y = train.labels[:, column].astype(np.float64)
     seen = y >= 0
     base = float(y[seen].mean()) if seen.any() else 0.5
-    n_items = int(max(train.video_id.max(initial=0), rows.video_id.max(initial=0))) + 1
     pos = np.bincount(train.video_id[seen], weights=y[seen], minlength=n_items)
     cnt = np.bincount(train.video_id[seen], minlength=n_items)
-    return (pos[rows.video_id] + prior_weight * base) / (cnt[rows.video_id] + prior_weight)
+    return (pos + prior_weight * base) / (cnt + prior_weight)
+
+
+def popularity_scores(train: Examples, rows: Examples, prior_weight: float = 20.0) -> np.ndarray:
+    """Smoothed positive rate of each row's item among the training rows (`item_positive_rates`)."""
+    n_items = int(max(train.video_id.max(initial=0), rows.video_id.max(initial=0))) + 1
+    return item_positive_rates(train, n_items, prior_weight=prior_weight)[rows.video_id]
 
 
 def count_scores(train: Examples, rows: Examples) -> np.ndarray:
