@@ -22,7 +22,7 @@ import torch
 
 from fedpa.client.device_data import COMPILED_DIR, DeviceData, foundation_digest
 from fedpa.client.event_log import LOG_FILE, EventLog
-from fedpa.client.feature_cache import FeatureCache, build, cache_key, default_root
+from fedpa.client.feature_cache import FeatureCache, build, cache_key, default_root, entries, prune
 from fedpa.common.config import FederationConfig
 from fedpa.common.heap import freeze_long_lived, release_frozen
 from fedpa.common.models import build_compiled_model, build_personal_model
@@ -281,7 +281,12 @@ def _cache_path(cfg: FederationConfig, clients: np.ndarray) -> Path | None:
 
 def open_feature_cache(cfg: FederationConfig, clients: np.ndarray) -> FeatureCache | None:
     path = _cache_path(cfg, clients)
-    return FeatureCache(path) if path is not None and (path / "meta.json").exists() else None
+    if path is None or not (path / "meta.json").exists():
+        return None
+    try:
+        return FeatureCache(path)
+    except FileNotFoundError:   # pruned meanwhile: this process encodes its users' rows itself
+        return None
 
 
 def ensure_feature_cache(cfg: FederationConfig, progress=None) -> FeatureCache | None:
@@ -292,13 +297,36 @@ def ensure_feature_cache(cfg: FederationConfig, progress=None) -> FeatureCache |
     if path is None:
         return None
     if (path / "meta.json").exists():
-        return FeatureCache(path)
+        try:
+            return FeatureCache(path)
+        except FileNotFoundError:   # pruned by another run meanwhile: built again below
+            pass
     from fedpa.foundation.model import load_foundation
 
     lookups = Lookups.for_foundation(ds, cfg.foundation)
     splits = user_splits(cfg, ds, part.clients, lookups)
     model = PersonalModel(load_foundation(cfg.foundation), get_algorithm("foundation"))
-    return build(path, model, splits, part.clients, progress=progress)
+    source = {"data": str(Path(cfg.data_dir).resolve()), "foundation": str(Path(cfg.foundation).resolve()),
+              "split": cfg.split, "seed": cfg.seed, "negatives": cfg.negatives,
+              "negative-pool": cfg.negative_pool, "stage": cfg.stage, "users": len(part.clients)}
+    cache = build(path, model, splits, part.clients, progress=progress, source=source)
+    bound_feature_cache(path.parent, cfg.feature_cache_limit_gb, keep=path)
+    return cache
+
+
+def bound_feature_cache(root: Path, limit_gb: float, keep: Path) -> None:
+    """Keep the cache root within ``limit_gb`` (0 = unbounded) by removing its least recently used entries."""
+    if limit_gb <= 0:
+        return
+    removed = prune(root, max_bytes=int(limit_gb * 2**30), keep=[keep])
+    if removed:
+        log.warning("feature cache %s: removed %d least recently used entries (%.0f MiB) to stay within "
+                    "feature-cache-limit-gb=%g", root, len(removed), sum(e.bytes for e in removed) / 2**20,
+                    limit_gb)
+    total = sum(e.bytes for e in entries(root))
+    if total > limit_gb * 2**30:
+        log.warning("feature cache %s holds %.0f MiB, over feature-cache-limit-gb=%g: what remains is in use "
+                    "or this run's own entry", root, total / 2**20, limit_gb)
 
 
 _RUNTIMES: dict[tuple, ClientRuntime] = {}

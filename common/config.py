@@ -228,6 +228,10 @@ class FederationConfig:
                            runtime=False, cli=False)
     feature_cache: str = setting("", "root of the simulation's cached tower inputs (\"\" = "
                                  "~/.cache/fedpa/features, none = off)", "runtime")
+    feature_cache_limit_gb: float = setting(32.0, "simulation: after building a feature-cache entry, remove the "
+                                            "least recently used others until the root holds at most this many "
+                                            "GiB (0 = no limit; entries in use are kept)", "runtime",
+                                            runtime=False, at_least=0)
     ray_address: str = setting("", "simulation: join this Ray cluster (\"auto\", or the head's HOST:PORT) instead of "
                                "starting a local Ray instance; data, foundation and feature cache must be at the "
                                "same paths on every machine", "runtime", runtime=False)

@@ -620,7 +620,7 @@ class Federation:
 
     # settings that may differ between an interrupted run and its resumption
     RESUMABLE_CHANGES = frozenset({"resume", "run-dir", "min-nodes", "round-timeout", "feature-cache",
-                                   "cohort-engine", "engine-device", "track"})
+                                   "feature-cache-limit-gb", "cohort-engine", "engine-device", "track"})
 
     def _start(self) -> tuple[int, list[dict], float]:
         """(first round to train, history so far, wall seconds so far): a fresh run evaluates round 0;
