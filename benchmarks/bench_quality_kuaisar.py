@@ -163,7 +163,8 @@ def main() -> None:
         out = out / f"{clients}-clients"
     partition = PartitionConfig(seed=0, activity_attribute="reco_active_level", active_values=(3,))
     if not (foundation / "config.json").exists():
-        report = pretrain_foundation(data, foundation, epochs=3, batch_size=1024, split=a.protocol, partition=partition)
+        report = pretrain_foundation(data, foundation, epochs=3, batch_size=1024, split=a.protocol, partition=partition,
+                                     dropout="auto")   # as `fedpa pretrain`
         print("foundation:", json.dumps(report["evaluation"]["private_test"]["pretrained"]))
     key = Path(a.out) / a.protocol / "store.key"
     if not key.exists():

@@ -139,7 +139,7 @@ def main() -> None:
     partition = PartitionConfig(seed=0, activity_attribute=a.activity_attribute or None, active_values=active)
     if not (foundation / "config.json").exists():
         report = pretrain_foundation(data, foundation, epochs=20, patience=2, batch_size=1024, split="loo",
-                                     partition=partition)
+                                     partition=partition, dropout="auto")   # as `fedpa pretrain`
         print("foundation:", json.dumps(report["evaluation"]["private_test"]))
     pre = json.loads((foundation / "pretrain_report.json").read_text())
     given = {"data-dir", "foundation", "split", "num-rounds", "activity-attribute", "active-values",

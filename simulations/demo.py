@@ -67,7 +67,7 @@ def run_demo(out: Path, data: Path, *, rounds: int = 8, seeds: int = 1, console:
         console.print("[bold]2/3[/] pre-training the foundation on open users")
         with progress_bar() as p:
             task = p.add_task("pretrain", total=None)
-            pretrain_foundation(data, foundation, epochs=1, batch_size=1024,
+            pretrain_foundation(data, foundation, epochs=1, batch_size=1024, dropout="auto",   # as `fedpa pretrain`
                                 progress=lambda e, s, tot, m: p.update(task, completed=s, total=tot))
     else:
         console.print(f"[bold]2/3[/] using the foundation at {foundation}")

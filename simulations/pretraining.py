@@ -8,12 +8,20 @@ popularity as a rate (smoothed positive rate of the item among open users'
 training rows), item popularity as a count (the item's positives among open
 users' training rows: the baseline implicit-feedback papers rank by), and the
 same architecture untrained. Leave-one-out rows are also ranked (HR@10, NDCG@10).
+
+``dropout="auto"`` (the command's default) pre-trains once per candidate of `AUTO_DROPOUT` and keeps the
+foundation whose open users' validation AUC is best: chosen on the server's own held-out rows, never on a
+private user's. Dropout in the user encoder helps where histories are dense (MovieLens, KuaiSAR-R's 5-core)
+and costs where they are sparse (docs/results.md, "Why the foundation does not beat popularity here"); the open
+users' validation picks the right side on those data sets.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from fedpa.recdata.schema import SEQ_LEN
 from fedpa.recdata.store import Dataset
 
 EVAL_BATCH = 1024
+AUTO_DROPOUT = (0.0, 0.3)   # the candidates of dropout="auto", the first kept on a tie
 
 
 def item_positive_rates(train: Examples, n_items: int, column: int = 0, prior_weight: float = 20.0) -> np.ndarray:
@@ -110,6 +119,11 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
             raise FedpaError(f"pretrain: {name} must be a whole number >= {least}, got {value}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise FedpaError(f"pretrain: learning rate must be a finite number > 0, got {lr}")
+    if model_overrides.get("dropout") == "auto":
+        return _pretrain_choosing_dropout(data_dir, out_dir, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size,
+                                          seed=seed, split=split, partition=partition,
+                                          max_private_eval_users=max_private_eval_users, patience=patience,
+                                          progress=progress, domains=domains, device=device, **model_overrides)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     ds = Dataset(data_dir)
@@ -173,6 +187,46 @@ def pretrain_foundation(data_dir: str | Path, out_dir: str | Path, *, arch: str 
         }
     (Path(out_dir) / "pretrain_report.json").write_text(json.dumps(report, indent=2, default=float))
     return report
+
+
+def _pretrain_choosing_dropout(data_dir, out_dir, *, progress=None, **kw) -> dict:
+    """Pre-train one foundation per `AUTO_DROPOUT` candidate next to ``out_dir`` and move the one with the best
+    open users' validation AUC there; its report lists every candidate. An interrupted choice resumes: each
+    candidate's directory keeps its own resumable state until the choice is made."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kw.pop("dropout")
+    candidates = []
+    for d in AUTO_DROPOUT:
+        where = out.parent / f".{out.name}.dropout-{d:g}"
+        report = pretrain_foundation(data_dir, where, dropout=d, progress=_tagged(progress, d), **kw)
+        auc = report["evaluation"]["open_val"]["pretrained"]["auc"]
+        candidates.append({"dropout": d, "open_val_auc": auc, "best_epoch": report["best_epoch"],
+                           "dir": where, "report": report})
+    chosen = max(candidates, key=lambda c: c["open_val_auc"] if math.isfinite(c["open_val_auc"]) else -math.inf)
+    report = chosen["report"]
+    report["dropout_selection"] = {"candidates": [{k: c[k] for k in ("dropout", "open_val_auc", "best_epoch")}
+                                                  for c in candidates],
+                                   "chosen": chosen["dropout"], "by": "open users' validation AUC"}
+    (chosen["dir"] / "pretrain_report.json").write_text(json.dumps(report, indent=2, default=float))
+    # the chosen directory takes out's place in one rename; what out held before goes only after that
+    old = out.parent / f".{out.name}.replaced"
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(chosen["dir"], out)
+    shutil.rmtree(old, ignore_errors=True)
+    for c in candidates:
+        if c is not chosen:
+            shutil.rmtree(c["dir"], ignore_errors=True)
+    return report
+
+
+def _tagged(progress, dropout: float):
+    """The progress callback, with the candidate's dropout among the metrics it shows."""
+    if progress is None:
+        return None
+    return lambda epoch, step, total, metrics: progress(epoch, step, total, {"dropout": float(dropout), **metrics})
 
 
 def check_pretrain_eval(report: dict) -> dict:

@@ -73,3 +73,33 @@ def test_dropout_trains_the_user_encoder_and_the_checkpoint_scores_deterministic
     with torch.no_grad():   # called as loaded (no .eval() of ours): no dropout, the same logits twice
         first, second = model(**batch).logits, model(**batch).logits
     assert len(first) and torch.equal(first, second)
+
+
+def test_dropout_auto_keeps_the_candidate_best_on_the_open_users_validation(tiny, tmp_path):
+    """`fedpa pretrain`'s default: one foundation per candidate, the one with the best open users' validation AUC
+    kept — the very checkpoint that rate gives alone — in place of what the directory held; nothing else left."""
+    import json
+
+    import torch
+
+    from fedpa.simulations.pretraining import AUTO_DROPOUT
+
+    out = tmp_path / "foundation"
+    out.mkdir()
+    (out / "stale.txt").write_text("a foundation pre-trained before")
+    report = pretrain_foundation(tiny, out, epochs=1, batch_size=128, seed=0, dropout="auto")
+    sel = report["dropout_selection"]
+    tried = {c["dropout"]: c["open_val_auc"] for c in sel["candidates"]}
+    assert tuple(tried) == AUTO_DROPOUT and len(set(tried.values())) == 2
+    assert sel["chosen"] == max(tried, key=tried.get)
+    assert json.loads((out / "config.json").read_text())["dropout"] == sel["chosen"]
+    written = json.loads((out / "pretrain_report.json").read_text())
+    assert written["dropout_selection"]["chosen"] == sel["chosen"]
+    assert written["evaluation"]["open_val"]["pretrained"]["auc"] == tried[sel["chosen"]]
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foundation"], "no candidate or old directory left"
+
+    alone = pretrain_foundation(tiny, tmp_path / "alone", epochs=1, batch_size=128, seed=0, dropout=sel["chosen"])
+    assert alone["evaluation"]["open_val"]["pretrained"]["auc"] == tried[sel["chosen"]]
+    kept, direct = load_foundation(out).state_dict(), load_foundation(tmp_path / "alone").state_dict()
+    assert all(torch.equal(kept[k], direct[k]) for k in direct)
