@@ -99,7 +99,8 @@ def simulate(cfg: FederationConfig, *, cohort_size: int = 0, progress=None, enco
     algo = get_algorithm(cfg.algorithm)
     from fedpa.client.runtime import ensure_feature_cache
 
-    ensure_feature_cache(cfg, progress=encode_progress)
+    # held open until the run returns: a concurrent run's pruning leaves this entry alone while the nodes start
+    _held_cache = ensure_feature_cache(cfg, progress=encode_progress)
     if algo.centralized:
         from fedpa.simulations.centralized import run_centralized
 
