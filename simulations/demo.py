@@ -68,7 +68,8 @@ def run_demo(out: Path, data: Path, *, rounds: int = 8, seeds: int = 1, console:
         with progress_bar() as p:
             task = p.add_task("pretrain", total=None)
             pretrain_foundation(data, foundation, epochs=1, batch_size=1024, dropout="auto",   # as `fedpa pretrain`
-                                progress=lambda e, s, tot, m: p.update(task, completed=s, total=tot))
+                                progress=lambda e, s, tot, m: p.update(
+                                    task, completed=s, total=tot, description=f"pretrain (dropout {m['dropout']:g})"))
     else:
         console.print(f"[bold]2/3[/] using the foundation at {foundation}")
     timings["pretrain_s"] = time.time() - t1
@@ -102,6 +103,14 @@ def _stale_world(ds: Dataset) -> str:
                      for k, (mine, now) in preset_differences(ds.manifest, "small").items())
 
 
+def _dropout_line(pre: dict) -> list[str]:
+    sel = pre.get("dropout_selection")
+    if not sel:   # a foundation pre-trained before `--dropout auto`
+        return []
+    tried = ", ".join(f"{c['open_val_auc']:.4f} at {c['dropout']:g}" for c in sel["candidates"])
+    return [f"Dropout in the user encoder: {sel['chosen']:g}, kept on the open users' validation AUC ({tried})."]
+
+
 def write_report(out: Path, ds: Dataset, pre: dict, result: dict, base: FederationConfig, timings: dict) -> Path:
     stats = dataset_stats(ds)
     stale = _stale_world(ds)
@@ -126,7 +135,7 @@ def write_report(out: Path, ds: Dataset, pre: dict, result: dict, base: Federati
            "numbers."] if stale else []), "",
         "## 2. Foundation (pre-trained centrally on open users only, then frozen)", "",
         f"{pre['parameters']:,} parameters ({pre['arch']}); {pre['train_rows']:,} training rows, "
-        f"{pre['samples_per_second']:.0f} samples/s, {pre['train_seconds']:.0f} s.", "",
+        f"{pre['samples_per_second']:.0f} samples/s, {pre['train_seconds']:.0f} s.", *_dropout_line(pre), "",
         "| held-out rows | model | AUC | GAUC | LogLoss |", "|---|---|---|---|---|",
     ]
     for split, rows in pre["evaluation"].items():

@@ -177,3 +177,9 @@ def test_the_demo_report_shows_who_gains_by_activity(compared, tiny, tiny_founda
     searched = FederationConfig(data_dir=str(tiny), pfedrec_eta=0.2)
     text = write_report(tmp_path, Dataset(tiny), pre, result, searched, {"total_s": 1.0}).read_text()
     assert "except PFedRec's item-step factor η = 0.2, searched on this world's validation (its official 80" in text
+    assert "Dropout in the user encoder" not in text   # a foundation of one dropout: nothing was chosen
+    pre["dropout_selection"] = {"chosen": 0.3, "candidates": [{"dropout": 0.0, "open_val_auc": 0.70},
+                                                              {"dropout": 0.3, "open_val_auc": 0.71}]}
+    text = write_report(tmp_path, Dataset(tiny), pre, result, searched, {"total_s": 1.0}).read_text()
+    assert "Dropout in the user encoder: 0.3, kept on the open users' validation AUC (0.7000 at 0, 0.7100 at 0.3)" \
+        in text
