@@ -16,7 +16,7 @@ from .common import Settings, app, config_options, out, print_summary, user_erro
 
 @app.command("deploy")
 @user_errors
-@config_options(exclude=("secagg", "run-dir", "feature-cache"))
+@config_options(exclude=("secagg", "run-dir", "feature-cache", "feature-cache-limit-gb"))
 def deploy_cmd(
     settings: Settings,
     nodes: Annotated[int, typer.Option(help="SuperNodes to start (node i serves partition i of N)")] = 3,
