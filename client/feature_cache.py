@@ -205,10 +205,16 @@ def prune(root: Path, *, max_bytes: int | None = None, unused_for_s: float | Non
             total -= e.bytes
     if not dry_run:
         for d in root.iterdir() if root.is_dir() else ():
-            leftover = d.name.startswith(TRASH) or (".tmp-" in d.name and now - d.stat().st_mtime > STALE_BUILD_S)
-            if d.name.startswith(".") and d.is_dir() and leftover:
+            if d.name.startswith(".") and d.is_dir() and (d.name.startswith(TRASH) or _stale_build(d, now)):
                 shutil.rmtree(d, ignore_errors=True)
     return removed
+
+
+def _stale_build(d: Path, now: float) -> bool:
+    try:
+        return ".tmp-" in d.name and now - d.stat().st_mtime > STALE_BUILD_S
+    except FileNotFoundError:   # its build finished (renamed) or failed (removed) meanwhile
+        return False
 
 
 def _remove(path: Path) -> bool:
@@ -266,4 +272,10 @@ def _in_use(meta: Path) -> bool:
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    total = 0
+    for f in path.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except FileNotFoundError:   # removed by another process's prune meanwhile
+            pass
+    return total
