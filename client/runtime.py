@@ -280,12 +280,16 @@ def _cache_path(cfg: FederationConfig, clients: np.ndarray) -> Path | None:
 
 
 def open_feature_cache(cfg: FederationConfig, clients: np.ndarray) -> FeatureCache | None:
-    path = _cache_path(cfg, clients)
+    """The built entry of this run's clients, or None (a node then encodes its users' rows itself)."""
+    return _open_entry(_cache_path(cfg, clients))
+
+
+def _open_entry(path: Path | None) -> FeatureCache | None:
     if path is None or not (path / "meta.json").exists():
         return None
     try:
         return FeatureCache(path)
-    except FileNotFoundError:   # pruned meanwhile: this process encodes its users' rows itself
+    except FileNotFoundError:   # pruned by another run between the check and the open
         return None
 
 
@@ -296,11 +300,9 @@ def ensure_feature_cache(cfg: FederationConfig, progress=None) -> FeatureCache |
     path = _cache_path(cfg, part.clients)
     if path is None:
         return None
-    if (path / "meta.json").exists():
-        try:
-            return FeatureCache(path)
-        except FileNotFoundError:   # pruned by another run meanwhile: built again below
-            pass
+    cache = _open_entry(path)
+    if cache is not None:
+        return cache
     from fedpa.foundation.model import load_foundation
 
     lookups = Lookups.for_foundation(ds, cfg.foundation)

@@ -104,11 +104,10 @@ def _stale_world(ds: Dataset) -> str:
 
 
 def _dropout_line(pre: dict) -> list[str]:
-    sel = pre.get("dropout_selection")
-    if not sel:   # a foundation pre-trained before `--dropout auto`
-        return []
-    tried = ", ".join(f"{c['open_val_auc']:.4f} at {c['dropout']:g}" for c in sel["candidates"])
-    return [f"Dropout in the user encoder: {sel['chosen']:g}, kept on the open users' validation AUC ({tried})."]
+    from fedpa.simulations.pretraining import dropout_choice
+
+    chosen = dropout_choice(pre)   # None: a foundation pre-trained at one rate
+    return [f"Dropout in the user encoder: {chosen}."] if chosen else []
 
 
 def write_report(out: Path, ds: Dataset, pre: dict, result: dict, base: FederationConfig, timings: dict) -> Path:

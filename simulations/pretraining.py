@@ -222,6 +222,15 @@ def _pretrain_choosing_dropout(data_dir, out_dir, *, progress=None, **kw) -> dic
     return report
 
 
+def dropout_choice(report: dict) -> str | None:
+    """One line on what `dropout="auto"` kept and why; None for a foundation pre-trained at one rate."""
+    sel = report.get("dropout_selection")
+    if not sel:
+        return None
+    tried = ", ".join(f"{c['open_val_auc']:.4f} at {c['dropout']:g}" for c in sel["candidates"])
+    return f"{sel['chosen']:g}, kept on the open users' validation AUC ({tried})"
+
+
 def _tagged(progress, dropout: float):
     """The progress callback, with the candidate's dropout among the metrics it shows."""
     if progress is None:

@@ -107,7 +107,8 @@ def _print_pretrain(report: dict) -> None:
             rank = (f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}") if ranked else ()
             t.add_row(split, name, f"{m['auc']:.4f}", f"{m['gauc']:.4f}", f"{m['logloss']:.4f}", *rank, f"{m['n']:,}")
     out.print(t)
-    chosen = report.get("dropout_selection")
+    from fedpa.simulations.pretraining import dropout_choice
+
+    chosen = dropout_choice(report)
     if chosen:
-        tried = ", ".join(f"{c['open_val_auc']:.4f} at {c['dropout']:g}" for c in chosen["candidates"])
-        out.print(f"dropout auto: kept {chosen['chosen']:g} (open users' validation AUC {tried})")
+        out.print(f"dropout auto: {chosen}")
