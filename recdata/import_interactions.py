@@ -7,6 +7,7 @@ Design notes: docs/design/import-interactions.md
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,12 +20,42 @@ import pyarrow.compute as pc
 from fedpa.foundation.errors import FedpaError
 
 from .schema import ITEM_COLUMNS, LABELS, USER_COLUMNS
-from .store import DatasetError, DatasetWriter
+from .store import DatasetError, DatasetWriter, is_text_type
 
 Progress = Callable[[str, int, int], None]
+VOCABULARIES = "vocabularies.json"   # text features' values by code: {"users": {column: [value of code 1, ...]}, ...}
 TIME_UNITS = ("ms", "s", "iso")
 ITEM_FIELDS_MAPPABLE = tuple(c.name for c in ITEM_COLUMNS if c.name != "video_id")
 USER_CANONICAL = tuple(c.name for c in USER_COLUMNS if c.name != "user_id")
+
+
+DEFAULT_LABEL = "label"
+_THRESHOLD = re.compile(r"^\s*(?P<column>[^<>=!]+?)\s*(?P<op>>=|>)\s*(?P<value>[-+]?(\d+(\.\d*)?|\.\d+))\s*$")
+
+
+@dataclass(frozen=True)
+class LabelSource:
+    """Where a label comes from: a 0/1 column (``is_click``), or a numeric column above a threshold
+    (``rating >= 4``: explicit ratings turned into positives and negatives, as FedPA's protocol on MovieLens)."""
+
+    column: str
+    op: str | None = None       # ">=" | ">" | None (the column holds 0/1)
+    threshold: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str, canonical: str) -> LabelSource:
+        if not isinstance(spec, str) or not spec.strip():
+            raise FedpaError(f"label {canonical}: the source must be a column name or 'column >= value', got {spec!r}")
+        m = _THRESHOLD.match(spec)
+        if m:
+            return cls(m["column"], m["op"], float(m["value"]))
+        if any(c in spec for c in "<>=!"):
+            raise FedpaError(f"label {canonical}: cannot read {spec!r}; write a column name (0/1 values) or "
+                             f"'column >= value' / 'column > value'")
+        return cls(spec.strip())
+
+    def describe(self) -> str:
+        return self.column if self.op is None else f"{self.column} {self.op} {self.threshold:g}"
 
 
 @dataclass
@@ -33,21 +64,35 @@ class Mapping:
     item: str = "item_id"
     timestamp: str = "timestamp"
     time_unit: str = "ms"
-    labels: dict[str, str] = field(default_factory=lambda: {"effective_view": "label"})  # canonical -> source
+    labels: dict[str, str] = field(default_factory=lambda: {"effective_view": DEFAULT_LABEL})  # canonical -> source
+    # (a 0/1 column, or "column >= value" / "column > value" over a numeric one: `LabelSource`)
     user_id: str | None = None            # id column of the user table (default: `user`)
     user_features: list[str] | None = None  # None: every other column
     item_id: str | None = None            # id column of the item table (default: `item`)
     item_columns: dict[str, str] = field(default_factory=dict)  # canonical or extra name -> source column
     domains: dict[int, str] = field(default_factory=dict)  # items.domain code -> name (several surfaces)
+    implicit: bool = False                # every interaction is a positive of the primary label (no label column)
 
     def validate(self) -> None:
         if self.time_unit not in TIME_UNITS:
             raise FedpaError(f"time_unit must be one of {', '.join(TIME_UNITS)}, got {self.time_unit!r}")
-        if not self.labels:
-            raise FedpaError("the mapping names no label column (e.g. labels.effective_view = \"is_click\")")
+        if self.implicit and self.labels.get(LABELS[0], DEFAULT_LABEL) != DEFAULT_LABEL:
+            raise FedpaError(f"the mapping is implicit (every interaction is a positive of {LABELS[0]}) and also "
+                             f"names a column for {LABELS[0]} ({self.labels[LABELS[0]]!r}): keep one")
+        if not self.implicit and not self.label_sources():
+            raise FedpaError("the mapping names no label column (e.g. labels.effective_view = \"is_click\", "
+                             "\"rating >= 4\", or implicit = true)")
         unknown = sorted(set(self.labels) - set(LABELS))
         if unknown:
             raise FedpaError(f"unknown label(s) {', '.join(unknown)} in the mapping (labels: {', '.join(LABELS)})")
+        for canonical, spec in self.label_sources().items():
+            LabelSource.parse(spec, canonical)
+
+    def label_sources(self) -> dict[str, str]:
+        """Canonical label -> its source spec; an implicit log's primary label is not read from a column."""
+        if not self.implicit:
+            return dict(self.labels)
+        return {k: v for k, v in self.labels.items() if k != LABELS[0]}
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Mapping:
@@ -68,7 +113,8 @@ class Mapping:
                     labels=dict(inter.get("labels", {"effective_view": "label"})),
                     user_id=users.get("id"), user_features=users.get("features"),
                     item_id=items.get("id"), item_columns=dict(items.get("columns", {})),
-                    domains={int(k): str(v) for k, v in dict(items.get("domains", {})).items()})
+                    domains={int(k): str(v) for k, v in dict(items.get("domains", {})).items()},
+                    implicit=bool(inter.get("implicit", False)))
         except (TypeError, ValueError) as e:
             raise FedpaError(f"{p}: malformed mapping ({e})") from None
         m.validate()
@@ -90,20 +136,30 @@ KUAISAR_R = Mapping(user="user_id", item="video_id", timestamp="timestamp", time
 
 
 def read_table(path: str | Path) -> pa.Table:
+    """A table from CSV, Parquet or newline-delimited JSON (Amazon's and Yelp's review dumps), by the file's
+    suffix; CSV and JSON may be compressed (``.gz``, ``.bz2``)."""
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"{p}: file is missing")
+    suffixes = [x.lower() for x in p.suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".bz2"):
+        suffixes = suffixes[:-1]
+    kind = ("Parquet" if suffixes[-1:] in ([".parquet"], [".pq"])
+            else "JSON lines" if suffixes[-1:] in ([".json"], [".jsonl"], [".ndjson"]) else "CSV")
     try:
-        if p.suffix.lower() in (".parquet", ".pq"):
+        if kind == "Parquet":
             import pyarrow.parquet as pq
 
             return pq.read_table(p)
+        if kind == "JSON lines":
+            import pyarrow.json as pjson
+
+            return pjson.read_json(p)
         import pyarrow.csv as pcsv
 
         return pcsv.read_csv(p)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DatasetError(f"{p}: cannot read as {'Parquet' if p.suffix.lower() in ('.parquet', '.pq') else 'CSV'} "
-                           f"({str(e).splitlines()[0]})") from None
+        raise DatasetError(f"{p}: cannot read as {kind} ({str(e).splitlines()[0]})") from None
 
 
 def _column(table: pa.Table, name: str, where: Path, role: str) -> pa.ChunkedArray:
@@ -124,7 +180,7 @@ def _integers(col: pa.ChunkedArray, name: str, where: Path, role: str, *, nonneg
         f = col.to_numpy()
         whole = np.isfinite(f) & (f == np.round(f))
         if not whole.all():
-            bad = f[~whole][0]
+            bad = float(f[~whole][0])
             raise DatasetError(f"{where}: column '{name}' ({role}) holds {bad!r}, not an integer")
         v = f.astype(np.int64)
     else:
@@ -155,22 +211,76 @@ def _timestamps_ms(col: pa.ChunkedArray, name: str, where: Path, unit: str) -> n
     return np.rint(v * (1000.0 if unit == "s" else 1.0)).astype(np.int64)
 
 
+def _keys(col: pa.ChunkedArray, name: str, where: Path, role: str) -> np.ndarray:
+    """Ids as they are in the source: integers (whole floats too), or text (Amazon's reviewer ids and ASINs,
+    hashes, names), kept as numpy strings. Either kind is renumbered 0..n-1 in sorted order."""
+    t = col.type
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return _integers(col, name, where, role)
+    if pa.types.is_dictionary(t):
+        col = col.cast(t.value_type)
+    try:
+        text = pc.cast(col, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise DatasetError(f"{where}: column '{name}' ({role}) has type {t}, neither integers nor text") from None
+    return np.asarray(text.to_numpy(zero_copy_only=False), dtype=str)
+
+
+def _same_kind(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of two tables compared as text when either is text (a CSV reader types "123" as an integer in a file
+    whose ids are all digits and as text beside "A12" in another)."""
+    if (a.dtype.kind == "U") == (b.dtype.kind == "U"):
+        return a, b
+    return a.astype(str), b.astype(str)
+
+
+def _show(value) -> str:
+    return repr(str(value)) if isinstance(value, (str, np.str_)) else str(int(value))
+
+
 def _renumber(ids: np.ndarray, where: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     """(sorted unique original ids, new id for each input row); duplicates are an error here."""
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
-        raise DatasetError(f"{where}: {what} id {int(uniq[counts > 1][0])} appears {int(counts[counts > 1][0])} times")
+        raise DatasetError(f"{where}: {what} id {_show(uniq[counts > 1][0])} appears {int(counts[counts > 1][0])} "
+                           f"times")
     return uniq, np.searchsorted(uniq, ids)
 
 
 def _lookup(orig: np.ndarray, known: np.ndarray, where: Path, what: str, table: Path) -> np.ndarray:
+    orig, known = _same_kind(orig, known)
     pos = np.searchsorted(known, orig)
     pos = np.minimum(pos, len(known) - 1)
     missing = known[pos] != orig
     if missing.any():
         raise DatasetError(f"{where}: {int(missing.sum())} interaction(s) name a {what} that {table} lacks "
-                           f"(e.g. {what} {int(orig[missing][0])})")
+                           f"(e.g. {what} {_show(orig[missing][0])})")
     return pos
+
+
+def _labels(log: pa.Table, mapping: Mapping, src: Path) -> dict[str, np.ndarray]:
+    """0/1 per row for every mapped label; an implicit log's primary label is 1 on every row."""
+    labels = {LABELS[0]: np.ones(log.num_rows, np.int8)} if mapping.implicit else {}
+    for canonical, spec in mapping.label_sources().items():
+        source = LabelSource.parse(spec, canonical)
+        role = f"label {canonical}"
+        col = _column(log, source.column, src, role)
+        if source.op is None:
+            v = _integers(col, source.column, src, role)
+            bad = (v != 0) & (v != 1)
+            if bad.any():
+                raise DatasetError(f"{src}: column '{source.column}' ({role}) holds {int(v[bad][0])}; labels must "
+                                   f"be 0 or 1 (or map a threshold: '{source.column} >= value')")
+        else:
+            if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+                raise DatasetError(f"{src}: column '{source.column}' ({role}: {source.describe()}) holds "
+                                   f"{col[0].as_py()!r}, not a number")
+            x = col.to_numpy().astype(np.float64)
+            if not np.isfinite(x).all():
+                raise DatasetError(f"{src}: column '{source.column}' ({role}) holds a non-finite value")
+            v = x >= source.threshold if source.op == ">=" else x > source.threshold
+        labels[canonical] = v.astype(np.int8)
+    return labels
 
 
 # ----------------------------------------------------------------------------- the import
@@ -217,17 +327,10 @@ def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapp
     log = read_table(src)
     if log.num_rows == 0:
         raise DatasetError(f"{src}: no interactions")
-    u_orig = _integers(_column(log, mapping.user, src, "user id"), mapping.user, src, "user id")
-    i_orig = _integers(_column(log, mapping.item, src, "item id"), mapping.item, src, "item id")
+    u_orig = _keys(_column(log, mapping.user, src, "user id"), mapping.user, src, "user id")
+    i_orig = _keys(_column(log, mapping.item, src, "item id"), mapping.item, src, "item id")
     ts = _timestamps_ms(_column(log, mapping.timestamp, src, "timestamp"), mapping.timestamp, src, mapping.time_unit)
-    labels = {}
-    for canonical, column in mapping.labels.items():
-        v = _integers(_column(log, column, src, f"label {canonical}"), column, src, f"label {canonical}")
-        bad = (v != 0) & (v != 1)
-        if bad.any():
-            raise DatasetError(f"{src}: column '{column}' (label {canonical}) holds {int(v[bad][0])}; labels must be "
-                               f"0 or 1")
-        labels[canonical] = v.astype(np.int8)
+    labels = _labels(log, mapping, src)
     rows = rows or RowFilter()
     if rows != RowFilter():
         primary = labels.get(LABELS[0], next(iter(labels.values())))
@@ -237,8 +340,8 @@ def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapp
         u_orig, i_orig, ts = u_orig[keep], i_orig[keep], ts[keep]
         labels = {k: v[keep] for k, v in labels.items()}
 
-    user_table, user_orig = _users(users, mapping, u_orig)
-    item_table, item_orig = _items(items, mapping, i_orig)
+    user_table, user_orig, user_vocab = _users(users, mapping, u_orig)
+    item_table, item_orig, item_vocab = _items(items, mapping, i_orig)
     if rows.interacted_only:
         user_table, user_orig = _restrict(user_table, user_orig, u_orig, "user_id")
         item_table, item_orig = _restrict(item_table, item_orig, i_orig, "video_id")
@@ -246,13 +349,14 @@ def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapp
     vid = _lookup(i_orig, item_orig, src, "item", Path(items) if items else src)
     durations = item_table.column("duration").to_numpy()[vid]
 
-    # requests: one per (user, timestamp), numbered in (time, original user id) order
-    order = np.lexsort((i_orig, u_orig, ts))
+    # requests: one per (user, timestamp), numbered in (time, original user id) order; the new ids follow the
+    # original ids' order (both tables are renumbered in sorted order), so they sort text ids the same way
+    order = np.lexsort((vid, uid, ts))
     file_row = order.copy()  # each row's place in the file, which lists a request's items in the order shown
-    uid, vid, ts, u_orig, durations = uid[order], vid[order], ts[order], u_orig[order], durations[order]
+    uid, vid, ts, durations = uid[order], vid[order], ts[order], durations[order]
     labels = {k: v[order] for k, v in labels.items()}
-    # unique (time, original user) pairs, in that order, are the requests
-    _, request_of_row = np.unique(np.stack([ts, u_orig], axis=1), axis=0, return_inverse=True)
+    # unique (time, user) pairs, in that order, are the requests
+    _, request_of_row = np.unique(np.stack([ts, uid], axis=1), axis=0, return_inverse=True)
     request_of_row = request_of_row.reshape(-1)
     position = _positions(request_of_row, file_row)
     day = ts // 86_400_000
@@ -261,6 +365,8 @@ def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapp
     with DatasetWriter(out, source=f"interactions:{src.name}", overwrite=overwrite) as writer:
         writer.write_users(user_table)
         writer.write_items(item_table, domains=mapping.domains or None)
+        if user_vocab or item_vocab:   # what each code of a text feature stands for
+            writer.write_extra(VOCABULARIES, obj={"users": user_vocab, "items": item_vocab})
         for n, (d, lo, hi) in enumerate(zip(days, bounds[:-1], bounds[1:]), 1):
             iso = str(np.datetime64(int(d), "D"))
             rid = request_of_row[lo:hi].astype(np.int64)
@@ -276,7 +382,8 @@ def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapp
             writer.write_day(iso, requests=requests, exposures=exposures)
             report(f"{iso}: {m:,} interaction(s)", n, len(days))
         return writer.commit(mapping={"user": mapping.user, "item": mapping.item, "timestamp": mapping.timestamp,
-                                      "time_unit": mapping.time_unit, "labels": mapping.labels,
+                                      "time_unit": mapping.time_unit, "implicit": mapping.implicit,
+                                      "labels": mapping.label_sources(),
                                       "row_filter": dataclasses.asdict(rows),
                                       "user_features": user_table.column_names[2:],
                                       "item_columns": mapping.item_columns})
@@ -295,25 +402,28 @@ def _positions(request_of_row: np.ndarray, file_row: np.ndarray) -> np.ndarray:
 
 def _restrict(table: pa.Table, orig: np.ndarray, seen: np.ndarray, new_id: str) -> tuple[pa.Table, np.ndarray]:
     """The rows of a feature table whose original id occurs in ``seen``, renumbered 0..n-1 in id order."""
-    keep = np.isin(orig, np.unique(seen))
+    orig_kind, seen = _same_kind(orig, seen)
+    keep = np.isin(orig_kind, np.unique(seen))
     table = table.filter(pa.array(keep))
     return table.set_column(table.column_names.index(new_id), new_id,
                             pa.array(np.arange(table.num_rows, dtype=np.int64))), orig[keep]
 
 
 def _feature_table(path, id_col: str, columns: dict[str, str] | None, *, what: str, new_id: str,
-                   defaults: tuple[str, ...], seen: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+                   defaults: tuple[str, ...], seen: np.ndarray) -> tuple[pa.Table, np.ndarray, dict[str, list[str]]]:
     """Renumbered ids (``new_id``, ``orig_<new_id>``), the ``defaults`` columns as zeros, and each
     ``columns`` entry (name -> source column; None: every column but the id, under its own name)
-    read as non-negative integers. Without a file: the ids ``seen`` in the interactions and zeros."""
+    read as non-negative integers, or as codes when it holds text (`_feature_codes`). Without a file: the ids
+    ``seen`` in the interactions and zeros. Also returns the vocabulary of every text column."""
     reserved = (new_id, f"orig_{new_id}")
+    vocabularies: dict[str, list[str]] = {}
     if path is None:
         orig = np.unique(seen)
         order, t, p = None, None, None
     else:
         p = Path(path)
         t = read_table(p)
-        ids = _integers(_column(t, id_col, p, f"{what} id"), id_col, p, f"{what} id")
+        ids, _ = _same_kind(_keys(_column(t, id_col, p, f"{what} id"), id_col, p, f"{what} id"), seen)
         orig, _ = _renumber(ids, p, what)
         order = np.argsort(ids, kind="stable")
         if columns is None:
@@ -324,17 +434,39 @@ def _feature_table(path, id_col: str, columns: dict[str, str] | None, *, what: s
         if name in reserved:
             raise DatasetError(f"{p}: {what} column name '{name}' is reserved")
         role = f"{what} {name}"
-        cols[name] = _integers(_column(t, source, p, role), source, p, role, nonnegative=True)[order]
-    return pa.table(cols), orig
+        if source not in t.column_names:
+            _column(t, source, p, role)   # names the missing column and the columns there are
+        col = t.column(source)
+        if is_text_type(col.type):
+            codes, vocabularies[name] = _feature_codes(col)
+            cols[name] = codes[order]
+        else:
+            cols[name] = _integers(_column(t, source, p, role), source, p, role, nonnegative=True)[order]
+    return pa.table(cols), orig, vocabularies
 
 
-def _users(path, mapping: Mapping, u_orig: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+def _feature_codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """A text feature (a category name, a brand, "F"/"M") as codes: 1 + its place among the sorted distinct
+    values, and 0 for an empty or missing value (the canonical format's "unknown"). Returns the codes and the
+    values in code order (code k is ``values[k - 1]``)."""
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    text = np.asarray(pc.fill_null(col, "").to_numpy(zero_copy_only=False), dtype=str)
+    values, inverse = np.unique(text, return_inverse=True)
+    codes = inverse.astype(np.int64) + 1
+    if len(values) and values[0] == "":
+        codes -= 1
+        values = values[1:]
+    return codes, values.tolist()
+
+
+def _users(path, mapping: Mapping, u_orig: np.ndarray) -> tuple[pa.Table, np.ndarray, dict[str, list[str]]]:
     features = None if mapping.user_features is None else {f: f for f in mapping.user_features}
     return _feature_table(path, mapping.user_id or mapping.user, features, what="user", new_id="user_id",
                           defaults=USER_CANONICAL, seen=u_orig)
 
 
-def _items(path, mapping: Mapping, i_orig: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+def _items(path, mapping: Mapping, i_orig: np.ndarray) -> tuple[pa.Table, np.ndarray, dict[str, list[str]]]:
     if path is None and mapping.item_columns:
         raise FedpaError("the mapping names item columns but no item table was given (--items)")
     return _feature_table(path, mapping.item_id or mapping.item, mapping.item_columns if path else {}, what="item",

@@ -43,8 +43,9 @@ class DatasetError(FedpaError):
 
 
 def conform(name: str, table: pa.Table, where: str) -> pa.Table:
-    """Return ``table`` with the canonical columns of ``name`` (extra integer columns kept
-    for users/items), cast safely; raise DatasetError naming ``where`` and the field."""
+    """Return ``table`` with the canonical columns of ``name`` (extra integer columns kept for users/items, and
+    carried original ids, ``orig_*``, as integers or text), cast safely; raise DatasetError naming ``where`` and
+    the field."""
     schema = SCHEMAS[name]
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
@@ -54,8 +55,16 @@ def conform(name: str, table: pa.Table, where: str) -> pa.Table:
         table = table.select(schema.names)
         extra = []
     cols, fields = [], []
-    for f in list(schema) + [pa.field(c, pa.int64(), nullable=False) for c in extra]:
+    carried_text = [c for c in extra if c.startswith(CARRIED_PREFIX) and is_text_type(table.column(c).type)]
+    for f in list(schema) + [pa.field(c, pa.string() if c in carried_text else pa.int64(), nullable=False)
+                             for c in extra]:
         col = table.column(f.name)
+        if f.name in carried_text:   # a source's original ids as text (reviewer ids, ASINs): kept as they are
+            if col.null_count:
+                raise DatasetError(f"{where}: column '{f.name}' has {col.null_count} missing value(s)")
+            cols.append(col.cast(pa.string()))
+            fields.append(f)
+            continue
         if col.null_count:
             raise DatasetError(f"{where}: column '{f.name}' has {col.null_count} missing value(s)")
         if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
@@ -71,6 +80,12 @@ def conform(name: str, table: pa.Table, where: str) -> pa.Table:
         cols.append(col)
         fields.append(f)
     return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def is_text_type(t: pa.DataType) -> bool:
+    """Arrow text: string, large string, or a dictionary of either (how Parquet often stores categories)."""
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or (
+        pa.types.is_dictionary(t) and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)))
 
 
 def _check_day(day: str, where: str) -> str:

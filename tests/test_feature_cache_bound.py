@@ -171,18 +171,20 @@ def test_fedpa_cache_list_and_prune(tmp_path):
     from typer.testing import CliRunner
 
     from fedpa.simulations.cli import app
-    from fedpa.simulations.cli.common import out
 
     make_entry(tmp_path, "old", 1, 36, data="/data/ml")
     make_entry(tmp_path, "new", 1, 1)
     runner = CliRunner()
-    out.width = 200    # wide enough that no cell folds
-    try:
-        r = runner.invoke(app, ["cache", "list", "--root", str(tmp_path)])
-    finally:
-        out.width = None
+    r = runner.invoke(app, ["cache", "list", "--root", str(tmp_path)])   # not a terminal: one line per entry
     assert r.exit_code == 0, r.output
-    assert "2 entries" in r.output and "/data/ml" in r.output and "1.5 d ago" in r.output
+    lines = r.output.splitlines()
+    assert lines[0].startswith(f"# {tmp_path}: 2 entries") and lines[1].split("\t")[0] == "entry"
+    old = lines[2].split("\t")
+    assert old[0] == "old" and old[2] == "1.5 d ago" and old[6] == "/data/ml" and len(lines) == 4
+    from fedpa.simulations.cli.cache import _short
+
+    assert _short(str(Path.cwd() / "data" / "ml")) == "data/ml"
+    assert _short("/elsewhere/ml") == "/elsewhere/ml"
     r = runner.invoke(app, ["cache", "prune", "--root", str(tmp_path), "--unused-days", "1", "--dry-run"])
     assert r.exit_code == 0 and "would remove 1 entries" in r.output and (tmp_path / "old").exists()
     r = runner.invoke(app, ["cache", "prune", "--root", str(tmp_path), "--all"])

@@ -70,7 +70,8 @@ def test_kuaisar_mapping_file_is_the_documented_one():
 
 @pytest.mark.parametrize("change, message", [
     (dict(log={"uid": [1], "vid": [500], "click": [1], "like": [0]}), "column 'ts' (timestamp) is missing"),
-    (dict(log={"uid": ["x"], "vid": [500], "ts": [T0], "click": [1], "like": [0]}), "'uid' (user id) holds 'x'"),
+    (dict(log={"uid": ["x"], "vid": [500], "ts": [T0], "click": [1], "like": [0]}), "lacks (e.g. user 'x')"),
+    (dict(log={"uid": [7], "vid": [500], "ts": [T0], "click": [0.5], "like": [0]}), "holds 0.5, not an integer"),
     (dict(log={"uid": [7], "vid": [500], "ts": [T0], "click": [2], "like": [0]}), "labels must be 0 or 1"),
     (dict(users={"uid": [7, 7, 20], "level": [1, 1, 1], "seg": [0, 0, 0]}), "user id 7 appears 2 times"),
     (dict(log={"uid": [99], "vid": [500], "ts": [T0], "click": [1], "like": [0]}), "name a user that"),
@@ -203,3 +204,130 @@ def test_k_core_drops_users_and_items_in_turn_until_both_bounds_hold(tmp_path):
     r = runner.invoke(app, [*args, "--min-item-positives", "-1", "--out", str(tmp_path / "neg")])
     assert r.exit_code != 0 and "--min-item-positives must be >= 0" in r.output
     assert not (tmp_path / "neg").exists()
+
+
+def _amazon_like(tmp: Path) -> dict[str, Path]:
+    """A review log as public data sets ship it: text ids (reviewer ids, ASINs), 1-5 ratings, seconds, and an
+    item table with a text category (one missing) and a text brand."""
+    log = {"reviewerID": ["A2X", "A10", "A2X", "B7", "A10", "A2X"],
+           "asin": ["B00C", "B00A", "B00A", "B00B", "B00C", "B00D"],
+           "overall": [5.0, 3.0, 4.0, 1.0, 4.5, 2.0],
+           "unixReviewTime": [1_400_000_000, 1_400_000_100, 1_400_086_400, 1_400_000_050, 1_400_086_500,
+                              1_400_172_800]}
+    items = pa.table({"asin": ["B00D", "B00A", "B00B", "B00C", "B00E"],
+                      "main_cat": ["Beauty", "All Beauty", None, "Beauty", "Tools"],
+                      "brand": ["x", "y", "x", "", "z"], "price_cents": [100, 250, 0, 399, 5]})
+    paths = {"log": tmp / "reviews.csv", "items": tmp / "meta.parquet"}
+    pcsv.write_csv(pa.table(log), paths["log"])
+    pq.write_table(items, paths["items"])
+    return paths
+
+
+AMAZON = Mapping(user="reviewerID", item="asin", timestamp="unixReviewTime", time_unit="s",
+                 labels={"effective_view": "overall >= 4"},
+                 item_columns={"category_level_one": "main_cat", "brand": "brand", "price_cents": "price_cents"})
+
+
+def test_text_ids_text_features_and_a_rating_threshold(tmp_path):
+    """Public logs name users and items by text and rate them 1-5: ids renumbered in sorted text order with the
+    originals kept as text, text features coded 1..n in sorted order (0 = missing) with their vocabulary
+    written beside the data, and the label read as rating >= 4."""
+    import json
+
+    f = _amazon_like(tmp_path)
+    ds = Dataset(import_interactions(f["log"], tmp_path / "out", AMAZON, items=f["items"]))
+    users = ds.users()
+    assert users.column("orig_user_id").to_pylist() == ["A10", "A2X", "B7"]          # sorted as text
+    assert users.column("orig_user_id").type == pa.string()
+    items = ds.items()
+    assert items.column("orig_video_id").to_pylist() == ["B00A", "B00B", "B00C", "B00D", "B00E"]
+    # "All Beauty" < "Beauty" < "Tools"; B00B's category is missing, B00C's brand empty: both 0
+    assert items.column("category_level_one").to_pylist() == [1, 0, 2, 2, 3]
+    assert items.column("brand").to_pylist() == [2, 1, 0, 1, 3]
+    assert items.column("price_cents").to_pylist() == [250, 0, 399, 100, 5]
+    assert json.loads((ds.path / "vocabularies.json").read_text()) == {
+        "users": {}, "items": {"category_level_one": ["All Beauty", "Beauty", "Tools"], "brand": ["x", "y", "z"]}}
+    rows = pa.concat_tables([ds.day("exposures", d) for d in ds.days]).to_pylist()
+    got = {(users.column("orig_user_id")[r["user_id"]].as_py(), items.column("orig_video_id")[r["video_id"]].as_py()):
+           r["effective_view"] for r in rows}
+    assert got == {("A2X", "B00C"): 1, ("A10", "B00A"): 0, ("A2X", "B00A"): 1, ("B7", "B00B"): 0,
+                   ("A10", "B00C"): 1, ("A2X", "B00D"): 0}
+    assert ds.manifest["mapping"]["labels"] == {"effective_view": "overall >= 4"}
+    # a user's rows split and a device's copy of them keep working on text ids
+    from fedpa.recdata.partition import SplitConfig, split_users
+    from fedpa.recdata.subset import write_user_subset
+
+    s = split_users(ds, np.array([1]), SplitConfig("chrono"))
+    assert len(s.train) + len(s.val) + len(s.test) == 3
+    sub = Dataset(write_user_subset(ds, [1], tmp_path / "device"))
+    assert sub.users().column("orig_user_id").to_pylist() == ["A2X"]
+
+
+def test_implicit_logs_and_label_mistakes(tmp_path):
+    f = _amazon_like(tmp_path)
+    implicit = Mapping(**{**AMAZON.__dict__, "labels": {"effective_view": "label"}, "implicit": True})
+    ds = Dataset(import_interactions(f["log"], tmp_path / "imp", implicit, items=f["items"]))
+    ex = pa.concat_tables([ds.day("exposures", d) for d in ds.days])
+    np.testing.assert_array_equal(ex.column("effective_view").to_numpy(), 1)
+    np.testing.assert_array_equal(ex.column("like").to_numpy(), -1)                 # unmapped: not observed
+    assert ds.manifest["mapping"]["implicit"] is True
+    # the same from a TOML mapping and from the command line
+    (tmp_path / "map.toml").write_text('[interactions]\nuser = "reviewerID"\nitem = "asin"\n'
+                                       'timestamp = "unixReviewTime"\ntime_unit = "s"\nimplicit = true\n')
+    assert Mapping.from_toml(tmp_path / "map.toml").implicit
+    r = runner.invoke(app, ["data", "import-interactions", str(f["log"]), "--out", str(tmp_path / "cli"),
+                            "--mapping", str(tmp_path / "map.toml")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["data", "import-interactions", str(f["log"]), "--out", str(tmp_path / "cli2"),
+                            "--user-col", "reviewerID", "--item-col", "asin", "--time-col", "unixReviewTime",
+                            "--time-unit", "s", "--label", "effective_view=overall>=4"])
+    assert r.exit_code == 0, r.output
+    assert Dataset(tmp_path / "cli2").manifest["mapping"]["labels"] == {"effective_view": "overall>=4"}
+    # mistakes are named
+    from fedpa.foundation.errors import FedpaError
+
+    both = Mapping(**{**AMAZON.__dict__, "implicit": True})
+    with pytest.raises(FedpaError, match="implicit .* also names a column for effective_view"):
+        import_interactions(f["log"], tmp_path / "both", both, items=f["items"])
+    with pytest.raises(FedpaError, match="cannot read 'overall => 4'"):
+        Mapping(**{**AMAZON.__dict__, "labels": {"effective_view": "overall => 4"}}).validate()
+    text_threshold = Mapping(**{**AMAZON.__dict__, "labels": {"effective_view": "asin > 3"}})
+    with pytest.raises(DatasetError, match=r"'asin' \(label effective_view: asin > 3\) holds 'B00C', not a number"):
+        import_interactions(f["log"], tmp_path / "text", text_threshold, items=f["items"])
+    assert not (tmp_path / "both").exists() and not (tmp_path / "text").exists()
+
+
+def test_ids_typed_as_numbers_in_one_file_and_text_in_another(tmp_path):
+    """A CSV reader types ids that are all digits as integers; beside an item table whose ids hold letters they
+    are matched as text."""
+    log = {"uid": [1, 2, 2], "vid": [500, 501, 502], "ts": [T0, T0 + 1, T0 + 2], "click": [1, 0, 1], "like": [0] * 3}
+    items = {"vid": ["500", "501", "502", "X9"], "cat1": ["a", "b", "a", "c"], "cat2": [1, 2, 3, 4], "kind": [0] * 4}
+    f = _write(tmp_path, log=log, users={"uid": [1, 2], "level": [0, 1], "seg": [0, 0]}, items=items)
+    ds = Dataset(import_interactions(f["log"], tmp_path / "out", MAP, users=f["users"], items=f["items"]))
+    assert ds.items().column("orig_video_id").to_pylist() == ["500", "501", "502", "X9"]
+    ex = pa.concat_tables([ds.day("exposures", d) for d in ds.days])
+    assert sorted(zip(ex.column("user_id").to_pylist(), ex.column("video_id").to_pylist())) == [(0, 0), (1, 1), (1, 2)]
+    assert ds.items().column("category_level_one").to_pylist() == [1, 2, 1, 3]
+
+
+def test_gzipped_json_lines_with_the_shipped_amazon_mapping(tmp_path):
+    """Amazon's review dumps are gzipped JSON lines; `recdata/mappings/amazon-reviews.toml` reads them (every review
+    a positive) with the metadata's category and brand."""
+    import gzip
+    import json
+
+    f = _amazon_like(tmp_path)
+    log = pcsv.read_csv(f["log"]).to_pylist()
+    with gzip.open(tmp_path / "Beauty_5.json.gz", "wt") as out:
+        out.writelines(json.dumps(r) + "\n" for r in log)
+    mapping = Mapping.from_toml(REPO / "recdata/mappings/amazon-reviews.toml")
+    ds = Dataset(import_interactions(tmp_path / "Beauty_5.json.gz", tmp_path / "out", mapping, items=f["items"]))
+    ref = Dataset(import_interactions(f["log"], tmp_path / "ref", Mapping(**{**mapping.__dict__}), items=f["items"]))
+    for d in ref.days:
+        assert ds.day("exposures", d).equals(ref.day("exposures", d))
+    assert ds.items().column("brand").to_pylist() == [2, 1, 0, 1, 3]
+    np.testing.assert_array_equal(
+        pa.concat_tables([ds.day("exposures", d) for d in ds.days]).column("effective_view").to_numpy(), 1)
+    (tmp_path / "broken.jsonl").write_text('{"reviewerID": "A1", "asin": \n')
+    with pytest.raises(DatasetError, match="broken.jsonl: cannot read as JSON lines"):
+        import_interactions(tmp_path / "broken.jsonl", tmp_path / "no", mapping)

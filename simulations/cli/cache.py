@@ -42,23 +42,47 @@ def _age(t: float) -> str:
     return f"{s:.0f} s ago"
 
 
+def _short(path: str) -> str:
+    """A path as a reader of a terminal table wants it: relative under the working directory, ~ under home."""
+    if not path or path == "?":
+        return path
+    p = Path(path)
+    for base, shown in ((Path.cwd(), ""), (Path.home(), "~")):
+        try:
+            rel = p.relative_to(base)
+        except ValueError:
+            continue
+        return str(Path(shown) / rel) if shown else str(rel)
+    return path
+
+
 @cache_app.command("list")
 @user_errors
 def list_cmd(root: RootOption = None):
-    """Every entry, least recently used first: size, last use, and what its rows were made from."""
+    """Every entry, least recently used first: size, last use, and what its rows were made from. On a terminal a
+    table; otherwise one tab-separated line per entry under a header, with full paths (for grep and awk)."""
     from fedpa.client.feature_cache import entries
 
     root = _root(root)
     listed = entries(root)
-    t = Table(title=f"{root}: {len(listed)} entries, {_gib(sum(e.bytes for e in listed))}")
-    for col in ("entry", "size", "last used", "split", "seed", "open"):
+    title = f"{root}: {len(listed)} entries, {_gib(sum(e.bytes for e in listed))}"
+    rows = [(e.key[:12], _gib(e.bytes), _age(e.last_used), str(e.source.get("split", "?")),
+             str(e.source.get("seed", "?")), "yes" if e.in_use else "", str(e.source.get("data", "?")),
+             str(e.source.get("foundation", "?"))) for e in listed]
+    columns = ("entry", "size", "last used", "split", "seed", "open", "data", "foundation")
+    if not out.is_terminal:
+        print(f"# {title}")
+        print("\t".join(columns))
+        for row in rows:
+            print("\t".join(row))
+        return
+    t = Table(title=title)
+    for col in columns[:6]:
         t.add_column(col, no_wrap=True)
-    for col in ("data", "foundation"):
+    for col in columns[6:]:
         t.add_column(col, overflow="fold")
-    for e in listed:
-        s = e.source
-        t.add_row(e.key[:12], _gib(e.bytes), _age(e.last_used), str(s.get("split", "?")), str(s.get("seed", "?")),
-                  "yes" if e.in_use else "", s.get("data", "?"), s.get("foundation", "?"))
+    for row in rows:
+        t.add_row(*row[:6], _short(row[6]), _short(row[7]))
     out.print(t)
 
 

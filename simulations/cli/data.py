@@ -74,10 +74,10 @@ def data_import_movielens(
 @data_app.command("import-interactions")
 @user_errors
 def data_import_interactions(
-    interactions: Annotated[Path, typer.Argument(help="interactions table (.csv or .parquet)")],
+    interactions: Annotated[Path, typer.Argument(help="interactions table (.csv, .parquet or .jsonl; .gz too)")],
     out_dir: Annotated[Path, typer.Option("--out", help="dataset directory to write")],
-    users: Annotated[Path | None, typer.Option(help="user-feature table (.csv or .parquet)")] = None,
-    items: Annotated[Path | None, typer.Option(help="item-feature table (.csv or .parquet)")] = None,
+    users: Annotated[Path | None, typer.Option(help="user-feature table (.csv, .parquet or .jsonl)")] = None,
+    items: Annotated[Path | None, typer.Option(help="item-feature table (.csv, .parquet or .jsonl)")] = None,
     mapping: Annotated[Path | None,
                        typer.Option(help="TOML column mapping (see recdata/mappings/kuaisar-r.toml)")] = None,
     user_col: Annotated[str | None, typer.Option(help="user id column of the interactions")] = None,
@@ -85,7 +85,11 @@ def data_import_interactions(
     time_col: Annotated[str | None, typer.Option(help="timestamp column")] = None,
     time_unit: Annotated[str | None, typer.Option(help="ms | s | iso")] = None,
     label: Annotated[list[str] | None,
-                     typer.Option(help="canonical=column, e.g. effective_view=is_click (repeatable)")] = None,
+                     typer.Option(help="canonical=column (0/1 values), e.g. effective_view=is_click, or "
+                                       "canonical=column>=value over a numeric column, e.g. "
+                                       "effective_view=rating>=4 (repeatable)")] = None,
+    implicit: Annotated[bool | None, typer.Option(help="every interaction is a positive of effective_view (a log of "
+                                                      "reviews, plays or purchases: no label column)")] = None,
     positives_only: Annotated[bool, typer.Option(help="keep only the rows whose primary label is 1 (implicit "
                                                       "feedback, as PFedRec's protocol has it)")] = False,
     min_user_positives: Annotated[int, typer.Option(help="drop users with fewer positive rows")] = 0,
@@ -111,6 +115,9 @@ def data_import_interactions(
         if any(len(pair) != 2 or not all(pair) for pair in pairs):
             raise FedpaError(f"--label takes canonical=column (e.g. effective_view=is_click), got {label}")
         m.labels = dict(pairs)
+    if implicit is not None:
+        m.implicit = implicit
+    m.validate()
     with progress_bar() as p:
         path = import_interactions(interactions, out_dir, m, users=users, items=items, overwrite=overwrite,
                                    progress=day_progress(p, "import interactions"),
