@@ -136,8 +136,8 @@ KUAISAR_R = Mapping(user="user_id", item="video_id", timestamp="timestamp", time
 
 
 def read_table(path: str | Path) -> pa.Table:
-    """A table from CSV, Parquet or newline-delimited JSON (Amazon's and Yelp's review dumps), by the file's
-    suffix; CSV and JSON may be compressed (``.gz``, ``.bz2``)."""
+    """A table from CSV, TSV (``.tsv``, ``.tab``), Parquet or newline-delimited JSON (Amazon's and Yelp's review
+    dumps), by the file's suffix; the text formats may be compressed (``.gz``, ``.bz2``)."""
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"{p}: file is missing")
@@ -145,7 +145,8 @@ def read_table(path: str | Path) -> pa.Table:
     if suffixes and suffixes[-1] in (".gz", ".bz2"):
         suffixes = suffixes[:-1]
     kind = ("Parquet" if suffixes[-1:] in ([".parquet"], [".pq"])
-            else "JSON lines" if suffixes[-1:] in ([".json"], [".jsonl"], [".ndjson"]) else "CSV")
+            else "JSON lines" if suffixes[-1:] in ([".json"], [".jsonl"], [".ndjson"])
+            else "TSV" if suffixes[-1:] in ([".tsv"], [".tab"]) else "CSV")
     try:
         if kind == "Parquet":
             import pyarrow.parquet as pq
@@ -157,7 +158,7 @@ def read_table(path: str | Path) -> pa.Table:
             return pjson.read_json(p)
         import pyarrow.csv as pcsv
 
-        return pcsv.read_csv(p)
+        return pcsv.read_csv(p, parse_options=pcsv.ParseOptions(delimiter="\t" if kind == "TSV" else ","))
     except (pa.ArrowInvalid, OSError) as e:
         raise DatasetError(f"{p}: cannot read as {kind} ({str(e).splitlines()[0]})") from None
 

@@ -328,6 +328,9 @@ def test_gzipped_json_lines_with_the_shipped_amazon_mapping(tmp_path):
     assert ds.items().column("brand").to_pylist() == [2, 1, 0, 1, 3]
     np.testing.assert_array_equal(
         pa.concat_tables([ds.day("exposures", d) for d in ds.days]).column("effective_view").to_numpy(), 1)
+    pcsv.write_csv(pcsv.read_csv(f["log"]), tmp_path / "reviews.tsv", pcsv.WriteOptions(delimiter="\t"))
+    tsv = Dataset(import_interactions(tmp_path / "reviews.tsv", tmp_path / "tsv", mapping, items=f["items"]))
+    assert all(tsv.day("exposures", d).equals(ref.day("exposures", d)) for d in ref.days)
     (tmp_path / "broken.jsonl").write_text('{"reviewerID": "A1", "asin": \n')
     with pytest.raises(DatasetError, match="broken.jsonl: cannot read as JSON lines"):
         import_interactions(tmp_path / "broken.jsonl", tmp_path / "no", mapping)

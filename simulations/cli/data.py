@@ -74,7 +74,7 @@ def data_import_movielens(
 @data_app.command("import-interactions")
 @user_errors
 def data_import_interactions(
-    interactions: Annotated[Path, typer.Argument(help="interactions table (.csv, .parquet or .jsonl; .gz too)")],
+    interactions: Annotated[Path, typer.Argument(help="interactions table (.csv, .tsv, .parquet or .jsonl; .gz too)")],
     out_dir: Annotated[Path, typer.Option("--out", help="dataset directory to write")],
     users: Annotated[Path | None, typer.Option(help="user-feature table (.csv, .parquet or .jsonl)")] = None,
     items: Annotated[Path | None, typer.Option(help="item-feature table (.csv, .parquet or .jsonl)")] = None,
