@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import sys
 import tomllib
 import typing
 from collections.abc import Iterable
@@ -26,7 +28,9 @@ app = typer.Typer(help="fedpa: federated personalization of recommenders with ad
 data_app = typer.Typer(help="Create, import and inspect canonical datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-out = Console()
+# Piped output (a log file, CI, `| less`) is read in full later: rich's 80 columns off a terminal would cut a
+# results table's cells ("pretrai…"), so it gets room unless COLUMNS says otherwise.
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 
 
 @app.callback()
