@@ -2,7 +2,7 @@
 
 Each (variant, seed) is an ordinary run directory under ``ROOT/VARIANT/seed-S``;
 the table reports the test metrics at each run's best validation round as
-mean ± std over seeds (std over seeds, ddof=1; 0 for one seed).
+mean ± std over seeds (std over seeds, ddof=1; 0 for one seed, whose tables show the value alone).
 """
 
 from __future__ import annotations
@@ -151,9 +151,10 @@ def plot_per_user(table: dict[str, dict], summaries: dict[str, list[dict]], out:
     return out
 
 
-def _fmt(ms: tuple[float, float], digits: int = 4) -> str:
+def _fmt(ms: tuple[float, float], digits: int = 4, *, spread: bool = True) -> str:
+    """mean ± std; the mean alone where there is no spread to show (one seed)."""
     m, s = ms
-    return "n/a" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+    return "n/a" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}" if spread else f"{m:.{digits}f}"
 
 
 def markdown_table(table: dict[str, dict]) -> str:
@@ -167,7 +168,9 @@ def markdown_table(table: dict[str, dict]) -> str:
         spread = " / ".join("n/a" if math.isnan(row[f"user_{q}"][0]) else f"{row[f'user_{q}'][0]:.3f}"
                             for q in ("p10", "p50", "p90"))
         worse = row["user_share_worse"][0]
-        cells = [variant, *[_fmt(row[m]) for m in metrics], spread, "–" if math.isnan(worse) else f"{worse:.1%}",
+        seeds = len(row.get("seeds", ()))
+        cells = [variant, *[_fmt(row[m], spread=seeds != 1) for m in metrics], spread,
+                 "–" if math.isnan(worse) else f"{worse:.1%}",
                  f"{row['bytes_up_per_client_round'] / 1024:.1f}",
                  f"{row['seconds_per_round']:.1f}", ",".join(str(b) for b in row["best_round"])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -192,7 +192,9 @@ def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], confi
               "users below foundation", "KB up / client / round", "s / round", "shared params", "best round"]
     rows = []
     for name, row in table.items():
-        rows.append((name, [*(tuple(row[m]) for m in metrics), row["user_p10"][0], row["user_p50"][0],
+        one_seed = len(row.get("seeds", ())) == 1   # no spread to show: the value alone, not "± 0"
+        rows.append((name, [*(row[m][0] if one_seed else tuple(row[m]) for m in metrics), row["user_p10"][0],
+                            row["user_p50"][0],
                             row["user_p90"][0], row["user_share_worse"][0],
                             row["bytes_up_per_client_round"] / 1024, row["seconds_per_round"],
                             int(row["shared_params"]), ",".join(str(b) for b in row["best_round"])]))

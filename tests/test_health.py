@@ -92,3 +92,12 @@ def test_the_privacy_sweep_lists_a_points_warnings_under_its_table():
     md = sweep_table([calm, loud], "by-day")
     assert md.endswith("- **z5-C1-central-plain**, seed 1: the loss ran away.")
     assert "Warnings" not in sweep_table([calm], "by-day")
+
+
+def test_compare_shows_a_spread_only_where_there_are_several_seeds():
+    """One seed has no spread: its row shows the value, not "± 0.0000" (which would read as a measured zero)."""
+    one = markdown_table(aggregate({"fedpa": [summary(0, [])]}))
+    two = markdown_table(aggregate({"fedpa": [summary(0, []), summary(1, [], test={"auc": 0.8, "gauc": 0.6,
+                                                                                   "logloss": 0.5, "f1": 0.6})]}))
+    assert "| fedpa | 0.7000 | 0.6000 |" in one and "±" not in one
+    assert "| fedpa | 0.7500 ± 0.0707 | 0.6000 ± 0.0000 |" in two
