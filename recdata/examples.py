@@ -197,18 +197,28 @@ class Examples:
 
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                      by_request: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches in order, or shuffled. ``by_request`` shuffles whole requests, keeping a request's
-        rows together: they share one behaviour sequence, which the model then encodes once."""
-        rng = np.random.default_rng(seed)
-        if shuffle and by_request and self.request_id is not None:
-            _, inverse = np.unique(self.request_id, return_inverse=True)
-            order = np.argsort(rng.permutation(inverse.max() + 1 if len(inverse) else 0)[inverse], kind="stable")
-        elif shuffle:
-            order = rng.permutation(len(self))
-        else:
-            order = np.arange(len(self))
+        """Batches in order, or shuffled (`row_order`)."""
+        order = self.row_order(shuffle=shuffle, seed=seed, by_request=by_request)
         for s in range(0, len(order), batch_size):
             yield self.batch(order[s:s + batch_size])
+
+    def row_order(self, *, shuffle: bool = False, seed: int = 0, by_request: bool = False) -> np.ndarray:
+        """The rows' order in an epoch: as stored, or shuffled. ``by_request`` shuffles whole requests, keeping
+        a request's rows together: they share one behaviour sequence, which the model then encodes once. Rows
+        without request ids (leave-one-out: a positive and its sampled negatives) are grouped by (user, time),
+        which is what their sequence depends on."""
+        if not shuffle:
+            return np.arange(len(self))
+        rng = np.random.default_rng(seed)
+        if not by_request or not len(self):
+            return rng.permutation(len(self))
+        if self.request_id is not None:
+            _, inverse = np.unique(self.request_id, return_inverse=True)
+        else:
+            _, inverse = np.unique(np.stack([self.user_id, self.request_timestamp], axis=1), axis=0,
+                                   return_inverse=True)
+            inverse = inverse.reshape(-1)
+        return np.argsort(rng.permutation(inverse.max() + 1)[inverse], kind="stable")
 
 
 def concat_examples(parts: list[Examples]) -> Examples:

@@ -93,6 +93,33 @@ def test_leave_one_out_with_negatives(ds):
     assert np.array_equal(again.test.video_id, s.test.video_id)
 
 
+def test_shuffled_leave_one_out_batches_keep_a_positive_with_its_negatives(ds):
+    """Leave-one-out rows carry no request id; a positive and its sampled negatives share (user, time), hence
+    one behaviour sequence, and pre-training's batches keep them together so the encoder runs once for them
+    (about 5 times fewer sequences than rows shuffled one by one)."""
+    import torch
+
+    train = split_users(ds, np.array([1, 7, 11]), SplitConfig("loo", negatives=9), seed=0).train
+    assert train.request_id is None and len(train) >= 40
+    order = train.row_order(shuffle=True, seed=3, by_request=True)
+    assert sorted(order.tolist()) == list(range(len(train)))
+    where = np.empty(len(train), int)
+    where[order] = np.arange(len(train))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, key in enumerate(zip(train.user_id.tolist(), train.request_timestamp.tolist())):
+        groups.setdefault(key, []).append(k)
+    assert min(len(m) for m in groups.values()) == 5          # a positive and its 4 negatives at least
+    for members in groups.values():                           # each group's rows come one after another
+        assert (np.diff(np.sort(where[members])) == 1).all()
+    assert not np.array_equal(train.row_order(shuffle=True, seed=4, by_request=True), order)
+    assert not np.array_equal(order, np.arange(len(train)))
+    # a batch of 10 rows spans at most 3 groups, so at most 3 distinct sequences to encode
+    b = next(train.iter_batches(10, shuffle=True, seed=3, by_request=True))
+    key = torch.cat([b["hist_items"].reshape(10, -1), b["hist_mask"].long()], 1)
+    assert len(torch.unique(key, dim=0)) <= 3
+    np.testing.assert_array_equal(b["user_id"].numpy(), train.user_id[order[:10]])
+
+
 def test_a_negative_pool_draws_more_negatives_once_and_each_round_trains_a_fresh_share(ds):
     base = split_users(ds, np.array([1, 7]), SplitConfig("loo", negatives=9), seed=0)
     pooled = split_users(ds, np.array([1, 7]), SplitConfig("loo", negatives=9, negative_pool=3), seed=0)
