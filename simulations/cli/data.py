@@ -76,8 +76,8 @@ def data_import_movielens(
 def data_import_interactions(
     interactions: Annotated[Path, typer.Argument(help="interactions table (.csv, .tsv, .parquet or .jsonl; .gz too)")],
     out_dir: Annotated[Path, typer.Option("--out", help="dataset directory to write")],
-    users: Annotated[Path | None, typer.Option(help="user-feature table (.csv, .parquet or .jsonl)")] = None,
-    items: Annotated[Path | None, typer.Option(help="item-feature table (.csv, .parquet or .jsonl)")] = None,
+    users: Annotated[Path | None, typer.Option(help="user-feature table (.csv, .tsv, .parquet or .jsonl)")] = None,
+    items: Annotated[Path | None, typer.Option(help="item-feature table (.csv, .tsv, .parquet or .jsonl)")] = None,
     mapping: Annotated[Path | None,
                        typer.Option(help="TOML column mapping (see recdata/mappings/kuaisar-r.toml)")] = None,
     user_col: Annotated[str | None, typer.Option(help="user id column of the interactions")] = None,
