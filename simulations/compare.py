@@ -125,8 +125,10 @@ def markdown_by_activity(table: dict[str, dict]) -> str:
         return ""
     lines = ["| algorithm | training rows per user | users | share better | share worse | mean change |",
              "|---|---|---|---|---|---|"]
+    one_seed = {n for n, row in table.items() if len(row.get("seeds", ())) == 1}   # no spread to show
     lines += [f"| {n} | {g} | {v['users']:,} | {v['share_better'][0]:.1%} | {v['share_worse'][0]:.1%} | "
-              f"{v['change_mean'][0]:+.4f} ± {v['change_mean'][1]:.4f} |" for n, g, v in rows]
+              + (f"{v['change_mean'][0]:+.4f} |" if n in one_seed else
+                 f"{v['change_mean'][0]:+.4f} ± {v['change_mean'][1]:.4f} |") for n, g, v in rows]
     return "\n".join(lines)
 
 

@@ -245,7 +245,11 @@ def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], confi
                          "users"], lines, "per-user")]
     groups = [(n, row["by_activity"]) for n, row in table.items() if row.get("by_activity")]
     if groups:
-        rows = [(f"{n} · {g}", [v["users"], v["metric"], v["share_better"], v["share_worse"], v["change_mean"]])
+        def spread(n: str, ms):   # one seed: the value alone, not "± 0"
+            return ms[0] if len(table[n].get("seeds", ())) == 1 and isinstance(ms, (list, tuple)) else ms
+
+        rows = [(f"{n} · {g}", [v["users"], spread(n, v["metric"]), spread(n, v["share_better"]),
+                                spread(n, v["share_worse"]), spread(n, v["change_mean"])])
                 for n, by in groups for g, v in by.items()]
         body += ["<h2>By activity (training rows per user)</h2>",
                  '<p class="note">The same change, by how many rows a user trained on (mean ± std over seeds): '

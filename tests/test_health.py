@@ -100,4 +100,11 @@ def test_compare_shows_a_spread_only_where_there_are_several_seeds():
     two = markdown_table(aggregate({"fedpa": [summary(0, []), summary(1, [], test={"auc": 0.8, "gauc": 0.6,
                                                                                    "logloss": 0.5, "f1": 0.6})]}))
     assert "| fedpa | 0.7000 | 0.6000 |" in one and "±" not in one
+    from fedpa.simulations.compare import markdown_by_activity
+
+    by = {"users": 10, "metric": [0.6, 0.0], "share_better": [0.5, 0.0], "share_worse": [0.2, 0.0],
+          "change_mean": [0.01, 0.0]}
+    assert markdown_by_activity({"fedpa": {"seeds": [0], "by_activity": {"1-9": by}}}).endswith(
+        "| fedpa | 1-9 | 10 | 50.0% | 20.0% | +0.0100 |")
+    assert markdown_by_activity({"fedpa": {"seeds": [0, 1], "by_activity": {"1-9": by}}}).endswith("+0.0100 ± 0.0000 |")
     assert "| fedpa | 0.7500 ± 0.0707 | 0.6000 ± 0.0000 |" in two
