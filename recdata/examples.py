@@ -9,6 +9,7 @@ and no row can see a view from its own request or later.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,13 +213,21 @@ class Examples:
         rng = np.random.default_rng(seed)
         if not by_request or not len(self):
             return rng.permutation(len(self))
+        groups = self._request_groups
+        return np.argsort(rng.permutation(groups.max() + 1)[groups], kind="stable")
+
+    @functools.cached_property
+    def _request_groups(self) -> np.ndarray:
+        """Each row's request as a code 0..R-1 in sorted order (by request id, else by (user, time)); found once,
+        not every epoch (a sort of every row: seconds on millions of rows)."""
         if self.request_id is not None:
-            _, inverse = np.unique(self.request_id, return_inverse=True)
-        else:
-            _, inverse = np.unique(np.stack([self.user_id, self.request_timestamp], axis=1), axis=0,
-                                   return_inverse=True)
-            inverse = inverse.reshape(-1)
-        return np.argsort(rng.permutation(inverse.max() + 1)[inverse], kind="stable")
+            return np.unique(self.request_id, return_inverse=True)[1].reshape(-1)
+        order = np.lexsort((self.request_timestamp, self.user_id))
+        u, t = self.user_id[order], self.request_timestamp[order]
+        starts = np.r_[True, (u[1:] != u[:-1]) | (t[1:] != t[:-1])]
+        groups = np.empty(len(order), np.int64)
+        groups[order] = np.cumsum(starts) - 1
+        return groups
 
 
 def concat_examples(parts: list[Examples]) -> Examples:
