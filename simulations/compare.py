@@ -18,7 +18,14 @@ from fedpa.common.config import FederationConfig, with_recipe
 from fedpa.common.files import atomic_write_bytes, atomic_write_json, save_figure
 from fedpa.recmodels.evaluation import ACTIVITY_GROUPS
 from fedpa.server.rundir import RunDir
-from fedpa.simulations.html_report import activity_figure, change_figure, changed_users, compare_page, metric_bars
+from fedpa.simulations.html_report import (
+    activity_figure,
+    change_figure,
+    changed_users,
+    compare_page,
+    metric_bars,
+    one_seed,
+)
 
 # Ablations of FedPA: name -> config overrides
 # `fedpa` runs its recipe (`recmodels.algorithms.FEDPA_RECIPE`); each ablation below takes one part of it
@@ -125,9 +132,8 @@ def markdown_by_activity(table: dict[str, dict]) -> str:
         return ""
     lines = ["| algorithm | training rows per user | users | share better | share worse | mean change |",
              "|---|---|---|---|---|---|"]
-    one_seed = {n for n, row in table.items() if len(row.get("seeds", ())) == 1}   # no spread to show
     lines += [f"| {n} | {g} | {v['users']:,} | {v['share_better'][0]:.1%} | {v['share_worse'][0]:.1%} | "
-              + (f"{v['change_mean'][0]:+.4f} |" if n in one_seed else
+              + (f"{v['change_mean'][0]:+.4f} |" if one_seed(table[n]) else
                  f"{v['change_mean'][0]:+.4f} ± {v['change_mean'][1]:.4f} |") for n, g, v in rows]
     return "\n".join(lines)
 
@@ -170,8 +176,7 @@ def markdown_table(table: dict[str, dict]) -> str:
         spread = " / ".join("n/a" if math.isnan(row[f"user_{q}"][0]) else f"{row[f'user_{q}'][0]:.3f}"
                             for q in ("p10", "p50", "p90"))
         worse = row["user_share_worse"][0]
-        seeds = len(row.get("seeds", ()))
-        cells = [variant, *[_fmt(row[m], spread=seeds != 1) for m in metrics], spread,
+        cells = [variant, *[_fmt(row[m], spread=not one_seed(row)) for m in metrics], spread,
                  "–" if math.isnan(worse) else f"{worse:.1%}",
                  f"{row['bytes_up_per_client_round'] / 1024:.1f}",
                  f"{row['seconds_per_round']:.1f}", ",".join(str(b) for b in row["best_round"])]

@@ -54,6 +54,11 @@ def _figure():
     return plt
 
 
+def one_seed(row: dict) -> bool:
+    """A comparison row measured over one seed: no spread to show, so its tables give the value alone, not "± 0"."""
+    return len(row.get("seeds", ())) == 1
+
+
 def _cell(value: Any, digits: int = 4) -> str:
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
         m, s = value
@@ -192,8 +197,8 @@ def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], confi
               "users below foundation", "KB up / client / round", "s / round", "shared params", "best round"]
     rows = []
     for name, row in table.items():
-        one_seed = len(row.get("seeds", ())) == 1   # no spread to show: the value alone, not "± 0"
-        rows.append((name, [*(row[m][0] if one_seed else tuple(row[m]) for m in metrics), row["user_p10"][0],
+        alone = one_seed(row)
+        rows.append((name, [*(row[m][0] if alone else tuple(row[m]) for m in metrics), row["user_p10"][0],
                             row["user_p50"][0],
                             row["user_p90"][0], row["user_share_worse"][0],
                             row["bytes_up_per_client_round"] / 1024, row["seconds_per_round"],
@@ -245,8 +250,8 @@ def compare_page(table: dict[str, dict], summaries: dict[str, list[dict]], confi
                          "users"], lines, "per-user")]
     groups = [(n, row["by_activity"]) for n, row in table.items() if row.get("by_activity")]
     if groups:
-        def spread(n: str, ms):   # one seed: the value alone, not "± 0"
-            return ms[0] if len(table[n].get("seeds", ())) == 1 and isinstance(ms, (list, tuple)) else ms
+        def spread(n: str, ms):
+            return ms[0] if one_seed(table[n]) and isinstance(ms, (list, tuple)) else ms
 
         rows = [(f"{n} · {g}", [v["users"], spread(n, v["metric"]), spread(n, v["share_better"]),
                                 spread(n, v["share_worse"]), spread(n, v["change_mean"])])
