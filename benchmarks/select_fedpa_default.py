@@ -17,7 +17,12 @@ Data sets (import them first with the benchmark named, or point the options at y
 - ``ml``: MovieLens-100K under PFedRec's protocol (every rating a positive; `fedpa data import-movielens
   PATH/TO/ml-100k --out data/ml100k-implicit --label implicit`, then `benchmarks/bench_quality_loo.py --data
   data/ml100k-implicit --activity-attribute "" --out runs/ml-implicit` pre-trains `runs/ml-implicit/pretrained`;
-  MovieLens may not be redistributed, so it is not in `shared/`), 12 rounds, every user a client, validation HR@10.
+  MovieLens may not be redistributed, so it is not in `shared/`), 12 rounds, every user a client, validation HR@10;
+- ``core5``: KuaiSAR-R's 5-core under PFedRec's protocol (`benchmarks/bench_quality_loo.py --core 5` imports it into
+  `data/kuaisar-r-loo-core5` and pre-trains `runs/loo-core5/pretrained`), 40 rounds, validation HR@10.
+
+Candidates named ``default`` or ``default+...`` run `--algorithm fedpa` as a user gets it (its recipe,
+`common.config.with_recipe`, below what the candidate sets); the others set every part themselves over ``release``.
 
 Each candidate adds one part to the one before it. The rule: the highest mean relative validation gain over
 ``release`` (FedPA as released), and below it on no data set. Prints one JSON line per run, then the table.
@@ -32,7 +37,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedpa.common.config import FederationConfig
+from fedpa.common.config import FederationConfig, with_recipe
 from fedpa.simulations.simulate import simulate
 
 RELEASE = dict(use_user_bias=False, item_popularity=False, item_popularity_steps=False, item_bias_fields="",
@@ -85,6 +90,12 @@ CANDIDATES: dict[str, dict] = {
     "newton+categories-half+pool4+rows16384": {**NEWTON_RECIPE, "negative_pool": 4, "item_rows": 16384},
     "newton+categories-half+pool4+rows4096": {**NEWTON_RECIPE, "negative_pool": 4, "item_rows": 4096},
     "recipe+steps": {**ADAM_RECIPE, "item_popularity_steps": True},
+    # `--algorithm fedpa` exactly as a user runs it (`common.config.with_recipe`: its item embeddings only where the
+    # video-id table is small, its pool bounded), and the same with a sampled-softmax term beside cross-entropy in
+    # local training (`listwise-weight`, 2026-12-08)
+    "default": {},
+    "default+listwise0.5": {"listwise_weight": 0.5},
+    "default+listwise1": {"listwise_weight": 1.0},
     "recipe+categories": {**ADAM_RECIPE, "item_bias_fields": CATEGORIES},
 }
 
@@ -99,6 +110,8 @@ def datasets(a: argparse.Namespace) -> dict[str, tuple[FederationConfig, str]]:
                                   group_attributes="onehot_feat1,reco_active_level", **kuaisar), "auc"),
         "ml": (FederationConfig(data_dir=a.ml_data, foundation=a.ml_foundation, split="loo", num_rounds=12,
                                 federate_open_users=True), "hr@10"),
+        "core5": (FederationConfig(data_dir=a.core5_data, foundation=a.core5_foundation, split="loo", num_rounds=40,
+                                   **kuaisar), "hr@10"),
     }
 
 
@@ -112,6 +125,8 @@ def add_dataset_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--last-foundation", default="runs/kuaisar-last/pretrained")
     ap.add_argument("--ml-data", default="data/ml100k-implicit")
     ap.add_argument("--ml-foundation", default="runs/ml-implicit/pretrained")
+    ap.add_argument("--core5-data", default="data/kuaisar-r-loo-core5")
+    ap.add_argument("--core5-foundation", default="runs/loo-core5/pretrained")
 
 
 def main() -> None:
@@ -134,8 +149,13 @@ def main() -> None:
         base, key = sets[ds]
         for c in names:
             for s in seeds:
-                cfg = replace(base, seed=s, run_dir=str(Path(a.out) / ds / c / f"seed-{s}"),
-                              **{**RELEASE, **CANDIDATES[c]}, num_rounds=a.rounds or base.num_rounds)
+                where = dict(seed=s, run_dir=str(Path(a.out) / ds / c / f"seed-{s}"),
+                             num_rounds=a.rounds or base.num_rounds)
+                if c == "default" or c.startswith("default+"):   # the recipe below what the candidate sets
+                    cfg = with_recipe(replace(base, **where, **CANDIDATES[c]),
+                                      {k.replace("_", "-") for k in CANDIDATES[c]})
+                else:
+                    cfg = replace(base, **where, **{**RELEASE, **CANDIDATES[c]})
                 t = time.time()
                 summary = simulate(cfg)
                 val, test = summary["val"].get(key), summary["test"].get(key)

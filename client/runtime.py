@@ -99,7 +99,7 @@ class ClientRuntime:
         self.partition = None if self.device else make_partition(self.dataset, partition_config(cfg))
         self.model = self._device_model(cfg) if self.device and compiled else build_personal_model(cfg)
         self.local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                   ditto_lambda=cfg.ditto_lambda)
+                                   ditto_lambda=cfg.ditto_lambda, listwise_weight=cfg.listwise_weight)
         self._users: dict[int, UserData] = {}
         self._base: dict[int, UserData] = {}    # a device's users before their logged events
         self._log_seq: dict[int, int] = {}      # the event log's sequence number their rows were read at

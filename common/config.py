@@ -178,6 +178,10 @@ class FederationConfig:
     lr: float = setting(0.01, "local learning rate (Adam)", "training", above=0)
     lr_decay: float = setting(1.0, "round r trains at lr * lr-decay^(r-1) (1 = constant)", "training")
     batch_size: int = setting(64, "local batch size", "training", at_least=1)
+    listwise_weight: float = setting(0.0, "adapter-based algorithms: weight of a sampled-softmax term beside binary "
+                                     "cross-entropy in local training, each positive of a mini-batch (one user's "
+                                     "rows) against the batch's negatives (0 = cross-entropy alone)", "training",
+                                     at_least=0)
     seed: int = setting(0, "random seed (sampling, initialisation, every client's seed)", "training", at_least=0)
     eval_every: int = setting(1, "evaluate every N rounds (and after the last)", "training", runtime=False, at_least=1)
     # -- privacy and robustness

@@ -41,6 +41,21 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (per * observed).sum() / observed.sum().clamp(min=1)
 
 
+def masked_softmax_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sampled softmax over rows: per task column, each observed positive (label 1) against every observed
+    negative (label 0) of the same rows, -log(e^s_p / (e^s_p + sum_n e^s_n)), averaged over the positives; 0 (with
+    grad) if none. Beside binary cross-entropy it trains the order of a user's items, not only each row's odds (the
+    sampled softmax of the item-recommendation literature: a hard negative weighs more than an easy one)."""
+    positive = labels >= 0.5
+    negative = (labels >= 0) & ~positive
+    # a finite fill, not -inf: a column without negatives must give 0 and a finite gradient (logsumexp of all -inf
+    # back-propagates NaN)
+    fill = torch.finfo(logits.dtype).min / 4
+    lse_negative = torch.logsumexp(torch.where(negative, logits, torch.full_like(logits, fill)), dim=0)
+    per = torch.logaddexp(logits, lse_negative) - logits
+    return (per * positive).sum() / positive.sum().clamp(min=1)
+
+
 def check_group_rows(group_index: torch.Tensor, attributes: Sequence[str], vocab: Mapping[str, int]) -> None:
     """Refuse a group row [B, G] outside the values the group adapters were built for (column j: attributes[j])."""
     for j, a in enumerate(attributes):

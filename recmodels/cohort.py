@@ -17,7 +17,6 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedpa.foundation.adapters import ditto_penalty, parameter_kinds, set_active_paths, use_routing
 from fedpa.foundation.errors import FedpaError
-from fedpa.foundation.model import masked_bce
 
 from .adam import adam_update
 from .item_bias import (
@@ -31,7 +30,7 @@ from .item_bias import (
     users_newton_row_statistics,
 )
 from .item_bias import PREFIX as ITEM_BIAS_PREFIX
-from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias
+from .personalization import LocalTraining, PersonalModel, UserTensors, calibrated_bias, local_loss
 
 
 @dataclass
@@ -113,8 +112,9 @@ class _ScorerLoss(nn.Module):
         super().__init__()
         self.scorer = scorer
 
-    def forward(self, x: torch.Tensor, items: torch.Tensor | None, y: torch.Tensor, prox: float) -> torch.Tensor:
-        loss = masked_bce(self.scorer(x, items), y)   # y: the task columns' labels (`_training_rows`)
+    def forward(self, x: torch.Tensor, items: torch.Tensor | None, y: torch.Tensor, prox: float,
+                listwise: float) -> torch.Tensor:
+        loss = local_loss(self.scorer(x, items), y, listwise)   # y: the task columns' labels (`_training_rows`)
         if prox:
             loss = loss + 0.5 * prox * ditto_penalty(self.scorer.tower)
         return loss
@@ -594,7 +594,7 @@ class CohortEngine:
             with self._domain_routing(d, zeros_g, zeros_s):
                 return functional_call(self.loss_module,
                                        {**frozen, **{f"scorer.{n}": val for n, val in (*p.items(), *q.items())}},
-                                       (x, k, y, prox), tie_weights=self._tied)
+                                       (x, k, y, prox, local.listwise_weight), tie_weights=self._tied)
 
         step_fn = vmap(grad_and_value(one_user), in_dims=(0, 0, 0, None if items is None else 0, 0,
                                                            None if domains is None else 0))

@@ -22,7 +22,7 @@ import torch
 
 from fedpa.foundation.batch import ITEM_FIELDS
 from fedpa.foundation.errors import FedpaError
-from fedpa.foundation.functional import masked_bce
+from fedpa.foundation.functional import masked_bce, masked_softmax_ce
 
 from .adam import Adam
 from .algorithms import ALGORITHMS, Algorithm, get_algorithm  # noqa: F401  (re-exported)
@@ -54,6 +54,7 @@ class LocalTraining:
     item_bias_lr: float | None = None  # the item-side tables' own learning rate (None: lr)
     embedding_lr: float | None = None  # the item embeddings' and user vectors' (None: item_bias_lr)
     round: int = 1                     # the federated round these settings train (schedules that depend on it)
+    listwise_weight: float = 0.0       # the sampled-softmax term's weight beside binary cross-entropy (`local_loss`)
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -66,6 +67,18 @@ class LocalTraining:
             raise FedpaError(f"item-embedding learning rate must be > 0, got {self.embedding_lr}")
         if self.batch_size < 1:
             raise FedpaError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.listwise_weight >= 0:
+            raise FedpaError(f"listwise weight must be >= 0, got {self.listwise_weight}")
+
+
+def local_loss(logits: torch.Tensor, labels: torch.Tensor, listwise: float = 0.0) -> torch.Tensor:
+    """A mini-batch's training loss: binary cross-entropy over its observed labels, plus ``listwise`` times the
+    sampled softmax of its positives against its negatives (the batch is one user's rows, so the softmax orders
+    that user's items). The one definition both one-user training and the cohort engine differentiate."""
+    loss = masked_bce(logits, labels)
+    if listwise:
+        loss = loss + listwise * masked_softmax_ce(logits, labels)
+    return loss
 
 
 @dataclass
@@ -300,10 +313,10 @@ class PersonalModel:
         s = slot if isinstance(slot, torch.Tensor) else torch.full((n,), slot, dtype=torch.long)
         return self._ops.use_routing(self.model, group_index=g, user_slot=s, domain=self.row_domains(data))
 
-    def _loss(self, data: UserTensors, groups, slot) -> torch.Tensor:
+    def _loss(self, data: UserTensors, groups, slot, listwise: float = 0.0) -> torch.Tensor:
         with self._route(data, groups, slot):
             logits = self.scorer(data.features, data.items, slot)
-        return masked_bce(logits, data.labels[:, self.task_columns])
+        return local_loss(logits, data.labels[:, self.task_columns], listwise)
 
     def _optimizer(self, train: LocalTraining) -> Adam:
         """Adam over the adapters (and the popularity weight) at lr, the item-side tables at their own lr."""
@@ -400,7 +413,7 @@ class PersonalModel:
                 order = torch.randperm(len(data), generator=gen)
                 for s in range(0, len(order), train.batch_size):
                     idx = order[s:s + train.batch_size]
-                    loss = self._loss(data.rows(idx), groups, slot)
+                    loss = self._loss(data.rows(idx), groups, slot, train.listwise_weight)
                     if prox:
                         loss = loss + 0.5 * prox * self._ops.ditto_penalty(self.model)
                     opt.zero_grad(set_to_none=True)
@@ -481,7 +494,7 @@ class PersonalModel:
             order = torch.randperm(len(data), generator=gen)
             for s in range(0, len(order), train.batch_size):
                 idx = order[s:s + train.batch_size]
-                loss = self._loss(data.rows(idx), groups[idx], slots[idx])
+                loss = self._loss(data.rows(idx), groups[idx], slots[idx], train.listwise_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

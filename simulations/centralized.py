@@ -79,7 +79,8 @@ def run_centralized(cfg: FederationConfig, progress=None) -> dict:
             for k in ("train", "val", "test")}
     route = {k: _routing(pm, getattr(splits, k), users, lookups) for k in ("train", "val", "test")}
     # pooled data is ~1000x a user's: larger batches keep a round's step count sane (4x the local batch)
-    local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=POOLED_BATCH_FACTOR * cfg.batch_size)
+    local = LocalTraining(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=POOLED_BATCH_FACTOR * cfg.batch_size,
+                          listwise_weight=cfg.listwise_weight)
     t0 = time.time()
     history = []
     for r in range(cfg.num_rounds + 1):

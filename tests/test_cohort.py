@@ -94,17 +94,18 @@ def _worst_difference(rt, users, shared0, reference, max_users: int) -> float:
 
 
 @pytest.mark.parametrize("algorithm", ADAPTED + ("fedpa+shift", "fedpa+bias", "fedpa+items", "fedpa+emb", "fedpa+pop",
-                                                 "fedpa+newton-emb"))
+                                                 "fedpa+newton-emb", "fedpa+listwise", "ditto+listwise"))
 def test_engine_matches_one_user_training_in_float64(tiny, tiny_foundation, tmp_path, algorithm):
     # small batches and 2 epochs: ragged users with 0 .. many steps, padding and masked steps
     # (+bias: fresh users' logit offsets are calibrated on their rows first, in both engines;
     # +items: with them, shared item-side tables that each user reads by its rows' items;
     # +emb: shared item embeddings and each user's private vector; +pop: the click tally and its weights,
-    # with the steps; +newton-emb: offset tables stepped by the server, while the embeddings still train locally)
+    # with the steps; +newton-emb: offset tables stepped by the server, while the embeddings still train locally;
+    # +listwise: the sampled-softmax term beside cross-entropy, over each step's rows of one user)
     name, _, option = algorithm.partition("+")
     emb = option in ("emb", "newton-emb")
     rt = _runtime(tiny, tiny_foundation, name, tmp_path, batch_size=8, local_epochs=2,
-                  use_user_shift=option == "shift", use_user_bias=option in ("bias", "items", "newton-emb"),
+                  use_user_shift=option == "shift", use_user_bias=option in ("bias", "items", "newton-emb", "listwise"),
                   item_bias_fields="category_level_one,upload_type,video_id" if option == "items" or emb else "",
                   item_embedding_dim=4 if emb else 0, item_popularity=option == "pop",
                   item_popularity_steps=option == "pop",
@@ -113,6 +114,8 @@ def test_engine_matches_one_user_training_in_float64(tiny, tiny_foundation, tmp_
         rt.local = replace(rt.local, item_bias_lr=0.05)
     if option == "newton-emb":   # and the embeddings and user vectors at theirs (item-embedding-lr)
         rt.local = replace(rt.local, embedding_lr=0.02)
+    if option == "listwise":
+        rt.local = replace(rt.local, listwise_weight=0.7)
     users = _users(rt, double=True)
     sizes = [len(u.train) for u in users]
     assert min(sizes) == 0 or max(sizes) > 3 * 8  # the population really is ragged
