@@ -227,6 +227,46 @@ def _keys(col: pa.ChunkedArray, name: str, where: Path, role: str) -> np.ndarray
     return np.asarray(text.to_numpy(zero_copy_only=False), dtype=str)
 
 
+@dataclass(frozen=True)
+class _LogIds:
+    """One id column of the interaction log: its distinct original ids, sorted (integers or text), and each row's
+    place among them. The rows never become numpy strings: a text column is hashed by Arrow once (`_log_ids`), and
+    what follows (the row filter, matching the feature tables, the new ids) works on the distinct ids and the
+    rows' integer codes. (Numpy strings cost 4 bytes a character per row and sort slowly: an import of 5 million
+    Amazon-like rows spent half its 50 s and most of its 1.7 GB there.)"""
+
+    values: np.ndarray   # the distinct ids, sorted
+    codes: np.ndarray    # int64 per row: its id is values[code]
+
+    def rows(self, keep: np.ndarray) -> _LogIds:
+        return _LogIds(self.values, self.codes[keep])
+
+    def seen(self) -> np.ndarray:
+        """The distinct ids the rows name, sorted."""
+        return self.values[np.unique(self.codes)]
+
+
+def _log_ids(col: pa.ChunkedArray, name: str, where: Path, role: str) -> _LogIds:
+    """The id column of the log (`_keys`' kinds) as distinct values and per-row codes."""
+    t = col.type
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        values, codes = np.unique(_integers(col, name, where, role), return_inverse=True)
+        return _LogIds(values, codes.reshape(-1).astype(np.int64))
+    if pa.types.is_dictionary(t):
+        col = col.cast(t.value_type)
+    try:
+        text = pc.cast(col, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise DatasetError(f"{where}: column '{name}' ({role}) has type {t}, neither integers nor text") from None
+    distinct = pc.unique(text)
+    codes = pc.index_in(text, value_set=distinct).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = np.asarray(distinct.to_numpy(zero_copy_only=False), dtype=str)
+    order = np.argsort(values, kind="stable")   # numpy's order, which the feature tables' ids are matched in
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return _LogIds(values[order], rank[codes])
+
+
 def _same_kind(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ids of two tables compared as text when either is text (a CSV reader types "123" as an integer in a file
     whose ids are all digits and as text beside "A12" in another)."""
@@ -248,15 +288,16 @@ def _renumber(ids: np.ndarray, where: Path, what: str) -> tuple[np.ndarray, np.n
     return uniq, np.searchsorted(uniq, ids)
 
 
-def _lookup(orig: np.ndarray, known: np.ndarray, where: Path, what: str, table: Path) -> np.ndarray:
-    orig, known = _same_kind(orig, known)
-    pos = np.searchsorted(known, orig)
-    pos = np.minimum(pos, len(known) - 1)
-    missing = known[pos] != orig
-    if missing.any():
-        raise DatasetError(f"{where}: {int(missing.sum())} interaction(s) name a {what} that {table} lacks "
-                           f"(e.g. {what} {_show(orig[missing][0])})")
-    return pos
+def _lookup(ids: _LogIds, known: np.ndarray, where: Path, what: str, table: Path) -> np.ndarray:
+    """Each row's new id: the place of its original id among ``known`` (the feature table's sorted ids)."""
+    values, known = _same_kind(ids.values, known)
+    pos = np.minimum(np.searchsorted(known, values), max(len(known) - 1, 0))
+    missing = known[pos] != values if len(known) else np.ones(len(values), bool)
+    rows_missing = missing[ids.codes]
+    if rows_missing.any():
+        raise DatasetError(f"{where}: {int(rows_missing.sum())} interaction(s) name a {what} that {table} lacks "
+                           f"(e.g. {what} {_show(ids.values[ids.codes[rows_missing][0]])})")
+    return pos[ids.codes]
 
 
 def _labels(log: pa.Table, mapping: Mapping, src: Path) -> dict[str, np.ndarray]:
@@ -297,13 +338,13 @@ class RowFilter:
     interacted_only: bool = False   # users and items = those in the kept rows (renumbered 0..n-1)
     min_item_positives: int = 0     # drop items with fewer positive rows (with the users' bound: a k-core)
 
-    def apply(self, primary: np.ndarray, u_orig: np.ndarray, i_orig: np.ndarray) -> np.ndarray:
+    def apply(self, primary: np.ndarray, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """A boolean mask of the rows to keep. With both bounds, users and items are dropped in turn until every
         kept user and item has its share of kept positive rows (dropping an item can take a user below its bound,
-        and the reverse), as k-core filtering does."""
+        and the reverse), as k-core filtering does. ``users``, ``items``: each row's, as ids or codes of them."""
         keep = primary == 1 if self.positives_only else np.ones(len(primary), bool)
         positive = primary == 1
-        bounds = [(u_orig, self.min_user_positives), (i_orig, self.min_item_positives)]
+        bounds = [(users, self.min_user_positives), (items, self.min_item_positives)]
         bounds = [(ids, n) for ids, n in bounds if n > 0]
         while bounds:
             before = int(keep.sum())
@@ -328,26 +369,27 @@ def import_interactions(interactions: str | Path, out: str | Path, mapping: Mapp
     log = read_table(src)
     if log.num_rows == 0:
         raise DatasetError(f"{src}: no interactions")
-    u_orig = _keys(_column(log, mapping.user, src, "user id"), mapping.user, src, "user id")
-    i_orig = _keys(_column(log, mapping.item, src, "item id"), mapping.item, src, "item id")
+    u_ids = _log_ids(_column(log, mapping.user, src, "user id"), mapping.user, src, "user id")
+    i_ids = _log_ids(_column(log, mapping.item, src, "item id"), mapping.item, src, "item id")
     ts = _timestamps_ms(_column(log, mapping.timestamp, src, "timestamp"), mapping.timestamp, src, mapping.time_unit)
     labels = _labels(log, mapping, src)
     rows = rows or RowFilter()
     if rows != RowFilter():
         primary = labels.get(LABELS[0], next(iter(labels.values())))
-        keep = rows.apply(primary, u_orig, i_orig)
+        keep = rows.apply(primary, u_ids.codes, i_ids.codes)
         if not keep.any():
             raise DatasetError(f"{src}: no interaction is left after the row filter ({rows})")
-        u_orig, i_orig, ts = u_orig[keep], i_orig[keep], ts[keep]
+        u_ids, i_ids, ts = u_ids.rows(keep), i_ids.rows(keep), ts[keep]
         labels = {k: v[keep] for k, v in labels.items()}
 
-    user_table, user_orig, user_vocab = _users(users, mapping, u_orig)
-    item_table, item_orig, item_vocab = _items(items, mapping, i_orig)
+    u_seen, i_seen = u_ids.seen(), i_ids.seen()
+    user_table, user_orig, user_vocab = _users(users, mapping, u_seen)
+    item_table, item_orig, item_vocab = _items(items, mapping, i_seen)
     if rows.interacted_only:
-        user_table, user_orig = _restrict(user_table, user_orig, u_orig, "user_id")
-        item_table, item_orig = _restrict(item_table, item_orig, i_orig, "video_id")
-    uid = _lookup(u_orig, user_orig, src, "user", Path(users) if users else src)
-    vid = _lookup(i_orig, item_orig, src, "item", Path(items) if items else src)
+        user_table, user_orig = _restrict(user_table, user_orig, u_seen, "user_id")
+        item_table, item_orig = _restrict(item_table, item_orig, i_seen, "video_id")
+    uid = _lookup(u_ids, user_orig, src, "user", Path(users) if users else src)
+    vid = _lookup(i_ids, item_orig, src, "item", Path(items) if items else src)
     durations = item_table.column("duration").to_numpy()[vid]
 
     # requests: one per (user, timestamp), numbered in (time, original user id) order; the new ids follow the
@@ -461,14 +503,14 @@ def _feature_codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     return codes, values.tolist()
 
 
-def _users(path, mapping: Mapping, u_orig: np.ndarray) -> tuple[pa.Table, np.ndarray, dict[str, list[str]]]:
+def _users(path, mapping: Mapping, seen: np.ndarray) -> tuple[pa.Table, np.ndarray, dict[str, list[str]]]:
     features = None if mapping.user_features is None else {f: f for f in mapping.user_features}
     return _feature_table(path, mapping.user_id or mapping.user, features, what="user", new_id="user_id",
-                          defaults=USER_CANONICAL, seen=u_orig)
+                          defaults=USER_CANONICAL, seen=seen)
 
 
-def _items(path, mapping: Mapping, i_orig: np.ndarray) -> tuple[pa.Table, np.ndarray, dict[str, list[str]]]:
+def _items(path, mapping: Mapping, seen: np.ndarray) -> tuple[pa.Table, np.ndarray, dict[str, list[str]]]:
     if path is None and mapping.item_columns:
         raise FedpaError("the mapping names item columns but no item table was given (--items)")
     return _feature_table(path, mapping.item_id or mapping.item, mapping.item_columns if path else {}, what="item",
-                          new_id="video_id", defaults=ITEM_FIELDS_MAPPABLE, seen=i_orig)
+                          new_id="video_id", defaults=ITEM_FIELDS_MAPPABLE, seen=seen)

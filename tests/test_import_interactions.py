@@ -334,3 +334,26 @@ def test_gzipped_json_lines_with_the_shipped_amazon_mapping(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"reviewerID": "A1", "asin": \n')
     with pytest.raises(DatasetError, match="broken.jsonl: cannot read as JSON lines"):
         import_interactions(tmp_path / "broken.jsonl", tmp_path / "no", mapping)
+
+
+def test_log_ids_are_distinct_sorted_values_and_row_codes():
+    """The log's id columns become their distinct ids (numpy's order, in which the feature tables are matched) and
+    one integer code per row, never a numpy string per row; a row naming an id the feature table lacks is counted
+    per row and shown by its first."""
+    from fedpa.recdata.import_interactions import _log_ids, _lookup
+
+    raw = ["b", "A", "é", "b", "a10", "a9", "A", "b"]
+    for col in (pa.chunked_array([raw[:3], raw[3:]]), pa.chunked_array([pa.array(raw).dictionary_encode()])):
+        ids = _log_ids(col, "uid", Path("log.csv"), "user id")
+        assert ids.values.tolist() == sorted(set(raw)) and ids.codes.dtype == np.int64
+        assert ids.values[ids.codes].tolist() == raw
+    ints = _log_ids(pa.chunked_array([[30, 4, 30.0, 7]]), "uid", Path("log.csv"), "user id")
+    assert ints.values.tolist() == [4, 7, 30] and ints.values[ints.codes].tolist() == [30, 4, 30, 7]
+    assert _lookup(ids, np.array(sorted(set(raw))), Path("log.csv"), "user", Path("u.csv")).tolist() == \
+        [sorted(set(raw)).index(x) for x in raw]
+    with pytest.raises(DatasetError, match=r"3 interaction\(s\) name a user that u.csv lacks \(e.g. user 'b'\)"):
+        _lookup(ids, np.array(["A", "a10", "a9", "é"]), Path("log.csv"), "user", Path("u.csv"))
+    with pytest.raises(DatasetError, match=r"8 interaction\(s\) name a user"):
+        _lookup(ids, np.array([], dtype=str), Path("log.csv"), "user", Path("u.csv"))
+    # a kept subset of the rows sees only its own ids
+    assert ids.rows(np.array([True, False, False, True, False, False, False, True])).seen().tolist() == ["b"]
