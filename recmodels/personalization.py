@@ -73,8 +73,9 @@ class LocalTraining:
 
 def local_loss(logits: torch.Tensor, labels: torch.Tensor, listwise: float = 0.0) -> torch.Tensor:
     """A mini-batch's training loss: binary cross-entropy over its observed labels, plus ``listwise`` times the
-    sampled softmax of its positives against its negatives (the batch is one user's rows, so the softmax orders
-    that user's items). The one definition both one-user training and the cohort engine differentiate."""
+    sampled softmax of its positives against its negatives (in a federation the batch is one user's rows, so the
+    softmax orders that user's items; in the pooled baseline, `train_pooled`, it contrasts the batch's users' rows).
+    The one definition that one-user training, the cohort engine and the pooled baseline differentiate."""
     loss = masked_bce(logits, labels)
     if listwise:
         loss = loss + listwise * masked_softmax_ce(logits, labels)
