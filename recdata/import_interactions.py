@@ -215,16 +215,23 @@ def _timestamps_ms(col: pa.ChunkedArray, name: str, where: Path, unit: str) -> n
 def _keys(col: pa.ChunkedArray, name: str, where: Path, role: str) -> np.ndarray:
     """Ids as they are in the source: integers (whole floats too), or text (Amazon's reviewer ids and ASINs,
     hashes, names), kept as numpy strings. Either kind is renumbered 0..n-1 in sorted order."""
-    t = col.type
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
         return _integers(col, name, where, role)
-    if pa.types.is_dictionary(t):
-        col = col.cast(t.value_type)
+    return np.asarray(_id_text(col, name, where, role).to_numpy(zero_copy_only=False), dtype=str)
+
+
+def _undictionary(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A dictionary-encoded column (Parquet's strings often are) as its plain values."""
+    return col.cast(col.type.value_type) if pa.types.is_dictionary(col.type) else col
+
+
+def _id_text(col: pa.ChunkedArray, name: str, where: Path, role: str) -> pa.ChunkedArray:
+    """A non-numeric id column as Arrow strings, or an error naming it."""
     try:
-        text = pc.cast(col, pa.string())
+        return pc.cast(_undictionary(col), pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise DatasetError(f"{where}: column '{name}' ({role}) has type {t}, neither integers nor text") from None
-    return np.asarray(text.to_numpy(zero_copy_only=False), dtype=str)
+        raise DatasetError(f"{where}: column '{name}' ({role}) has type {col.type}, neither integers nor "
+                           f"text") from None
 
 
 @dataclass(frozen=True)
@@ -248,16 +255,10 @@ class _LogIds:
 
 def _log_ids(col: pa.ChunkedArray, name: str, where: Path, role: str) -> _LogIds:
     """The id column of the log (`_keys`' kinds) as distinct values and per-row codes."""
-    t = col.type
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
         values, codes = np.unique(_integers(col, name, where, role), return_inverse=True)
         return _LogIds(values, codes.reshape(-1).astype(np.int64))
-    if pa.types.is_dictionary(t):
-        col = col.cast(t.value_type)
-    try:
-        text = pc.cast(col, pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise DatasetError(f"{where}: column '{name}' ({role}) has type {t}, neither integers nor text") from None
+    text = _id_text(col, name, where, role)
     distinct = pc.unique(text)
     codes = pc.index_in(text, value_set=distinct).to_numpy(zero_copy_only=False).astype(np.int64)
     values = np.asarray(distinct.to_numpy(zero_copy_only=False), dtype=str)
@@ -492,9 +493,7 @@ def _feature_codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     """A text feature (a category name, a brand, "F"/"M") as codes: 1 + its place among the sorted distinct
     values, and 0 for an empty or missing value (the canonical format's "unknown"). Returns the codes and the
     values in code order (code k is ``values[k - 1]``)."""
-    if pa.types.is_dictionary(col.type):
-        col = col.cast(col.type.value_type)
-    text = np.asarray(pc.fill_null(col, "").to_numpy(zero_copy_only=False), dtype=str)
+    text = np.asarray(pc.fill_null(_undictionary(col), "").to_numpy(zero_copy_only=False), dtype=str)
     values, inverse = np.unique(text, return_inverse=True)
     codes = inverse.astype(np.int64) + 1
     if len(values) and values[0] == "":
